@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Command 2 of the README, and what .ci/run calls: install prerequisites, then run the
+# whole suite — formatting, lints, unit and property tests, and the integration tests
+# that start real three-node clusters as processes — in one (dev) build profile.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/env.sh
+scripts/prereqs.sh
+rustup component list --installed 2>/dev/null | grep -q rustfmt && cargo fmt --all -- --check
+rustup component list --installed 2>/dev/null | grep -q clippy && cargo clippy --all-targets -- -D warnings
+cargo test --all-targets -- --test-threads=2

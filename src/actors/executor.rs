@@ -1,0 +1,321 @@
+//! The executor actor (every node). On start it announces a new incarnation with a
+//! heartbeat and waits until that is applied locally (the state machine then treats
+//! whatever an earlier incarnation of this node was running as lost); only then does it
+//! run work. It watches the `assignments` table for its node: a new assignment starts an
+//! attempt, a vanished one (cancel, lease lost) kills it. Every `executor.heartbeat_ms`
+//! it renews the leases of what it runs. Each finished attempt is reported as a fenced
+//! `FinishAttempt`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+
+use super::{system_request, ProposerHandle};
+use crate::config::ExecutorConfig;
+use crate::executor::{self, AttemptSpec};
+use crate::raft::RaftNode;
+use crate::state::command::{AttemptRef, AttemptResult};
+use crate::state::machine::keys;
+use crate::state::model::{DagSpec, Run};
+use crate::state::{Command, Outcome, Table};
+
+type TaskKey = (String, String);
+
+struct Running {
+    attempt: u32,
+    cancel: Option<oneshot::Sender<()>>,
+}
+
+pub struct Executor {
+    node: RaftNode,
+    proposer: ProposerHandle,
+    rt: tokio::runtime::Handle,
+    config: ExecutorConfig,
+    data_dir: PathBuf,
+    incarnation: String,
+    ready: bool,
+    running: HashMap<TaskKey, Running>,
+    http: reqwest::Client,
+}
+
+impl Executor {
+    pub fn new(node: RaftNode, proposer: ProposerHandle, rt: tokio::runtime::Handle, config: ExecutorConfig, data_dir: PathBuf) -> Self {
+        Executor {
+            node,
+            proposer,
+            rt,
+            config,
+            data_dir,
+            incarnation: hex::encode(rand::random::<[u8; 8]>()),
+            ready: false,
+            running: HashMap::new(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn heartbeat_command(&self) -> Command {
+        let mut running: Vec<AttemptRef> = self
+            .running
+            .iter()
+            .map(|((run_id, task_id), r)| AttemptRef { run_id: run_id.clone(), task_id: task_id.clone(), attempt: r.attempt })
+            .collect();
+        running.sort();
+        Command::Heartbeat {
+            node: self.node.id,
+            incarnation: self.incarnation.clone(),
+            slots: self.config.slots,
+            running,
+            lease_ms: self.config.lease_ms,
+        }
+    }
+
+    /// Compare what the state machine assigns to this node with what runs here.
+    fn reconcile(&mut self, ctx: &mut Context<Self>) {
+        if !self.ready {
+            return;
+        }
+        let prefix = keys::prefix(&[&self.node.id.to_be_bytes()]);
+        let assigned = match self.node.db.scan_prefix(Table::Assignments, &prefix, None, usize::MAX) {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(node = self.node.id, error = %e, "cannot read assignments");
+                return;
+            }
+        };
+        let mut wanted: HashMap<TaskKey, u32> = HashMap::new();
+        for (k, v) in assigned {
+            let Some(rest) = k.get(prefix.len()..) else { continue };
+            let Some(sep) = rest.iter().position(|b| *b == 0) else { continue };
+            let run_id = String::from_utf8_lossy(&rest[..sep]).into_owned();
+            let task_id = String::from_utf8_lossy(&rest[sep + 1..]).into_owned();
+            let Ok(arr) = <[u8; 4]>::try_from(v.as_slice()) else { continue };
+            wanted.insert((run_id, task_id), u32::from_be_bytes(arr));
+        }
+        // Kill what is no longer ours (cancelled, or the lease was lost).
+        let stale: Vec<TaskKey> = self
+            .running
+            .iter()
+            .filter(|(k, r)| wanted.get(*k) != Some(&r.attempt))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            if let Some(mut r) = self.running.remove(&k) {
+                info!(node = self.node.id, run_id = %k.0, task_id = %k.1, attempt = r.attempt, "attempt no longer assigned here; stopping it");
+                if let Some(c) = r.cancel.take() {
+                    let _ = c.send(());
+                }
+            }
+        }
+        for ((run_id, task_id), attempt) in wanted {
+            let key = (run_id.clone(), task_id.clone());
+            if self.running.contains_key(&key) {
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            self.running.insert(key, Running { attempt, cancel: Some(tx) });
+            self.start(ctx, run_id, task_id, attempt, rx);
+        }
+    }
+
+    fn start(&mut self, ctx: &mut Context<Self>, run_id: String, task_id: String, attempt: u32, cancel: oneshot::Receiver<()>) {
+        let node = self.node.clone();
+        let proposer = self.proposer.clone();
+        let data_dir = self.data_dir.clone();
+        let log_cap = self.config.log_cap_bytes;
+        let http = self.http.clone();
+        let me = ctx.address();
+        debug!(node = node.id, run_id = %run_id, task_id = %task_id, attempt, "starting attempt");
+        self.rt.spawn(async move {
+            let result = match load(&node, &run_id, &task_id) {
+                Ok((run, spec)) => match spec.tasks.iter().find(|t| t.task_id == task_id) {
+                    Some(task) => {
+                        let a = AttemptSpec { run: &run, task, attempt, data_dir: &data_dir, log_cap, http: &http };
+                        let pg_dir = data_dir.join("executor").join("pgids");
+                        let mut pg_file = None;
+                        let r = executor::run_attempt(a, cancel, |pgid| {
+                            // Remember the group so a restart can kill what a crash left.
+                            let f = pg_dir.join(pgid.to_string());
+                            if std::fs::create_dir_all(&pg_dir).and_then(|_| std::fs::write(&f, b"")).is_ok() {
+                                pg_file = Some(f);
+                            }
+                        })
+                        .await;
+                        if let Some(f) = pg_file {
+                            let _ = std::fs::remove_file(f);
+                        }
+                        r
+                    }
+                    None => AttemptResult::Failed { exit_code: None, error: format!("task {task_id} is not in the dag version") },
+                },
+                Err(e) => AttemptResult::Failed { exit_code: None, error: e },
+            };
+            info!(node = node.id, run_id = %run_id, task_id = %task_id, attempt, result = ?result, "attempt ended");
+            let finish = Command::FinishAttempt {
+                attempt: AttemptRef { run_id: run_id.clone(), task_id: task_id.clone(), attempt },
+                node: node.id,
+                result,
+            };
+            // Keep trying while the lease may still be ours; after that the supervisor
+            // retries the task elsewhere and a late report is fenced off anyway.
+            let req = system_request(finish);
+            for i in 0..30u32 {
+                match proposer.propose(req.clone()).await {
+                    Ok(r) => {
+                        if let Outcome::StaleAttempt { current } = r.outcome {
+                            info!(run_id = %run_id, task_id = %task_id, attempt, current, "late result rejected (fenced)");
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        warn!(run_id = %run_id, task_id = %task_id, attempt, error = %e, "cannot report result yet");
+                        tokio::time::sleep(Duration::from_millis(200 * (i as u64 + 1)).min(Duration::from_secs(2))).await;
+                    }
+                }
+            }
+            me.do_send(Ended { key: (run_id, task_id), attempt });
+        });
+    }
+}
+
+fn load(node: &RaftNode, run_id: &str, _task_id: &str) -> Result<(Run, DagSpec), String> {
+    let run: Run = node
+        .db
+        .get_json(Table::Runs.name(), run_id.as_bytes())
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("run {run_id} not found"))?;
+    let spec: DagSpec = node
+        .db
+        .get_json(Table::DagVersions.name(), &keys::dag_version(&run.tenant, &run.dag_id, run.dag_version))
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("dag version {} of run {run_id} not found", run.dag_version))?;
+    Ok((run, spec))
+}
+
+impl Actor for Executor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // A crash leaves no one to stop the process groups it started: stop them now.
+        let pg_dir = self.data_dir.join("executor").join("pgids");
+        if let Ok(entries) = std::fs::read_dir(&pg_dir) {
+            for e in entries.flatten() {
+                if let Some(pgid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) {
+                    warn!(node = self.node.id, pgid, "killing a process group left by a previous run of this node");
+                    executor::kill_group(pgid);
+                }
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        // Announce this incarnation and wait until it is applied here before running work.
+        let proposer = self.proposer.clone();
+        let node = self.node.clone();
+        let hello = system_request(self.heartbeat_command());
+        let me = ctx.address();
+        self.rt.spawn(async move {
+            loop {
+                if proposer.propose(hello.clone()).await.is_ok() && node.linearizable_barrier().await.is_ok() {
+                    me.do_send(Ready);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        });
+        // Re-check assignments whenever the state machine applies something.
+        let mut applied = self.node.sm.subscribe_applied();
+        let me = ctx.address();
+        self.rt.spawn(async move {
+            while applied.changed().await.is_ok() {
+                if me.try_send(Reconcile).is_err() && !me.connected() {
+                    return;
+                }
+            }
+        });
+        let every = Duration::from_millis(self.config.heartbeat_ms);
+        ctx.run_interval(every, |act, _| {
+            if !act.ready {
+                return;
+            }
+            let proposer = act.proposer.clone();
+            let req = system_request(act.heartbeat_command());
+            act.rt.spawn(async move {
+                if let Err(e) = proposer.propose(req).await {
+                    debug!(error = %e, "heartbeat not committed");
+                }
+            });
+        });
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Ready;
+
+impl Handler<Ready> for Executor {
+    type Result = ();
+    fn handle(&mut self, _: Ready, ctx: &mut Context<Self>) {
+        info!(node = self.node.id, incarnation = %self.incarnation, "executor ready");
+        self.ready = true;
+        self.reconcile(ctx);
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Reconcile;
+
+impl Handler<Reconcile> for Executor {
+    type Result = ();
+    fn handle(&mut self, _: Reconcile, ctx: &mut Context<Self>) {
+        self.reconcile(ctx);
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Ended {
+    key: TaskKey,
+    attempt: u32,
+}
+
+impl Handler<Ended> for Executor {
+    type Result = ();
+    fn handle(&mut self, m: Ended, ctx: &mut Context<Self>) {
+        if self.running.get(&m.key).is_some_and(|r| r.attempt == m.attempt) {
+            self.running.remove(&m.key);
+        }
+        self.reconcile(ctx);
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "(usize, u32, bool)")]
+struct Slots;
+
+impl Handler<Slots> for Executor {
+    type Result = MessageResult<Slots>;
+    fn handle(&mut self, _: Slots, _: &mut Context<Self>) -> Self::Result {
+        MessageResult((self.running.len(), self.config.slots, self.ready))
+    }
+}
+
+/// Cheap handle to the executor.
+#[derive(Clone)]
+pub struct ExecutorHandle {
+    addr: Addr<Executor>,
+}
+
+impl ExecutorHandle {
+    pub(super) fn new(addr: Addr<Executor>) -> Self {
+        ExecutorHandle { addr }
+    }
+
+    /// `(running, slots, ready)` on this node.
+    pub async fn slots(&self) -> Option<(usize, u32, bool)> {
+        self.addr.send(Slots).await.ok()
+    }
+}
+

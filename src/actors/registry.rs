@@ -1,0 +1,102 @@
+//! The DAG registry actor: resolves DAG definitions (current and by version) from the
+//! replicated state for the scheduler and supervisor. It reads the state machine's
+//! tables; it never writes them (DESIGN invariant 2).
+
+use actix::prelude::*;
+
+use crate::raft::db::{Db, DbError};
+use crate::state::machine::keys;
+use crate::state::model::{Dag, DagSpec};
+use crate::state::Table;
+
+#[derive(Message)]
+#[rtype(result = "Result<Option<Dag>, DbError>")]
+struct Lookup {
+    tenant: String,
+    dag_id: String,
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<Option<DagSpec>, DbError>")]
+struct LookupVersion {
+    tenant: String,
+    dag_id: String,
+    version: u64,
+}
+
+pub struct Registry {
+    db: Db,
+}
+
+impl Registry {
+    pub fn new(db: Db) -> Self {
+        Registry { db }
+    }
+}
+
+impl Actor for Registry {
+    type Context = Context<Self>;
+}
+
+impl Handler<Lookup> for Registry {
+    type Result = Result<Option<Dag>, DbError>;
+    fn handle(&mut self, m: Lookup, _: &mut Context<Self>) -> Self::Result {
+        self.db
+            .get_json(Table::Dags.name(), &keys::dag(&m.tenant, &m.dag_id))
+    }
+}
+
+impl Handler<LookupVersion> for Registry {
+    type Result = Result<Option<DagSpec>, DbError>;
+    fn handle(&mut self, m: LookupVersion, _: &mut Context<Self>) -> Self::Result {
+        self.db.get_json(
+            Table::DagVersions.name(),
+            &keys::dag_version(&m.tenant, &m.dag_id, m.version),
+        )
+    }
+}
+
+/// Cheap handle to the registry.
+#[derive(Clone)]
+pub struct RegistryHandle {
+    addr: Addr<Registry>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("registry stopped")]
+    Stopped,
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl RegistryHandle {
+    pub(super) fn new(addr: Addr<Registry>) -> Self {
+        RegistryHandle { addr }
+    }
+
+    /// The current definition of a tenant's DAG, if it exists.
+    pub async fn dag(&self, tenant: &str, dag_id: &str) -> Result<Option<Dag>, Error> {
+        Ok(self
+            .addr
+            .send(Lookup {
+                tenant: tenant.into(),
+                dag_id: dag_id.into(),
+            })
+            .await
+            .map_err(|_| Error::Stopped)??)
+    }
+
+    /// A DAG as it was at `version` (runs keep the version they started with).
+    pub async fn dag_version(&self, tenant: &str, dag_id: &str, version: u64) -> Result<Option<DagSpec>, Error> {
+        Ok(self
+            .addr
+            .send(LookupVersion {
+                tenant: tenant.into(),
+                dag_id: dag_id.into(),
+                version,
+            })
+            .await
+            .map_err(|_| Error::Stopped)??)
+    }
+}

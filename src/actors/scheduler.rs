@@ -1,0 +1,202 @@
+//! The scheduler actor (leader only). While this node is the serving leader it ticks
+//! every `scheduler.tick_ms`: for each live, unpaused DAG with a schedule it computes the
+//! due windows from the DAG's replicated cursor ([`crate::schedule::due_windows`]) and
+//! proposes `FireWindow` commands carrying its term. The state machine dedups windows and
+//! rejects commands from a stale term, so a window fires at most once cluster-wide
+//! whatever leaders come and go; the replicated cursor means a new leader resumes where
+//! the old one stopped. Fire lag (commit time − window end) is measured.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tracing::{debug, info, warn};
+
+use super::{system_request, Leadership, ProposerHandle};
+use crate::config::SchedulerConfig;
+use crate::raft::RaftNode;
+use crate::schedule::{due_windows, Policy, Schedule};
+use crate::state::machine::keys;
+use crate::state::model::Dag;
+use crate::state::{Command, Outcome, Table};
+
+/// Figures the scheduler exports.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub windows_fired: AtomicU64,
+    pub last_lag_ms: AtomicI64,
+    pub max_lag_ms: AtomicI64,
+    pub lag_sum_ms: AtomicI64,
+}
+
+pub struct Scheduler {
+    node: RaftNode,
+    proposer: ProposerHandle,
+    rt: tokio::runtime::Handle,
+    config: SchedulerConfig,
+    leadership: Leadership,
+    timer: Option<SpawnHandle>,
+    busy: bool,
+    stats: Arc<Stats>,
+}
+
+impl Scheduler {
+    pub fn new(node: RaftNode, proposer: ProposerHandle, rt: tokio::runtime::Handle, config: SchedulerConfig, stats: Arc<Stats>) -> Self {
+        Scheduler {
+            node,
+            proposer,
+            rt,
+            config,
+            leadership: Leadership { serving: false, term: 0 },
+            timer: None,
+            busy: false,
+            stats,
+        }
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        if self.busy || !self.leadership.serving {
+            return;
+        }
+        self.busy = true;
+        let job = self.rt.spawn(fire_due(
+            self.node.clone(),
+            self.proposer.clone(),
+            self.leadership.term,
+            self.config.clone(),
+            self.stats.clone(),
+        ));
+        ctx.spawn(
+            async move {
+                if let Err(e) = job.await {
+                    warn!(error = %e, "scheduler pass panicked");
+                }
+            }
+            .into_actor(self)
+            .map(|_, act, _| act.busy = false),
+        );
+    }
+}
+
+/// One pass: propose every due window of every scheduled DAG.
+async fn fire_due(node: RaftNode, proposer: ProposerHandle, term: u64, config: SchedulerConfig, stats: Arc<Stats>) {
+    let now = chrono::Utc::now().timestamp_millis();
+    let dags = match node.db.scan_prefix(Table::Dags, b"", None, usize::MAX) {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(error = %e, "scheduler cannot read dags");
+            return;
+        }
+    };
+    let mut proposals = Vec::new();
+    for (_, v) in dags {
+        let Ok(dag) = serde_json::from_slice::<Dag>(&v) else { continue };
+        if dag.deleted || dag.spec.paused {
+            continue;
+        }
+        let Some(expr) = dag.spec.schedule.as_deref() else { continue };
+        let Ok(schedule) = Schedule::parse(expr, &dag.spec.timezone) else { continue };
+        let ckey = keys::dag(&dag.tenant, &dag.spec.dag_id);
+        let cursor = match node.db.get(Table::Cursors.name(), &ckey) {
+            Ok(c) => c.and_then(|b| keys::from_ordered_i64(&b)),
+            Err(e) => {
+                warn!(error = %e, "scheduler cannot read a cursor");
+                continue;
+            }
+        };
+        // From start_date if given (catchup may then backfill), else from creation.
+        let anchor = dag.spec.start_date_ms.unwrap_or(dag.created_ms);
+        let policy = Policy {
+            catchup: dag.spec.catchup,
+            grace_ms: config.catchup_grace_ms as i64,
+            max_catchup: config.max_catchup,
+        };
+        for window in due_windows(&schedule, cursor, anchor, dag.spec.end_date_ms, now, policy) {
+            let cmd = Command::FireWindow {
+                tenant: dag.tenant.clone(),
+                dag_id: dag.spec.dag_id.clone(),
+                window,
+                term,
+            };
+            let proposer = proposer.clone();
+            let dag_id = dag.spec.dag_id.clone();
+            proposals.push(async move { (dag_id, window, proposer.propose(system_request(cmd)).await) });
+        }
+    }
+    for (dag_id, window, res) in futures::future::join_all(proposals).await {
+        match res {
+            Ok(r) => match r.outcome {
+                Outcome::Fired { run_id, created } => {
+                    let lag = chrono::Utc::now().timestamp_millis() - window.end_ms;
+                    if created {
+                        stats.windows_fired.fetch_add(1, Ordering::Relaxed);
+                        stats.last_lag_ms.store(lag, Ordering::Relaxed);
+                        stats.max_lag_ms.fetch_max(lag, Ordering::Relaxed);
+                        stats.lag_sum_ms.fetch_add(lag, Ordering::Relaxed);
+                        debug!(dag_id = %dag_id, run_id = %run_id, window_end = window.end_ms, lag_ms = lag, "window fired");
+                    }
+                }
+                Outcome::StaleTerm { .. } => info!(dag_id = %dag_id, term, "fire rejected: no longer leader of this term"),
+                o => debug!(dag_id = %dag_id, outcome = ?o, "window not fired"),
+            },
+            Err(e) => warn!(dag_id = %dag_id, error = %e, "fire proposal failed; retried next tick"),
+        }
+    }
+}
+
+impl Actor for Scheduler {
+    type Context = Context<Self>;
+}
+
+impl Handler<Leadership> for Scheduler {
+    type Result = ();
+    fn handle(&mut self, msg: Leadership, ctx: &mut Context<Self>) {
+        if msg == self.leadership {
+            return;
+        }
+        info!(node = self.node.id, serving = msg.serving, term = msg.term, actor = "scheduler", "leadership changed");
+        self.leadership = msg;
+        if let Some(t) = self.timer.take() {
+            ctx.cancel_future(t);
+        }
+        if msg.serving {
+            let every = Duration::from_millis(self.config.tick_ms);
+            self.timer = Some(ctx.run_interval(every, |act, ctx| act.tick(ctx)));
+        }
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Leadership")]
+struct Query;
+
+impl Handler<Query> for Scheduler {
+    type Result = MessageResult<Query>;
+    fn handle(&mut self, _: Query, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.leadership)
+    }
+}
+
+/// Cheap handle to the scheduler.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    addr: Addr<Scheduler>,
+    pub stats: Arc<Stats>,
+}
+
+impl SchedulerHandle {
+    pub(super) fn new(addr: Addr<Scheduler>, stats: Arc<Stats>) -> Self {
+        SchedulerHandle { addr, stats }
+    }
+
+    /// Tell the actor whether this node is now the serving leader.
+    pub fn set_leadership(&self, l: Leadership) {
+        self.addr.do_send(l);
+    }
+
+    /// The leadership the actor last heard of (None if it has stopped).
+    pub async fn leadership(&self) -> Option<Leadership> {
+        self.addr.send(Query).await.ok()
+    }
+}

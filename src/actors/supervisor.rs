@@ -1,0 +1,195 @@
+//! The run supervisor actor (leader only). Assignment of ready tasks happens inside the
+//! state machine as results arrive; this actor supplies what only time brings: every
+//! `scheduler.supervise_ms` it proposes a term-fenced `Supervise` (expired leases, due
+//! retries, SLA misses, queued runs waiting for a slot) while runs are active; every
+//! second it delivers pending webhooks (bounded retries, never blocking a tick) and
+//! acknowledges them; every `retention.purge_every_ms` it proposes a `Purge`.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tracing::{info, warn};
+
+use super::{system_request, Leadership, ProposerHandle};
+use crate::config::Config;
+use crate::raft::RaftNode;
+use crate::state::model::Notification;
+use crate::state::{Command, Table};
+
+pub struct Supervisor {
+    node: RaftNode,
+    proposer: ProposerHandle,
+    rt: tokio::runtime::Handle,
+    config: Arc<Config>,
+    leadership: Leadership,
+    timer: Option<SpawnHandle>,
+    busy: bool,
+    last_notify: Instant,
+    last_purge: Instant,
+    delivering: Arc<Mutex<HashSet<String>>>,
+    http: reqwest::Client,
+}
+
+impl Supervisor {
+    pub fn new(node: RaftNode, proposer: ProposerHandle, rt: tokio::runtime::Handle, config: Arc<Config>) -> Self {
+        Supervisor {
+            node,
+            proposer,
+            rt,
+            config,
+            leadership: Leadership { serving: false, term: 0 },
+            timer: None,
+            busy: false,
+            last_notify: Instant::now(),
+            last_purge: Instant::now(),
+            delivering: Arc::new(Mutex::new(HashSet::new())),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap_or_else(|e| panic!("a plain HTTP client always builds: {e}")),
+        }
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        if !self.leadership.serving {
+            return;
+        }
+        if self.last_notify.elapsed() >= Duration::from_secs(1) {
+            self.last_notify = Instant::now();
+            self.deliver_notifications();
+        }
+        if self.busy {
+            return;
+        }
+        self.busy = true;
+        let term = self.leadership.term;
+        let node = self.node.clone();
+        let proposer = self.proposer.clone();
+        let purge = (self.last_purge.elapsed() >= Duration::from_millis(self.config.retention.purge_every_ms))
+            .then(|| {
+                self.last_purge = Instant::now();
+                let now = chrono::Utc::now().timestamp_millis();
+                Command::Purge {
+                    term,
+                    before_ms: now - self.config.retention.runs_ms as i64,
+                    records_before_ms: now - self.config.retention.idempotency_ms as i64,
+                }
+            });
+        let job = self.rt.spawn(async move {
+            let active = node
+                .db
+                .scan_prefix(Table::ActiveRuns, b"", None, 1)
+                .map(|v| !v.is_empty())
+                .unwrap_or(false);
+            if active {
+                if let Err(e) = proposer.propose(system_request(Command::Supervise { term })).await {
+                    warn!(error = %e, "supervise proposal failed");
+                }
+            }
+            if let Some(cmd) = purge {
+                match proposer.propose(system_request(cmd)).await {
+                    Ok(r) => info!(outcome = ?r.outcome, "history purged"),
+                    Err(e) => warn!(error = %e, "purge proposal failed"),
+                }
+            }
+        });
+        ctx.spawn(
+            async move {
+                let _ = job.await;
+            }
+            .into_actor(self)
+            .map(|_, act, _| act.busy = false),
+        );
+    }
+
+    /// Deliver every pending webhook not already being delivered, in the background.
+    fn deliver_notifications(&mut self) {
+        let pending = match self.node.db.scan_prefix(Table::Notifications, b"", None, 256) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "cannot read notifications");
+                return;
+            }
+        };
+        for (k, v) in pending {
+            let key = String::from_utf8_lossy(&k).into_owned();
+            {
+                let mut set = self.delivering.lock().unwrap_or_else(|p| p.into_inner());
+                if !set.insert(key.clone()) {
+                    continue;
+                }
+            }
+            let Ok(n) = serde_json::from_slice::<Notification>(&v) else { continue };
+            let http = self.http.clone();
+            let proposer = self.proposer.clone();
+            let delivering = self.delivering.clone();
+            self.rt.spawn(async move {
+                let body = serde_json::json!({
+                    "event": n.event, "tenant": n.tenant, "dag_id": n.dag_id,
+                    "run_id": n.run_id, "state": n.run_state,
+                });
+                let mut delivered = false;
+                for attempt in 0..3u32 {
+                    match http.post(&n.url).json(&body).send().await {
+                        Ok(r) if r.status().is_success() => {
+                            delivered = true;
+                            break;
+                        }
+                        Ok(r) => warn!(run_id = %n.run_id, status = r.status().as_u16(), attempt, "webhook refused"),
+                        Err(e) => warn!(run_id = %n.run_id, error = %e, attempt, "webhook failed"),
+                    }
+                    tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+                }
+                if !delivered {
+                    warn!(run_id = %n.run_id, event = %n.event, url = %n.url, "webhook given up after 3 attempts");
+                }
+                let ack = Command::AckNotifications { keys: vec![key.clone()] };
+                if let Err(e) = proposer.propose(system_request(ack)).await {
+                    warn!(error = %e, "cannot acknowledge webhook; it may be sent again");
+                }
+                delivering.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+            });
+        }
+    }
+}
+
+impl Actor for Supervisor {
+    type Context = Context<Self>;
+}
+
+impl Handler<Leadership> for Supervisor {
+    type Result = ();
+    fn handle(&mut self, msg: Leadership, ctx: &mut Context<Self>) {
+        if msg == self.leadership {
+            return;
+        }
+        info!(node = self.node.id, serving = msg.serving, term = msg.term, actor = "supervisor", "leadership changed");
+        self.leadership = msg;
+        if let Some(t) = self.timer.take() {
+            ctx.cancel_future(t);
+        }
+        if msg.serving {
+            let every = Duration::from_millis(self.config.scheduler.supervise_ms);
+            self.timer = Some(ctx.run_interval(every, |act, ctx| act.tick(ctx)));
+        }
+    }
+}
+
+/// Cheap handle to the supervisor.
+#[derive(Clone)]
+pub struct SupervisorHandle {
+    addr: Addr<Supervisor>,
+}
+
+impl SupervisorHandle {
+    pub(super) fn new(addr: Addr<Supervisor>) -> Self {
+        SupervisorHandle { addr }
+    }
+
+    /// Tell the actor whether this node is now the serving leader.
+    pub fn set_leadership(&self, l: Leadership) {
+        self.addr.do_send(l);
+    }
+}

@@ -1,0 +1,119 @@
+//! Health and cluster endpoints: `/healthz`, `/readyz`, cluster status, membership
+//! changes and on-demand snapshots (admin).
+
+use axum::body::Bytes;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::routes::{json_body, principal, ApiState};
+use crate::auth::Access;
+use crate::raft::node::MembershipOp;
+use crate::raft::Member;
+
+/// Process alive.
+pub async fn healthz() -> Response {
+    Json(json!({"status": "ok"})).into_response()
+}
+
+/// Ready when this node knows a leader and has applied what it knows to be committed.
+pub async fn readyz(State(st): State<ApiState>) -> Response {
+    let s = st.node.status().await;
+    let caught_up = match (s.applied_index, s.committed_index) {
+        (_, None) => true,
+        (Some(a), Some(c)) => a >= c,
+        (None, Some(_)) => false,
+    };
+    let ready = s.initialized && s.leader.is_some() && caught_up;
+    let body = json!({
+        "ready": ready,
+        "node_id": s.node_id,
+        "state": s.state,
+        "leader": s.leader,
+        "term": s.term,
+        "applied_index": s.applied_index,
+        "committed_index": s.committed_index,
+    });
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(body)).into_response()
+}
+
+/// `GET /cluster/status`: members, leader, term, indexes, lag, state digest, executor.
+pub async fn status(State(st): State<ApiState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    principal(&st, &headers, Access::Read)?;
+    let s = st.node.status().await;
+    let digest = st.node.db.state_digest()?;
+    let mut v = serde_json::to_value(&s).map_err(|e| ApiError::Internal(e.to_string()))?;
+    v["state_digest"] = json!(digest);
+    if let Some((running, slots, ready)) = st.actors.executor.slots().await {
+        v["executor"] = json!({"running": running, "slots": slots, "ready": ready});
+    }
+    let stats = &st.actors.scheduler.stats;
+    use std::sync::atomic::Ordering::Relaxed;
+    v["scheduler"] = json!({
+        "windows_fired": stats.windows_fired.load(Relaxed),
+        "last_fire_lag_ms": stats.last_lag_ms.load(Relaxed),
+        "max_fire_lag_ms": stats.max_lag_ms.load(Relaxed),
+    });
+    Ok(Json(v).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemberInput {
+    node_id: u64,
+    api_addr: String,
+    peer_addr: String,
+}
+
+/// `POST /cluster/members`: add a node as learner, let it catch up, make it a voter.
+pub async fn add_member(State(st): State<ApiState>, headers: HeaderMap, body: Result<Json<Value>, JsonRejection>) -> Result<Response, ApiError> {
+    principal(&st, &headers, Access::Admin)?;
+    let m: MemberInput = serde_json::from_value(json_body(body)?).map_err(|e| ApiError::InvalidRequest(format!("invalid member: {e}")))?;
+    for (f, a) in [("api_addr", &m.api_addr), ("peer_addr", &m.peer_addr)] {
+        if a.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ApiError::InvalidRequest(format!("{f}: '{a}' is not IP:port")));
+        }
+    }
+    if m.node_id == 0 {
+        return Err(ApiError::InvalidRequest("node_id must be 1 or more".into()));
+    }
+    let op = MembershipOp::Add { node_id: m.node_id, member: Member { api_addr: m.api_addr, peer_addr: m.peer_addr } };
+    let status = st.node.change_membership_anywhere(op).await?;
+    Ok(Json(status).into_response())
+}
+
+/// `DELETE /cluster/members/{node_id}`.
+pub async fn remove_member(State(st): State<ApiState>, headers: HeaderMap, Path(node_id): Path<String>) -> Result<Response, ApiError> {
+    principal(&st, &headers, Access::Admin)?;
+    let node_id: u64 = node_id.parse().map_err(|_| ApiError::InvalidRequest(format!("node id '{node_id}' is not a number")))?;
+    let status = st.node.change_membership_anywhere(MembershipOp::Remove { node_id }).await?;
+    Ok(Json(status).into_response())
+}
+
+/// `POST /cluster/snapshot`: build a snapshot on this node now (the log behind it is
+/// then purged) and report the log size before and after.
+pub async fn snapshot(State(st): State<ApiState>, headers: HeaderMap, _body: Bytes) -> Result<Response, ApiError> {
+    principal(&st, &headers, Access::Admin)?;
+    let before = st.node.db.log_size_bytes();
+    st.node.raft.trigger().snapshot().await.map_err(|e| ApiError::DependencyDown(e.to_string()))?;
+    let applied = st.node.status().await.applied_index;
+    st.node
+        .raft
+        .wait(Some(std::time::Duration::from_secs(30)))
+        .metrics(|m| m.snapshot.map(|s| s.index) >= applied, "snapshot covering the applied index")
+        .await
+        .map_err(|e| ApiError::DependencyDown(format!("snapshot did not complete: {e}")))?;
+    st.node.db.compact_log();
+    Ok(Json(json!({
+        "snapshot_index": applied,
+        "log_size_bytes_before": before,
+        "log_size_bytes_after": st.node.db.log_size_bytes(),
+    }))
+    .into_response())
+}

@@ -1,0 +1,166 @@
+//! DAG endpoints: submit (create or update), list, get, pause, unpause, delete.
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::routes::{commit, decode_cursor, fmt_ms, json_body, now_ms, page_limit, principal, stamp, with_replay, ApiState};
+use crate::auth::Access;
+use crate::dag::{self, DagInput};
+use crate::schedule::Schedule;
+use crate::state::machine::keys;
+use crate::state::model::Dag;
+use crate::state::{Command, Outcome, Table};
+
+fn status_of(dag: &Dag) -> &'static str {
+    if dag.deleted {
+        "deleted"
+    } else if dag.spec.paused {
+        "paused"
+    } else {
+        "active"
+    }
+}
+
+/// `POST /dags`: create or update. `version` in the body or `If-Match` guards updates.
+pub async fn submit(State(st): State<ApiState>, headers: HeaderMap, body: Result<Json<Value>, JsonRejection>) -> Result<Response, ApiError> {
+    let p = principal(&st, &headers, Access::Write)?;
+    let raw = json_body(body)?;
+    let input: DagInput = serde_json::from_value(raw.clone()).map_err(|e| ApiError::InvalidRequest(format!("invalid DAG: {e}")))?;
+    let spec = dag::validate(&input)?;
+    let if_match = headers
+        .get(header::IF_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim_matches('"').parse::<u64>())
+        .transpose()
+        .map_err(|_| ApiError::InvalidRequest("If-Match must be a DAG version number".into()))?;
+    let paused = spec.paused;
+    let cmd = Command::PutDag { tenant: p.tenant.clone(), spec, expected_version: input.version.or(if_match) };
+    let (outcome, replayed) = commit(&st, stamp(&p, &headers, "POST /dags", &raw, cmd)).await?;
+    let Outcome::DagPut { dag_id, version, .. } = outcome else {
+        return Err(ApiError::Internal(format!("unexpected outcome {outcome:?}")));
+    };
+    let status = if paused { "paused" } else { "active" };
+    Ok(with_replay(Json(json!({"dag_id": dag_id, "status": status, "version": version})).into_response(), replayed))
+}
+
+async fn load(st: &ApiState, tenant: &str, dag_id: &str) -> Result<Dag, ApiError> {
+    st.node.linearizable_barrier().await?;
+    let dag: Option<Dag> = st.node.db.get_json(Table::Dags.name(), &keys::dag(tenant, dag_id))?;
+    dag.filter(|d| !d.deleted).ok_or_else(|| ApiError::NotFound(format!("dag '{dag_id}' not found")))
+}
+
+fn summary(dag: &Dag) -> Value {
+    json!({
+        "dag_id": dag.spec.dag_id,
+        "status": status_of(dag),
+        "version": dag.version,
+        "owner": dag.spec.owner,
+        "schedule": dag.spec.schedule,
+        "timezone": dag.spec.timezone,
+        "tasks": dag.spec.tasks.len(),
+        "updated_at": fmt_ms(dag.updated_ms),
+    })
+}
+
+/// `GET /dags/{dag_id}`: the current definition, version and next scheduled windows.
+pub async fn get_one(State(st): State<ApiState>, headers: HeaderMap, Path(dag_id): Path<String>) -> Result<Response, ApiError> {
+    let p = principal(&st, &headers, Access::Read)?;
+    let dag = load(&st, &p.tenant, &dag_id).await?;
+    let next: Vec<String> = dag
+        .spec
+        .schedule
+        .as_deref()
+        .and_then(|s| Schedule::parse(s, &dag.spec.timezone).ok())
+        .map(|s| s.upcoming(now_ms(), 3).into_iter().map(fmt_ms).collect())
+        .unwrap_or_default();
+    let cursor = st
+        .node
+        .db
+        .get(Table::Cursors.name(), &keys::dag(&p.tenant, &dag_id))?
+        .and_then(|b| keys::from_ordered_i64(&b));
+    let mut v = summary(&dag);
+    v["definition"] = serde_json::to_value(&dag.spec).map_err(|e| ApiError::Internal(e.to_string()))?;
+    v["created_at"] = json!(fmt_ms(dag.created_ms));
+    v["next_fire_times"] = json!(next);
+    v["last_fired_window_end"] = json!(cursor.map(fmt_ms));
+    Ok(Json(v).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// `GET /dags?limit=&cursor=`: the tenant's DAGs in id order.
+pub async fn list(State(st): State<ApiState>, headers: HeaderMap, q: Result<Query<ListQuery>, QueryRejection>) -> Result<Response, ApiError> {
+    let p = principal(&st, &headers, Access::Read)?;
+    let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let limit = page_limit(q.limit)?;
+    let after = decode_cursor(q.cursor.as_deref())?;
+    st.node.linearizable_barrier().await?;
+    let prefix = keys::prefix(&[p.tenant.as_bytes()]);
+    let mut out = Vec::new();
+    let mut last = after.clone();
+    let mut more = false;
+    loop {
+        let page = st.node.db.scan_prefix(Table::Dags, &prefix, last.as_deref(), limit + 1)?;
+        let exhausted = page.len() <= limit;
+        for (k, v) in page {
+            if out.len() == limit {
+                more = true;
+                break;
+            }
+            last = Some(k);
+            let dag: Dag = serde_json::from_slice(&v).map_err(|e| ApiError::Internal(e.to_string()))?;
+            if !dag.deleted {
+                out.push(summary(&dag));
+            }
+        }
+        if more || exhausted {
+            break;
+        }
+    }
+    let next = if more { last.map(hex::encode) } else { None };
+    Ok(Json(json!({"dags": out, "next_cursor": next})).into_response())
+}
+
+async fn set_paused(st: ApiState, headers: HeaderMap, dag_id: String, paused: bool) -> Result<Response, ApiError> {
+    let p = principal(&st, &headers, Access::Write)?;
+    let route = if paused { "POST /dags/pause" } else { "POST /dags/unpause" };
+    let cmd = Command::SetPaused { tenant: p.tenant.clone(), dag_id: dag_id.clone(), paused };
+    let (outcome, replayed) = commit(&st, stamp(&p, &headers, route, &json!(dag_id), cmd)).await?;
+    let Outcome::DagPaused { dag_id, version, paused } = outcome else {
+        return Err(ApiError::Internal(format!("unexpected outcome {outcome:?}")));
+    };
+    let status = if paused { "paused" } else { "active" };
+    Ok(with_replay(Json(json!({"dag_id": dag_id, "status": status, "version": version})).into_response(), replayed))
+}
+
+/// `POST /dags/{dag_id}/pause`: stop firing its schedule (runs in flight continue).
+pub async fn pause(State(st): State<ApiState>, headers: HeaderMap, Path(dag_id): Path<String>) -> Result<Response, ApiError> {
+    set_paused(st, headers, dag_id, true).await
+}
+
+/// `POST /dags/{dag_id}/unpause`.
+pub async fn unpause(State(st): State<ApiState>, headers: HeaderMap, Path(dag_id): Path<String>) -> Result<Response, ApiError> {
+    set_paused(st, headers, dag_id, false).await
+}
+
+/// `DELETE /dags/{dag_id}`: stops scheduling; its runs stay readable.
+pub async fn delete(State(st): State<ApiState>, headers: HeaderMap, Path(dag_id): Path<String>) -> Result<Response, ApiError> {
+    let p = principal(&st, &headers, Access::Write)?;
+    let cmd = Command::DeleteDag { tenant: p.tenant.clone(), dag_id: dag_id.clone() };
+    let (outcome, replayed) = commit(&st, stamp(&p, &headers, "DELETE /dags", &json!(dag_id), cmd)).await?;
+    let Outcome::DagDeleted { dag_id } = outcome else {
+        return Err(ApiError::Internal(format!("unexpected outcome {outcome:?}")));
+    };
+    Ok(with_replay(Json(json!({"dag_id": dag_id, "status": "deleted"})).into_response(), replayed))
+}

@@ -1,0 +1,209 @@
+//! The route table, the middleware every response passes (request id, JSON errors,
+//! panics caught), and what handlers share: caller verification, body decoding,
+//! stamping a request, committing it and mapping its outcome.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderMap, HeaderValue, Method, Request as HttpRequest, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::error::ApiError;
+use super::{cluster, dags, runs, BASE};
+use crate::actors::Actors;
+use crate::auth::{Access, Principal, Verifier};
+use crate::raft::RaftNode;
+use crate::state::{Command, IdempotencyKey, Outcome, Request};
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+const REQUEST_ID: &str = "x-request-id";
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct ApiState {
+    pub node: RaftNode,
+    pub actors: Actors,
+    pub verifier: Arc<Verifier>,
+}
+
+/// The public router.
+pub fn router(state: ApiState) -> Router {
+    let api = Router::new()
+        .route("/dags", post(dags::submit).get(dags::list))
+        .route("/dags/{dag_id}", get(dags::get_one).delete(dags::delete))
+        .route("/dags/{dag_id}/pause", post(dags::pause))
+        .route("/dags/{dag_id}/unpause", post(dags::unpause))
+        .route("/runs", post(runs::trigger).get(runs::list))
+        .route("/runs/{run_id}", get(runs::get_one))
+        .route("/runs/{run_id}/cancel", post(runs::cancel))
+        .route("/runs/{run_id}/retry", post(runs::retry))
+        .route("/runs/{run_id}/tasks/{task_id}/attempts/{attempt}/log", get(runs::attempt_log))
+        .route("/cluster/status", get(cluster::status))
+        .route("/cluster/members", post(cluster::add_member))
+        .route("/cluster/members/{node_id}", delete(cluster::remove_member))
+        .route("/cluster/snapshot", post(cluster::snapshot));
+    Router::new()
+        .route("/healthz", get(cluster::healthz))
+        .route("/readyz", get(cluster::readyz))
+        .nest(BASE, api)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(request_id_and_errors))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                ApiError::Internal("the server hit an internal error; it has been logged".into())
+                    .into_response()
+            },
+        ))
+        .with_state(state)
+}
+
+/// Echo (or mint) `X-Request-Id` on every response, and turn axum's plain-text
+/// rejections (oversized body and the like) into JSON errors.
+async fn request_id_and_errors(req: HttpRequest<axum::body::Body>, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 200)
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("req-{}", hex::encode(rand::random::<[u8; 8]>())));
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let mut resp = next.run(req).await;
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !is_json && (resp.status().is_client_error() || resp.status().is_server_error()) {
+        let status = resp.status();
+        resp = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(format!(
+                "request body exceeds {MAX_BODY_BYTES} bytes"
+            )),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                ApiError::UnsupportedMediaType("send Content-Type: application/json".into())
+            }
+            s if s.is_server_error() => ApiError::Internal(format!("{s}")),
+            s => ApiError::InvalidRequest(format!("{s}")),
+        }
+        .into_response();
+    }
+    tracing::debug!(request_id = %id, %method, %path, status = resp.status().as_u16(), "request");
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::NotFound(format!("no route for {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+}
+
+pub(super) fn principal(st: &ApiState, headers: &HeaderMap, access: Access) -> Result<Principal, ApiError> {
+    let p = st.verifier.verify_header(
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+    )?;
+    p.require(access)?;
+    Ok(p)
+}
+
+pub(super) fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+pub(super) fn fmt_ms(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+pub(super) fn json_body<T: serde::de::DeserializeOwned>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    match body {
+        Ok(Json(v)) => Ok(v),
+        Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::UnsupportedMediaType(
+            "send Content-Type: application/json".into(),
+        )),
+        Err(e) => Err(ApiError::InvalidRequest(e.body_text())),
+    }
+}
+
+/// Build a request for `command`, with the client's idempotency key if it sent one.
+pub(super) fn stamp(p: &Principal, headers: &HeaderMap, route: &str, body: &Value, command: Command) -> Request {
+    let idempotency = headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(|key| {
+            let mut h = Sha256::new();
+            h.update(route.as_bytes());
+            h.update([0]);
+            // serde_json's Value keeps keys sorted: the same JSON gives the same bytes.
+            h.update(body.to_string().as_bytes());
+            IdempotencyKey {
+                tenant: p.tenant.clone(),
+                key: key.to_string(),
+                fingerprint: hex::encode(h.finalize()),
+            }
+        });
+    Request {
+        request_id: hex::encode(rand::random::<[u8; 16]>()),
+        proposed_at_ms: now_ms(),
+        idempotency,
+        command,
+    }
+}
+
+/// Commit and render: known failures become their API errors.
+pub(super) async fn commit(st: &ApiState, req: Request) -> Result<(Outcome, bool), ApiError> {
+    let resp = st.actors.proposer.propose(req).await?;
+    match resp.outcome {
+        Outcome::NotFound { what } => Err(ApiError::NotFound(format!("{what} not found"))),
+        Outcome::VersionConflict { expected, current } => Err(ApiError::VersionConflict(format!(
+            "expected version {expected} but the current version is {current}"
+        ))),
+        Outcome::IdempotencyKeyReused { key } => Err(ApiError::IdempotencyKeyReused(key)),
+        Outcome::InvalidState { message } => Err(ApiError::InvalidState(message)),
+        o => Ok((o, resp.replayed)),
+    }
+}
+
+/// Page size for list endpoints: `limit` (default 50, at most 500).
+pub(super) fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(50),
+        Some(n) if (1..=500).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::InvalidRequest(format!("limit: {n} is not between 1 and 500"))),
+    }
+}
+
+/// Decode an opaque list cursor (the hex of the last key returned).
+pub(super) fn decode_cursor(cursor: Option<&str>) -> Result<Option<Vec<u8>>, ApiError> {
+    cursor
+        .map(|c| hex::decode(c).map_err(|_| ApiError::InvalidRequest("cursor: not a cursor this API returned".into())))
+        .transpose()
+}
+
+pub(super) fn with_replay(mut resp: Response, replayed: bool) -> Response {
+    if replayed {
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    resp
+}
+

@@ -1,0 +1,475 @@
+//! Node configuration: one typed struct, layered defaults → TOML file → `ORCHESTRATOR_*`
+//! environment → command-line flags, validated at start with messages that say what to
+//! fix. Nested keys use `__` in the environment (`ORCHESTRATOR_RAFT__HEARTBEAT_MS`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::raft::NodeId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("cannot prepare {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Another member of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub id: NodeId,
+    pub api_addr: String,
+    pub peer_addr: String,
+}
+
+/// Raft timing and log retention.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many applied entries since the last one.
+    pub snapshot_after_logs: u64,
+    /// Entries kept behind a snapshot for slightly lagging followers.
+    pub logs_kept_after_snapshot: u64,
+    pub rpc_connect_timeout_ms: u64,
+    pub install_snapshot_timeout_ms: u64,
+    pub snapshot_chunk_bytes: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            heartbeat_ms: 250,
+            election_timeout_min_ms: 1200,
+            election_timeout_max_ms: 2400,
+            snapshot_after_logs: 5000,
+            logs_kept_after_snapshot: 500,
+            rpc_connect_timeout_ms: 500,
+            install_snapshot_timeout_ms: 10_000,
+            snapshot_chunk_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Token verification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// HS256 secret. When unset, a dev secret is generated and kept in the data dir.
+    pub hs256_secret: Option<String>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+}
+
+/// Task execution on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecutorConfig {
+    /// Attempts this node runs at once.
+    pub slots: u32,
+    /// How often the node tells the cluster it is alive and renews its leases.
+    pub heartbeat_ms: u64,
+    /// How long an attempt's lease lasts without renewal before it is declared lost.
+    pub lease_ms: u64,
+    /// Output kept per attempt (stdout and stderr together).
+    pub log_cap_bytes: u64,
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        ExecutorConfig {
+            slots: 8,
+            heartbeat_ms: 1000,
+            lease_ms: 10_000,
+            log_cap_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Schedule firing and run supervision (leader only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// How often the leader looks for due windows.
+    pub tick_ms: u64,
+    /// Without `catchup`, windows older than this after an outage are skipped (the
+    /// latest due window always fires).
+    pub catchup_grace_ms: u64,
+    /// With `catchup`, at most this many missed windows fire per DAG, newest kept.
+    pub max_catchup: usize,
+    /// How often the supervisor checks leases, retries, SLAs and queued runs.
+    pub supervise_ms: u64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            tick_ms: 200,
+            catchup_grace_ms: 60_000,
+            max_catchup: 100,
+            supervise_ms: 250,
+        }
+    }
+}
+
+/// How long history is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Finished runs (and their attempts and logs) older than this are purged.
+    pub runs_ms: u64,
+    /// `X-Request-Id` records are kept this long.
+    pub idempotency_ms: u64,
+    pub purge_every_ms: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            runs_ms: 30 * 86_400_000,
+            idempotency_ms: 86_400_000,
+            purge_every_ms: 60_000,
+        }
+    }
+}
+
+/// The whole node configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node_id: NodeId,
+    pub api_addr: String,
+    pub peer_addr: String,
+    pub data_dir: PathBuf,
+    /// Shared by all members; peer RPCs without it are refused. Generated for a
+    /// single-node cluster when unset.
+    pub cluster_secret: Option<String>,
+    /// This node forms the cluster on first start (only one node may say so). A node with
+    /// no peers always bootstraps its own single-node cluster.
+    pub bootstrap: bool,
+    pub peers: Vec<Peer>,
+    /// How long a write or a current read waits for a leader before `503`.
+    pub leader_wait_ms: u64,
+    pub log_level: String,
+    pub raft: RaftConfig,
+    pub auth: AuthConfig,
+    pub executor: ExecutorConfig,
+    pub scheduler: SchedulerConfig,
+    pub retention: RetentionConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: 1,
+            api_addr: "127.0.0.1:8080".into(),
+            peer_addr: "127.0.0.1:9080".into(),
+            data_dir: PathBuf::from("orchestrator-data"),
+            cluster_secret: None,
+            bootstrap: false,
+            peers: Vec::new(),
+            leader_wait_ms: 5000,
+            log_level: "info".into(),
+            raft: RaftConfig::default(),
+            auth: AuthConfig::default(),
+            executor: ExecutorConfig::default(),
+            scheduler: SchedulerConfig::default(),
+            retention: RetentionConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Layer defaults, an optional TOML file, `ORCHESTRATOR_*` variables from `env` and
+    /// `overrides` (`key.path = value` pairs from flags), then validate.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[(String, String)],
+    ) -> Result<Config, Error> {
+        let mut tree = toml::Value::try_from(Config::default())
+            .map_err(|e| Error::Invalid(format!("defaults do not serialise: {e}")))?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let file_tree: toml::Value = toml::from_str(&text).map_err(|e| Error::Parse {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+            merge(&mut tree, file_tree);
+        }
+        let mut env_pairs: Vec<(String, String)> = env
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let rest = k.strip_prefix("ORCHESTRATOR_")?;
+                if rest == "CONFIG" {
+                    return None;
+                }
+                Some((rest.to_ascii_lowercase().replace("__", "."), v))
+            })
+            .collect();
+        env_pairs.sort();
+        for (key, value) in env_pairs.iter().chain(overrides) {
+            set_path(&mut tree, key, value)?;
+        }
+        let config: Config = tree
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::Invalid(e.message().to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check everything that would otherwise fail later, with what to change.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |m: String| Err(Error::Invalid(m));
+        if self.node_id == 0 {
+            return bad("node_id must be 1 or more".into());
+        }
+        for (name, addr) in [("api_addr", &self.api_addr), ("peer_addr", &self.peer_addr)] {
+            if addr.parse::<SocketAddr>().is_err() {
+                return bad(format!(
+                    "{name} '{addr}' is not an IP:port address (e.g. 127.0.0.1:8080)"
+                ));
+            }
+        }
+        if self.api_addr == self.peer_addr {
+            return bad("api_addr and peer_addr must differ: peer RPCs are not served on the API port".into());
+        }
+        let mut ids = vec![self.node_id];
+        for p in &self.peers {
+            if ids.contains(&p.id) {
+                return bad(format!("node id {} appears twice (node_id and peers)", p.id));
+            }
+            ids.push(p.id);
+            if p.peer_addr.parse::<SocketAddr>().is_err() || p.api_addr.parse::<SocketAddr>().is_err() {
+                return bad(format!("peer {} needs IP:port api_addr and peer_addr", p.id));
+            }
+        }
+        if !self.peers.is_empty() && self.cluster_secret.as_deref().unwrap_or("").len() < 16 {
+            return bad("cluster_secret (16+ characters, the same on every node) is required when peers are configured".into());
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms * 2 {
+            return bad(format!(
+                "raft.election_timeout_min_ms ({}) must exceed twice raft.heartbeat_ms ({})",
+                r.election_timeout_min_ms, r.heartbeat_ms
+            ));
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return bad("raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms".into());
+        }
+        if r.snapshot_after_logs == 0 || r.snapshot_chunk_bytes < 1024 {
+            return bad("raft.snapshot_after_logs must be > 0 and raft.snapshot_chunk_bytes >= 1024".into());
+        }
+        if self.leader_wait_ms == 0 {
+            return bad("leader_wait_ms must be > 0".into());
+        }
+        let e = &self.executor;
+        if e.slots == 0 || e.heartbeat_ms == 0 || e.lease_ms < e.heartbeat_ms * 3 {
+            return bad(format!(
+                "executor.slots must be > 0 and executor.lease_ms ({}) at least 3 x executor.heartbeat_ms ({})",
+                e.lease_ms, e.heartbeat_ms
+            ));
+        }
+        if self.scheduler.tick_ms == 0 || self.scheduler.supervise_ms == 0 || self.scheduler.max_catchup == 0 {
+            return bad("scheduler.tick_ms, scheduler.supervise_ms and scheduler.max_catchup must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// True when this node should form the cluster if it finds none.
+    pub fn is_bootstrap(&self) -> bool {
+        self.bootstrap || self.peers.is_empty()
+    }
+
+    pub fn leader_wait(&self) -> Duration {
+        Duration::from_millis(self.leader_wait_ms)
+    }
+
+    /// The cluster secret, generating and keeping one in the data dir for a single node.
+    pub fn resolve_cluster_secret(&mut self) -> Result<String, Error> {
+        if let Some(s) = &self.cluster_secret {
+            return Ok(s.clone());
+        }
+        let s = read_or_create_secret(&self.data_dir.join("cluster.secret"))?;
+        self.cluster_secret = Some(s.clone());
+        Ok(s)
+    }
+
+    /// The HS256 secret, generating and keeping a dev one in the data dir when unset.
+    pub fn resolve_hs256_secret(&mut self) -> Result<String, Error> {
+        if let Some(s) = &self.auth.hs256_secret {
+            return Ok(s.clone());
+        }
+        let s = read_or_create_secret(&self.data_dir.join("dev-jwt.secret"))?;
+        self.auth.hs256_secret = Some(s.clone());
+        Ok(s)
+    }
+
+    /// The effective config as TOML with secrets redacted.
+    pub fn redacted_toml(&self) -> String {
+        let mut c = self.clone();
+        if c.cluster_secret.is_some() {
+            c.cluster_secret = Some("<redacted>".into());
+        }
+        if c.auth.hs256_secret.is_some() {
+            c.auth.hs256_secret = Some("<redacted>".into());
+        }
+        toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}"))
+    }
+}
+
+fn read_or_create_secret(path: &Path) -> Result<String, Error> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let secret = hex::encode(rand::random::<[u8; 32]>());
+    std::fs::write(path, &secret).map_err(io)?;
+    Ok(secret)
+}
+
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+/// Parse a flag or environment value: `peers` takes `id=api_addr/peer_addr,...`;
+/// numbers and booleans are typed; anything else is a string.
+fn parse_scalar(key: &str, raw: &str) -> Result<toml::Value, Error> {
+    if key == "peers" {
+        let mut peers = Vec::new();
+        for item in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (id, addrs) = item.split_once('=').ok_or_else(|| {
+                Error::Invalid(format!("peer '{item}' must look like 2=127.0.0.1:8082/127.0.0.1:9082"))
+            })?;
+            let (api, peer) = addrs.split_once('/').ok_or_else(|| {
+                Error::Invalid(format!("peer '{item}' must give api_addr/peer_addr"))
+            })?;
+            let id: u64 = id
+                .trim()
+                .parse()
+                .map_err(|_| Error::Invalid(format!("peer id '{id}' is not a number")))?;
+            let mut t = toml::map::Map::new();
+            t.insert("id".into(), toml::Value::Integer(id as i64));
+            t.insert("api_addr".into(), toml::Value::String(api.trim().into()));
+            t.insert("peer_addr".into(), toml::Value::String(peer.trim().into()));
+            peers.push(toml::Value::Table(t));
+        }
+        return Ok(toml::Value::Array(peers));
+    }
+    if let Ok(i) = raw.parse::<i64>() {
+        return Ok(toml::Value::Integer(i));
+    }
+    if let Ok(b) = raw.parse::<bool>() {
+        return Ok(toml::Value::Boolean(b));
+    }
+    Ok(toml::Value::String(raw.to_string()))
+}
+
+fn set_path(tree: &mut toml::Value, dotted: &str, raw: &str) -> Result<(), Error> {
+    let value = parse_scalar(dotted, raw)?;
+    let mut cur = tree;
+    let parts: Vec<&str> = dotted.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let table = cur
+            .as_table_mut()
+            .ok_or_else(|| Error::Invalid(format!("'{dotted}' does not name a config key")))?;
+        if i + 1 == parts.len() {
+            table.insert((*part).to_string(), value);
+            return Ok(());
+        }
+        cur = table
+            .entry((*part).to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "node_id = 2\napi_addr = \"127.0.0.1:7000\"\n[raft]\nheartbeat_ms = 100\n").unwrap();
+        let env = vec![
+            ("ORCHESTRATOR_API_ADDR".to_string(), "127.0.0.1:7001".to_string()),
+            ("ORCHESTRATOR_RAFT__ELECTION_TIMEOUT_MIN_MS".to_string(), "900".to_string()),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ];
+        let flags = vec![("api_addr".to_string(), "127.0.0.1:7002".to_string())];
+        let c = Config::load(Some(&file), env, &flags).unwrap();
+        assert_eq!(c.node_id, 2);
+        assert_eq!(c.api_addr, "127.0.0.1:7002");
+        assert_eq!(c.raft.heartbeat_ms, 100);
+        assert_eq!(c.raft.election_timeout_min_ms, 900);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "nodeid = 2\n").unwrap();
+        let err = Config::load(Some(&file), vec![], &[]).unwrap_err().to_string();
+        assert!(err.contains("nodeid"), "{err}");
+        let err = Config::load(None, vec![], &[("api_addr".into(), "nope".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("api_addr 'nope'"), "{err}");
+    }
+
+    #[test]
+    fn peers_from_a_flag_need_a_secret() {
+        let flags = vec![("peers".to_string(), "2=127.0.0.1:8082/127.0.0.1:9082".to_string())];
+        let err = Config::load(None, vec![], &flags).unwrap_err().to_string();
+        assert!(err.contains("cluster_secret"), "{err}");
+        let mut flags = flags;
+        flags.push(("cluster_secret".into(), "0123456789abcdef0".into()));
+        let c = Config::load(None, vec![], &flags).unwrap();
+        assert_eq!(c.peers[0].peer_addr, "127.0.0.1:9082");
+    }
+}

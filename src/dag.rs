@@ -1,0 +1,411 @@
+//! DAG definitions as users write them ([`DagInput`]) and their validation into a
+//! [`DagSpec`]: ids, schedule, timezone, durations, task kinds, dependencies and
+//! acyclicity. Every error names the field and says how to fix it. Validation happens
+//! before anything is proposed; the state machine trusts a validated spec.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use chrono::{DateTime, NaiveDate, TimeZone};
+use petgraph::graph::DiGraph;
+use serde::Deserialize;
+
+use crate::schedule::{parse_timezone, Schedule};
+use crate::state::model::{DagSpec, TaskKind, TaskSpec};
+
+pub const MAX_TASKS: usize = 1000;
+pub const MAX_ID_LEN: usize = 128;
+
+/// A validation failure: which field, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct Error {
+    pub field: String,
+    pub message: String,
+}
+
+fn err<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, Error> {
+    Err(Error {
+        field: field.into(),
+        message: message.into(),
+    })
+}
+
+/// A DAG as submitted to `POST /dags`. Unknown fields are rejected by name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DagInput {
+    pub dag_id: String,
+    #[serde(default)]
+    pub schedule: Option<String>,
+    #[serde(default)]
+    pub timezone: Option<String>,
+    #[serde(default)]
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub catchup: Option<bool>,
+    #[serde(default)]
+    pub max_active_runs: Option<u32>,
+    #[serde(default)]
+    pub sla: Option<String>,
+    #[serde(default)]
+    pub paused: Option<bool>,
+    #[serde(default)]
+    pub start_date: Option<String>,
+    #[serde(default)]
+    pub end_date: Option<String>,
+    #[serde(default)]
+    pub webhook: Option<String>,
+    #[serde(default)]
+    pub tasks: Vec<TaskInput>,
+    /// Optimistic concurrency: the version this update is based on (0 = create only).
+    #[serde(default)]
+    pub version: Option<u64>,
+}
+
+/// A task as submitted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskInput {
+    pub task_id: String,
+    pub kind: String,
+    #[serde(default)]
+    pub command: Option<String>,
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub body: Option<String>,
+    #[serde(default)]
+    pub expect_status: Option<u16>,
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    #[serde(default)]
+    pub retries: Option<u32>,
+    #[serde(default)]
+    pub retry_delay: Option<String>,
+    #[serde(default)]
+    pub retry_exponential: Option<bool>,
+    #[serde(default)]
+    pub max_retry_delay: Option<String>,
+    #[serde(default)]
+    pub timeout: Option<String>,
+}
+
+/// Parse `90s`, `5m`, `1h30m`, `250ms`, `2d` into milliseconds.
+pub fn parse_duration(field: &str, s: &str) -> Result<u64, Error> {
+    let s = s.trim();
+    if s.is_empty() {
+        return err(field, "empty duration; write e.g. 30s, 5m, 1h30m");
+    }
+    let mut total: u64 = 0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
+        if digits == 0 {
+            return err(field, format!("'{s}' is not a duration; write e.g. 30s, 5m, 1h30m"));
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| Error { field: field.into(), message: format!("'{s}' is too large") })?;
+        rest = &rest[digits..];
+        let unit_len = rest.chars().take_while(|c| c.is_ascii_alphabetic()).count();
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let ms = match unit {
+            "ms" => 1,
+            "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return err(field, format!("'{s}' has unit '{unit}'; use ms, s, m, h or d")),
+        };
+        total = n
+            .checked_mul(ms)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(|| Error { field: field.into(), message: format!("'{s}' is too large") })?;
+    }
+    Ok(total)
+}
+
+/// Parse a date (`2025-10-01`, midnight in `tz`) or an RFC 3339 instant into epoch ms.
+pub fn parse_instant(field: &str, s: &str, tz: &str) -> Result<i64, Error> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.timestamp_millis());
+    }
+    let date = NaiveDate::parse_from_str(s, "%Y-%m-%d").map_err(|_| Error {
+        field: field.into(),
+        message: format!("'{s}' is neither a date (2025-10-01) nor an RFC 3339 time (2025-10-01T02:00:00Z)"),
+    })?;
+    let tz = parse_timezone(tz).map_err(|m| Error { field: "timezone".into(), message: m })?;
+    let midnight = date.and_hms_opt(0, 0, 0).ok_or_else(|| Error {
+        field: field.into(),
+        message: format!("'{s}' has no midnight"),
+    })?;
+    tz.from_local_datetime(&midnight)
+        .earliest()
+        .map(|t| t.timestamp_millis())
+        .ok_or_else(|| Error {
+            field: field.into(),
+            message: format!("midnight of '{s}' does not exist in this timezone"),
+        })
+}
+
+/// Check an identifier: 1-128 characters of letters, digits, `_`, `-`, `.`.
+pub fn check_id(field: &str, id: &str) -> Result<(), Error> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return err(field, format!("must be 1 to {MAX_ID_LEN} characters"));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+    {
+        return err(field, format!("'{id}' contains '{c}'; use letters, digits, '_', '-' and '.'"));
+    }
+    Ok(())
+}
+
+fn check_url(field: &str, url: &str) -> Result<(), Error> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 2048 {
+        return err(field, format!("'{url}' must be an http:// or https:// URL"));
+    }
+    Ok(())
+}
+
+fn task_kind(prefix: &str, t: &TaskInput) -> Result<TaskKind, Error> {
+    let unexpected = |name: &str, present: bool| -> Result<(), Error> {
+        if present {
+            err(format!("{prefix}.{name}"), format!("is not used by kind '{}'", t.kind))
+        } else {
+            Ok(())
+        }
+    };
+    match t.kind.as_str() {
+        "shell" => {
+            let command = t.command.clone().unwrap_or_default();
+            if command.trim().is_empty() {
+                return err(format!("{prefix}.command"), "a shell task needs a command");
+            }
+            unexpected("url", t.url.is_some())?;
+            Ok(TaskKind::Shell { command })
+        }
+        "http" => {
+            let url = t.url.clone().unwrap_or_default();
+            check_url(&format!("{prefix}.url"), &url)?;
+            unexpected("command", t.command.is_some())?;
+            let method = t.method.clone().unwrap_or_else(|| "GET".into()).to_ascii_uppercase();
+            if !matches!(method.as_str(), "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD") {
+                return err(format!("{prefix}.method"), format!("'{method}' is not GET, POST, PUT, PATCH, DELETE or HEAD"));
+            }
+            if let Some(s) = t.expect_status {
+                if !(100..=599).contains(&s) {
+                    return err(format!("{prefix}.expect_status"), "must be an HTTP status 100-599");
+                }
+            }
+            Ok(TaskKind::Http {
+                method,
+                url,
+                headers: t.headers.clone(),
+                body: t.body.clone(),
+                expect_status: t.expect_status,
+            })
+        }
+        "noop" => {
+            unexpected("command", t.command.is_some())?;
+            unexpected("url", t.url.is_some())?;
+            Ok(TaskKind::Noop)
+        }
+        other => err(format!("{prefix}.kind"), format!("'{other}' is not one of shell, http, noop")),
+    }
+}
+
+/// Validate a submitted DAG into the spec the state machine stores.
+pub fn validate(input: &DagInput) -> Result<DagSpec, Error> {
+    check_id("dag_id", &input.dag_id)?;
+    let timezone = input.timezone.clone().unwrap_or_else(|| "UTC".into());
+    parse_timezone(&timezone).map_err(|m| Error { field: "timezone".into(), message: m })?;
+    if let Some(s) = &input.schedule {
+        Schedule::parse(s, &timezone).map_err(|m| Error { field: "schedule".into(), message: m })?;
+    }
+    if let Some(o) = &input.owner {
+        if o.len() > 256 {
+            return err("owner", "must be at most 256 characters");
+        }
+    }
+    let max_active_runs = input.max_active_runs.unwrap_or(16);
+    if max_active_runs == 0 || max_active_runs > 10_000 {
+        return err("max_active_runs", "must be between 1 and 10000");
+    }
+    let sla_ms = input.sla.as_deref().map(|s| parse_duration("sla", s)).transpose()?;
+    let start_date_ms = input
+        .start_date
+        .as_deref()
+        .map(|s| parse_instant("start_date", s, &timezone))
+        .transpose()?;
+    let end_date_ms = input
+        .end_date
+        .as_deref()
+        .map(|s| parse_instant("end_date", s, &timezone))
+        .transpose()?;
+    if let (Some(a), Some(b)) = (start_date_ms, end_date_ms) {
+        if a >= b {
+            return err("end_date", "must be after start_date");
+        }
+    }
+    if let Some(w) = &input.webhook {
+        check_url("webhook", w)?;
+    }
+    if input.tasks.len() > MAX_TASKS {
+        return err("tasks", format!("has {} tasks; at most {MAX_TASKS} are allowed", input.tasks.len()));
+    }
+    let mut tasks = Vec::with_capacity(input.tasks.len());
+    let mut seen = HashSet::new();
+    for (i, t) in input.tasks.iter().enumerate() {
+        let prefix = format!("tasks[{i}]");
+        check_id(&format!("{prefix}.task_id"), &t.task_id)?;
+        if !seen.insert(t.task_id.as_str()) {
+            return err(format!("{prefix}.task_id"), format!("'{}' is used by two tasks", t.task_id));
+        }
+        let kind = task_kind(&prefix, t)?;
+        let dur = |name: &str, v: &Option<String>| -> Result<Option<u64>, Error> {
+            v.as_deref().map(|s| parse_duration(&format!("{prefix}.{name}"), s)).transpose()
+        };
+        let retries = t.retries.unwrap_or(0);
+        if retries > 100 {
+            return err(format!("{prefix}.retries"), "must be at most 100");
+        }
+        let timeout_ms = dur("timeout", &t.timeout)?;
+        if timeout_ms == Some(0) {
+            return err(format!("{prefix}.timeout"), "must be more than 0");
+        }
+        tasks.push(TaskSpec {
+            task_id: t.task_id.clone(),
+            kind,
+            depends_on: t.depends_on.clone(),
+            retries,
+            retry_delay_ms: dur("retry_delay", &t.retry_delay)?.unwrap_or(10_000),
+            retry_exponential: t.retry_exponential.unwrap_or(false),
+            max_retry_delay_ms: dur("max_retry_delay", &t.max_retry_delay)?.unwrap_or(3_600_000),
+            timeout_ms,
+        });
+    }
+    check_graph(&tasks)?;
+    Ok(DagSpec {
+        dag_id: input.dag_id.clone(),
+        schedule: input.schedule.clone(),
+        timezone,
+        owner: input.owner.clone(),
+        catchup: input.catchup.unwrap_or(false),
+        max_active_runs,
+        sla_ms,
+        paused: input.paused.unwrap_or(false),
+        start_date_ms,
+        end_date_ms,
+        webhook: input.webhook.clone(),
+        tasks,
+    })
+}
+
+/// Known dependencies, no self-dependency, no cycle (the error shows one cycle path).
+fn check_graph(tasks: &[TaskSpec]) -> Result<(), Error> {
+    let mut graph = DiGraph::<&str, ()>::new();
+    let idx: HashMap<&str, _> = tasks
+        .iter()
+        .map(|t| (t.task_id.as_str(), graph.add_node(t.task_id.as_str())))
+        .collect();
+    for (i, t) in tasks.iter().enumerate() {
+        for dep in &t.depends_on {
+            let Some(&from) = idx.get(dep.as_str()) else {
+                return err(
+                    format!("tasks[{i}].depends_on"),
+                    format!("'{}' depends on unknown task '{dep}'", t.task_id),
+                );
+            };
+            if dep == &t.task_id {
+                return err(format!("tasks[{i}].depends_on"), format!("'{dep}' depends on itself"));
+            }
+            graph.add_edge(from, idx[t.task_id.as_str()], ());
+        }
+    }
+    if petgraph::algo::toposort(&graph, None).is_ok() {
+        return Ok(());
+    }
+    // Find one cycle and show it: the first strongly connected component with >1 node.
+    for scc in petgraph::algo::tarjan_scc(&graph) {
+        if scc.len() > 1 {
+            let members: HashSet<_> = scc.iter().copied().collect();
+            let start = scc[0];
+            let mut path = vec![graph[start]];
+            let mut cur = start;
+            let mut visited = HashSet::new();
+            visited.insert(start);
+            loop {
+                let next = graph
+                    .neighbors(cur)
+                    .find(|n| members.contains(n))
+                    .unwrap_or_else(|| panic!("every node of a cycle component has a successor in it"));
+                path.push(graph[next]);
+                if next == start || !visited.insert(next) {
+                    break;
+                }
+                cur = next;
+            }
+            return err("tasks", format!("dependencies form a cycle: {}", path.join(" -> ")));
+        }
+    }
+    err("tasks", "dependencies form a cycle")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(json: serde_json::Value) -> Result<DagSpec, String> {
+        let i: DagInput = serde_json::from_value(json).map_err(|e| e.to_string())?;
+        validate(&i).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn spec_example_is_valid() {
+        let s = input(serde_json::json!({"dag_id":"sales_gdp","schedule":"0 2 * * *","owner":"team-data"})).unwrap();
+        assert_eq!(s.timezone, "UTC");
+        assert!(s.tasks.is_empty());
+    }
+
+    #[test]
+    fn typos_cycles_and_unknown_deps_are_named() {
+        let e = input(serde_json::json!({"dag_id":"d","tasks":[{"task_id":"a","kind":"noop","retires":3}]})).unwrap_err();
+        assert!(e.contains("retires"), "{e}");
+        let e = input(serde_json::json!({"dag_id":"d","tasks":[
+            {"task_id":"a","kind":"noop","depends_on":["c"]},
+            {"task_id":"b","kind":"noop","depends_on":["a"]},
+            {"task_id":"c","kind":"noop","depends_on":["b"]}]})).unwrap_err();
+        assert!(e.contains("cycle") && e.contains("->"), "{e}");
+        let e = input(serde_json::json!({"dag_id":"d","tasks":[{"task_id":"a","kind":"noop","depends_on":["x"]}]})).unwrap_err();
+        assert!(e.contains("unknown task 'x'"), "{e}");
+        let e = input(serde_json::json!({"dag_id":"d","tasks":[{"task_id":"a","kind":"noop"},{"task_id":"a","kind":"noop"}]})).unwrap_err();
+        assert!(e.contains("used by two tasks"), "{e}");
+        let e = input(serde_json::json!({"dag_id":"bad id!"})).unwrap_err();
+        assert!(e.starts_with("dag_id"), "{e}");
+        let e = input(serde_json::json!({"dag_id":"d","schedule":"0 2 * *"})).unwrap_err();
+        assert!(e.contains("4 fields"), "{e}");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("f", "1h30m").unwrap(), 5_400_000);
+        assert_eq!(parse_duration("f", "250ms").unwrap(), 250);
+        assert!(parse_duration("f", "5 minutes").is_err());
+        assert!(parse_duration("f", "").is_err());
+    }
+
+    #[test]
+    fn dates_are_midnight_in_the_timezone() {
+        let utc = parse_instant("from", "2025-10-01", "UTC").unwrap();
+        let paris = parse_instant("from", "2025-10-01", "Europe/Paris").unwrap();
+        assert_eq!(utc - paris, 2 * 3_600_000);
+        assert!(parse_instant("from", "yesterday", "UTC").is_err());
+    }
+}

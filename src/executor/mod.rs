@@ -1,0 +1,279 @@
+//! Running one task attempt: `shell` (`/bin/sh -c` in its own process group, a working
+//! dir per attempt, identity and window in the environment and in `{{ }}` templates,
+//! killed as a group on timeout or cancel), `http` (method, URL, headers, body, expected
+//! status, all templated) and `noop`. Output goes to a per-attempt log file with a size
+//! cap. Nothing here knows Raft: the executor actor reports the [`AttemptResult`].
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+use crate::state::command::AttemptResult;
+use crate::state::model::{Run, TaskKind, TaskSpec};
+
+/// Without a task timeout, an http task gives up after this long.
+const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where an attempt's output lives on the node that ran it.
+pub fn log_path(data_dir: &Path, run_id: &str, task_id: &str, attempt: u32) -> PathBuf {
+    data_dir.join("logs").join(run_id).join(task_id).join(format!("{attempt}.log"))
+}
+
+fn fmt_ms(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+/// The identity and window a task sees, as `(name, value)` pairs.
+pub fn variables(run: &Run, task_id: &str, attempt: u32) -> Vec<(&'static str, String)> {
+    vec![
+        ("run_id", run.run_id.clone()),
+        ("dag_id", run.dag_id.clone()),
+        ("task_id", task_id.to_string()),
+        ("attempt", attempt.to_string()),
+        ("window_start", fmt_ms(run.window.start_ms)),
+        ("window_end", fmt_ms(run.window.end_ms)),
+        ("run_type", format!("{:?}", run.run_type).to_lowercase()),
+    ]
+}
+
+/// Replace `{{ name }}` (spaces optional) with the variable's value; unknown names stay.
+pub fn render(template: &str, vars: &[(&'static str, String)]) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(open) = rest.find("{{") {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 2..];
+        match after.find("}}") {
+            Some(close) => {
+                let name = after[..close].trim();
+                match vars.iter().find(|(n, _)| *n == name) {
+                    Some((_, v)) => out.push_str(v),
+                    None => out.push_str(&rest[open..open + 2 + close + 2]),
+                }
+                rest = &after[close + 2..];
+            }
+            None => {
+                out.push_str(&rest[open..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Copy a stream into the shared log file until the cap, then keep draining.
+async fn capture(mut from: impl AsyncRead + Unpin, log: std::sync::Arc<tokio::sync::Mutex<(tokio::fs::File, u64)>>, cap: u64) {
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut guard = log.lock().await;
+        let (file, written) = &mut *guard;
+        if *written < cap {
+            let take = ((cap - *written) as usize).min(n);
+            let _ = file.write_all(&buf[..take]).await;
+            *written += take as u64;
+            if *written >= cap {
+                let _ = file.write_all(b"\n[output truncated at the log cap]\n").await;
+            }
+        }
+    }
+}
+
+/// Everything needed to run one attempt.
+pub struct AttemptSpec<'a> {
+    pub run: &'a Run,
+    pub task: &'a TaskSpec,
+    pub attempt: u32,
+    pub data_dir: &'a Path,
+    pub log_cap: u64,
+    pub http: &'a reqwest::Client,
+}
+
+/// Run the attempt to its end, its timeout, or `cancel`.
+/// `on_pgid` receives the shell's process group id as soon as it exists.
+pub async fn run_attempt(a: AttemptSpec<'_>, cancel: oneshot::Receiver<()>, on_pgid: impl FnOnce(i32)) -> AttemptResult {
+    let vars = variables(a.run, &a.task.task_id, a.attempt);
+    let log_file = log_path(a.data_dir, &a.run.run_id, &a.task.task_id, a.attempt);
+    let timeout = a.task.timeout_ms.map(Duration::from_millis);
+    match &a.task.kind {
+        TaskKind::Noop => AttemptResult::Success { exit_code: None },
+        TaskKind::Shell { command } => {
+            let cmd = render(command, &vars);
+            run_shell(&cmd, &vars, &a, &log_file, timeout, cancel, on_pgid).await
+        }
+        TaskKind::Http { method, url, headers, body, expect_status } => {
+            let url = render(url, &vars);
+            let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
+            let mut req = a.http.request(method, &url).timeout(timeout.unwrap_or(DEFAULT_HTTP_TIMEOUT));
+            for (k, v) in headers {
+                req = req.header(k.as_str(), render(v, &vars));
+            }
+            if let Some(b) = body {
+                req = req.body(render(b, &vars));
+            }
+            let send = async {
+                match req.send().await {
+                    Err(e) if e.is_timeout() => AttemptResult::TimedOut { error: format!("http {url}: timed out") },
+                    Err(e) => AttemptResult::Failed { exit_code: None, error: format!("http {url}: {e}") },
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        let text = resp.text().await.unwrap_or_default();
+                        write_log(&log_file, &format!("HTTP {status}\n{}", truncate(&text, a.log_cap as usize))).await;
+                        let ok = match expect_status {
+                            Some(s) => status == *s,
+                            None => (200..300).contains(&status),
+                        };
+                        if ok {
+                            AttemptResult::Success { exit_code: None }
+                        } else {
+                            AttemptResult::Failed { exit_code: None, error: format!("http {url}: status {status}") }
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                r = send => r,
+                _ = cancel => AttemptResult::Failed { exit_code: None, error: "cancelled".into() },
+            }
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+async fn write_log(path: &Path, text: &str) {
+    if let Some(dir) = path.parent() {
+        let _ = tokio::fs::create_dir_all(dir).await;
+    }
+    let _ = tokio::fs::write(path, text).await;
+}
+
+/// Kill a whole process group.
+pub fn kill_group(pgid: i32) {
+    if pgid > 0 {
+        // SAFETY: killpg(2) only sends a signal; a stale pgid at worst hits nothing.
+        unsafe {
+            libc::killpg(pgid, libc::SIGKILL);
+        }
+    }
+}
+
+async fn run_shell(
+    cmd: &str,
+    vars: &[(&'static str, String)],
+    a: &AttemptSpec<'_>,
+    log_file: &Path,
+    timeout: Option<Duration>,
+    cancel: oneshot::Receiver<()>,
+    on_pgid: impl FnOnce(i32),
+) -> AttemptResult {
+    let work = a
+        .data_dir
+        .join("work")
+        .join(&a.run.run_id)
+        .join(&a.task.task_id)
+        .join(a.attempt.to_string());
+    if let Err(e) = tokio::fs::create_dir_all(&work).await {
+        return AttemptResult::Failed { exit_code: None, error: format!("cannot create working dir {}: {e}", work.display()) };
+    }
+    if let Some(dir) = log_file.parent() {
+        let _ = tokio::fs::create_dir_all(dir).await;
+    }
+    let file = match tokio::fs::File::create(log_file).await {
+        Ok(f) => f,
+        Err(e) => return AttemptResult::Failed { exit_code: None, error: format!("cannot create log {}: {e}", log_file.display()) },
+    };
+    let mut command = tokio::process::Command::new("/bin/sh");
+    command
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(&work)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    for (name, value) in vars {
+        command.env(format!("ORCHESTRATOR_{}", name.to_ascii_uppercase()), value);
+    }
+    let mut child = match command.spawn() {
+        Ok(c) => c,
+        Err(e) => return AttemptResult::Failed { exit_code: None, error: format!("cannot start /bin/sh: {e}") },
+    };
+    let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+    on_pgid(pgid);
+    let log = std::sync::Arc::new(tokio::sync::Mutex::new((file, 0u64)));
+    let mut pumps = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        pumps.push(tokio::spawn(capture(out, log.clone(), a.log_cap)));
+    }
+    if let Some(err) = child.stderr.take() {
+        pumps.push(tokio::spawn(capture(err, log.clone(), a.log_cap)));
+    }
+    let limit = async {
+        match timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        status = child.wait() => match status {
+            Ok(s) if s.success() => AttemptResult::Success { exit_code: Some(0) },
+            Ok(s) => AttemptResult::Failed {
+                exit_code: s.code(),
+                error: match s.code() {
+                    Some(c) => format!("exit code {c}"),
+                    None => "killed by a signal".into(),
+                },
+            },
+            Err(e) => AttemptResult::Failed { exit_code: None, error: format!("wait failed: {e}") },
+        },
+        _ = limit => {
+            kill_group(pgid);
+            let _ = child.wait().await;
+            AttemptResult::TimedOut { error: format!("timed out after {} ms; process group killed", timeout.map_or(0, |t| t.as_millis())) }
+        }
+        _ = cancel => {
+            kill_group(pgid);
+            let _ = child.wait().await;
+            AttemptResult::Failed { exit_code: None, error: "cancelled; process group killed".into() }
+        }
+    };
+    // Grandchildren may still hold the pipes open: do not wait for them forever.
+    kill_group(pgid);
+    for p in pumps {
+        let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_render_known_names_and_keep_unknown() {
+        let vars = vec![("run_id", "run_7".to_string()), ("attempt", "2".to_string())];
+        assert_eq!(render("echo {{run_id}}-{{ attempt }} {{ other }}", &vars), "echo run_7-2 {{ other }}");
+        assert_eq!(render("unclosed {{ run_id", &vars), "unclosed {{ run_id");
+    }
+}

@@ -1,0 +1,25 @@
+//! orchestrator: a distributed DAG workflow scheduler. Teams submit DAGs of tasks with
+//! cron schedules over a REST API, trigger manual and backfill runs and watch them; three
+//! nodes replicate all state with Raft (openraft, log and state on RocksDB).
+//!
+//! Layout, outside in:
+//! - [`api`]: the HTTP API (routes, JSON shapes, the error table). Only it knows HTTP.
+//! - [`auth`]: bearer-token verification and dev token minting.
+//! - [`actors`]: the actix actors behind cloneable handles — the proposer (API actor,
+//!   batches writes into Raft entries), DAG registry, scheduler, run supervisor, executor.
+//! - [`raft`]: openraft wiring — RocksDB database, log store, state machine, peer network
+//!   client and server, and the node wrapper (writes, current reads, membership).
+//! - [`state`]: the replicated domain model, commands and the deterministic apply logic.
+//! - [`dag`]: DAG definition input and validation. [`schedule`]: cron and timezones.
+//! - [`config`]: layered configuration. [`server`]: running one node end to end.
+
+pub mod actors;
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod dag;
+pub mod executor;
+pub mod raft;
+pub mod schedule;
+pub mod server;
+pub mod state;

@@ -1,0 +1,221 @@
+//! The node's RocksDB: one database with a column family for the Raft log, one for Raft
+//! metadata (vote, committed, purged), one for state-machine metadata (last applied,
+//! membership), one for the current snapshot and one per replicated [`Table`].
+//! One database means one WAL: a synced log append also makes every earlier
+//! state-machine write durable.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, DB};
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use crate::state::{KvError, Table};
+
+pub const CF_LOG: &str = "raft_log";
+pub const CF_RAFT_META: &str = "raft_meta";
+pub const CF_SM_META: &str = "sm_meta";
+pub const CF_SNAPSHOT: &str = "snapshot";
+
+/// Errors opening or reading the node's database.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("column family {0} is missing")]
+    MissingColumnFamily(String),
+    #[error("corrupt value in {cf}: {source}")]
+    Corrupt {
+        cf: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl From<DbError> for KvError {
+    fn from(e: DbError) -> Self {
+        KvError::Storage(e.to_string())
+    }
+}
+
+/// A shared handle to the node's database.
+#[derive(Clone)]
+pub struct Db {
+    inner: Arc<DB>,
+}
+
+impl Db {
+    /// Open (creating if needed) the database under `dir`.
+    pub fn open(dir: &Path) -> Result<Db, DbError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_keep_log_file_num(4);
+        opts.set_max_total_wal_size(64 << 20);
+        let mut names = vec![CF_LOG, CF_RAFT_META, CF_SM_META, CF_SNAPSHOT];
+        names.extend(Table::ALL.iter().map(|t| t.name()));
+        let cfs = names
+            .iter()
+            .map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
+        Ok(Db {
+            inner: Arc::new(db),
+        })
+    }
+
+    pub fn raw(&self) -> &DB {
+        &self.inner
+    }
+
+    pub fn cf(&self, name: &str) -> Result<&ColumnFamily, DbError> {
+        self.inner
+            .cf_handle(name)
+            .ok_or_else(|| DbError::MissingColumnFamily(name.to_string()))
+    }
+
+    pub fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
+        Ok(self.inner.get_cf(self.cf(cf)?, key)?)
+    }
+
+    pub fn get_json<T: DeserializeOwned>(&self, cf: &str, key: &[u8]) -> Result<Option<T>, DbError> {
+        match self.get(cf, key)? {
+            None => Ok(None),
+            Some(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|source| DbError::Corrupt {
+                    cf: cf.to_string(),
+                    source,
+                }),
+        }
+    }
+
+    /// Up to `limit` entries of `table` whose key starts with `prefix`, from `after`
+    /// (exclusive) on.
+    pub fn scan_prefix(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+        let cf = self.cf(table.name())?;
+        let start = after.unwrap_or(prefix);
+        let mut out = Vec::new();
+        let iter = self.inner.iterator_cf(
+            cf,
+            IteratorMode::From(start, rocksdb::Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            if after.is_some_and(|a| &*k == a) {
+                continue;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` entries of `table` under `prefix` in descending key order, from
+    /// `before` (exclusive) down.
+    pub fn scan_prefix_rev(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        before: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+        let cf = self.cf(table.name())?;
+        // Every key under the prefix sorts below the prefix with its last byte bumped.
+        let mut upper = prefix.to_vec();
+        while let Some(last) = upper.pop() {
+            if last < 0xFF {
+                upper.push(last + 1);
+                break;
+            }
+        }
+        let start = before.map(<[u8]>::to_vec).unwrap_or(upper);
+        let mut out = Vec::new();
+        let iter = if start.is_empty() {
+            self.inner.iterator_cf(cf, IteratorMode::End)
+        } else {
+            self.inner
+                .iterator_cf(cf, IteratorMode::From(&start, rocksdb::Direction::Reverse))
+        };
+        for item in iter {
+            let (k, v) = item?;
+            if *k >= *start.as_slice() && !start.is_empty() {
+                continue;
+            }
+            if !k.starts_with(prefix) {
+                if *k < *prefix {
+                    break;
+                }
+                continue;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Write a batch, synced to disk when `sync` is set.
+    pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), DbError> {
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(sync);
+        Ok(self.inner.write_opt(batch, &wo)?)
+    }
+
+    /// A SHA-256 over every replicated table's keys and values, in order: two nodes that
+    /// applied the same log have the same digest.
+    pub fn state_digest(&self) -> Result<String, DbError> {
+        let snap = self.inner.snapshot();
+        let mut h = Sha256::new();
+        for table in Table::ALL {
+            h.update([table.index()]);
+            for item in snap.iterator_cf(self.cf(table.name())?, IteratorMode::Start) {
+                let (k, v) = item?;
+                h.update((k.len() as u32).to_be_bytes());
+                h.update(&k);
+                h.update((v.len() as u32).to_be_bytes());
+                h.update(&v);
+            }
+        }
+        Ok(hex::encode(h.finalize()))
+    }
+
+    /// Compact the Raft log column family (after a purge, to give the space back now).
+    pub fn compact_log(&self) {
+        if let Ok(cf) = self.cf(CF_LOG) {
+            self.inner.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        }
+    }
+
+    /// Approximate on-disk size of the Raft log column family, in bytes.
+    pub fn log_size_bytes(&self) -> u64 {
+        self.cf(CF_LOG)
+            .ok()
+            .and_then(|cf| {
+                self.inner
+                    .property_int_value_cf(cf, "rocksdb.total-sst-files-size")
+                    .ok()
+                    .flatten()
+                    .zip(
+                        self.inner
+                            .property_int_value_cf(cf, "rocksdb.size-all-mem-tables")
+                            .ok()
+                            .flatten(),
+                    )
+                    .map(|(a, b)| a + b)
+            })
+            .unwrap_or(0)
+    }
+}

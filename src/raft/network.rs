@@ -1,0 +1,199 @@
+//! Peer RPC client: openraft's network over HTTP to the peers' peer address.
+//! One pooled `reqwest::Client` per peer; every call carries the cluster secret and the
+//! target's node id and is bounded by openraft's RPC timeout. Connection failures are
+//! reported as `Unreachable` so openraft backs off instead of hammering a dead peer.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::types::{Member, NodeId, TypeConfig};
+
+pub const HEADER_SECRET: &str = "x-cluster-secret";
+pub const HEADER_TARGET: &str = "x-target-node";
+pub const HEADER_SOURCE: &str = "x-source-node";
+
+/// Errors of a peer call made by the node itself (forwarding, read index, admin).
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("peer {target} unreachable: {message}")]
+    Unreachable { target: NodeId, message: String },
+    #[error("peer {target} call failed: {message}")]
+    Failed { target: NodeId, message: String },
+}
+
+/// Pooled HTTP clients to every peer, shared by Raft replication and node-to-node calls.
+#[derive(Clone)]
+pub struct PeerClients {
+    node_id: NodeId,
+    secret: Arc<str>,
+    connect_timeout: Duration,
+    clients: Arc<Mutex<HashMap<NodeId, reqwest::Client>>>,
+}
+
+impl PeerClients {
+    pub fn new(node_id: NodeId, secret: &str, connect_timeout: Duration) -> Self {
+        PeerClients {
+            node_id,
+            secret: secret.into(),
+            connect_timeout,
+            clients: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn client(&self, target: NodeId) -> reqwest::Client {
+        let mut map = self
+            .clients
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        map.entry(target)
+            .or_insert_with(|| {
+                reqwest::Client::builder()
+                    .connect_timeout(self.connect_timeout)
+                    .pool_max_idle_per_host(8)
+                    .tcp_nodelay(true)
+                    .build()
+                    .unwrap_or_else(|e| panic!("a plain HTTP client always builds: {e}"))
+            })
+            .clone()
+    }
+
+    /// POST `body` as JSON to `path` on the peer and decode the JSON answer.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        target: NodeId,
+        peer_addr: &str,
+        path: &str,
+        body: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, PeerError> {
+        let url = format!("http://{peer_addr}{path}");
+        let resp = self
+            .client(target)
+            .post(&url)
+            .header(HEADER_SECRET, &*self.secret)
+            .header(HEADER_TARGET, target.to_string())
+            .header(HEADER_SOURCE, self.node_id.to_string())
+            .timeout(timeout)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_connect() {
+                    PeerError::Unreachable {
+                        target,
+                        message: e.to_string(),
+                    }
+                } else {
+                    PeerError::Failed {
+                        target,
+                        message: e.to_string(),
+                    }
+                }
+            })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            return Err(PeerError::Failed {
+                target,
+                message: format!("{status}: {text}"),
+            });
+        }
+        resp.json().await.map_err(|e| PeerError::Failed {
+            target,
+            message: format!("bad response body: {e}"),
+        })
+    }
+}
+
+/// Creates a [`PeerNetwork`] per replication target.
+#[derive(Clone)]
+pub struct NetworkFactory {
+    pub clients: PeerClients,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerNetwork;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerNetwork {
+        PeerNetwork {
+            target,
+            peer_addr: node.peer_addr.clone(),
+            clients: self.clients.clone(),
+        }
+    }
+}
+
+/// The connection to one peer.
+pub struct PeerNetwork {
+    target: NodeId,
+    peer_addr: String,
+    clients: PeerClients,
+}
+
+impl PeerNetwork {
+    async fn rpc<Req, Resp, E>(
+        &self,
+        path: &str,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, Member, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let res: Result<Result<Resp, RaftError<NodeId, E>>, PeerError> = self
+            .clients
+            .call(self.target, &self.peer_addr, path, req, option.hard_ttl())
+            .await;
+        match res {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            Err(e @ PeerError::Unreachable { .. }) => {
+                Err(RPCError::Unreachable(Unreachable::new(&e)))
+            }
+            Err(e @ PeerError::Failed { .. }) => Err(RPCError::Network(NetworkError::new(&e))),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerNetwork {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        self.rpc("/raft/append", &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.rpc("/raft/snapshot", &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        self.rpc("/raft/vote", &rpc, &option).await
+    }
+}

@@ -1,0 +1,488 @@
+//! One node's Raft: starting openraft over the RocksDB stores, safe cluster formation,
+//! writes (proposed locally on the leader, forwarded one hop otherwise, retried with the
+//! same request ids until a bounded deadline), current reads through the leader's read
+//! index, membership changes and the status the API reports.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::db::Db;
+use super::log_store::LogStore;
+use super::network::{NetworkFactory, PeerClients};
+use super::state_machine::StateMachineStore;
+use super::types::{Member, NodeId, Raft};
+use crate::config::Config;
+use crate::state::{Batch, BatchResponse};
+
+/// Why a write or a current read could not be served.
+#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
+pub enum Error {
+    #[error("no leader could be reached within {waited_ms} ms")]
+    NoLeader { waited_ms: u64 },
+    #[error("this node is not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<NodeId> },
+    #[error("raft stopped: {0}")]
+    Stopped(String),
+    #[error("membership change rejected: {0}")]
+    Membership(String),
+}
+
+/// A membership change an operator asks for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum MembershipOp {
+    /// Add as learner, wait until it has caught up, then make it a voter.
+    Add { node_id: NodeId, member: Member },
+    /// Remove from the voters and from the cluster.
+    Remove { node_id: NodeId },
+}
+
+/// A request for an attempt's log, sent to the node that ran it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogRequest {
+    pub run_id: String,
+    pub task_id: String,
+    pub attempt: u32,
+}
+
+/// What a node reports about itself and the cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub node_id: NodeId,
+    pub initialized: bool,
+    pub state: String,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub last_log_index: Option<u64>,
+    pub committed_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    pub purged_index: Option<u64>,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    pub members: BTreeMap<NodeId, Member>,
+    /// Leader only: how many entries each member's replication is behind.
+    pub replication_lag: BTreeMap<NodeId, Option<u64>>,
+    pub log_size_bytes: u64,
+    /// Leader only: milliseconds since a quorum last acknowledged it.
+    pub millis_since_quorum_ack: Option<u64>,
+}
+
+/// The node's Raft and what it needs to reach its peers. Cheap to clone.
+#[derive(Clone)]
+pub struct RaftNode {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub db: Db,
+    pub sm: StateMachineStore,
+    pub peers: PeerClients,
+    leader_wait: Duration,
+    rpc_timeout: Duration,
+    config: Arc<Config>,
+}
+
+impl RaftNode {
+    /// Open the stores and start openraft (does not form a cluster; see [`Self::bootstrap`]).
+    pub async fn start(config: Arc<Config>, db: Db, secret: &str) -> Result<RaftNode, Error> {
+        let r = &config.raft;
+        let raft_config = openraft::Config {
+            cluster_name: "orchestrator".into(),
+            heartbeat_interval: r.heartbeat_ms,
+            election_timeout_min: r.election_timeout_min_ms,
+            election_timeout_max: r.election_timeout_max_ms,
+            install_snapshot_timeout: r.install_snapshot_timeout_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_after_logs),
+            max_in_snapshot_log_to_keep: r.logs_kept_after_snapshot,
+            snapshot_max_chunk_size: r.snapshot_chunk_bytes,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| Error::Stopped(format!("raft config: {e}")))?;
+        let peers = PeerClients::new(
+            config.node_id,
+            secret,
+            Duration::from_millis(r.rpc_connect_timeout_ms),
+        );
+        let sm = StateMachineStore::new(db.clone());
+        let raft = Raft::new(
+            config.node_id,
+            Arc::new(raft_config),
+            NetworkFactory {
+                clients: peers.clone(),
+            },
+            LogStore::new(db.clone()),
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| Error::Stopped(e.to_string()))?;
+        Ok(RaftNode {
+            id: config.node_id,
+            raft,
+            db,
+            sm,
+            peers,
+            leader_wait: config.leader_wait(),
+            rpc_timeout: Duration::from_millis(r.election_timeout_min_ms.max(1000)),
+            config,
+        })
+    }
+
+    pub fn self_member(&self) -> Member {
+        Member {
+            api_addr: self.config.api_addr.clone(),
+            peer_addr: self.config.peer_addr.clone(),
+        }
+    }
+
+    /// Form the cluster if this is the bootstrap node and nobody has formed one yet.
+    ///
+    /// A bootstrap node whose disk was wiped must not start a second cluster: it only
+    /// initializes when every configured peer answers and reports itself uninitialized.
+    /// Runs until the cluster exists (formed here or found elsewhere) or `stop` fires.
+    pub async fn bootstrap(&self, stop: tokio::sync::watch::Receiver<bool>) {
+        if !self.config.is_bootstrap() {
+            return;
+        }
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            match self.raft.is_initialized().await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(error = %e, "raft stopped before bootstrap");
+                    return;
+                }
+            }
+            let mut all_fresh = true;
+            for p in &self.config.peers {
+                let res: Result<Status, _> = self
+                    .peers
+                    .call(p.id, &p.peer_addr, "/cluster/status", &(), self.rpc_timeout)
+                    .await;
+                match res {
+                    Ok(s) if s.initialized => {
+                        warn!(
+                            node = self.id,
+                            peer = p.id,
+                            "peer already belongs to a cluster; not initializing a new one \
+                             (an operator re-adds this node through the admin API)"
+                        );
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        info!(node = self.id, peer = p.id, error = %e, "waiting for peer before forming the cluster");
+                        all_fresh = false;
+                    }
+                }
+            }
+            if all_fresh {
+                let mut members = BTreeMap::new();
+                members.insert(self.id, self.self_member());
+                for p in &self.config.peers {
+                    members.insert(
+                        p.id,
+                        Member {
+                            api_addr: p.api_addr.clone(),
+                            peer_addr: p.peer_addr.clone(),
+                        },
+                    );
+                }
+                match self.raft.initialize(members).await {
+                    Ok(()) => info!(node = self.id, "cluster initialized"),
+                    Err(e) => warn!(node = self.id, error = %e, "initialize refused"),
+                }
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    fn leader_member(&self, id: NodeId) -> Option<Member> {
+        let m = self.raft.metrics().borrow().clone();
+        m.membership_config
+            .membership()
+            .get_node(&id)
+            .cloned()
+    }
+
+    /// Commit `batch` (on the leader, or forwarded to it once), retrying with the same
+    /// request ids until `leader_wait` runs out. `forwarded` marks a batch that already
+    /// took its one hop: it is never forwarded again.
+    pub async fn propose(&self, batch: Batch, forwarded: bool) -> Result<BatchResponse, Error> {
+        let deadline = Instant::now() + self.leader_wait;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let leader_hint = match self.raft.client_write(batch.clone()).await {
+                Ok(resp) => return Ok(resp.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f.leader_id,
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                    return Err(Error::Membership(e.to_string()))
+                }
+                Err(RaftError::Fatal(e)) => return Err(Error::Stopped(e.to_string())),
+            };
+            if forwarded {
+                return Err(Error::NotLeader {
+                    leader: leader_hint,
+                });
+            }
+            if let Some(leader) = leader_hint.filter(|l| *l != self.id) {
+                if let Some(member) = self.leader_member(leader) {
+                    let res: Result<Result<BatchResponse, Error>, _> = self
+                        .peers
+                        .call(
+                            leader,
+                            &member.peer_addr,
+                            "/cluster/propose",
+                            &batch,
+                            self.remaining(deadline),
+                        )
+                        .await;
+                    match res {
+                        Ok(Ok(resp)) => return Ok(resp),
+                        Ok(Err(e)) => info!(node = self.id, leader, error = %e, "forwarded write not accepted; retrying"),
+                        Err(e) => info!(node = self.id, leader, error = %e, "forwarding failed; retrying"),
+                    }
+                }
+            }
+            if Instant::now() + pause >= deadline {
+                return Err(Error::NoLeader {
+                    waited_ms: self.leader_wait.as_millis() as u64,
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    fn remaining(&self, deadline: Instant) -> Duration {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100))
+    }
+
+    /// The leader's read index (leader only): confirms leadership with a quorum.
+    pub async fn read_index(&self) -> Result<Option<u64>, Error> {
+        match tokio::time::timeout(self.leader_wait, self.raft.get_read_log_id()).await {
+            Err(_) => Err(Error::NoLeader {
+                waited_ms: self.leader_wait.as_millis() as u64,
+            }),
+            Ok(Ok((read, _applied))) => Ok(read.map(|l| l.index)),
+            Ok(Err(RaftError::APIError(e))) => Err(Error::NotLeader {
+                leader: match e {
+                    openraft::error::CheckIsLeaderError::ForwardToLeader(f) => f.leader_id,
+                    openraft::error::CheckIsLeaderError::QuorumNotEnough(_) => None,
+                },
+            }),
+            Ok(Err(RaftError::Fatal(e))) => Err(Error::Stopped(e.to_string())),
+        }
+    }
+
+    /// Wait until this node's state is at least as new as the leader's committed state at
+    /// the time of the call: afterwards a local read is linearizable.
+    pub async fn linearizable_barrier(&self) -> Result<(), Error> {
+        let deadline = Instant::now() + self.leader_wait;
+        loop {
+            let attempt = async {
+                let index = match self.read_index().await {
+                    Ok(i) => i,
+                    Err(Error::NotLeader { leader: Some(l) }) if l != self.id => {
+                        let member = self.leader_member(l).ok_or(Error::NotLeader { leader: Some(l) })?;
+                        let res: Result<Result<Option<u64>, Error>, _> = self
+                            .peers
+                            .call(l, &member.peer_addr, "/cluster/read-index", &(), self.remaining(deadline))
+                            .await;
+                        res.map_err(|_| Error::NotLeader { leader: Some(l) })??
+                    }
+                    Err(e) => return Err(e),
+                };
+                if let Some(index) = index {
+                    self.raft
+                        .wait(Some(self.remaining(deadline)))
+                        .applied_index_at_least(Some(index), "linearizable read")
+                        .await
+                        .map_err(|e| Error::Stopped(e.to_string()))?;
+                }
+                Ok(())
+            };
+            match attempt.await {
+                Ok(()) => return Ok(()),
+                Err(e @ Error::Stopped(_)) => return Err(e),
+                Err(_) if Instant::now() + Duration::from_millis(50) < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(_) => {
+                    return Err(Error::NoLeader {
+                        waited_ms: self.leader_wait.as_millis() as u64,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Apply a membership change (leader only; callers forward to the leader).
+    pub async fn change_membership(&self, op: MembershipOp) -> Result<Status, Error> {
+        let to_err = |e: String| Error::Membership(e);
+        let not_leader = |e: &RaftError<NodeId, ClientWriteError<NodeId, Member>>| match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Some(Error::NotLeader {
+                leader: f.leader_id,
+            }),
+            _ => None,
+        };
+        match op {
+            MembershipOp::Add { node_id, member } => {
+                if let Err(e) = self.raft.add_learner(node_id, member, true).await {
+                    return Err(not_leader(&e).unwrap_or_else(|| to_err(e.to_string())));
+                }
+                let mut add = std::collections::BTreeSet::new();
+                add.insert(node_id);
+                if let Err(e) = self
+                    .raft
+                    .change_membership(ChangeMembers::AddVoterIds(add), false)
+                    .await
+                {
+                    return Err(not_leader(&e).unwrap_or_else(|| to_err(e.to_string())));
+                }
+            }
+            MembershipOp::Remove { node_id } => {
+                let mut rm = std::collections::BTreeSet::new();
+                rm.insert(node_id);
+                if let Err(e) = self
+                    .raft
+                    .change_membership(ChangeMembers::RemoveVoters(rm.clone()), false)
+                    .await
+                {
+                    return Err(not_leader(&e).unwrap_or_else(|| to_err(e.to_string())));
+                }
+                if let Err(e) = self
+                    .raft
+                    .change_membership(ChangeMembers::RemoveNodes(rm), false)
+                    .await
+                {
+                    return Err(not_leader(&e).unwrap_or_else(|| to_err(e.to_string())));
+                }
+            }
+        }
+        Ok(self.status().await)
+    }
+
+    /// Run a membership change on the leader, forwarding if this node is not it.
+    pub async fn change_membership_anywhere(&self, op: MembershipOp) -> Result<Status, Error> {
+        match self.change_membership(op.clone()).await {
+            Err(Error::NotLeader { leader: Some(l) }) if l != self.id => {
+                let member = self.leader_member(l).ok_or(Error::NotLeader { leader: Some(l) })?;
+                let res: Result<Result<Status, Error>, _> = self
+                    .peers
+                    .call(l, &member.peer_addr, "/cluster/membership", &op, Duration::from_secs(60))
+                    .await;
+                res.map_err(|_| Error::NoLeader {
+                    waited_ms: self.leader_wait.as_millis() as u64,
+                })?
+            }
+            other => other,
+        }
+    }
+
+    /// The output of an attempt that ran on `node` (read here, or asked of that node).
+    pub async fn attempt_log(&self, node: NodeId, run_id: &str, task_id: &str, attempt: u32) -> Result<Option<String>, super::network::PeerError> {
+        if node == self.id {
+            return Ok(self.local_attempt_log(run_id, task_id, attempt));
+        }
+        let member = self.leader_member(node).ok_or_else(|| super::network::PeerError::Unreachable {
+            target: node,
+            message: "not a member any more".into(),
+        })?;
+        let req = LogRequest { run_id: run_id.into(), task_id: task_id.into(), attempt };
+        self.peers.call(node, &member.peer_addr, "/cluster/log", &req, Duration::from_secs(10)).await
+    }
+
+    /// Read an attempt's log from this node's disk.
+    pub fn local_attempt_log(&self, run_id: &str, task_id: &str, attempt: u32) -> Option<String> {
+        // Ids are validated ([A-Za-z0-9_.-]); still refuse anything path-like.
+        if [run_id, task_id].iter().any(|s| s.contains('/') || s.contains("..") || s.is_empty()) {
+            return None;
+        }
+        let path = crate::executor::log_path(&self.config.data_dir, run_id, task_id, attempt);
+        std::fs::read(path).ok().map(|b| String::from_utf8_lossy(&b).into_owned())
+    }
+
+    /// This node's view of itself and the cluster.
+    pub async fn status(&self) -> Status {
+        let m = self.raft.metrics().borrow().clone();
+        let initialized = self.raft.is_initialized().await.unwrap_or(false);
+        let membership = m.membership_config.membership();
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let learners: Vec<NodeId> = membership.learner_ids().collect();
+        let members: BTreeMap<NodeId, Member> = membership
+            .nodes()
+            .map(|(id, n)| (*id, n.clone()))
+            .collect();
+        let last_log = m.last_log_index;
+        let replication_lag = m
+            .replication
+            .as_ref()
+            .map(|r| {
+                r.iter()
+                    .map(|(id, matched)| {
+                        let lag = match (last_log, matched) {
+                            (Some(l), Some(mi)) => Some(l.saturating_sub(mi.index)),
+                            (Some(l), None) => Some(l),
+                            _ => None,
+                        };
+                        (*id, lag)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Status {
+            node_id: self.id,
+            initialized,
+            state: match m.state {
+                ServerState::Leader => "leader",
+                ServerState::Follower => "follower",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Shutdown => "shutdown",
+            }
+            .to_string(),
+            leader: m.current_leader,
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            committed_index: self.committed_index(),
+            applied_index: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+            voters,
+            learners,
+            members,
+            replication_lag,
+            log_size_bytes: self.db.log_size_bytes(),
+            millis_since_quorum_ack: m.millis_since_quorum_ack,
+        }
+    }
+
+    fn committed_index(&self) -> Option<u64> {
+        self.db
+            .get_json::<Option<super::types::LogId>>(super::db::CF_RAFT_META, b"committed")
+            .ok()
+            .flatten()
+            .flatten()
+            .map(|l| l.index)
+    }
+
+    /// True when this node is the leader and has applied an entry of its own term: the
+    /// gate for leader-only work (scheduling, supervision).
+    pub fn is_serving_leader(m: &super::types::RaftMetrics) -> bool {
+        m.state == ServerState::Leader
+            && m.current_leader == Some(m.id)
+            && m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term)
+    }
+}

@@ -1,0 +1,134 @@
+//! The peer listener: Raft RPCs (`/raft/*`) and node-to-node calls (`/cluster/*`:
+//! forwarded writes, read index, membership, status). Served on the peer address only;
+//! every request must carry the cluster secret and this node's id, and a malformed body
+//! is answered with an error, never a crash.
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tracing::warn;
+
+use super::network::{HEADER_SECRET, HEADER_TARGET};
+use super::node::{LogRequest, MembershipOp, RaftNode};
+use crate::state::Batch;
+
+#[derive(Clone)]
+struct PeerState {
+    node: RaftNode,
+    secret: std::sync::Arc<str>,
+}
+
+/// The peer router for `node`, accepting only calls that carry `secret`.
+pub fn router(node: RaftNode, secret: &str) -> Router {
+    let state = PeerState {
+        node,
+        secret: secret.into(),
+    };
+    Router::new()
+        .route("/raft/append", post(append))
+        .route("/raft/vote", post(vote))
+        .route("/raft/snapshot", post(snapshot))
+        .route("/cluster/propose", post(propose))
+        .route("/cluster/read-index", post(read_index))
+        .route("/cluster/membership", post(membership))
+        .route("/cluster/status", post(status))
+        .route("/cluster/log", post(attempt_log))
+        .layer(DefaultBodyLimit::max(256 << 20))
+        .with_state(state)
+}
+
+fn reject(status: StatusCode, message: String) -> Response {
+    (status, Json(serde_json::json!({"error": "peer_rejected", "message": message}))).into_response()
+}
+
+/// Check the secret and target id, then decode the body.
+fn admit<T: DeserializeOwned>(st: &PeerState, headers: &HeaderMap, body: &Bytes) -> Result<T, Response> {
+    let secret = headers.get(HEADER_SECRET).and_then(|v| v.to_str().ok());
+    // Constant-time comparison: the secret must not leak through timing.
+    let ok = secret.is_some_and(|s| {
+        s.len() == st.secret.len()
+            && s.bytes().zip(st.secret.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    });
+    if !ok {
+        warn!(node = st.node.id, "peer call with a missing or wrong cluster secret");
+        return Err(reject(StatusCode::UNAUTHORIZED, "wrong or missing cluster secret".into()));
+    }
+    let target = headers
+        .get(HEADER_TARGET)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if target != Some(st.node.id) {
+        warn!(node = st.node.id, ?target, "peer call addressed to another node");
+        return Err(reject(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!("this is node {}, not {:?}", st.node.id, target),
+        ));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| reject(StatusCode::BAD_REQUEST, format!("malformed peer request: {e}")))
+}
+
+fn reply<T: Serialize>(v: T) -> Response {
+    Json(v).into_response()
+}
+
+async fn append(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
+    match admit(&st, &headers, &body) {
+        Ok(req) => reply(st.node.raft.append_entries(req).await),
+        Err(r) => r,
+    }
+}
+
+async fn vote(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
+    match admit(&st, &headers, &body) {
+        Ok(req) => reply(st.node.raft.vote(req).await),
+        Err(r) => r,
+    }
+}
+
+async fn snapshot(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
+    match admit(&st, &headers, &body) {
+        Ok(req) => reply(st.node.raft.install_snapshot(req).await),
+        Err(r) => r,
+    }
+}
+
+async fn propose(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
+    match admit::<Batch>(&st, &headers, &body) {
+        Ok(batch) => reply(st.node.propose(batch, true).await),
+        Err(r) => r,
+    }
+}
+
+async fn read_index(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
+    match admit::<()>(&st, &headers, &body) {
+        Ok(()) => reply(st.node.read_index().await),
+        Err(r) => r,
+    }
+}
+
+async fn membership(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
+    match admit::<MembershipOp>(&st, &headers, &body) {
+        Ok(op) => reply(st.node.change_membership(op).await),
+        Err(r) => r,
+    }
+}
+
+async fn status(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
+    match admit::<()>(&st, &headers, &body) {
+        Ok(()) => reply(st.node.status().await),
+        Err(r) => r,
+    }
+}
+
+async fn attempt_log(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
+    match admit::<LogRequest>(&st, &headers, &body) {
+        Ok(r) => reply(st.node.local_attempt_log(&r.run_id, &r.task_id, r.attempt)),
+        Err(r) => r,
+    }
+}

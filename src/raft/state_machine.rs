@@ -1,0 +1,377 @@
+//! openraft's state machine over RocksDB. `apply` runs [`crate::state::apply_request`]
+//! for every request of every entry through an overlay with read-your-writes, then writes
+//! the changed keys, `last_applied` and the membership in one atomic batch.
+//! Snapshots are built from a RocksDB point-in-time view while apply continues;
+//! installing one replaces every replicated table.
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
+use rocksdb::{IteratorMode, WriteBatch};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::db::{Db, DbError, CF_SM_META, CF_SNAPSHOT};
+use super::types::{
+    Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership,
+    TypeConfig,
+};
+use crate::state::{apply_request, BatchResponse, Kv, KvError, Table};
+
+const KEY_LAST_APPLIED: &[u8] = b"last_applied";
+const KEY_MEMBERSHIP: &[u8] = b"membership";
+const KEY_SNAPSHOT_META: &[u8] = b"meta";
+const KEY_SNAPSHOT_DATA: &[u8] = b"data";
+const SNAPSHOT_MAGIC: &[u8] = b"ORCSNAP1";
+
+fn sm_read_err(e: impl std::error::Error + Send + Sync + 'static) -> StorageError {
+    StorageIOError::read_state_machine(&e).into()
+}
+
+fn sm_write_err(e: impl std::error::Error + Send + Sync + 'static) -> StorageError {
+    StorageIOError::write_state_machine(&e).into()
+}
+
+fn snap_err(e: impl std::error::Error + Send + Sync + 'static) -> StorageError {
+    StorageIOError::write_snapshot(None, &e).into()
+}
+
+fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_else(|e| panic!("state-machine metadata serialises: {e}"))
+}
+
+/// Pending writes of one `apply` call over the database: reads see them first.
+struct Overlay<'a> {
+    db: &'a Db,
+    writes: BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>,
+}
+
+impl Kv for Overlay<'_> {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        if let Some(v) = self.writes.get(&(table, key.to_vec())) {
+            return Ok(v.clone());
+        }
+        Ok(self.db.get(table.name(), key)?)
+    }
+    fn put(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>) {
+        self.writes.insert((table, key), Some(value));
+    }
+    fn delete(&mut self, table: Table, key: Vec<u8>) {
+        self.writes.insert((table, key), None);
+    }
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = self
+            .db
+            .scan_prefix(table, prefix, None, usize::MAX)?
+            .into_iter()
+            .collect();
+        let start = (table, prefix.to_vec());
+        for ((t, k), v) in self.writes.range(start..) {
+            if *t != table || !k.starts_with(prefix) {
+                break;
+            }
+            match v {
+                Some(v) => merged.insert(k.clone(), v.clone()),
+                None => merged.remove(k),
+            };
+        }
+        Ok(merged.into_iter().collect())
+    }
+}
+
+/// The stored snapshot: its metadata (JSON) and its data (our binary format).
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshotMeta {
+    meta: SnapshotMeta,
+}
+
+/// openraft's state machine handle. Cheap to clone: all state is in RocksDB.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    db: Db,
+    snapshot_seq: Arc<AtomicU64>,
+    applied_tx: Arc<watch::Sender<u64>>,
+}
+
+impl StateMachineStore {
+    pub fn new(db: Db) -> Self {
+        let (tx, _) = watch::channel(0);
+        StateMachineStore {
+            db,
+            snapshot_seq: Arc::new(AtomicU64::new(0)),
+            applied_tx: Arc::new(tx),
+        }
+    }
+
+    /// Fires with the last applied index after every apply (for actors that react to
+    /// state changes).
+    pub fn subscribe_applied(&self) -> watch::Receiver<u64> {
+        self.applied_tx.subscribe()
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Db) -> Result<T, StorageError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| sm_read_err(std::io::Error::other(e.to_string())))?
+    }
+
+    fn read_applied(db: &Db) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let last: Option<LogId> = db
+            .get_json(CF_SM_META, KEY_LAST_APPLIED)
+            .map_err(sm_read_err)?;
+        let membership: Option<StoredMembership> = db
+            .get_json(CF_SM_META, KEY_MEMBERSHIP)
+            .map_err(sm_read_err)?;
+        Ok((last, membership.unwrap_or_default()))
+    }
+
+    fn apply_entries(db: &Db, entries: Vec<Entry>) -> Result<Vec<BatchResponse>, StorageError> {
+        let mut overlay = Overlay {
+            db,
+            writes: BTreeMap::new(),
+        };
+        let mut responses = Vec::with_capacity(entries.len());
+        let mut last: Option<LogId> = None;
+        let mut membership: Option<StoredMembership> = None;
+        for entry in entries {
+            last = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => responses.push(BatchResponse::default()),
+                EntryPayload::Normal(batch) => {
+                    let mut out = Vec::with_capacity(batch.requests.len());
+                    for req in &batch.requests {
+                        let r = apply_request(&mut overlay, req, entry.log_id.leader_id.term).map_err(|e| {
+                            StorageError::from(StorageIOError::apply(entry.log_id, &e))
+                        })?;
+                        out.push(r);
+                    }
+                    responses.push(BatchResponse { responses: out });
+                }
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(entry.log_id), m));
+                    responses.push(BatchResponse::default());
+                }
+            }
+        }
+        let mut batch = WriteBatch::default();
+        for ((table, key), value) in overlay.writes {
+            let cf = db.cf(table.name()).map_err(sm_write_err)?;
+            match value {
+                Some(v) => batch.put_cf(cf, key, v),
+                None => batch.delete_cf(cf, key),
+            }
+        }
+        let meta = db.cf(CF_SM_META).map_err(sm_write_err)?;
+        if let Some(last) = last {
+            batch.put_cf(meta, KEY_LAST_APPLIED, to_json(&last));
+        }
+        if let Some(m) = membership {
+            batch.put_cf(meta, KEY_MEMBERSHIP, to_json(&m));
+        }
+        // Not synced: if lost in a crash, last_applied is lost with it and openraft
+        // re-applies from the (synced) log. Snapshots sync the WAL before they are taken.
+        db.write(batch, false).map_err(sm_write_err)?;
+        Ok(responses)
+    }
+
+    /// Serialise every replicated table from one point-in-time view.
+    fn build_snapshot_blob(db: &Db) -> Result<(Option<LogId>, StoredMembership, Vec<u8>), StorageError> {
+        // Everything this snapshot covers must survive a crash: the log behind it may be
+        // purged as soon as it exists.
+        db.raw().flush_wal(true).map_err(snap_err)?;
+        let snap = db.raw().snapshot();
+        let meta_cf = db.cf(CF_SM_META).map_err(snap_err)?;
+        let read_meta = |key: &[u8]| -> Result<Option<Vec<u8>>, StorageError> {
+            snap.get_cf(meta_cf, key).map_err(snap_err)
+        };
+        let last: Option<LogId> = match read_meta(KEY_LAST_APPLIED)? {
+            Some(b) => serde_json::from_slice(&b).map_err(snap_err)?,
+            None => None,
+        };
+        let membership: StoredMembership = match read_meta(KEY_MEMBERSHIP)? {
+            Some(b) => serde_json::from_slice(&b).map_err(snap_err)?,
+            None => StoredMembership::default(),
+        };
+        let mut blob = SNAPSHOT_MAGIC.to_vec();
+        for table in Table::ALL {
+            let cf = db.cf(table.name()).map_err(snap_err)?;
+            for item in snap.iterator_cf(cf, IteratorMode::Start) {
+                let (k, v) = item.map_err(snap_err)?;
+                blob.push(table.index());
+                blob.extend_from_slice(&(k.len() as u32).to_be_bytes());
+                blob.extend_from_slice(&k);
+                blob.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                blob.extend_from_slice(&v);
+            }
+        }
+        Ok((last, membership, blob))
+    }
+
+    fn store_snapshot(db: &Db, meta: &SnapshotMeta, data: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
+        let cf = db.cf(CF_SNAPSHOT).map_err(snap_err)?;
+        batch.put_cf(
+            cf,
+            KEY_SNAPSHOT_META,
+            to_json(&StoredSnapshotMeta { meta: meta.clone() }),
+        );
+        batch.put_cf(cf, KEY_SNAPSHOT_DATA, data);
+        Ok(())
+    }
+}
+
+/// Parse a snapshot blob into `(table, key, value)` records, rejecting anything malformed.
+pub fn parse_snapshot(data: &[u8]) -> Result<Vec<(Table, Vec<u8>, Vec<u8>)>, String> {
+    let rest = data
+        .strip_prefix(SNAPSHOT_MAGIC)
+        .ok_or("snapshot does not start with the expected magic bytes")?;
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    let take = |pos: &mut usize, n: usize| -> Result<&[u8], String> {
+        let end = pos.checked_add(n).filter(|e| *e <= rest.len()).ok_or_else(|| {
+            format!("snapshot truncated at byte {pos}")
+        })?;
+        let s = &rest[*pos..end];
+        *pos = end;
+        Ok(s)
+    };
+    let take_len = |pos: &mut usize| -> Result<usize, String> {
+        let b = take(pos, 4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    while pos < rest.len() {
+        let t = take(&mut pos, 1)?[0];
+        let table = Table::from_index(t).ok_or_else(|| format!("unknown table index {t}"))?;
+        let klen = take_len(&mut pos)?;
+        let key = take(&mut pos, klen)?.to_vec();
+        let vlen = take_len(&mut pos)?;
+        let value = take(&mut pos, vlen)?.to_vec();
+        out.push((table, key, value));
+    }
+    Ok(out)
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        self.blocking(|db| Self::read_applied(db)).await
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<BatchResponse>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let last = entries.last().map(|e| e.log_id.index);
+        let out = self
+            .blocking(move |db| Self::apply_entries(db, entries))
+            .await?;
+        if let Some(idx) = last {
+            self.applied_tx.send_replace(idx);
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let meta = meta.clone();
+        let data = snapshot.into_inner();
+        let idx = meta.last_log_id.map(|l| l.index);
+        self.blocking(move |db| {
+            let records = parse_snapshot(&data).map_err(|e| {
+                StorageError::from(StorageIOError::read_snapshot(
+                    Some(meta.signature()),
+                    &std::io::Error::other(e),
+                ))
+            })?;
+            let mut batch = WriteBatch::default();
+            // Replace the whole state machine: delete what the snapshot lacks.
+            for table in Table::ALL {
+                let cf = db.cf(table.name()).map_err(snap_err)?;
+                for item in db.raw().iterator_cf(cf, IteratorMode::Start) {
+                    let (k, _) = item.map_err(snap_err)?;
+                    batch.delete_cf(cf, k);
+                }
+            }
+            for (table, k, v) in records {
+                batch.put_cf(db.cf(table.name()).map_err(snap_err)?, k, v);
+            }
+            let meta_cf = db.cf(CF_SM_META).map_err(snap_err)?;
+            batch.put_cf(meta_cf, KEY_LAST_APPLIED, to_json(&meta.last_log_id));
+            batch.put_cf(meta_cf, KEY_MEMBERSHIP, to_json(&meta.last_membership));
+            Self::store_snapshot(db, &meta, &data, &mut batch)?;
+            db.write(batch, true).map_err(snap_err)
+        })
+        .await?;
+        if let Some(idx) = idx {
+            self.applied_tx.send_replace(idx);
+        }
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        self.blocking(|db| {
+            let meta: Option<StoredSnapshotMeta> = db
+                .get_json(CF_SNAPSHOT, KEY_SNAPSHOT_META)
+                .map_err(|e: DbError| snap_err(e))?;
+            let Some(meta) = meta else { return Ok(None) };
+            let data = db
+                .get(CF_SNAPSHOT, KEY_SNAPSHOT_DATA)
+                .map_err(snap_err)?
+                .unwrap_or_default();
+            Ok(Some(Snapshot {
+                meta: meta.meta,
+                snapshot: Box::new(Cursor::new(data)),
+            }))
+        })
+        .await
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        self.blocking(move |db| {
+            let (last, membership, blob) = Self::build_snapshot_blob(db)?;
+            let snapshot_id = match last {
+                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, seq),
+                None => format!("none-{seq}"),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: last,
+                last_membership: membership,
+                snapshot_id,
+            };
+            let mut batch = WriteBatch::default();
+            Self::store_snapshot(db, &meta, &blob, &mut batch)?;
+            db.write(batch, true).map_err(snap_err)?;
+            Ok(Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(blob)),
+            })
+        })
+        .await
+    }
+}
+

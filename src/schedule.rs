@@ -1,0 +1,279 @@
+//! Cron schedules: normalising what users write (standard 5-field cron, an optional
+//! 6-field form with seconds, `@daily`-style macros) into the `cron` crate's form, and
+//! computing fire times in a DAG's IANA timezone.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, TimeZone, Utc};
+use chrono_tz::Tz;
+
+/// A schedule that parsed, ready to compute fire times.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    inner: cron::Schedule,
+    tz: Tz,
+}
+
+const DOW_NAMES: [&str; 8] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT", "SUN"];
+
+/// Standard cron numbers days of week 0-7 (0 and 7 are Sunday); the `cron` crate numbers
+/// them 1-7 from Sunday. Names mean the same to both, so numbers become names.
+fn normalise_dow(field: &str) -> Result<String, String> {
+    let map_token = |t: &str| -> Result<String, String> {
+        if t == "*" || t == "?" || t.chars().all(|c| c.is_ascii_alphabetic()) {
+            return Ok(t.to_string());
+        }
+        let n: usize = t
+            .parse()
+            .map_err(|_| format!("day-of-week '{t}' is not 0-7 or a day name"))?;
+        DOW_NAMES
+            .get(n)
+            .map(|s| s.to_string())
+            .ok_or_else(|| format!("day-of-week {n} is out of range 0-7"))
+    };
+    let mut out = Vec::new();
+    for item in field.split(',') {
+        let (range, step) = match item.split_once('/') {
+            Some((r, s)) => (r, Some(s)),
+            None => (item, None),
+        };
+        let mapped = match range.split_once('-') {
+            Some((a, b)) => format!("{}-{}", map_token(a)?, map_token(b)?),
+            None => map_token(range)?,
+        };
+        out.push(match step {
+            Some(s) => format!("{mapped}/{s}"),
+            None => mapped,
+        });
+    }
+    Ok(out.join(","))
+}
+
+/// Turn a user's schedule into the `cron` crate's 6-field (seconds-first) form.
+pub fn normalise(expr: &str) -> Result<String, String> {
+    let expr = expr.trim();
+    let macro_form = match expr.to_ascii_lowercase().as_str() {
+        "@yearly" | "@annually" => Some("0 0 1 1 *"),
+        "@monthly" => Some("0 0 1 * *"),
+        "@weekly" => Some("0 0 * * 0"),
+        "@daily" | "@midnight" => Some("0 0 * * *"),
+        "@hourly" => Some("0 * * * *"),
+        m if m.starts_with('@') => {
+            return Err(format!(
+                "unknown schedule macro '{expr}': use @yearly, @monthly, @weekly, @daily or @hourly"
+            ))
+        }
+        _ => None,
+    };
+    let expr = macro_form.unwrap_or(expr);
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    let (seconds, rest) = match fields.len() {
+        5 => ("0", &fields[..]),
+        6 => (fields[0], &fields[1..]),
+        n => {
+            return Err(format!(
+                "schedule '{expr}' has {n} fields, expected 5 (minute hour day month weekday) \
+                 or 6 (with seconds first)"
+            ))
+        }
+    };
+    let dow = normalise_dow(rest[4])?;
+    Ok(format!(
+        "{seconds} {} {} {} {} {dow}",
+        rest[0], rest[1], rest[2], rest[3]
+    ))
+}
+
+/// Parse an IANA timezone name.
+pub fn parse_timezone(name: &str) -> Result<Tz, String> {
+    Tz::from_str(name).map_err(|_| format!("unknown IANA timezone '{name}' (e.g. UTC, Europe/Paris)"))
+}
+
+impl Schedule {
+    pub fn parse(expr: &str, timezone: &str) -> Result<Schedule, String> {
+        let norm = normalise(expr)?;
+        let inner = cron::Schedule::from_str(&norm)
+            .map_err(|e| format!("schedule '{expr}' is not a valid cron expression: {e}"))?;
+        Ok(Schedule {
+            inner,
+            tz: parse_timezone(timezone)?,
+        })
+    }
+
+    /// The first fire time strictly after `after_ms`.
+    pub fn next_after(&self, after_ms: i64) -> Option<i64> {
+        let after = self.tz.from_utc_datetime(&DateTime::<Utc>::from_timestamp_millis(after_ms)?.naive_utc());
+        self.inner
+            .after(&after)
+            .next()
+            .map(|t| t.with_timezone(&Utc).timestamp_millis())
+    }
+
+    /// Up to `n` fire times strictly after `after_ms`.
+    pub fn upcoming(&self, after_ms: i64, n: usize) -> Vec<i64> {
+        let mut out = Vec::with_capacity(n);
+        let mut t = after_ms;
+        while out.len() < n {
+            match self.next_after(t) {
+                Some(next) => {
+                    out.push(next);
+                    t = next;
+                }
+                None => break,
+            }
+        }
+        out
+    }
+}
+
+/// What decides which windows are due.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Fire every missed window (oldest first) instead of only recent ones.
+    pub catchup: bool,
+    /// Without catchup, windows whose end is older than this are skipped (the latest
+    /// due window always fires). Covers elections and short outages.
+    pub grace_ms: i64,
+    /// With catchup, at most this many of the newest missed windows fire.
+    pub max_catchup: usize,
+}
+
+/// The windows `[start, end)` due at `now`, oldest first, for a DAG whose last fired
+/// window ended at `cursor` (None: never fired; the first window starts at the first
+/// fire time at or after `anchor`). Windows ending after `end_date` never fire.
+pub fn due_windows(
+    s: &Schedule,
+    cursor: Option<i64>,
+    anchor: i64,
+    end_date: Option<i64>,
+    now: i64,
+    policy: Policy,
+) -> Vec<crate::state::model::Window> {
+    use crate::state::model::Window;
+    let Some(mut start) = cursor.or_else(|| s.next_after(anchor - 1)) else {
+        return Vec::new();
+    };
+    let mut due = Vec::new();
+    // Bound the walk: a per-second schedule paused for a year must not loop forever.
+    let cap = policy.max_catchup.max(1) * 4 + 64;
+    // Far behind (a per-second schedule paused for a month)? Jump close to `now`: the
+    // windows jumped over are beyond what either policy fires.
+    if let Some(first_end) = s.next_after(start) {
+        let interval = (first_end - start).max(1);
+        let lookback = interval.saturating_mul(cap as i64);
+        if now.saturating_sub(start) > lookback.saturating_mul(2) {
+            if let Some(j) = s.next_after(now - lookback) {
+                start = j;
+            }
+        }
+    }
+    while let Some(end) = s.next_after(start) {
+        if end > now || end_date.is_some_and(|e| end > e) {
+            break;
+        }
+        due.push(Window { start_ms: start, end_ms: end });
+        if due.len() > cap {
+            due.remove(0);
+        }
+        start = end;
+    }
+    if policy.catchup {
+        let n = due.len().saturating_sub(policy.max_catchup);
+        due.drain(..n);
+    } else if let Some(last) = due.last().copied() {
+        due.retain(|w| w.end_ms >= now - policy.grace_ms);
+        if due.is_empty() {
+            due.push(last);
+        }
+    }
+    due
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn five_fields_and_macros_normalise() {
+        assert_eq!(normalise("0 2 * * *").unwrap(), "0 0 2 * * *");
+        assert_eq!(normalise("@daily").unwrap(), "0 0 0 * * *");
+        assert_eq!(normalise("*/2 * * * * *").unwrap(), "*/2 * * * * *");
+        assert_eq!(normalise("0 9 * * 1-5").unwrap(), "0 0 9 * * MON-FRI");
+        assert_eq!(normalise("0 9 * * 0,7").unwrap(), "0 0 9 * * SUN,SUN");
+        let e = normalise("0 2 * *").unwrap_err();
+        assert!(e.contains("has 4 fields, expected 5"), "{e}");
+        assert!(normalise("0 9 * * 8").is_err());
+        assert!(normalise("@sometimes").is_err());
+    }
+
+    #[test]
+    fn fire_times_follow_the_timezone() {
+        let s = Schedule::parse("0 2 * * *", "Europe/Paris").unwrap();
+        // 2025-10-01T00:00Z is 02:00 in Paris (CEST, UTC+2): the next fire is a day later.
+        let t0 = DateTime::parse_from_rfc3339("2025-10-01T00:00:00Z").unwrap().timestamp_millis();
+        let next = s.next_after(t0).unwrap();
+        let expect = DateTime::parse_from_rfc3339("2025-10-02T00:00:00Z").unwrap().timestamp_millis();
+        assert_eq!(next, expect);
+        // Sunday: weekday 0 is Sunday in standard cron.
+        let s = Schedule::parse("0 0 * * 0", "UTC").unwrap();
+        let n = s.next_after(t0).unwrap();
+        let dt = DateTime::<Utc>::from_timestamp_millis(n).unwrap();
+        assert_eq!(dt.format("%a").to_string(), "Sun");
+    }
+
+    #[test]
+    fn bad_timezone_is_named() {
+        assert!(Schedule::parse("@daily", "Mars/Olympus").unwrap_err().contains("Mars/Olympus"));
+    }
+
+    fn policy(catchup: bool) -> Policy {
+        Policy { catchup, grace_ms: 5_000, max_catchup: 3 }
+    }
+
+    #[test]
+    fn windows_follow_the_cursor_without_gaps_or_repeats() {
+        let s = Schedule::parse("*/2 * * * * *", "UTC").unwrap();
+        // Never fired, anchored at 1000: first fire 2000, first window [2000, 4000).
+        let w = due_windows(&s, None, 1000, None, 4500, policy(true));
+        assert_eq!(w.len(), 1);
+        assert_eq!((w[0].start_ms, w[0].end_ms), (2000, 4000));
+        // Cursor at 4000, now 9000: [4000,6000) and [6000,8000) are due.
+        let w = due_windows(&s, Some(4000), 0, None, 9000, policy(false));
+        assert_eq!(w.iter().map(|w| w.start_ms).collect::<Vec<_>>(), vec![4000, 6000]);
+        // Nothing due before the next fire time.
+        assert!(due_windows(&s, Some(8000), 0, None, 9999, policy(false)).is_empty());
+    }
+
+    #[test]
+    fn catchup_policy_bounds_what_fires_after_an_outage() {
+        let s = Schedule::parse("*/2 * * * * *", "UTC").unwrap();
+        // Out for 100 s: without catchup, windows within the 5 s grace fire.
+        let w = due_windows(&s, Some(0), 0, None, 100_000, policy(false));
+        assert_eq!(w.iter().map(|w| w.end_ms).collect::<Vec<_>>(), vec![96_000, 98_000, 100_000]);
+        // With catchup, the newest max_catchup (3) windows fire, oldest first.
+        let w = due_windows(&s, Some(0), 0, None, 100_000, policy(true));
+        assert_eq!(w.iter().map(|w| w.end_ms).collect::<Vec<_>>(), vec![96_000, 98_000, 100_000]);
+        // A long-missed latest window still fires without catchup.
+        let daily = Schedule::parse("@daily", "UTC").unwrap();
+        let day = 86_400_000;
+        let w = due_windows(&daily, Some(0), 0, None, 10 * day + 3_600_000, policy(false));
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].end_ms, 10 * day);
+        // end_date stops firing.
+        assert!(due_windows(&s, Some(0), 0, Some(1000), 100_000, policy(true)).is_empty());
+    }
+
+    #[test]
+    fn dst_days_have_the_right_length() {
+        // Europe/Paris springs forward on 2025-03-30: that day is 23 hours long.
+        let s = Schedule::parse("0 0 * * *", "Europe/Paris").unwrap();
+        let start = DateTime::parse_from_rfc3339("2025-03-29T23:00:00Z").unwrap().timestamp_millis();
+        let end = s.next_after(start).unwrap();
+        assert_eq!(end - start, 23 * 3_600_000);
+        // Leap day exists in 2024 for a monthly-on-29th schedule.
+        let s = Schedule::parse("0 0 29 2 *", "UTC").unwrap();
+        let t = DateTime::parse_from_rfc3339("2023-03-01T00:00:00Z").unwrap().timestamp_millis();
+        let next = DateTime::<Utc>::from_timestamp_millis(s.next_after(t).unwrap()).unwrap();
+        assert_eq!(next.format("%Y-%m-%d").to_string(), "2024-02-29");
+    }
+}

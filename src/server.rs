@@ -1,0 +1,169 @@
+//! Running one node: open the database, start Raft and the actors, serve the public API
+//! and the peer listener, form the cluster if this node bootstraps it, and on shutdown
+//! stop accepting, finish in-flight requests, stop the actors, shut Raft down and flush.
+
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::actors::{ActorSystem, Leadership};
+use crate::api::{self, ApiState};
+use crate::auth::Verifier;
+use crate::config::{self, Config};
+use crate::raft::db::{Db, DbError};
+use crate::raft::{node, peer_server, RaftNode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    #[error("cannot create data dir {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the database in {path}: {source} (is another node using this data dir?)")]
+    Db {
+        path: std::path::PathBuf,
+        #[source]
+        source: DbError,
+    },
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Raft(#[from] node::Error),
+    #[error(transparent)]
+    Actors(#[from] crate::actors::system::StartError),
+}
+
+/// Run a node until `shutdown` completes.
+pub async fn run(mut config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let secret = config.resolve_cluster_secret()?;
+    let jwt_secret = config.resolve_hs256_secret()?;
+    let db_path = config.data_dir.join("db");
+    let db = Db::open(&db_path).map_err(|source| Error::Db {
+        path: db_path.clone(),
+        source,
+    })?;
+    let api_listener = TcpListener::bind(&config.api_addr)
+        .await
+        .map_err(|source| Error::Bind {
+            what: "api_addr",
+            addr: config.api_addr.clone(),
+            source,
+        })?;
+    let peer_listener = TcpListener::bind(&config.peer_addr)
+        .await
+        .map_err(|source| Error::Bind {
+            what: "peer_addr",
+            addr: config.peer_addr.clone(),
+            source,
+        })?;
+    let config = Arc::new(config);
+    let node = RaftNode::start(config.clone(), db.clone(), &secret).await?;
+    let actor_system = ActorSystem::start(node.clone(), config.clone())?;
+    let actors = actor_system.actors.clone();
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(watch_leadership(node.clone(), actors.clone(), stop_rx.clone()));
+    tokio::spawn({
+        let node = node.clone();
+        let stop = stop_rx.clone();
+        async move { node.bootstrap(stop).await }
+    });
+
+    let verifier = Verifier::hs256(
+        &jwt_secret,
+        config.auth.issuer.as_deref(),
+        config.auth.audience.as_deref(),
+    );
+    let api_router = api::router(ApiState {
+        node: node.clone(),
+        actors: actors.clone(),
+        verifier: Arc::new(verifier),
+    });
+    let peer_router = peer_server::router(node.clone(), &secret);
+
+    let wait_stop = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let api_server = tokio::spawn(
+        axum::serve(api_listener, api_router)
+            .with_graceful_shutdown(wait_stop(stop_rx.clone()))
+            .into_future(),
+    );
+    let peer_server = tokio::spawn(
+        axum::serve(peer_listener, peer_router)
+            .with_graceful_shutdown(wait_stop(stop_rx.clone()))
+            .into_future(),
+    );
+    println!(
+        "orchestrator node {} ready: API http://{} (peer {}), data in {}",
+        config.node_id,
+        config.api_addr,
+        config.peer_addr,
+        config.data_dir.display()
+    );
+    println!(
+        "get a dev token: orchestrator token --data-dir {} --tenant dev --scope \"orchestrator:read orchestrator:write orchestrator:admin\"",
+        config.data_dir.display()
+    );
+    info!(node = config.node_id, api = %config.api_addr, peer = %config.peer_addr, "node started");
+
+    shutdown.await;
+    info!(node = config.node_id, "shutting down: no new requests; finishing in-flight ones");
+    let _ = stop_tx.send(true);
+    // The API drains first; peers keep being answered until raft is shut down.
+    if let Ok(Err(e)) = api_server.await {
+        warn!(error = %e, "api server ended with an error");
+    }
+    actor_system.stop();
+    if let Err(e) = node.raft.shutdown().await {
+        warn!(error = %e, "raft shutdown reported an error");
+    }
+    if let Ok(Err(e)) = peer_server.await {
+        warn!(error = %e, "peer server ended with an error");
+    }
+    if let Err(e) = db.raw().flush_wal(true).and_then(|_| db.raw().flush()) {
+        warn!(error = %e, "final flush failed");
+    }
+    info!(node = config.node_id, "stopped");
+    Ok(())
+}
+
+/// Tell the leader-only actors when this node starts or stops being the serving leader.
+async fn watch_leadership(node: RaftNode, actors: crate::actors::Actors, stop: watch::Receiver<bool>) {
+    let mut metrics = node.raft.metrics();
+    let mut last = Leadership {
+        serving: false,
+        term: 0,
+    };
+    loop {
+        let m = metrics.borrow_and_update().clone();
+        let now = Leadership {
+            serving: RaftNode::is_serving_leader(&m),
+            term: m.current_term,
+        };
+        if now != last {
+            actors.scheduler.set_leadership(now);
+            actors.supervisor.set_leadership(now);
+            last = now;
+        }
+        if *stop.borrow() || metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Commands proposed through Raft and the outcomes applying them returns.
+//!
+//! A Raft log entry carries a [`Batch`] of [`Request`]s: the proposer puts every request
+//! that queued up while the previous entry was being committed into one entry, so one
+//! fsync serves many logical writes. Each request carries its own id (a retry after an
+//! unknown outcome reuses it and is answered from the record instead of applying twice)
+//! and the time its proposer stamped on it (the state machine never reads a clock).
+
+use serde::{Deserialize, Serialize};
+
+use super::model::{DagSpec, Millis, RunState, RunType, Window};
+use crate::raft::NodeId;
+
+/// The payload of one Raft log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Batch {
+    pub requests: Vec<Request>,
+}
+
+impl std::fmt::Display for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "batch of {} request(s)", self.requests.len())
+    }
+}
+
+/// One logical write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Unique per logical write; a retry of the same write reuses it.
+    pub request_id: String,
+    /// Wall-clock time at the proposer, the only clock the state machine sees.
+    pub proposed_at_ms: Millis,
+    /// The client's `X-Request-Id`, if it sent one.
+    pub idempotency: Option<IdempotencyKey>,
+    pub command: Command,
+}
+
+/// A client idempotency key and a fingerprint of the request it was first used with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyKey {
+    pub tenant: String,
+    pub key: String,
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    /// Create or update a DAG. `expected_version` (0 = must not exist) guards updates.
+    PutDag {
+        tenant: String,
+        spec: DagSpec,
+        expected_version: Option<u64>,
+    },
+    /// Create a run for `(tenant, dag_id, window)` unless one exists.
+    TriggerRun {
+        tenant: String,
+        dag_id: String,
+        run_type: RunType,
+        window: Window,
+    },
+    /// Pause or unpause a DAG's schedule.
+    SetPaused {
+        tenant: String,
+        dag_id: String,
+        paused: bool,
+    },
+    /// Stop scheduling a DAG and hide it; its runs stay readable.
+    DeleteDag { tenant: String, dag_id: String },
+    /// Cancel a run: unfinished tasks become `cancelled`, running attempts are killed.
+    CancelRun { tenant: String, run_id: String },
+    /// Re-run the failed and upstream-failed tasks of a finished run as new attempts.
+    RetryRun { tenant: String, run_id: String },
+    /// The scheduler fires a window. Applied only if `term` is the term of the entry
+    /// carrying it (a deposed leader's stale proposal is rejected); deduplicated by
+    /// `(tenant, dag_id, window)`; advances the DAG's replicated schedule cursor.
+    FireWindow {
+        tenant: String,
+        dag_id: String,
+        window: Window,
+        term: u64,
+    },
+    /// An executor node is alive: its slot count, and the attempts it is running (their
+    /// leases are extended by `lease_ms`).
+    Heartbeat {
+        node: NodeId,
+        incarnation: String,
+        slots: u32,
+        running: Vec<AttemptRef>,
+        lease_ms: u64,
+    },
+    /// An attempt ended. Fenced: only the current attempt of a running task counts.
+    FinishAttempt {
+        attempt: AttemptRef,
+        node: NodeId,
+        result: AttemptResult,
+    },
+    /// The leader's periodic pass (term-fenced): expire leases, due retries, SLA misses,
+    /// start queued runs, assign ready tasks to live nodes.
+    Supervise { term: u64 },
+    /// Webhook notifications delivered (or given up on): forget them.
+    AckNotifications { keys: Vec<String> },
+    /// Drop finished runs that ended before `before_ms`, and idempotency and request
+    /// records older than `records_before_ms`.
+    Purge {
+        term: u64,
+        before_ms: Millis,
+        records_before_ms: Millis,
+    },
+}
+
+/// Identifies one attempt of one task: the fencing token.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AttemptRef {
+    pub run_id: String,
+    pub task_id: String,
+    pub attempt: u32,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum AttemptResult {
+    Success { exit_code: Option<i32> },
+    Failed { exit_code: Option<i32>, error: String },
+    TimedOut { error: String },
+    /// The executing node lost it (restart, lease expiry).
+    Lost { error: String },
+}
+
+/// The result of applying one request. Business failures are values, not errors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    DagPut {
+        dag_id: String,
+        version: u64,
+        changed: bool,
+    },
+    RunTriggered {
+        run_id: String,
+        state: RunState,
+        existed: bool,
+    },
+    NotFound {
+        what: String,
+    },
+    VersionConflict {
+        expected: u64,
+        current: u64,
+    },
+    /// The idempotency key was first used with a different request.
+    IdempotencyKeyReused {
+        key: String,
+    },
+    DagPaused {
+        dag_id: String,
+        version: u64,
+        paused: bool,
+    },
+    DagDeleted {
+        dag_id: String,
+    },
+    RunCancelled {
+        run_id: String,
+        state: RunState,
+    },
+    RunRetried {
+        run_id: String,
+        tasks: u32,
+    },
+    /// The request is valid but the object is not in a state that allows it.
+    InvalidState {
+        message: String,
+    },
+    Fired {
+        run_id: String,
+        created: bool,
+    },
+    /// A leader-only command from a term that is not the entry's: ignored.
+    StaleTerm {
+        command_term: u64,
+        entry_term: u64,
+    },
+    AttemptFinished {
+        run_id: String,
+        task_id: String,
+        task_state: super::model::TaskState,
+    },
+    /// A result for an attempt that is not the current one: rejected (fencing).
+    StaleAttempt {
+        current: u32,
+    },
+    Done,
+    Supervised {
+        assigned: u32,
+        expired: u32,
+    },
+    Purged {
+        runs: u32,
+        records: u32,
+    },
+}
+
+/// What a request's proposer gets back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub outcome: Outcome,
+    /// True when this is the stored answer of an earlier identical request.
+    pub replayed: bool,
+}
+
+/// The answer to a [`Batch`], one response per request, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct BatchResponse {
+    pub responses: Vec<Response>,
+}

@@ -1,0 +1,1294 @@
+//! The deterministic core of the state machine: how a committed [`Request`] changes the
+//! replicated tables. It sees the tables only through [`Kv`], reads no clock, draws no
+//! random numbers and does no I/O of its own; `raft::state_machine` runs it over RocksDB.
+//!
+//! Every scheduling decision is made here, at a position in the log, from replicated
+//! facts only: which tasks are ready, which live node with free slots gets an attempt,
+//! when a lease has expired, when a retry is due, when an SLA is missed. Actors propose
+//! commands that say what happened (a window is due, an attempt ended, a node is alive,
+//! time has passed) and never decide on their own.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::command::{AttemptRef, AttemptResult, Command, IdempotencyKey, Outcome, Request, Response};
+use super::model::{
+    ActiveEntry, Attempt, Dag, DagSpec, Millis, NodeInfo, Notification, Run, RunState, RunType,
+    TaskInstance, TaskState, Window,
+};
+use super::progress;
+use crate::raft::NodeId;
+
+/// A node not heard from for this long gets no new attempts.
+pub const NODE_TTL_MS: Millis = 5_000;
+/// Attempts lost to node failure are retried this many times beyond `retries`.
+pub const MAX_LOST_RETRIES: u32 = 3;
+
+/// The replicated tables (one RocksDB column family each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Table {
+    /// `tenant \0 dag_id` → [`Dag`]
+    Dags,
+    /// `tenant \0 dag_id \0 version(be u64)` → [`DagSpec`]
+    DagVersions,
+    /// `run_id` → [`Run`]
+    Runs,
+    /// `tenant \0 dag_id \0 created \0 run_id` → empty (a DAG's runs in creation order)
+    RunsByDag,
+    /// `tenant \0 created \0 run_id` → empty (a tenant's runs in creation order)
+    RunsByTenant,
+    /// `tenant \0 dag_id \0 start \0 end` → run_id (one run per window)
+    Windows,
+    /// `tenant \0 dag_id \0 run_id` → [`ActiveEntry`] (runs not finished)
+    ActiveRuns,
+    /// `ended \0 run_id` → empty (finished runs by end time, for retention)
+    FinishedRuns,
+    /// `node(be u64) \0 run_id \0 task_id` → attempt (be u32): what each node must run
+    Assignments,
+    /// `node(be u64)` → [`NodeInfo`]
+    Nodes,
+    /// `tenant \0 dag_id` → last fired window end (be i64, ordered)
+    Cursors,
+    /// `run_id \0 event` → [`Notification`]
+    Notifications,
+    /// `tenant \0 key` → [`IdempotencyRecord`]
+    Idempotency,
+    /// `request_id` → [`RequestRecord`] (a retried write is answered, not re-applied)
+    Requests,
+    /// counter name → be u64
+    Counters,
+}
+
+impl Table {
+    pub const ALL: [Table; 15] = [
+        Table::Dags,
+        Table::DagVersions,
+        Table::Runs,
+        Table::RunsByDag,
+        Table::RunsByTenant,
+        Table::Windows,
+        Table::ActiveRuns,
+        Table::FinishedRuns,
+        Table::Assignments,
+        Table::Nodes,
+        Table::Cursors,
+        Table::Notifications,
+        Table::Idempotency,
+        Table::Requests,
+        Table::Counters,
+    ];
+
+    /// The column family name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Dags => "dags",
+            Table::DagVersions => "dag_versions",
+            Table::Runs => "runs",
+            Table::RunsByDag => "runs_by_dag",
+            Table::RunsByTenant => "runs_by_tenant",
+            Table::Windows => "windows",
+            Table::ActiveRuns => "active_runs",
+            Table::FinishedRuns => "finished_runs",
+            Table::Assignments => "assignments",
+            Table::Nodes => "nodes",
+            Table::Cursors => "cursors",
+            Table::Notifications => "notifications",
+            Table::Idempotency => "idempotency",
+            Table::Requests => "requests",
+            Table::Counters => "counters",
+        }
+    }
+
+    pub fn index(self) -> u8 {
+        Table::ALL
+            .iter()
+            .position(|t| *t == self)
+            .expect("every table is listed in Table::ALL") as u8
+    }
+
+    pub fn from_index(i: u8) -> Option<Table> {
+        Table::ALL.get(i as usize).copied()
+    }
+}
+
+/// Failure to read or decode replicated state: fatal for the node (openraft stops).
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("corrupt value in table {table:?}: {source}")]
+    Corrupt {
+        table: Table,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Key/value access to the replicated tables, with read-your-writes inside one apply.
+pub trait Kv {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, KvError>;
+    fn put(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>);
+    fn delete(&mut self, table: Table, key: Vec<u8>);
+    /// Every entry whose key starts with `prefix`, in key order, pending writes included.
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError>;
+}
+
+/// A stored answer to an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct IdempotencyRecord {
+    pub fingerprint: String,
+    pub outcome: Outcome,
+    pub created_ms: Millis,
+}
+
+/// A stored answer to a request id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RequestRecord {
+    pub outcome: Outcome,
+    pub created_ms: Millis,
+}
+
+/// Key builders, shared with the read side.
+pub mod keys {
+    use super::Window;
+    use crate::raft::NodeId;
+
+    pub fn join(parts: &[&[u8]]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 {
+                k.push(0);
+            }
+            k.extend_from_slice(p);
+        }
+        k
+    }
+
+    /// `parts` joined, with a trailing separator: the prefix of everything below them.
+    pub fn prefix(parts: &[&[u8]]) -> Vec<u8> {
+        let mut k = join(parts);
+        k.push(0);
+        k
+    }
+
+    pub fn dag(tenant: &str, dag_id: &str) -> Vec<u8> {
+        join(&[tenant.as_bytes(), dag_id.as_bytes()])
+    }
+
+    pub fn dag_version(tenant: &str, dag_id: &str, version: u64) -> Vec<u8> {
+        join(&[tenant.as_bytes(), dag_id.as_bytes(), &version.to_be_bytes()])
+    }
+
+    pub fn window(tenant: &str, dag_id: &str, w: &Window) -> Vec<u8> {
+        join(&[
+            tenant.as_bytes(),
+            dag_id.as_bytes(),
+            &ordered_i64(w.start_ms),
+            &ordered_i64(w.end_ms),
+        ])
+    }
+
+    pub fn run_by_dag(tenant: &str, dag_id: &str, created_ms: i64, run_id: &str) -> Vec<u8> {
+        join(&[tenant.as_bytes(), dag_id.as_bytes(), &ordered_i64(created_ms), run_id.as_bytes()])
+    }
+
+    pub fn run_by_tenant(tenant: &str, created_ms: i64, run_id: &str) -> Vec<u8> {
+        join(&[tenant.as_bytes(), &ordered_i64(created_ms), run_id.as_bytes()])
+    }
+
+    pub fn active(tenant: &str, dag_id: &str, run_id: &str) -> Vec<u8> {
+        join(&[tenant.as_bytes(), dag_id.as_bytes(), run_id.as_bytes()])
+    }
+
+    pub fn finished(ended_ms: i64, run_id: &str) -> Vec<u8> {
+        join(&[&ordered_i64(ended_ms), run_id.as_bytes()])
+    }
+
+    pub fn assignment(node: NodeId, run_id: &str, task_id: &str) -> Vec<u8> {
+        join(&[&node.to_be_bytes(), run_id.as_bytes(), task_id.as_bytes()])
+    }
+
+    pub fn node(node: NodeId) -> Vec<u8> {
+        node.to_be_bytes().to_vec()
+    }
+
+    pub fn notification(run_id: &str, event: &str) -> Vec<u8> {
+        join(&[run_id.as_bytes(), event.as_bytes()])
+    }
+
+    pub fn idempotency(tenant: &str, key: &str) -> Vec<u8> {
+        join(&[tenant.as_bytes(), key.as_bytes()])
+    }
+
+    /// Big-endian with the sign bit flipped, so byte order is numeric order.
+    pub fn ordered_i64(v: i64) -> [u8; 8] {
+        ((v as u64) ^ (1 << 63)).to_be_bytes()
+    }
+
+    pub fn from_ordered_i64(b: &[u8]) -> Option<i64> {
+        let arr: [u8; 8] = b.try_into().ok()?;
+        Some((u64::from_be_bytes(arr) ^ (1 << 63)) as i64)
+    }
+
+    /// Split a key at its separators (ids never contain NUL; fixed-width parts might, so
+    /// callers only split keys whose fixed-width parts come last or are handled apart).
+    pub fn last_part(key: &[u8]) -> &[u8] {
+        match key.iter().rposition(|b| *b == 0) {
+            Some(i) => &key[i + 1..],
+            None => key,
+        }
+    }
+}
+
+const RUN_SEQ: &[u8] = b"run_seq";
+
+fn get_json<T: DeserializeOwned>(kv: &impl Kv, table: Table, key: &[u8]) -> Result<Option<T>, KvError> {
+    match kv.get(table, key)? {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| KvError::Corrupt { table, source }),
+    }
+}
+
+fn decode<T: DeserializeOwned>(table: Table, bytes: &[u8]) -> Result<T, KvError> {
+    serde_json::from_slice(bytes).map_err(|source| KvError::Corrupt { table, source })
+}
+
+fn put_json<T: Serialize>(kv: &mut impl Kv, table: Table, key: Vec<u8>, value: &T) {
+    let bytes = serde_json::to_vec(value).unwrap_or_else(|e| panic!("state values always serialise to JSON: {e}"));
+    kv.put(table, key, bytes);
+}
+
+fn next_counter(kv: &mut impl Kv, name: &[u8]) -> Result<u64, KvError> {
+    let current = match kv.get(Table::Counters, name)? {
+        None => 0,
+        Some(b) => {
+            let arr: [u8; 8] = b.as_slice().try_into().map_err(|_| {
+                KvError::Storage(format!("counter {} has {} bytes, expected 8", String::from_utf8_lossy(name), b.len()))
+            })?;
+            u64::from_be_bytes(arr)
+        }
+    };
+    let next = current + 1;
+    kv.put(Table::Counters, name.to_vec(), next.to_be_bytes().to_vec());
+    Ok(next)
+}
+
+/// What apply knows about the entry it is applying.
+#[derive(Debug, Clone, Copy)]
+struct Ctx {
+    now: Millis,
+    entry_term: u64,
+}
+
+/// Apply one committed request from an entry of term `entry_term`. Deterministic: the
+/// same requests in the same order on the same state give the same writes and
+/// responses on every node.
+pub fn apply_request(kv: &mut impl Kv, req: &Request, entry_term: u64) -> Result<Response, KvError> {
+    let recorded = is_client_command(&req.command);
+    if recorded {
+        if let Some(rec) = get_json::<RequestRecord>(kv, Table::Requests, req.request_id.as_bytes())? {
+            return Ok(Response { outcome: rec.outcome, replayed: true });
+        }
+        if let Some(idem) = &req.idempotency {
+            if let Some(replay) = check_idempotency(kv, idem)? {
+                return Ok(replay);
+            }
+        }
+    }
+    let ctx = Ctx { now: req.proposed_at_ms, entry_term };
+    let outcome = apply_command(kv, &req.command, ctx)?;
+    if recorded {
+        let rec = RequestRecord { outcome: outcome.clone(), created_ms: req.proposed_at_ms };
+        put_json(kv, Table::Requests, req.request_id.as_bytes().to_vec(), &rec);
+        if let Some(idem) = &req.idempotency {
+            let rec = IdempotencyRecord {
+                fingerprint: idem.fingerprint.clone(),
+                outcome: outcome.clone(),
+                created_ms: req.proposed_at_ms,
+            };
+            put_json(kv, Table::Idempotency, keys::idempotency(&idem.tenant, &idem.key), &rec);
+        }
+    }
+    Ok(Response { outcome, replayed: false })
+}
+
+/// Commands a client sent (their answers are kept for retries); the cluster's own
+/// housekeeping commands are fenced or harmless to repeat and keep no record.
+fn is_client_command(c: &Command) -> bool {
+    matches!(
+        c,
+        Command::PutDag { .. }
+            | Command::TriggerRun { .. }
+            | Command::SetPaused { .. }
+            | Command::DeleteDag { .. }
+            | Command::CancelRun { .. }
+            | Command::RetryRun { .. }
+    )
+}
+
+fn check_idempotency(kv: &impl Kv, idem: &IdempotencyKey) -> Result<Option<Response>, KvError> {
+    let key = keys::idempotency(&idem.tenant, &idem.key);
+    Ok(get_json::<IdempotencyRecord>(kv, Table::Idempotency, &key)?.map(|rec| {
+        if rec.fingerprint == idem.fingerprint {
+            Response { outcome: rec.outcome, replayed: true }
+        } else {
+            Response {
+                outcome: Outcome::IdempotencyKeyReused { key: idem.key.clone() },
+                replayed: false,
+            }
+        }
+    }))
+}
+
+fn fenced(term: u64, ctx: Ctx) -> Option<Outcome> {
+    (term != ctx.entry_term).then_some(Outcome::StaleTerm { command_term: term, entry_term: ctx.entry_term })
+}
+
+fn apply_command(kv: &mut impl Kv, cmd: &Command, ctx: Ctx) -> Result<Outcome, KvError> {
+    match cmd {
+        Command::PutDag { tenant, spec, expected_version } => put_dag(kv, tenant, spec, *expected_version, ctx.now),
+        Command::TriggerRun { tenant, dag_id, run_type, window } => {
+            let dag = match live_dag(kv, tenant, dag_id)? {
+                Some(d) => d,
+                None => return Ok(Outcome::NotFound { what: format!("dag '{dag_id}'") }),
+            };
+            let (run_id, state, existed) = create_run(kv, &dag, *run_type, *window, ctx)?;
+            Ok(Outcome::RunTriggered { run_id, state, existed })
+        }
+        Command::SetPaused { tenant, dag_id, paused } => {
+            let Some(mut dag) = live_dag(kv, tenant, dag_id)? else {
+                return Ok(Outcome::NotFound { what: format!("dag '{dag_id}'") });
+            };
+            if dag.spec.paused != *paused {
+                dag.spec.paused = *paused;
+                dag.version += 1;
+                dag.updated_ms = ctx.now;
+                put_json(kv, Table::DagVersions, keys::dag_version(tenant, dag_id, dag.version), &dag.spec);
+                put_json(kv, Table::Dags, keys::dag(tenant, dag_id), &dag);
+            }
+            Ok(Outcome::DagPaused { dag_id: dag_id.clone(), version: dag.version, paused: *paused })
+        }
+        Command::DeleteDag { tenant, dag_id } => {
+            let Some(mut dag) = live_dag(kv, tenant, dag_id)? else {
+                return Ok(Outcome::NotFound { what: format!("dag '{dag_id}'") });
+            };
+            dag.deleted = true;
+            dag.updated_ms = ctx.now;
+            put_json(kv, Table::Dags, keys::dag(tenant, dag_id), &dag);
+            kv.delete(Table::Cursors, keys::dag(tenant, dag_id));
+            Ok(Outcome::DagDeleted { dag_id: dag_id.clone() })
+        }
+        Command::CancelRun { tenant, run_id } => cancel_run(kv, tenant, run_id, ctx),
+        Command::RetryRun { tenant, run_id } => retry_run(kv, tenant, run_id, ctx),
+        Command::FireWindow { tenant, dag_id, window, term } => {
+            if let Some(stale) = fenced(*term, ctx) {
+                return Ok(stale);
+            }
+            let Some(dag) = live_dag(kv, tenant, dag_id)? else {
+                return Ok(Outcome::NotFound { what: format!("dag '{dag_id}'") });
+            };
+            if dag.spec.paused {
+                return Ok(Outcome::InvalidState { message: format!("dag '{dag_id}' is paused") });
+            }
+            let ckey = keys::dag(tenant, dag_id);
+            let cursor = kv.get(Table::Cursors, &ckey)?.and_then(|b| keys::from_ordered_i64(&b));
+            if cursor.is_none_or(|c| window.end_ms > c) {
+                kv.put(Table::Cursors, ckey, keys::ordered_i64(window.end_ms).to_vec());
+            }
+            let (run_id, _, existed) = create_run(kv, &dag, RunType::Scheduled, *window, ctx)?;
+            Ok(Outcome::Fired { run_id, created: !existed })
+        }
+        Command::Heartbeat { node, incarnation, slots, running, lease_ms } => {
+            heartbeat(kv, *node, incarnation, *slots, running, *lease_ms, ctx)
+        }
+        Command::FinishAttempt { attempt, node, result } => finish_attempt(kv, attempt, *node, result, ctx),
+        Command::Supervise { term } => {
+            if let Some(stale) = fenced(*term, ctx) {
+                return Ok(stale);
+            }
+            supervise(kv, ctx)
+        }
+        Command::AckNotifications { keys: ks } => {
+            for k in ks {
+                kv.delete(Table::Notifications, k.as_bytes().to_vec());
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Purge { term, before_ms, records_before_ms } => {
+            if let Some(stale) = fenced(*term, ctx) {
+                return Ok(stale);
+            }
+            purge(kv, *before_ms, *records_before_ms)
+        }
+    }
+}
+
+fn heartbeat(
+    kv: &mut impl Kv,
+    node: NodeId,
+    incarnation: &str,
+    slots: u32,
+    running: &[AttemptRef],
+    lease_ms: u64,
+    ctx: Ctx,
+) -> Result<Outcome, KvError> {
+    let nkey = keys::node(node);
+    let known = get_json::<NodeInfo>(kv, Table::Nodes, &nkey)?;
+    if known.as_ref().is_some_and(|k| k.incarnation != incarnation) {
+        // The node restarted: whatever it was running died with it.
+        let lost: Vec<(String, String)> = kv
+            .scan_prefix(Table::Assignments, &keys::prefix(&[&node.to_be_bytes()]))?
+            .into_iter()
+            .filter_map(|(k, _)| {
+                let rest = k.get(9..)?;
+                let sep = rest.iter().position(|b| *b == 0)?;
+                Some((
+                    String::from_utf8_lossy(&rest[..sep]).into_owned(),
+                    String::from_utf8_lossy(&rest[sep + 1..]).into_owned(),
+                ))
+            })
+            .collect();
+        for (run_id, task_id) in lost {
+            let Some(run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else { continue };
+            let Some(attempt) = run.tasks.get(&task_id).map(|t| t.attempt) else { continue };
+            let a = AttemptRef { run_id, task_id, attempt };
+            let err = AttemptResult::Lost { error: format!("node {node} restarted while running it") };
+            finish_attempt(kv, &a, node, &err, ctx)?;
+        }
+    }
+    let mut info = get_json::<NodeInfo>(kv, Table::Nodes, &nkey)?.unwrap_or(NodeInfo {
+        slots,
+        last_seen_ms: ctx.now,
+        running: 0,
+        incarnation: incarnation.to_string(),
+        lease_ms,
+    });
+    info.slots = slots;
+    info.lease_ms = lease_ms;
+    info.incarnation = incarnation.to_string();
+    info.last_seen_ms = info.last_seen_ms.max(ctx.now);
+    put_json(kv, Table::Nodes, nkey, &info);
+    for a in running {
+        let Some(mut run) = get_json::<Run>(kv, Table::Runs, a.run_id.as_bytes())? else { continue };
+        let Some(inst) = run.tasks.get_mut(&a.task_id) else { continue };
+        if inst.attempt == a.attempt && inst.state == TaskState::Running {
+            if let Some(att) = inst.attempts.iter_mut().find(|x| x.attempt == a.attempt && x.node == node) {
+                att.lease_until_ms = att.lease_until_ms.max(ctx.now.saturating_add(lease_ms as i64));
+                save_run(kv, &run, None)?;
+            }
+        }
+    }
+    Ok(Outcome::Done)
+}
+
+fn live_dag(kv: &impl Kv, tenant: &str, dag_id: &str) -> Result<Option<Dag>, KvError> {
+    Ok(get_json::<Dag>(kv, Table::Dags, &keys::dag(tenant, dag_id))?.filter(|d| !d.deleted))
+}
+
+fn put_dag(kv: &mut impl Kv, tenant: &str, spec: &DagSpec, expected_version: Option<u64>, now: Millis) -> Result<Outcome, KvError> {
+    let key = keys::dag(tenant, &spec.dag_id);
+    let existing = get_json::<Dag>(kv, Table::Dags, &key)?;
+    let current = existing.as_ref().map_or(0, |d| d.version);
+    if let Some(expected) = expected_version {
+        if expected != current {
+            return Ok(Outcome::VersionConflict { expected, current });
+        }
+    }
+    if let Some(d) = &existing {
+        if !d.deleted && d.spec == *spec {
+            return Ok(Outcome::DagPut { dag_id: spec.dag_id.clone(), version: d.version, changed: false });
+        }
+    }
+    let version = current + 1;
+    let dag = Dag {
+        tenant: tenant.to_string(),
+        version,
+        spec: spec.clone(),
+        created_ms: existing.as_ref().map_or(now, |d| d.created_ms),
+        updated_ms: now,
+        deleted: false,
+    };
+    put_json(kv, Table::Dags, key, &dag);
+    put_json(kv, Table::DagVersions, keys::dag_version(tenant, &spec.dag_id, version), spec);
+    Ok(Outcome::DagPut { dag_id: spec.dag_id.clone(), version, changed: true })
+}
+
+/// The DAG definition a run executes (the version it started with).
+fn run_spec(kv: &impl Kv, run: &Run) -> Result<DagSpec, KvError> {
+    get_json::<DagSpec>(kv, Table::DagVersions, &keys::dag_version(&run.tenant, &run.dag_id, run.dag_version))?
+        .ok_or_else(|| KvError::Storage(format!("run {} refers to missing dag version {}", run.run_id, run.dag_version)))
+}
+
+/// Persist a run and keep its indexes true: active-runs while unfinished, finished-runs
+/// and the webhook notification when it has just finished.
+fn save_run(kv: &mut impl Kv, run: &Run, before: Option<RunState>) -> Result<(), KvError> {
+    let akey = keys::active(&run.tenant, &run.dag_id, &run.run_id);
+    if run.state.is_finished() {
+        kv.delete(Table::ActiveRuns, akey);
+        if before.is_some_and(|b| !b.is_finished()) {
+            let ended = run.ended_ms.unwrap_or(run.created_ms);
+            kv.put(Table::FinishedRuns, keys::finished(ended, &run.run_id), Vec::new());
+            if run.state != RunState::Cancelled {
+                let event = if run.state == RunState::Done { "success" } else { "failure" };
+                notify(kv, run, event)?;
+            }
+        }
+    } else {
+        let entry = ActiveEntry { state: run.state, window_start_ms: run.window.start_ms, created_ms: run.created_ms };
+        put_json(kv, Table::ActiveRuns, akey, &entry);
+    }
+    put_json(kv, Table::Runs, run.run_id.as_bytes().to_vec(), run);
+    Ok(())
+}
+
+fn notify(kv: &mut impl Kv, run: &Run, event: &str) -> Result<(), KvError> {
+    let spec = run_spec(kv, run)?;
+    if let Some(url) = spec.webhook {
+        let n = Notification {
+            tenant: run.tenant.clone(),
+            dag_id: run.dag_id.clone(),
+            run_id: run.run_id.clone(),
+            event: event.to_string(),
+            url,
+            run_state: run.state,
+            created_ms: run.ended_ms.unwrap_or(run.created_ms),
+        };
+        put_json(kv, Table::Notifications, keys::notification(&run.run_id, event), &n);
+    }
+    Ok(())
+}
+
+fn create_run(kv: &mut impl Kv, dag: &Dag, run_type: RunType, window: Window, ctx: Ctx) -> Result<(String, RunState, bool), KvError> {
+    let (tenant, dag_id) = (dag.tenant.as_str(), dag.spec.dag_id.as_str());
+    let wkey = keys::window(tenant, dag_id, &window);
+    if let Some(run_id) = kv.get(Table::Windows, &wkey)? {
+        let run_id = String::from_utf8_lossy(&run_id).into_owned();
+        let state = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())?.map_or(RunState::Queued, |r| r.state);
+        return Ok((run_id, state, true));
+    }
+    let seq = next_counter(kv, RUN_SEQ)?;
+    let run_id = format!("run_{seq}");
+    let sla_deadline_ms = dag.spec.sla_ms.map(|sla| {
+        let base = match run_type {
+            RunType::Scheduled => window.end_ms,
+            RunType::Manual | RunType::Backfill => ctx.now,
+        };
+        base.saturating_add(sla as i64)
+    });
+    let run = Run {
+        run_id: run_id.clone(),
+        tenant: tenant.to_string(),
+        dag_id: dag_id.to_string(),
+        dag_version: dag.version,
+        run_type,
+        window,
+        state: RunState::Queued,
+        created_ms: ctx.now,
+        started_ms: None,
+        ended_ms: None,
+        sla_deadline_ms,
+        sla_missed: false,
+        tasks: dag.spec.tasks.iter().map(|t| (t.task_id.clone(), TaskInstance::new())).collect(),
+    };
+    kv.put(Table::Windows, wkey, run_id.as_bytes().to_vec());
+    kv.put(Table::RunsByDag, keys::run_by_dag(tenant, dag_id, ctx.now, &run_id), Vec::new());
+    kv.put(Table::RunsByTenant, keys::run_by_tenant(tenant, ctx.now, &run_id), Vec::new());
+    save_run(kv, &run, None)?;
+    start_queued_runs(kv, tenant, dag_id, dag.spec.max_active_runs, ctx)?;
+    // A new run answers with the state it was created in (the spec's `queued`); it may
+    // already have moved on (a run without tasks is done at once).
+    Ok((run_id, RunState::Queued, false))
+}
+
+/// Live nodes with free slots, as the state machine knows them.
+struct NodePool {
+    nodes: Vec<(NodeId, NodeInfo)>,
+}
+
+impl NodePool {
+    fn load(kv: &impl Kv, now: Millis) -> Result<NodePool, KvError> {
+        let mut nodes = Vec::new();
+        for (k, v) in kv.scan_prefix(Table::Nodes, b"")? {
+            let Ok(arr) = <[u8; 8]>::try_from(k.as_slice()) else { continue };
+            let info: NodeInfo = decode(Table::Nodes, &v)?;
+            if now.saturating_sub(info.last_seen_ms) <= NODE_TTL_MS {
+                nodes.push((u64::from_be_bytes(arr), info));
+            }
+        }
+        Ok(NodePool { nodes })
+    }
+
+    /// The live node with the most free slots (lowest id on ties), preferring not `avoid`.
+    fn pick(&self, avoid: Option<NodeId>) -> Option<NodeId> {
+        let free = |i: &NodeInfo| i.slots.saturating_sub(i.running);
+        let best = |skip: Option<NodeId>| {
+            self.nodes
+                .iter()
+                .filter(|(id, i)| free(i) > 0 && Some(*id) != skip)
+                .max_by(|a, b| free(&a.1).cmp(&free(&b.1)).then(b.0.cmp(&a.0)))
+                .map(|(id, _)| *id)
+        };
+        best(avoid).or_else(|| best(None))
+    }
+
+    /// Use one of `node`'s slots; returns the lease its attempts get.
+    fn take(&mut self, kv: &mut impl Kv, node: NodeId) -> u64 {
+        match self.nodes.iter_mut().find(|(id, _)| *id == node) {
+            Some((_, info)) => {
+                info.running += 1;
+                put_json(kv, Table::Nodes, keys::node(node), info);
+                info.lease_ms
+            }
+            None => DEFAULT_LEASE_MS,
+        }
+    }
+}
+
+/// Drop an attempt's assignment and give its slot back.
+fn release(kv: &mut impl Kv, node: NodeId, run_id: &str, task_id: &str) -> Result<(), KvError> {
+    let akey = keys::assignment(node, run_id, task_id);
+    if kv.get(Table::Assignments, &akey)?.is_none() {
+        return Ok(());
+    }
+    kv.delete(Table::Assignments, akey);
+    let nkey = keys::node(node);
+    if let Some(mut info) = get_json::<NodeInfo>(kv, Table::Nodes, &nkey)? {
+        info.running = info.running.saturating_sub(1);
+        put_json(kv, Table::Nodes, nkey, &info);
+    }
+    Ok(())
+}
+
+/// Assign the run's ready tasks to live nodes with free slots. Returns how many.
+fn assign_ready(kv: &mut impl Kv, run: &mut Run, pool: &mut NodePool, ctx: Ctx) -> Result<u32, KvError> {
+    if run.state != RunState::Running {
+        return Ok(0);
+    }
+    let mut n = 0;
+    for task_id in progress::ready_tasks(run, ctx.now) {
+        let Some(inst) = run.tasks.get_mut(&task_id) else { continue };
+        let avoid = inst.attempts.last().map(|a| a.node);
+        let Some(node) = pool.pick(avoid) else { break };
+        let lease_ms = pool.take(kv, node);
+        inst.attempt += 1;
+        inst.state = TaskState::Running;
+        inst.next_try_ms = None;
+        inst.attempts.push(Attempt {
+            attempt: inst.attempt,
+            node,
+            state: TaskState::Running,
+            started_ms: ctx.now,
+            ended_ms: None,
+            lease_until_ms: ctx.now.saturating_add(lease_ms as i64),
+            exit_code: None,
+            error: None,
+        });
+        kv.put(Table::Assignments, keys::assignment(node, &run.run_id, &task_id), inst.attempt.to_be_bytes().to_vec());
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Lease for a node that never said what its lease is.
+pub const DEFAULT_LEASE_MS: u64 = 15_000;
+
+/// Start queued runs of a DAG (oldest window first) while fewer than
+/// `max_active_runs` are running, and assign their first tasks.
+fn start_queued_runs(kv: &mut impl Kv, tenant: &str, dag_id: &str, max_active: u32, ctx: Ctx) -> Result<(), KvError> {
+    let entries = kv.scan_prefix(Table::ActiveRuns, &keys::prefix(&[tenant.as_bytes(), dag_id.as_bytes()]))?;
+    let mut running = 0u32;
+    let mut queued: Vec<(Millis, Millis, String)> = Vec::new();
+    for (k, v) in entries {
+        let e: ActiveEntry = decode(Table::ActiveRuns, &v)?;
+        let run_id = String::from_utf8_lossy(keys::last_part(&k)).into_owned();
+        match e.state {
+            RunState::Running => running += 1,
+            RunState::Queued => queued.push((e.window_start_ms, e.created_ms, run_id)),
+            _ => {}
+        }
+    }
+    if queued.is_empty() || running >= max_active {
+        return Ok(());
+    }
+    queued.sort();
+    let mut pool = NodePool::load(kv, ctx.now)?;
+    for (_, _, run_id) in queued.into_iter().take((max_active - running) as usize) {
+        let Some(mut run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else { continue };
+        let before = run.state;
+        run.state = RunState::Running;
+        run.started_ms = Some(ctx.now);
+        let spec = run_spec(kv, &run)?;
+        progress::advance(&mut run, &spec, ctx.now);
+        assign_ready(kv, &mut run, &mut pool, ctx)?;
+        save_run(kv, &run, Some(before))?;
+    }
+    Ok(())
+}
+
+/// Record an attempt's failure (or loss) and decide: retry later, retry now, or fail.
+fn fail_attempt(inst: &mut TaskInstance, spec: &DagSpec, task_id: &str, result: &AttemptResult, now: Millis) {
+    let (state, exit_code, error) = match result {
+        AttemptResult::Success { exit_code } => (TaskState::Done, *exit_code, None),
+        AttemptResult::Failed { exit_code, error } => (TaskState::Failed, *exit_code, Some(error.clone())),
+        AttemptResult::TimedOut { error } => (TaskState::Failed, None, Some(error.clone())),
+        AttemptResult::Lost { error } => (TaskState::Failed, None, Some(error.clone())),
+    };
+    let current = inst.attempt;
+    if let Some(a) = inst.attempts.iter_mut().find(|a| a.attempt == current) {
+        a.state = state;
+        a.ended_ms = Some(now);
+        a.exit_code = exit_code;
+        a.error = error;
+    }
+    if state == TaskState::Done {
+        inst.state = TaskState::Done;
+        return;
+    }
+    let task = spec.tasks.iter().find(|t| t.task_id == task_id);
+    let lost = matches!(result, AttemptResult::Lost { .. });
+    if lost && inst.lost < MAX_LOST_RETRIES {
+        inst.lost += 1;
+        inst.state = TaskState::Retrying;
+        inst.next_try_ms = Some(now);
+        return;
+    }
+    let retries_used = current.saturating_sub(inst.lost);
+    match task {
+        Some(t) if retries_used <= t.retries => {
+            inst.state = TaskState::Retrying;
+            inst.next_try_ms = Some(now.saturating_add(progress::retry_delay_ms(t, retries_used) as i64));
+        }
+        _ => inst.state = TaskState::Failed,
+    }
+}
+
+fn finish_attempt(kv: &mut impl Kv, a: &AttemptRef, node: NodeId, result: &AttemptResult, ctx: Ctx) -> Result<Outcome, KvError> {
+    let Some(mut run) = get_json::<Run>(kv, Table::Runs, a.run_id.as_bytes())? else {
+        return Ok(Outcome::StaleAttempt { current: 0 });
+    };
+    let Some(inst) = run.tasks.get(&a.task_id) else {
+        return Ok(Outcome::StaleAttempt { current: 0 });
+    };
+    let on_node = inst.attempts.iter().any(|x| x.attempt == a.attempt && x.node == node);
+    if inst.attempt != a.attempt || inst.state != TaskState::Running || !on_node {
+        return Ok(Outcome::StaleAttempt { current: inst.attempt });
+    }
+    let spec = run_spec(kv, &run)?;
+    let before = run.state;
+    release(kv, node, &a.run_id, &a.task_id)?;
+    let Some(inst) = run.tasks.get_mut(&a.task_id) else {
+        unreachable!("task {} was found above", a.task_id)
+    };
+    fail_attempt(inst, &spec, &a.task_id, result, ctx.now);
+    let task_state = inst.state;
+    progress::advance(&mut run, &spec, ctx.now);
+    let mut pool = NodePool::load(kv, ctx.now)?;
+    assign_ready(kv, &mut run, &mut pool, ctx)?;
+    save_run(kv, &run, Some(before))?;
+    if run.state.is_finished() {
+        start_queued_runs(kv, &run.tenant, &run.dag_id, spec.max_active_runs, ctx)?;
+    }
+    Ok(Outcome::AttemptFinished { run_id: a.run_id.clone(), task_id: a.task_id.clone(), task_state })
+}
+
+fn tenant_run(kv: &impl Kv, tenant: &str, run_id: &str) -> Result<Option<Run>, KvError> {
+    Ok(get_json::<Run>(kv, Table::Runs, run_id.as_bytes())?.filter(|r| r.tenant == tenant))
+}
+
+fn cancel_run(kv: &mut impl Kv, tenant: &str, run_id: &str, ctx: Ctx) -> Result<Outcome, KvError> {
+    let Some(mut run) = tenant_run(kv, tenant, run_id)? else {
+        return Ok(Outcome::NotFound { what: format!("run '{run_id}'") });
+    };
+    if run.state.is_finished() {
+        return Ok(Outcome::RunCancelled { run_id: run_id.to_string(), state: run.state });
+    }
+    let before = run.state;
+    let ids: Vec<String> = run.tasks.keys().cloned().collect();
+    for task_id in ids {
+        let Some(inst) = run.tasks.get_mut(&task_id) else { continue };
+        if matches!(inst.state, TaskState::Running) {
+            let current = inst.attempt;
+            if let Some(att) = inst.attempts.iter_mut().find(|x| x.attempt == current) {
+                att.state = TaskState::Cancelled;
+                att.ended_ms = Some(ctx.now);
+                att.error = Some("run cancelled".into());
+                let node = att.node;
+                release(kv, node, run_id, &task_id)?;
+            }
+        }
+        let Some(inst) = run.tasks.get_mut(&task_id) else { continue };
+        if !matches!(inst.state, TaskState::Done | TaskState::Failed | TaskState::UpstreamFailed | TaskState::Skipped) {
+            inst.state = TaskState::Cancelled;
+        }
+    }
+    run.state = RunState::Cancelled;
+    run.ended_ms = Some(ctx.now);
+    save_run(kv, &run, Some(before))?;
+    let spec = run_spec(kv, &run)?;
+    start_queued_runs(kv, tenant, &run.dag_id, spec.max_active_runs, ctx)?;
+    Ok(Outcome::RunCancelled { run_id: run_id.to_string(), state: RunState::Cancelled })
+}
+
+fn retry_run(kv: &mut impl Kv, tenant: &str, run_id: &str, ctx: Ctx) -> Result<Outcome, KvError> {
+    let Some(mut run) = tenant_run(kv, tenant, run_id)? else {
+        return Ok(Outcome::NotFound { what: format!("run '{run_id}'") });
+    };
+    if !run.state.is_finished() {
+        return Ok(Outcome::InvalidState { message: format!("run '{run_id}' is {:?}; only a finished run can be retried", run.state).to_lowercase() });
+    }
+    let mut n = 0;
+    for inst in run.tasks.values_mut() {
+        if matches!(inst.state, TaskState::Failed | TaskState::UpstreamFailed | TaskState::Cancelled) {
+            inst.state = TaskState::Pending;
+            inst.next_try_ms = None;
+            n += 1;
+        }
+    }
+    if n == 0 {
+        return Ok(Outcome::InvalidState { message: format!("run '{run_id}' has no failed tasks to retry") });
+    }
+    kv.delete(Table::FinishedRuns, keys::finished(run.ended_ms.unwrap_or(run.created_ms), run_id));
+    kv.delete(Table::Notifications, keys::notification(run_id, "success"));
+    kv.delete(Table::Notifications, keys::notification(run_id, "failure"));
+    run.state = RunState::Queued;
+    run.ended_ms = None;
+    save_run(kv, &run, None)?;
+    let spec = run_spec(kv, &run)?;
+    start_queued_runs(kv, tenant, &run.dag_id, spec.max_active_runs, ctx)?;
+    Ok(Outcome::RunRetried { run_id: run_id.to_string(), tasks: n })
+}
+
+/// The leader's periodic pass over every unfinished run.
+fn supervise(kv: &mut impl Kv, ctx: Ctx) -> Result<Outcome, KvError> {
+    let mut pool = NodePool::load(kv, ctx.now)?;
+    let mut assigned = 0;
+    let mut expired = 0;
+    let mut dags = std::collections::BTreeSet::new();
+    for (k, v) in kv.scan_prefix(Table::ActiveRuns, b"")? {
+        let e: ActiveEntry = decode(Table::ActiveRuns, &v)?;
+        let run_id = String::from_utf8_lossy(keys::last_part(&k)).into_owned();
+        let Some(mut run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else { continue };
+        dags.insert((run.tenant.clone(), run.dag_id.clone()));
+        if e.state != RunState::Running {
+            continue;
+        }
+        let before = run.state;
+        let spec = run_spec(kv, &run)?;
+        let mut changed = false;
+        // Expire leases: the node stopped renewing (dead, paused or cut off).
+        let ids: Vec<String> = run.tasks.keys().cloned().collect();
+        for task_id in ids {
+            let Some(inst) = run.tasks.get(&task_id) else { continue };
+            if inst.state != TaskState::Running {
+                continue;
+            }
+            let Some(att) = inst.attempts.iter().find(|x| x.attempt == inst.attempt) else { continue };
+            if att.lease_until_ms >= ctx.now {
+                continue;
+            }
+            let node = att.node;
+            release(kv, node, &run_id, &task_id)?;
+            let Some(inst) = run.tasks.get_mut(&task_id) else { continue };
+            let err = format!("lease expired: node {node} stopped renewing it");
+            fail_attempt(inst, &spec, &task_id, &AttemptResult::Lost { error: err }, ctx.now);
+            expired += 1;
+            changed = true;
+        }
+        if let Some(deadline) = run.sla_deadline_ms {
+            if !run.sla_missed && deadline < ctx.now {
+                run.sla_missed = true;
+                notify(kv, &run, "sla_miss")?;
+                changed = true;
+            }
+        }
+        progress::advance(&mut run, &spec, ctx.now);
+        let n = assign_ready(kv, &mut run, &mut pool, ctx)?;
+        assigned += n;
+        if changed || n > 0 || run.state != before {
+            save_run(kv, &run, Some(before))?;
+        }
+    }
+    for (tenant, dag_id) in dags {
+        if let Some(dag) = get_json::<Dag>(kv, Table::Dags, &keys::dag(&tenant, &dag_id))? {
+            start_queued_runs(kv, &tenant, &dag_id, dag.spec.max_active_runs, ctx)?;
+        } else {
+            start_queued_runs(kv, &tenant, &dag_id, u32::MAX, ctx)?;
+        }
+    }
+    Ok(Outcome::Supervised { assigned, expired })
+}
+
+fn purge(kv: &mut impl Kv, before_ms: Millis, records_before_ms: Millis) -> Result<Outcome, KvError> {
+    let mut runs = 0;
+    for (k, _) in kv.scan_prefix(Table::FinishedRuns, b"")? {
+        let Some(ended) = k.get(..8).and_then(keys::from_ordered_i64) else { continue };
+        if ended >= before_ms {
+            break;
+        }
+        let run_id = String::from_utf8_lossy(&k[9.min(k.len())..]).into_owned();
+        kv.delete(Table::FinishedRuns, k);
+        let Some(run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else { continue };
+        kv.delete(Table::Runs, run_id.as_bytes().to_vec());
+        kv.delete(Table::Windows, keys::window(&run.tenant, &run.dag_id, &run.window));
+        kv.delete(Table::RunsByDag, keys::run_by_dag(&run.tenant, &run.dag_id, run.created_ms, &run_id));
+        kv.delete(Table::RunsByTenant, keys::run_by_tenant(&run.tenant, run.created_ms, &run_id));
+        for ev in ["success", "failure", "sla_miss"] {
+            kv.delete(Table::Notifications, keys::notification(&run_id, ev));
+        }
+        runs += 1;
+    }
+    let mut records = 0;
+    for (k, v) in kv.scan_prefix(Table::Requests, b"")? {
+        let r: RequestRecord = decode(Table::Requests, &v)?;
+        if r.created_ms < records_before_ms {
+            kv.delete(Table::Requests, k);
+            records += 1;
+        }
+    }
+    for (k, v) in kv.scan_prefix(Table::Idempotency, b"")? {
+        let r: IdempotencyRecord = decode(Table::Idempotency, &v)?;
+        if r.created_ms < records_before_ms {
+            kv.delete(Table::Idempotency, k);
+            records += 1;
+        }
+    }
+    Ok(Outcome::Purged { runs, records })
+}
+
+#[cfg(test)]
+pub mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::state::model::{TaskKind, TaskSpec};
+    use crate::state::command::AttemptRef;
+
+    /// An in-memory [`Kv`] for unit tests of the pure apply logic.
+    #[derive(Default, Debug, PartialEq, Eq)]
+    pub struct MemKv(pub BTreeMap<(Table, Vec<u8>), Vec<u8>>);
+
+    impl Kv for MemKv {
+        fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+            Ok(self.0.get(&(table, key.to_vec())).cloned())
+        }
+        fn put(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>) {
+            self.0.insert((table, key), value);
+        }
+        fn delete(&mut self, table: Table, key: Vec<u8>) {
+            self.0.remove(&(table, key));
+        }
+        fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+            Ok(self
+                .0
+                .range((table, prefix.to_vec())..)
+                .take_while(|((t, k), _)| *t == table && k.starts_with(prefix))
+                .map(|((_, k), v)| (k.clone(), v.clone()))
+                .collect())
+        }
+    }
+
+    pub fn spec(dag_id: &str) -> DagSpec {
+        DagSpec {
+            dag_id: dag_id.into(),
+            schedule: Some("0 2 * * *".into()),
+            timezone: "UTC".into(),
+            owner: Some("team-data".into()),
+            catchup: false,
+            max_active_runs: 16,
+            sla_ms: Some(60_000),
+            paused: false,
+            start_date_ms: None,
+            end_date_ms: None,
+            webhook: None,
+            tasks: vec![TaskSpec {
+                task_id: "extract".into(),
+                kind: TaskKind::Noop,
+                depends_on: vec![],
+                retries: 0,
+                retry_delay_ms: 1000,
+                retry_exponential: false,
+                max_retry_delay_ms: 60_000,
+                timeout_ms: None,
+            }],
+        }
+    }
+
+    fn apply(kv: &mut MemKv, r: &Request) -> Result<Response, KvError> {
+        apply_request(kv, r, 1)
+    }
+
+    pub fn req(id: &str, now: Millis, command: Command) -> Request {
+        Request {
+            request_id: id.into(),
+            proposed_at_ms: now,
+            idempotency: None,
+            command,
+        }
+    }
+
+    fn put(tenant: &str, dag: &str, expected: Option<u64>) -> Command {
+        Command::PutDag {
+            tenant: tenant.into(),
+            spec: spec(dag),
+            expected_version: expected,
+        }
+    }
+
+    fn trigger(tenant: &str, dag: &str, start: i64, end: i64) -> Command {
+        Command::TriggerRun {
+            tenant: tenant.into(),
+            dag_id: dag.into(),
+            run_type: RunType::Backfill,
+            window: Window {
+                start_ms: start,
+                end_ms: end,
+            },
+        }
+    }
+
+    #[test]
+    fn same_window_returns_the_same_run() {
+        let mut kv = MemKv::default();
+        apply(&mut kv, &req("r1", 1, put("t", "d", None))).unwrap();
+        let a = apply(&mut kv, &req("r2", 2, trigger("t", "d", 0, 10))).unwrap();
+        let b = apply(&mut kv, &req("r3", 3, trigger("t", "d", 0, 10))).unwrap();
+        let c = apply(&mut kv, &req("r4", 4, trigger("t", "d", 10, 20))).unwrap();
+        let id = |r: &Response| match &r.outcome {
+            Outcome::RunTriggered { run_id, existed, .. } => (run_id.clone(), *existed),
+            o => panic!("unexpected {o:?}"),
+        };
+        assert_eq!(id(&a), ("run_1".to_string(), false));
+        assert_eq!(id(&b), ("run_1".to_string(), true));
+        assert_eq!(id(&c), ("run_2".to_string(), false));
+    }
+
+    #[test]
+    fn a_retried_request_id_is_answered_not_reapplied() {
+        let mut kv = MemKv::default();
+        apply(&mut kv, &req("r1", 1, put("t", "d", None))).unwrap();
+        let first = apply(&mut kv, &req("same", 2, trigger("t", "d", 0, 10))).unwrap();
+        let mut changed = spec("d");
+        changed.owner = Some("other".into());
+        // Same id with another command: the stored answer wins, nothing is applied.
+        let retry = apply(
+            &mut kv,
+            &req(
+                "same",
+                3,
+                Command::PutDag {
+                    tenant: "t".into(),
+                    spec: changed,
+                    expected_version: None,
+                },
+            ),
+        )
+        .unwrap();
+        assert!(retry.replayed);
+        assert_eq!(retry.outcome, first.outcome);
+    }
+
+    #[test]
+    fn version_guard_and_unchanged_put() {
+        let mut kv = MemKv::default();
+        let v1 = apply(&mut kv, &req("a", 1, put("t", "d", Some(0)))).unwrap();
+        assert!(matches!(v1.outcome, Outcome::DagPut { version: 1, changed: true, .. }));
+        let same = apply(&mut kv, &req("b", 2, put("t", "d", None))).unwrap();
+        assert!(matches!(same.outcome, Outcome::DagPut { version: 1, changed: false, .. }));
+        let stale = apply(&mut kv, &req("c", 3, put("t", "d", Some(7)))).unwrap();
+        assert_eq!(
+            stale.outcome,
+            Outcome::VersionConflict {
+                expected: 7,
+                current: 1
+            }
+        );
+    }
+
+    #[test]
+    fn tenants_do_not_share_dags() {
+        let mut kv = MemKv::default();
+        apply(&mut kv, &req("a", 1, put("t1", "d", None))).unwrap();
+        let r = apply(&mut kv, &req("b", 2, trigger("t2", "d", 0, 1))).unwrap();
+        assert!(matches!(r.outcome, Outcome::NotFound { .. }));
+    }
+
+    #[test]
+    fn idempotency_key_replays_or_rejects() {
+        let mut kv = MemKv::default();
+        apply(&mut kv, &req("a", 1, put("t", "d", None))).unwrap();
+        let with_key = |id: &str, fp: &str, start: i64| Request {
+            request_id: id.into(),
+            proposed_at_ms: 5,
+            idempotency: Some(IdempotencyKey {
+                tenant: "t".into(),
+                key: "k1".into(),
+                fingerprint: fp.into(),
+            }),
+            command: trigger("t", "d", start, start + 1),
+        };
+        let first = apply(&mut kv, &with_key("x1", "f1", 0)).unwrap();
+        let replay = apply(&mut kv, &with_key("x2", "f1", 0)).unwrap();
+        assert!(replay.replayed);
+        assert_eq!(replay.outcome, first.outcome);
+        let reused = apply(&mut kv, &with_key("x3", "f2", 100)).unwrap();
+        assert!(matches!(reused.outcome, Outcome::IdempotencyKeyReused { .. }));
+    }
+
+    fn chain_spec(dag_id: &str, n: usize, retries: u32) -> DagSpec {
+        let mut s = spec(dag_id);
+        s.sla_ms = None;
+        s.max_active_runs = 1;
+        s.tasks = (0..n)
+            .map(|i| TaskSpec {
+                task_id: format!("t{i}"),
+                kind: TaskKind::Noop,
+                depends_on: if i == 0 { vec![] } else { vec![format!("t{}", i - 1)] },
+                retries,
+                retry_delay_ms: 100,
+                retry_exponential: false,
+                max_retry_delay_ms: 1000,
+                timeout_ms: None,
+            })
+            .collect();
+        s
+    }
+
+    fn heartbeat(node: u64, now: Millis) -> Request {
+        req(&format!("hb{node}-{now}"), now, Command::Heartbeat { node, incarnation: "i1".into(), slots: 2, running: vec![], lease_ms: 1000 })
+    }
+
+    fn run(kv: &MemKv, id: &str) -> Run {
+        get_json::<Run>(kv, Table::Runs, id.as_bytes()).unwrap().unwrap()
+    }
+
+    fn finish(kv: &mut MemKv, now: Millis, run_id: &str, task: &str, attempt: u32, node: u64, ok: bool) -> Outcome {
+        let result = if ok {
+            AttemptResult::Success { exit_code: Some(0) }
+        } else {
+            AttemptResult::Failed { exit_code: Some(1), error: "boom".into() }
+        };
+        let cmd = Command::FinishAttempt {
+            attempt: AttemptRef { run_id: run_id.into(), task_id: task.into(), attempt },
+            node,
+            result,
+        };
+        apply(kv, &req(&format!("f{now}"), now, cmd)).unwrap().outcome
+    }
+
+    fn setup_chain(n: usize, retries: u32) -> (MemKv, String) {
+        let mut kv = MemKv::default();
+        apply(&mut kv, &heartbeat(1, 0)).unwrap();
+        let put = Command::PutDag { tenant: "t".into(), spec: chain_spec("c", n, retries), expected_version: None };
+        apply(&mut kv, &req("p", 0, put)).unwrap();
+        let r = apply(&mut kv, &req("r", 1, trigger("t", "c", 0, 10))).unwrap();
+        let Outcome::RunTriggered { run_id, .. } = r.outcome else { panic!("{r:?}") };
+        (kv, run_id)
+    }
+
+    #[test]
+    fn a_chain_runs_task_by_task_to_done() {
+        let (mut kv, id) = setup_chain(3, 0);
+        assert_eq!(run(&kv, &id).state, RunState::Running);
+        for (i, now) in [(0, 2), (1, 3), (2, 4)] {
+            let t = format!("t{i}");
+            assert_eq!(run(&kv, &id).tasks[&t].state, TaskState::Running, "t{i} assigned");
+            let o = finish(&mut kv, now, &id, &t, 1, 1, true);
+            assert!(matches!(o, Outcome::AttemptFinished { task_state: TaskState::Done, .. }), "{o:?}");
+        }
+        let r = run(&kv, &id);
+        assert_eq!(r.state, RunState::Done);
+        assert!(kv.scan_prefix(Table::ActiveRuns, b"").unwrap().is_empty());
+        assert!(kv.scan_prefix(Table::Assignments, b"").unwrap().is_empty());
+        let info: NodeInfo = get_json(&kv, Table::Nodes, &keys::node(1)).unwrap().unwrap();
+        assert_eq!(info.running, 0, "slots given back");
+    }
+
+    #[test]
+    fn stale_attempts_are_fenced_and_failures_retry_then_fail() {
+        let (mut kv, id) = setup_chain(2, 1);
+        // Wrong attempt number and wrong node are both rejected.
+        assert!(matches!(finish(&mut kv, 2, &id, "t0", 2, 1, true), Outcome::StaleAttempt { current: 1 }));
+        assert!(matches!(finish(&mut kv, 2, &id, "t0", 1, 9, true), Outcome::StaleAttempt { .. }));
+        // Attempt 1 fails: retrying after the delay.
+        finish(&mut kv, 3, &id, "t0", 1, 1, false);
+        let r = run(&kv, &id);
+        assert_eq!(r.tasks["t0"].state, TaskState::Retrying);
+        assert_eq!(r.tasks["t0"].next_try_ms, Some(103));
+        // A late report of attempt 1 is stale now.
+        assert!(matches!(finish(&mut kv, 4, &id, "t0", 1, 1, true), Outcome::StaleAttempt { .. }));
+        // Supervise after the delay assigns attempt 2.
+        apply(&mut kv, &heartbeat(1, 100)).unwrap();
+        apply(&mut kv, &req("s", 104, Command::Supervise { term: 1 })).unwrap();
+        assert_eq!(run(&kv, &id).tasks["t0"].attempt, 2);
+        finish(&mut kv, 105, &id, "t0", 2, 1, false);
+        let r = run(&kv, &id);
+        assert_eq!(r.tasks["t0"].state, TaskState::Failed);
+        assert_eq!(r.tasks["t1"].state, TaskState::UpstreamFailed);
+        assert_eq!(r.state, RunState::Failed);
+    }
+
+    #[test]
+    fn expired_leases_retry_elsewhere_and_stale_terms_are_ignored() {
+        let (mut kv, id) = setup_chain(1, 0);
+        apply(&mut kv, &heartbeat(2, 1)).unwrap();
+        let stale = apply_request(&mut kv, &req("s0", 50_000, Command::Supervise { term: 1 }), 2).unwrap();
+        assert!(matches!(stale.outcome, Outcome::StaleTerm { .. }));
+        // Node 1 stops heartbeating; node 2 keeps going; node 1's lease (1 s) expires.
+        apply(&mut kv, &heartbeat(2, 16_000)).unwrap();
+        apply(&mut kv, &req("s1", 16_001, Command::Supervise { term: 1 })).unwrap();
+        let r = run(&kv, &id);
+        let t = &r.tasks["t0"];
+        assert_eq!(t.attempt, 2, "lost attempt retried as attempt 2");
+        assert_eq!(t.attempts[0].node, 1);
+        assert_eq!(t.attempts[1].node, 2, "on the live node");
+        assert_eq!(t.state, TaskState::Running);
+        assert!(matches!(finish(&mut kv, 16_002, &id, "t0", 1, 1, true), Outcome::StaleAttempt { current: 2 }));
+        finish(&mut kv, 16_003, &id, "t0", 2, 2, true);
+        assert_eq!(run(&kv, &id).state, RunState::Done);
+    }
+
+    #[test]
+    fn fire_window_dedups_and_advances_the_cursor() {
+        let mut kv = MemKv::default();
+        apply(&mut kv, &req("p", 0, put("t", "d", None))).unwrap();
+        let fire = |id: &str, s: i64, e: i64| req(id, 5, Command::FireWindow {
+            tenant: "t".into(), dag_id: "d".into(), window: Window { start_ms: s, end_ms: e }, term: 1 });
+        let a = apply(&mut kv, &fire("a", 0, 10)).unwrap().outcome;
+        let b = apply(&mut kv, &fire("b", 0, 10)).unwrap().outcome;
+        assert!(matches!(a, Outcome::Fired { created: true, .. }));
+        assert!(matches!(b, Outcome::Fired { created: false, .. }));
+        let c = kv.get(Table::Cursors, &keys::dag("t", "d")).unwrap().unwrap();
+        assert_eq!(keys::from_ordered_i64(&c), Some(10));
+    }
+
+    #[test]
+    fn max_active_runs_queues_in_window_order_and_cancel_frees_the_slot() {
+        let (mut kv, first) = setup_chain(1, 0);
+        let second = match apply(&mut kv, &req("r2", 2, trigger("t", "c", 20, 30))).unwrap().outcome {
+            Outcome::RunTriggered { run_id, state, .. } => { assert_eq!(state, RunState::Queued); run_id }
+            o => panic!("{o:?}"),
+        };
+        let cancel = Command::CancelRun { tenant: "t".into(), run_id: first.clone() };
+        apply(&mut kv, &req("c", 3, cancel)).unwrap();
+        assert_eq!(run(&kv, &first).state, RunState::Cancelled);
+        assert_eq!(run(&kv, &second).state, RunState::Running, "next queued run starts");
+        let retry = Command::RetryRun { tenant: "t".into(), run_id: first.clone() };
+        let o = apply(&mut kv, &req("rr", 4, retry)).unwrap().outcome;
+        assert!(matches!(o, Outcome::RunRetried { tasks: 1, .. }), "{o:?}");
+        assert_eq!(run(&kv, &first).state, RunState::Queued, "waits for the running one");
+    }
+
+    #[test]
+    fn a_restarted_node_loses_its_old_attempts() {
+        let (mut kv, id) = setup_chain(1, 0);
+        assert_eq!(run(&kv, &id).tasks["t0"].attempts[0].node, 1);
+        let hb = Command::Heartbeat { node: 1, incarnation: "i2".into(), slots: 2, running: vec![], lease_ms: 1000 };
+        apply(&mut kv, &req("hb-new", 5, hb)).unwrap();
+        let t = &run(&kv, &id).tasks["t0"];
+        assert_eq!(t.attempts[0].state, TaskState::Failed);
+        assert_eq!(t.attempt, 2, "retried at once as attempt 2");
+        assert_eq!(t.state, TaskState::Running);
+    }
+}

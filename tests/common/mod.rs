@@ -1,0 +1,365 @@
+//! Test harness: a cluster of real `orchestrator` processes on loopback, each with its own
+//! temp data dir and OS-chosen ports, driven over real HTTP and real signals. Waits are
+//! conditions with deadlines, never bare sleeps.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+pub const BASE: &str = "/api/v1/runtime/orchestrator";
+pub const ALL_SCOPES: &str = "orchestrator:read orchestrator:write orchestrator:admin";
+
+pub struct Node {
+    pub id: u64,
+    pub api_port: u16,
+    pub peer_port: u16,
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    _tmp: tempfile::TempDir,
+    pub secret: String,
+    pub jwt_secret: String,
+    env: Vec<(String, String)>,
+    pub http: reqwest::Client,
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Wait until `f` yields `Some`, or panic with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Cluster {
+    /// Prepare (not start) `n` nodes; `env` adds `ORCHESTRATOR_*` settings to every node.
+    pub fn new(n: u64, env: &[(&str, &str)]) -> Cluster {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let nodes = (1..=n)
+            .map(|id| Node {
+                id,
+                api_port: free_port(),
+                peer_port: free_port(),
+                dir: tmp.path().join(format!("node{id}")),
+                child: None,
+            })
+            .collect();
+        let mut all_env = vec![
+            ("ORCHESTRATOR_RAFT__HEARTBEAT_MS".to_string(), "150".to_string()),
+            ("ORCHESTRATOR_RAFT__ELECTION_TIMEOUT_MIN_MS".to_string(), "800".to_string()),
+            ("ORCHESTRATOR_RAFT__ELECTION_TIMEOUT_MAX_MS".to_string(), "1600".to_string()),
+            ("ORCHESTRATOR_LEADER_WAIT_MS".to_string(), "4000".to_string()),
+        ];
+        all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Cluster {
+            nodes,
+            _tmp: tmp,
+            secret: "test-cluster-secret-0123456789".into(),
+            jwt_secret: "test-jwt-secret".into(),
+            env: all_env,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(15))
+                .build()
+                .expect("http client"),
+        }
+    }
+
+    pub fn node(&self, id: u64) -> &Node {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    fn node_mut(&mut self, id: u64) -> &mut Node {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    pub fn api(&self, id: u64) -> String {
+        format!("http://127.0.0.1:{}", self.node(id).api_port)
+    }
+
+    pub fn peer_addr(&self, id: u64) -> String {
+        format!("127.0.0.1:{}", self.node(id).peer_port)
+    }
+
+    /// Start node `id` (first start or restart on its existing data dir).
+    pub fn start(&mut self, id: u64) {
+        let peers: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.id != id)
+            .map(|n| format!("{}=127.0.0.1:{}/127.0.0.1:{}", n.id, n.api_port, n.peer_port))
+            .collect();
+        let node = self.node(id);
+        std::fs::create_dir_all(&node.dir).expect("node dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.dir.with_extension("log"))
+            .expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_orchestrator"));
+        cmd.arg("server")
+            .args(["--node-id", &id.to_string()])
+            .args(["--api-addr", &format!("127.0.0.1:{}", node.api_port)])
+            .args(["--peer-addr", &format!("127.0.0.1:{}", node.peer_port)])
+            .args(["--data-dir", &node.dir.join("data").display().to_string()])
+            .args(["--cluster-secret", &self.secret])
+            .env("ORCHESTRATOR_AUTH__HS256_SECRET", &self.jwt_secret)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log);
+        if !peers.is_empty() {
+            cmd.args(["--peers", &peers.join(",")]);
+        }
+        if id == 1 {
+            cmd.arg("--bootstrap");
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn orchestrator");
+        self.node_mut(id).child = Some(child);
+    }
+
+    pub fn start_all(&mut self) {
+        for id in 1..=self.nodes.len() as u64 {
+            self.start(id);
+        }
+    }
+
+    fn signal(&self, id: u64, sig: i32) {
+        let child = self.node(id).child.as_ref().expect("node is running");
+        // SAFETY: kill(2) with a pid we spawned and still hold; no memory is involved.
+        let rc = unsafe { libc::kill(child.id() as i32, sig) };
+        assert_eq!(rc, 0, "kill({sig}) on node {id}");
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self, id: u64) {
+        self.signal(id, libc::SIGCONT);
+        self.signal(id, libc::SIGKILL);
+        if let Some(mut c) = self.node_mut(id).child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status.
+    pub fn terminate(&mut self, id: u64) -> std::process::ExitStatus {
+        self.signal(id, libc::SIGTERM);
+        let mut c = self.node_mut(id).child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = c.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "node {id} did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pause(&self, id: u64) {
+        self.signal(id, libc::SIGSTOP);
+    }
+
+    pub fn resume(&self, id: u64) {
+        self.signal(id, libc::SIGCONT);
+    }
+
+    pub fn is_running(&self, id: u64) -> bool {
+        self.node(id).child.is_some()
+    }
+
+    pub fn log(&self, id: u64) -> String {
+        std::fs::read_to_string(self.node(id).dir.with_extension("log")).unwrap_or_default()
+    }
+
+    pub fn token(&self, tenant: &str, scope: &str) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        orchestrator::auth::mint(&self.jwt_secret, tenant, "test", scope, 3600, None, None, now)
+            .expect("mint")
+    }
+
+    pub fn admin_token(&self) -> String {
+        self.token("ops", ALL_SCOPES)
+    }
+
+    /// `/readyz` of a node, or None if it does not answer.
+    pub async fn readyz(&self, id: u64) -> Option<Value> {
+        let r = self
+            .http
+            .get(format!("{}/readyz", self.api(id)))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        r.json().await.ok()
+    }
+
+    /// The leader as seen by the running nodes (it must also claim to be leader itself).
+    pub async fn leader(&self) -> Option<u64> {
+        for n in &self.nodes {
+            if n.child.is_none() {
+                continue;
+            }
+            if let Some(v) = self.readyz(n.id).await {
+                if v["state"] == "leader" && v["ready"] == true {
+                    return Some(n.id);
+                }
+            }
+        }
+        None
+    }
+
+    pub async fn wait_leader(&self, timeout: Duration) -> u64 {
+        wait_for(timeout, "a leader", || self.leader()).await
+    }
+
+    /// Wait until every running node reports ready.
+    pub async fn wait_ready(&self, timeout: Duration) {
+        for n in &self.nodes {
+            if n.child.is_none() {
+                continue;
+            }
+            let id = n.id;
+            wait_for(timeout, &format!("node {id} ready"), || async move {
+                self.readyz(id).await.filter(|v| v["ready"] == true).map(|_| ())
+            })
+            .await;
+        }
+    }
+
+    pub async fn request(
+        &self,
+        id: u64,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value, reqwest::header::HeaderMap) {
+        let url = format!("{}{}", self.api(id), path);
+        let mut req = self.http.request(method, url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.unwrap_or_else(|e| panic!("request to node {id} failed: {e}"));
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap_or_default();
+        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, json, headers)
+    }
+
+    pub async fn post(&self, id: u64, path: &str, token: &str, body: &Value) -> (StatusCode, Value) {
+        let (s, v, _) = self
+            .request(id, reqwest::Method::POST, &format!("{BASE}{path}"), Some(token), Some(body), &[])
+            .await;
+        (s, v)
+    }
+
+    pub async fn get(&self, id: u64, path: &str, token: &str) -> (StatusCode, Value) {
+        let (s, v, _) = self
+            .request(id, reqwest::Method::GET, &format!("{BASE}{path}"), Some(token), None, &[])
+            .await;
+        (s, v)
+    }
+
+    /// Cluster status of a node (admin view, includes the state digest).
+    pub async fn status(&self, id: u64) -> Option<Value> {
+        let r = self
+            .http
+            .get(format!("{}{BASE}/cluster/status", self.api(id)))
+            .bearer_auth(self.admin_token())
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await
+            .ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.json().await.ok()
+    }
+
+    /// Wait until every running node has the same state digest and applied index.
+    pub async fn wait_converged(&self, timeout: Duration) -> String {
+        let ids: Vec<u64> = self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.id).collect();
+        wait_for(timeout, "all nodes to converge", || {
+            let ids = ids.clone();
+            async move {
+                let mut digests = Vec::new();
+                for id in ids {
+                    let s = self.status(id).await?;
+                    digests.push((s["state_digest"].as_str()?.to_string(), s["applied_index"].clone()));
+                }
+                let first = digests.first()?.clone();
+                digests.iter().all(|d| *d == first).then_some(first.0)
+            }
+        })
+        .await
+    }
+
+    /// Assert no node log contains a panic.
+    pub fn assert_no_panics(&self) {
+        for n in &self.nodes {
+            let log = self.log(n.id);
+            assert!(!log.contains("panicked at"), "node {} panicked:\n{}", n.id, log);
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                // SAFETY: signalling our own child process.
+                unsafe {
+                    libc::kill(c.id() as i32, libc::SIGCONT);
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// A DAG body like the spec's example, with a couple of tasks.
+pub fn dag_body(dag_id: &str) -> Value {
+    serde_json::json!({
+        "dag_id": dag_id,
+        "schedule": "0 2 * * *",
+        "owner": "team-data",
+        "tasks": [
+            {"task_id": "extract", "kind": "noop"},
+            {"task_id": "transform", "kind": "noop", "depends_on": ["extract"]}
+        ]
+    })
+}

@@ -1,0 +1,303 @@
+//! Replicated core (issue 2): real three-node clusters of `orchestrator` processes.
+//! Writes through any node, leader SIGKILL and restart, whole-cluster crash, a wiped node
+//! rejoining through a snapshot, a paused minority, no quorum, and bad peer calls.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{dag_body, wait_for, Cluster, ALL_SCOPES, BASE};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const LONG: Duration = Duration::from_secs(60);
+
+async fn put_dag(c: &Cluster, via: u64, token: &str, dag_id: &str) {
+    let (s, v) = c.post(via, "/dags", token, &dag_body(dag_id)).await;
+    assert_eq!(s, StatusCode::OK, "submit {dag_id} via node {via}: {v}");
+}
+
+/// Trigger a backfill run for day `day` (2025-10-{day}) and return its run id.
+async fn trigger(c: &Cluster, via: u64, token: &str, dag_id: &str, day: u32) -> Result<String, (StatusCode, Value)> {
+    let body = json!({"dag_id": dag_id, "run_type": "backfill",
+                      "from": format!("2025-10-{day:02}"), "to": format!("2025-10-{:02}", day + 1)});
+    let (s, v) = c.post(via, "/runs", token, &body).await;
+    if s == StatusCode::OK {
+        Ok(v["run_id"].as_str().expect("run_id").to_string())
+    } else {
+        Err((s, v))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_through_any_node_are_read_on_all_others() {
+    let mut c = Cluster::new(3, &[]);
+    c.start_all();
+    c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    let t = c.token("acme", ALL_SCOPES);
+    let mut runs = Vec::new();
+    for via in 1..=3 {
+        let dag = format!("dag{via}");
+        put_dag(&c, via, &t, &dag).await;
+        runs.push((dag.clone(), trigger(&c, via, &t, &dag, 1).await.expect("trigger")));
+    }
+    for (dag, run) in &runs {
+        for read_on in 1..=3 {
+            let (s, v) = c.get(read_on, &format!("/runs/{run}"), &t).await;
+            assert_eq!(s, StatusCode::OK, "node {read_on} reading {run}: {v}");
+            assert_eq!(v["dag_id"], dag.as_str());
+            assert_eq!(v["run_id"], run.as_str());
+            assert!(v["tasks"]["extract"].is_string(), "{v}");
+        }
+    }
+    c.wait_converged(LONG).await;
+    c.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_sigkill_fails_over_and_the_node_catches_up_on_restart() {
+    let mut c = Cluster::new(3, &[]);
+    c.start_all();
+    let leader = c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    let t = c.token("acme", ALL_SCOPES);
+    put_dag(&c, leader, &t, "d").await;
+    let before = trigger(&c, leader, &t, "d", 1).await.expect("first run");
+
+    c.kill(leader);
+    let killed_at = Instant::now();
+    let survivor = if leader == 1 { 2 } else { 1 };
+    // Keep writing through a survivor until a write is acknowledged again.
+    let mut day = 2;
+    let after = wait_for(LONG, "a write after the leader was killed", || {
+        day += 1;
+        let d = day;
+        let c = &c;
+        let t = &t;
+        async move { trigger(c, survivor, t, "d", d).await.ok() }
+    })
+    .await;
+    let failover = killed_at.elapsed();
+    println!("FIGURE leader SIGKILL -> next acknowledged write: {} ms", failover.as_millis());
+    let new_leader = c.wait_leader(LONG).await;
+    assert_ne!(new_leader, leader, "a new leader is elected");
+
+    c.start(leader);
+    c.wait_ready(LONG).await;
+    c.wait_converged(LONG).await;
+    for run in [&before, &after] {
+        let (s, v) = c.get(leader, &format!("/runs/{run}"), &t).await;
+        assert_eq!(s, StatusCode::OK, "restarted node serves {run}: {v}");
+    }
+    c.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_cluster_crash_keeps_every_acknowledged_write() {
+    let mut c = Cluster::new(3, &[]);
+    c.start_all();
+    c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    let t = c.token("acme", ALL_SCOPES);
+    put_dag(&c, 2, &t, "d").await;
+    // Concurrent writes through all nodes: these also exercise proposer batching.
+    let mut handles = Vec::new();
+    for i in 0..60u32 {
+        let via = (i % 3) as u64 + 1;
+        let api = c.api(via);
+        let t = t.clone();
+        let http = c.http.clone();
+        handles.push(tokio::spawn(async move {
+            let body = json!({"dag_id": "d", "run_type": "manual",
+                              "from": format!("2025-01-01T00:{:02}:00Z", i), "to": format!("2025-01-01T00:{:02}:30Z", i)});
+            let r = http.post(format!("{api}{BASE}/runs")).bearer_auth(&t).json(&body).send().await.ok()?;
+            if !r.status().is_success() {
+                return None;
+            }
+            let v: Value = r.json().await.ok()?;
+            Some(v["run_id"].as_str()?.to_string())
+        }));
+    }
+    let mut acked = Vec::new();
+    for h in handles {
+        if let Some(id) = h.await.expect("join") {
+            acked.push(id);
+        }
+    }
+    assert_eq!(acked.len(), 60, "all writes acknowledged on a healthy cluster");
+    for id in 1..=3 {
+        c.kill(id);
+    }
+    c.start_all();
+    c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    for run in &acked {
+        for node in 1..=3 {
+            let (s, _) = c.get(node, &format!("/runs/{run}"), &t).await;
+            assert_eq!(s, StatusCode::OK, "acknowledged {run} survives on node {node}");
+        }
+    }
+    c.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wiped_node_is_re_added_and_catches_up_through_a_snapshot() {
+    let mut c = Cluster::new(
+        3,
+        &[
+            ("ORCHESTRATOR_RAFT__SNAPSHOT_AFTER_LOGS", "20"),
+            ("ORCHESTRATOR_RAFT__LOGS_KEPT_AFTER_SNAPSHOT", "5"),
+        ],
+    );
+    c.start_all();
+    c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    let t = c.token("acme", ALL_SCOPES);
+    let admin = c.admin_token();
+    put_dag(&c, 1, &t, "d").await;
+    c.kill(3);
+    c.wait_leader(LONG).await;
+    put_dag(&c, 2, &t, "d2").await;
+    let mut runs = Vec::new();
+    for day in 1..=28 {
+        runs.push(trigger(&c, 1, &t, "d", day).await.expect("trigger"));
+        runs.push(trigger(&c, 2, &t, "d2", day).await.expect("trigger"));
+    }
+    let leader = c.wait_leader(LONG).await;
+    let purged = wait_for(LONG, "the leader to purge its log behind a snapshot", || async {
+        let s = c.status(leader).await?;
+        s["purged_index"].as_u64().filter(|p| *p > 5)
+    })
+    .await;
+    println!("leader purged its log up to index {purged}");
+
+    // Replace the dead node: remove it, wipe its disk, start it empty, add it back.
+    let (s, v, _) = c
+        .request(leader, reqwest::Method::DELETE, &format!("{BASE}/cluster/members/3"), Some(&admin), None, &[])
+        .await;
+    assert_eq!(s, StatusCode::OK, "remove node 3: {v}");
+    std::fs::remove_dir_all(c.node(3).dir.join("data")).expect("wipe node 3");
+    c.start(3);
+    let add = json!({"node_id": 3, "api_addr": c.api(3).trim_start_matches("http://"), "peer_addr": c.peer_addr(3)});
+    let (s, v) = c.post(leader, "/cluster/members", &admin, &add).await;
+    assert_eq!(s, StatusCode::OK, "add node 3: {v}");
+    assert!(v["voters"].as_array().expect("voters").contains(&json!(3)), "node 3 is a voter again: {v}");
+    c.wait_converged(LONG).await;
+    let s3 = c.status(3).await.expect("node 3 status");
+    assert!(s3["snapshot_index"].as_u64().is_some(), "node 3 installed a snapshot: {s3}");
+    for run in &runs {
+        let (s, _) = c.get(3, &format!("/runs/{run}"), &t).await;
+        assert_eq!(s, StatusCode::OK, "node 3 serves {run}");
+    }
+    c.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_minority_does_not_stop_the_majority_and_converges_after() {
+    let mut c = Cluster::new(3, &[]);
+    c.start_all();
+    let leader = c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    let t = c.token("acme", ALL_SCOPES);
+    put_dag(&c, leader, &t, "d").await;
+    let follower = (1..=3).find(|n| *n != leader).expect("a follower");
+    c.pause(follower);
+    let other = (1..=3).find(|n| *n != leader && *n != follower).expect("third");
+    for day in 1..=10 {
+        let via = if day % 2 == 0 { leader } else { other };
+        trigger(&c, via, &t, "d", day).await.expect("majority keeps accepting writes");
+    }
+    c.resume(follower);
+    c.wait_converged(LONG).await;
+    let (s, v) = c.get(follower, "/dags/d", &t).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    c.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_quorum_writes_answer_503_within_the_bounded_wait() {
+    let mut c = Cluster::new(3, &[("ORCHESTRATOR_LEADER_WAIT_MS", "2000")]);
+    c.start_all();
+    c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    let t = c.token("acme", ALL_SCOPES);
+    put_dag(&c, 1, &t, "d").await;
+    c.kill(2);
+    c.kill(3);
+    let started = Instant::now();
+    let err = trigger(&c, 1, &t, "d", 5).await.expect_err("no quorum, no write");
+    assert_eq!(err.0, StatusCode::SERVICE_UNAVAILABLE, "{:?}", err.1);
+    assert_eq!(err.1["error"], "dependency_down");
+    assert!(started.elapsed() < Duration::from_secs(12), "answered within the bounded wait");
+    let (s, v) = c.get(1, "/runs/run_1", &t).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "a current read without quorum: {v}");
+    c.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_port_rejects_bad_secret_wrong_node_and_garbage() {
+    let mut c = Cluster::new(1, &[]);
+    c.start_all();
+    c.wait_leader(LONG).await;
+    let peer = format!("http://{}", c.peer_addr(1));
+    let send = |secret: &str, target: &str, body: &'static str| {
+        c.http
+            .post(format!("{peer}/raft/vote"))
+            .header("x-cluster-secret", secret)
+            .header("x-target-node", target)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let r = send("wrong", "1", "{}").await.expect("answer");
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = send(&c.secret, "2", "{}").await.expect("answer");
+    assert_eq!(r.status(), StatusCode::MISDIRECTED_REQUEST);
+    let r = send(&c.secret, "1", "{not json").await.expect("answer");
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let r = send(&c.secret, "1", "{\"vote\": 12}").await.expect("answer");
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // Raft RPCs are not on the public port.
+    let r = c.http.post(format!("{}/raft/vote", c.api(1))).body("{}").send().await.expect("answer");
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    // Still healthy and serving.
+    let t = c.token("acme", ALL_SCOPES);
+    put_dag(&c, 1, &t, "still-alive").await;
+    c.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_node_serves_the_spec_examples_and_survives_sigterm() {
+    let mut c = Cluster::new(1, &[]);
+    c.start_all();
+    c.wait_leader(LONG).await;
+    let t = c.token("acme", ALL_SCOPES);
+    let (s, v) = c.post(1, "/dags", &t, &json!({"dag_id":"sales_gdp","schedule":"0 2 * * *","owner":"team-data"})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["dag_id"], "sales_gdp");
+    assert_eq!(v["status"], "active");
+    let body = json!({"dag_id":"sales_gdp","run_type":"backfill","from":"2025-10-01","to":"2025-10-04"});
+    let (s, v) = c.post(1, "/runs", &t, &body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["state"], "queued");
+    let run_id = v["run_id"].as_str().expect("run id").to_string();
+    assert!(run_id.starts_with("run_"));
+    // Idempotent by (dag_id, window).
+    let (_, again) = c.post(1, "/runs", &t, &body).await;
+    assert_eq!(again["run_id"], run_id.as_str());
+    let (s, v) = c.get(1, &format!("/runs/{run_id}"), &t).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["run_id"], run_id.as_str());
+    assert!(v["tasks"].is_object());
+    assert_eq!(v["window"]["from"], "2025-10-01T00:00:00.000Z");
+
+    let status = c.terminate(1);
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    assert!(c.log(1).contains("stopped"), "logged an orderly stop");
+    c.start(1);
+    c.wait_leader(LONG).await;
+    let (s, _) = c.get(1, &format!("/runs/{run_id}"), &t).await;
+    assert_eq!(s, StatusCode::OK, "data survives a restart");
+    c.assert_no_panics();
+}
