@@ -104,7 +104,10 @@ impl Verifier {
     /// Verify an `Authorization` header value.
     pub fn verify_header(&self, header: Option<&str>) -> Result<Principal, Error> {
         let token = header
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or(Error::Missing)?;
@@ -122,25 +125,27 @@ impl Verifier {
     }
 }
 
-/// Mint an HS256 token (dev and tests).
-pub fn mint(
-    secret: &str,
-    tenant: &str,
-    subject: &str,
-    scope: &str,
-    ttl_secs: u64,
-    issuer: Option<&str>,
-    audience: Option<&str>,
-    now_secs: u64,
-) -> Result<String, Error> {
+/// What a minted token says.
+#[derive(Debug, Clone, Default)]
+pub struct TokenRequest<'a> {
+    pub tenant: &'a str,
+    pub subject: &'a str,
+    pub scope: &'a str,
+    pub ttl_secs: u64,
+    pub issuer: Option<&'a str>,
+    pub audience: Option<&'a str>,
+}
+
+/// Mint an HS256 token (dev and tests), valid from `now_secs` for `ttl_secs`.
+pub fn mint(secret: &str, t: &TokenRequest<'_>, now_secs: u64) -> Result<String, Error> {
     let claims = Claims {
-        sub: subject.into(),
-        tenant: tenant.into(),
-        scope: scope.into(),
-        exp: now_secs + ttl_secs,
+        sub: t.subject.into(),
+        tenant: t.tenant.into(),
+        scope: t.scope.into(),
+        exp: now_secs + t.ttl_secs,
         nbf: None,
-        iss: issuer.map(str::to_string),
-        aud: audience.map(str::to_string),
+        iss: t.issuer.map(str::to_string),
+        aud: t.audience.map(str::to_string),
     };
     encode(
         &Header::new(Algorithm::HS256),
@@ -161,9 +166,19 @@ mod tests {
             .as_secs()
     }
 
+    fn req(scope: &str, ttl_secs: u64) -> TokenRequest<'_> {
+        TokenRequest {
+            tenant: "acme",
+            subject: "me",
+            scope,
+            ttl_secs,
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn round_trip_and_scopes() {
-        let t = mint("s3cret", "acme", "me", "orchestrator:write", 60, None, None, now()).unwrap();
+        let t = mint("s3cret", &req("orchestrator:write", 60), now()).unwrap();
         let v = Verifier::hs256("s3cret", None, None);
         let p = v.verify_header(Some(&format!("Bearer {t}"))).unwrap();
         assert_eq!(p.tenant, "acme");
@@ -175,9 +190,9 @@ mod tests {
     #[test]
     fn wrong_key_expired_and_missing_are_rejected() {
         let v = Verifier::hs256("s3cret", None, None);
-        let t = mint("other", "acme", "me", "orchestrator:read", 60, None, None, now()).unwrap();
+        let t = mint("other", &req("orchestrator:read", 60), now()).unwrap();
         assert!(v.verify_header(Some(&format!("Bearer {t}"))).is_err());
-        let t = mint("s3cret", "acme", "me", "orchestrator:read", 1, None, None, now() - 3600).unwrap();
+        let t = mint("s3cret", &req("orchestrator:read", 1), now() - 3600).unwrap();
         assert!(v.verify_header(Some(&format!("Bearer {t}"))).is_err());
         assert!(matches!(v.verify_header(None), Err(Error::Missing)));
         assert!(v.verify_header(Some("Bearer garbage")).is_err());

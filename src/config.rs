@@ -254,16 +254,27 @@ impl Config {
             }
         }
         if self.api_addr == self.peer_addr {
-            return bad("api_addr and peer_addr must differ: peer RPCs are not served on the API port".into());
+            return bad(
+                "api_addr and peer_addr must differ: peer RPCs are not served on the API port"
+                    .into(),
+            );
         }
         let mut ids = vec![self.node_id];
         for p in &self.peers {
             if ids.contains(&p.id) {
-                return bad(format!("node id {} appears twice (node_id and peers)", p.id));
+                return bad(format!(
+                    "node id {} appears twice (node_id and peers)",
+                    p.id
+                ));
             }
             ids.push(p.id);
-            if p.peer_addr.parse::<SocketAddr>().is_err() || p.api_addr.parse::<SocketAddr>().is_err() {
-                return bad(format!("peer {} needs IP:port api_addr and peer_addr", p.id));
+            if p.peer_addr.parse::<SocketAddr>().is_err()
+                || p.api_addr.parse::<SocketAddr>().is_err()
+            {
+                return bad(format!(
+                    "peer {} needs IP:port api_addr and peer_addr",
+                    p.id
+                ));
             }
         }
         if !self.peers.is_empty() && self.cluster_secret.as_deref().unwrap_or("").len() < 16 {
@@ -277,10 +288,14 @@ impl Config {
             ));
         }
         if r.election_timeout_max_ms <= r.election_timeout_min_ms {
-            return bad("raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms".into());
+            return bad(
+                "raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms".into(),
+            );
         }
         if r.snapshot_after_logs == 0 || r.snapshot_chunk_bytes < 1024 {
-            return bad("raft.snapshot_after_logs must be > 0 and raft.snapshot_chunk_bytes >= 1024".into());
+            return bad(
+                "raft.snapshot_after_logs must be > 0 and raft.snapshot_chunk_bytes >= 1024".into(),
+            );
         }
         if self.leader_wait_ms == 0 {
             return bad("leader_wait_ms must be > 0".into());
@@ -292,8 +307,14 @@ impl Config {
                 e.lease_ms, e.heartbeat_ms
             ));
         }
-        if self.scheduler.tick_ms == 0 || self.scheduler.supervise_ms == 0 || self.scheduler.max_catchup == 0 {
-            return bad("scheduler.tick_ms, scheduler.supervise_ms and scheduler.max_catchup must be > 0".into());
+        if self.scheduler.tick_ms == 0
+            || self.scheduler.supervise_ms == 0
+            || self.scheduler.max_catchup == 0
+        {
+            return bad(
+                "scheduler.tick_ms, scheduler.supervise_ms and scheduler.max_catchup must be > 0"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -382,7 +403,9 @@ fn parse_scalar(key: &str, raw: &str) -> Result<toml::Value, Error> {
         let mut peers = Vec::new();
         for item in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let (id, addrs) = item.split_once('=').ok_or_else(|| {
-                Error::Invalid(format!("peer '{item}' must look like 2=127.0.0.1:8082/127.0.0.1:9082"))
+                Error::Invalid(format!(
+                    "peer '{item}' must look like 2=127.0.0.1:8082/127.0.0.1:9082"
+                ))
             })?;
             let (api, peer) = addrs.split_once('/').ok_or_else(|| {
                 Error::Invalid(format!("peer '{item}' must give api_addr/peer_addr"))
@@ -435,10 +458,20 @@ mod tests {
     fn layers_apply_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
-        std::fs::write(&file, "node_id = 2\napi_addr = \"127.0.0.1:7000\"\n[raft]\nheartbeat_ms = 100\n").unwrap();
+        std::fs::write(
+            &file,
+            "node_id = 2\napi_addr = \"127.0.0.1:7000\"\n[raft]\nheartbeat_ms = 100\n",
+        )
+        .unwrap();
         let env = vec![
-            ("ORCHESTRATOR_API_ADDR".to_string(), "127.0.0.1:7001".to_string()),
-            ("ORCHESTRATOR_RAFT__ELECTION_TIMEOUT_MIN_MS".to_string(), "900".to_string()),
+            (
+                "ORCHESTRATOR_API_ADDR".to_string(),
+                "127.0.0.1:7001".to_string(),
+            ),
+            (
+                "ORCHESTRATOR_RAFT__ELECTION_TIMEOUT_MIN_MS".to_string(),
+                "900".to_string(),
+            ),
             ("UNRELATED".to_string(), "x".to_string()),
         ];
         let flags = vec![("api_addr".to_string(), "127.0.0.1:7002".to_string())];
@@ -454,7 +487,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
         std::fs::write(&file, "nodeid = 2\n").unwrap();
-        let err = Config::load(Some(&file), vec![], &[]).unwrap_err().to_string();
+        let err = Config::load(Some(&file), vec![], &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("nodeid"), "{err}");
         let err = Config::load(None, vec![], &[("api_addr".into(), "nope".into())])
             .unwrap_err()
@@ -464,7 +499,10 @@ mod tests {
 
     #[test]
     fn peers_from_a_flag_need_a_secret() {
-        let flags = vec![("peers".to_string(), "2=127.0.0.1:8082/127.0.0.1:9082".to_string())];
+        let flags = vec![(
+            "peers".to_string(),
+            "2=127.0.0.1:8082/127.0.0.1:9082".to_string(),
+        )];
         let err = Config::load(None, vec![], &flags).unwrap_err().to_string();
         assert!(err.contains("cluster_secret"), "{err}");
         let mut flags = flags;

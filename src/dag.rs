@@ -105,11 +105,15 @@ pub fn parse_duration(field: &str, s: &str) -> Result<u64, Error> {
     while !rest.is_empty() {
         let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
         if digits == 0 {
-            return err(field, format!("'{s}' is not a duration; write e.g. 30s, 5m, 1h30m"));
+            return err(
+                field,
+                format!("'{s}' is not a duration; write e.g. 30s, 5m, 1h30m"),
+            );
         }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| Error { field: field.into(), message: format!("'{s}' is too large") })?;
+        let n: u64 = rest[..digits].parse().map_err(|_| Error {
+            field: field.into(),
+            message: format!("'{s}' is too large"),
+        })?;
         rest = &rest[digits..];
         let unit_len = rest.chars().take_while(|c| c.is_ascii_alphabetic()).count();
         let unit = &rest[..unit_len];
@@ -120,12 +124,20 @@ pub fn parse_duration(field: &str, s: &str) -> Result<u64, Error> {
             "m" => 60_000,
             "h" => 3_600_000,
             "d" => 86_400_000,
-            _ => return err(field, format!("'{s}' has unit '{unit}'; use ms, s, m, h or d")),
+            _ => {
+                return err(
+                    field,
+                    format!("'{s}' has unit '{unit}'; use ms, s, m, h or d"),
+                )
+            }
         };
         total = n
             .checked_mul(ms)
             .and_then(|v| total.checked_add(v))
-            .ok_or_else(|| Error { field: field.into(), message: format!("'{s}' is too large") })?;
+            .ok_or_else(|| Error {
+                field: field.into(),
+                message: format!("'{s}' is too large"),
+            })?;
     }
     Ok(total)
 }
@@ -137,9 +149,14 @@ pub fn parse_instant(field: &str, s: &str, tz: &str) -> Result<i64, Error> {
     }
     let date = NaiveDate::parse_from_str(s, "%Y-%m-%d").map_err(|_| Error {
         field: field.into(),
-        message: format!("'{s}' is neither a date (2025-10-01) nor an RFC 3339 time (2025-10-01T02:00:00Z)"),
+        message: format!(
+            "'{s}' is neither a date (2025-10-01) nor an RFC 3339 time (2025-10-01T02:00:00Z)"
+        ),
     })?;
-    let tz = parse_timezone(tz).map_err(|m| Error { field: "timezone".into(), message: m })?;
+    let tz = parse_timezone(tz).map_err(|m| Error {
+        field: "timezone".into(),
+        message: m,
+    })?;
     let midnight = date.and_hms_opt(0, 0, 0).ok_or_else(|| Error {
         field: field.into(),
         message: format!("'{s}' has no midnight"),
@@ -162,7 +179,10 @@ pub fn check_id(field: &str, id: &str) -> Result<(), Error> {
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
     {
-        return err(field, format!("'{id}' contains '{c}'; use letters, digits, '_', '-' and '.'"));
+        return err(
+            field,
+            format!("'{id}' contains '{c}'; use letters, digits, '_', '-' and '.'"),
+        );
     }
     Ok(())
 }
@@ -177,7 +197,10 @@ fn check_url(field: &str, url: &str) -> Result<(), Error> {
 fn task_kind(prefix: &str, t: &TaskInput) -> Result<TaskKind, Error> {
     let unexpected = |name: &str, present: bool| -> Result<(), Error> {
         if present {
-            err(format!("{prefix}.{name}"), format!("is not used by kind '{}'", t.kind))
+            err(
+                format!("{prefix}.{name}"),
+                format!("is not used by kind '{}'", t.kind),
+            )
         } else {
             Ok(())
         }
@@ -195,13 +218,26 @@ fn task_kind(prefix: &str, t: &TaskInput) -> Result<TaskKind, Error> {
             let url = t.url.clone().unwrap_or_default();
             check_url(&format!("{prefix}.url"), &url)?;
             unexpected("command", t.command.is_some())?;
-            let method = t.method.clone().unwrap_or_else(|| "GET".into()).to_ascii_uppercase();
-            if !matches!(method.as_str(), "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD") {
-                return err(format!("{prefix}.method"), format!("'{method}' is not GET, POST, PUT, PATCH, DELETE or HEAD"));
+            let method = t
+                .method
+                .clone()
+                .unwrap_or_else(|| "GET".into())
+                .to_ascii_uppercase();
+            if !matches!(
+                method.as_str(),
+                "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD"
+            ) {
+                return err(
+                    format!("{prefix}.method"),
+                    format!("'{method}' is not GET, POST, PUT, PATCH, DELETE or HEAD"),
+                );
             }
             if let Some(s) = t.expect_status {
                 if !(100..=599).contains(&s) {
-                    return err(format!("{prefix}.expect_status"), "must be an HTTP status 100-599");
+                    return err(
+                        format!("{prefix}.expect_status"),
+                        "must be an HTTP status 100-599",
+                    );
                 }
             }
             Ok(TaskKind::Http {
@@ -217,7 +253,10 @@ fn task_kind(prefix: &str, t: &TaskInput) -> Result<TaskKind, Error> {
             unexpected("url", t.url.is_some())?;
             Ok(TaskKind::Noop)
         }
-        other => err(format!("{prefix}.kind"), format!("'{other}' is not one of shell, http, noop")),
+        other => err(
+            format!("{prefix}.kind"),
+            format!("'{other}' is not one of shell, http, noop"),
+        ),
     }
 }
 
@@ -225,9 +264,15 @@ fn task_kind(prefix: &str, t: &TaskInput) -> Result<TaskKind, Error> {
 pub fn validate(input: &DagInput) -> Result<DagSpec, Error> {
     check_id("dag_id", &input.dag_id)?;
     let timezone = input.timezone.clone().unwrap_or_else(|| "UTC".into());
-    parse_timezone(&timezone).map_err(|m| Error { field: "timezone".into(), message: m })?;
+    parse_timezone(&timezone).map_err(|m| Error {
+        field: "timezone".into(),
+        message: m,
+    })?;
     if let Some(s) = &input.schedule {
-        Schedule::parse(s, &timezone).map_err(|m| Error { field: "schedule".into(), message: m })?;
+        Schedule::parse(s, &timezone).map_err(|m| Error {
+            field: "schedule".into(),
+            message: m,
+        })?;
     }
     if let Some(o) = &input.owner {
         if o.len() > 256 {
@@ -238,7 +283,11 @@ pub fn validate(input: &DagInput) -> Result<DagSpec, Error> {
     if max_active_runs == 0 || max_active_runs > 10_000 {
         return err("max_active_runs", "must be between 1 and 10000");
     }
-    let sla_ms = input.sla.as_deref().map(|s| parse_duration("sla", s)).transpose()?;
+    let sla_ms = input
+        .sla
+        .as_deref()
+        .map(|s| parse_duration("sla", s))
+        .transpose()?;
     let start_date_ms = input
         .start_date
         .as_deref()
@@ -258,7 +307,13 @@ pub fn validate(input: &DagInput) -> Result<DagSpec, Error> {
         check_url("webhook", w)?;
     }
     if input.tasks.len() > MAX_TASKS {
-        return err("tasks", format!("has {} tasks; at most {MAX_TASKS} are allowed", input.tasks.len()));
+        return err(
+            "tasks",
+            format!(
+                "has {} tasks; at most {MAX_TASKS} are allowed",
+                input.tasks.len()
+            ),
+        );
     }
     let mut tasks = Vec::with_capacity(input.tasks.len());
     let mut seen = HashSet::new();
@@ -266,11 +321,16 @@ pub fn validate(input: &DagInput) -> Result<DagSpec, Error> {
         let prefix = format!("tasks[{i}]");
         check_id(&format!("{prefix}.task_id"), &t.task_id)?;
         if !seen.insert(t.task_id.as_str()) {
-            return err(format!("{prefix}.task_id"), format!("'{}' is used by two tasks", t.task_id));
+            return err(
+                format!("{prefix}.task_id"),
+                format!("'{}' is used by two tasks", t.task_id),
+            );
         }
         let kind = task_kind(&prefix, t)?;
         let dur = |name: &str, v: &Option<String>| -> Result<Option<u64>, Error> {
-            v.as_deref().map(|s| parse_duration(&format!("{prefix}.{name}"), s)).transpose()
+            v.as_deref()
+                .map(|s| parse_duration(&format!("{prefix}.{name}"), s))
+                .transpose()
         };
         let retries = t.retries.unwrap_or(0);
         if retries > 100 {
@@ -324,7 +384,10 @@ fn check_graph(tasks: &[TaskSpec]) -> Result<(), Error> {
                 );
             };
             if dep == &t.task_id {
-                return err(format!("tasks[{i}].depends_on"), format!("'{dep}' depends on itself"));
+                return err(
+                    format!("tasks[{i}].depends_on"),
+                    format!("'{dep}' depends on itself"),
+                );
             }
             graph.add_edge(from, idx[t.task_id.as_str()], ());
         }
@@ -345,14 +408,19 @@ fn check_graph(tasks: &[TaskSpec]) -> Result<(), Error> {
                 let next = graph
                     .neighbors(cur)
                     .find(|n| members.contains(n))
-                    .unwrap_or_else(|| panic!("every node of a cycle component has a successor in it"));
+                    .unwrap_or_else(|| {
+                        panic!("every node of a cycle component has a successor in it")
+                    });
                 path.push(graph[next]);
                 if next == start || !visited.insert(next) {
                     break;
                 }
                 cur = next;
             }
-            return err("tasks", format!("dependencies form a cycle: {}", path.join(" -> ")));
+            return err(
+                "tasks",
+                format!("dependencies form a cycle: {}", path.join(" -> ")),
+            );
         }
     }
     err("tasks", "dependencies form a cycle")
@@ -369,19 +437,26 @@ mod tests {
 
     #[test]
     fn spec_example_is_valid() {
-        let s = input(serde_json::json!({"dag_id":"sales_gdp","schedule":"0 2 * * *","owner":"team-data"})).unwrap();
+        let s = input(
+            serde_json::json!({"dag_id":"sales_gdp","schedule":"0 2 * * *","owner":"team-data"}),
+        )
+        .unwrap();
         assert_eq!(s.timezone, "UTC");
         assert!(s.tasks.is_empty());
     }
 
     #[test]
     fn typos_cycles_and_unknown_deps_are_named() {
-        let e = input(serde_json::json!({"dag_id":"d","tasks":[{"task_id":"a","kind":"noop","retires":3}]})).unwrap_err();
+        let e = input(
+            serde_json::json!({"dag_id":"d","tasks":[{"task_id":"a","kind":"noop","retires":3}]}),
+        )
+        .unwrap_err();
         assert!(e.contains("retires"), "{e}");
         let e = input(serde_json::json!({"dag_id":"d","tasks":[
             {"task_id":"a","kind":"noop","depends_on":["c"]},
             {"task_id":"b","kind":"noop","depends_on":["a"]},
-            {"task_id":"c","kind":"noop","depends_on":["b"]}]})).unwrap_err();
+            {"task_id":"c","kind":"noop","depends_on":["b"]}]}))
+        .unwrap_err();
         assert!(e.contains("cycle") && e.contains("->"), "{e}");
         let e = input(serde_json::json!({"dag_id":"d","tasks":[{"task_id":"a","kind":"noop","depends_on":["x"]}]})).unwrap_err();
         assert!(e.contains("unknown task 'x'"), "{e}");

@@ -9,7 +9,11 @@ use clap::{Args, Parser, Subcommand};
 use orchestrator::config::Config;
 
 #[derive(Parser)]
-#[command(name = "orchestrator", version, about = "Distributed DAG workflow scheduler")]
+#[command(
+    name = "orchestrator",
+    version,
+    about = "Distributed DAG workflow scheduler"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Cmd>,
@@ -41,7 +45,11 @@ enum Cmd {
     /// Cluster administration through a node's API (needs an admin token).
     Cluster {
         /// Any node's API base, e.g. http://127.0.0.1:8081
-        #[arg(long, env = "ORCHESTRATOR_API", default_value = "http://127.0.0.1:8080")]
+        #[arg(
+            long,
+            env = "ORCHESTRATOR_API",
+            default_value = "http://127.0.0.1:8080"
+        )]
         api: String,
         #[arg(long, env = "ORCHESTRATOR_TOKEN")]
         token: String,
@@ -113,7 +121,10 @@ impl NodeFlags {
         set("node_id", self.node_id.map(|v| v.to_string()));
         set("api_addr", self.api_addr.clone());
         set("peer_addr", self.peer_addr.clone());
-        set("data_dir", self.data_dir.as_ref().map(|p| p.display().to_string()));
+        set(
+            "data_dir",
+            self.data_dir.as_ref().map(|p| p.display().to_string()),
+        );
         set("peers", self.peers.clone());
         set("cluster_secret", self.cluster_secret.clone());
         set("bootstrap", self.bootstrap.then(|| "true".to_string()));
@@ -154,10 +165,14 @@ async fn cluster_cmd(api: &str, token: &str, cmd: ClusterCmd) -> anyhow::Result<
             node_id,
             api_addr,
             peer_addr,
-        } => client.post(format!("{base}/cluster/members")).json(&serde_json::json!({
-            "node_id": node_id, "api_addr": api_addr, "peer_addr": peer_addr
-        })),
-        ClusterCmd::Remove { node_id } => client.delete(format!("{base}/cluster/members/{node_id}")),
+        } => client
+            .post(format!("{base}/cluster/members"))
+            .json(&serde_json::json!({
+                "node_id": node_id, "api_addr": api_addr, "peer_addr": peer_addr
+            })),
+        ClusterCmd::Remove { node_id } => {
+            client.delete(format!("{base}/cluster/members/{node_id}"))
+        }
         ClusterCmd::Snapshot => client.post(format!("{base}/cluster/snapshot")),
     };
     let resp = req
@@ -207,16 +222,15 @@ fn main() -> ExitCode {
                     .duration_since(std::time::UNIX_EPOCH)
                     .context("clock before 1970")?
                     .as_secs();
-                let token = orchestrator::auth::mint(
-                    &secret,
-                    &tenant,
-                    &subject,
-                    &scope,
-                    parse_ttl(&ttl)?,
-                    config.auth.issuer.as_deref(),
-                    config.auth.audience.as_deref(),
-                    now,
-                )?;
+                let request = orchestrator::auth::TokenRequest {
+                    tenant: &tenant,
+                    subject: &subject,
+                    scope: &scope,
+                    ttl_secs: parse_ttl(&ttl)?,
+                    issuer: config.auth.issuer.as_deref(),
+                    audience: config.auth.audience.as_deref(),
+                };
+                let token = orchestrator::auth::mint(&secret, &request, now)?;
                 println!("{token}");
             }
             Cmd::Config {

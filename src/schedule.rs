@@ -86,7 +86,8 @@ pub fn normalise(expr: &str) -> Result<String, String> {
 
 /// Parse an IANA timezone name.
 pub fn parse_timezone(name: &str) -> Result<Tz, String> {
-    Tz::from_str(name).map_err(|_| format!("unknown IANA timezone '{name}' (e.g. UTC, Europe/Paris)"))
+    Tz::from_str(name)
+        .map_err(|_| format!("unknown IANA timezone '{name}' (e.g. UTC, Europe/Paris)"))
 }
 
 impl Schedule {
@@ -102,7 +103,9 @@ impl Schedule {
 
     /// The first fire time strictly after `after_ms`.
     pub fn next_after(&self, after_ms: i64) -> Option<i64> {
-        let after = self.tz.from_utc_datetime(&DateTime::<Utc>::from_timestamp_millis(after_ms)?.naive_utc());
+        let after = self
+            .tz
+            .from_utc_datetime(&DateTime::<Utc>::from_timestamp_millis(after_ms)?.naive_utc());
         self.inner
             .after(&after)
             .next()
@@ -171,7 +174,10 @@ pub fn due_windows(
         if end > now || end_date.is_some_and(|e| end > e) {
             break;
         }
-        due.push(Window { start_ms: start, end_ms: end });
+        due.push(Window {
+            start_ms: start,
+            end_ms: end,
+        });
         if due.len() > cap {
             due.remove(0);
         }
@@ -210,9 +216,13 @@ mod tests {
     fn fire_times_follow_the_timezone() {
         let s = Schedule::parse("0 2 * * *", "Europe/Paris").unwrap();
         // 2025-10-01T00:00Z is 02:00 in Paris (CEST, UTC+2): the next fire is a day later.
-        let t0 = DateTime::parse_from_rfc3339("2025-10-01T00:00:00Z").unwrap().timestamp_millis();
+        let t0 = DateTime::parse_from_rfc3339("2025-10-01T00:00:00Z")
+            .unwrap()
+            .timestamp_millis();
         let next = s.next_after(t0).unwrap();
-        let expect = DateTime::parse_from_rfc3339("2025-10-02T00:00:00Z").unwrap().timestamp_millis();
+        let expect = DateTime::parse_from_rfc3339("2025-10-02T00:00:00Z")
+            .unwrap()
+            .timestamp_millis();
         assert_eq!(next, expect);
         // Sunday: weekday 0 is Sunday in standard cron.
         let s = Schedule::parse("0 0 * * 0", "UTC").unwrap();
@@ -223,11 +233,17 @@ mod tests {
 
     #[test]
     fn bad_timezone_is_named() {
-        assert!(Schedule::parse("@daily", "Mars/Olympus").unwrap_err().contains("Mars/Olympus"));
+        assert!(Schedule::parse("@daily", "Mars/Olympus")
+            .unwrap_err()
+            .contains("Mars/Olympus"));
     }
 
     fn policy(catchup: bool) -> Policy {
-        Policy { catchup, grace_ms: 5_000, max_catchup: 3 }
+        Policy {
+            catchup,
+            grace_ms: 5_000,
+            max_catchup: 3,
+        }
     }
 
     #[test]
@@ -239,7 +255,10 @@ mod tests {
         assert_eq!((w[0].start_ms, w[0].end_ms), (2000, 4000));
         // Cursor at 4000, now 9000: [4000,6000) and [6000,8000) are due.
         let w = due_windows(&s, Some(4000), 0, None, 9000, policy(false));
-        assert_eq!(w.iter().map(|w| w.start_ms).collect::<Vec<_>>(), vec![4000, 6000]);
+        assert_eq!(
+            w.iter().map(|w| w.start_ms).collect::<Vec<_>>(),
+            vec![4000, 6000]
+        );
         // Nothing due before the next fire time.
         assert!(due_windows(&s, Some(8000), 0, None, 9999, policy(false)).is_empty());
     }
@@ -249,14 +268,27 @@ mod tests {
         let s = Schedule::parse("*/2 * * * * *", "UTC").unwrap();
         // Out for 100 s: without catchup, windows within the 5 s grace fire.
         let w = due_windows(&s, Some(0), 0, None, 100_000, policy(false));
-        assert_eq!(w.iter().map(|w| w.end_ms).collect::<Vec<_>>(), vec![96_000, 98_000, 100_000]);
+        assert_eq!(
+            w.iter().map(|w| w.end_ms).collect::<Vec<_>>(),
+            vec![96_000, 98_000, 100_000]
+        );
         // With catchup, the newest max_catchup (3) windows fire, oldest first.
         let w = due_windows(&s, Some(0), 0, None, 100_000, policy(true));
-        assert_eq!(w.iter().map(|w| w.end_ms).collect::<Vec<_>>(), vec![96_000, 98_000, 100_000]);
+        assert_eq!(
+            w.iter().map(|w| w.end_ms).collect::<Vec<_>>(),
+            vec![96_000, 98_000, 100_000]
+        );
         // A long-missed latest window still fires without catchup.
         let daily = Schedule::parse("@daily", "UTC").unwrap();
         let day = 86_400_000;
-        let w = due_windows(&daily, Some(0), 0, None, 10 * day + 3_600_000, policy(false));
+        let w = due_windows(
+            &daily,
+            Some(0),
+            0,
+            None,
+            10 * day + 3_600_000,
+            policy(false),
+        );
         assert_eq!(w.len(), 1);
         assert_eq!(w[0].end_ms, 10 * day);
         // end_date stops firing.
@@ -267,12 +299,16 @@ mod tests {
     fn dst_days_have_the_right_length() {
         // Europe/Paris springs forward on 2025-03-30: that day is 23 hours long.
         let s = Schedule::parse("0 0 * * *", "Europe/Paris").unwrap();
-        let start = DateTime::parse_from_rfc3339("2025-03-29T23:00:00Z").unwrap().timestamp_millis();
+        let start = DateTime::parse_from_rfc3339("2025-03-29T23:00:00Z")
+            .unwrap()
+            .timestamp_millis();
         let end = s.next_after(start).unwrap();
         assert_eq!(end - start, 23 * 3_600_000);
         // Leap day exists in 2024 for a monthly-on-29th schedule.
         let s = Schedule::parse("0 0 29 2 *", "UTC").unwrap();
-        let t = DateTime::parse_from_rfc3339("2023-03-01T00:00:00Z").unwrap().timestamp_millis();
+        let t = DateTime::parse_from_rfc3339("2023-03-01T00:00:00Z")
+            .unwrap()
+            .timestamp_millis();
         let next = DateTime::<Utc>::from_timestamp_millis(s.next_after(t).unwrap()).unwrap();
         assert_eq!(next.format("%Y-%m-%d").to_string(), "2024-02-29");
     }

@@ -46,7 +46,10 @@ pub enum Error {
 }
 
 /// Run a node until `shutdown` completes.
-pub async fn run(mut config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
+pub async fn run(
+    mut config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
     std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::DataDir {
         path: config.data_dir.clone(),
         source,
@@ -78,7 +81,11 @@ pub async fn run(mut config: Config, shutdown: impl Future<Output = ()> + Send +
     let actors = actor_system.actors.clone();
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(watch_leadership(node.clone(), actors.clone(), stop_rx.clone()));
+    tokio::spawn(watch_leadership(
+        node.clone(),
+        actors.clone(),
+        stop_rx.clone(),
+    ));
     tokio::spawn({
         let node = node.clone();
         let stop = stop_rx.clone();
@@ -124,7 +131,10 @@ pub async fn run(mut config: Config, shutdown: impl Future<Output = ()> + Send +
     info!(node = config.node_id, api = %config.api_addr, peer = %config.peer_addr, "node started");
 
     shutdown.await;
-    info!(node = config.node_id, "shutting down: no new requests; finishing in-flight ones");
+    info!(
+        node = config.node_id,
+        "shutting down: no new requests; finishing in-flight ones"
+    );
     let _ = stop_tx.send(true);
     // The API drains first; peers keep being answered until raft is shut down.
     if let Ok(Err(e)) = api_server.await {
@@ -145,7 +155,11 @@ pub async fn run(mut config: Config, shutdown: impl Future<Output = ()> + Send +
 }
 
 /// Tell the leader-only actors when this node starts or stops being the serving leader.
-async fn watch_leadership(node: RaftNode, actors: crate::actors::Actors, stop: watch::Receiver<bool>) {
+async fn watch_leadership(
+    node: RaftNode,
+    actors: crate::actors::Actors,
+    stop: watch::Receiver<bool>,
+) {
     let mut metrics = node.raft.metrics();
     let mut last = Leadership {
         serving: false,

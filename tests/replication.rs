@@ -18,7 +18,13 @@ async fn put_dag(c: &Cluster, via: u64, token: &str, dag_id: &str) {
 }
 
 /// Trigger a backfill run for day `day` (2025-10-{day}) and return its run id.
-async fn trigger(c: &Cluster, via: u64, token: &str, dag_id: &str, day: u32) -> Result<String, (StatusCode, Value)> {
+async fn trigger(
+    c: &Cluster,
+    via: u64,
+    token: &str,
+    dag_id: &str,
+    day: u32,
+) -> Result<String, (StatusCode, Value)> {
     let body = json!({"dag_id": dag_id, "run_type": "backfill",
                       "from": format!("2025-10-{day:02}"), "to": format!("2025-10-{:02}", day + 1)});
     let (s, v) = c.post(via, "/runs", token, &body).await;
@@ -40,7 +46,10 @@ async fn writes_through_any_node_are_read_on_all_others() {
     for via in 1..=3 {
         let dag = format!("dag{via}");
         put_dag(&c, via, &t, &dag).await;
-        runs.push((dag.clone(), trigger(&c, via, &t, &dag, 1).await.expect("trigger")));
+        runs.push((
+            dag.clone(),
+            trigger(&c, via, &t, &dag, 1).await.expect("trigger"),
+        ));
     }
     for (dag, run) in &runs {
         for read_on in 1..=3 {
@@ -79,7 +88,10 @@ async fn leader_sigkill_fails_over_and_the_node_catches_up_on_restart() {
     })
     .await;
     let failover = killed_at.elapsed();
-    println!("FIGURE leader SIGKILL -> next acknowledged write: {} ms", failover.as_millis());
+    println!(
+        "FIGURE leader SIGKILL -> next acknowledged write: {} ms",
+        failover.as_millis()
+    );
     let new_leader = c.wait_leader(LONG).await;
     assert_ne!(new_leader, leader, "a new leader is elected");
 
@@ -125,7 +137,11 @@ async fn whole_cluster_crash_keeps_every_acknowledged_write() {
             acked.push(id);
         }
     }
-    assert_eq!(acked.len(), 60, "all writes acknowledged on a healthy cluster");
+    assert_eq!(
+        acked.len(),
+        60,
+        "all writes acknowledged on a healthy cluster"
+    );
     for id in 1..=3 {
         c.kill(id);
     }
@@ -135,7 +151,11 @@ async fn whole_cluster_crash_keeps_every_acknowledged_write() {
     for run in &acked {
         for node in 1..=3 {
             let (s, _) = c.get(node, &format!("/runs/{run}"), &t).await;
-            assert_eq!(s, StatusCode::OK, "acknowledged {run} survives on node {node}");
+            assert_eq!(
+                s,
+                StatusCode::OK,
+                "acknowledged {run} survives on node {node}"
+            );
         }
     }
     c.assert_no_panics();
@@ -165,16 +185,27 @@ async fn wiped_node_is_re_added_and_catches_up_through_a_snapshot() {
         runs.push(trigger(&c, 2, &t, "d2", day).await.expect("trigger"));
     }
     let leader = c.wait_leader(LONG).await;
-    let purged = wait_for(LONG, "the leader to purge its log behind a snapshot", || async {
-        let s = c.status(leader).await?;
-        s["purged_index"].as_u64().filter(|p| *p > 5)
-    })
+    let purged = wait_for(
+        LONG,
+        "the leader to purge its log behind a snapshot",
+        || async {
+            let s = c.status(leader).await?;
+            s["purged_index"].as_u64().filter(|p| *p > 5)
+        },
+    )
     .await;
     println!("leader purged its log up to index {purged}");
 
     // Replace the dead node: remove it, wipe its disk, start it empty, add it back.
     let (s, v, _) = c
-        .request(leader, reqwest::Method::DELETE, &format!("{BASE}/cluster/members/3"), Some(&admin), None, &[])
+        .request(
+            leader,
+            reqwest::Method::DELETE,
+            &format!("{BASE}/cluster/members/3"),
+            Some(&admin),
+            None,
+            &[],
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "remove node 3: {v}");
     std::fs::remove_dir_all(c.node(3).dir.join("data")).expect("wipe node 3");
@@ -182,10 +213,16 @@ async fn wiped_node_is_re_added_and_catches_up_through_a_snapshot() {
     let add = json!({"node_id": 3, "api_addr": c.api(3).trim_start_matches("http://"), "peer_addr": c.peer_addr(3)});
     let (s, v) = c.post(leader, "/cluster/members", &admin, &add).await;
     assert_eq!(s, StatusCode::OK, "add node 3: {v}");
-    assert!(v["voters"].as_array().expect("voters").contains(&json!(3)), "node 3 is a voter again: {v}");
+    assert!(
+        v["voters"].as_array().expect("voters").contains(&json!(3)),
+        "node 3 is a voter again: {v}"
+    );
     c.wait_converged(LONG).await;
     let s3 = c.status(3).await.expect("node 3 status");
-    assert!(s3["snapshot_index"].as_u64().is_some(), "node 3 installed a snapshot: {s3}");
+    assert!(
+        s3["snapshot_index"].as_u64().is_some(),
+        "node 3 installed a snapshot: {s3}"
+    );
     for run in &runs {
         let (s, _) = c.get(3, &format!("/runs/{run}"), &t).await;
         assert_eq!(s, StatusCode::OK, "node 3 serves {run}");
@@ -203,10 +240,14 @@ async fn paused_minority_does_not_stop_the_majority_and_converges_after() {
     put_dag(&c, leader, &t, "d").await;
     let follower = (1..=3).find(|n| *n != leader).expect("a follower");
     c.pause(follower);
-    let other = (1..=3).find(|n| *n != leader && *n != follower).expect("third");
+    let other = (1..=3)
+        .find(|n| *n != leader && *n != follower)
+        .expect("third");
     for day in 1..=10 {
         let via = if day % 2 == 0 { leader } else { other };
-        trigger(&c, via, &t, "d", day).await.expect("majority keeps accepting writes");
+        trigger(&c, via, &t, "d", day)
+            .await
+            .expect("majority keeps accepting writes");
     }
     c.resume(follower);
     c.wait_converged(LONG).await;
@@ -226,12 +267,21 @@ async fn without_quorum_writes_answer_503_within_the_bounded_wait() {
     c.kill(2);
     c.kill(3);
     let started = Instant::now();
-    let err = trigger(&c, 1, &t, "d", 5).await.expect_err("no quorum, no write");
+    let err = trigger(&c, 1, &t, "d", 5)
+        .await
+        .expect_err("no quorum, no write");
     assert_eq!(err.0, StatusCode::SERVICE_UNAVAILABLE, "{:?}", err.1);
     assert_eq!(err.1["error"], "dependency_down");
-    assert!(started.elapsed() < Duration::from_secs(12), "answered within the bounded wait");
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "answered within the bounded wait"
+    );
     let (s, v) = c.get(1, "/runs/run_1", &t).await;
-    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "a current read without quorum: {v}");
+    assert_eq!(
+        s,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a current read without quorum: {v}"
+    );
     c.assert_no_panics();
 }
 
@@ -256,10 +306,18 @@ async fn peer_port_rejects_bad_secret_wrong_node_and_garbage() {
     assert_eq!(r.status(), StatusCode::MISDIRECTED_REQUEST);
     let r = send(&c.secret, "1", "{not json").await.expect("answer");
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    let r = send(&c.secret, "1", "{\"vote\": 12}").await.expect("answer");
+    let r = send(&c.secret, "1", "{\"vote\": 12}")
+        .await
+        .expect("answer");
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     // Raft RPCs are not on the public port.
-    let r = c.http.post(format!("{}/raft/vote", c.api(1))).body("{}").send().await.expect("answer");
+    let r = c
+        .http
+        .post(format!("{}/raft/vote", c.api(1)))
+        .body("{}")
+        .send()
+        .await
+        .expect("answer");
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     // Still healthy and serving.
     let t = c.token("acme", ALL_SCOPES);
@@ -273,11 +331,19 @@ async fn single_node_serves_the_spec_examples_and_survives_sigterm() {
     c.start_all();
     c.wait_leader(LONG).await;
     let t = c.token("acme", ALL_SCOPES);
-    let (s, v) = c.post(1, "/dags", &t, &json!({"dag_id":"sales_gdp","schedule":"0 2 * * *","owner":"team-data"})).await;
+    let (s, v) = c
+        .post(
+            1,
+            "/dags",
+            &t,
+            &json!({"dag_id":"sales_gdp","schedule":"0 2 * * *","owner":"team-data"}),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["dag_id"], "sales_gdp");
     assert_eq!(v["status"], "active");
-    let body = json!({"dag_id":"sales_gdp","run_type":"backfill","from":"2025-10-01","to":"2025-10-04"});
+    let body =
+        json!({"dag_id":"sales_gdp","run_type":"backfill","from":"2025-10-01","to":"2025-10-04"});
     let (s, v) = c.post(1, "/runs", &t, &body).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["state"], "queued");

@@ -30,7 +30,10 @@ async fn test_server() -> (String, Arc<Mutex<Vec<Value>>>) {
     let h = hooks.clone();
     let app = Router::new()
         .route("/ok", get(|| async { "fine" }))
-        .route("/fail", get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "broken") }))
+        .route(
+            "/fail",
+            get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "broken") }),
+        )
         .route(
             "/hook",
             post(move |Json(v): Json<Value>| {
@@ -53,7 +56,14 @@ async fn submit(c: &Cluster, t: &str, body: Value) {
 }
 
 async fn manual(c: &Cluster, via: u64, t: &str, dag: &str) -> String {
-    let (s, v) = c.post(via, "/runs", t, &json!({"dag_id": dag, "run_type": "manual"})).await;
+    let (s, v) = c
+        .post(
+            via,
+            "/runs",
+            t,
+            &json!({"dag_id": dag, "run_type": "manual"}),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK, "trigger: {v}");
     v["run_id"].as_str().unwrap().to_string()
 }
@@ -67,7 +77,8 @@ async fn run_json(c: &Cluster, via: u64, t: &str, run: &str) -> Value {
 async fn wait_finished(c: &Cluster, via: u64, t: &str, run: &str) -> Value {
     wait_for(LONG, &format!("{run} to finish"), || async {
         let (s, v) = c.get(via, &format!("/runs/{run}"), t).await;
-        (s == StatusCode::OK && ["done", "failed", "cancelled"].contains(&v["state"].as_str()?)).then_some(v)
+        (s == StatusCode::OK && ["done", "failed", "cancelled"].contains(&v["state"].as_str()?))
+            .then_some(v)
     })
     .await
 }
@@ -96,8 +107,13 @@ async fn every_window_fires_exactly_once_across_leader_kills() {
     let mut c = Cluster::new(3, FAST);
     up(&mut c).await;
     let t = c.token("acme", ALL_SCOPES);
-    submit(&c, &t, json!({"dag_id": "tick", "schedule": "*/2 * * * * *",
-        "tasks": [{"task_id": "n", "kind": "noop"}]})).await;
+    submit(
+        &c,
+        &t,
+        json!({"dag_id": "tick", "schedule": "*/2 * * * * *",
+        "tasks": [{"task_id": "n", "kind": "noop"}]}),
+    )
+    .await;
     let started = Instant::now();
     for round in 0..2 {
         tokio::time::sleep(Duration::from_secs(4)).await;
@@ -111,17 +127,26 @@ async fn every_window_fires_exactly_once_across_leader_kills() {
     }
     tokio::time::sleep(Duration::from_secs(4)).await;
     let observed_until = chrono::Utc::now().timestamp_millis() - 3000;
-    println!("observed {} s of a 2 s schedule", started.elapsed().as_secs());
+    println!(
+        "observed {} s of a 2 s schedule",
+        started.elapsed().as_secs()
+    );
     // Let the last due windows commit, then read every scheduled run.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (s, v) = c.get(2, "/runs?dag_id=tick&run_type=scheduled&limit=500", &t).await;
+    let (s, v) = c
+        .get(2, "/runs?dag_id=tick&run_type=scheduled&limit=500", &t)
+        .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let mut windows: Vec<(i64, i64)> = v["runs"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| {
-            let p = |k: &str| chrono::DateTime::parse_from_rfc3339(r["window"][k].as_str().unwrap()).unwrap().timestamp_millis();
+            let p = |k: &str| {
+                chrono::DateTime::parse_from_rfc3339(r["window"][k].as_str().unwrap())
+                    .unwrap()
+                    .timestamp_millis()
+            };
             (p("from"), p("to"))
         })
         .collect();
@@ -131,7 +156,11 @@ async fn every_window_fires_exactly_once_across_leader_kills() {
     assert_eq!(windows.len(), total, "no window has two runs");
     assert!(total >= 8, "windows fired: {total}");
     for pair in windows.windows(2) {
-        assert_eq!(pair[0].1, pair[1].0, "no window skipped between {:?} and {:?}", pair[0], pair[1]);
+        assert_eq!(
+            pair[0].1, pair[1].0,
+            "no window skipped between {:?} and {:?}",
+            pair[0], pair[1]
+        );
     }
     for w in &windows {
         assert_eq!(w.1 - w.0, 2000, "each window is one 2 s interval");
@@ -164,7 +193,11 @@ async fn a_killed_executor_node_loses_its_attempt_to_another_node() {
     assert!(attempts.len() >= 2, "{v}");
     assert_eq!(attempts[0]["state"], "failed");
     let last = attempts.last().unwrap();
-    assert_ne!(last["node"].as_u64(), Some(victim), "retried on another node");
+    assert_ne!(
+        last["node"].as_u64(),
+        Some(victim),
+        "retried on another node"
+    );
     assert_eq!(last["state"], "done");
     assert!(last["attempt"].as_u64().unwrap() >= 2);
     // The restarted node reports nothing stale, and the run stays done.
@@ -199,35 +232,67 @@ async fn retries_timeouts_upstream_failure_http_tasks_and_retry_run() {
     let task = |n: &str| v["tasks"][n].as_str().unwrap().to_string();
     assert_eq!(v["state"], "failed", "{v}");
     assert_eq!(task("flaky"), "done");
-    assert_eq!(v["task_details"]["flaky"]["attempt"], 2, "succeeded on retry: {v}");
+    assert_eq!(
+        v["task_details"]["flaky"]["attempt"], 2,
+        "succeeded on retry: {v}"
+    );
     assert_eq!(v["task_details"]["flaky"]["attempts"][0]["exit_code"], 3);
     assert_eq!(task("slow"), "failed");
-    assert!(v["task_details"]["slow"]["attempts"][0]["error"].as_str().unwrap().contains("timed out"), "{v}");
+    assert!(
+        v["task_details"]["slow"]["attempts"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("timed out"),
+        "{v}"
+    );
     assert_eq!(task("after_slow"), "upstream_failed");
     assert_eq!(task("http_ok"), "done");
     assert_eq!(task("http_bad"), "failed");
     assert_eq!(task("env"), "done");
     // The timed-out task's whole process group was killed: its background sleep too.
-    let pid: i32 = std::fs::read_to_string(dir.path().join("pid")).unwrap().trim().parse().unwrap();
-    wait_for(Duration::from_secs(10), "the timed-out child to be gone", || async move {
-        // SAFETY: signal 0 only checks whether the pid exists.
-        (unsafe { libc::kill(pid, 0) } != 0).then_some(())
-    })
+    let pid: i32 = std::fs::read_to_string(dir.path().join("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    wait_for(
+        Duration::from_secs(10),
+        "the timed-out child to be gone",
+        || async move {
+            // SAFETY: signal 0 only checks whether the pid exists.
+            (unsafe { libc::kill(pid, 0) } != 0).then_some(())
+        },
+    )
     .await;
     // Templating and environment, read through the log endpoint.
     let (s, log, _) = c
-        .request(1, reqwest::Method::GET, &format!("{BASE}/runs/{run}/tasks/env/attempts/1/log"), Some(&t), None, &[])
+        .request(
+            1,
+            reqwest::Method::GET,
+            &format!("{BASE}/runs/{run}/tasks/env/attempts/1/log"),
+            Some(&t),
+            None,
+            &[],
+        )
         .await;
     assert_eq!(s, StatusCode::OK);
     let log = log.as_str().unwrap_or_default().to_string();
-    assert!(log.contains(&format!("{run}/env env attempt=1 window=")), "{log}");
+    assert!(
+        log.contains(&format!("{run}/env env attempt=1 window=")),
+        "{log}"
+    );
     // Retry re-runs the failed and upstream-failed tasks as new attempts.
-    let (s, r) = c.post(1, &format!("/runs/{run}/retry"), &t, &json!({})).await;
+    let (s, r) = c
+        .post(1, &format!("/runs/{run}/retry"), &t, &json!({}))
+        .await;
     assert_eq!(s, StatusCode::OK, "{r}");
     assert_eq!(r["retried_tasks"], 3);
     let v = wait_finished(&c, 1, &t, &run).await;
     assert_eq!(v["task_details"]["slow"]["attempt"], 2, "{v}");
-    assert_eq!(v["task_details"]["flaky"]["attempt"], 2, "done tasks are not re-run");
+    assert_eq!(
+        v["task_details"]["flaky"]["attempt"], 2,
+        "done tasks are not re-run"
+    );
     c.assert_no_panics();
 }
 
@@ -248,19 +313,30 @@ async fn cancel_stops_running_attempts_and_sla_misses_fire_webhooks() {
         async move { std::fs::read_to_string(p).ok()?.trim().parse().ok() }
     })
     .await;
-    let (s, v) = c.post(1, &format!("/runs/{run}/cancel"), &t, &json!({})).await;
+    let (s, v) = c
+        .post(1, &format!("/runs/{run}/cancel"), &t, &json!({}))
+        .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["state"], "cancelled");
     let v = run_json(&c, 1, &t, &run).await;
     assert_eq!(v["tasks"]["sleep"], "cancelled");
-    wait_for(Duration::from_secs(10), "the cancelled process to be killed", || async move {
-        // SAFETY: signal 0 only checks whether the pid exists.
-        (unsafe { libc::kill(pid, 0) } != 0).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(10),
+        "the cancelled process to be killed",
+        || async move {
+            // SAFETY: signal 0 only checks whether the pid exists.
+            (unsafe { libc::kill(pid, 0) } != 0).then_some(())
+        },
+    )
     .await;
 
-    submit(&c, &t, json!({"dag_id": "late", "sla": "1s", "webhook": format!("{srv}/hook"), "tasks": [
-        {"task_id": "slow", "kind": "shell", "command": "sleep 2"}]})).await;
+    submit(
+        &c,
+        &t,
+        json!({"dag_id": "late", "sla": "1s", "webhook": format!("{srv}/hook"), "tasks": [
+        {"task_id": "slow", "kind": "shell", "command": "sleep 2"}]}),
+    )
+    .await;
     let run = manual(&c, 1, &t, "late").await;
     let v = wait_finished(&c, 1, &t, &run).await;
     assert_eq!(v["state"], "done");
@@ -277,7 +353,8 @@ async fn cancel_stops_running_attempts_and_sla_misses_fire_webhooks() {
                 .filter(|h| h["run_id"] == run.as_str())
                 .map(|h| h["event"].as_str().unwrap_or_default().to_string())
                 .collect();
-            (got.contains(&"sla_miss".to_string()) && got.contains(&"success".to_string())).then_some(got)
+            (got.contains(&"sla_miss".to_string()) && got.contains(&"success".to_string()))
+                .then_some(got)
         }
     })
     .await;
@@ -292,7 +369,11 @@ async fn a_40_task_chain_and_a_fan_complete_on_three_nodes() {
     let t = c.token("acme", ALL_SCOPES);
     let chain: Vec<Value> = (0..40)
         .map(|i| {
-            let deps: Vec<String> = if i == 0 { vec![] } else { vec![format!("t{}", i - 1)] };
+            let deps: Vec<String> = if i == 0 {
+                vec![]
+            } else {
+                vec![format!("t{}", i - 1)]
+            };
             json!({"task_id": format!("t{i}"), "kind": "noop", "depends_on": deps})
         })
         .collect();
@@ -308,7 +389,8 @@ async fn a_40_task_chain_and_a_fan_complete_on_three_nodes() {
         let run = manual(&c, 2, &t, dag).await;
         let v = wait_finished(&c, 2, &t, &run).await;
         assert_eq!(v["state"], "done", "{v}");
-        let created = chrono::DateTime::parse_from_rfc3339(v["created_at"].as_str().unwrap()).unwrap();
+        let created =
+            chrono::DateTime::parse_from_rfc3339(v["created_at"].as_str().unwrap()).unwrap();
         let ended = chrono::DateTime::parse_from_rfc3339(v["ended_at"].as_str().unwrap()).unwrap();
         println!(
             "FIGURE {dag}: {} ms from creation to done (state machine), {} ms observed by the client",

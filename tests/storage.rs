@@ -17,7 +17,9 @@ use proptest::prelude::*;
 struct Builder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for Builder {
-    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = Db::open(dir.path()).expect("open db");
         Ok((dir, LogStore::new(db.clone()), StateMachineStore::new(db)))
@@ -112,39 +114,49 @@ fn spec(dag_id: &str, owner: &str) -> DagSpec {
 /// A random but meaningful request: DAG puts and run triggers over 2 tenants, 3 DAGs,
 /// small windows (so duplicates happen), reused request ids and idempotency keys.
 fn arb_request() -> impl Strategy<Value = Request> {
-    (0u8..2, 0u8..3, 0i64..4, 0u8..3, 0u8..6, any::<bool>(), 0u8..4, 0u8..3).prop_map(
-        |(tenant, dag, window, owner, rid, is_put, idem, expected)| {
-            let tenant = format!("t{tenant}");
-            let dag_id = format!("d{dag}");
-            let command = if is_put {
-                Command::PutDag {
-                    tenant: tenant.clone(),
-                    spec: spec(&dag_id, &format!("o{owner}")),
-                    expected_version: (expected > 0).then(|| expected as u64 - 1),
-                }
-            } else {
-                Command::TriggerRun {
-                    tenant: tenant.clone(),
-                    dag_id,
-                    run_type: RunType::Backfill,
-                    window: Window {
-                        start_ms: window * 10,
-                        end_ms: window * 10 + 10,
-                    },
-                }
-            };
-            Request {
-                request_id: format!("r{rid}-{is_put}-{window}"),
-                proposed_at_ms: 1_000 + window,
-                idempotency: (idem > 0).then(|| IdempotencyKey {
-                    tenant,
-                    key: format!("k{idem}"),
-                    fingerprint: format!("f{}", window % 2),
-                }),
-                command,
-            }
-        },
+    (
+        0u8..2,
+        0u8..3,
+        0i64..4,
+        0u8..3,
+        0u8..6,
+        any::<bool>(),
+        0u8..4,
+        0u8..3,
     )
+        .prop_map(
+            |(tenant, dag, window, owner, rid, is_put, idem, expected)| {
+                let tenant = format!("t{tenant}");
+                let dag_id = format!("d{dag}");
+                let command = if is_put {
+                    Command::PutDag {
+                        tenant: tenant.clone(),
+                        spec: spec(&dag_id, &format!("o{owner}")),
+                        expected_version: (expected > 0).then(|| expected as u64 - 1),
+                    }
+                } else {
+                    Command::TriggerRun {
+                        tenant: tenant.clone(),
+                        dag_id,
+                        run_type: RunType::Backfill,
+                        window: Window {
+                            start_ms: window * 10,
+                            end_ms: window * 10 + 10,
+                        },
+                    }
+                };
+                Request {
+                    request_id: format!("r{rid}-{is_put}-{window}"),
+                    proposed_at_ms: 1_000 + window,
+                    idempotency: (idem > 0).then(|| IdempotencyKey {
+                        tenant,
+                        key: format!("k{idem}"),
+                        fingerprint: format!("f{}", window % 2),
+                    }),
+                    command,
+                }
+            },
+        )
 }
 
 fn open_sm() -> (tempfile::TempDir, Db, StateMachineStore) {
@@ -198,18 +210,30 @@ fn snapshot_install_replaces_the_whole_state() {
                 expected_version: None,
             },
         };
-        sm1.apply(vec![entry(1, 1, vec![put("a", "d1", "x1"), put("a", "d2", "x2")])])
+        sm1.apply(vec![entry(
+            1,
+            1,
+            vec![put("a", "d1", "x1"), put("a", "d2", "x2")],
+        )])
+        .await
+        .unwrap();
+        // sm2 holds state the snapshot does not have: it must disappear.
+        sm2.apply(vec![entry(1, 1, vec![put("b", "stale", "y1")])])
             .await
             .unwrap();
-        // sm2 holds state the snapshot does not have: it must disappear.
-        sm2.apply(vec![entry(1, 1, vec![put("b", "stale", "y1")])]).await.unwrap();
         let snap = sm1.build_snapshot().await.unwrap();
         assert_eq!(snap.meta.last_log_id, Some(log_id(1, 1)));
-        sm2.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+        sm2.install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .unwrap();
         assert_eq!(db1.state_digest().unwrap(), db2.state_digest().unwrap());
         let (applied, _) = sm2.applied_state().await.unwrap();
         assert_eq!(applied, Some(log_id(1, 1)));
-        let current = sm2.get_current_snapshot().await.unwrap().expect("stored snapshot");
+        let current = sm2
+            .get_current_snapshot()
+            .await
+            .unwrap()
+            .expect("stored snapshot");
         assert_eq!(current.meta.last_log_id, Some(log_id(1, 1)));
     });
 }

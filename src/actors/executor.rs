@@ -43,7 +43,13 @@ pub struct Executor {
 }
 
 impl Executor {
-    pub fn new(node: RaftNode, proposer: ProposerHandle, rt: tokio::runtime::Handle, config: ExecutorConfig, data_dir: PathBuf) -> Self {
+    pub fn new(
+        node: RaftNode,
+        proposer: ProposerHandle,
+        rt: tokio::runtime::Handle,
+        config: ExecutorConfig,
+        data_dir: PathBuf,
+    ) -> Self {
         Executor {
             node,
             proposer,
@@ -61,7 +67,11 @@ impl Executor {
         let mut running: Vec<AttemptRef> = self
             .running
             .iter()
-            .map(|((run_id, task_id), r)| AttemptRef { run_id: run_id.clone(), task_id: task_id.clone(), attempt: r.attempt })
+            .map(|((run_id, task_id), r)| AttemptRef {
+                run_id: run_id.clone(),
+                task_id: task_id.clone(),
+                attempt: r.attempt,
+            })
             .collect();
         running.sort();
         Command::Heartbeat {
@@ -79,7 +89,11 @@ impl Executor {
             return;
         }
         let prefix = keys::prefix(&[&self.node.id.to_be_bytes()]);
-        let assigned = match self.node.db.scan_prefix(Table::Assignments, &prefix, None, usize::MAX) {
+        let assigned = match self
+            .node
+            .db
+            .scan_prefix(Table::Assignments, &prefix, None, usize::MAX)
+        {
             Ok(a) => a,
             Err(e) => {
                 warn!(node = self.node.id, error = %e, "cannot read assignments");
@@ -88,11 +102,17 @@ impl Executor {
         };
         let mut wanted: HashMap<TaskKey, u32> = HashMap::new();
         for (k, v) in assigned {
-            let Some(rest) = k.get(prefix.len()..) else { continue };
-            let Some(sep) = rest.iter().position(|b| *b == 0) else { continue };
+            let Some(rest) = k.get(prefix.len()..) else {
+                continue;
+            };
+            let Some(sep) = rest.iter().position(|b| *b == 0) else {
+                continue;
+            };
             let run_id = String::from_utf8_lossy(&rest[..sep]).into_owned();
             let task_id = String::from_utf8_lossy(&rest[sep + 1..]).into_owned();
-            let Ok(arr) = <[u8; 4]>::try_from(v.as_slice()) else { continue };
+            let Ok(arr) = <[u8; 4]>::try_from(v.as_slice()) else {
+                continue;
+            };
             wanted.insert((run_id, task_id), u32::from_be_bytes(arr));
         }
         // Kill what is no longer ours (cancelled, or the lease was lost).
@@ -116,12 +136,25 @@ impl Executor {
                 continue;
             }
             let (tx, rx) = oneshot::channel();
-            self.running.insert(key, Running { attempt, cancel: Some(tx) });
+            self.running.insert(
+                key,
+                Running {
+                    attempt,
+                    cancel: Some(tx),
+                },
+            );
             self.start(ctx, run_id, task_id, attempt, rx);
         }
     }
 
-    fn start(&mut self, ctx: &mut Context<Self>, run_id: String, task_id: String, attempt: u32, cancel: oneshot::Receiver<()>) {
+    fn start(
+        &mut self,
+        ctx: &mut Context<Self>,
+        run_id: String,
+        task_id: String,
+        attempt: u32,
+        cancel: oneshot::Receiver<()>,
+    ) {
         let node = self.node.clone();
         let proposer = self.proposer.clone();
         let data_dir = self.data_dir.clone();
@@ -189,7 +222,10 @@ fn load(node: &RaftNode, run_id: &str, _task_id: &str) -> Result<(Run, DagSpec),
         .ok_or_else(|| format!("run {run_id} not found"))?;
     let spec: DagSpec = node
         .db
-        .get_json(Table::DagVersions.name(), &keys::dag_version(&run.tenant, &run.dag_id, run.dag_version))
+        .get_json(
+            Table::DagVersions.name(),
+            &keys::dag_version(&run.tenant, &run.dag_id, run.dag_version),
+        )
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("dag version {} of run {run_id} not found", run.dag_version))?;
     Ok((run, spec))
@@ -204,7 +240,10 @@ impl Actor for Executor {
         if let Ok(entries) = std::fs::read_dir(&pg_dir) {
             for e in entries.flatten() {
                 if let Some(pgid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) {
-                    warn!(node = self.node.id, pgid, "killing a process group left by a previous run of this node");
+                    warn!(
+                        node = self.node.id,
+                        pgid, "killing a process group left by a previous run of this node"
+                    );
                     executor::kill_group(pgid);
                 }
                 let _ = std::fs::remove_file(e.path());
@@ -217,7 +256,9 @@ impl Actor for Executor {
         let me = ctx.address();
         self.rt.spawn(async move {
             loop {
-                if proposer.propose(hello.clone()).await.is_ok() && node.linearizable_barrier().await.is_ok() {
+                if proposer.propose(hello.clone()).await.is_ok()
+                    && node.linearizable_barrier().await.is_ok()
+                {
                     me.do_send(Ready);
                     return;
                 }
@@ -284,7 +325,11 @@ struct Ended {
 impl Handler<Ended> for Executor {
     type Result = ();
     fn handle(&mut self, m: Ended, ctx: &mut Context<Self>) {
-        if self.running.get(&m.key).is_some_and(|r| r.attempt == m.attempt) {
+        if self
+            .running
+            .get(&m.key)
+            .is_some_and(|r| r.attempt == m.attempt)
+        {
             self.running.remove(&m.key);
         }
         self.reconcile(ctx);
@@ -318,4 +363,3 @@ impl ExecutorHandle {
         self.addr.send(Slots).await.ok()
     }
 }
-

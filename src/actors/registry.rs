@@ -88,7 +88,12 @@ impl RegistryHandle {
     }
 
     /// A DAG as it was at `version` (runs keep the version they started with).
-    pub async fn dag_version(&self, tenant: &str, dag_id: &str, version: u64) -> Result<Option<DagSpec>, Error> {
+    pub async fn dag_version(
+        &self,
+        tenant: &str,
+        dag_id: &str,
+        version: u64,
+    ) -> Result<Option<DagSpec>, Error> {
         Ok(self
             .addr
             .send(LookupVersion {

@@ -42,13 +42,22 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(node: RaftNode, proposer: ProposerHandle, rt: tokio::runtime::Handle, config: SchedulerConfig, stats: Arc<Stats>) -> Self {
+    pub fn new(
+        node: RaftNode,
+        proposer: ProposerHandle,
+        rt: tokio::runtime::Handle,
+        config: SchedulerConfig,
+        stats: Arc<Stats>,
+    ) -> Self {
         Scheduler {
             node,
             proposer,
             rt,
             config,
-            leadership: Leadership { serving: false, term: 0 },
+            leadership: Leadership {
+                serving: false,
+                term: 0,
+            },
             timer: None,
             busy: false,
             stats,
@@ -80,7 +89,13 @@ impl Scheduler {
 }
 
 /// One pass: propose every due window of every scheduled DAG.
-async fn fire_due(node: RaftNode, proposer: ProposerHandle, term: u64, config: SchedulerConfig, stats: Arc<Stats>) {
+async fn fire_due(
+    node: RaftNode,
+    proposer: ProposerHandle,
+    term: u64,
+    config: SchedulerConfig,
+    stats: Arc<Stats>,
+) {
     let now = chrono::Utc::now().timestamp_millis();
     let dags = match node.db.scan_prefix(Table::Dags, b"", None, usize::MAX) {
         Ok(d) => d,
@@ -91,12 +106,18 @@ async fn fire_due(node: RaftNode, proposer: ProposerHandle, term: u64, config: S
     };
     let mut proposals = Vec::new();
     for (_, v) in dags {
-        let Ok(dag) = serde_json::from_slice::<Dag>(&v) else { continue };
+        let Ok(dag) = serde_json::from_slice::<Dag>(&v) else {
+            continue;
+        };
         if dag.deleted || dag.spec.paused {
             continue;
         }
-        let Some(expr) = dag.spec.schedule.as_deref() else { continue };
-        let Ok(schedule) = Schedule::parse(expr, &dag.spec.timezone) else { continue };
+        let Some(expr) = dag.spec.schedule.as_deref() else {
+            continue;
+        };
+        let Ok(schedule) = Schedule::parse(expr, &dag.spec.timezone) else {
+            continue;
+        };
         let ckey = keys::dag(&dag.tenant, &dag.spec.dag_id);
         let cursor = match node.db.get(Table::Cursors.name(), &ckey) {
             Ok(c) => c.and_then(|b| keys::from_ordered_i64(&b)),
@@ -121,7 +142,8 @@ async fn fire_due(node: RaftNode, proposer: ProposerHandle, term: u64, config: S
             };
             let proposer = proposer.clone();
             let dag_id = dag.spec.dag_id.clone();
-            proposals.push(async move { (dag_id, window, proposer.propose(system_request(cmd)).await) });
+            proposals
+                .push(async move { (dag_id, window, proposer.propose(system_request(cmd)).await) });
         }
     }
     for (dag_id, window, res) in futures::future::join_all(proposals).await {
@@ -137,10 +159,14 @@ async fn fire_due(node: RaftNode, proposer: ProposerHandle, term: u64, config: S
                         debug!(dag_id = %dag_id, run_id = %run_id, window_end = window.end_ms, lag_ms = lag, "window fired");
                     }
                 }
-                Outcome::StaleTerm { .. } => info!(dag_id = %dag_id, term, "fire rejected: no longer leader of this term"),
+                Outcome::StaleTerm { .. } => {
+                    info!(dag_id = %dag_id, term, "fire rejected: no longer leader of this term")
+                }
                 o => debug!(dag_id = %dag_id, outcome = ?o, "window not fired"),
             },
-            Err(e) => warn!(dag_id = %dag_id, error = %e, "fire proposal failed; retried next tick"),
+            Err(e) => {
+                warn!(dag_id = %dag_id, error = %e, "fire proposal failed; retried next tick")
+            }
         }
     }
 }
@@ -155,7 +181,13 @@ impl Handler<Leadership> for Scheduler {
         if msg == self.leadership {
             return;
         }
-        info!(node = self.node.id, serving = msg.serving, term = msg.term, actor = "scheduler", "leadership changed");
+        info!(
+            node = self.node.id,
+            serving = msg.serving,
+            term = msg.term,
+            actor = "scheduler",
+            "leadership changed"
+        );
         self.leadership = msg;
         if let Some(t) = self.timer.take() {
             ctx.cancel_future(t);

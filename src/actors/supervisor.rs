@@ -33,13 +33,21 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(node: RaftNode, proposer: ProposerHandle, rt: tokio::runtime::Handle, config: Arc<Config>) -> Self {
+    pub fn new(
+        node: RaftNode,
+        proposer: ProposerHandle,
+        rt: tokio::runtime::Handle,
+        config: Arc<Config>,
+    ) -> Self {
         Supervisor {
             node,
             proposer,
             rt,
             config,
-            leadership: Leadership { serving: false, term: 0 },
+            leadership: Leadership {
+                serving: false,
+                term: 0,
+            },
             timer: None,
             busy: false,
             last_notify: Instant::now(),
@@ -67,16 +75,17 @@ impl Supervisor {
         let term = self.leadership.term;
         let node = self.node.clone();
         let proposer = self.proposer.clone();
-        let purge = (self.last_purge.elapsed() >= Duration::from_millis(self.config.retention.purge_every_ms))
-            .then(|| {
-                self.last_purge = Instant::now();
-                let now = chrono::Utc::now().timestamp_millis();
-                Command::Purge {
-                    term,
-                    before_ms: now - self.config.retention.runs_ms as i64,
-                    records_before_ms: now - self.config.retention.idempotency_ms as i64,
-                }
-            });
+        let purge = (self.last_purge.elapsed()
+            >= Duration::from_millis(self.config.retention.purge_every_ms))
+        .then(|| {
+            self.last_purge = Instant::now();
+            let now = chrono::Utc::now().timestamp_millis();
+            Command::Purge {
+                term,
+                before_ms: now - self.config.retention.runs_ms as i64,
+                records_before_ms: now - self.config.retention.idempotency_ms as i64,
+            }
+        });
         let job = self.rt.spawn(async move {
             let active = node
                 .db
@@ -84,7 +93,10 @@ impl Supervisor {
                 .map(|v| !v.is_empty())
                 .unwrap_or(false);
             if active {
-                if let Err(e) = proposer.propose(system_request(Command::Supervise { term })).await {
+                if let Err(e) = proposer
+                    .propose(system_request(Command::Supervise { term }))
+                    .await
+                {
                     warn!(error = %e, "supervise proposal failed");
                 }
             }
@@ -106,7 +118,11 @@ impl Supervisor {
 
     /// Deliver every pending webhook not already being delivered, in the background.
     fn deliver_notifications(&mut self) {
-        let pending = match self.node.db.scan_prefix(Table::Notifications, b"", None, 256) {
+        let pending = match self
+            .node
+            .db
+            .scan_prefix(Table::Notifications, b"", None, 256)
+        {
             Ok(p) => p,
             Err(e) => {
                 warn!(error = %e, "cannot read notifications");
@@ -121,7 +137,9 @@ impl Supervisor {
                     continue;
                 }
             }
-            let Ok(n) = serde_json::from_slice::<Notification>(&v) else { continue };
+            let Ok(n) = serde_json::from_slice::<Notification>(&v) else {
+                continue;
+            };
             let http = self.http.clone();
             let proposer = self.proposer.clone();
             let delivering = self.delivering.clone();
@@ -165,7 +183,13 @@ impl Handler<Leadership> for Supervisor {
         if msg == self.leadership {
             return;
         }
-        info!(node = self.node.id, serving = msg.serving, term = msg.term, actor = "supervisor", "leadership changed");
+        info!(
+            node = self.node.id,
+            serving = msg.serving,
+            term = msg.term,
+            actor = "supervisor",
+            "leadership changed"
+        );
         self.leadership = msg;
         if let Some(t) = self.timer.take() {
             ctx.cancel_future(t);

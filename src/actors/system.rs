@@ -37,18 +37,33 @@ pub struct StartError(String);
 impl ActorSystem {
     /// Start the actix system on its own thread and the node's actors in it.
     pub fn start(node: RaftNode, config: Arc<Config>) -> Result<ActorSystem, StartError> {
-        let rt = tokio::runtime::Handle::try_current().map_err(|e| StartError(format!("no tokio runtime: {e}")))?;
+        let rt = tokio::runtime::Handle::try_current()
+            .map_err(|e| StartError(format!("no tokio runtime: {e}")))?;
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("actix".into())
             .spawn(move || {
                 let sys = System::new();
                 sys.block_on(async move {
-                    let proposer = ProposerHandle::new(Proposer::new(node.clone(), rt.clone()).start());
+                    let proposer =
+                        ProposerHandle::new(Proposer::new(node.clone(), rt.clone()).start());
                     let stats = Arc::new(super::scheduler::Stats::default());
-                    let scheduler = Scheduler::new(node.clone(), proposer.clone(), rt.clone(), config.scheduler.clone(), stats.clone());
-                    let supervisor = Supervisor::new(node.clone(), proposer.clone(), rt.clone(), config.clone());
-                    let executor = Executor::new(node.clone(), proposer.clone(), rt.clone(), config.executor.clone(), config.data_dir.clone());
+                    let scheduler = Scheduler::new(
+                        node.clone(),
+                        proposer.clone(),
+                        rt.clone(),
+                        config.scheduler.clone(),
+                        stats.clone(),
+                    );
+                    let supervisor =
+                        Supervisor::new(node.clone(), proposer.clone(), rt.clone(), config.clone());
+                    let executor = Executor::new(
+                        node.clone(),
+                        proposer.clone(),
+                        rt.clone(),
+                        config.executor.clone(),
+                        config.data_dir.clone(),
+                    );
                     let actors = Actors {
                         proposer,
                         registry: RegistryHandle::new(Registry::new(node.db.clone()).start()),
@@ -64,8 +79,14 @@ impl ActorSystem {
                 }
             })
             .map_err(|e| StartError(e.to_string()))?;
-        let (system, actors) = rx.recv().map_err(|_| StartError("actor thread exited during start".into()))?;
-        Ok(ActorSystem { system, thread: Some(thread), actors })
+        let (system, actors) = rx
+            .recv()
+            .map_err(|_| StartError("actor thread exited during start".into()))?;
+        Ok(ActorSystem {
+            system,
+            thread: Some(thread),
+            actors,
+        })
     }
 
     /// Stop every actor and wait for the thread.

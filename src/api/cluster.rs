@@ -39,7 +39,11 @@ pub async fn readyz(State(st): State<ApiState>) -> Response {
         "applied_index": s.applied_index,
         "committed_index": s.committed_index,
     });
-    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(body)).into_response()
 }
 
@@ -72,41 +76,75 @@ struct MemberInput {
 }
 
 /// `POST /cluster/members`: add a node as learner, let it catch up, make it a voter.
-pub async fn add_member(State(st): State<ApiState>, headers: HeaderMap, body: Result<Json<Value>, JsonRejection>) -> Result<Response, ApiError> {
+pub async fn add_member(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
     principal(&st, &headers, Access::Admin)?;
-    let m: MemberInput = serde_json::from_value(json_body(body)?).map_err(|e| ApiError::InvalidRequest(format!("invalid member: {e}")))?;
+    let m: MemberInput = serde_json::from_value(json_body(body)?)
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid member: {e}")))?;
     for (f, a) in [("api_addr", &m.api_addr), ("peer_addr", &m.peer_addr)] {
         if a.parse::<std::net::SocketAddr>().is_err() {
-            return Err(ApiError::InvalidRequest(format!("{f}: '{a}' is not IP:port")));
+            return Err(ApiError::InvalidRequest(format!(
+                "{f}: '{a}' is not IP:port"
+            )));
         }
     }
     if m.node_id == 0 {
         return Err(ApiError::InvalidRequest("node_id must be 1 or more".into()));
     }
-    let op = MembershipOp::Add { node_id: m.node_id, member: Member { api_addr: m.api_addr, peer_addr: m.peer_addr } };
+    let op = MembershipOp::Add {
+        node_id: m.node_id,
+        member: Member {
+            api_addr: m.api_addr,
+            peer_addr: m.peer_addr,
+        },
+    };
     let status = st.node.change_membership_anywhere(op).await?;
     Ok(Json(status).into_response())
 }
 
 /// `DELETE /cluster/members/{node_id}`.
-pub async fn remove_member(State(st): State<ApiState>, headers: HeaderMap, Path(node_id): Path<String>) -> Result<Response, ApiError> {
+pub async fn remove_member(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(node_id): Path<String>,
+) -> Result<Response, ApiError> {
     principal(&st, &headers, Access::Admin)?;
-    let node_id: u64 = node_id.parse().map_err(|_| ApiError::InvalidRequest(format!("node id '{node_id}' is not a number")))?;
-    let status = st.node.change_membership_anywhere(MembershipOp::Remove { node_id }).await?;
+    let node_id: u64 = node_id
+        .parse()
+        .map_err(|_| ApiError::InvalidRequest(format!("node id '{node_id}' is not a number")))?;
+    let status = st
+        .node
+        .change_membership_anywhere(MembershipOp::Remove { node_id })
+        .await?;
     Ok(Json(status).into_response())
 }
 
 /// `POST /cluster/snapshot`: build a snapshot on this node now (the log behind it is
 /// then purged) and report the log size before and after.
-pub async fn snapshot(State(st): State<ApiState>, headers: HeaderMap, _body: Bytes) -> Result<Response, ApiError> {
+pub async fn snapshot(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    _body: Bytes,
+) -> Result<Response, ApiError> {
     principal(&st, &headers, Access::Admin)?;
     let before = st.node.db.log_size_bytes();
-    st.node.raft.trigger().snapshot().await.map_err(|e| ApiError::DependencyDown(e.to_string()))?;
+    st.node
+        .raft
+        .trigger()
+        .snapshot()
+        .await
+        .map_err(|e| ApiError::DependencyDown(e.to_string()))?;
     let applied = st.node.status().await.applied_index;
     st.node
         .raft
         .wait(Some(std::time::Duration::from_secs(30)))
-        .metrics(|m| m.snapshot.map(|s| s.index) >= applied, "snapshot covering the applied index")
+        .metrics(
+            |m| m.snapshot.map(|s| s.index) >= applied,
+            "snapshot covering the applied index",
+        )
         .await
         .map_err(|e| ApiError::DependencyDown(format!("snapshot did not complete: {e}")))?;
     st.node.db.compact_log();

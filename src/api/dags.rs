@@ -9,7 +9,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::routes::{commit, decode_cursor, fmt_ms, json_body, now_ms, page_limit, principal, stamp, with_replay, ApiState};
+use super::routes::{
+    commit, decode_cursor, fmt_ms, json_body, now_ms, page_limit, principal, stamp, with_replay,
+    ApiState,
+};
 use crate::auth::Access;
 use crate::dag::{self, DagInput};
 use crate::schedule::Schedule;
@@ -28,10 +31,15 @@ fn status_of(dag: &Dag) -> &'static str {
 }
 
 /// `POST /dags`: create or update. `version` in the body or `If-Match` guards updates.
-pub async fn submit(State(st): State<ApiState>, headers: HeaderMap, body: Result<Json<Value>, JsonRejection>) -> Result<Response, ApiError> {
+pub async fn submit(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
     let p = principal(&st, &headers, Access::Write)?;
     let raw = json_body(body)?;
-    let input: DagInput = serde_json::from_value(raw.clone()).map_err(|e| ApiError::InvalidRequest(format!("invalid DAG: {e}")))?;
+    let input: DagInput = serde_json::from_value(raw.clone())
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid DAG: {e}")))?;
     let spec = dag::validate(&input)?;
     let if_match = headers
         .get(header::IF_MATCH)
@@ -40,19 +48,35 @@ pub async fn submit(State(st): State<ApiState>, headers: HeaderMap, body: Result
         .transpose()
         .map_err(|_| ApiError::InvalidRequest("If-Match must be a DAG version number".into()))?;
     let paused = spec.paused;
-    let cmd = Command::PutDag { tenant: p.tenant.clone(), spec, expected_version: input.version.or(if_match) };
+    let cmd = Command::PutDag {
+        tenant: p.tenant.clone(),
+        spec,
+        expected_version: input.version.or(if_match),
+    };
     let (outcome, replayed) = commit(&st, stamp(&p, &headers, "POST /dags", &raw, cmd)).await?;
-    let Outcome::DagPut { dag_id, version, .. } = outcome else {
-        return Err(ApiError::Internal(format!("unexpected outcome {outcome:?}")));
+    let Outcome::DagPut {
+        dag_id, version, ..
+    } = outcome
+    else {
+        return Err(ApiError::Internal(format!(
+            "unexpected outcome {outcome:?}"
+        )));
     };
     let status = if paused { "paused" } else { "active" };
-    Ok(with_replay(Json(json!({"dag_id": dag_id, "status": status, "version": version})).into_response(), replayed))
+    Ok(with_replay(
+        Json(json!({"dag_id": dag_id, "status": status, "version": version})).into_response(),
+        replayed,
+    ))
 }
 
 async fn load(st: &ApiState, tenant: &str, dag_id: &str) -> Result<Dag, ApiError> {
     st.node.linearizable_barrier().await?;
-    let dag: Option<Dag> = st.node.db.get_json(Table::Dags.name(), &keys::dag(tenant, dag_id))?;
-    dag.filter(|d| !d.deleted).ok_or_else(|| ApiError::NotFound(format!("dag '{dag_id}' not found")))
+    let dag: Option<Dag> = st
+        .node
+        .db
+        .get_json(Table::Dags.name(), &keys::dag(tenant, dag_id))?;
+    dag.filter(|d| !d.deleted)
+        .ok_or_else(|| ApiError::NotFound(format!("dag '{dag_id}' not found")))
 }
 
 fn summary(dag: &Dag) -> Value {
@@ -69,7 +93,11 @@ fn summary(dag: &Dag) -> Value {
 }
 
 /// `GET /dags/{dag_id}`: the current definition, version and next scheduled windows.
-pub async fn get_one(State(st): State<ApiState>, headers: HeaderMap, Path(dag_id): Path<String>) -> Result<Response, ApiError> {
+pub async fn get_one(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(dag_id): Path<String>,
+) -> Result<Response, ApiError> {
     let p = principal(&st, &headers, Access::Read)?;
     let dag = load(&st, &p.tenant, &dag_id).await?;
     let next: Vec<String> = dag
@@ -85,7 +113,8 @@ pub async fn get_one(State(st): State<ApiState>, headers: HeaderMap, Path(dag_id
         .get(Table::Cursors.name(), &keys::dag(&p.tenant, &dag_id))?
         .and_then(|b| keys::from_ordered_i64(&b));
     let mut v = summary(&dag);
-    v["definition"] = serde_json::to_value(&dag.spec).map_err(|e| ApiError::Internal(e.to_string()))?;
+    v["definition"] =
+        serde_json::to_value(&dag.spec).map_err(|e| ApiError::Internal(e.to_string()))?;
     v["created_at"] = json!(fmt_ms(dag.created_ms));
     v["next_fire_times"] = json!(next);
     v["last_fired_window_end"] = json!(cursor.map(fmt_ms));
@@ -100,7 +129,11 @@ pub struct ListQuery {
 }
 
 /// `GET /dags?limit=&cursor=`: the tenant's DAGs in id order.
-pub async fn list(State(st): State<ApiState>, headers: HeaderMap, q: Result<Query<ListQuery>, QueryRejection>) -> Result<Response, ApiError> {
+pub async fn list(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
     let p = principal(&st, &headers, Access::Read)?;
     let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let limit = page_limit(q.limit)?;
@@ -111,7 +144,10 @@ pub async fn list(State(st): State<ApiState>, headers: HeaderMap, q: Result<Quer
     let mut last = after.clone();
     let mut more = false;
     loop {
-        let page = st.node.db.scan_prefix(Table::Dags, &prefix, last.as_deref(), limit + 1)?;
+        let page = st
+            .node
+            .db
+            .scan_prefix(Table::Dags, &prefix, last.as_deref(), limit + 1)?;
         let exhausted = page.len() <= limit;
         for (k, v) in page {
             if out.len() == limit {
@@ -119,7 +155,8 @@ pub async fn list(State(st): State<ApiState>, headers: HeaderMap, q: Result<Quer
                 break;
             }
             last = Some(k);
-            let dag: Dag = serde_json::from_slice(&v).map_err(|e| ApiError::Internal(e.to_string()))?;
+            let dag: Dag =
+                serde_json::from_slice(&v).map_err(|e| ApiError::Internal(e.to_string()))?;
             if !dag.deleted {
                 out.push(summary(&dag));
             }
@@ -132,35 +169,82 @@ pub async fn list(State(st): State<ApiState>, headers: HeaderMap, q: Result<Quer
     Ok(Json(json!({"dags": out, "next_cursor": next})).into_response())
 }
 
-async fn set_paused(st: ApiState, headers: HeaderMap, dag_id: String, paused: bool) -> Result<Response, ApiError> {
+async fn set_paused(
+    st: ApiState,
+    headers: HeaderMap,
+    dag_id: String,
+    paused: bool,
+) -> Result<Response, ApiError> {
     let p = principal(&st, &headers, Access::Write)?;
-    let route = if paused { "POST /dags/pause" } else { "POST /dags/unpause" };
-    let cmd = Command::SetPaused { tenant: p.tenant.clone(), dag_id: dag_id.clone(), paused };
+    let route = if paused {
+        "POST /dags/pause"
+    } else {
+        "POST /dags/unpause"
+    };
+    let cmd = Command::SetPaused {
+        tenant: p.tenant.clone(),
+        dag_id: dag_id.clone(),
+        paused,
+    };
     let (outcome, replayed) = commit(&st, stamp(&p, &headers, route, &json!(dag_id), cmd)).await?;
-    let Outcome::DagPaused { dag_id, version, paused } = outcome else {
-        return Err(ApiError::Internal(format!("unexpected outcome {outcome:?}")));
+    let Outcome::DagPaused {
+        dag_id,
+        version,
+        paused,
+    } = outcome
+    else {
+        return Err(ApiError::Internal(format!(
+            "unexpected outcome {outcome:?}"
+        )));
     };
     let status = if paused { "paused" } else { "active" };
-    Ok(with_replay(Json(json!({"dag_id": dag_id, "status": status, "version": version})).into_response(), replayed))
+    Ok(with_replay(
+        Json(json!({"dag_id": dag_id, "status": status, "version": version})).into_response(),
+        replayed,
+    ))
 }
 
 /// `POST /dags/{dag_id}/pause`: stop firing its schedule (runs in flight continue).
-pub async fn pause(State(st): State<ApiState>, headers: HeaderMap, Path(dag_id): Path<String>) -> Result<Response, ApiError> {
+pub async fn pause(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(dag_id): Path<String>,
+) -> Result<Response, ApiError> {
     set_paused(st, headers, dag_id, true).await
 }
 
 /// `POST /dags/{dag_id}/unpause`.
-pub async fn unpause(State(st): State<ApiState>, headers: HeaderMap, Path(dag_id): Path<String>) -> Result<Response, ApiError> {
+pub async fn unpause(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(dag_id): Path<String>,
+) -> Result<Response, ApiError> {
     set_paused(st, headers, dag_id, false).await
 }
 
 /// `DELETE /dags/{dag_id}`: stops scheduling; its runs stay readable.
-pub async fn delete(State(st): State<ApiState>, headers: HeaderMap, Path(dag_id): Path<String>) -> Result<Response, ApiError> {
+pub async fn delete(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(dag_id): Path<String>,
+) -> Result<Response, ApiError> {
     let p = principal(&st, &headers, Access::Write)?;
-    let cmd = Command::DeleteDag { tenant: p.tenant.clone(), dag_id: dag_id.clone() };
-    let (outcome, replayed) = commit(&st, stamp(&p, &headers, "DELETE /dags", &json!(dag_id), cmd)).await?;
-    let Outcome::DagDeleted { dag_id } = outcome else {
-        return Err(ApiError::Internal(format!("unexpected outcome {outcome:?}")));
+    let cmd = Command::DeleteDag {
+        tenant: p.tenant.clone(),
+        dag_id: dag_id.clone(),
     };
-    Ok(with_replay(Json(json!({"dag_id": dag_id, "status": "deleted"})).into_response(), replayed))
+    let (outcome, replayed) = commit(
+        &st,
+        stamp(&p, &headers, "DELETE /dags", &json!(dag_id), cmd),
+    )
+    .await?;
+    let Outcome::DagDeleted { dag_id } = outcome else {
+        return Err(ApiError::Internal(format!(
+            "unexpected outcome {outcome:?}"
+        )));
+    };
+    Ok(with_replay(
+        Json(json!({"dag_id": dag_id, "status": "deleted"})).into_response(),
+        replayed,
+    ))
 }

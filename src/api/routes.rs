@@ -45,7 +45,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/runs/{run_id}", get(runs::get_one))
         .route("/runs/{run_id}/cancel", post(runs::cancel))
         .route("/runs/{run_id}/retry", post(runs::retry))
-        .route("/runs/{run_id}/tasks/{task_id}/attempts/{attempt}/log", get(runs::attempt_log))
+        .route(
+            "/runs/{run_id}/tasks/{task_id}/attempts/{attempt}/log",
+            get(runs::attempt_log),
+        )
         .route("/cluster/status", get(cluster::status))
         .route("/cluster/members", post(cluster::add_member))
         .route("/cluster/members/{node_id}", delete(cluster::remove_member))
@@ -87,9 +90,9 @@ async fn request_id_and_errors(req: HttpRequest<axum::body::Body>, next: Next) -
     if !is_json && (resp.status().is_client_error() || resp.status().is_server_error()) {
         let status = resp.status();
         resp = match status {
-            StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(format!(
-                "request body exceeds {MAX_BODY_BYTES} bytes"
-            )),
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::PayloadTooLarge(format!("request body exceeds {MAX_BODY_BYTES} bytes"))
+            }
             StatusCode::UNSUPPORTED_MEDIA_TYPE => {
                 ApiError::UnsupportedMediaType("send Content-Type: application/json".into())
             }
@@ -113,7 +116,11 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
 }
 
-pub(super) fn principal(st: &ApiState, headers: &HeaderMap, access: Access) -> Result<Principal, ApiError> {
+pub(super) fn principal(
+    st: &ApiState,
+    headers: &HeaderMap,
+    access: Access,
+) -> Result<Principal, ApiError> {
     let p = st.verifier.verify_header(
         headers
             .get(header::AUTHORIZATION)
@@ -133,7 +140,9 @@ pub(super) fn fmt_ms(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-pub(super) fn json_body<T: serde::de::DeserializeOwned>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+pub(super) fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<Json<T>, JsonRejection>,
+) -> Result<T, ApiError> {
     match body {
         Ok(Json(v)) => Ok(v),
         Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::UnsupportedMediaType(
@@ -144,7 +153,13 @@ pub(super) fn json_body<T: serde::de::DeserializeOwned>(body: Result<Json<T>, Js
 }
 
 /// Build a request for `command`, with the client's idempotency key if it sent one.
-pub(super) fn stamp(p: &Principal, headers: &HeaderMap, route: &str, body: &Value, command: Command) -> Request {
+pub(super) fn stamp(
+    p: &Principal,
+    headers: &HeaderMap,
+    route: &str,
+    body: &Value,
+    command: Command,
+) -> Request {
     let idempotency = headers
         .get(REQUEST_ID)
         .and_then(|v| v.to_str().ok())
@@ -188,14 +203,20 @@ pub(super) fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
     match limit {
         None => Ok(50),
         Some(n) if (1..=500).contains(&n) => Ok(n),
-        Some(n) => Err(ApiError::InvalidRequest(format!("limit: {n} is not between 1 and 500"))),
+        Some(n) => Err(ApiError::InvalidRequest(format!(
+            "limit: {n} is not between 1 and 500"
+        ))),
     }
 }
 
 /// Decode an opaque list cursor (the hex of the last key returned).
 pub(super) fn decode_cursor(cursor: Option<&str>) -> Result<Option<Vec<u8>>, ApiError> {
     cursor
-        .map(|c| hex::decode(c).map_err(|_| ApiError::InvalidRequest("cursor: not a cursor this API returned".into())))
+        .map(|c| {
+            hex::decode(c).map_err(|_| {
+                ApiError::InvalidRequest("cursor: not a cursor this API returned".into())
+            })
+        })
         .transpose()
 }
 
@@ -206,4 +227,3 @@ pub(super) fn with_replay(mut resp: Response, replayed: bool) -> Response {
     }
     resp
 }
-

@@ -10,7 +10,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::routes::{commit, decode_cursor, fmt_ms, json_body, now_ms, page_limit, principal, stamp, with_replay, ApiState};
+use super::routes::{
+    commit, decode_cursor, fmt_ms, json_body, now_ms, page_limit, principal, stamp, with_replay,
+    ApiState,
+};
 use crate::auth::Access;
 use crate::dag;
 use crate::state::machine::keys;
@@ -34,18 +37,29 @@ fn parse_run_type(s: &str) -> Result<RunType, ApiError> {
         "manual" => Ok(RunType::Manual),
         "backfill" => Ok(RunType::Backfill),
         "scheduled" => Ok(RunType::Scheduled),
-        other => Err(ApiError::InvalidRequest(format!("run_type: '{other}' is not manual, backfill or scheduled"))),
+        other => Err(ApiError::InvalidRequest(format!(
+            "run_type: '{other}' is not manual, backfill or scheduled"
+        ))),
     }
 }
 
 /// `POST /runs`: a manual or backfill run; idempotent by `(dag_id, window)`.
-pub async fn trigger(State(st): State<ApiState>, headers: HeaderMap, body: Result<Json<Value>, JsonRejection>) -> Result<Response, ApiError> {
+pub async fn trigger(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
     let p = principal(&st, &headers, Access::Write)?;
     let raw = json_body(body)?;
-    let input: RunInput = serde_json::from_value(raw.clone()).map_err(|e| ApiError::InvalidRequest(format!("invalid run request: {e}")))?;
+    let input: RunInput = serde_json::from_value(raw.clone())
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid run request: {e}")))?;
     dag::check_id("dag_id", &input.dag_id)?;
     let run_type = match parse_run_type(input.run_type.as_deref().unwrap_or("manual"))? {
-        RunType::Scheduled => return Err(ApiError::InvalidRequest("run_type: scheduled runs are made by the scheduler; use manual or backfill".into())),
+        RunType::Scheduled => {
+            return Err(ApiError::InvalidRequest(
+                "run_type: scheduled runs are made by the scheduler; use manual or backfill".into(),
+            ))
+        }
         t => t,
     };
     // Dates are midnight in the DAG's timezone: look the DAG up (current read).
@@ -53,7 +67,10 @@ pub async fn trigger(State(st): State<ApiState>, headers: HeaderMap, body: Resul
         (None, None) => "UTC".to_string(),
         _ => {
             st.node.linearizable_barrier().await?;
-            let dag: Option<Dag> = st.node.db.get_json(Table::Dags.name(), &keys::dag(&p.tenant, &input.dag_id))?;
+            let dag: Option<Dag> = st
+                .node
+                .db
+                .get_json(Table::Dags.name(), &keys::dag(&p.tenant, &input.dag_id))?;
             dag.filter(|d| !d.deleted)
                 .ok_or_else(|| ApiError::NotFound(format!("dag '{}' not found", input.dag_id)))?
                 .spec
@@ -70,22 +87,43 @@ pub async fn trigger(State(st): State<ApiState>, headers: HeaderMap, body: Resul
             }
             Window { start_ms, end_ms }
         }
-        (None, None) if run_type == RunType::Manual => Window { start_ms: now, end_ms: now },
-        _ => return Err(ApiError::InvalidRequest("give both from and to (a backfill needs them; a manual run may omit both)".into())),
+        (None, None) if run_type == RunType::Manual => Window {
+            start_ms: now,
+            end_ms: now,
+        },
+        _ => {
+            return Err(ApiError::InvalidRequest(
+                "give both from and to (a backfill needs them; a manual run may omit both)".into(),
+            ))
+        }
     };
-    let cmd = Command::TriggerRun { tenant: p.tenant.clone(), dag_id: input.dag_id.clone(), run_type, window };
+    let cmd = Command::TriggerRun {
+        tenant: p.tenant.clone(),
+        dag_id: input.dag_id.clone(),
+        run_type,
+        window,
+    };
     let mut req = stamp(&p, &headers, "POST /runs", &raw, cmd);
     req.proposed_at_ms = now;
     let (outcome, replayed) = commit(&st, req).await?;
     let Outcome::RunTriggered { run_id, state, .. } = outcome else {
-        return Err(ApiError::Internal(format!("unexpected outcome {outcome:?}")));
+        return Err(ApiError::Internal(format!(
+            "unexpected outcome {outcome:?}"
+        )));
     };
-    Ok(with_replay(Json(json!({"run_id": run_id, "state": state})).into_response(), replayed))
+    Ok(with_replay(
+        Json(json!({"run_id": run_id, "state": state})).into_response(),
+        replayed,
+    ))
 }
 
 /// The full JSON of a run: the spec's `run_id`, `state`, `tasks` map, plus detail.
 pub fn render_run(run: &Run) -> Value {
-    let tasks: serde_json::Map<String, Value> = run.tasks.iter().map(|(id, t)| (id.clone(), json!(t.state))).collect();
+    let tasks: serde_json::Map<String, Value> = run
+        .tasks
+        .iter()
+        .map(|(id, t)| (id.clone(), json!(t.state)))
+        .collect();
     let detail: serde_json::Map<String, Value> = run
         .tasks
         .iter()
@@ -133,11 +171,16 @@ async fn load(st: &ApiState, tenant: &str, run_id: &str) -> Result<Run, ApiError
     st.node.linearizable_barrier().await?;
     let run: Option<Run> = st.node.db.get_json(Table::Runs.name(), run_id.as_bytes())?;
     // Another tenant's run is indistinguishable from a missing one.
-    run.filter(|r| r.tenant == tenant).ok_or_else(|| ApiError::NotFound(format!("run '{run_id}' not found")))
+    run.filter(|r| r.tenant == tenant)
+        .ok_or_else(|| ApiError::NotFound(format!("run '{run_id}' not found")))
 }
 
 /// `GET /runs/{run_id}`.
-pub async fn get_one(State(st): State<ApiState>, headers: HeaderMap, Path(run_id): Path<String>) -> Result<Response, ApiError> {
+pub async fn get_one(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(run_id): Path<String>,
+) -> Result<Response, ApiError> {
     let p = principal(&st, &headers, Access::Read)?;
     let run = load(&st, &p.tenant, &run_id).await?;
     Ok(Json(render_run(&run)).into_response())
@@ -158,25 +201,45 @@ pub struct ListQuery {
 }
 
 /// `GET /runs?dag_id=&state=&run_type=&from=&to=&limit=&cursor=`: newest first.
-pub async fn list(State(st): State<ApiState>, headers: HeaderMap, q: Result<Query<ListQuery>, QueryRejection>) -> Result<Response, ApiError> {
+pub async fn list(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
     let p = principal(&st, &headers, Access::Read)?;
     let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let limit = page_limit(q.limit)?;
     let state: Option<RunState> = q
         .state
         .as_deref()
-        .map(|s| serde_json::from_value(json!(s)).map_err(|_| ApiError::InvalidRequest(format!("state: '{s}' is not queued, running, done, failed or cancelled"))))
+        .map(|s| {
+            serde_json::from_value(json!(s)).map_err(|_| {
+                ApiError::InvalidRequest(format!(
+                    "state: '{s}' is not queued, running, done, failed or cancelled"
+                ))
+            })
+        })
         .transpose()?;
     let run_type = q.run_type.as_deref().map(parse_run_type).transpose()?;
-    let from = q.from.as_deref().map(|s| dag::parse_instant("from", s, "UTC")).transpose()?;
-    let to = q.to.as_deref().map(|s| dag::parse_instant("to", s, "UTC")).transpose()?;
+    let from = q
+        .from
+        .as_deref()
+        .map(|s| dag::parse_instant("from", s, "UTC"))
+        .transpose()?;
+    let to =
+        q.to.as_deref()
+            .map(|s| dag::parse_instant("to", s, "UTC"))
+            .transpose()?;
     if let Some(d) = &q.dag_id {
         dag::check_id("dag_id", d)?;
     }
     let mut before = decode_cursor(q.cursor.as_deref())?;
     st.node.linearizable_barrier().await?;
     let (table, prefix) = match &q.dag_id {
-        Some(d) => (Table::RunsByDag, keys::prefix(&[p.tenant.as_bytes(), d.as_bytes()])),
+        Some(d) => (
+            Table::RunsByDag,
+            keys::prefix(&[p.tenant.as_bytes(), d.as_bytes()]),
+        ),
         None => (Table::RunsByTenant, keys::prefix(&[p.tenant.as_bytes()])),
     };
     let mut out = Vec::new();
@@ -184,7 +247,10 @@ pub async fn list(State(st): State<ApiState>, headers: HeaderMap, q: Result<Quer
     // Scan at most this many index entries per request, filters or not.
     let mut budget = 20 * limit + 100;
     'scan: loop {
-        let page = st.node.db.scan_prefix_rev(table, &prefix, before.as_deref(), 256)?;
+        let page = st
+            .node
+            .db
+            .scan_prefix_rev(table, &prefix, before.as_deref(), 256)?;
         if page.is_empty() {
             break;
         }
@@ -196,7 +262,9 @@ pub async fn list(State(st): State<ApiState>, headers: HeaderMap, q: Result<Quer
             budget -= 1;
             before = Some(k.clone());
             let run_id = keys::last_part(&k);
-            let Some(run) = st.node.db.get_json::<Run>(Table::Runs.name(), run_id)? else { continue };
+            let Some(run) = st.node.db.get_json::<Run>(Table::Runs.name(), run_id)? else {
+                continue;
+            };
             let keep = state.is_none_or(|s| run.state == s)
                 && run_type.is_none_or(|t| run.run_type == t)
                 && from.is_none_or(|f| run.window.start_ms >= f)
@@ -216,25 +284,57 @@ pub async fn list(State(st): State<ApiState>, headers: HeaderMap, q: Result<Quer
 }
 
 /// `POST /runs/{run_id}/cancel`: unfinished tasks are cancelled, running attempts killed.
-pub async fn cancel(State(st): State<ApiState>, headers: HeaderMap, Path(run_id): Path<String>) -> Result<Response, ApiError> {
+pub async fn cancel(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(run_id): Path<String>,
+) -> Result<Response, ApiError> {
     let p = principal(&st, &headers, Access::Write)?;
-    let cmd = Command::CancelRun { tenant: p.tenant.clone(), run_id: run_id.clone() };
-    let (outcome, replayed) = commit(&st, stamp(&p, &headers, "POST /runs/cancel", &json!(run_id), cmd)).await?;
-    let Outcome::RunCancelled { run_id, state } = outcome else {
-        return Err(ApiError::Internal(format!("unexpected outcome {outcome:?}")));
+    let cmd = Command::CancelRun {
+        tenant: p.tenant.clone(),
+        run_id: run_id.clone(),
     };
-    Ok(with_replay(Json(json!({"run_id": run_id, "state": state})).into_response(), replayed))
+    let (outcome, replayed) = commit(
+        &st,
+        stamp(&p, &headers, "POST /runs/cancel", &json!(run_id), cmd),
+    )
+    .await?;
+    let Outcome::RunCancelled { run_id, state } = outcome else {
+        return Err(ApiError::Internal(format!(
+            "unexpected outcome {outcome:?}"
+        )));
+    };
+    Ok(with_replay(
+        Json(json!({"run_id": run_id, "state": state})).into_response(),
+        replayed,
+    ))
 }
 
 /// `POST /runs/{run_id}/retry`: re-run failed and upstream-failed tasks as new attempts.
-pub async fn retry(State(st): State<ApiState>, headers: HeaderMap, Path(run_id): Path<String>) -> Result<Response, ApiError> {
+pub async fn retry(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(run_id): Path<String>,
+) -> Result<Response, ApiError> {
     let p = principal(&st, &headers, Access::Write)?;
-    let cmd = Command::RetryRun { tenant: p.tenant.clone(), run_id: run_id.clone() };
-    let (outcome, replayed) = commit(&st, stamp(&p, &headers, "POST /runs/retry", &json!(run_id), cmd)).await?;
-    let Outcome::RunRetried { run_id, tasks } = outcome else {
-        return Err(ApiError::Internal(format!("unexpected outcome {outcome:?}")));
+    let cmd = Command::RetryRun {
+        tenant: p.tenant.clone(),
+        run_id: run_id.clone(),
     };
-    Ok(with_replay(Json(json!({"run_id": run_id, "state": "queued", "retried_tasks": tasks})).into_response(), replayed))
+    let (outcome, replayed) = commit(
+        &st,
+        stamp(&p, &headers, "POST /runs/retry", &json!(run_id), cmd),
+    )
+    .await?;
+    let Outcome::RunRetried { run_id, tasks } = outcome else {
+        return Err(ApiError::Internal(format!(
+            "unexpected outcome {outcome:?}"
+        )));
+    };
+    Ok(with_replay(
+        Json(json!({"run_id": run_id, "state": "queued", "retried_tasks": tasks})).into_response(),
+        replayed,
+    ))
 }
 
 /// `GET /runs/{run_id}/tasks/{task_id}/attempts/{attempt}/log`: the attempt's output,
@@ -245,19 +345,29 @@ pub async fn attempt_log(
     Path((run_id, task_id, attempt)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
     let p = principal(&st, &headers, Access::Read)?;
-    let attempt: u32 = attempt.parse().map_err(|_| ApiError::InvalidRequest(format!("attempt '{attempt}' is not a number")))?;
+    let attempt: u32 = attempt
+        .parse()
+        .map_err(|_| ApiError::InvalidRequest(format!("attempt '{attempt}' is not a number")))?;
     let run = load(&st, &p.tenant, &run_id).await?;
     let node = run
         .tasks
         .get(&task_id)
         .and_then(|t| t.attempts.iter().find(|a| a.attempt == attempt))
         .map(|a| a.node)
-        .ok_or_else(|| ApiError::NotFound(format!("attempt {attempt} of task '{task_id}' not found")))?;
+        .ok_or_else(|| {
+            ApiError::NotFound(format!("attempt {attempt} of task '{task_id}' not found"))
+        })?;
     let text = st
         .node
         .attempt_log(node, &run_id, &task_id, attempt)
         .await
-        .map_err(|e| ApiError::DependencyDown(format!("node {node} holding the log is unreachable: {e}")))?
-        .ok_or_else(|| ApiError::NotFound(format!("no log kept for attempt {attempt} of '{task_id}' (no output, or purged)")))?;
+        .map_err(|e| {
+            ApiError::DependencyDown(format!("node {node} holding the log is unreachable: {e}"))
+        })?
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "no log kept for attempt {attempt} of '{task_id}' (no output, or purged)"
+            ))
+        })?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }

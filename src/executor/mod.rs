@@ -20,7 +20,11 @@ const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where an attempt's output lives on the node that ran it.
 pub fn log_path(data_dir: &Path, run_id: &str, task_id: &str, attempt: u32) -> PathBuf {
-    data_dir.join("logs").join(run_id).join(task_id).join(format!("{attempt}.log"))
+    data_dir
+        .join("logs")
+        .join(run_id)
+        .join(task_id)
+        .join(format!("{attempt}.log"))
 }
 
 fn fmt_ms(ms: i64) -> String {
@@ -69,7 +73,11 @@ pub fn render(template: &str, vars: &[(&'static str, String)]) -> String {
 }
 
 /// Copy a stream into the shared log file until the cap, then keep draining.
-async fn capture(mut from: impl AsyncRead + Unpin, log: std::sync::Arc<tokio::sync::Mutex<(tokio::fs::File, u64)>>, cap: u64) {
+async fn capture(
+    mut from: impl AsyncRead + Unpin,
+    log: std::sync::Arc<tokio::sync::Mutex<(tokio::fs::File, u64)>>,
+    cap: u64,
+) {
     let mut buf = vec![0u8; 8192];
     loop {
         let n = match from.read(&mut buf).await {
@@ -83,7 +91,9 @@ async fn capture(mut from: impl AsyncRead + Unpin, log: std::sync::Arc<tokio::sy
             let _ = file.write_all(&buf[..take]).await;
             *written += take as u64;
             if *written >= cap {
-                let _ = file.write_all(b"\n[output truncated at the log cap]\n").await;
+                let _ = file
+                    .write_all(b"\n[output truncated at the log cap]\n")
+                    .await;
             }
         }
     }
@@ -101,7 +111,11 @@ pub struct AttemptSpec<'a> {
 
 /// Run the attempt to its end, its timeout, or `cancel`.
 /// `on_pgid` receives the shell's process group id as soon as it exists.
-pub async fn run_attempt(a: AttemptSpec<'_>, cancel: oneshot::Receiver<()>, on_pgid: impl FnOnce(i32)) -> AttemptResult {
+pub async fn run_attempt(
+    a: AttemptSpec<'_>,
+    cancel: oneshot::Receiver<()>,
+    on_pgid: impl FnOnce(i32),
+) -> AttemptResult {
     let vars = variables(a.run, &a.task.task_id, a.attempt);
     let log_file = log_path(a.data_dir, &a.run.run_id, &a.task.task_id, a.attempt);
     let timeout = a.task.timeout_ms.map(Duration::from_millis);
@@ -111,10 +125,20 @@ pub async fn run_attempt(a: AttemptSpec<'_>, cancel: oneshot::Receiver<()>, on_p
             let cmd = render(command, &vars);
             run_shell(&cmd, &vars, &a, &log_file, timeout, cancel, on_pgid).await
         }
-        TaskKind::Http { method, url, headers, body, expect_status } => {
+        TaskKind::Http {
+            method,
+            url,
+            headers,
+            body,
+            expect_status,
+        } => {
             let url = render(url, &vars);
-            let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
-            let mut req = a.http.request(method, &url).timeout(timeout.unwrap_or(DEFAULT_HTTP_TIMEOUT));
+            let method =
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
+            let mut req = a
+                .http
+                .request(method, &url)
+                .timeout(timeout.unwrap_or(DEFAULT_HTTP_TIMEOUT));
             for (k, v) in headers {
                 req = req.header(k.as_str(), render(v, &vars));
             }
@@ -123,12 +147,21 @@ pub async fn run_attempt(a: AttemptSpec<'_>, cancel: oneshot::Receiver<()>, on_p
             }
             let send = async {
                 match req.send().await {
-                    Err(e) if e.is_timeout() => AttemptResult::TimedOut { error: format!("http {url}: timed out") },
-                    Err(e) => AttemptResult::Failed { exit_code: None, error: format!("http {url}: {e}") },
+                    Err(e) if e.is_timeout() => AttemptResult::TimedOut {
+                        error: format!("http {url}: timed out"),
+                    },
+                    Err(e) => AttemptResult::Failed {
+                        exit_code: None,
+                        error: format!("http {url}: {e}"),
+                    },
                     Ok(resp) => {
                         let status = resp.status().as_u16();
                         let text = resp.text().await.unwrap_or_default();
-                        write_log(&log_file, &format!("HTTP {status}\n{}", truncate(&text, a.log_cap as usize))).await;
+                        write_log(
+                            &log_file,
+                            &format!("HTTP {status}\n{}", truncate(&text, a.log_cap as usize)),
+                        )
+                        .await;
                         let ok = match expect_status {
                             Some(s) => status == *s,
                             None => (200..300).contains(&status),
@@ -136,7 +169,10 @@ pub async fn run_attempt(a: AttemptSpec<'_>, cancel: oneshot::Receiver<()>, on_p
                         if ok {
                             AttemptResult::Success { exit_code: None }
                         } else {
-                            AttemptResult::Failed { exit_code: None, error: format!("http {url}: status {status}") }
+                            AttemptResult::Failed {
+                                exit_code: None,
+                                error: format!("http {url}: status {status}"),
+                            }
                         }
                     }
                 }
@@ -193,14 +229,22 @@ async fn run_shell(
         .join(&a.task.task_id)
         .join(a.attempt.to_string());
     if let Err(e) = tokio::fs::create_dir_all(&work).await {
-        return AttemptResult::Failed { exit_code: None, error: format!("cannot create working dir {}: {e}", work.display()) };
+        return AttemptResult::Failed {
+            exit_code: None,
+            error: format!("cannot create working dir {}: {e}", work.display()),
+        };
     }
     if let Some(dir) = log_file.parent() {
         let _ = tokio::fs::create_dir_all(dir).await;
     }
     let file = match tokio::fs::File::create(log_file).await {
         Ok(f) => f,
-        Err(e) => return AttemptResult::Failed { exit_code: None, error: format!("cannot create log {}: {e}", log_file.display()) },
+        Err(e) => {
+            return AttemptResult::Failed {
+                exit_code: None,
+                error: format!("cannot create log {}: {e}", log_file.display()),
+            }
+        }
     };
     let mut command = tokio::process::Command::new("/bin/sh");
     command
@@ -217,7 +261,12 @@ async fn run_shell(
     }
     let mut child = match command.spawn() {
         Ok(c) => c,
-        Err(e) => return AttemptResult::Failed { exit_code: None, error: format!("cannot start /bin/sh: {e}") },
+        Err(e) => {
+            return AttemptResult::Failed {
+                exit_code: None,
+                error: format!("cannot start /bin/sh: {e}"),
+            }
+        }
     };
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
     on_pgid(pgid);
@@ -272,8 +321,14 @@ mod tests {
 
     #[test]
     fn templates_render_known_names_and_keep_unknown() {
-        let vars = vec![("run_id", "run_7".to_string()), ("attempt", "2".to_string())];
-        assert_eq!(render("echo {{run_id}}-{{ attempt }} {{ other }}", &vars), "echo run_7-2 {{ other }}");
+        let vars = vec![
+            ("run_id", "run_7".to_string()),
+            ("attempt", "2".to_string()),
+        ];
+        assert_eq!(
+            render("echo {{run_id}}-{{ attempt }} {{ other }}", &vars),
+            "echo run_7-2 {{ other }}"
+        );
         assert_eq!(render("unclosed {{ run_id", &vars), "unclosed {{ run_id");
     }
 }

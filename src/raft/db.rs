@@ -78,7 +78,11 @@ impl Db {
         Ok(self.inner.get_cf(self.cf(cf)?, key)?)
     }
 
-    pub fn get_json<T: DeserializeOwned>(&self, cf: &str, key: &[u8]) -> Result<Option<T>, DbError> {
+    pub fn get_json<T: DeserializeOwned>(
+        &self,
+        cf: &str,
+        key: &[u8],
+    ) -> Result<Option<T>, DbError> {
         match self.get(cf, key)? {
             None => Ok(None),
             Some(b) => serde_json::from_slice(&b)
@@ -98,14 +102,13 @@ impl Db {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+    ) -> Result<crate::state::machine::Entries, DbError> {
         let cf = self.cf(table.name())?;
         let start = after.unwrap_or(prefix);
         let mut out = Vec::new();
-        let iter = self.inner.iterator_cf(
-            cf,
-            IteratorMode::From(start, rocksdb::Direction::Forward),
-        );
+        let iter = self
+            .inner
+            .iterator_cf(cf, IteratorMode::From(start, rocksdb::Direction::Forward));
         for item in iter {
             let (k, v) = item?;
             if !k.starts_with(prefix) {
@@ -130,7 +133,7 @@ impl Db {
         prefix: &[u8],
         before: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+    ) -> Result<crate::state::machine::Entries, DbError> {
         let cf = self.cf(table.name())?;
         // Every key under the prefix sorts below the prefix with its last byte bumped.
         let mut upper = prefix.to_vec();
@@ -195,7 +198,8 @@ impl Db {
     /// Compact the Raft log column family (after a purge, to give the space back now).
     pub fn compact_log(&self) {
         if let Ok(cf) = self.cf(CF_LOG) {
-            self.inner.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+            self.inner
+                .compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
         }
     }
 

@@ -208,10 +208,7 @@ impl RaftNode {
 
     fn leader_member(&self, id: NodeId) -> Option<Member> {
         let m = self.raft.metrics().borrow().clone();
-        m.membership_config
-            .membership()
-            .get_node(&id)
-            .cloned()
+        m.membership_config.membership().get_node(&id).cloned()
     }
 
     /// Commit `batch` (on the leader, or forwarded to it once), retrying with the same
@@ -248,8 +245,12 @@ impl RaftNode {
                         .await;
                     match res {
                         Ok(Ok(resp)) => return Ok(resp),
-                        Ok(Err(e)) => info!(node = self.id, leader, error = %e, "forwarded write not accepted; retrying"),
-                        Err(e) => info!(node = self.id, leader, error = %e, "forwarding failed; retrying"),
+                        Ok(Err(e)) => {
+                            info!(node = self.id, leader, error = %e, "forwarded write not accepted; retrying")
+                        }
+                        Err(e) => {
+                            info!(node = self.id, leader, error = %e, "forwarding failed; retrying")
+                        }
                     }
                 }
             }
@@ -295,10 +296,18 @@ impl RaftNode {
                 let index = match self.read_index().await {
                     Ok(i) => i,
                     Err(Error::NotLeader { leader: Some(l) }) if l != self.id => {
-                        let member = self.leader_member(l).ok_or(Error::NotLeader { leader: Some(l) })?;
+                        let member = self
+                            .leader_member(l)
+                            .ok_or(Error::NotLeader { leader: Some(l) })?;
                         let res: Result<Result<Option<u64>, Error>, _> = self
                             .peers
-                            .call(l, &member.peer_addr, "/cluster/read-index", &(), self.remaining(deadline))
+                            .call(
+                                l,
+                                &member.peer_addr,
+                                "/cluster/read-index",
+                                &(),
+                                self.remaining(deadline),
+                            )
                             .await;
                         res.map_err(|_| Error::NotLeader { leader: Some(l) })??
                     }
@@ -378,10 +387,18 @@ impl RaftNode {
     pub async fn change_membership_anywhere(&self, op: MembershipOp) -> Result<Status, Error> {
         match self.change_membership(op.clone()).await {
             Err(Error::NotLeader { leader: Some(l) }) if l != self.id => {
-                let member = self.leader_member(l).ok_or(Error::NotLeader { leader: Some(l) })?;
+                let member = self
+                    .leader_member(l)
+                    .ok_or(Error::NotLeader { leader: Some(l) })?;
                 let res: Result<Result<Status, Error>, _> = self
                     .peers
-                    .call(l, &member.peer_addr, "/cluster/membership", &op, Duration::from_secs(60))
+                    .call(
+                        l,
+                        &member.peer_addr,
+                        "/cluster/membership",
+                        &op,
+                        Duration::from_secs(60),
+                    )
                     .await;
                 res.map_err(|_| Error::NoLeader {
                     waited_ms: self.leader_wait.as_millis() as u64,
@@ -392,26 +409,51 @@ impl RaftNode {
     }
 
     /// The output of an attempt that ran on `node` (read here, or asked of that node).
-    pub async fn attempt_log(&self, node: NodeId, run_id: &str, task_id: &str, attempt: u32) -> Result<Option<String>, super::network::PeerError> {
+    pub async fn attempt_log(
+        &self,
+        node: NodeId,
+        run_id: &str,
+        task_id: &str,
+        attempt: u32,
+    ) -> Result<Option<String>, super::network::PeerError> {
         if node == self.id {
             return Ok(self.local_attempt_log(run_id, task_id, attempt));
         }
-        let member = self.leader_member(node).ok_or_else(|| super::network::PeerError::Unreachable {
-            target: node,
-            message: "not a member any more".into(),
-        })?;
-        let req = LogRequest { run_id: run_id.into(), task_id: task_id.into(), attempt };
-        self.peers.call(node, &member.peer_addr, "/cluster/log", &req, Duration::from_secs(10)).await
+        let member =
+            self.leader_member(node)
+                .ok_or_else(|| super::network::PeerError::Unreachable {
+                    target: node,
+                    message: "not a member any more".into(),
+                })?;
+        let req = LogRequest {
+            run_id: run_id.into(),
+            task_id: task_id.into(),
+            attempt,
+        };
+        self.peers
+            .call(
+                node,
+                &member.peer_addr,
+                "/cluster/log",
+                &req,
+                Duration::from_secs(10),
+            )
+            .await
     }
 
     /// Read an attempt's log from this node's disk.
     pub fn local_attempt_log(&self, run_id: &str, task_id: &str, attempt: u32) -> Option<String> {
         // Ids are validated ([A-Za-z0-9_.-]); still refuse anything path-like.
-        if [run_id, task_id].iter().any(|s| s.contains('/') || s.contains("..") || s.is_empty()) {
+        if [run_id, task_id]
+            .iter()
+            .any(|s| s.contains('/') || s.contains("..") || s.is_empty())
+        {
             return None;
         }
         let path = crate::executor::log_path(&self.config.data_dir, run_id, task_id, attempt);
-        std::fs::read(path).ok().map(|b| String::from_utf8_lossy(&b).into_owned())
+        std::fs::read(path)
+            .ok()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
     }
 
     /// This node's view of itself and the cluster.
@@ -421,10 +463,8 @@ impl RaftNode {
         let membership = m.membership_config.membership();
         let voters: Vec<NodeId> = membership.voter_ids().collect();
         let learners: Vec<NodeId> = membership.learner_ids().collect();
-        let members: BTreeMap<NodeId, Member> = membership
-            .nodes()
-            .map(|(id, n)| (*id, n.clone()))
-            .collect();
+        let members: BTreeMap<NodeId, Member> =
+            membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
         let last_log = m.last_log_index;
         let replication_lag = m
             .replication

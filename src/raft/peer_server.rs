@@ -43,34 +43,59 @@ pub fn router(node: RaftNode, secret: &str) -> Router {
 }
 
 fn reject(status: StatusCode, message: String) -> Response {
-    (status, Json(serde_json::json!({"error": "peer_rejected", "message": message}))).into_response()
+    (
+        status,
+        Json(serde_json::json!({"error": "peer_rejected", "message": message})),
+    )
+        .into_response()
 }
 
 /// Check the secret and target id, then decode the body.
-fn admit<T: DeserializeOwned>(st: &PeerState, headers: &HeaderMap, body: &Bytes) -> Result<T, Response> {
+fn admit<T: DeserializeOwned>(
+    st: &PeerState,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<T, Response> {
     let secret = headers.get(HEADER_SECRET).and_then(|v| v.to_str().ok());
     // Constant-time comparison: the secret must not leak through timing.
     let ok = secret.is_some_and(|s| {
         s.len() == st.secret.len()
-            && s.bytes().zip(st.secret.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+            && s.bytes()
+                .zip(st.secret.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
     });
     if !ok {
-        warn!(node = st.node.id, "peer call with a missing or wrong cluster secret");
-        return Err(reject(StatusCode::UNAUTHORIZED, "wrong or missing cluster secret".into()));
+        warn!(
+            node = st.node.id,
+            "peer call with a missing or wrong cluster secret"
+        );
+        return Err(reject(
+            StatusCode::UNAUTHORIZED,
+            "wrong or missing cluster secret".into(),
+        ));
     }
     let target = headers
         .get(HEADER_TARGET)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if target != Some(st.node.id) {
-        warn!(node = st.node.id, ?target, "peer call addressed to another node");
+        warn!(
+            node = st.node.id,
+            ?target,
+            "peer call addressed to another node"
+        );
         return Err(reject(
             StatusCode::MISDIRECTED_REQUEST,
             format!("this is node {}, not {:?}", st.node.id, target),
         ));
     }
-    serde_json::from_slice(body)
-        .map_err(|e| reject(StatusCode::BAD_REQUEST, format!("malformed peer request: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        reject(
+            StatusCode::BAD_REQUEST,
+            format!("malformed peer request: {e}"),
+        )
+    })
 }
 
 fn reply<T: Serialize>(v: T) -> Response {

@@ -15,10 +15,9 @@ use rocksdb::{IteratorMode, WriteBatch};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::db::{Db, DbError, CF_SM_META, CF_SNAPSHOT};
+use super::db::{Db, CF_SM_META, CF_SNAPSHOT};
 use super::types::{
-    Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership,
-    TypeConfig,
+    Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
 use crate::state::{apply_request, BatchResponse, Kv, KvError, Table};
 
@@ -63,7 +62,11 @@ impl Kv for Overlay<'_> {
     fn delete(&mut self, table: Table, key: Vec<u8>) {
         self.writes.insert((table, key), None);
     }
-    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+    fn scan_prefix(
+        &self,
+        table: Table,
+        prefix: &[u8],
+    ) -> Result<crate::state::machine::Entries, KvError> {
         let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = self
             .db
             .scan_prefix(table, prefix, None, usize::MAX)?
@@ -149,9 +152,10 @@ impl StateMachineStore {
                 EntryPayload::Normal(batch) => {
                     let mut out = Vec::with_capacity(batch.requests.len());
                     for req in &batch.requests {
-                        let r = apply_request(&mut overlay, req, entry.log_id.leader_id.term).map_err(|e| {
-                            StorageError::from(StorageIOError::apply(entry.log_id, &e))
-                        })?;
+                        let r = apply_request(&mut overlay, req, entry.log_id.leader_id.term)
+                            .map_err(|e| {
+                                StorageError::from(StorageIOError::apply(entry.log_id, &e))
+                            })?;
                         out.push(r);
                     }
                     responses.push(BatchResponse { responses: out });
@@ -184,7 +188,9 @@ impl StateMachineStore {
     }
 
     /// Serialise every replicated table from one point-in-time view.
-    fn build_snapshot_blob(db: &Db) -> Result<(Option<LogId>, StoredMembership, Vec<u8>), StorageError> {
+    fn build_snapshot_blob(
+        db: &Db,
+    ) -> Result<(Option<LogId>, StoredMembership, Vec<u8>), StorageError> {
         // Everything this snapshot covers must survive a crash: the log behind it may be
         // purged as soon as it exists.
         db.raw().flush_wal(true).map_err(snap_err)?;
@@ -216,7 +222,12 @@ impl StateMachineStore {
         Ok((last, membership, blob))
     }
 
-    fn store_snapshot(db: &Db, meta: &SnapshotMeta, data: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
+    fn store_snapshot(
+        db: &Db,
+        meta: &SnapshotMeta,
+        data: &[u8],
+        batch: &mut WriteBatch,
+    ) -> Result<(), StorageError> {
         let cf = db.cf(CF_SNAPSHOT).map_err(snap_err)?;
         batch.put_cf(
             cf,
@@ -228,17 +239,21 @@ impl StateMachineStore {
     }
 }
 
-/// Parse a snapshot blob into `(table, key, value)` records, rejecting anything malformed.
-pub fn parse_snapshot(data: &[u8]) -> Result<Vec<(Table, Vec<u8>, Vec<u8>)>, String> {
+/// `(table, key, value)` records of a snapshot.
+pub type Records = Vec<(Table, Vec<u8>, Vec<u8>)>;
+
+/// Parse a snapshot blob into records, rejecting anything malformed.
+pub fn parse_snapshot(data: &[u8]) -> Result<Records, String> {
     let rest = data
         .strip_prefix(SNAPSHOT_MAGIC)
         .ok_or("snapshot does not start with the expected magic bytes")?;
     let mut out = Vec::new();
     let mut pos = 0usize;
     let take = |pos: &mut usize, n: usize| -> Result<&[u8], String> {
-        let end = pos.checked_add(n).filter(|e| *e <= rest.len()).ok_or_else(|| {
-            format!("snapshot truncated at byte {pos}")
-        })?;
+        let end = pos
+            .checked_add(n)
+            .filter(|e| *e <= rest.len())
+            .ok_or_else(|| format!("snapshot truncated at byte {pos}"))?;
         let s = &rest[*pos..end];
         *pos = end;
         Ok(s)
@@ -263,7 +278,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = Self;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
-        self.blocking(|db| Self::read_applied(db)).await
+        self.blocking(Self::read_applied).await
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<BatchResponse>, StorageError>
@@ -334,7 +349,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.blocking(|db| {
             let meta: Option<StoredSnapshotMeta> = db
                 .get_json(CF_SNAPSHOT, KEY_SNAPSHOT_META)
-                .map_err(|e: DbError| snap_err(e))?;
+                .map_err(snap_err)?;
             let Some(meta) = meta else { return Ok(None) };
             let data = db
                 .get(CF_SNAPSHOT, KEY_SNAPSHOT_DATA)
@@ -374,4 +389,3 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         .await
     }
 }
-

@@ -121,11 +121,20 @@ pub struct AttemptRef {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum AttemptResult {
-    Success { exit_code: Option<i32> },
-    Failed { exit_code: Option<i32>, error: String },
-    TimedOut { error: String },
+    Success {
+        exit_code: Option<i32>,
+    },
+    Failed {
+        exit_code: Option<i32>,
+        error: String,
+    },
+    TimedOut {
+        error: String,
+    },
     /// The executing node lost it (restart, lease expiry).
-    Lost { error: String },
+    Lost {
+        error: String,
+    },
 }
 
 /// The result of applying one request. Business failures are values, not errors.

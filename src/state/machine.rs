@@ -11,7 +11,9 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::command::{AttemptRef, AttemptResult, Command, IdempotencyKey, Outcome, Request, Response};
+use super::command::{
+    AttemptRef, AttemptResult, Command, IdempotencyKey, Outcome, Request, Response,
+};
 use super::model::{
     ActiveEntry, Attempt, Dag, DagSpec, Millis, NodeInfo, Notification, Run, RunState, RunType,
     TaskInstance, TaskState, Window,
@@ -124,13 +126,16 @@ pub enum KvError {
     },
 }
 
+/// Key/value pairs, in key order.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Key/value access to the replicated tables, with read-your-writes inside one apply.
 pub trait Kv {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, KvError>;
     fn put(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>);
     fn delete(&mut self, table: Table, key: Vec<u8>);
     /// Every entry whose key starts with `prefix`, in key order, pending writes included.
-    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError>;
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, KvError>;
 }
 
 /// A stored answer to an idempotency key.
@@ -189,11 +194,20 @@ pub mod keys {
     }
 
     pub fn run_by_dag(tenant: &str, dag_id: &str, created_ms: i64, run_id: &str) -> Vec<u8> {
-        join(&[tenant.as_bytes(), dag_id.as_bytes(), &ordered_i64(created_ms), run_id.as_bytes()])
+        join(&[
+            tenant.as_bytes(),
+            dag_id.as_bytes(),
+            &ordered_i64(created_ms),
+            run_id.as_bytes(),
+        ])
     }
 
     pub fn run_by_tenant(tenant: &str, created_ms: i64, run_id: &str) -> Vec<u8> {
-        join(&[tenant.as_bytes(), &ordered_i64(created_ms), run_id.as_bytes()])
+        join(&[
+            tenant.as_bytes(),
+            &ordered_i64(created_ms),
+            run_id.as_bytes(),
+        ])
     }
 
     pub fn active(tenant: &str, dag_id: &str, run_id: &str) -> Vec<u8> {
@@ -242,7 +256,11 @@ pub mod keys {
 
 const RUN_SEQ: &[u8] = b"run_seq";
 
-fn get_json<T: DeserializeOwned>(kv: &impl Kv, table: Table, key: &[u8]) -> Result<Option<T>, KvError> {
+fn get_json<T: DeserializeOwned>(
+    kv: &impl Kv,
+    table: Table,
+    key: &[u8],
+) -> Result<Option<T>, KvError> {
     match kv.get(table, key)? {
         None => Ok(None),
         Some(bytes) => serde_json::from_slice(&bytes)
@@ -256,7 +274,8 @@ fn decode<T: DeserializeOwned>(table: Table, bytes: &[u8]) -> Result<T, KvError>
 }
 
 fn put_json<T: Serialize>(kv: &mut impl Kv, table: Table, key: Vec<u8>, value: &T) {
-    let bytes = serde_json::to_vec(value).unwrap_or_else(|e| panic!("state values always serialise to JSON: {e}"));
+    let bytes = serde_json::to_vec(value)
+        .unwrap_or_else(|e| panic!("state values always serialise to JSON: {e}"));
     kv.put(table, key, bytes);
 }
 
@@ -265,7 +284,11 @@ fn next_counter(kv: &mut impl Kv, name: &[u8]) -> Result<u64, KvError> {
         None => 0,
         Some(b) => {
             let arr: [u8; 8] = b.as_slice().try_into().map_err(|_| {
-                KvError::Storage(format!("counter {} has {} bytes, expected 8", String::from_utf8_lossy(name), b.len()))
+                KvError::Storage(format!(
+                    "counter {} has {} bytes, expected 8",
+                    String::from_utf8_lossy(name),
+                    b.len()
+                ))
             })?;
             u64::from_be_bytes(arr)
         }
@@ -285,11 +308,20 @@ struct Ctx {
 /// Apply one committed request from an entry of term `entry_term`. Deterministic: the
 /// same requests in the same order on the same state give the same writes and
 /// responses on every node.
-pub fn apply_request(kv: &mut impl Kv, req: &Request, entry_term: u64) -> Result<Response, KvError> {
+pub fn apply_request(
+    kv: &mut impl Kv,
+    req: &Request,
+    entry_term: u64,
+) -> Result<Response, KvError> {
     let recorded = is_client_command(&req.command);
     if recorded {
-        if let Some(rec) = get_json::<RequestRecord>(kv, Table::Requests, req.request_id.as_bytes())? {
-            return Ok(Response { outcome: rec.outcome, replayed: true });
+        if let Some(rec) =
+            get_json::<RequestRecord>(kv, Table::Requests, req.request_id.as_bytes())?
+        {
+            return Ok(Response {
+                outcome: rec.outcome,
+                replayed: true,
+            });
         }
         if let Some(idem) = &req.idempotency {
             if let Some(replay) = check_idempotency(kv, idem)? {
@@ -297,21 +329,40 @@ pub fn apply_request(kv: &mut impl Kv, req: &Request, entry_term: u64) -> Result
             }
         }
     }
-    let ctx = Ctx { now: req.proposed_at_ms, entry_term };
+    let ctx = Ctx {
+        now: req.proposed_at_ms,
+        entry_term,
+    };
     let outcome = apply_command(kv, &req.command, ctx)?;
     if recorded {
-        let rec = RequestRecord { outcome: outcome.clone(), created_ms: req.proposed_at_ms };
-        put_json(kv, Table::Requests, req.request_id.as_bytes().to_vec(), &rec);
+        let rec = RequestRecord {
+            outcome: outcome.clone(),
+            created_ms: req.proposed_at_ms,
+        };
+        put_json(
+            kv,
+            Table::Requests,
+            req.request_id.as_bytes().to_vec(),
+            &rec,
+        );
         if let Some(idem) = &req.idempotency {
             let rec = IdempotencyRecord {
                 fingerprint: idem.fingerprint.clone(),
                 outcome: outcome.clone(),
                 created_ms: req.proposed_at_ms,
             };
-            put_json(kv, Table::Idempotency, keys::idempotency(&idem.tenant, &idem.key), &rec);
+            put_json(
+                kv,
+                Table::Idempotency,
+                keys::idempotency(&idem.tenant, &idem.key),
+                &rec,
+            );
         }
     }
-    Ok(Response { outcome, replayed: false })
+    Ok(Response {
+        outcome,
+        replayed: false,
+    })
 }
 
 /// Commands a client sent (their answers are kept for retries); the cluster's own
@@ -330,80 +381,152 @@ fn is_client_command(c: &Command) -> bool {
 
 fn check_idempotency(kv: &impl Kv, idem: &IdempotencyKey) -> Result<Option<Response>, KvError> {
     let key = keys::idempotency(&idem.tenant, &idem.key);
-    Ok(get_json::<IdempotencyRecord>(kv, Table::Idempotency, &key)?.map(|rec| {
-        if rec.fingerprint == idem.fingerprint {
-            Response { outcome: rec.outcome, replayed: true }
-        } else {
-            Response {
-                outcome: Outcome::IdempotencyKeyReused { key: idem.key.clone() },
-                replayed: false,
+    Ok(
+        get_json::<IdempotencyRecord>(kv, Table::Idempotency, &key)?.map(|rec| {
+            if rec.fingerprint == idem.fingerprint {
+                Response {
+                    outcome: rec.outcome,
+                    replayed: true,
+                }
+            } else {
+                Response {
+                    outcome: Outcome::IdempotencyKeyReused {
+                        key: idem.key.clone(),
+                    },
+                    replayed: false,
+                }
             }
-        }
-    }))
+        }),
+    )
 }
 
 fn fenced(term: u64, ctx: Ctx) -> Option<Outcome> {
-    (term != ctx.entry_term).then_some(Outcome::StaleTerm { command_term: term, entry_term: ctx.entry_term })
+    (term != ctx.entry_term).then_some(Outcome::StaleTerm {
+        command_term: term,
+        entry_term: ctx.entry_term,
+    })
 }
 
 fn apply_command(kv: &mut impl Kv, cmd: &Command, ctx: Ctx) -> Result<Outcome, KvError> {
     match cmd {
-        Command::PutDag { tenant, spec, expected_version } => put_dag(kv, tenant, spec, *expected_version, ctx.now),
-        Command::TriggerRun { tenant, dag_id, run_type, window } => {
+        Command::PutDag {
+            tenant,
+            spec,
+            expected_version,
+        } => put_dag(kv, tenant, spec, *expected_version, ctx.now),
+        Command::TriggerRun {
+            tenant,
+            dag_id,
+            run_type,
+            window,
+        } => {
             let dag = match live_dag(kv, tenant, dag_id)? {
                 Some(d) => d,
-                None => return Ok(Outcome::NotFound { what: format!("dag '{dag_id}'") }),
+                None => {
+                    return Ok(Outcome::NotFound {
+                        what: format!("dag '{dag_id}'"),
+                    })
+                }
             };
             let (run_id, state, existed) = create_run(kv, &dag, *run_type, *window, ctx)?;
-            Ok(Outcome::RunTriggered { run_id, state, existed })
+            Ok(Outcome::RunTriggered {
+                run_id,
+                state,
+                existed,
+            })
         }
-        Command::SetPaused { tenant, dag_id, paused } => {
+        Command::SetPaused {
+            tenant,
+            dag_id,
+            paused,
+        } => {
             let Some(mut dag) = live_dag(kv, tenant, dag_id)? else {
-                return Ok(Outcome::NotFound { what: format!("dag '{dag_id}'") });
+                return Ok(Outcome::NotFound {
+                    what: format!("dag '{dag_id}'"),
+                });
             };
             if dag.spec.paused != *paused {
                 dag.spec.paused = *paused;
                 dag.version += 1;
                 dag.updated_ms = ctx.now;
-                put_json(kv, Table::DagVersions, keys::dag_version(tenant, dag_id, dag.version), &dag.spec);
+                put_json(
+                    kv,
+                    Table::DagVersions,
+                    keys::dag_version(tenant, dag_id, dag.version),
+                    &dag.spec,
+                );
                 put_json(kv, Table::Dags, keys::dag(tenant, dag_id), &dag);
             }
-            Ok(Outcome::DagPaused { dag_id: dag_id.clone(), version: dag.version, paused: *paused })
+            Ok(Outcome::DagPaused {
+                dag_id: dag_id.clone(),
+                version: dag.version,
+                paused: *paused,
+            })
         }
         Command::DeleteDag { tenant, dag_id } => {
             let Some(mut dag) = live_dag(kv, tenant, dag_id)? else {
-                return Ok(Outcome::NotFound { what: format!("dag '{dag_id}'") });
+                return Ok(Outcome::NotFound {
+                    what: format!("dag '{dag_id}'"),
+                });
             };
             dag.deleted = true;
             dag.updated_ms = ctx.now;
             put_json(kv, Table::Dags, keys::dag(tenant, dag_id), &dag);
             kv.delete(Table::Cursors, keys::dag(tenant, dag_id));
-            Ok(Outcome::DagDeleted { dag_id: dag_id.clone() })
+            Ok(Outcome::DagDeleted {
+                dag_id: dag_id.clone(),
+            })
         }
         Command::CancelRun { tenant, run_id } => cancel_run(kv, tenant, run_id, ctx),
         Command::RetryRun { tenant, run_id } => retry_run(kv, tenant, run_id, ctx),
-        Command::FireWindow { tenant, dag_id, window, term } => {
+        Command::FireWindow {
+            tenant,
+            dag_id,
+            window,
+            term,
+        } => {
             if let Some(stale) = fenced(*term, ctx) {
                 return Ok(stale);
             }
             let Some(dag) = live_dag(kv, tenant, dag_id)? else {
-                return Ok(Outcome::NotFound { what: format!("dag '{dag_id}'") });
+                return Ok(Outcome::NotFound {
+                    what: format!("dag '{dag_id}'"),
+                });
             };
             if dag.spec.paused {
-                return Ok(Outcome::InvalidState { message: format!("dag '{dag_id}' is paused") });
+                return Ok(Outcome::InvalidState {
+                    message: format!("dag '{dag_id}' is paused"),
+                });
             }
             let ckey = keys::dag(tenant, dag_id);
-            let cursor = kv.get(Table::Cursors, &ckey)?.and_then(|b| keys::from_ordered_i64(&b));
+            let cursor = kv
+                .get(Table::Cursors, &ckey)?
+                .and_then(|b| keys::from_ordered_i64(&b));
             if cursor.is_none_or(|c| window.end_ms > c) {
-                kv.put(Table::Cursors, ckey, keys::ordered_i64(window.end_ms).to_vec());
+                kv.put(
+                    Table::Cursors,
+                    ckey,
+                    keys::ordered_i64(window.end_ms).to_vec(),
+                );
             }
             let (run_id, _, existed) = create_run(kv, &dag, RunType::Scheduled, *window, ctx)?;
-            Ok(Outcome::Fired { run_id, created: !existed })
+            Ok(Outcome::Fired {
+                run_id,
+                created: !existed,
+            })
         }
-        Command::Heartbeat { node, incarnation, slots, running, lease_ms } => {
-            heartbeat(kv, *node, incarnation, *slots, running, *lease_ms, ctx)
-        }
-        Command::FinishAttempt { attempt, node, result } => finish_attempt(kv, attempt, *node, result, ctx),
+        Command::Heartbeat {
+            node,
+            incarnation,
+            slots,
+            running,
+            lease_ms,
+        } => heartbeat(kv, *node, incarnation, *slots, running, *lease_ms, ctx),
+        Command::FinishAttempt {
+            attempt,
+            node,
+            result,
+        } => finish_attempt(kv, attempt, *node, result, ctx),
         Command::Supervise { term } => {
             if let Some(stale) = fenced(*term, ctx) {
                 return Ok(stale);
@@ -416,7 +539,11 @@ fn apply_command(kv: &mut impl Kv, cmd: &Command, ctx: Ctx) -> Result<Outcome, K
             }
             Ok(Outcome::Done)
         }
-        Command::Purge { term, before_ms, records_before_ms } => {
+        Command::Purge {
+            term,
+            before_ms,
+            records_before_ms,
+        } => {
             if let Some(stale) = fenced(*term, ctx) {
                 return Ok(stale);
             }
@@ -451,10 +578,20 @@ fn heartbeat(
             })
             .collect();
         for (run_id, task_id) in lost {
-            let Some(run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else { continue };
-            let Some(attempt) = run.tasks.get(&task_id).map(|t| t.attempt) else { continue };
-            let a = AttemptRef { run_id, task_id, attempt };
-            let err = AttemptResult::Lost { error: format!("node {node} restarted while running it") };
+            let Some(run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else {
+                continue;
+            };
+            let Some(attempt) = run.tasks.get(&task_id).map(|t| t.attempt) else {
+                continue;
+            };
+            let a = AttemptRef {
+                run_id,
+                task_id,
+                attempt,
+            };
+            let err = AttemptResult::Lost {
+                error: format!("node {node} restarted while running it"),
+            };
             finish_attempt(kv, &a, node, &err, ctx)?;
         }
     }
@@ -471,11 +608,21 @@ fn heartbeat(
     info.last_seen_ms = info.last_seen_ms.max(ctx.now);
     put_json(kv, Table::Nodes, nkey, &info);
     for a in running {
-        let Some(mut run) = get_json::<Run>(kv, Table::Runs, a.run_id.as_bytes())? else { continue };
-        let Some(inst) = run.tasks.get_mut(&a.task_id) else { continue };
+        let Some(mut run) = get_json::<Run>(kv, Table::Runs, a.run_id.as_bytes())? else {
+            continue;
+        };
+        let Some(inst) = run.tasks.get_mut(&a.task_id) else {
+            continue;
+        };
         if inst.attempt == a.attempt && inst.state == TaskState::Running {
-            if let Some(att) = inst.attempts.iter_mut().find(|x| x.attempt == a.attempt && x.node == node) {
-                att.lease_until_ms = att.lease_until_ms.max(ctx.now.saturating_add(lease_ms as i64));
+            if let Some(att) = inst
+                .attempts
+                .iter_mut()
+                .find(|x| x.attempt == a.attempt && x.node == node)
+            {
+                att.lease_until_ms = att
+                    .lease_until_ms
+                    .max(ctx.now.saturating_add(lease_ms as i64));
                 save_run(kv, &run, None)?;
             }
         }
@@ -487,7 +634,13 @@ fn live_dag(kv: &impl Kv, tenant: &str, dag_id: &str) -> Result<Option<Dag>, KvE
     Ok(get_json::<Dag>(kv, Table::Dags, &keys::dag(tenant, dag_id))?.filter(|d| !d.deleted))
 }
 
-fn put_dag(kv: &mut impl Kv, tenant: &str, spec: &DagSpec, expected_version: Option<u64>, now: Millis) -> Result<Outcome, KvError> {
+fn put_dag(
+    kv: &mut impl Kv,
+    tenant: &str,
+    spec: &DagSpec,
+    expected_version: Option<u64>,
+    now: Millis,
+) -> Result<Outcome, KvError> {
     let key = keys::dag(tenant, &spec.dag_id);
     let existing = get_json::<Dag>(kv, Table::Dags, &key)?;
     let current = existing.as_ref().map_or(0, |d| d.version);
@@ -498,7 +651,11 @@ fn put_dag(kv: &mut impl Kv, tenant: &str, spec: &DagSpec, expected_version: Opt
     }
     if let Some(d) = &existing {
         if !d.deleted && d.spec == *spec {
-            return Ok(Outcome::DagPut { dag_id: spec.dag_id.clone(), version: d.version, changed: false });
+            return Ok(Outcome::DagPut {
+                dag_id: spec.dag_id.clone(),
+                version: d.version,
+                changed: false,
+            });
         }
     }
     let version = current + 1;
@@ -511,14 +668,32 @@ fn put_dag(kv: &mut impl Kv, tenant: &str, spec: &DagSpec, expected_version: Opt
         deleted: false,
     };
     put_json(kv, Table::Dags, key, &dag);
-    put_json(kv, Table::DagVersions, keys::dag_version(tenant, &spec.dag_id, version), spec);
-    Ok(Outcome::DagPut { dag_id: spec.dag_id.clone(), version, changed: true })
+    put_json(
+        kv,
+        Table::DagVersions,
+        keys::dag_version(tenant, &spec.dag_id, version),
+        spec,
+    );
+    Ok(Outcome::DagPut {
+        dag_id: spec.dag_id.clone(),
+        version,
+        changed: true,
+    })
 }
 
 /// The DAG definition a run executes (the version it started with).
 fn run_spec(kv: &impl Kv, run: &Run) -> Result<DagSpec, KvError> {
-    get_json::<DagSpec>(kv, Table::DagVersions, &keys::dag_version(&run.tenant, &run.dag_id, run.dag_version))?
-        .ok_or_else(|| KvError::Storage(format!("run {} refers to missing dag version {}", run.run_id, run.dag_version)))
+    get_json::<DagSpec>(
+        kv,
+        Table::DagVersions,
+        &keys::dag_version(&run.tenant, &run.dag_id, run.dag_version),
+    )?
+    .ok_or_else(|| {
+        KvError::Storage(format!(
+            "run {} refers to missing dag version {}",
+            run.run_id, run.dag_version
+        ))
+    })
 }
 
 /// Persist a run and keep its indexes true: active-runs while unfinished, finished-runs
@@ -529,14 +704,26 @@ fn save_run(kv: &mut impl Kv, run: &Run, before: Option<RunState>) -> Result<(),
         kv.delete(Table::ActiveRuns, akey);
         if before.is_some_and(|b| !b.is_finished()) {
             let ended = run.ended_ms.unwrap_or(run.created_ms);
-            kv.put(Table::FinishedRuns, keys::finished(ended, &run.run_id), Vec::new());
+            kv.put(
+                Table::FinishedRuns,
+                keys::finished(ended, &run.run_id),
+                Vec::new(),
+            );
             if run.state != RunState::Cancelled {
-                let event = if run.state == RunState::Done { "success" } else { "failure" };
+                let event = if run.state == RunState::Done {
+                    "success"
+                } else {
+                    "failure"
+                };
                 notify(kv, run, event)?;
             }
         }
     } else {
-        let entry = ActiveEntry { state: run.state, window_start_ms: run.window.start_ms, created_ms: run.created_ms };
+        let entry = ActiveEntry {
+            state: run.state,
+            window_start_ms: run.window.start_ms,
+            created_ms: run.created_ms,
+        };
         put_json(kv, Table::ActiveRuns, akey, &entry);
     }
     put_json(kv, Table::Runs, run.run_id.as_bytes().to_vec(), run);
@@ -555,17 +742,29 @@ fn notify(kv: &mut impl Kv, run: &Run, event: &str) -> Result<(), KvError> {
             run_state: run.state,
             created_ms: run.ended_ms.unwrap_or(run.created_ms),
         };
-        put_json(kv, Table::Notifications, keys::notification(&run.run_id, event), &n);
+        put_json(
+            kv,
+            Table::Notifications,
+            keys::notification(&run.run_id, event),
+            &n,
+        );
     }
     Ok(())
 }
 
-fn create_run(kv: &mut impl Kv, dag: &Dag, run_type: RunType, window: Window, ctx: Ctx) -> Result<(String, RunState, bool), KvError> {
+fn create_run(
+    kv: &mut impl Kv,
+    dag: &Dag,
+    run_type: RunType,
+    window: Window,
+    ctx: Ctx,
+) -> Result<(String, RunState, bool), KvError> {
     let (tenant, dag_id) = (dag.tenant.as_str(), dag.spec.dag_id.as_str());
     let wkey = keys::window(tenant, dag_id, &window);
     if let Some(run_id) = kv.get(Table::Windows, &wkey)? {
         let run_id = String::from_utf8_lossy(&run_id).into_owned();
-        let state = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())?.map_or(RunState::Queued, |r| r.state);
+        let state = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())?
+            .map_or(RunState::Queued, |r| r.state);
         return Ok((run_id, state, true));
     }
     let seq = next_counter(kv, RUN_SEQ)?;
@@ -590,11 +789,24 @@ fn create_run(kv: &mut impl Kv, dag: &Dag, run_type: RunType, window: Window, ct
         ended_ms: None,
         sla_deadline_ms,
         sla_missed: false,
-        tasks: dag.spec.tasks.iter().map(|t| (t.task_id.clone(), TaskInstance::new())).collect(),
+        tasks: dag
+            .spec
+            .tasks
+            .iter()
+            .map(|t| (t.task_id.clone(), TaskInstance::new()))
+            .collect(),
     };
     kv.put(Table::Windows, wkey, run_id.as_bytes().to_vec());
-    kv.put(Table::RunsByDag, keys::run_by_dag(tenant, dag_id, ctx.now, &run_id), Vec::new());
-    kv.put(Table::RunsByTenant, keys::run_by_tenant(tenant, ctx.now, &run_id), Vec::new());
+    kv.put(
+        Table::RunsByDag,
+        keys::run_by_dag(tenant, dag_id, ctx.now, &run_id),
+        Vec::new(),
+    );
+    kv.put(
+        Table::RunsByTenant,
+        keys::run_by_tenant(tenant, ctx.now, &run_id),
+        Vec::new(),
+    );
     save_run(kv, &run, None)?;
     start_queued_runs(kv, tenant, dag_id, dag.spec.max_active_runs, ctx)?;
     // A new run answers with the state it was created in (the spec's `queued`); it may
@@ -611,7 +823,9 @@ impl NodePool {
     fn load(kv: &impl Kv, now: Millis) -> Result<NodePool, KvError> {
         let mut nodes = Vec::new();
         for (k, v) in kv.scan_prefix(Table::Nodes, b"")? {
-            let Ok(arr) = <[u8; 8]>::try_from(k.as_slice()) else { continue };
+            let Ok(arr) = <[u8; 8]>::try_from(k.as_slice()) else {
+                continue;
+            };
             let info: NodeInfo = decode(Table::Nodes, &v)?;
             if now.saturating_sub(info.last_seen_ms) <= NODE_TTL_MS {
                 nodes.push((u64::from_be_bytes(arr), info));
@@ -662,13 +876,20 @@ fn release(kv: &mut impl Kv, node: NodeId, run_id: &str, task_id: &str) -> Resul
 }
 
 /// Assign the run's ready tasks to live nodes with free slots. Returns how many.
-fn assign_ready(kv: &mut impl Kv, run: &mut Run, pool: &mut NodePool, ctx: Ctx) -> Result<u32, KvError> {
+fn assign_ready(
+    kv: &mut impl Kv,
+    run: &mut Run,
+    pool: &mut NodePool,
+    ctx: Ctx,
+) -> Result<u32, KvError> {
     if run.state != RunState::Running {
         return Ok(0);
     }
     let mut n = 0;
     for task_id in progress::ready_tasks(run, ctx.now) {
-        let Some(inst) = run.tasks.get_mut(&task_id) else { continue };
+        let Some(inst) = run.tasks.get_mut(&task_id) else {
+            continue;
+        };
         let avoid = inst.attempts.last().map(|a| a.node);
         let Some(node) = pool.pick(avoid) else { break };
         let lease_ms = pool.take(kv, node);
@@ -685,7 +906,11 @@ fn assign_ready(kv: &mut impl Kv, run: &mut Run, pool: &mut NodePool, ctx: Ctx) 
             exit_code: None,
             error: None,
         });
-        kv.put(Table::Assignments, keys::assignment(node, &run.run_id, &task_id), inst.attempt.to_be_bytes().to_vec());
+        kv.put(
+            Table::Assignments,
+            keys::assignment(node, &run.run_id, &task_id),
+            inst.attempt.to_be_bytes().to_vec(),
+        );
         n += 1;
     }
     Ok(n)
@@ -696,8 +921,17 @@ pub const DEFAULT_LEASE_MS: u64 = 15_000;
 
 /// Start queued runs of a DAG (oldest window first) while fewer than
 /// `max_active_runs` are running, and assign their first tasks.
-fn start_queued_runs(kv: &mut impl Kv, tenant: &str, dag_id: &str, max_active: u32, ctx: Ctx) -> Result<(), KvError> {
-    let entries = kv.scan_prefix(Table::ActiveRuns, &keys::prefix(&[tenant.as_bytes(), dag_id.as_bytes()]))?;
+fn start_queued_runs(
+    kv: &mut impl Kv,
+    tenant: &str,
+    dag_id: &str,
+    max_active: u32,
+    ctx: Ctx,
+) -> Result<(), KvError> {
+    let entries = kv.scan_prefix(
+        Table::ActiveRuns,
+        &keys::prefix(&[tenant.as_bytes(), dag_id.as_bytes()]),
+    )?;
     let mut running = 0u32;
     let mut queued: Vec<(Millis, Millis, String)> = Vec::new();
     for (k, v) in entries {
@@ -715,7 +949,9 @@ fn start_queued_runs(kv: &mut impl Kv, tenant: &str, dag_id: &str, max_active: u
     queued.sort();
     let mut pool = NodePool::load(kv, ctx.now)?;
     for (_, _, run_id) in queued.into_iter().take((max_active - running) as usize) {
-        let Some(mut run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else { continue };
+        let Some(mut run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else {
+            continue;
+        };
         let before = run.state;
         run.state = RunState::Running;
         run.started_ms = Some(ctx.now);
@@ -728,10 +964,18 @@ fn start_queued_runs(kv: &mut impl Kv, tenant: &str, dag_id: &str, max_active: u
 }
 
 /// Record an attempt's failure (or loss) and decide: retry later, retry now, or fail.
-fn fail_attempt(inst: &mut TaskInstance, spec: &DagSpec, task_id: &str, result: &AttemptResult, now: Millis) {
+fn fail_attempt(
+    inst: &mut TaskInstance,
+    spec: &DagSpec,
+    task_id: &str,
+    result: &AttemptResult,
+    now: Millis,
+) {
     let (state, exit_code, error) = match result {
         AttemptResult::Success { exit_code } => (TaskState::Done, *exit_code, None),
-        AttemptResult::Failed { exit_code, error } => (TaskState::Failed, *exit_code, Some(error.clone())),
+        AttemptResult::Failed { exit_code, error } => {
+            (TaskState::Failed, *exit_code, Some(error.clone()))
+        }
         AttemptResult::TimedOut { error } => (TaskState::Failed, None, Some(error.clone())),
         AttemptResult::Lost { error } => (TaskState::Failed, None, Some(error.clone())),
     };
@@ -758,22 +1002,34 @@ fn fail_attempt(inst: &mut TaskInstance, spec: &DagSpec, task_id: &str, result: 
     match task {
         Some(t) if retries_used <= t.retries => {
             inst.state = TaskState::Retrying;
-            inst.next_try_ms = Some(now.saturating_add(progress::retry_delay_ms(t, retries_used) as i64));
+            inst.next_try_ms =
+                Some(now.saturating_add(progress::retry_delay_ms(t, retries_used) as i64));
         }
         _ => inst.state = TaskState::Failed,
     }
 }
 
-fn finish_attempt(kv: &mut impl Kv, a: &AttemptRef, node: NodeId, result: &AttemptResult, ctx: Ctx) -> Result<Outcome, KvError> {
+fn finish_attempt(
+    kv: &mut impl Kv,
+    a: &AttemptRef,
+    node: NodeId,
+    result: &AttemptResult,
+    ctx: Ctx,
+) -> Result<Outcome, KvError> {
     let Some(mut run) = get_json::<Run>(kv, Table::Runs, a.run_id.as_bytes())? else {
         return Ok(Outcome::StaleAttempt { current: 0 });
     };
     let Some(inst) = run.tasks.get(&a.task_id) else {
         return Ok(Outcome::StaleAttempt { current: 0 });
     };
-    let on_node = inst.attempts.iter().any(|x| x.attempt == a.attempt && x.node == node);
+    let on_node = inst
+        .attempts
+        .iter()
+        .any(|x| x.attempt == a.attempt && x.node == node);
     if inst.attempt != a.attempt || inst.state != TaskState::Running || !on_node {
-        return Ok(Outcome::StaleAttempt { current: inst.attempt });
+        return Ok(Outcome::StaleAttempt {
+            current: inst.attempt,
+        });
     }
     let spec = run_spec(kv, &run)?;
     let before = run.state;
@@ -790,7 +1046,11 @@ fn finish_attempt(kv: &mut impl Kv, a: &AttemptRef, node: NodeId, result: &Attem
     if run.state.is_finished() {
         start_queued_runs(kv, &run.tenant, &run.dag_id, spec.max_active_runs, ctx)?;
     }
-    Ok(Outcome::AttemptFinished { run_id: a.run_id.clone(), task_id: a.task_id.clone(), task_state })
+    Ok(Outcome::AttemptFinished {
+        run_id: a.run_id.clone(),
+        task_id: a.task_id.clone(),
+        task_state,
+    })
 }
 
 fn tenant_run(kv: &impl Kv, tenant: &str, run_id: &str) -> Result<Option<Run>, KvError> {
@@ -799,15 +1059,22 @@ fn tenant_run(kv: &impl Kv, tenant: &str, run_id: &str) -> Result<Option<Run>, K
 
 fn cancel_run(kv: &mut impl Kv, tenant: &str, run_id: &str, ctx: Ctx) -> Result<Outcome, KvError> {
     let Some(mut run) = tenant_run(kv, tenant, run_id)? else {
-        return Ok(Outcome::NotFound { what: format!("run '{run_id}'") });
+        return Ok(Outcome::NotFound {
+            what: format!("run '{run_id}'"),
+        });
     };
     if run.state.is_finished() {
-        return Ok(Outcome::RunCancelled { run_id: run_id.to_string(), state: run.state });
+        return Ok(Outcome::RunCancelled {
+            run_id: run_id.to_string(),
+            state: run.state,
+        });
     }
     let before = run.state;
     let ids: Vec<String> = run.tasks.keys().cloned().collect();
     for task_id in ids {
-        let Some(inst) = run.tasks.get_mut(&task_id) else { continue };
+        let Some(inst) = run.tasks.get_mut(&task_id) else {
+            continue;
+        };
         if matches!(inst.state, TaskState::Running) {
             let current = inst.attempt;
             if let Some(att) = inst.attempts.iter_mut().find(|x| x.attempt == current) {
@@ -818,8 +1085,13 @@ fn cancel_run(kv: &mut impl Kv, tenant: &str, run_id: &str, ctx: Ctx) -> Result<
                 release(kv, node, run_id, &task_id)?;
             }
         }
-        let Some(inst) = run.tasks.get_mut(&task_id) else { continue };
-        if !matches!(inst.state, TaskState::Done | TaskState::Failed | TaskState::UpstreamFailed | TaskState::Skipped) {
+        let Some(inst) = run.tasks.get_mut(&task_id) else {
+            continue;
+        };
+        if !matches!(
+            inst.state,
+            TaskState::Done | TaskState::Failed | TaskState::UpstreamFailed | TaskState::Skipped
+        ) {
             inst.state = TaskState::Cancelled;
         }
     }
@@ -828,28 +1100,47 @@ fn cancel_run(kv: &mut impl Kv, tenant: &str, run_id: &str, ctx: Ctx) -> Result<
     save_run(kv, &run, Some(before))?;
     let spec = run_spec(kv, &run)?;
     start_queued_runs(kv, tenant, &run.dag_id, spec.max_active_runs, ctx)?;
-    Ok(Outcome::RunCancelled { run_id: run_id.to_string(), state: RunState::Cancelled })
+    Ok(Outcome::RunCancelled {
+        run_id: run_id.to_string(),
+        state: RunState::Cancelled,
+    })
 }
 
 fn retry_run(kv: &mut impl Kv, tenant: &str, run_id: &str, ctx: Ctx) -> Result<Outcome, KvError> {
     let Some(mut run) = tenant_run(kv, tenant, run_id)? else {
-        return Ok(Outcome::NotFound { what: format!("run '{run_id}'") });
+        return Ok(Outcome::NotFound {
+            what: format!("run '{run_id}'"),
+        });
     };
     if !run.state.is_finished() {
-        return Ok(Outcome::InvalidState { message: format!("run '{run_id}' is {:?}; only a finished run can be retried", run.state).to_lowercase() });
+        return Ok(Outcome::InvalidState {
+            message: format!(
+                "run '{run_id}' is {:?}; only a finished run can be retried",
+                run.state
+            )
+            .to_lowercase(),
+        });
     }
     let mut n = 0;
     for inst in run.tasks.values_mut() {
-        if matches!(inst.state, TaskState::Failed | TaskState::UpstreamFailed | TaskState::Cancelled) {
+        if matches!(
+            inst.state,
+            TaskState::Failed | TaskState::UpstreamFailed | TaskState::Cancelled
+        ) {
             inst.state = TaskState::Pending;
             inst.next_try_ms = None;
             n += 1;
         }
     }
     if n == 0 {
-        return Ok(Outcome::InvalidState { message: format!("run '{run_id}' has no failed tasks to retry") });
+        return Ok(Outcome::InvalidState {
+            message: format!("run '{run_id}' has no failed tasks to retry"),
+        });
     }
-    kv.delete(Table::FinishedRuns, keys::finished(run.ended_ms.unwrap_or(run.created_ms), run_id));
+    kv.delete(
+        Table::FinishedRuns,
+        keys::finished(run.ended_ms.unwrap_or(run.created_ms), run_id),
+    );
     kv.delete(Table::Notifications, keys::notification(run_id, "success"));
     kv.delete(Table::Notifications, keys::notification(run_id, "failure"));
     run.state = RunState::Queued;
@@ -857,7 +1148,10 @@ fn retry_run(kv: &mut impl Kv, tenant: &str, run_id: &str, ctx: Ctx) -> Result<O
     save_run(kv, &run, None)?;
     let spec = run_spec(kv, &run)?;
     start_queued_runs(kv, tenant, &run.dag_id, spec.max_active_runs, ctx)?;
-    Ok(Outcome::RunRetried { run_id: run_id.to_string(), tasks: n })
+    Ok(Outcome::RunRetried {
+        run_id: run_id.to_string(),
+        tasks: n,
+    })
 }
 
 /// The leader's periodic pass over every unfinished run.
@@ -869,7 +1163,9 @@ fn supervise(kv: &mut impl Kv, ctx: Ctx) -> Result<Outcome, KvError> {
     for (k, v) in kv.scan_prefix(Table::ActiveRuns, b"")? {
         let e: ActiveEntry = decode(Table::ActiveRuns, &v)?;
         let run_id = String::from_utf8_lossy(keys::last_part(&k)).into_owned();
-        let Some(mut run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else { continue };
+        let Some(mut run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else {
+            continue;
+        };
         dags.insert((run.tenant.clone(), run.dag_id.clone()));
         if e.state != RunState::Running {
             continue;
@@ -880,19 +1176,31 @@ fn supervise(kv: &mut impl Kv, ctx: Ctx) -> Result<Outcome, KvError> {
         // Expire leases: the node stopped renewing (dead, paused or cut off).
         let ids: Vec<String> = run.tasks.keys().cloned().collect();
         for task_id in ids {
-            let Some(inst) = run.tasks.get(&task_id) else { continue };
+            let Some(inst) = run.tasks.get(&task_id) else {
+                continue;
+            };
             if inst.state != TaskState::Running {
                 continue;
             }
-            let Some(att) = inst.attempts.iter().find(|x| x.attempt == inst.attempt) else { continue };
+            let Some(att) = inst.attempts.iter().find(|x| x.attempt == inst.attempt) else {
+                continue;
+            };
             if att.lease_until_ms >= ctx.now {
                 continue;
             }
             let node = att.node;
             release(kv, node, &run_id, &task_id)?;
-            let Some(inst) = run.tasks.get_mut(&task_id) else { continue };
+            let Some(inst) = run.tasks.get_mut(&task_id) else {
+                continue;
+            };
             let err = format!("lease expired: node {node} stopped renewing it");
-            fail_attempt(inst, &spec, &task_id, &AttemptResult::Lost { error: err }, ctx.now);
+            fail_attempt(
+                inst,
+                &spec,
+                &task_id,
+                &AttemptResult::Lost { error: err },
+                ctx.now,
+            );
             expired += 1;
             changed = true;
         }
@@ -920,20 +1228,37 @@ fn supervise(kv: &mut impl Kv, ctx: Ctx) -> Result<Outcome, KvError> {
     Ok(Outcome::Supervised { assigned, expired })
 }
 
-fn purge(kv: &mut impl Kv, before_ms: Millis, records_before_ms: Millis) -> Result<Outcome, KvError> {
+fn purge(
+    kv: &mut impl Kv,
+    before_ms: Millis,
+    records_before_ms: Millis,
+) -> Result<Outcome, KvError> {
     let mut runs = 0;
     for (k, _) in kv.scan_prefix(Table::FinishedRuns, b"")? {
-        let Some(ended) = k.get(..8).and_then(keys::from_ordered_i64) else { continue };
+        let Some(ended) = k.get(..8).and_then(keys::from_ordered_i64) else {
+            continue;
+        };
         if ended >= before_ms {
             break;
         }
         let run_id = String::from_utf8_lossy(&k[9.min(k.len())..]).into_owned();
         kv.delete(Table::FinishedRuns, k);
-        let Some(run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else { continue };
+        let Some(run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else {
+            continue;
+        };
         kv.delete(Table::Runs, run_id.as_bytes().to_vec());
-        kv.delete(Table::Windows, keys::window(&run.tenant, &run.dag_id, &run.window));
-        kv.delete(Table::RunsByDag, keys::run_by_dag(&run.tenant, &run.dag_id, run.created_ms, &run_id));
-        kv.delete(Table::RunsByTenant, keys::run_by_tenant(&run.tenant, run.created_ms, &run_id));
+        kv.delete(
+            Table::Windows,
+            keys::window(&run.tenant, &run.dag_id, &run.window),
+        );
+        kv.delete(
+            Table::RunsByDag,
+            keys::run_by_dag(&run.tenant, &run.dag_id, run.created_ms, &run_id),
+        );
+        kv.delete(
+            Table::RunsByTenant,
+            keys::run_by_tenant(&run.tenant, run.created_ms, &run_id),
+        );
         for ev in ["success", "failure", "sla_miss"] {
             kv.delete(Table::Notifications, keys::notification(&run_id, ev));
         }
@@ -962,8 +1287,8 @@ pub mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::state::model::{TaskKind, TaskSpec};
     use crate::state::command::AttemptRef;
+    use crate::state::model::{TaskKind, TaskSpec};
 
     /// An in-memory [`Kv`] for unit tests of the pure apply logic.
     #[derive(Default, Debug, PartialEq, Eq)]
@@ -979,7 +1304,11 @@ pub mod tests {
         fn delete(&mut self, table: Table, key: Vec<u8>) {
             self.0.remove(&(table, key));
         }
-        fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+        fn scan_prefix(
+            &self,
+            table: Table,
+            prefix: &[u8],
+        ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
             Ok(self
                 .0
                 .range((table, prefix.to_vec())..)
@@ -1056,7 +1385,9 @@ pub mod tests {
         let b = apply(&mut kv, &req("r3", 3, trigger("t", "d", 0, 10))).unwrap();
         let c = apply(&mut kv, &req("r4", 4, trigger("t", "d", 10, 20))).unwrap();
         let id = |r: &Response| match &r.outcome {
-            Outcome::RunTriggered { run_id, existed, .. } => (run_id.clone(), *existed),
+            Outcome::RunTriggered {
+                run_id, existed, ..
+            } => (run_id.clone(), *existed),
             o => panic!("unexpected {o:?}"),
         };
         assert_eq!(id(&a), ("run_1".to_string(), false));
@@ -1093,9 +1424,23 @@ pub mod tests {
     fn version_guard_and_unchanged_put() {
         let mut kv = MemKv::default();
         let v1 = apply(&mut kv, &req("a", 1, put("t", "d", Some(0)))).unwrap();
-        assert!(matches!(v1.outcome, Outcome::DagPut { version: 1, changed: true, .. }));
+        assert!(matches!(
+            v1.outcome,
+            Outcome::DagPut {
+                version: 1,
+                changed: true,
+                ..
+            }
+        ));
         let same = apply(&mut kv, &req("b", 2, put("t", "d", None))).unwrap();
-        assert!(matches!(same.outcome, Outcome::DagPut { version: 1, changed: false, .. }));
+        assert!(matches!(
+            same.outcome,
+            Outcome::DagPut {
+                version: 1,
+                changed: false,
+                ..
+            }
+        ));
         let stale = apply(&mut kv, &req("c", 3, put("t", "d", Some(7)))).unwrap();
         assert_eq!(
             stale.outcome,
@@ -1133,7 +1478,10 @@ pub mod tests {
         assert!(replay.replayed);
         assert_eq!(replay.outcome, first.outcome);
         let reused = apply(&mut kv, &with_key("x3", "f2", 100)).unwrap();
-        assert!(matches!(reused.outcome, Outcome::IdempotencyKeyReused { .. }));
+        assert!(matches!(
+            reused.outcome,
+            Outcome::IdempotencyKeyReused { .. }
+        ));
     }
 
     fn chain_spec(dag_id: &str, n: usize, retries: u32) -> DagSpec {
@@ -1144,7 +1492,11 @@ pub mod tests {
             .map(|i| TaskSpec {
                 task_id: format!("t{i}"),
                 kind: TaskKind::Noop,
-                depends_on: if i == 0 { vec![] } else { vec![format!("t{}", i - 1)] },
+                depends_on: if i == 0 {
+                    vec![]
+                } else {
+                    vec![format!("t{}", i - 1)]
+                },
                 retries,
                 retry_delay_ms: 100,
                 retry_exponential: false,
@@ -1156,34 +1508,69 @@ pub mod tests {
     }
 
     fn heartbeat(node: u64, now: Millis) -> Request {
-        req(&format!("hb{node}-{now}"), now, Command::Heartbeat { node, incarnation: "i1".into(), slots: 2, running: vec![], lease_ms: 1000 })
+        req(
+            &format!("hb{node}-{now}"),
+            now,
+            Command::Heartbeat {
+                node,
+                incarnation: "i1".into(),
+                slots: 2,
+                running: vec![],
+                lease_ms: 1000,
+            },
+        )
     }
 
     fn run(kv: &MemKv, id: &str) -> Run {
-        get_json::<Run>(kv, Table::Runs, id.as_bytes()).unwrap().unwrap()
+        get_json::<Run>(kv, Table::Runs, id.as_bytes())
+            .unwrap()
+            .unwrap()
     }
 
-    fn finish(kv: &mut MemKv, now: Millis, run_id: &str, task: &str, attempt: u32, node: u64, ok: bool) -> Outcome {
+    fn finish(
+        kv: &mut MemKv,
+        now: Millis,
+        run_id: &str,
+        task: &str,
+        attempt: u32,
+        node: u64,
+        ok: bool,
+    ) -> Outcome {
         let result = if ok {
             AttemptResult::Success { exit_code: Some(0) }
         } else {
-            AttemptResult::Failed { exit_code: Some(1), error: "boom".into() }
+            AttemptResult::Failed {
+                exit_code: Some(1),
+                error: "boom".into(),
+            }
         };
         let cmd = Command::FinishAttempt {
-            attempt: AttemptRef { run_id: run_id.into(), task_id: task.into(), attempt },
+            attempt: AttemptRef {
+                run_id: run_id.into(),
+                task_id: task.into(),
+                attempt,
+            },
             node,
             result,
         };
-        apply(kv, &req(&format!("f{now}"), now, cmd)).unwrap().outcome
+        apply(kv, &req(&format!("f{now}"), now, cmd))
+            .unwrap()
+            .outcome
     }
 
     fn setup_chain(n: usize, retries: u32) -> (MemKv, String) {
         let mut kv = MemKv::default();
         apply(&mut kv, &heartbeat(1, 0)).unwrap();
-        let put = Command::PutDag { tenant: "t".into(), spec: chain_spec("c", n, retries), expected_version: None };
+        let put = Command::PutDag {
+            tenant: "t".into(),
+            spec: chain_spec("c", n, retries),
+            expected_version: None,
+        };
         apply(&mut kv, &req("p", 0, put)).unwrap();
         let r = apply(&mut kv, &req("r", 1, trigger("t", "c", 0, 10))).unwrap();
-        let Outcome::RunTriggered { run_id, .. } = r.outcome else { panic!("{r:?}") };
+        let Outcome::RunTriggered { run_id, .. } = r.outcome else {
+            panic!("{r:?}")
+        };
         (kv, run_id)
     }
 
@@ -1193,15 +1580,30 @@ pub mod tests {
         assert_eq!(run(&kv, &id).state, RunState::Running);
         for (i, now) in [(0, 2), (1, 3), (2, 4)] {
             let t = format!("t{i}");
-            assert_eq!(run(&kv, &id).tasks[&t].state, TaskState::Running, "t{i} assigned");
+            assert_eq!(
+                run(&kv, &id).tasks[&t].state,
+                TaskState::Running,
+                "t{i} assigned"
+            );
             let o = finish(&mut kv, now, &id, &t, 1, 1, true);
-            assert!(matches!(o, Outcome::AttemptFinished { task_state: TaskState::Done, .. }), "{o:?}");
+            assert!(
+                matches!(
+                    o,
+                    Outcome::AttemptFinished {
+                        task_state: TaskState::Done,
+                        ..
+                    }
+                ),
+                "{o:?}"
+            );
         }
         let r = run(&kv, &id);
         assert_eq!(r.state, RunState::Done);
         assert!(kv.scan_prefix(Table::ActiveRuns, b"").unwrap().is_empty());
         assert!(kv.scan_prefix(Table::Assignments, b"").unwrap().is_empty());
-        let info: NodeInfo = get_json(&kv, Table::Nodes, &keys::node(1)).unwrap().unwrap();
+        let info: NodeInfo = get_json(&kv, Table::Nodes, &keys::node(1))
+            .unwrap()
+            .unwrap();
         assert_eq!(info.running, 0, "slots given back");
     }
 
@@ -1209,15 +1611,24 @@ pub mod tests {
     fn stale_attempts_are_fenced_and_failures_retry_then_fail() {
         let (mut kv, id) = setup_chain(2, 1);
         // Wrong attempt number and wrong node are both rejected.
-        assert!(matches!(finish(&mut kv, 2, &id, "t0", 2, 1, true), Outcome::StaleAttempt { current: 1 }));
-        assert!(matches!(finish(&mut kv, 2, &id, "t0", 1, 9, true), Outcome::StaleAttempt { .. }));
+        assert!(matches!(
+            finish(&mut kv, 2, &id, "t0", 2, 1, true),
+            Outcome::StaleAttempt { current: 1 }
+        ));
+        assert!(matches!(
+            finish(&mut kv, 2, &id, "t0", 1, 9, true),
+            Outcome::StaleAttempt { .. }
+        ));
         // Attempt 1 fails: retrying after the delay.
         finish(&mut kv, 3, &id, "t0", 1, 1, false);
         let r = run(&kv, &id);
         assert_eq!(r.tasks["t0"].state, TaskState::Retrying);
         assert_eq!(r.tasks["t0"].next_try_ms, Some(103));
         // A late report of attempt 1 is stale now.
-        assert!(matches!(finish(&mut kv, 4, &id, "t0", 1, 1, true), Outcome::StaleAttempt { .. }));
+        assert!(matches!(
+            finish(&mut kv, 4, &id, "t0", 1, 1, true),
+            Outcome::StaleAttempt { .. }
+        ));
         // Supervise after the delay assigns attempt 2.
         apply(&mut kv, &heartbeat(1, 100)).unwrap();
         apply(&mut kv, &req("s", 104, Command::Supervise { term: 1 })).unwrap();
@@ -1233,7 +1644,12 @@ pub mod tests {
     fn expired_leases_retry_elsewhere_and_stale_terms_are_ignored() {
         let (mut kv, id) = setup_chain(1, 0);
         apply(&mut kv, &heartbeat(2, 1)).unwrap();
-        let stale = apply_request(&mut kv, &req("s0", 50_000, Command::Supervise { term: 1 }), 2).unwrap();
+        let stale = apply_request(
+            &mut kv,
+            &req("s0", 50_000, Command::Supervise { term: 1 }),
+            2,
+        )
+        .unwrap();
         assert!(matches!(stale.outcome, Outcome::StaleTerm { .. }));
         // Node 1 stops heartbeating; node 2 keeps going; node 1's lease (1 s) expires.
         apply(&mut kv, &heartbeat(2, 16_000)).unwrap();
@@ -1244,7 +1660,10 @@ pub mod tests {
         assert_eq!(t.attempts[0].node, 1);
         assert_eq!(t.attempts[1].node, 2, "on the live node");
         assert_eq!(t.state, TaskState::Running);
-        assert!(matches!(finish(&mut kv, 16_002, &id, "t0", 1, 1, true), Outcome::StaleAttempt { current: 2 }));
+        assert!(matches!(
+            finish(&mut kv, 16_002, &id, "t0", 1, 1, true),
+            Outcome::StaleAttempt { current: 2 }
+        ));
         finish(&mut kv, 16_003, &id, "t0", 2, 2, true);
         assert_eq!(run(&kv, &id).state, RunState::Done);
     }
@@ -1253,38 +1672,80 @@ pub mod tests {
     fn fire_window_dedups_and_advances_the_cursor() {
         let mut kv = MemKv::default();
         apply(&mut kv, &req("p", 0, put("t", "d", None))).unwrap();
-        let fire = |id: &str, s: i64, e: i64| req(id, 5, Command::FireWindow {
-            tenant: "t".into(), dag_id: "d".into(), window: Window { start_ms: s, end_ms: e }, term: 1 });
+        let fire = |id: &str, s: i64, e: i64| {
+            req(
+                id,
+                5,
+                Command::FireWindow {
+                    tenant: "t".into(),
+                    dag_id: "d".into(),
+                    window: Window {
+                        start_ms: s,
+                        end_ms: e,
+                    },
+                    term: 1,
+                },
+            )
+        };
         let a = apply(&mut kv, &fire("a", 0, 10)).unwrap().outcome;
         let b = apply(&mut kv, &fire("b", 0, 10)).unwrap().outcome;
         assert!(matches!(a, Outcome::Fired { created: true, .. }));
         assert!(matches!(b, Outcome::Fired { created: false, .. }));
-        let c = kv.get(Table::Cursors, &keys::dag("t", "d")).unwrap().unwrap();
+        let c = kv
+            .get(Table::Cursors, &keys::dag("t", "d"))
+            .unwrap()
+            .unwrap();
         assert_eq!(keys::from_ordered_i64(&c), Some(10));
     }
 
     #[test]
     fn max_active_runs_queues_in_window_order_and_cancel_frees_the_slot() {
         let (mut kv, first) = setup_chain(1, 0);
-        let second = match apply(&mut kv, &req("r2", 2, trigger("t", "c", 20, 30))).unwrap().outcome {
-            Outcome::RunTriggered { run_id, state, .. } => { assert_eq!(state, RunState::Queued); run_id }
+        let second = match apply(&mut kv, &req("r2", 2, trigger("t", "c", 20, 30)))
+            .unwrap()
+            .outcome
+        {
+            Outcome::RunTriggered { run_id, state, .. } => {
+                assert_eq!(state, RunState::Queued);
+                run_id
+            }
             o => panic!("{o:?}"),
         };
-        let cancel = Command::CancelRun { tenant: "t".into(), run_id: first.clone() };
+        let cancel = Command::CancelRun {
+            tenant: "t".into(),
+            run_id: first.clone(),
+        };
         apply(&mut kv, &req("c", 3, cancel)).unwrap();
         assert_eq!(run(&kv, &first).state, RunState::Cancelled);
-        assert_eq!(run(&kv, &second).state, RunState::Running, "next queued run starts");
-        let retry = Command::RetryRun { tenant: "t".into(), run_id: first.clone() };
+        assert_eq!(
+            run(&kv, &second).state,
+            RunState::Running,
+            "next queued run starts"
+        );
+        let retry = Command::RetryRun {
+            tenant: "t".into(),
+            run_id: first.clone(),
+        };
         let o = apply(&mut kv, &req("rr", 4, retry)).unwrap().outcome;
         assert!(matches!(o, Outcome::RunRetried { tasks: 1, .. }), "{o:?}");
-        assert_eq!(run(&kv, &first).state, RunState::Queued, "waits for the running one");
+        assert_eq!(
+            run(&kv, &first).state,
+            RunState::Queued,
+            "waits for the running one"
+        );
     }
 
     #[test]
     fn a_restarted_node_loses_its_old_attempts() {
         let (mut kv, id) = setup_chain(1, 0);
         assert_eq!(run(&kv, &id).tasks["t0"].attempts[0].node, 1);
-        let hb = Command::Heartbeat { node: 1, incarnation: "i2".into(), slots: 2, running: vec![], lease_ms: 1000 };
+        let hb = Command::Heartbeat {
+            node: 1,
+            incarnation: "i2".into(),
+            slots: 2,
+            running: vec![],
+            lease_ms: 1000,
+        };
         apply(&mut kv, &req("hb-new", 5, hb)).unwrap();
         let t = &run(&kv, &id).tasks["t0"];
         assert_eq!(t.attempts[0].state, TaskState::Failed);

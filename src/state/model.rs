@@ -90,7 +90,10 @@ pub enum RunState {
 
 impl RunState {
     pub fn is_finished(self) -> bool {
-        matches!(self, RunState::Done | RunState::Failed | RunState::Cancelled)
+        matches!(
+            self,
+            RunState::Done | RunState::Failed | RunState::Cancelled
+        )
     }
 }
 

@@ -15,7 +15,10 @@ pub fn retry_delay_ms(task: &TaskSpec, retry: u32) -> u64 {
     } else {
         base
     };
-    d.min(task.max_retry_delay_ms.max(base.min(task.max_retry_delay_ms)))
+    d.min(
+        task.max_retry_delay_ms
+            .max(base.min(task.max_retry_delay_ms)),
+    )
 }
 
 fn is_terminal(s: TaskState) -> bool {
@@ -50,12 +53,17 @@ pub fn advance(run: &mut Run, spec: &DagSpec, now: Millis) {
                 .iter()
                 .filter_map(|d| run.tasks.get(d).map(|i| i.state))
                 .collect();
-            let next = if deps
-                .iter()
-                .any(|s| matches!(s, TaskState::Failed | TaskState::UpstreamFailed | TaskState::Cancelled))
-            {
+            let next = if deps.iter().any(|s| {
+                matches!(
+                    s,
+                    TaskState::Failed | TaskState::UpstreamFailed | TaskState::Cancelled
+                )
+            }) {
                 Some(TaskState::UpstreamFailed)
-            } else if deps.iter().all(|s| matches!(s, TaskState::Done | TaskState::Skipped)) {
+            } else if deps
+                .iter()
+                .all(|s| matches!(s, TaskState::Done | TaskState::Skipped))
+            {
                 Some(TaskState::Queued)
             } else {
                 None
@@ -72,12 +80,16 @@ pub fn advance(run: &mut Run, spec: &DagSpec, now: Millis) {
         }
     }
     let all_terminal = run.tasks.values().all(|t| is_terminal(t.state));
-    if all_terminal && run.state == RunState::Running || (all_terminal && run.tasks.is_empty()) {
+    if all_terminal && (run.state == RunState::Running || run.tasks.is_empty()) {
         let failed = run
             .tasks
             .values()
             .any(|t| matches!(t.state, TaskState::Failed | TaskState::UpstreamFailed));
-        run.state = if failed { RunState::Failed } else { RunState::Done };
+        run.state = if failed {
+            RunState::Failed
+        } else {
+            RunState::Done
+        };
         run.started_ms.get_or_insert(now);
         run.ended_ms = Some(now);
     }
@@ -143,7 +155,10 @@ mod tests {
             dag_id: "d".into(),
             dag_version: 1,
             run_type: RunType::Manual,
-            window: Window { start_ms: 0, end_ms: 0 },
+            window: Window {
+                start_ms: 0,
+                end_ms: 0,
+            },
             state: RunState::Running,
             created_ms: 0,
             started_ms: Some(0),
@@ -166,13 +181,20 @@ mod tests {
         assert_eq!(retry_delay_ms(&t, 3), 4000);
         assert_eq!(retry_delay_ms(&t, 4), 5000);
         assert_eq!(retry_delay_ms(&t, 60), 5000);
-        let fixed = TaskSpec { retry_exponential: false, ..t };
+        let fixed = TaskSpec {
+            retry_exponential: false,
+            ..t
+        };
         assert_eq!(retry_delay_ms(&fixed, 5), 1000);
     }
 
     #[test]
     fn roots_queue_then_dependents_follow() {
-        let s = spec(vec![task("a", &[]), task("b", &["a"]), task("c", &["a", "b"])]);
+        let s = spec(vec![
+            task("a", &[]),
+            task("b", &["a"]),
+            task("c", &["a", "b"]),
+        ]);
         let mut r = run_of(&s);
         advance(&mut r, &s, 1);
         assert_eq!(ready_tasks(&r, 1), vec!["a".to_string()]);
@@ -189,7 +211,12 @@ mod tests {
 
     #[test]
     fn failure_propagates_upstream_failed_and_fails_the_run() {
-        let s = spec(vec![task("a", &[]), task("b", &["a"]), task("c", &["b"]), task("x", &[])]);
+        let s = spec(vec![
+            task("a", &[]),
+            task("b", &["a"]),
+            task("c", &["b"]),
+            task("x", &[]),
+        ]);
         let mut r = run_of(&s);
         advance(&mut r, &s, 1);
         r.tasks.get_mut("a").unwrap().state = TaskState::Failed;

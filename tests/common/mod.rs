@@ -47,7 +47,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -66,10 +69,22 @@ impl Cluster {
             })
             .collect();
         let mut all_env = vec![
-            ("ORCHESTRATOR_RAFT__HEARTBEAT_MS".to_string(), "150".to_string()),
-            ("ORCHESTRATOR_RAFT__ELECTION_TIMEOUT_MIN_MS".to_string(), "800".to_string()),
-            ("ORCHESTRATOR_RAFT__ELECTION_TIMEOUT_MAX_MS".to_string(), "1600".to_string()),
-            ("ORCHESTRATOR_LEADER_WAIT_MS".to_string(), "4000".to_string()),
+            (
+                "ORCHESTRATOR_RAFT__HEARTBEAT_MS".to_string(),
+                "150".to_string(),
+            ),
+            (
+                "ORCHESTRATOR_RAFT__ELECTION_TIMEOUT_MIN_MS".to_string(),
+                "800".to_string(),
+            ),
+            (
+                "ORCHESTRATOR_RAFT__ELECTION_TIMEOUT_MAX_MS".to_string(),
+                "1600".to_string(),
+            ),
+            (
+                "ORCHESTRATOR_LEADER_WAIT_MS".to_string(),
+                "4000".to_string(),
+            ),
         ];
         all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         Cluster {
@@ -107,7 +122,12 @@ impl Cluster {
             .nodes
             .iter()
             .filter(|n| n.id != id)
-            .map(|n| format!("{}=127.0.0.1:{}/127.0.0.1:{}", n.id, n.api_port, n.peer_port))
+            .map(|n| {
+                format!(
+                    "{}=127.0.0.1:{}/127.0.0.1:{}",
+                    n.id, n.api_port, n.peer_port
+                )
+            })
             .collect();
         let node = self.node(id);
         std::fs::create_dir_all(&node.dir).expect("node dir");
@@ -172,7 +192,10 @@ impl Cluster {
             if let Some(s) = c.try_wait().expect("wait") {
                 return s;
             }
-            assert!(Instant::now() < deadline, "node {id} did not exit after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "node {id} did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -198,8 +221,14 @@ impl Cluster {
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock")
             .as_secs();
-        orchestrator::auth::mint(&self.jwt_secret, tenant, "test", scope, 3600, None, None, now)
-            .expect("mint")
+        let req = orchestrator::auth::TokenRequest {
+            tenant,
+            subject: "test",
+            scope,
+            ttl_secs: 3600,
+            ..Default::default()
+        };
+        orchestrator::auth::mint(&self.jwt_secret, &req, now).expect("mint")
     }
 
     pub fn admin_token(&self) -> String {
@@ -245,7 +274,10 @@ impl Cluster {
             }
             let id = n.id;
             wait_for(timeout, &format!("node {id} ready"), || async move {
-                self.readyz(id).await.filter(|v| v["ready"] == true).map(|_| ())
+                self.readyz(id)
+                    .await
+                    .filter(|v| v["ready"] == true)
+                    .map(|_| ())
             })
             .await;
         }
@@ -271,7 +303,10 @@ impl Cluster {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let resp = req.send().await.unwrap_or_else(|e| panic!("request to node {id} failed: {e}"));
+        let resp = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("request to node {id} failed: {e}"));
         let status = resp.status();
         let headers = resp.headers().clone();
         let text = resp.text().await.unwrap_or_default();
@@ -279,16 +314,36 @@ impl Cluster {
         (status, json, headers)
     }
 
-    pub async fn post(&self, id: u64, path: &str, token: &str, body: &Value) -> (StatusCode, Value) {
+    pub async fn post(
+        &self,
+        id: u64,
+        path: &str,
+        token: &str,
+        body: &Value,
+    ) -> (StatusCode, Value) {
         let (s, v, _) = self
-            .request(id, reqwest::Method::POST, &format!("{BASE}{path}"), Some(token), Some(body), &[])
+            .request(
+                id,
+                reqwest::Method::POST,
+                &format!("{BASE}{path}"),
+                Some(token),
+                Some(body),
+                &[],
+            )
             .await;
         (s, v)
     }
 
     pub async fn get(&self, id: u64, path: &str, token: &str) -> (StatusCode, Value) {
         let (s, v, _) = self
-            .request(id, reqwest::Method::GET, &format!("{BASE}{path}"), Some(token), None, &[])
+            .request(
+                id,
+                reqwest::Method::GET,
+                &format!("{BASE}{path}"),
+                Some(token),
+                None,
+                &[],
+            )
             .await;
         (s, v)
     }
@@ -311,14 +366,22 @@ impl Cluster {
 
     /// Wait until every running node has the same state digest and applied index.
     pub async fn wait_converged(&self, timeout: Duration) -> String {
-        let ids: Vec<u64> = self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.id).collect();
+        let ids: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.id)
+            .collect();
         wait_for(timeout, "all nodes to converge", || {
             let ids = ids.clone();
             async move {
                 let mut digests = Vec::new();
                 for id in ids {
                     let s = self.status(id).await?;
-                    digests.push((s["state_digest"].as_str()?.to_string(), s["applied_index"].clone()));
+                    digests.push((
+                        s["state_digest"].as_str()?.to_string(),
+                        s["applied_index"].clone(),
+                    ));
                 }
                 let first = digests.first()?.clone();
                 digests.iter().all(|d| *d == first).then_some(first.0)
@@ -331,7 +394,12 @@ impl Cluster {
     pub fn assert_no_panics(&self) {
         for n in &self.nodes {
             let log = self.log(n.id);
-            assert!(!log.contains("panicked at"), "node {} panicked:\n{}", n.id, log);
+            assert!(
+                !log.contains("panicked at"),
+                "node {} panicked:\n{}",
+                n.id,
+                log
+            );
         }
     }
 }
