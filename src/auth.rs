@@ -1,13 +1,29 @@
-//! Bearer-token authentication: verifying JWTs (algorithm pinned by config, `exp`/`nbf`
-//! with a small leeway, optional `iss`/`aud`) into a [`Principal`], scope checks, and
-//! minting dev tokens from the HS256 secret.
+//! Bearer-token authentication: verifying JWTs into a [`Principal`] and minting dev
+//! tokens. The accepted algorithms are pinned by configuration (a token naming another
+//! algorithm — `none`, or HS256 against an RSA key — is rejected before any key is
+//! tried); keys come from an HS256 secret, RS256/ES256 public keys in PEM, or a JWKS
+//! document (file, or URL fetched, cached and refreshed, `kid` honoured). `exp` and `nbf`
+//! are checked with a small leeway, `iss` and `aud` when configured.
 
-use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{
+    decode, decode_header, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation,
+};
 use serde::{Deserialize, Serialize};
+
+use crate::config::AuthConfig;
 
 pub const SCOPE_READ: &str = "orchestrator:read";
 pub const SCOPE_WRITE: &str = "orchestrator:write";
 pub const SCOPE_ADMIN: &str = "orchestrator:admin";
+
+/// Clock skew tolerated on `exp` and `nbf`, in seconds.
+const LEEWAY_SECS: u64 = 5;
+/// A JWKS URL is fetched again at most this often when an unknown `kid` shows up.
+const JWKS_MIN_REFETCH: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -19,6 +35,8 @@ pub enum Error {
     MissingScope { needed: &'static str },
     #[error("cannot mint token: {0}")]
     Mint(String),
+    #[error("auth configuration: {0}")]
+    Config(String),
 }
 
 /// The claims we read.
@@ -75,34 +93,174 @@ impl Principal {
     }
 }
 
-/// Verifies tokens with the configured key.
+/// A verification key, optionally named by `kid`.
+#[derive(Clone)]
+struct Key {
+    kid: Option<String>,
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+fn family(a: Algorithm) -> u8 {
+    match a {
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => 0,
+        Algorithm::RS256
+        | Algorithm::RS384
+        | Algorithm::RS512
+        | Algorithm::PS256
+        | Algorithm::PS384
+        | Algorithm::PS512 => 1,
+        Algorithm::ES256 | Algorithm::ES384 => 2,
+        Algorithm::EdDSA => 3,
+    }
+}
+
+fn keys_from_jwks(set: &JwkSet, allowed: &[Algorithm]) -> Vec<Key> {
+    set.keys
+        .iter()
+        .filter_map(|jwk| {
+            let key = DecodingKey::from_jwk(jwk).ok()?;
+            let alg = jwk
+                .common
+                .key_algorithm
+                .and_then(|a| a.to_string().parse::<Algorithm>().ok())
+                .or_else(|| allowed.iter().copied().find(|a| family(*a) != 0))?;
+            Some(Key {
+                kid: jwk.common.key_id.clone(),
+                alg,
+                key,
+            })
+        })
+        .collect()
+}
+
+/// Verifies tokens with the configured keys.
 #[derive(Clone)]
 pub struct Verifier {
-    key: DecodingKey,
-    validation: Validation,
+    allowed: Vec<Algorithm>,
+    keys: Arc<RwLock<Vec<Key>>>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    jwks_url: Option<String>,
+    last_fetch: Arc<RwLock<Option<Instant>>>,
+    http: reqwest::Client,
 }
 
 impl Verifier {
+    /// A verifier that only accepts HS256 tokens signed with `secret`.
     pub fn hs256(secret: &str, issuer: Option<&str>, audience: Option<&str>) -> Verifier {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 5;
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp"]);
-        if let Some(iss) = issuer {
-            validation.set_issuer(&[iss]);
-        }
-        match audience {
-            Some(aud) => validation.set_audience(&[aud]),
-            None => validation.validate_aud = false,
-        }
         Verifier {
-            key: DecodingKey::from_secret(secret.as_bytes()),
-            validation,
+            allowed: vec![Algorithm::HS256],
+            keys: Arc::new(RwLock::new(vec![Key {
+                kid: None,
+                alg: Algorithm::HS256,
+                key: DecodingKey::from_secret(secret.as_bytes()),
+            }])),
+            issuer: issuer.map(str::to_string),
+            audience: audience.map(str::to_string),
+            jwks_url: None,
+            last_fetch: Arc::new(RwLock::new(None)),
+            http: reqwest::Client::new(),
         }
     }
 
+    /// Build from configuration. `hs256_secret` is the resolved (possibly generated) one.
+    pub fn from_config(c: &AuthConfig, hs256_secret: &str) -> Result<Verifier, Error> {
+        let allowed: Vec<Algorithm> = c
+            .algorithms
+            .iter()
+            .map(|a| {
+                a.parse::<Algorithm>()
+                    .map_err(|_| Error::Config(format!("auth.algorithms: unknown algorithm '{a}'")))
+            })
+            .collect::<Result<_, _>>()?;
+        if allowed.is_empty() {
+            return Err(Error::Config(
+                "auth.algorithms must name at least one algorithm".into(),
+            ));
+        }
+        let mut keys = Vec::new();
+        if allowed.contains(&Algorithm::HS256) {
+            keys.push(Key {
+                kid: None,
+                alg: Algorithm::HS256,
+                key: DecodingKey::from_secret(hs256_secret.as_bytes()),
+            });
+        }
+        let read = |path: &std::path::Path| {
+            std::fs::read(path)
+                .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))
+        };
+        if let Some(p) = &c.rs256_public_key {
+            let key = DecodingKey::from_rsa_pem(&read(p)?)
+                .map_err(|e| Error::Config(format!("auth.rs256_public_key: {e}")))?;
+            keys.push(Key {
+                kid: None,
+                alg: Algorithm::RS256,
+                key,
+            });
+        }
+        if let Some(p) = &c.es256_public_key {
+            let key = DecodingKey::from_ec_pem(&read(p)?)
+                .map_err(|e| Error::Config(format!("auth.es256_public_key: {e}")))?;
+            keys.push(Key {
+                kid: None,
+                alg: Algorithm::ES256,
+                key,
+            });
+        }
+        if let Some(p) = &c.jwks_file {
+            let set: JwkSet = serde_json::from_slice(&read(p)?)
+                .map_err(|e| Error::Config(format!("auth.jwks_file: {e}")))?;
+            keys.extend(keys_from_jwks(&set, &allowed));
+        }
+        let v = Verifier {
+            allowed,
+            keys: Arc::new(RwLock::new(keys)),
+            issuer: c.issuer.clone(),
+            audience: c.audience.clone(),
+            jwks_url: c.jwks_url.clone(),
+            last_fetch: Arc::new(RwLock::new(None)),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .map_err(|e| Error::Config(e.to_string()))?,
+        };
+        Ok(v)
+    }
+
+    /// Fetch the JWKS URL (if configured) and replace the keys it provided.
+    pub async fn refresh_jwks(&self) -> Result<(), Error> {
+        let Some(url) = &self.jwks_url else {
+            return Ok(());
+        };
+        if let Ok(mut last) = self.last_fetch.write() {
+            if last.is_some_and(|t| t.elapsed() < JWKS_MIN_REFETCH) {
+                return Ok(());
+            }
+            *last = Some(Instant::now());
+        }
+        let set: JwkSet = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| Error::Config(format!("jwks {url}: {e}")))?
+            .json()
+            .await
+            .map_err(|e| Error::Config(format!("jwks {url}: {e}")))?;
+        let fresh = keys_from_jwks(&set, &self.allowed);
+        if let Ok(mut keys) = self.keys.write() {
+            // JWKS keys carry a kid; keep the configured ones that do not.
+            keys.retain(|k| k.kid.is_none());
+            keys.extend(fresh);
+        }
+        Ok(())
+    }
+
     /// Verify an `Authorization` header value.
-    pub fn verify_header(&self, header: Option<&str>) -> Result<Principal, Error> {
+    pub async fn verify_header(&self, header: Option<&str>) -> Result<Principal, Error> {
         let token = header
             .and_then(|h| {
                 h.strip_prefix("Bearer ")
@@ -111,7 +269,59 @@ impl Verifier {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or(Error::Missing)?;
-        let data = decode::<Claims>(token, &self.key, &self.validation)
+        match self.verify(token) {
+            Err(Error::Invalid(m)) if m.starts_with("unknown kid") && self.jwks_url.is_some() => {
+                // A rotated key: fetch the JWKS again (rate-limited) and retry once.
+                self.refresh_jwks().await?;
+                self.verify(token)
+            }
+            other => other,
+        }
+    }
+
+    fn verify(&self, token: &str) -> Result<Principal, Error> {
+        let header =
+            decode_header(token).map_err(|e| Error::Invalid(format!("malformed token: {e}")))?;
+        if !self.allowed.contains(&header.alg) {
+            return Err(Error::Invalid(format!(
+                "algorithm {:?} is not accepted",
+                header.alg
+            )));
+        }
+        let key = {
+            let keys = self
+                .keys
+                .read()
+                .map_err(|_| Error::Invalid("key store poisoned".into()))?;
+            let found = match &header.kid {
+                Some(kid) => keys
+                    .iter()
+                    .find(|k| k.kid.as_deref() == Some(kid.as_str()) && k.alg == header.alg),
+                None => keys.iter().find(|k| k.alg == header.alg),
+            };
+            match found {
+                Some(k) => k.key.clone(),
+                None => {
+                    return Err(Error::Invalid(match &header.kid {
+                        Some(kid) => format!("unknown kid '{kid}'"),
+                        None => format!("no key for algorithm {:?}", header.alg),
+                    }))
+                }
+            }
+        };
+        let mut validation = Validation::new(header.alg);
+        validation.algorithms = vec![header.alg];
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp"]);
+        if let Some(iss) = &self.issuer {
+            validation.set_issuer(&[iss]);
+        }
+        match &self.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        let data = decode::<Claims>(token, &key, &validation)
             .map_err(|e| Error::Invalid(e.to_string()))?;
         let c = data.claims;
         if c.tenant.is_empty() {
@@ -180,7 +390,7 @@ mod tests {
     fn round_trip_and_scopes() {
         let t = mint("s3cret", &req("orchestrator:write", 60), now()).unwrap();
         let v = Verifier::hs256("s3cret", None, None);
-        let p = v.verify_header(Some(&format!("Bearer {t}"))).unwrap();
+        let p = v.verify(&t).unwrap();
         assert_eq!(p.tenant, "acme");
         assert!(p.require(Access::Read).is_ok());
         assert!(p.require(Access::Write).is_ok());
@@ -191,10 +401,10 @@ mod tests {
     fn wrong_key_expired_and_missing_are_rejected() {
         let v = Verifier::hs256("s3cret", None, None);
         let t = mint("other", &req("orchestrator:read", 60), now()).unwrap();
-        assert!(v.verify_header(Some(&format!("Bearer {t}"))).is_err());
+        assert!(v.verify(&t).is_err());
         let t = mint("s3cret", &req("orchestrator:read", 1), now() - 3600).unwrap();
-        assert!(v.verify_header(Some(&format!("Bearer {t}"))).is_err());
-        assert!(matches!(v.verify_header(None), Err(Error::Missing)));
-        assert!(v.verify_header(Some("Bearer garbage")).is_err());
+        assert!(v.verify(&t).is_err());
+
+        assert!(v.verify("garbage").is_err());
     }
 }

@@ -71,13 +71,36 @@ impl Default for RaftConfig {
 }
 
 /// Token verification.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
+    /// The only algorithms accepted (e.g. ["RS256"]); a token naming another is refused.
+    pub algorithms: Vec<String>,
     /// HS256 secret. When unset, a dev secret is generated and kept in the data dir.
     pub hs256_secret: Option<String>,
+    /// PEM files with public keys.
+    pub rs256_public_key: Option<PathBuf>,
+    pub es256_public_key: Option<PathBuf>,
+    /// A JWKS document on disk, or a URL fetched at start and again for unknown `kid`s.
+    pub jwks_file: Option<PathBuf>,
+    pub jwks_url: Option<String>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            algorithms: vec!["HS256".into()],
+            hs256_secret: None,
+            rs256_public_key: None,
+            es256_public_key: None,
+            jwks_file: None,
+            jwks_url: None,
+            issuer: None,
+            audience: None,
+        }
+    }
 }
 
 /// Task execution on this node.
@@ -131,6 +154,31 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// Per-tenant request rate limits, enforced across the cluster (see `rate_limit`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Requests per second per tenant.
+    pub rps: u32,
+    /// Requests a tenant may make in one second at most (at least `rps`).
+    pub burst: u32,
+    /// How often nodes exchange their counts.
+    pub gossip_ms: u64,
+    /// Per-tenant `rps` overrides.
+    pub tenants: std::collections::BTreeMap<String, u32>,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            rps: 10,
+            burst: 10,
+            gossip_ms: 100,
+            tenants: Default::default(),
+        }
+    }
+}
+
 /// How long history is kept.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -175,6 +223,7 @@ pub struct Config {
     pub executor: ExecutorConfig,
     pub scheduler: SchedulerConfig,
     pub retention: RetentionConfig,
+    pub rate_limit: RateLimitConfig,
 }
 
 impl Default for Config {
@@ -194,6 +243,7 @@ impl Default for Config {
             executor: ExecutorConfig::default(),
             scheduler: SchedulerConfig::default(),
             retention: RetentionConfig::default(),
+            rate_limit: RateLimitConfig::default(),
         }
     }
 }
@@ -306,6 +356,9 @@ impl Config {
                 "executor.slots must be > 0 and executor.lease_ms ({}) at least 3 x executor.heartbeat_ms ({})",
                 e.lease_ms, e.heartbeat_ms
             ));
+        }
+        if self.rate_limit.rps == 0 || self.rate_limit.gossip_ms == 0 {
+            return bad("rate_limit.rps and rate_limit.gossip_ms must be > 0".into());
         }
         if self.scheduler.tick_ms == 0
             || self.scheduler.supervise_ms == 0
@@ -421,6 +474,14 @@ fn parse_scalar(key: &str, raw: &str) -> Result<toml::Value, Error> {
             peers.push(toml::Value::Table(t));
         }
         return Ok(toml::Value::Array(peers));
+    }
+    if raw.starts_with('[') || raw.starts_with('{') {
+        // A TOML inline array or table, e.g. '["RS256", "ES256"]'.
+        let doc: toml::Table = toml::from_str(&format!("v = {raw}"))
+            .map_err(|e| Error::Invalid(format!("{key}: '{raw}' is not a TOML value: {e}")))?;
+        if let Some(v) = doc.get("v") {
+            return Ok(v.clone());
+        }
     }
     if let Ok(i) = raw.parse::<i64>() {
         return Ok(toml::Value::Integer(i));

@@ -11,6 +11,7 @@
 //!   client and server, and the node wrapper (writes, current reads, membership).
 //! - [`state`]: the replicated domain model, commands and the deterministic apply logic.
 //! - [`dag`]: DAG definition input and validation. [`schedule`]: cron and timezones.
+//! - [`rate_limit`]: per-tenant limits shared across nodes by gossip.
 //! - [`config`]: layered configuration. [`server`]: running one node end to end.
 
 // openraft's `StorageError` and `RaftError` are large and are what its traits return;
@@ -24,6 +25,7 @@ pub mod config;
 pub mod dag;
 pub mod executor;
 pub mod raft;
+pub mod rate_limit;
 pub mod schedule;
 pub mod server;
 pub mod state;

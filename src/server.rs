@@ -11,10 +11,11 @@ use tracing::{info, warn};
 
 use crate::actors::{ActorSystem, Leadership};
 use crate::api::{self, ApiState};
-use crate::auth::Verifier;
+use crate::auth::{self, Verifier};
 use crate::config::{self, Config};
 use crate::raft::db::{Db, DbError};
 use crate::raft::{node, peer_server, RaftNode};
+use crate::rate_limit::RateLimiter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -41,6 +42,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Raft(#[from] node::Error),
+    #[error(transparent)]
+    Auth(#[from] auth::Error),
     #[error(transparent)]
     Actors(#[from] crate::actors::system::StartError),
 }
@@ -92,17 +95,19 @@ pub async fn run(
         async move { node.bootstrap(stop).await }
     });
 
-    let verifier = Verifier::hs256(
-        &jwt_secret,
-        config.auth.issuer.as_deref(),
-        config.auth.audience.as_deref(),
-    );
+    let verifier = Arc::new(Verifier::from_config(&config.auth, &jwt_secret)?);
+    if let Err(e) = verifier.refresh_jwks().await {
+        warn!(error = %e, "cannot fetch the JWKS yet; tokens it signs fail until it can be");
+    }
+    let limiter = Arc::new(RateLimiter::new(config.node_id, config.rate_limit.clone()));
+    tokio::spawn(gossip_rates(node.clone(), limiter.clone(), stop_rx.clone()));
     let api_router = api::router(ApiState {
         node: node.clone(),
         actors: actors.clone(),
-        verifier: Arc::new(verifier),
+        verifier,
+        limiter: limiter.clone(),
     });
-    let peer_router = peer_server::router(node.clone(), &secret);
+    let peer_router = peer_server::router(node.clone(), &secret, limiter);
 
     let wait_stop = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -178,6 +183,43 @@ async fn watch_leadership(
         }
         if *stop.borrow() || metrics.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// Send this node's per-tenant request counts to every other member, every
+/// `rate_limit.gossip_ms`, so the limit holds across the cluster.
+async fn gossip_rates(node: RaftNode, limiter: Arc<RateLimiter>, stop: watch::Receiver<bool>) {
+    let every = std::time::Duration::from_millis(limiter.gossip_ms());
+    let timeout = every.max(std::time::Duration::from_millis(200));
+    loop {
+        tokio::time::sleep(every).await;
+        if *stop.borrow() {
+            return;
+        }
+        let report = limiter.report(chrono::Utc::now().timestamp_millis());
+        if report.counts.is_empty() {
+            continue;
+        }
+        let members = node
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, m)| (*id, m.clone()))
+            .collect::<Vec<_>>();
+        for (id, member) in members {
+            if id == node.id {
+                continue;
+            }
+            let (peers, report) = (node.peers.clone(), report.clone());
+            tokio::spawn(async move {
+                let _: Result<(), _> = peers
+                    .call(id, &member.peer_addr, "/cluster/rate", &report, timeout)
+                    .await;
+            });
         }
     }
 }

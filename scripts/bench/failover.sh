@@ -16,7 +16,7 @@ TOKEN=$($LC token --tenant bench --scope "orchestrator:read orchestrator:write o
 API=/api/v1/runtime/orchestrator
 now_ms() { date +%s%3N; }
 post() { # node path body -> http status
-  curl -s -o /dev/null -w '%{http_code}' -m 2 -X POST "http://127.0.0.1:$((API_BASE_PORT + $1))$API$2" \
+  curl -s -o /dev/null -w "%{http_code}" -m 10 -X POST "http://127.0.0.1:$((API_BASE_PORT + $1))$API$2" \
     -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' -d "$3" || true
 }
 [ "$(post 1 /dags '{"dag_id":"bench","owner":"bench"}')" = 200 ] || { echo "cannot create the dag" >&2; exit 1; }

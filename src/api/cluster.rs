@@ -4,15 +4,16 @@
 use axum::body::Bytes;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::routes::{json_body, principal, ApiState};
-use crate::auth::Access;
+use super::routes::{json_body, ApiState};
+use crate::auth::{Access, Principal};
 use crate::raft::node::MembershipOp;
 use crate::raft::Member;
 
@@ -48,8 +49,11 @@ pub async fn readyz(State(st): State<ApiState>) -> Response {
 }
 
 /// `GET /cluster/status`: members, leader, term, indexes, lag, state digest, executor.
-pub async fn status(State(st): State<ApiState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    principal(&st, &headers, Access::Read)?;
+pub async fn status(
+    State(st): State<ApiState>,
+    Extension(p): Extension<Principal>,
+) -> Result<Response, ApiError> {
+    p.require(Access::Read)?;
     let s = st.node.status().await;
     let digest = st.node.db.state_digest()?;
     let mut v = serde_json::to_value(&s).map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -78,10 +82,10 @@ struct MemberInput {
 /// `POST /cluster/members`: add a node as learner, let it catch up, make it a voter.
 pub async fn add_member(
     State(st): State<ApiState>,
-    headers: HeaderMap,
+    Extension(p): Extension<Principal>,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    principal(&st, &headers, Access::Admin)?;
+    p.require(Access::Admin)?;
     let m: MemberInput = serde_json::from_value(json_body(body)?)
         .map_err(|e| ApiError::InvalidRequest(format!("invalid member: {e}")))?;
     for (f, a) in [("api_addr", &m.api_addr), ("peer_addr", &m.peer_addr)] {
@@ -108,10 +112,10 @@ pub async fn add_member(
 /// `DELETE /cluster/members/{node_id}`.
 pub async fn remove_member(
     State(st): State<ApiState>,
-    headers: HeaderMap,
+    Extension(p): Extension<Principal>,
     Path(node_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    principal(&st, &headers, Access::Admin)?;
+    p.require(Access::Admin)?;
     let node_id: u64 = node_id
         .parse()
         .map_err(|_| ApiError::InvalidRequest(format!("node id '{node_id}' is not a number")))?;
@@ -126,10 +130,10 @@ pub async fn remove_member(
 /// then purged) and report the log size before and after.
 pub async fn snapshot(
     State(st): State<ApiState>,
-    headers: HeaderMap,
+    Extension(p): Extension<Principal>,
     _body: Bytes,
 ) -> Result<Response, ApiError> {
-    principal(&st, &headers, Access::Admin)?;
+    p.require(Access::Admin)?;
     let before = st.node.db.log_size_bytes();
     st.node
         .raft

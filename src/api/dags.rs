@@ -4,16 +4,16 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::routes::{
-    commit, decode_cursor, fmt_ms, json_body, now_ms, page_limit, principal, stamp, with_replay,
-    ApiState,
+    commit, decode_cursor, fmt_ms, json_body, now_ms, page_limit, stamp, with_replay, ApiState,
 };
-use crate::auth::Access;
+use crate::auth::{Access, Principal};
 use crate::dag::{self, DagInput};
 use crate::schedule::Schedule;
 use crate::state::machine::keys;
@@ -33,10 +33,11 @@ fn status_of(dag: &Dag) -> &'static str {
 /// `POST /dags`: create or update. `version` in the body or `If-Match` guards updates.
 pub async fn submit(
     State(st): State<ApiState>,
+    Extension(p): Extension<Principal>,
     headers: HeaderMap,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let p = principal(&st, &headers, Access::Write)?;
+    p.require(Access::Write)?;
     let raw = json_body(body)?;
     let input: DagInput = serde_json::from_value(raw.clone())
         .map_err(|e| ApiError::InvalidRequest(format!("invalid DAG: {e}")))?;
@@ -95,10 +96,10 @@ fn summary(dag: &Dag) -> Value {
 /// `GET /dags/{dag_id}`: the current definition, version and next scheduled windows.
 pub async fn get_one(
     State(st): State<ApiState>,
-    headers: HeaderMap,
+    Extension(p): Extension<Principal>,
     Path(dag_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let p = principal(&st, &headers, Access::Read)?;
+    p.require(Access::Read)?;
     let dag = load(&st, &p.tenant, &dag_id).await?;
     let next: Vec<String> = dag
         .spec
@@ -131,10 +132,10 @@ pub struct ListQuery {
 /// `GET /dags?limit=&cursor=`: the tenant's DAGs in id order.
 pub async fn list(
     State(st): State<ApiState>,
-    headers: HeaderMap,
+    Extension(p): Extension<Principal>,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let p = principal(&st, &headers, Access::Read)?;
+    p.require(Access::Read)?;
     let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let limit = page_limit(q.limit)?;
     let after = decode_cursor(q.cursor.as_deref())?;
@@ -171,11 +172,12 @@ pub async fn list(
 
 async fn set_paused(
     st: ApiState,
+    p: Principal,
     headers: HeaderMap,
     dag_id: String,
     paused: bool,
 ) -> Result<Response, ApiError> {
-    let p = principal(&st, &headers, Access::Write)?;
+    p.require(Access::Write)?;
     let route = if paused {
         "POST /dags/pause"
     } else {
@@ -207,28 +209,31 @@ async fn set_paused(
 /// `POST /dags/{dag_id}/pause`: stop firing its schedule (runs in flight continue).
 pub async fn pause(
     State(st): State<ApiState>,
+    Extension(p): Extension<Principal>,
     headers: HeaderMap,
     Path(dag_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    set_paused(st, headers, dag_id, true).await
+    set_paused(st, p, headers, dag_id, true).await
 }
 
 /// `POST /dags/{dag_id}/unpause`.
 pub async fn unpause(
     State(st): State<ApiState>,
+    Extension(p): Extension<Principal>,
     headers: HeaderMap,
     Path(dag_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    set_paused(st, headers, dag_id, false).await
+    set_paused(st, p, headers, dag_id, false).await
 }
 
 /// `DELETE /dags/{dag_id}`: stops scheduling; its runs stay readable.
 pub async fn delete(
     State(st): State<ApiState>,
+    Extension(p): Extension<Principal>,
     headers: HeaderMap,
     Path(dag_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let p = principal(&st, &headers, Access::Write)?;
+    p.require(Access::Write)?;
     let cmd = Command::DeleteDag {
         tenant: p.tenant.clone(),
         dag_id: dag_id.clone(),

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request as HttpRequest, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -18,8 +18,9 @@ use sha2::{Digest, Sha256};
 use super::error::ApiError;
 use super::{cluster, dags, runs, BASE};
 use crate::actors::Actors;
-use crate::auth::{Access, Principal, Verifier};
+use crate::auth::{Principal, Verifier};
 use crate::raft::RaftNode;
+use crate::rate_limit::RateLimiter;
 use crate::state::{Command, IdempotencyKey, Outcome, Request};
 
 /// Largest accepted request body.
@@ -32,6 +33,7 @@ pub struct ApiState {
     pub node: RaftNode,
     pub actors: Actors,
     pub verifier: Arc<Verifier>,
+    pub limiter: Arc<RateLimiter>,
 }
 
 /// The public router.
@@ -52,7 +54,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/cluster/status", get(cluster::status))
         .route("/cluster/members", post(cluster::add_member))
         .route("/cluster/members/{node_id}", delete(cluster::remove_member))
-        .route("/cluster/snapshot", post(cluster::snapshot));
+        .route("/cluster/snapshot", post(cluster::snapshot))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/healthz", get(cluster::healthz))
         .route("/readyz", get(cluster::readyz))
@@ -116,18 +119,43 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
 }
 
-pub(super) fn principal(
-    st: &ApiState,
-    headers: &HeaderMap,
-    access: Access,
-) -> Result<Principal, ApiError> {
-    let p = st.verifier.verify_header(
-        headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok()),
-    )?;
-    p.require(access)?;
-    Ok(p)
+/// Verify the bearer token once, apply the tenant's rate limit, and hand the
+/// [`Principal`] to the handler (which checks the scope it needs).
+async fn authenticate(
+    State(st): State<ApiState>,
+    mut req: HttpRequest<axum::body::Body>,
+    next: Next,
+) -> Response {
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let p = match st.verifier.verify_header(auth.as_deref()).await {
+        Ok(p) => p,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let d = st.limiter.check(&p.tenant, now_ms());
+    let mut resp = if d.allowed {
+        req.extensions_mut().insert(p);
+        next.run(req).await
+    } else {
+        ApiError::RateLimited {
+            retry_after_secs: d.reset_secs.max(1),
+        }
+        .into_response()
+    };
+    let h = resp.headers_mut();
+    for (name, value) in [
+        ("ratelimit-limit", d.limit as u64),
+        ("ratelimit-remaining", d.remaining as u64),
+        ("ratelimit-reset", d.reset_secs),
+        ("x-ratelimit-limit", d.limit as u64),
+        ("x-ratelimit-remaining", d.remaining as u64),
+    ] {
+        h.insert(name, HeaderValue::from(value));
+    }
+    resp
 }
 
 pub(super) fn now_ms() -> i64 {
@@ -147,6 +175,9 @@ pub(super) fn json_body<T: serde::de::DeserializeOwned>(
         Ok(Json(v)) => Ok(v),
         Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::UnsupportedMediaType(
             "send Content-Type: application/json".into(),
+        )),
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::PayloadTooLarge(
+            format!("request body exceeds {MAX_BODY_BYTES} bytes"),
         )),
         Err(e) => Err(ApiError::InvalidRequest(e.body_text())),
     }

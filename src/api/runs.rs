@@ -5,16 +5,16 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::routes::{
-    commit, decode_cursor, fmt_ms, json_body, now_ms, page_limit, principal, stamp, with_replay,
-    ApiState,
+    commit, decode_cursor, fmt_ms, json_body, now_ms, page_limit, stamp, with_replay, ApiState,
 };
-use crate::auth::Access;
+use crate::auth::{Access, Principal};
 use crate::dag;
 use crate::state::machine::keys;
 use crate::state::model::{Dag, Run, RunState, RunType, Window};
@@ -46,10 +46,11 @@ fn parse_run_type(s: &str) -> Result<RunType, ApiError> {
 /// `POST /runs`: a manual or backfill run; idempotent by `(dag_id, window)`.
 pub async fn trigger(
     State(st): State<ApiState>,
+    Extension(p): Extension<Principal>,
     headers: HeaderMap,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let p = principal(&st, &headers, Access::Write)?;
+    p.require(Access::Write)?;
     let raw = json_body(body)?;
     let input: RunInput = serde_json::from_value(raw.clone())
         .map_err(|e| ApiError::InvalidRequest(format!("invalid run request: {e}")))?;
@@ -178,10 +179,10 @@ async fn load(st: &ApiState, tenant: &str, run_id: &str) -> Result<Run, ApiError
 /// `GET /runs/{run_id}`.
 pub async fn get_one(
     State(st): State<ApiState>,
-    headers: HeaderMap,
+    Extension(p): Extension<Principal>,
     Path(run_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let p = principal(&st, &headers, Access::Read)?;
+    p.require(Access::Read)?;
     let run = load(&st, &p.tenant, &run_id).await?;
     Ok(Json(render_run(&run)).into_response())
 }
@@ -203,10 +204,10 @@ pub struct ListQuery {
 /// `GET /runs?dag_id=&state=&run_type=&from=&to=&limit=&cursor=`: newest first.
 pub async fn list(
     State(st): State<ApiState>,
-    headers: HeaderMap,
+    Extension(p): Extension<Principal>,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let p = principal(&st, &headers, Access::Read)?;
+    p.require(Access::Read)?;
     let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let limit = page_limit(q.limit)?;
     let state: Option<RunState> = q
@@ -286,10 +287,11 @@ pub async fn list(
 /// `POST /runs/{run_id}/cancel`: unfinished tasks are cancelled, running attempts killed.
 pub async fn cancel(
     State(st): State<ApiState>,
+    Extension(p): Extension<Principal>,
     headers: HeaderMap,
     Path(run_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let p = principal(&st, &headers, Access::Write)?;
+    p.require(Access::Write)?;
     let cmd = Command::CancelRun {
         tenant: p.tenant.clone(),
         run_id: run_id.clone(),
@@ -313,10 +315,11 @@ pub async fn cancel(
 /// `POST /runs/{run_id}/retry`: re-run failed and upstream-failed tasks as new attempts.
 pub async fn retry(
     State(st): State<ApiState>,
+    Extension(p): Extension<Principal>,
     headers: HeaderMap,
     Path(run_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let p = principal(&st, &headers, Access::Write)?;
+    p.require(Access::Write)?;
     let cmd = Command::RetryRun {
         tenant: p.tenant.clone(),
         run_id: run_id.clone(),
@@ -341,10 +344,10 @@ pub async fn retry(
 /// fetched from the node that ran it.
 pub async fn attempt_log(
     State(st): State<ApiState>,
-    headers: HeaderMap,
+    Extension(p): Extension<Principal>,
     Path((run_id, task_id, attempt)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
-    let p = principal(&st, &headers, Access::Read)?;
+    p.require(Access::Read)?;
     let attempt: u32 = attempt
         .parse()
         .map_err(|_| ApiError::InvalidRequest(format!("attempt '{attempt}' is not a number")))?;

@@ -1,6 +1,6 @@
 //! The peer listener: Raft RPCs (`/raft/*`) and node-to-node calls (`/cluster/*`:
 //! forwarded writes, read index, membership, status). Served on the peer address only;
-//! every request must carry the cluster secret and this node's id, and a malformed body
+//! rate-limit gossip; every request must carry the cluster secret and this node's id, and a malformed body
 //! is answered with an error, never a crash.
 
 use axum::body::Bytes;
@@ -15,19 +15,22 @@ use tracing::warn;
 
 use super::network::{HEADER_SECRET, HEADER_TARGET};
 use super::node::{LogRequest, MembershipOp, RaftNode};
+use crate::rate_limit::{RateLimiter, Report};
 use crate::state::Batch;
 
 #[derive(Clone)]
 struct PeerState {
     node: RaftNode,
     secret: std::sync::Arc<str>,
+    limiter: std::sync::Arc<RateLimiter>,
 }
 
 /// The peer router for `node`, accepting only calls that carry `secret`.
-pub fn router(node: RaftNode, secret: &str) -> Router {
+pub fn router(node: RaftNode, secret: &str, limiter: std::sync::Arc<RateLimiter>) -> Router {
     let state = PeerState {
         node,
         secret: secret.into(),
+        limiter,
     };
     Router::new()
         .route("/raft/append", post(append))
@@ -38,6 +41,7 @@ pub fn router(node: RaftNode, secret: &str) -> Router {
         .route("/cluster/membership", post(membership))
         .route("/cluster/status", post(status))
         .route("/cluster/log", post(attempt_log))
+        .route("/cluster/rate", post(rate_report))
         .layer(DefaultBodyLimit::max(256 << 20))
         .with_state(state)
 }
@@ -154,6 +158,16 @@ async fn status(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) ->
 async fn attempt_log(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
     match admit::<LogRequest>(&st, &headers, &body) {
         Ok(r) => reply(st.node.local_attempt_log(&r.run_id, &r.task_id, r.attempt)),
+        Err(r) => r,
+    }
+}
+
+async fn rate_report(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
+    match admit::<Report>(&st, &headers, &body) {
+        Ok(r) => {
+            st.limiter.merge(r);
+            reply(())
+        }
         Err(r) => r,
     }
 }

@@ -31,9 +31,31 @@ pub struct Cluster {
     pub http: reqwest::Client,
 }
 
+/// A port no other cluster of this test process has been given: clusters start
+/// concurrently, and a port freed by a killed node must not be handed out again.
 fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let port = l.local_addr().expect("local addr").port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+}
+
+fn hex_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    format!("{:016x}", h.finish())
 }
 
 /// Wait until `f` yields `Some`, or panic with `what` after `timeout`.
@@ -85,12 +107,22 @@ impl Cluster {
                 "ORCHESTRATOR_LEADER_WAIT_MS".to_string(),
                 "4000".to_string(),
             ),
+            // Tests drive many requests per tenant; the rate-limit test sets its own.
+            (
+                "ORCHESTRATOR_RATE_LIMIT__RPS".to_string(),
+                "100000".to_string(),
+            ),
+            (
+                "ORCHESTRATOR_RATE_LIMIT__BURST".to_string(),
+                "100000".to_string(),
+            ),
         ];
         all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         Cluster {
             nodes,
             _tmp: tmp,
-            secret: "test-cluster-secret-0123456789".into(),
+            // Per cluster, so two test clusters can never talk to each other.
+            secret: format!("test-secret-{}", hex_id()),
             jwt_secret: "test-jwt-secret".into(),
             env: all_env,
             http: reqwest::Client::builder()
