@@ -106,6 +106,7 @@ pub async fn run(
         actors: actors.clone(),
         verifier,
         limiter: limiter.clone(),
+        http: Default::default(),
     });
     let peer_router = peer_server::router(node.clone(), &secret, limiter);
 

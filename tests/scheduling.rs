@@ -168,6 +168,35 @@ async fn every_window_fires_exactly_once_across_leader_kills() {
     let last_end = windows.last().unwrap().1;
     assert!(last_end >= observed_until - 2000, "windows up to the end of the period fired (last {last_end}, observed until {observed_until})");
     println!("FIGURE {total} windows, none twice, none missing, across 2 leader kills");
+    let mut fired = 0.0;
+    for id in 1..=3 {
+        let m = c
+            .http
+            .get(format!("{}/metrics", c.api(id)))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = |name: &str| {
+            m.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let n = value("orchestrator_scheduler_windows_fired_total");
+        if n > 0.0 {
+            println!(
+                "FIGURE node {id} fired {n} windows, mean fire lag {:.0} ms, max {} ms",
+                value("orchestrator_scheduler_fire_lag_ms_sum") / n,
+                value("orchestrator_scheduler_fire_lag_ms_max")
+            );
+        }
+        fired += n;
+    }
+    assert!(fired >= 1.0, "fire lag exported");
     c.assert_no_panics();
 }
 
@@ -359,6 +388,23 @@ async fn cancel_stops_running_attempts_and_sla_misses_fire_webhooks() {
     })
     .await;
     println!("webhook events: {events:?}");
+    let metrics = c
+        .http
+        .get(format!("{}/metrics", c.api(1)))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("orchestrator_sla_missed_total 1"),
+        "SLA miss counted:\n{metrics}"
+    );
+    assert!(
+        metrics.contains("orchestrator_runs_cancelled_total 1"),
+        "{metrics}"
+    );
     c.assert_no_panics();
 }
 

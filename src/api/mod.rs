@@ -5,11 +5,13 @@
 //! `routes` holds the route table and shared plumbing; `dags`, `runs` and `cluster`
 //! hold the handlers of each resource.
 
-mod cluster;
-mod dags;
+pub(crate) mod cluster;
+pub(crate) mod dags;
 pub mod error;
+mod metrics;
+pub mod openapi;
 mod routes;
-mod runs;
+pub(crate) mod runs;
 
 pub use routes::{router, ApiState};
 

@@ -9,14 +9,15 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request as HttpRequest, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 
 use super::error::ApiError;
-use super::{cluster, dags, runs, BASE};
+use super::{cluster, openapi, BASE};
 use crate::actors::Actors;
 use crate::auth::{Principal, Verifier};
 use crate::raft::RaftNode;
@@ -34,36 +35,29 @@ pub struct ApiState {
     pub actors: Actors,
     pub verifier: Arc<Verifier>,
     pub limiter: Arc<RateLimiter>,
+    pub http: Arc<super::metrics::HttpStats>,
 }
 
 /// The public router.
 pub fn router(state: ApiState) -> Router {
-    let api = Router::new()
-        .route("/dags", post(dags::submit).get(dags::list))
-        .route("/dags/{dag_id}", get(dags::get_one).delete(dags::delete))
-        .route("/dags/{dag_id}/pause", post(dags::pause))
-        .route("/dags/{dag_id}/unpause", post(dags::unpause))
-        .route("/runs", post(runs::trigger).get(runs::list))
-        .route("/runs/{run_id}", get(runs::get_one))
-        .route("/runs/{run_id}/cancel", post(runs::cancel))
-        .route("/runs/{run_id}/retry", post(runs::retry))
-        .route(
-            "/runs/{run_id}/tasks/{task_id}/attempts/{attempt}/log",
-            get(runs::attempt_log),
-        )
-        .route("/cluster/status", get(cluster::status))
-        .route("/cluster/members", post(cluster::add_member))
-        .route("/cluster/members/{node_id}", delete(cluster::remove_member))
-        .route("/cluster/snapshot", post(cluster::snapshot))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    let mut api = Router::new();
+    for e in openapi::endpoints() {
+        api = api.route(e.path, e.handler);
+    }
+    let api = api.route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/healthz", get(cluster::healthz))
         .route("/readyz", get(cluster::readyz))
+        .route("/openapi.json", get(|| async { Json(openapi::document()) }))
+        .route("/metrics", get(super::metrics::metrics))
         .nest(BASE, api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn(request_id_and_errors))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            request_id_and_errors,
+        ))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             |_: Box<dyn std::any::Any + Send>| {
                 ApiError::Internal("the server hit an internal error; it has been logged".into())
@@ -75,7 +69,11 @@ pub fn router(state: ApiState) -> Router {
 
 /// Echo (or mint) `X-Request-Id` on every response, and turn axum's plain-text
 /// rejections (oversized body and the like) into JSON errors.
-async fn request_id_and_errors(req: HttpRequest<axum::body::Body>, next: Next) -> Response {
+async fn request_id_and_errors(
+    State(st): State<ApiState>,
+    req: HttpRequest<axum::body::Body>,
+    next: Next,
+) -> Response {
     let id = req
         .headers()
         .get(REQUEST_ID)
@@ -85,7 +83,8 @@ async fn request_id_and_errors(req: HttpRequest<axum::body::Body>, next: Next) -
         .unwrap_or_else(|| format!("req-{}", hex::encode(rand::random::<[u8; 8]>())));
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let mut resp = next.run(req).await;
+    let span = tracing::info_span!("request", request_id = %id, %method, %path);
+    let mut resp = next.run(req).instrument(span).await;
     let is_json = resp
         .headers()
         .get(header::CONTENT_TYPE)
@@ -105,6 +104,7 @@ async fn request_id_and_errors(req: HttpRequest<axum::body::Body>, next: Next) -
         .into_response();
     }
     tracing::debug!(request_id = %id, %method, %path, status = resp.status().as_u16(), "request");
+    st.http.record(resp.status().as_u16());
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(REQUEST_ID, v);
     }

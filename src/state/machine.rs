@@ -593,6 +593,7 @@ fn heartbeat(
                 error: format!("node {node} restarted while running it"),
             };
             finish_attempt(kv, &a, node, &err, ctx)?;
+            next_counter(kv, counters::ATTEMPTS_LOST)?;
         }
     }
     let mut info = get_json::<NodeInfo>(kv, Table::Nodes, &nkey)?.unwrap_or(NodeInfo {
@@ -703,6 +704,14 @@ fn save_run(kv: &mut impl Kv, run: &Run, before: Option<RunState>) -> Result<(),
     if run.state.is_finished() {
         kv.delete(Table::ActiveRuns, akey);
         if before.is_some_and(|b| !b.is_finished()) {
+            next_counter(
+                kv,
+                match run.state {
+                    RunState::Done => counters::RUNS_DONE,
+                    RunState::Cancelled => counters::RUNS_CANCELLED,
+                    _ => counters::RUNS_FAILED,
+                },
+            )?;
             let ended = run.ended_ms.unwrap_or(run.created_ms);
             kv.put(
                 Table::FinishedRuns,
@@ -728,6 +737,22 @@ fn save_run(kv: &mut impl Kv, run: &Run, before: Option<RunState>) -> Result<(),
     }
     put_json(kv, Table::Runs, run.run_id.as_bytes().to_vec(), run);
     Ok(())
+}
+
+/// Replicated counters exported as metrics (the same on every node).
+pub mod counters {
+    pub const SLA_MISSED: &[u8] = b"sla_missed";
+    pub const RUNS_DONE: &[u8] = b"runs_done";
+    pub const RUNS_FAILED: &[u8] = b"runs_failed";
+    pub const RUNS_CANCELLED: &[u8] = b"runs_cancelled";
+    pub const ATTEMPTS_LOST: &[u8] = b"attempts_lost";
+    pub const ALL: [&[u8]; 5] = [
+        SLA_MISSED,
+        RUNS_DONE,
+        RUNS_FAILED,
+        RUNS_CANCELLED,
+        ATTEMPTS_LOST,
+    ];
 }
 
 fn notify(kv: &mut impl Kv, run: &Run, event: &str) -> Result<(), KvError> {
@@ -1201,12 +1226,14 @@ fn supervise(kv: &mut impl Kv, ctx: Ctx) -> Result<Outcome, KvError> {
                 &AttemptResult::Lost { error: err },
                 ctx.now,
             );
+            next_counter(kv, counters::ATTEMPTS_LOST)?;
             expired += 1;
             changed = true;
         }
         if let Some(deadline) = run.sla_deadline_ms {
             if !run.sla_missed && deadline < ctx.now {
                 run.sla_missed = true;
+                next_counter(kv, counters::SLA_MISSED)?;
                 notify(kv, &run, "sla_miss")?;
                 changed = true;
             }
