@@ -154,6 +154,25 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// TLS for the API and peer listeners (plain HTTP when unset).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain and private key served on both listeners.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// PEM CA that signed the peers' certificates; peers are trusted only through it.
+    /// Defaults to `cert_file`, which then must be a self-signed end-entity
+    /// certificate (`CA:FALSE`; webpki refuses a CA certificate as a server's).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+}
+
 /// Per-tenant request rate limits, enforced across the cluster (see `rate_limit`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -224,6 +243,7 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub retention: RetentionConfig,
     pub rate_limit: RateLimitConfig,
+    pub tls: TlsConfig,
 }
 
 impl Default for Config {
@@ -244,6 +264,7 @@ impl Default for Config {
             scheduler: SchedulerConfig::default(),
             retention: RetentionConfig::default(),
             rate_limit: RateLimitConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -356,6 +377,17 @@ impl Config {
                 "executor.slots must be > 0 and executor.lease_ms ({}) at least 3 x executor.heartbeat_ms ({})",
                 e.lease_ms, e.heartbeat_ms
             ));
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return bad("tls.cert_file and tls.key_file go together".into());
+        }
+        for f in [&self.tls.cert_file, &self.tls.key_file, &self.tls.ca_file]
+            .into_iter()
+            .flatten()
+        {
+            if !f.is_file() {
+                return bad(format!("TLS file {} does not exist", f.display()));
+            }
         }
         if self.rate_limit.rps == 0 || self.rate_limit.gossip_ms == 0 {
             return bad("rate_limit.rps and rate_limit.gossip_ms must be > 0".into());

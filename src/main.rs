@@ -53,6 +53,9 @@ enum Cmd {
         api: String,
         #[arg(long, env = "ORCHESTRATOR_TOKEN")]
         token: String,
+        /// PEM CA to trust for an https API (besides the system's roots).
+        #[arg(long, env = "ORCHESTRATOR_CA_FILE")]
+        ca_file: Option<PathBuf>,
         #[command(subcommand)]
         command: ClusterCmd,
     },
@@ -156,9 +159,21 @@ async fn shutdown_signal() {
     }
 }
 
-async fn cluster_cmd(api: &str, token: &str, cmd: ClusterCmd) -> anyhow::Result<()> {
+async fn cluster_cmd(
+    api: &str,
+    token: &str,
+    ca_file: Option<&std::path::Path>,
+    cmd: ClusterCmd,
+) -> anyhow::Result<()> {
     let base = format!("{}{}", api.trim_end_matches('/'), orchestrator::api::BASE);
-    let client = reqwest::Client::new();
+    let mut builder = reqwest::Client::builder();
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        builder = builder.add_root_certificate(
+            reqwest::Certificate::from_pem(&pem).context("--ca-file is not a PEM certificate")?,
+        );
+    }
+    let client = builder.build().context("cannot build the HTTP client")?;
     let req = match cmd {
         ClusterCmd::Status => client.get(format!("{base}/cluster/status")),
         ClusterCmd::Add {
@@ -239,8 +254,9 @@ fn main() -> ExitCode {
             Cmd::Cluster {
                 api,
                 token,
+                ca_file,
                 command,
-            } => rt.block_on(cluster_cmd(&api, &token, command))?,
+            } => rt.block_on(cluster_cmd(&api, &token, ca_file.as_deref(), command))?,
         }
         Ok(())
     })();

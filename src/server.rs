@@ -2,9 +2,10 @@
 //! and the peer listener, form the cluster if this node bootstraps it, and on shutdown
 //! stop accepting, finish in-flight requests, stop the actors, shut Raft down and flush.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 
+use axum_server::tls_rustls::RustlsConfig;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -44,6 +45,8 @@ pub enum Error {
     Raft(#[from] node::Error),
     #[error(transparent)]
     Auth(#[from] auth::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error(transparent)]
     Actors(#[from] crate::actors::system::StartError),
 }
@@ -79,7 +82,14 @@ pub async fn run(
             source,
         })?;
     let config = Arc::new(config);
-    let node = RaftNode::start(config.clone(), db.clone(), &secret).await?;
+    let tls = tls_setup(&config).await?;
+    let node = RaftNode::start(
+        config.clone(),
+        db.clone(),
+        &secret,
+        tls.as_ref().map(|t| t.1.clone()),
+    )
+    .await?;
     let actor_system = ActorSystem::start(node.clone(), config.clone())?;
     let actors = actor_system.actors.clone();
 
@@ -110,19 +120,16 @@ pub async fn run(
     });
     let peer_router = peer_server::router(node.clone(), &secret, limiter);
 
-    let wait_stop = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let api_server = tokio::spawn(
-        axum::serve(api_listener, api_router)
-            .with_graceful_shutdown(wait_stop(stop_rx.clone()))
-            .into_future(),
-    );
-    let peer_server = tokio::spawn(
-        axum::serve(peer_listener, peer_router)
-            .with_graceful_shutdown(wait_stop(stop_rx.clone()))
-            .into_future(),
-    );
+    let api_handle = axum_server::Handle::new();
+    let peer_handle = axum_server::Handle::new();
+    let server_tls = tls.map(|t| t.0);
+    let api_server = serve(
+        api_listener,
+        api_router,
+        server_tls.clone(),
+        api_handle.clone(),
+    )?;
+    let peer_server = serve(peer_listener, peer_router, server_tls, peer_handle.clone())?;
     println!(
         "orchestrator node {} ready: API http://{} (peer {}), data in {}",
         config.node_id,
@@ -143,6 +150,7 @@ pub async fn run(
     );
     let _ = stop_tx.send(true);
     // The API drains first; peers keep being answered until raft is shut down.
+    api_handle.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
     if let Ok(Err(e)) = api_server.await {
         warn!(error = %e, "api server ended with an error");
     }
@@ -150,6 +158,7 @@ pub async fn run(
     if let Err(e) = node.raft.shutdown().await {
         warn!(error = %e, "raft shutdown reported an error");
     }
+    peer_handle.graceful_shutdown(Some(std::time::Duration::from_secs(2)));
     if let Ok(Err(e)) = peer_server.await {
         warn!(error = %e, "peer server ended with an error");
     }
@@ -223,4 +232,53 @@ async fn gossip_rates(node: RaftNode, limiter: Arc<RateLimiter>, stop: watch::Re
             });
         }
     }
+}
+
+/// Load the certificate and key (served on both listeners) and the CA peers are
+/// checked against, when TLS is configured.
+async fn tls_setup(config: &Config) -> Result<Option<(RustlsConfig, reqwest::Certificate)>, Error> {
+    let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) else {
+        return Ok(None);
+    };
+    // Several nodes in one process (tests) may race to install it: the first wins.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let server = RustlsConfig::from_pem_file(cert, key).await.map_err(|e| {
+        Error::Tls(format!(
+            "cannot load {} / {}: {e}",
+            cert.display(),
+            key.display()
+        ))
+    })?;
+    let ca_path = config.tls.ca_file.as_ref().unwrap_or(cert);
+    let ca_pem = std::fs::read(ca_path)
+        .map_err(|e| Error::Tls(format!("cannot read {}: {e}", ca_path.display())))?;
+    let ca = reqwest::Certificate::from_pem(&ca_pem)
+        .map_err(|e| Error::Tls(format!("{}: {e}", ca_path.display())))?;
+    Ok(Some((server, ca)))
+}
+
+/// Serve `router` on `listener`, over TLS when `tls` is set, until `handle` shuts it down.
+fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    tls: Option<RustlsConfig>,
+    handle: axum_server::Handle<std::net::SocketAddr>,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, Error> {
+    let bind_err = |e: std::io::Error| Error::Tls(format!("cannot hand the listener over: {e}"));
+    let std_listener = listener.into_std().map_err(bind_err)?;
+    let service = router.into_make_service();
+    Ok(match tls {
+        Some(cfg) => {
+            let server = axum_server::from_tcp_rustls(std_listener, cfg)
+                .map_err(bind_err)?
+                .handle(handle);
+            tokio::spawn(server.serve(service))
+        }
+        None => {
+            let server = axum_server::from_tcp(std_listener)
+                .map_err(bind_err)?
+                .handle(handle);
+            tokio::spawn(server.serve(service))
+        }
+    })
 }

@@ -799,3 +799,45 @@ async fn openapi_documents_every_route_the_node_serves() {
     }
     println!("FIGURE openapi: {operations} documented operations, each served");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_on_the_api_and_between_peers() {
+    let dir = format!("{}/tests/fixtures", env!("CARGO_MANIFEST_DIR"));
+    let (cert, key, ca) = (
+        format!("{dir}/tls_cert.pem"),
+        format!("{dir}/tls_key.pem"),
+        format!("{dir}/tls_ca.pem"),
+    );
+    let c = up(
+        3,
+        &[
+            ("ORCHESTRATOR_TLS__CERT_FILE", &cert),
+            ("ORCHESTRATOR_TLS__KEY_FILE", &key),
+            ("ORCHESTRATOR_TLS__CA_FILE", &ca),
+        ],
+    )
+    .await;
+    assert!(c.api(1).starts_with("https://"));
+    let t = c.token("acme", ALL_SCOPES);
+    // A write through a follower is forwarded to the leader over TLS, then read everywhere.
+    let leader = c.wait_leader(LONG).await;
+    let follower = (1..=3).find(|n| *n != leader).unwrap();
+    let (s, v) = c
+        .post(follower, "/dags", &t, &json!({"dag_id": "secure"}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    for n in 1..=3 {
+        let (s, v) = c.get(n, "/dags/secure", &t).await;
+        assert_eq!(s, StatusCode::OK, "node {n}: {v}");
+    }
+    // Plain HTTP is not served on a TLS listener.
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/healthz", c.node(1).api_port))
+        .send()
+        .await;
+    assert!(
+        plain.map(|r| !r.status().is_success()).unwrap_or(true),
+        "plain HTTP must not work"
+    );
+    c.assert_no_panics();
+}

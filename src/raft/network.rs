@@ -40,15 +40,23 @@ pub struct PeerClients {
     secret: Arc<str>,
     connect_timeout: Duration,
     clients: Arc<Mutex<HashMap<NodeId, reqwest::Client>>>,
+    /// When set, peers are called over https trusting only this CA.
+    ca: Option<reqwest::Certificate>,
 }
 
 impl PeerClients {
-    pub fn new(node_id: NodeId, secret: &str, connect_timeout: Duration) -> Self {
+    pub fn new(
+        node_id: NodeId,
+        secret: &str,
+        connect_timeout: Duration,
+        ca: Option<reqwest::Certificate>,
+    ) -> Self {
         PeerClients {
             node_id,
             secret: secret.into(),
             connect_timeout,
             clients: Arc::new(Mutex::new(HashMap::new())),
+            ca,
         }
     }
 
@@ -59,12 +67,18 @@ impl PeerClients {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         map.entry(target)
             .or_insert_with(|| {
-                reqwest::Client::builder()
+                let mut b = reqwest::Client::builder()
                     .connect_timeout(self.connect_timeout)
                     .pool_max_idle_per_host(8)
-                    .tcp_nodelay(true)
-                    .build()
-                    .unwrap_or_else(|e| panic!("a plain HTTP client always builds: {e}"))
+                    .tcp_nodelay(true);
+                if let Some(ca) = &self.ca {
+                    b = b
+                        .tls_built_in_root_certs(false)
+                        .add_root_certificate(ca.clone());
+                }
+                b.build().unwrap_or_else(|e| {
+                    panic!("an HTTP client with a parsed CA always builds: {e}")
+                })
             })
             .clone()
     }
@@ -78,7 +92,8 @@ impl PeerClients {
         body: &Req,
         timeout: Duration,
     ) -> Result<Resp, PeerError> {
-        let url = format!("http://{peer_addr}{path}");
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{peer_addr}{path}");
         let resp = self
             .client(target)
             .post(&url)
@@ -90,16 +105,18 @@ impl PeerClients {
             .send()
             .await
             .map_err(|e| {
+                // reqwest's message hides the cause (refused, TLS, timeout): add the chain.
+                let mut message = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    message.push_str(": ");
+                    message.push_str(&s.to_string());
+                    source = s.source();
+                }
                 if e.is_connect() {
-                    PeerError::Unreachable {
-                        target,
-                        message: e.to_string(),
-                    }
+                    PeerError::Unreachable { target, message }
                 } else {
-                    PeerError::Failed {
-                        target,
-                        message: e.to_string(),
-                    }
+                    PeerError::Failed { target, message }
                 }
             })?;
         let status = resp.status();

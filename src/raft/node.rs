@@ -89,7 +89,12 @@ pub struct RaftNode {
 
 impl RaftNode {
     /// Open the stores and start openraft (does not form a cluster; see [`Self::bootstrap`]).
-    pub async fn start(config: Arc<Config>, db: Db, secret: &str) -> Result<RaftNode, Error> {
+    pub async fn start(
+        config: Arc<Config>,
+        db: Db,
+        secret: &str,
+        ca: Option<reqwest::Certificate>,
+    ) -> Result<RaftNode, Error> {
         let r = &config.raft;
         let raft_config = openraft::Config {
             cluster_name: "orchestrator".into(),
@@ -108,6 +113,7 @@ impl RaftNode {
             config.node_id,
             secret,
             Duration::from_millis(r.rpc_connect_timeout_ms),
+            ca,
         );
         let sm = StateMachineStore::new(db.clone());
         let raft = Raft::new(

@@ -29,6 +29,8 @@ pub struct Cluster {
     pub jwt_secret: String,
     env: Vec<(String, String)>,
     pub http: reqwest::Client,
+    /// `https` when the cluster serves TLS.
+    pub scheme: &'static str,
 }
 
 /// A port no other cluster of this test process has been given: clusters start
@@ -118,6 +120,18 @@ impl Cluster {
             ),
         ];
         all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        // Trust the cluster's CA (or its self-signed certificate) when it serves TLS.
+        let tls_cert = ["ORCHESTRATOR_TLS__CA_FILE", "ORCHESTRATOR_TLS__CERT_FILE"]
+            .iter()
+            .find_map(|name| env.iter().find(|(k, _)| k == name))
+            .map(|(_, v)| v.to_string());
+        let mut http = reqwest::Client::builder().timeout(Duration::from_secs(15));
+        if let Some(cert) = &tls_cert {
+            let pem = std::fs::read(cert).expect("test certificate");
+            http = http.tls_built_in_root_certs(false).add_root_certificate(
+                reqwest::Certificate::from_pem(&pem).expect("PEM certificate"),
+            );
+        }
         Cluster {
             nodes,
             _tmp: tmp,
@@ -125,10 +139,8 @@ impl Cluster {
             secret: format!("test-secret-{}", hex_id()),
             jwt_secret: "test-jwt-secret".into(),
             env: all_env,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(15))
-                .build()
-                .expect("http client"),
+            http: http.build().expect("http client"),
+            scheme: if tls_cert.is_some() { "https" } else { "http" },
         }
     }
 
@@ -141,7 +153,7 @@ impl Cluster {
     }
 
     pub fn api(&self, id: u64) -> String {
-        format!("http://127.0.0.1:{}", self.node(id).api_port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.node(id).api_port)
     }
 
     pub fn peer_addr(&self, id: u64) -> String {
