@@ -22,19 +22,19 @@ use crate::rate_limit::RateLimiter;
 pub enum Error {
     #[error(transparent)]
     Config(#[from] config::Error),
-    #[error("cannot create data dir {path}: {source}")]
+    #[error("cannot create data dir {path}")]
     DataDir {
         path: std::path::PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot open the database in {path}: {source} (is another node using this data dir?)")]
+    #[error("cannot open the database in {path} (is another node using this data dir?)")]
     Db {
         path: std::path::PathBuf,
         #[source]
         source: DbError,
     },
-    #[error("cannot listen on {addr} ({what}): {source}")]
+    #[error("cannot listen on {addr} ({what})")]
     Bind {
         what: &'static str,
         addr: String,
@@ -108,6 +108,21 @@ pub async fn run(
     let verifier = Arc::new(Verifier::from_config(&config.auth, &jwt_secret)?);
     if let Err(e) = verifier.refresh_jwks().await {
         warn!(error = %e, "cannot fetch the JWKS yet; tokens it signs fail until it can be");
+    }
+    if config.auth.jwks_url.is_some() {
+        // Keys rotate: fetch the JWKS again every five minutes (and on an unknown kid).
+        let (v, mut stop) = (verifier.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(300)) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                if let Err(e) = v.refresh_jwks().await {
+                    warn!(error = %e, "JWKS refresh failed; keeping the keys we have");
+                }
+            }
+        });
     }
     let limiter = Arc::new(RateLimiter::new(config.node_id, config.rate_limit.clone()));
     tokio::spawn(gossip_rates(node.clone(), limiter.clone(), stop_rx.clone()));

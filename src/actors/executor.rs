@@ -36,6 +36,7 @@ pub struct Executor {
     rt: tokio::runtime::Handle,
     config: ExecutorConfig,
     data_dir: PathBuf,
+    log_retention: Duration,
     incarnation: String,
     ready: bool,
     running: HashMap<TaskKey, Running>,
@@ -49,6 +50,7 @@ impl Executor {
         rt: tokio::runtime::Handle,
         config: ExecutorConfig,
         data_dir: PathBuf,
+        log_retention: Duration,
     ) -> Self {
         Executor {
             node,
@@ -56,6 +58,7 @@ impl Executor {
             rt,
             config,
             data_dir,
+            log_retention,
             incarnation: hex::encode(rand::random::<[u8; 8]>()),
             ready: false,
             running: HashMap::new(),
@@ -274,6 +277,13 @@ impl Actor for Executor {
                     return;
                 }
             }
+        });
+        // Output and working dirs of runs older than the retention go, once an hour.
+        let (dir, keep) = (self.data_dir.clone(), self.log_retention);
+        ctx.run_interval(Duration::from_secs(3600), move |act, _| {
+            let dir = dir.clone();
+            act.rt
+                .spawn_blocking(move || executor::remove_older_than(&dir, keep));
         });
         let every = Duration::from_millis(self.config.heartbeat_ms);
         ctx.run_interval(every, |act, _| {

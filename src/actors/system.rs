@@ -63,6 +63,7 @@ impl ActorSystem {
                         rt.clone(),
                         config.executor.clone(),
                         config.data_dir.clone(),
+                        std::time::Duration::from_millis(config.retention.runs_ms),
                     );
                     let actors = Actors {
                         proposer,

@@ -203,6 +203,29 @@ async fn write_log(path: &Path, text: &str) {
     let _ = tokio::fs::write(path, text).await;
 }
 
+/// Remove per-run log and working directories not modified for longer than `keep`.
+/// Returns how many run directories went.
+pub fn remove_older_than(data_dir: &Path, keep: Duration) -> usize {
+    let mut removed = 0;
+    for sub in ["logs", "work"] {
+        let Ok(entries) = std::fs::read_dir(data_dir.join(sub)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > keep);
+            if old && std::fs::remove_dir_all(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
 /// Kill a whole process group.
 pub fn kill_group(pgid: i32) {
     if pgid > 0 {
@@ -318,6 +341,17 @@ async fn run_shell(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn old_run_dirs_are_removed_and_recent_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("logs/run_1/t")).unwrap();
+        std::fs::create_dir_all(dir.path().join("work/run_1/t/1")).unwrap();
+        assert_eq!(remove_older_than(dir.path(), Duration::from_secs(3600)), 0);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(remove_older_than(dir.path(), Duration::from_millis(1)), 2);
+        assert!(!dir.path().join("logs/run_1").exists());
+    }
 
     #[test]
     fn templates_render_known_names_and_keep_unknown() {

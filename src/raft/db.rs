@@ -21,11 +21,11 @@ pub const CF_SNAPSHOT: &str = "snapshot";
 /// Errors opening or reading the node's database.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("rocksdb: {0}")]
+    #[error(transparent)]
     Rocks(#[from] rocksdb::Error),
     #[error("column family {0} is missing")]
     MissingColumnFamily(String),
-    #[error("corrupt value in {cf}: {source}")]
+    #[error("corrupt value in {cf}")]
     Corrupt {
         cf: String,
         #[source]
