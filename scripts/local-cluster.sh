@@ -13,8 +13,11 @@ API_BASE_PORT="${API_BASE_PORT:-8080}"
 PEER_BASE_PORT="${PEER_BASE_PORT:-9080}"
 NODES=(1 2 3)
 
-api_addr() { echo "127.0.0.1:$((API_BASE_PORT + $1))"; }
-peer_addr() { echo "127.0.0.1:$((PEER_BASE_PORT + $1))"; }
+# DISTINCT_IPS=1 puts node N on 127.0.0.N (peer traffic leaves from it too), so that
+# iptables can cut the link between two nodes (the chaos suite's partitions).
+host_of() { if [ -n "${DISTINCT_IPS:-}" ]; then echo "127.0.0.$1"; else echo 127.0.0.1; fi; }
+api_addr() { echo "$(host_of "$1"):$((API_BASE_PORT + $1))"; }
+peer_addr() { echo "$(host_of "$1"):$((PEER_BASE_PORT + $1))"; }
 pid_of() { cat "$DIR/node$1.pid" 2>/dev/null || true; }
 alive() { local p; p=$(pid_of "$1"); [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
 

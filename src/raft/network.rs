@@ -42,6 +42,9 @@ pub struct PeerClients {
     clients: Arc<Mutex<HashMap<NodeId, reqwest::Client>>>,
     /// When set, peers are called over https trusting only this CA.
     ca: Option<reqwest::Certificate>,
+    /// Outgoing peer connections leave from this address (the node's peer address),
+    /// so a partition can be drawn between specific nodes.
+    local_ip: Option<std::net::IpAddr>,
 }
 
 impl PeerClients {
@@ -50,6 +53,7 @@ impl PeerClients {
         secret: &str,
         connect_timeout: Duration,
         ca: Option<reqwest::Certificate>,
+        local_ip: Option<std::net::IpAddr>,
     ) -> Self {
         PeerClients {
             node_id,
@@ -57,6 +61,7 @@ impl PeerClients {
             connect_timeout,
             clients: Arc::new(Mutex::new(HashMap::new())),
             ca,
+            local_ip: local_ip.filter(|ip| !ip.is_unspecified()),
         }
     }
 
@@ -70,7 +75,8 @@ impl PeerClients {
                 let mut b = reqwest::Client::builder()
                     .connect_timeout(self.connect_timeout)
                     .pool_max_idle_per_host(8)
-                    .tcp_nodelay(true);
+                    .tcp_nodelay(true)
+                    .local_address(self.local_ip);
                 if let Some(ca) = &self.ca {
                     b = b
                         .tls_built_in_root_certs(false)

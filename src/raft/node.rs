@@ -114,6 +114,11 @@ impl RaftNode {
             secret,
             Duration::from_millis(r.rpc_connect_timeout_ms),
             ca,
+            config
+                .peer_addr
+                .parse::<std::net::SocketAddr>()
+                .ok()
+                .map(|a| a.ip()),
         );
         let sm = StateMachineStore::new(db.clone());
         let raft = Raft::new(

@@ -1,0 +1,621 @@
+#!/usr/bin/env python3
+"""Chaos suite for orchestrator: a workload, nemeses, a history recorder and a checker.
+
+Each scenario starts a fresh three-node cluster, runs a workload for a while, injects a
+fault (the nemesis) in the middle of it, heals, waits for convergence and checks the
+history and the final state of every node:
+
+  1 no acknowledged write is lost          5 one X-Request-Id maps to one run
+  2 at most one run per (dag_id, window)   6 the majority keeps accepting writes
+  3 no due window is skipped               7 every node converges to one state digest
+  4 attempts strictly increase, never two  8 no panic in any node log
+    running at once
+
+Backends: `local` (processes from scripts/local-cluster.sh on 127.0.0.N, partitions
+with iptables on the peer ports) and `docker` (the compose cluster in cluster/).
+Only the standard library is used. Everything is bounded in time and stops by itself.
+"""
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BASE = "/api/v1/runtime/orchestrator"
+SCOPES = "orchestrator:read orchestrator:write orchestrator:admin"
+CHAIN = "ORCH_CHAOS"
+
+
+def now_ms():
+    return int(time.time() * 1000)
+
+
+def http(method, url, token=None, body=None, headers=None, timeout=5.0):
+    """(status, json-or-text, headers); status 0 means no answer (unknown outcome)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    if token:
+        req.add_header("Authorization", "Bearer " + token)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            status, hdrs = r.status, dict(r.headers)
+    except urllib.error.HTTPError as e:
+        raw, status, hdrs = e.read(), e.code, dict(e.headers)
+    except Exception as e:  # timeouts, refused connections: the outcome is unknown
+        return 0, str(e), {}
+    try:
+        return status, json.loads(raw), hdrs
+    except ValueError:
+        return status, raw.decode(errors="replace"), hdrs
+
+
+class LocalBackend:
+    """Three processes via scripts/local-cluster.sh, node N on 127.0.0.N."""
+
+    def __init__(self, workdir, api_base=8380, peer_base=9380):
+        self.env = dict(os.environ, LOCAL_CLUSTER_DIR=workdir, API_BASE_PORT=str(api_base),
+                        PEER_BASE_PORT=str(peer_base), DISTINCT_IPS="1",
+                        ORCHESTRATOR_EXECUTOR__HEARTBEAT_MS="300",
+                        ORCHESTRATOR_EXECUTOR__LEASE_MS="3000",
+                        ORCHESTRATOR_SCHEDULER__TICK_MS="100",
+                        ORCHESTRATOR_RAFT__SNAPSHOT_AFTER_LOGS="300",
+                        ORCHESTRATOR_RAFT__LOGS_KEPT_AFTER_SNAPSHOT="50",
+                        ORCHESTRATOR_RATE_LIMIT__RPS="100000",
+                        ORCHESTRATOR_RATE_LIMIT__BURST="100000")
+        self.workdir, self.api_base, self.peer_base = workdir, api_base, peer_base
+        self.nodes = [1, 2, 3]
+
+    def lc(self, *args):
+        r = subprocess.run([os.path.join(ROOT, "scripts/local-cluster.sh"), *args], env=self.env,
+                           capture_output=True, text=True, timeout=180)
+        if r.returncode != 0:
+            raise RuntimeError(f"local-cluster {' '.join(args)}: {r.stderr.strip()}")
+        return r.stdout.strip()
+
+    def api(self, n):
+        return f"http://127.0.0.{n}:{self.api_base + n}"
+
+    def up(self):
+        subprocess.run(["rm", "-rf", self.workdir])
+        self.heal()
+        self.lc("up")
+
+    def down(self):
+        self.heal()
+        try:
+            self.lc("down")
+        except Exception:
+            pass
+
+    def token(self):
+        return self.lc("token", "--tenant", "chaos", "--scope", SCOPES, "--ttl", "2h").splitlines()[-1]
+
+    def kill(self, n):
+        self.lc("kill", str(n))
+
+    def start(self, n):
+        self.lc("start", str(n))
+
+    def stop(self, n):
+        self.lc("stop", str(n))
+
+    def cont(self, n):
+        self.lc("cont", str(n))
+
+    def terminate(self, n):
+        pid = open(os.path.join(self.workdir, f"node{n}.pid")).read().strip()
+        subprocess.run(["kill", "-TERM", pid])
+        for _ in range(200):
+            if subprocess.run(["kill", "-0", pid], capture_output=True).returncode != 0:
+                break
+            time.sleep(0.05)
+        os.remove(os.path.join(self.workdir, f"node{n}.pid"))
+
+    def cut(self, a, b):
+        """Drop peer traffic between nodes a and b (clients still reach both)."""
+        for src, dst in ((a, b), (b, a)):
+            subprocess.run(["iptables", "-A", CHAIN, "-s", f"127.0.0.{src}", "-d", f"127.0.0.{dst}",
+                            "-p", "tcp", "--dport", str(self.peer_base + dst), "-j", "DROP"], check=True)
+
+    def heal(self):
+        subprocess.run(["iptables", "-N", CHAIN], capture_output=True)
+        if subprocess.run(["iptables", "-C", "INPUT", "-j", CHAIN], capture_output=True).returncode != 0:
+            subprocess.run(["iptables", "-I", "INPUT", "-j", CHAIN], check=True)
+        subprocess.run(["iptables", "-F", CHAIN], check=True)
+
+    def log(self, n):
+        try:
+            return open(os.path.join(self.workdir, f"node{n}.log"), errors="replace").read()
+        except OSError:
+            return ""
+
+
+class DockerBackend(LocalBackend):
+    """The compose cluster in cluster/: docker kill/pause; partitions are not offered."""
+
+    def __init__(self, workdir):
+        super().__init__(workdir)
+        self.compose = ["docker-compose", "-f", os.path.join(ROOT, "cluster/docker-compose.yml"), "-p", "orchchaos"]
+
+    def dc(self, *args):
+        r = subprocess.run([*self.compose, *args], capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"docker-compose {' '.join(args)}: {r.stderr.strip()}")
+        return r.stdout
+
+    def api(self, n):
+        return f"http://127.0.0.1:{8080 + n}"
+
+    def up(self):
+        self.dc("down", "-v")
+        self.dc("up", "-d")
+        wait(lambda: leader(self) is not None, 120, "a leader")
+
+    def down(self):
+        self.dc("down", "-v")
+
+    def token(self):
+        return subprocess.run(["docker", "exec", "orchchaos_node1_1", "/orchestrator", "token", "--config",
+                               "/etc/orchestrator.toml", "--tenant", "chaos", "--scope", SCOPES, "--ttl", "2h"],
+                              capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+
+    def kill(self, n):
+        self.dc("kill", "-s", "KILL", f"node{n}")
+
+    def start(self, n):
+        self.dc("start", f"node{n}")
+
+    def stop(self, n):
+        self.dc("pause", f"node{n}")
+
+    def cont(self, n):
+        self.dc("unpause", f"node{n}")
+
+    def terminate(self, n):
+        self.dc("stop", "-t", "20", f"node{n}")
+
+    def cut(self, a, b):
+        raise NotImplementedError("partitions need the local backend")
+
+    def heal(self):
+        pass
+
+    def log(self, n):
+        return subprocess.run([*self.compose, "logs", "--no-color", f"node{n}"], capture_output=True, text=True).stdout
+
+
+def wait(pred, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if pred():
+                return True
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def leader(b):
+    for n in b.nodes:
+        s, v, _ = http("GET", b.api(n) + "/readyz", timeout=1)
+        if s == 200 and isinstance(v, dict) and v.get("state") == "leader":
+            return n
+    return None
+
+
+class History:
+    """Every operation as invoke / ok / fail / unknown, with times and the node used."""
+
+    def __init__(self, path):
+        self.f = open(path, "w")
+        self.lock = threading.Lock()
+        self.ops = []
+
+    def record(self, **op):
+        op["t"] = now_ms()
+        with self.lock:
+            self.ops.append(op)
+            self.f.write(json.dumps(op) + "\n")
+
+    def close(self):
+        self.f.close()
+
+
+class Workload:
+    """Scheduled DAGs firing every 1-2 s, manual triggers with X-Request-Id keys (some
+    retried on another node after a timeout), DAG updates with `version`, and reads of
+    acknowledged runs from every node."""
+
+    def __init__(self, b, token, history, rng):
+        self.b, self.t, self.h, self.rng = b, token, history, rng
+        self.stop = threading.Event()
+        self.acked_runs = {}  # run_id -> request key
+        self.key_runs = {}  # X-Request-Id -> set of run ids answered
+        self.acked_versions = []
+        self.lock = threading.Lock()
+
+    def setup(self):
+        dags = [
+            {"dag_id": "tick1", "schedule": "* * * * * *", "tasks": [{"task_id": "n", "kind": "noop"}]},
+            {"dag_id": "tick2", "schedule": "*/2 * * * * *", "catchup": True,
+             "tasks": [{"task_id": "s", "kind": "shell", "command": "sleep 0.3"}]},
+            {"dag_id": "work", "tasks": [{"task_id": "a", "kind": "shell", "command": "sleep 0.2", "retries": 2,
+                                          "retry_delay": "200ms"}, {"task_id": "b", "kind": "noop", "depends_on": ["a"]}]},
+            {"dag_id": "cfg", "owner": "v0"},
+        ]
+        for d in dags:
+            s, v, _ = http("POST", self.b.api(1) + BASE + "/dags", self.t, d, timeout=20)
+            if s != 200:
+                raise RuntimeError(f"setup {d['dag_id']}: {s} {v}")
+        self.started_ms = now_ms()
+
+    def node(self):
+        return self.rng.choice(self.b.nodes)
+
+    def triggers(self):
+        while not self.stop.is_set():
+            key = str(uuid.UUID(int=self.rng.getrandbits(128)))
+            nodes = self.rng.sample(self.b.nodes, len(self.b.nodes))
+            for attempt, n in enumerate(nodes):
+                self.h.record(op="trigger", phase="invoke", node=n, key=key, attempt=attempt)
+                s, v, _ = http("POST", self.b.api(n) + BASE + "/runs", self.t, {"dag_id": "work", "run_type": "manual"},
+                               {"X-Request-Id": key}, timeout=3)
+                if s == 200:
+                    self.h.record(op="trigger", phase="ok", node=n, key=key, run_id=v["run_id"])
+                    with self.lock:
+                        self.acked_runs[v["run_id"]] = key
+                        self.key_runs.setdefault(key, set()).add(v["run_id"])
+                    break
+                phase = "unknown" if s == 0 else "fail"
+                self.h.record(op="trigger", phase=phase, node=n, key=key, status=s)
+                if s != 0:
+                    break  # a definite failure: nothing to retry
+                # Unknown outcome: retry the same key against another node.
+            time.sleep(0.15)
+
+    def updates(self):
+        while not self.stop.is_set():
+            n = self.node()
+            s, v, _ = http("GET", self.b.api(n) + BASE + "/dags/cfg", self.t, timeout=3)
+            if s == 200:
+                ver = v["version"]
+                body = {"dag_id": "cfg", "owner": f"v{ver + 1}-{self.rng.randrange(1 << 30)}", "version": ver}
+                self.h.record(op="update", phase="invoke", node=n, version=ver)
+                s, v, _ = http("POST", self.b.api(n) + BASE + "/dags", self.t, body, timeout=3)
+                if s == 200:
+                    self.h.record(op="update", phase="ok", node=n, version=v["version"])
+                    with self.lock:
+                        self.acked_versions.append(v["version"])
+                else:
+                    self.h.record(op="update", phase="unknown" if s == 0 else "fail", node=n, status=s)
+            time.sleep(0.5)
+
+    def reads(self):
+        while not self.stop.is_set():
+            with self.lock:
+                runs = list(self.acked_runs)
+            if runs:
+                run = self.rng.choice(runs)
+                n = self.node()
+                s, v, _ = http("GET", self.b.api(n) + BASE + f"/runs/{run}", self.t, timeout=3)
+                phase = "ok" if s == 200 else ("unknown" if s in (0, 503) else "fail")
+                self.h.record(op="read", phase=phase, node=n, run_id=run, status=s)
+            time.sleep(0.2)
+
+    def run(self):
+        self.threads = [threading.Thread(target=f, daemon=True) for f in (self.triggers, self.updates, self.reads)]
+        for t in self.threads:
+            t.start()
+
+    def finish(self):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+        self.finished_ms = now_ms()
+
+
+# Nemeses: each takes the backend and the scenario clock, faults, and heals before returning.
+def n_kill_leader(b, rng, hold):
+    l = leader(b) or 1
+    b.kill(l)
+    time.sleep(hold)
+    b.start(l)
+
+
+def n_kill_random(b, rng, hold):
+    n = rng.choice(b.nodes)
+    b.kill(n)
+    time.sleep(hold)
+    b.start(n)
+
+
+def n_pause_leader(b, rng, hold):
+    l = leader(b) or 1
+    b.stop(l)
+    time.sleep(max(hold, 4))  # longer than the election timeout
+    b.cont(l)
+
+
+def n_partition_leader(b, rng, hold):
+    l = leader(b) or 1
+    for o in b.nodes:
+        if o != l:
+            b.cut(l, o)
+    time.sleep(hold)
+    b.heal()
+
+
+def n_partition_follower_long(b, rng, hold):
+    l = leader(b) or 1
+    f = rng.choice([n for n in b.nodes if n != l])
+    for o in b.nodes:
+        if o != f:
+            b.cut(f, o)
+    time.sleep(hold * 2)  # long enough for the leader to snapshot and purge past it
+    b.heal()
+
+
+def n_bridge(b, rng, hold):
+    a, c = rng.sample(b.nodes, 2)
+    b.cut(a, c)
+    time.sleep(hold)
+    b.heal()
+
+
+def n_rolling_restart(b, rng, hold):
+    for n in b.nodes:
+        b.terminate(n)
+        b.start(n)
+        wait(lambda: leader(b) is not None, 60, "a leader during the rolling restart")
+        time.sleep(1)
+
+
+def n_crash_all(b, rng, hold):
+    for n in b.nodes:
+        b.kill(n)
+    time.sleep(1)
+    for n in b.nodes:
+        b.start(n)
+
+
+def n_restart_one_while_peers_down(b, rng, hold):
+    for n in b.nodes:
+        b.kill(n)
+    lone = rng.choice(b.nodes)
+    b.start(lone)
+    time.sleep(hold)
+    for n in b.nodes:
+        if n != lone:
+            b.start(n)
+
+
+NEMESES = {
+    "kill-leader": n_kill_leader,
+    "kill-random": n_kill_random,
+    "pause-leader": n_pause_leader,
+    "partition-leader": n_partition_leader,
+    "partition-follower-snapshot": n_partition_follower_long,
+    "bridge": n_bridge,
+    "rolling-restart": n_rolling_restart,
+    "crash-all": n_crash_all,
+    "restart-one-while-peers-down": n_restart_one_while_peers_down,
+}
+PARTITIONS = {"partition-leader", "partition-follower-snapshot", "bridge"}
+
+PROFILES = {
+    "smoke": {"scenarios": ["kill-leader", "pause-leader", "partition-leader", "crash-all"], "trials": 1,
+              "before": 4, "hold": 4, "after": 5},
+    "full": {"scenarios": list(NEMESES), "trials": 10, "before": 5, "hold": 6, "after": 8},
+}
+
+
+def all_pages(b, token, node, query):
+    out, cursor = [], None
+    for _ in range(200):
+        q = query + (f"&cursor={cursor}" if cursor else "")
+        s, v, _ = http("GET", b.api(node) + BASE + "/runs?" + q, token, timeout=20)
+        if s != 200:
+            raise RuntimeError(f"list runs {q}: {s} {v}")
+        out += v["runs"]
+        cursor = v.get("next_cursor")
+        if not cursor:
+            return out
+    return out
+
+
+def parse_ts(s):
+    # "2026-12-01T06:36:06.981Z" -> epoch ms
+    from datetime import datetime
+    return int(datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=__import__("datetime").timezone.utc).timestamp() * 1000)
+
+
+def check(b, token, w, history, fault_window):
+    """The checker: returns (violations, figures)."""
+    violations, figures = [], {}
+    heal_start = time.time()
+    # 7: convergence of every node to one state digest.
+    def converged():
+        digests = set()
+        for n in b.nodes:
+            s, v, _ = http("GET", b.api(n) + BASE + "/cluster/status", token, timeout=5)
+            if s != 200:
+                return False
+            digests.add((v["state_digest"], v["applied_index"]))
+        return len(digests) == 1
+    try:
+        wait(lambda: leader(b) is not None, 60, "a leader after healing")
+        # Let housekeeping settle (heartbeats keep writing, so retry until equal).
+        wait(converged, 60, "all nodes to converge")
+        figures["converge_s"] = round(time.time() - heal_start, 2)
+    except TimeoutError as e:
+        violations.append(f"7 convergence: {e}")
+    # 1: every acknowledged run is there, on every node.
+    for run in list(w.acked_runs):
+        for n in b.nodes:
+            s, v, _ = http("GET", b.api(n) + BASE + f"/runs/{run}", token, timeout=10)
+            if s != 200:
+                violations.append(f"1 lost write: acknowledged {run} answers {s} on node {n}")
+    s, v, _ = http("GET", b.api(1) + BASE + "/dags/cfg", token, timeout=10)
+    if w.acked_versions and (s != 200 or v["version"] < max(w.acked_versions)):
+        violations.append(f"1 lost write: cfg version {v.get('version') if s == 200 else s} < acknowledged {max(w.acked_versions)}")
+    for op in history.ops:
+        if op["op"] == "read" and op["phase"] == "fail" and op.get("status") == 404:
+            violations.append(f"1 lost write: a current read of acknowledged {op['run_id']} answered 404 on node {op['node']}")
+    # 2 and 3: one run per window; no window skipped.
+    dup = skipped = 0
+    for dag, step in (("tick1", 1000), ("tick2", 2000)):
+        runs = all_pages(b, token, 1, f"dag_id={dag}&run_type=scheduled&limit=500")
+        windows = sorted((parse_ts(r["window"]["from"]), parse_ts(r["window"]["to"])) for r in runs)
+        if len(set(windows)) != len(windows):
+            dup += len(windows) - len(set(windows))
+            violations.append(f"2 duplicate windows for {dag}")
+        ws = sorted(set(windows))
+        for a, c in zip(ws, ws[1:]):
+            if a[1] != c[0]:
+                skipped += (c[0] - a[1]) // step
+                violations.append(f"3 skipped windows for {dag} between {a} and {c}")
+        if ws and ws[-1][1] < w.finished_ms - 3 * step - 2000:
+            violations.append(f"3 {dag} stopped firing: last window ends {ws[-1][1]}, workload ended {w.finished_ms}")
+        figures[f"windows_{dag}"] = len(ws)
+    figures["duplicate_windows"], figures["skipped_windows"] = dup, skipped
+    # 4: attempts strictly increasing; never two running at once.
+    fencing = 0
+    sample = list(w.acked_runs)[-40:] + [r["run_id"] for r in all_pages(b, token, 2, "dag_id=tick2&limit=40")[:40]]
+    for run in sample:
+        s, v, _ = http("GET", b.api(2) + BASE + f"/runs/{run}", token, timeout=10)
+        if s != 200:
+            continue
+        for task, d in v["task_details"].items():
+            nums = [a["attempt"] for a in d["attempts"]]
+            running = [a for a in d["attempts"] if a["state"] == "running"]
+            if nums != list(range(1, len(nums) + 1)) or len(running) > 1:
+                fencing += 1
+                violations.append(f"4 attempts of {run}/{task}: {nums}, running {len(running)}")
+    figures["fencing_violations"] = fencing
+    # 5: one X-Request-Id, one run.
+    for key, runs in w.key_runs.items():
+        if len(runs) > 1:
+            violations.append(f"5 X-Request-Id {key} answered with runs {sorted(runs)}")
+    # 6: write availability: gaps between acknowledged writes.
+    oks = sorted(op["t"] for op in history.ops if op["phase"] == "ok" and op["op"] in ("trigger", "update"))
+    gaps = [b2 - a for a, b2 in zip(oks, oks[1:])]
+    figures["max_write_unavailability_ms"] = max(gaps) if gaps else None
+    figures["median_write_gap_ms"] = statistics.median(gaps) if gaps else None
+    fs, fe = fault_window
+    outside = [b2 - a for a, b2 in zip(oks, oks[1:]) if b2 < fs - 1000 or a > fe + 15000]
+    if outside and max(outside) > 5000:
+        violations.append(f"6 writes stalled {max(outside)} ms outside the fault window")
+    figures["acknowledged"] = len(oks)
+    figures["operations"] = len(history.ops)
+    # 8: no panics.
+    for n in b.nodes:
+        if "panicked at" in b.log(n):
+            violations.append(f"8 node {n} panicked")
+    return violations, figures
+
+
+def run_scenario(b, name, profile, rng, outdir, trial):
+    b.up()
+    token = b.token()
+    h = History(os.path.join(outdir, f"{name}-{trial}.jsonl"))
+    w = Workload(b, token, h, rng)
+    w.setup()
+    w.run()
+    time.sleep(profile["before"])
+    fault_start = now_ms()
+    NEMESES[name](b, rng, profile["hold"])
+    fault_end = now_ms()
+    time.sleep(profile["after"])
+    w.finish()
+    h.close()
+    violations, figures = check(b, token, w, h, (fault_start, fault_end))
+    b.down()
+    return violations, figures
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", choices=PROFILES, default="smoke")
+    ap.add_argument("--backend", choices=["local", "docker"], default="local")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--trials", type=int, default=None)
+    ap.add_argument("--scenarios", default=None, help="comma-separated subset")
+    ap.add_argument("--out", default=os.path.join(ROOT, ".chaos"))
+    args = ap.parse_args()
+    seed = args.seed if args.seed is not None else random.randrange(1 << 31)
+    profile = dict(PROFILES[args.profile])
+    if args.trials:
+        profile["trials"] = args.trials
+    scenarios = args.scenarios.split(",") if args.scenarios else profile["scenarios"]
+    os.makedirs(args.out, exist_ok=True)
+    backend = (LocalBackend if args.backend == "local" else DockerBackend)(os.path.join(args.out, "cluster"))
+    if args.backend == "docker":
+        scenarios = [s for s in scenarios if s not in PARTITIONS]
+    print(f"chaos: profile={args.profile} backend={args.backend} seed={seed} scenarios={','.join(scenarios)}", flush=True)
+    rng = random.Random(seed)
+    results, failed = {}, False
+    try:
+        for name in scenarios:
+            rows = []
+            for trial in range(profile["trials"]):
+                t0 = time.time()
+                try:
+                    v, f = run_scenario(backend, name, profile, rng, args.out, trial)
+                except Exception as e:  # a scenario that cannot run is a failure, not a pass
+                    v, f = [f"scenario error: {e}"], {}
+                    backend.down()
+                f["seconds"] = round(time.time() - t0, 1)
+                rows.append({"violations": v, "figures": f})
+                status = "ok" if not v else "VIOLATION"
+                print(f"  {name} trial {trial}: {status} {json.dumps(f)}", flush=True)
+                for x in v[:10]:
+                    print(f"    - {x}", flush=True)
+                failed |= bool(v)
+            results[name] = rows
+    finally:
+        backend.down()
+    print()
+    print(f"{'scenario':30} {'trials':>6} {'ops':>6} {'acked':>6} {'lost':>5} {'dup':>4} {'skip':>5} {'fence':>5} "
+          f"{'max unavail ms':>14} {'median gap ms':>13} {'converge s':>10}")
+    summary = {"seed": seed, "profile": args.profile, "backend": args.backend, "scenarios": {}}
+    for name, rows in results.items():
+        fig = [r["figures"] for r in rows]
+        agg = lambda k, fn=max: fn([x[k] for x in fig if x.get(k) is not None] or [0])
+        lost = sum(sum(1 for v in r["violations"] if v.startswith("1 ")) for r in rows)
+        line = {"trials": len(rows), "operations": agg("operations", sum), "acknowledged": agg("acknowledged", sum),
+                "lost": lost, "duplicate_windows": agg("duplicate_windows", sum),
+                "skipped_windows": agg("skipped_windows", sum), "fencing_violations": agg("fencing_violations", sum),
+                "max_write_unavailability_ms": agg("max_write_unavailability_ms"),
+                "median_write_gap_ms": agg("median_write_gap_ms", statistics.median),
+                "max_converge_s": agg("converge_s"), "violations": sum(len(r["violations"]) for r in rows)}
+        summary["scenarios"][name] = line
+        print(f"{name:30} {line['trials']:>6} {line['operations']:>6} {line['acknowledged']:>6} {lost:>5} "
+              f"{line['duplicate_windows']:>4} {line['skipped_windows']:>5} {line['fencing_violations']:>5} "
+              f"{line['max_write_unavailability_ms']:>14} {line['median_write_gap_ms']:>13} {line['max_converge_s']:>10}")
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    total = sum(s["violations"] for s in summary["scenarios"].values())
+    passed = sum(1 for r in results.values() if not any(x["violations"] for x in r))
+    print(f"\nchaos scenarios: {passed} passed, {len(results) - passed} failed")
+    if failed:
+        print(f"chaos: {total} violation(s); replay with --seed {seed}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Chaos suite: workload + nemeses + history + checker against a three-node cluster.
+#   scripts/chaos/run.sh --profile smoke|full [--backend local|docker] [--seed N] [--trials N]
+# Exits non-zero on any violation and prints the seed to replay it.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+. scripts/env.sh
+if [ ! -x "$ORCHESTRATOR_BIN" ]; then scripts/prereqs.sh; cargo build --bin orchestrator; fi
+exec python3 scripts/chaos/chaos.py "$@"
