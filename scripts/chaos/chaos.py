@@ -32,7 +32,10 @@ import uuid
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASE = "/api/v1/runtime/orchestrator"
 SCOPES = "orchestrator:read orchestrator:write orchestrator:admin"
-CHAIN = "ORCH_CHAOS"
+# Separate runs (CI's smoke while a full run goes on) need their own ports and chain.
+CHAIN = os.environ.get("CHAOS_CHAIN", "ORCH_CHAOS")
+API_BASE = int(os.environ.get("CHAOS_API_BASE", "8380"))
+PEER_BASE = int(os.environ.get("CHAOS_PEER_BASE", "9380"))
 
 
 def now_ms():
@@ -66,7 +69,7 @@ def http(method, url, token=None, body=None, headers=None, timeout=5.0):
 class LocalBackend:
     """Three processes via scripts/local-cluster.sh, node N on 127.0.0.N."""
 
-    def __init__(self, workdir, api_base=8380, peer_base=9380):
+    def __init__(self, workdir, api_base=API_BASE, peer_base=PEER_BASE):
         self.env = dict(os.environ, LOCAL_CLUSTER_DIR=workdir, API_BASE_PORT=str(api_base),
                         PEER_BASE_PORT=str(peer_base), DISTINCT_IPS="1",
                         ORCHESTRATOR_EXECUTOR__HEARTBEAT_MS="300",
