@@ -152,7 +152,8 @@ class DockerBackend(LocalBackend):
 
     def __init__(self, workdir):
         super().__init__(workdir)
-        self.compose = ["docker-compose", "-f", os.path.join(ROOT, "cluster/docker-compose.yml"), "-p", "orchchaos"]
+        self.compose = ["docker-compose", "-f", os.path.join(ROOT, "cluster/docker-compose.yml"),
+                        "-f", os.path.join(ROOT, "cluster/chaos.override.yml"), "-p", "orchchaos"]
 
     def dc(self, *args):
         r = subprocess.run([*self.compose, *args], capture_output=True, text=True, timeout=300)
