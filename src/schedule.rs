@@ -159,19 +159,21 @@ pub fn due_windows(
     let mut due = Vec::new();
     // Bound the walk: a per-second schedule paused for a year must not loop forever.
     let cap = policy.max_catchup.max(1) * 4 + 64;
-    // Far behind (a per-second schedule paused for a month)? Jump close to `now`: the
-    // windows jumped over are beyond what either policy fires.
+    // Nothing ends after `now`, nor after the DAG's end date.
+    let horizon = end_date.map_or(now, |e| e.min(now));
+    // Far behind (a per-second schedule paused for a month)? Jump close to the horizon:
+    // the windows jumped over are beyond what either policy fires.
     if let Some(first_end) = s.next_after(start) {
         let interval = (first_end - start).max(1);
         let lookback = interval.saturating_mul(cap as i64);
-        if now.saturating_sub(start) > lookback.saturating_mul(2) {
-            if let Some(j) = s.next_after(now - lookback) {
+        if horizon.saturating_sub(start) > lookback.saturating_mul(2) {
+            if let Some(j) = s.next_after(horizon - lookback) {
                 start = j;
             }
         }
     }
     while let Some(end) = s.next_after(start) {
-        if end > now || end_date.is_some_and(|e| end > e) {
+        if end > horizon {
             break;
         }
         due.push(Window {
@@ -311,5 +313,55 @@ mod tests {
             .timestamp_millis();
         let next = DateTime::<Utc>::from_timestamp_millis(s.next_after(t).unwrap()).unwrap();
         assert_eq!(next.format("%Y-%m-%d").to_string(), "2024-02-29");
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, .. ProptestConfig::default() })]
+
+        /// Whatever the schedule, timezone, cursor and outage: due windows are whole,
+        /// consecutive intervals of the schedule, start at the cursor, end by `now`, never
+        /// past `end_date`, and respect the catchup bound.
+        #[test]
+        fn due_windows_are_consecutive_fire_intervals(
+            expr in prop::sample::select(vec!["*/7 * * * * *", "0 */5 * * * *", "15 2 * * *", "0 0 * * 0", "0 9 1 * *", "@hourly"]),
+            tz in prop::sample::select(vec!["UTC", "Europe/Paris", "America/New_York", "Australia/Lord_Howe", "Asia/Kathmandu"]),
+            start in 1_600_000_000_000i64..1_900_000_000_000,
+            outage in 0i64..40 * 86_400_000,
+            catchup in any::<bool>(),
+            max_catchup in 1usize..20,
+            end_after in prop::option::of(0i64..40 * 86_400_000),
+        ) {
+            let s = Schedule::parse(expr, tz).unwrap();
+            let cursor = s.next_after(start).unwrap();
+            let now = cursor + outage;
+            let end_date = end_after.map(|e| cursor + e);
+            let policy = Policy { catchup, grace_ms: 60_000, max_catchup };
+            let w = due_windows(&s, Some(cursor), 0, end_date, now, policy);
+            for pair in w.windows(2) {
+                prop_assert_eq!(pair[0].end_ms, pair[1].start_ms);
+            }
+            for win in &w {
+                prop_assert_eq!(s.next_after(win.start_ms), Some(win.end_ms), "a window is one interval");
+                prop_assert!(win.end_ms <= now);
+                prop_assert!(end_date.is_none_or(|e| win.end_ms <= e));
+                prop_assert!(win.start_ms >= cursor);
+            }
+            if catchup {
+                prop_assert!(w.len() <= max_catchup);
+            }
+            // Something due and allowed always fires; the newest due window is never dropped.
+            let first_end = s.next_after(cursor).unwrap();
+            if first_end <= now && end_date.is_none_or(|e| first_end <= e) {
+                prop_assert!(!w.is_empty());
+                let last = w.last().unwrap();
+                let after = s.next_after(last.end_ms).unwrap();
+                prop_assert!(after > now || end_date.is_some_and(|e| after > e), "the latest due window fires");
+            }
+            if w.len() == 1 && !catchup && outage < 60_000 {
+                prop_assert_eq!(w[0].start_ms, cursor, "within the grace nothing is skipped");
+            }
+        }
     }
 }

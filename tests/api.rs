@@ -841,3 +841,52 @@ async fn tls_on_the_api_and_between_peers() {
     );
     c.assert_no_panics();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_url_is_fetched_and_kid_honoured() {
+    let jwks: Value = serde_json::from_slice(&fixture("jwks.json")).unwrap();
+    let app = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            let j = jwks.clone();
+            async move { axum::Json(j) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let c = up(
+        1,
+        &[
+            ("ORCHESTRATOR_AUTH__ALGORITHMS", r#"["RS256"]"#),
+            ("ORCHESTRATOR_AUTH__JWKS_URL", &url),
+        ],
+    )
+    .await;
+    let rs = EncodingKey::from_rsa_pem(&fixture("rs256_private.pem")).unwrap();
+    let claims = json!({"sub":"u","tenant":"acme","scope":"orchestrator:read","exp":now()+600});
+    let token = |kid: &str| {
+        let mut h = Header::new(Algorithm::RS256);
+        h.kid = Some(kid.into());
+        encode(&h, &claims, &rs).unwrap()
+    };
+    let path = format!("{BASE}/runs/run_1");
+    let (s, v, _) = raw(&c, 1, Method::GET, &path, Some(&token("test-rs-1")), None).await;
+    assert_eq!(
+        s,
+        StatusCode::NOT_FOUND,
+        "a key from the JWKS URL verifies: {v}"
+    );
+    let (s, v, _) = raw(
+        &c,
+        1,
+        Method::GET,
+        &path,
+        Some(&token("rotated-away")),
+        None,
+    )
+    .await;
+    assert_error(s, &v, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert!(v["message"].as_str().unwrap().contains("kid"), "{v}");
+    c.assert_no_panics();
+}

@@ -229,6 +229,21 @@ async fn a_killed_executor_node_loses_its_attempt_to_another_node() {
     );
     assert_eq!(last["state"], "done");
     assert!(last["attempt"].as_u64().unwrap() >= 2);
+    // The attempt's output is readable through any live node (fetched from the runner).
+    let last_no = last["attempt"].as_u64().unwrap();
+    for n in (1..=3).filter(|n| *n != victim) {
+        let path = format!("{BASE}/runs/{run}/tasks/work/attempts/{last_no}/log");
+        let (s, log, _) = c
+            .request(n, reqwest::Method::GET, &path, Some(&t), None, &[])
+            .await;
+        assert_eq!(s, StatusCode::OK, "node {n}: {log}");
+        assert!(
+            log.as_str()
+                .unwrap_or_default()
+                .contains(&format!("finished attempt {last_no}")),
+            "{log}"
+        );
+    }
     // The restarted node reports nothing stale, and the run stays done.
     c.start(victim);
     c.wait_ready(LONG).await;

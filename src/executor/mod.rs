@@ -95,6 +95,9 @@ async fn capture(
                     .write_all(b"\n[output truncated at the log cap]\n")
                     .await;
             }
+            // tokio writes in the background: flush so the log is complete when the
+            // attempt is reported finished.
+            let _ = file.flush().await;
         }
     }
 }
