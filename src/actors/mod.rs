@@ -29,6 +29,64 @@ pub struct Leadership {
     pub term: u64,
 }
 
+/// The tick of a leader-only actor: running exactly while this node is the serving
+/// leader, stopped at once when it steps down.
+pub struct LeaderGate {
+    pub leadership: Leadership,
+    timer: Option<actix::SpawnHandle>,
+}
+
+impl LeaderGate {
+    pub fn new() -> Self {
+        LeaderGate {
+            leadership: Leadership {
+                serving: false,
+                term: 0,
+            },
+            timer: None,
+        }
+    }
+
+    /// Take a leadership change: stop the tick, and start it again every `every` if this
+    /// node now serves as leader.
+    pub fn switch<A>(
+        &mut self,
+        msg: Leadership,
+        every: std::time::Duration,
+        ctx: &mut actix::Context<A>,
+        tick: fn(&mut A, &mut actix::Context<A>),
+        actor: &'static str,
+        node: crate::raft::NodeId,
+    ) where
+        A: actix::Actor<Context = actix::Context<A>>,
+    {
+        use actix::AsyncContext;
+        if msg == self.leadership {
+            return;
+        }
+        tracing::info!(
+            node,
+            serving = msg.serving,
+            term = msg.term,
+            actor,
+            "leadership changed"
+        );
+        self.leadership = msg;
+        if let Some(t) = self.timer.take() {
+            ctx.cancel_future(t);
+        }
+        if msg.serving {
+            self.timer = Some(ctx.run_interval(every, tick));
+        }
+    }
+}
+
+impl Default for LeaderGate {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A request for a command the node itself proposes (no client idempotency key).
 pub fn system_request(command: crate::state::Command) -> crate::state::Request {
     crate::state::Request {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tracing::{debug, info, warn};
 
-use super::{system_request, Leadership, ProposerHandle};
+use super::{system_request, LeaderGate, Leadership, ProposerHandle};
 use crate::config::SchedulerConfig;
 use crate::raft::RaftNode;
 use crate::schedule::{due_windows, Policy, Schedule};
@@ -35,8 +35,7 @@ pub struct Scheduler {
     proposer: ProposerHandle,
     rt: tokio::runtime::Handle,
     config: SchedulerConfig,
-    leadership: Leadership,
-    timer: Option<SpawnHandle>,
+    gate: LeaderGate,
     busy: bool,
     stats: Arc<Stats>,
 }
@@ -54,25 +53,21 @@ impl Scheduler {
             proposer,
             rt,
             config,
-            leadership: Leadership {
-                serving: false,
-                term: 0,
-            },
-            timer: None,
+            gate: LeaderGate::new(),
             busy: false,
             stats,
         }
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
-        if self.busy || !self.leadership.serving {
+        if self.busy || !self.gate.leadership.serving {
             return;
         }
         self.busy = true;
         let job = self.rt.spawn(fire_due(
             self.node.clone(),
             self.proposer.clone(),
-            self.leadership.term,
+            self.gate.leadership.term,
             self.config.clone(),
             self.stats.clone(),
         ));
@@ -178,24 +173,10 @@ impl Actor for Scheduler {
 impl Handler<Leadership> for Scheduler {
     type Result = ();
     fn handle(&mut self, msg: Leadership, ctx: &mut Context<Self>) {
-        if msg == self.leadership {
-            return;
-        }
-        info!(
-            node = self.node.id,
-            serving = msg.serving,
-            term = msg.term,
-            actor = "scheduler",
-            "leadership changed"
-        );
-        self.leadership = msg;
-        if let Some(t) = self.timer.take() {
-            ctx.cancel_future(t);
-        }
-        if msg.serving {
-            let every = Duration::from_millis(self.config.tick_ms);
-            self.timer = Some(ctx.run_interval(every, |act, ctx| act.tick(ctx)));
-        }
+        let every = Duration::from_millis(self.config.tick_ms);
+        let node = self.node.id;
+        self.gate
+            .switch(msg, every, ctx, Self::tick, "scheduler", node);
     }
 }
 
@@ -206,7 +187,7 @@ struct Query;
 impl Handler<Query> for Scheduler {
     type Result = MessageResult<Query>;
     fn handle(&mut self, _: Query, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.leadership)
+        MessageResult(self.gate.leadership)
     }
 }
 

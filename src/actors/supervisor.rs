@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use tracing::{info, warn};
 
-use super::{system_request, Leadership, ProposerHandle};
+use super::{system_request, LeaderGate, Leadership, ProposerHandle};
 use crate::config::Config;
 use crate::raft::RaftNode;
 use crate::state::model::Notification;
@@ -23,8 +23,7 @@ pub struct Supervisor {
     proposer: ProposerHandle,
     rt: tokio::runtime::Handle,
     config: Arc<Config>,
-    leadership: Leadership,
-    timer: Option<SpawnHandle>,
+    gate: LeaderGate,
     busy: bool,
     last_notify: Instant,
     last_purge: Instant,
@@ -44,11 +43,7 @@ impl Supervisor {
             proposer,
             rt,
             config,
-            leadership: Leadership {
-                serving: false,
-                term: 0,
-            },
-            timer: None,
+            gate: LeaderGate::new(),
             busy: false,
             last_notify: Instant::now(),
             last_purge: Instant::now(),
@@ -61,7 +56,7 @@ impl Supervisor {
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
-        if !self.leadership.serving {
+        if !self.gate.leadership.serving {
             return;
         }
         if self.last_notify.elapsed() >= Duration::from_secs(1) {
@@ -72,7 +67,7 @@ impl Supervisor {
             return;
         }
         self.busy = true;
-        let term = self.leadership.term;
+        let term = self.gate.leadership.term;
         let node = self.node.clone();
         let proposer = self.proposer.clone();
         let purge = (self.last_purge.elapsed()
@@ -180,24 +175,10 @@ impl Actor for Supervisor {
 impl Handler<Leadership> for Supervisor {
     type Result = ();
     fn handle(&mut self, msg: Leadership, ctx: &mut Context<Self>) {
-        if msg == self.leadership {
-            return;
-        }
-        info!(
-            node = self.node.id,
-            serving = msg.serving,
-            term = msg.term,
-            actor = "supervisor",
-            "leadership changed"
-        );
-        self.leadership = msg;
-        if let Some(t) = self.timer.take() {
-            ctx.cancel_future(t);
-        }
-        if msg.serving {
-            let every = Duration::from_millis(self.config.scheduler.supervise_ms);
-            self.timer = Some(ctx.run_interval(every, |act, ctx| act.tick(ctx)));
-        }
+        let every = Duration::from_millis(self.config.scheduler.supervise_ms);
+        let node = self.node.id;
+        self.gate
+            .switch(msg, every, ctx, Self::tick, "supervisor", node);
     }
 }
 

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::routes::{
-    commit, decode_cursor, fmt_ms, json_body, now_ms, page_limit, stamp, with_replay, ApiState,
+    act, commit, decode_cursor, fmt_ms, json_body, now_ms, page_limit, stamp, with_replay, ApiState,
 };
 use crate::auth::{Access, Principal};
 use crate::dag::{self, DagInput};
@@ -177,7 +177,6 @@ async fn set_paused(
     dag_id: String,
     paused: bool,
 ) -> Result<Response, ApiError> {
-    p.require(Access::Write)?;
     let route = if paused {
         "POST /dags/pause"
     } else {
@@ -188,22 +187,18 @@ async fn set_paused(
         dag_id: dag_id.clone(),
         paused,
     };
-    let (outcome, replayed) = commit(&st, stamp(&p, &headers, route, &json!(dag_id), cmd)).await?;
-    let Outcome::DagPaused {
-        dag_id,
-        version,
-        paused,
-    } = outcome
-    else {
-        return Err(ApiError::Internal(format!(
-            "unexpected outcome {outcome:?}"
-        )));
-    };
-    let status = if paused { "paused" } else { "active" };
-    Ok(with_replay(
-        Json(json!({"dag_id": dag_id, "status": status, "version": version})).into_response(),
-        replayed,
-    ))
+    act(&st, &p, &headers, route, &dag_id, cmd, |o| match o {
+        Outcome::DagPaused {
+            dag_id,
+            version,
+            paused,
+        } => {
+            let status = if paused { "paused" } else { "active" };
+            Ok(json!({"dag_id": dag_id, "status": status, "version": version}))
+        }
+        o => Err(o),
+    })
+    .await
 }
 
 /// `POST /dags/{dag_id}/pause`: stop firing its schedule (runs in flight continue).
@@ -233,23 +228,21 @@ pub async fn delete(
     headers: HeaderMap,
     Path(dag_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    p.require(Access::Write)?;
     let cmd = Command::DeleteDag {
         tenant: p.tenant.clone(),
         dag_id: dag_id.clone(),
     };
-    let (outcome, replayed) = commit(
+    act(
         &st,
-        stamp(&p, &headers, "DELETE /dags", &json!(dag_id), cmd),
+        &p,
+        &headers,
+        "DELETE /dags",
+        &dag_id,
+        cmd,
+        |o| match o {
+            Outcome::DagDeleted { dag_id } => Ok(json!({"dag_id": dag_id, "status": "deleted"})),
+            o => Err(o),
+        },
     )
-    .await?;
-    let Outcome::DagDeleted { dag_id } = outcome else {
-        return Err(ApiError::Internal(format!(
-            "unexpected outcome {outcome:?}"
-        )));
-    };
-    Ok(with_replay(
-        Json(json!({"dag_id": dag_id, "status": "deleted"})).into_response(),
-        replayed,
-    ))
+    .await
 }

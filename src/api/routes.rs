@@ -19,7 +19,7 @@ use tracing::Instrument;
 use super::error::ApiError;
 use super::{cluster, openapi, BASE};
 use crate::actors::Actors;
-use crate::auth::{Principal, Verifier};
+use crate::auth::{Access, Principal, Verifier};
 use crate::raft::RaftNode;
 use crate::rate_limit::RateLimiter;
 use crate::state::{Command, IdempotencyKey, Outcome, Request};
@@ -227,6 +227,25 @@ pub(super) async fn commit(st: &ApiState, req: Request) -> Result<(Outcome, bool
         Outcome::InvalidState { message } => Err(ApiError::InvalidState(message)),
         o => Ok((o, resp.replayed)),
     }
+}
+
+/// An action on one resource (`id`): check the write scope, commit `cmd` (with the
+/// client's idempotency key), and render the expected outcome with `render`.
+pub(super) async fn act(
+    st: &ApiState,
+    p: &Principal,
+    headers: &HeaderMap,
+    route: &str,
+    id: &str,
+    cmd: Command,
+    render: impl FnOnce(Outcome) -> Result<Value, Outcome>,
+) -> Result<Response, ApiError> {
+    p.require(Access::Write)?;
+    let (outcome, replayed) =
+        commit(st, stamp(p, headers, route, &Value::String(id.into()), cmd)).await?;
+    let body =
+        render(outcome).map_err(|o| ApiError::Internal(format!("unexpected outcome {o:?}")))?;
+    Ok(with_replay(Json(body).into_response(), replayed))
 }
 
 /// Page size for list endpoints: `limit` (default 50, at most 500).

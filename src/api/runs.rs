@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::routes::{
-    commit, decode_cursor, fmt_ms, json_body, now_ms, page_limit, stamp, with_replay, ApiState,
+    act, commit, decode_cursor, fmt_ms, json_body, now_ms, page_limit, stamp, with_replay, ApiState,
 };
 use crate::auth::{Access, Principal};
 use crate::dag;
@@ -291,25 +291,25 @@ pub async fn cancel(
     headers: HeaderMap,
     Path(run_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    p.require(Access::Write)?;
     let cmd = Command::CancelRun {
         tenant: p.tenant.clone(),
         run_id: run_id.clone(),
     };
-    let (outcome, replayed) = commit(
+    act(
         &st,
-        stamp(&p, &headers, "POST /runs/cancel", &json!(run_id), cmd),
+        &p,
+        &headers,
+        "POST /runs/cancel",
+        &run_id,
+        cmd,
+        |o| match o {
+            Outcome::RunCancelled { run_id, state } => {
+                Ok(json!({"run_id": run_id, "state": state}))
+            }
+            o => Err(o),
+        },
     )
-    .await?;
-    let Outcome::RunCancelled { run_id, state } = outcome else {
-        return Err(ApiError::Internal(format!(
-            "unexpected outcome {outcome:?}"
-        )));
-    };
-    Ok(with_replay(
-        Json(json!({"run_id": run_id, "state": state})).into_response(),
-        replayed,
-    ))
+    .await
 }
 
 /// `POST /runs/{run_id}/retry`: re-run failed and upstream-failed tasks as new attempts.
@@ -319,25 +319,25 @@ pub async fn retry(
     headers: HeaderMap,
     Path(run_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    p.require(Access::Write)?;
     let cmd = Command::RetryRun {
         tenant: p.tenant.clone(),
         run_id: run_id.clone(),
     };
-    let (outcome, replayed) = commit(
+    act(
         &st,
-        stamp(&p, &headers, "POST /runs/retry", &json!(run_id), cmd),
+        &p,
+        &headers,
+        "POST /runs/retry",
+        &run_id,
+        cmd,
+        |o| match o {
+            Outcome::RunRetried { run_id, tasks } => {
+                Ok(json!({"run_id": run_id, "state": "queued", "retried_tasks": tasks}))
+            }
+            o => Err(o),
+        },
     )
-    .await?;
-    let Outcome::RunRetried { run_id, tasks } = outcome else {
-        return Err(ApiError::Internal(format!(
-            "unexpected outcome {outcome:?}"
-        )));
-    };
-    Ok(with_replay(
-        Json(json!({"run_id": run_id, "state": "queued", "retried_tasks": tasks})).into_response(),
-        replayed,
-    ))
+    .await
 }
 
 /// `GET /runs/{run_id}/tasks/{task_id}/attempts/{attempt}/log`: the attempt's output,
