@@ -192,7 +192,7 @@ impl Default for RateLimitConfig {
         RateLimitConfig {
             rps: 10,
             burst: 10,
-            gossip_ms: 100,
+            gossip_ms: 50,
             tenants: Default::default(),
         }
     }

@@ -622,7 +622,7 @@ async fn rate_limit_holds_across_three_nodes() {
     let secs = started.elapsed().as_secs_f64();
     let rate = allowed as f64 / secs;
     println!("FIGURE rate limit 10/s, 100 req/s over 3 nodes for {secs:.1} s: {allowed} allowed ({rate:.1}/s), {limited} limited");
-    assert!(rate <= 17.0, "cluster-wide limit holds: {rate:.1}/s");
+    assert!(rate <= 15.0, "cluster-wide limit holds: {rate:.1}/s");
     assert!(rate >= 6.0, "the limit is not starved: {rate:.1}/s");
     // Another tenant is unaffected.
     let (s, _) = c.get(1, "/dags/none", &quiet).await;
