@@ -268,6 +268,7 @@ async fn retries_timeouts_upstream_failure_http_tasks_and_retry_run() {
         {"task_id": "after_slow", "kind": "noop", "depends_on": ["slow"]},
         {"task_id": "http_ok", "kind": "http", "url": format!("{srv}/ok")},
         {"task_id": "http_bad", "kind": "http", "url": format!("{srv}/fail")},
+        {"task_id": "once", "kind": "shell", "command": format!("echo ran >> {d}/once")},
         {"task_id": "env", "kind": "shell", "depends_on": ["flaky"],
          "command": "echo \"{{ run_id }}/{{task_id}} $ORCHESTRATOR_TASK_ID attempt=$ORCHESTRATOR_ATTEMPT window=$ORCHESTRATOR_WINDOW_START\""}
     ]})).await;
@@ -293,6 +294,13 @@ async fn retries_timeouts_upstream_failure_http_tasks_and_retry_run() {
     assert_eq!(task("http_ok"), "done");
     assert_eq!(task("http_bad"), "failed");
     assert_eq!(task("env"), "done");
+    // Every attempt runs exactly once: wait until no node runs anything, then count.
+    wait_for(LONG, "all executors idle", || async {
+        (c.status(1).await?["executor"]["running"] == 0).then_some(())
+    })
+    .await;
+    let once = std::fs::read_to_string(dir.path().join("once")).unwrap();
+    assert_eq!(once.lines().count(), 1, "the attempt ran once: {once:?}");
     // The timed-out task's whole process group was killed: its background sleep too.
     let pid: i32 = std::fs::read_to_string(dir.path().join("pid"))
         .unwrap()

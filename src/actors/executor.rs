@@ -28,6 +28,10 @@ type TaskKey = (String, String);
 struct Running {
     attempt: u32,
     cancel: Option<oneshot::Sender<()>>,
+    /// Ended here; kept until its assignment disappears from the state machine, so the
+    /// same attempt is never started twice (the local state may lag the commit of its
+    /// result).
+    ended: bool,
 }
 
 pub struct Executor {
@@ -70,6 +74,7 @@ impl Executor {
         let mut running: Vec<AttemptRef> = self
             .running
             .iter()
+            .filter(|(_, r)| !r.ended)
             .map(|((run_id, task_id), r)| AttemptRef {
                 run_id: run_id.clone(),
                 task_id: task_id.clone(),
@@ -127,6 +132,9 @@ impl Executor {
             .collect();
         for k in stale {
             if let Some(mut r) = self.running.remove(&k) {
+                if r.ended {
+                    continue;
+                }
                 info!(node = self.node.id, run_id = %k.0, task_id = %k.1, attempt = r.attempt, "attempt no longer assigned here; stopping it");
                 if let Some(c) = r.cancel.take() {
                     let _ = c.send(());
@@ -144,6 +152,7 @@ impl Executor {
                 Running {
                     attempt,
                     cancel: Some(tx),
+                    ended: false,
                 },
             );
             self.start(ctx, run_id, task_id, attempt, rx);
@@ -335,12 +344,11 @@ struct Ended {
 impl Handler<Ended> for Executor {
     type Result = ();
     fn handle(&mut self, m: Ended, ctx: &mut Context<Self>) {
-        if self
-            .running
-            .get(&m.key)
-            .is_some_and(|r| r.attempt == m.attempt)
-        {
-            self.running.remove(&m.key);
+        if let Some(r) = self.running.get_mut(&m.key) {
+            if r.attempt == m.attempt {
+                r.ended = true;
+                r.cancel = None;
+            }
         }
         self.reconcile(ctx);
     }
@@ -353,7 +361,8 @@ struct Slots;
 impl Handler<Slots> for Executor {
     type Result = MessageResult<Slots>;
     fn handle(&mut self, _: Slots, _: &mut Context<Self>) -> Self::Result {
-        MessageResult((self.running.len(), self.config.slots, self.ready))
+        let running = self.running.values().filter(|r| !r.ended).count();
+        MessageResult((running, self.config.slots, self.ready))
     }
 }
 
