@@ -49,14 +49,26 @@ start_node() {
   ensure_secrets
   local boot=()
   [ "$n" = 1 ] && boot=(--bootstrap)
-  ORCHESTRATOR_AUTH__HS256_SECRET="$(cat "$DIR/jwt.secret")" \
-  nohup "$ORCHESTRATOR_BIN" server \
-    --node-id "$n" --api-addr "$(api_addr "$n")" --peer-addr "$(peer_addr "$n")" \
-    --data-dir "$DIR/node$n" --peers "$(peers_of "$n")" \
-    --cluster-secret "$(cat "$DIR/cluster.secret")" "${boot[@]}" \
-    >>"$DIR/node$n.log" 2>&1 &
-  echo $! > "$DIR/node$n.pid"
-  echo "node $n started (pid $!, api $(api_addr "$n"))"
+  rm -f "$DIR/node$n.pid"
+  # A node exits with 70 when Raft stops on a fatal error: restart it from its disk,
+  # as a service manager would. Any other exit (a signal, a clean stop) ends the loop.
+  (
+    while :; do
+      ORCHESTRATOR_AUTH__HS256_SECRET="$(cat "$DIR/jwt.secret")" \
+        "$ORCHESTRATOR_BIN" server \
+        --node-id "$n" --api-addr "$(api_addr "$n")" --peer-addr "$(peer_addr "$n")" \
+        --data-dir "$DIR/node$n" --peers "$(peers_of "$n")" \
+        --cluster-secret "$(cat "$DIR/cluster.secret")" "${boot[@]}" \
+        >>"$DIR/node$n.log" 2>&1 </dev/null &
+      echo $! > "$DIR/node$n.pid"
+      rc=0
+      wait $! || rc=$?
+      [ "$rc" = 70 ] || exit 0
+      echo "node $n exited after a fatal raft error; restarting" >>"$DIR/node$n.log"
+    done
+  ) >/dev/null 2>&1 &
+  for _ in $(seq 50); do [ -s "$DIR/node$n.pid" ] && break; sleep 0.02; done
+  echo "node $n started (pid $(pid_of "$n"), api $(api_addr "$n"))"
 }
 
 readyz() { curl -s -m 1 "http://$(api_addr "$1")/readyz" 2>/dev/null || true; }

@@ -264,7 +264,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // 70 (EX_SOFTWARE): Raft stopped on a fatal error; supervisors restart on it.
+            let fatal = matches!(
+                e.downcast_ref::<orchestrator::server::Error>(),
+                Some(orchestrator::server::Error::RaftFatal(_))
+            );
+            ExitCode::from(if fatal { 70 } else { 1 })
         }
     }
 }

@@ -47,6 +47,8 @@ pub enum Error {
     Auth(#[from] auth::Error),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("raft stopped on a fatal error: {0}")]
+    RaftFatal(String),
     #[error(transparent)]
     Actors(#[from] crate::actors::system::StartError),
 }
@@ -158,7 +160,25 @@ pub async fn run(
     );
     info!(node = config.node_id, api = %config.api_addr, peer = %config.peer_addr, "node started");
 
-    shutdown.await;
+    // Stop on the signal, or when Raft stops on a fatal error: then this node cannot
+    // serve, and the process exits so its supervisor restarts it from its disk.
+    let mut fatal_rx = node.raft.metrics();
+    let fatal = tokio::select! {
+        _ = shutdown => None,
+        f = async move {
+            loop {
+                if let Err(e) = &fatal_rx.borrow_and_update().running_state {
+                    return e.to_string();
+                }
+                if fatal_rx.changed().await.is_err() {
+                    return "raft metrics closed".to_string();
+                }
+            }
+        } => Some(f),
+    };
+    if let Some(reason) = &fatal {
+        tracing::error!(node = config.node_id, reason = %reason, "raft stopped on a fatal error; exiting so the node restarts from its disk");
+    }
     info!(
         node = config.node_id,
         "shutting down: no new requests; finishing in-flight ones"
@@ -181,7 +201,10 @@ pub async fn run(
         warn!(error = %e, "final flush failed");
     }
     info!(node = config.node_id, "stopped");
-    Ok(())
+    match fatal {
+        Some(reason) => Err(Error::RaftFatal(reason)),
+        None => Ok(()),
+    }
 }
 
 /// Tell the leader-only actors when this node starts or stops being the serving leader.

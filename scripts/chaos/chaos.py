@@ -548,8 +548,17 @@ def run_scenario(b, name, profile, rng, outdir, trial):
     w.finish()
     h.close()
     violations, figures = check(b, token, w, h, (fault_start, fault_end))
+    if violations:
+        keep_logs(b, outdir, name, trial)
     b.down()
     return violations, figures
+
+
+def keep_logs(b, outdir, name, trial):
+    """Keep the node logs of a failed trial (the cluster dir is wiped by the next one)."""
+    for n in b.nodes:
+        with open(os.path.join(outdir, f"{name}-{trial}-node{n}.log"), "w") as f:
+            f.write(b.log(n))
 
 
 def main():
@@ -582,6 +591,7 @@ def main():
                     v, f = run_scenario(backend, name, profile, rng, args.out, trial)
                 except Exception as e:  # a scenario that cannot run is a failure, not a pass
                     v, f = [f"scenario error: {e}"], {}
+                    keep_logs(backend, args.out, name, trial)
                     backend.down()
                 f["seconds"] = round(time.time() - t0, 1)
                 rows.append({"violations": v, "figures": f})
