@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 TRIALS=${1:-5}
 export LOCAL_CLUSTER_DIR="${LOCAL_CLUSTER_DIR:-$PWD/.local-cluster-bench}"
+export ORCHESTRATOR_RATE_LIMIT__RPS=1000000 ORCHESTRATOR_RATE_LIMIT__BURST=1000000
 export API_BASE_PORT="${API_BASE_PORT:-8180}" PEER_BASE_PORT="${PEER_BASE_PORT:-9180}"
 LC=scripts/local-cluster.sh
 rm -rf "$LOCAL_CLUSTER_DIR"
