@@ -1779,4 +1779,77 @@ pub mod tests {
         assert_eq!(t.attempt, 2, "retried at once as attempt 2");
         assert_eq!(t.state, TaskState::Running);
     }
+
+    #[test]
+    fn supervise_marks_sla_misses_and_purge_drops_old_history() {
+        let mut kv = MemKv::default();
+        let mut sp = chain_spec("slow", 1, 0);
+        sp.sla_ms = Some(1000);
+        sp.webhook = Some("http://127.0.0.1:1/hook".into());
+        apply(&mut kv, &heartbeat(1, 0)).unwrap();
+        let put = Command::PutDag {
+            tenant: "t".into(),
+            spec: sp,
+            expected_version: None,
+        };
+        apply(&mut kv, &req("p", 0, put)).unwrap();
+        let id = match apply(&mut kv, &req("r", 10, trigger("t", "slow", 0, 5)))
+            .unwrap()
+            .outcome
+        {
+            Outcome::RunTriggered { run_id, .. } => run_id,
+            o => panic!("{o:?}"),
+        };
+        assert_eq!(
+            run(&kv, &id).sla_deadline_ms,
+            Some(1010),
+            "backfill: creation + sla"
+        );
+        apply(&mut kv, &heartbeat(1, 900)).unwrap();
+        apply(&mut kv, &req("s1", 1000, Command::Supervise { term: 1 })).unwrap();
+        assert!(!run(&kv, &id).sla_missed, "not yet");
+        apply(&mut kv, &heartbeat(1, 1900)).unwrap();
+        apply(&mut kv, &req("s2", 2000, Command::Supervise { term: 1 })).unwrap();
+        assert!(run(&kv, &id).sla_missed);
+        let counter = kv
+            .get(Table::Counters, counters::SLA_MISSED)
+            .unwrap()
+            .unwrap();
+        assert_eq!(u64::from_be_bytes(counter.try_into().unwrap()), 1);
+        assert!(kv
+            .get(Table::Notifications, &keys::notification(&id, "sla_miss"))
+            .unwrap()
+            .is_some());
+        // The heartbeats above renewed nothing, so attempt 1's lease ran out at 2000 and
+        // the task is on attempt 2 now: finish that one.
+        let current = run(&kv, &id).tasks["t0"].attempt;
+        assert_eq!(current, 2);
+        finish(&mut kv, 2100, &id, "t0", current, 1, true);
+        assert_eq!(run(&kv, &id).state, RunState::Done);
+        // Purge before the end keeps it; purge after drops the run and its indexes.
+        let purge = |before| Command::Purge {
+            term: 1,
+            before_ms: before,
+            records_before_ms: before,
+        };
+        let o = apply(&mut kv, &req("g1", 3000, purge(2000)))
+            .unwrap()
+            .outcome;
+        assert!(matches!(o, Outcome::Purged { runs: 0, .. }), "{o:?}");
+        let o = apply(&mut kv, &req("g2", 9000, purge(5000)))
+            .unwrap()
+            .outcome;
+        assert!(matches!(o, Outcome::Purged { runs: 1, .. }), "{o:?}");
+        assert!(kv.get(Table::Runs, id.as_bytes()).unwrap().is_none());
+        for t in [
+            Table::Windows,
+            Table::RunsByDag,
+            Table::RunsByTenant,
+            Table::FinishedRuns,
+            Table::Notifications,
+            Table::Requests,
+        ] {
+            assert!(kv.scan_prefix(t, b"").unwrap().is_empty(), "{t:?} emptied");
+        }
+    }
 }
