@@ -625,7 +625,7 @@ def main():
         json.dump(summary, f, indent=1)
     total = sum(s["violations"] for s in summary["scenarios"].values())
     passed = sum(1 for r in results.values() if not any(x["violations"] for x in r))
-    print(f"\nchaos scenarios: {passed} passed, {len(results) - passed} failed")
+    print(f"\nchaos: {passed} passed, {len(results) - passed} failed")
     if failed:
         print(f"chaos: {total} violation(s); replay with --seed {seed}", file=sys.stderr)
         sys.exit(1)
