@@ -36,6 +36,7 @@ SCOPES = "orchestrator:read orchestrator:write orchestrator:admin"
 CHAIN = os.environ.get("CHAOS_CHAIN", "ORCH_CHAOS")
 API_BASE = int(os.environ.get("CHAOS_API_BASE", "8380"))
 PEER_BASE = int(os.environ.get("CHAOS_PEER_BASE", "9380"))
+DOCKER_CHAIN = "ORCH_CHAOS_DOCKER"
 
 
 def now_ms():
@@ -148,7 +149,8 @@ class LocalBackend:
 
 
 class DockerBackend(LocalBackend):
-    """The compose cluster in cluster/: docker kill/pause; partitions are not offered."""
+    """The compose cluster in cluster/: docker kill/pause/stop, partitions with host
+    iptables on the bridge."""
 
     def __init__(self, workdir):
         super().__init__(workdir)
@@ -165,11 +167,13 @@ class DockerBackend(LocalBackend):
         return f"http://127.0.0.1:{8080 + n}"
 
     def up(self):
+        self.heal()
         self.dc("down", "-v")
         self.dc("up", "-d")
         wait(lambda: leader(self) is not None, 120, "a leader")
 
     def down(self):
+        self.heal()
         self.dc("down", "-v")
 
     def token(self):
@@ -192,11 +196,18 @@ class DockerBackend(LocalBackend):
     def terminate(self, n):
         self.dc("stop", "-t", "20", f"node{n}")
 
+    # Containers talk over the host's bridge, so host iptables (DOCKER-USER, with bridge
+    # netfilter on) can drop the peer traffic between two of them.
     def cut(self, a, b):
-        raise NotImplementedError("partitions need the local backend")
+        for src, dst in ((a, b), (b, a)):
+            subprocess.run(["iptables", "-A", DOCKER_CHAIN, "-s", f"172.28.0.1{src}", "-d", f"172.28.0.1{dst}",
+                            "-p", "tcp", "--dport", "9080", "-j", "DROP"], check=True)
 
     def heal(self):
-        pass
+        subprocess.run(["iptables", "-N", DOCKER_CHAIN], capture_output=True)
+        if subprocess.run(["iptables", "-C", "DOCKER-USER", "-j", DOCKER_CHAIN], capture_output=True).returncode != 0:
+            subprocess.run(["iptables", "-I", "DOCKER-USER", "-j", DOCKER_CHAIN], check=True)
+        subprocess.run(["iptables", "-F", DOCKER_CHAIN], check=True)
 
     def log(self, n):
         return subprocess.run([*self.compose, "logs", "--no-color", f"node{n}"], capture_output=True, text=True).stdout
@@ -419,7 +430,6 @@ NEMESES = {
     "crash-all": n_crash_all,
     "restart-one-while-peers-down": n_restart_one_while_peers_down,
 }
-PARTITIONS = {"partition-leader", "partition-follower-snapshot", "bridge"}
 
 PROFILES = {
     "smoke": {"scenarios": ["kill-leader", "pause-leader", "partition-leader", "crash-all"], "trials": 1,
@@ -577,8 +587,6 @@ def main():
     scenarios = args.scenarios.split(",") if args.scenarios else profile["scenarios"]
     os.makedirs(args.out, exist_ok=True)
     backend = (LocalBackend if args.backend == "local" else DockerBackend)(os.path.join(args.out, "cluster"))
-    if args.backend == "docker":
-        scenarios = [s for s in scenarios if s not in PARTITIONS]
     print(f"chaos: profile={args.profile} backend={args.backend} seed={seed} scenarios={','.join(scenarios)}", flush=True)
     rng = random.Random(seed)
     results, failed = {}, False
