@@ -438,11 +438,22 @@ PROFILES = {
 }
 
 
+def settled(method, url, token, timeout=10, within=30):
+    """A final read after healing: retried while the node is (re)starting or electing
+    (no answer, 503), up to `within` seconds; any other answer is returned as is."""
+    deadline = time.time() + within
+    while True:
+        s, v, h = http(method, url, token, timeout=timeout)
+        if s not in (0, 503) or time.time() > deadline:
+            return s, v, h
+        time.sleep(0.5)
+
+
 def all_pages(b, token, node, query):
     out, cursor = [], None
     for _ in range(200):
         q = query + (f"&cursor={cursor}" if cursor else "")
-        s, v, _ = http("GET", b.api(node) + BASE + "/runs?" + q, token, timeout=20)
+        s, v, _ = settled("GET", b.api(node) + BASE + "/runs?" + q, token, timeout=20)
         if s != 200:
             raise RuntimeError(f"list runs {q}: {s} {v}")
         out += v["runs"]
@@ -481,10 +492,10 @@ def check(b, token, w, history, fault_window):
     # 1: every acknowledged run is there, on every node.
     for run in list(w.acked_runs):
         for n in b.nodes:
-            s, v, _ = http("GET", b.api(n) + BASE + f"/runs/{run}", token, timeout=10)
+            s, v, _ = settled("GET", b.api(n) + BASE + f"/runs/{run}", token)
             if s != 200:
                 violations.append(f"1 lost write: acknowledged {run} answers {s} on node {n}")
-    s, v, _ = http("GET", b.api(1) + BASE + "/dags/cfg", token, timeout=10)
+    s, v, _ = settled("GET", b.api(1) + BASE + "/dags/cfg", token)
     if w.acked_versions and (s != 200 or v["version"] < max(w.acked_versions)):
         violations.append(f"1 lost write: cfg version {v.get('version') if s == 200 else s} < acknowledged {max(w.acked_versions)}")
     for op in history.ops:
@@ -511,7 +522,7 @@ def check(b, token, w, history, fault_window):
     fencing = 0
     sample = list(w.acked_runs)[-40:] + [r["run_id"] for r in all_pages(b, token, 2, "dag_id=tick2&limit=40")[:40]]
     for run in sample:
-        s, v, _ = http("GET", b.api(2) + BASE + f"/runs/{run}", token, timeout=10)
+        s, v, _ = settled("GET", b.api(2) + BASE + f"/runs/{run}", token)
         if s != 200:
             continue
         for task, d in v["task_details"].items():
