@@ -14,7 +14,7 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
-use super::{system_request, ProposerHandle};
+use super::{system_request, ProposerHandle, RegistryHandle};
 use crate::config::ExecutorConfig;
 use crate::executor::{self, AttemptSpec};
 use crate::raft::RaftNode;
@@ -37,6 +37,7 @@ struct Running {
 pub struct Executor {
     node: RaftNode,
     proposer: ProposerHandle,
+    registry: RegistryHandle,
     rt: tokio::runtime::Handle,
     config: ExecutorConfig,
     data_dir: PathBuf,
@@ -51,6 +52,7 @@ impl Executor {
     pub fn new(
         node: RaftNode,
         proposer: ProposerHandle,
+        registry: RegistryHandle,
         rt: tokio::runtime::Handle,
         config: ExecutorConfig,
         data_dir: PathBuf,
@@ -59,6 +61,7 @@ impl Executor {
         Executor {
             node,
             proposer,
+            registry,
             rt,
             config,
             data_dir,
@@ -169,13 +172,14 @@ impl Executor {
     ) {
         let node = self.node.clone();
         let proposer = self.proposer.clone();
+        let registry = self.registry.clone();
         let data_dir = self.data_dir.clone();
         let log_cap = self.config.log_cap_bytes;
         let http = self.http.clone();
         let me = ctx.address();
         debug!(node = node.id, run_id = %run_id, task_id = %task_id, attempt, "starting attempt");
         self.rt.spawn(async move {
-            let result = match load(&node, &run_id, &task_id) {
+            let result = match load(&node, &registry, &run_id).await {
                 Ok((run, spec)) => match spec.tasks.iter().find(|t| t.task_id == task_id) {
                     Some(task) => {
                         let a = AttemptSpec { run: &run, task, attempt, data_dir: &data_dir, log_cap, http: &http };
@@ -226,18 +230,20 @@ impl Executor {
     }
 }
 
-fn load(node: &RaftNode, run_id: &str, _task_id: &str) -> Result<(Run, DagSpec), String> {
+/// The run and the DAG version it executes.
+async fn load(
+    node: &RaftNode,
+    registry: &RegistryHandle,
+    run_id: &str,
+) -> Result<(Run, DagSpec), String> {
     let run: Run = node
         .db
         .get_json(Table::Runs.name(), run_id.as_bytes())
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("run {run_id} not found"))?;
-    let spec: DagSpec = node
-        .db
-        .get_json(
-            Table::DagVersions.name(),
-            &keys::dag_version(&run.tenant, &run.dag_id, run.dag_version),
-        )
+    let spec = registry
+        .dag_version(&run.tenant, &run.dag_id, run.dag_version)
+        .await
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("dag version {} of run {run_id} not found", run.dag_version))?;
     Ok((run, spec))

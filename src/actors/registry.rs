@@ -1,5 +1,5 @@
 //! The DAG registry actor: resolves DAG definitions (current and by version) from the
-//! replicated state for the scheduler and supervisor. It reads the state machine's
+//! replicated state, for the API and the executor. It reads the state machine's
 //! tables; it never writes them (DESIGN invariant 2).
 
 use actix::prelude::*;
@@ -41,8 +41,10 @@ impl Actor for Registry {
 impl Handler<Lookup> for Registry {
     type Result = Result<Option<Dag>, DbError>;
     fn handle(&mut self, m: Lookup, _: &mut Context<Self>) -> Self::Result {
-        self.db
-            .get_json(Table::Dags.name(), &keys::dag(&m.tenant, &m.dag_id))
+        let dag: Option<Dag> = self
+            .db
+            .get_json(Table::Dags.name(), &keys::dag(&m.tenant, &m.dag_id))?;
+        Ok(dag.filter(|d| !d.deleted))
     }
 }
 
@@ -75,7 +77,7 @@ impl RegistryHandle {
         RegistryHandle { addr }
     }
 
-    /// The current definition of a tenant's DAG, if it exists.
+    /// The current definition of a tenant's DAG, unless it does not exist or is deleted.
     pub async fn dag(&self, tenant: &str, dag_id: &str) -> Result<Option<Dag>, Error> {
         Ok(self
             .addr

@@ -57,9 +57,11 @@ impl ActorSystem {
                     );
                     let supervisor =
                         Supervisor::new(node.clone(), proposer.clone(), rt.clone(), config.clone());
+                    let registry = RegistryHandle::new(Registry::new(node.db.clone()).start());
                     let executor = Executor::new(
                         node.clone(),
                         proposer.clone(),
+                        registry.clone(),
                         rt.clone(),
                         config.executor.clone(),
                         config.data_dir.clone(),
@@ -67,7 +69,7 @@ impl ActorSystem {
                     );
                     let actors = Actors {
                         proposer,
-                        registry: RegistryHandle::new(Registry::new(node.db.clone()).start()),
+                        registry,
                         scheduler: SchedulerHandle::new(scheduler.start(), stats),
                         supervisor: SupervisorHandle::new(supervisor.start()),
                         executor: ExecutorHandle::new(executor.start()),

@@ -70,13 +70,14 @@ pub async fn submit(
     ))
 }
 
-async fn load(st: &ApiState, tenant: &str, dag_id: &str) -> Result<Dag, ApiError> {
+/// A tenant's live DAG, read after a linearizable barrier, or 404.
+pub(super) async fn load(st: &ApiState, tenant: &str, dag_id: &str) -> Result<Dag, ApiError> {
     st.node.linearizable_barrier().await?;
-    let dag: Option<Dag> = st
-        .node
-        .db
-        .get_json(Table::Dags.name(), &keys::dag(tenant, dag_id))?;
-    dag.filter(|d| !d.deleted)
+    st.actors
+        .registry
+        .dag(tenant, dag_id)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
         .ok_or_else(|| ApiError::NotFound(format!("dag '{dag_id}' not found")))
 }
 

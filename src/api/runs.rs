@@ -17,7 +17,7 @@ use super::routes::{
 use crate::auth::{Access, Principal};
 use crate::dag;
 use crate::state::machine::keys;
-use crate::state::model::{Dag, Run, RunState, RunType, Window};
+use crate::state::model::{Run, RunState, RunType, Window};
 use crate::state::{Command, Outcome, Table};
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -67,13 +67,8 @@ pub async fn trigger(
     let tz = match (&input.from, &input.to) {
         (None, None) => "UTC".to_string(),
         _ => {
-            st.node.linearizable_barrier().await?;
-            let dag: Option<Dag> = st
-                .node
-                .db
-                .get_json(Table::Dags.name(), &keys::dag(&p.tenant, &input.dag_id))?;
-            dag.filter(|d| !d.deleted)
-                .ok_or_else(|| ApiError::NotFound(format!("dag '{}' not found", input.dag_id)))?
+            super::dags::load(&st, &p.tenant, &input.dag_id)
+                .await?
                 .spec
                 .timezone
         }
