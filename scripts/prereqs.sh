@@ -3,10 +3,24 @@
 # bindings) and a C++ compiler. Idempotent and quiet when everything is there.
 set -euo pipefail
 
+# What clang-sys (bindgen's loader) really opens: `libclang.so`, `libclang-N.so`,
+# `libclang.so.N` or `libclang-N.so.N`, in LIBCLANG_PATH, the llvm dirs or the linker's
+# paths. `libclang-cpp.so.N` (the C++ API library, a different package) is not it.
+is_libclang() {
+  local base
+  base=$(basename "$1")
+  [[ $base =~ ^libclang(-[0-9.]+)?\.so(\.[0-9.]+)?$ ]]
+}
 have_libclang() {
-  ldconfig -p 2>/dev/null | grep -q 'libclang' && return 0
-  compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' >/dev/null && return 0
-  compgen -G '/usr/lib/*/libclang*.so*' >/dev/null
+  local f
+  for f in ${LIBCLANG_PATH:+"$LIBCLANG_PATH"/libclang*.so*} /usr/lib/llvm-*/lib/libclang*.so* \
+    /usr/lib/*/libclang*.so* /usr/lib/libclang*.so* /usr/local/lib/libclang*.so*; do
+    [ -e "$f" ] && is_libclang "$f" && return 0
+  done
+  while read -r f; do
+    is_libclang "$f" && return 0
+  done < <(ldconfig -p 2>/dev/null | awk '/libclang/ {print $NF}')
+  return 1
 }
 
 missing=()
