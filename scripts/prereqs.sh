@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Install what building needs on a bare Debian machine: libclang (bindgen for RocksDB's
-# bindings) and a C++ compiler. Idempotent and quiet when everything is there.
+# Install what building and the test suite need on a bare Debian machine: libclang
+# (bindgen for RocksDB's bindings), a C++ compiler, curl, python3 (chaos suite), iptables
+# (partitions) and libfaketime (clock-skew tests). Idempotent and quiet when everything
+# is there.
 set -euo pipefail
 
 # What clang-sys (bindgen's loader) really opens: `libclang.so`, `libclang-N.so`,
@@ -29,6 +31,8 @@ command -v c++ >/dev/null 2>&1 || missing+=(g++)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v iptables >/dev/null 2>&1 || missing+=(iptables)
+# The clock-skew tests preload libfaketime into a node (the library, not the wrapper).
+compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || missing+=(faketime)
 
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
