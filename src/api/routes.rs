@@ -2,8 +2,12 @@
 //! panics caught), and what handlers share: caller verification, body decoding,
 //! stamping a request, committing it and mapping its outcome.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request as HttpRequest, StatusCode, Uri};
@@ -12,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, SecondsFormat, Utc};
+use http_body::Body as _;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
@@ -54,6 +59,17 @@ pub fn router(state: ApiState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+                    ApiError::DependencyDown(
+                        "the request did not finish within the node's bound".into(),
+                    )
+                }))
+                .layer(tower::timeout::TimeoutLayer::new(
+                    state.node.request_bound(),
+                )),
+        )
         .layer(middleware::from_fn_with_state(
             state.clone(),
             request_id_and_errors,
@@ -84,7 +100,15 @@ async fn request_id_and_errors(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let span = tracing::info_span!("request", request_id = %id, %method, %path);
+    let (req, body_read) = track_body(req);
     let mut resp = next.run(req).instrument(span).await;
+    if !body_read.load(Ordering::Acquire) {
+        // Answered before the body was read to its end (401, 413, 429, ...): the rest of
+        // the body is still on the wire, so this connection cannot carry another request.
+        // Say so, or a pooling client reuses it and loses its next request.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     let is_json = resp
         .headers()
         .get(header::CONTENT_TYPE)
@@ -109,6 +133,50 @@ async fn request_id_and_errors(
         resp.headers_mut().insert(REQUEST_ID, v);
     }
     resp
+}
+
+/// Wrap the request body so the middleware learns whether it was read to its end (an
+/// empty body counts as read).
+fn track_body(
+    req: HttpRequest<axum::body::Body>,
+) -> (HttpRequest<axum::body::Body>, Arc<AtomicBool>) {
+    let (parts, inner) = req.into_parts();
+    let read = Arc::new(AtomicBool::new(inner.is_end_stream()));
+    let body = axum::body::Body::new(TrackedBody {
+        inner,
+        read: read.clone(),
+    });
+    (HttpRequest::from_parts(parts, body), read)
+}
+
+/// A request body that records reaching its end.
+struct TrackedBody {
+    inner: axum::body::Body,
+    read: Arc<AtomicBool>,
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.read.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 async fn not_found(uri: Uri) -> ApiError {
