@@ -221,7 +221,7 @@ async fn watch_leadership(
     loop {
         let m = metrics.borrow_and_update().clone();
         let now = Leadership {
-            serving: RaftNode::is_serving_leader(&m),
+            serving: node.is_serving_leader(&m),
             term: m.current_term,
         };
         if now != last {

@@ -72,6 +72,14 @@ pub struct Status {
     pub log_size_bytes: u64,
     /// Leader only: milliseconds since a quorum last acknowledged it.
     pub millis_since_quorum_ack: Option<u64>,
+    /// The newest replicated protocol this node's binary applies (1 for binaries that
+    /// predate the field).
+    #[serde(default = "protocol_v1")]
+    pub protocol_supported: u32,
+}
+
+fn protocol_v1() -> u32 {
+    1
 }
 
 /// The node's Raft and what it needs to reach its peers. Cheap to clone.
@@ -227,15 +235,31 @@ impl RaftNode {
     /// took its one hop: it is never forwarded again.
     pub async fn propose(&self, batch: Batch, forwarded: bool) -> Result<BatchResponse, Error> {
         let deadline = Instant::now() + self.leader_wait;
+        let no_leader = || Error::NoLeader {
+            waited_ms: self.leader_wait.as_millis() as u64,
+        };
         let mut pause = Duration::from_millis(20);
         loop {
-            let leader_hint = match self.raft.client_write(batch.clone()).await {
-                Ok(resp) => return Ok(resp.data),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f.leader_id,
-                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                    return Err(Error::Membership(e.to_string()))
+            let m = self.raft.metrics().borrow().clone();
+            let leader_hint = if m.state == ServerState::Leader && !self.has_quorum(&m) {
+                // openraft 0.9 never steps down a leader that lost its quorum, and its
+                // client_write would wait for a commit that cannot come: do not propose,
+                // wait for the quorum (or a new leader) until the deadline.
+                None
+            } else {
+                let write = self.raft.client_write(self.stamped(&batch));
+                match tokio::time::timeout(self.remaining(deadline), write).await {
+                    // The entry may still commit later; its request ids make a retry safe.
+                    Err(_elapsed) => return Err(no_leader()),
+                    Ok(Ok(resp)) => return Ok(resp.data),
+                    Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                        f.leader_id
+                    }
+                    Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                        return Err(Error::Membership(e.to_string()))
+                    }
+                    Ok(Err(RaftError::Fatal(e))) => return Err(Error::Stopped(e.to_string())),
                 }
-                Err(RaftError::Fatal(e)) => return Err(Error::Stopped(e.to_string())),
             };
             if forwarded {
                 return Err(Error::NotLeader {
@@ -266,13 +290,38 @@ impl RaftNode {
                 }
             }
             if Instant::now() + pause >= deadline {
-                return Err(Error::NoLeader {
-                    waited_ms: self.leader_wait.as_millis() as u64,
-                });
+                return Err(no_leader());
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(200));
         }
+    }
+
+    /// The batch as this node proposes it: every request stamped with this node's clock
+    /// now, on every try (a retried batch never carries a stale stamp). Only the node that
+    /// calls `client_write` stamps, and apply keeps the cluster clock monotone.
+    fn stamped(&self, batch: &Batch) -> Batch {
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut b = batch.clone();
+        for r in &mut b.requests {
+            r.proposed_at_ms = now;
+        }
+        b
+    }
+
+    /// A leader holds its quorum while a quorum acknowledged it within an election
+    /// timeout (a single voter always does). Past that, followers may already be electing
+    /// a successor: it must stop acting as leader until a quorum answers again.
+    pub fn has_quorum(&self, m: &super::types::RaftMetrics) -> bool {
+        m.millis_since_quorum_ack
+            .is_some_and(|ms| ms < self.config.raft.election_timeout_min_ms)
+    }
+
+    /// The longest any API request may take: a handler waits at most one read barrier
+    /// and one proposal (each bounded by `leader_wait`), plus a second for the rest. The
+    /// request-timeout layer answers 503 past it, as a backstop.
+    pub fn request_bound(&self) -> Duration {
+        self.leader_wait * 2 + Duration::from_secs(1)
     }
 
     fn remaining(&self, deadline: Instant) -> Duration {
@@ -517,6 +566,7 @@ impl RaftNode {
             replication_lag,
             log_size_bytes: self.db.log_size_bytes(),
             millis_since_quorum_ack: m.millis_since_quorum_ack,
+            protocol_supported: crate::state::machine::PROTOCOL_VERSION,
         }
     }
 
@@ -529,11 +579,44 @@ impl RaftNode {
             .map(|l| l.index)
     }
 
-    /// True when this node is the leader and has applied an entry of its own term: the
-    /// gate for leader-only work (scheduling, supervision).
-    pub fn is_serving_leader(m: &super::types::RaftMetrics) -> bool {
+    /// True when this node is the leader, has applied an entry of its own term and holds
+    /// its quorum: the gate for leader-only work (scheduling, supervision).
+    /// The newest protocol every voter supports (asked of each; an unreachable voter
+    /// counts as version 1, so a raise waits for it).
+    pub async fn voters_support(&self) -> u32 {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership().clone();
+        let mut min = crate::state::machine::PROTOCOL_VERSION;
+        for id in membership.voter_ids() {
+            if id == self.id {
+                continue;
+            }
+            let Some(member) = membership.get_node(&id) else {
+                return 1;
+            };
+            let res: Result<Status, _> = self
+                .peers
+                .call(
+                    id,
+                    &member.peer_addr,
+                    "/cluster/status",
+                    &(),
+                    self.rpc_timeout,
+                )
+                .await;
+            match res {
+                Ok(s) => min = min.min(s.protocol_supported),
+                Err(_) => return 1,
+            }
+        }
+        min
+    }
+
+    /// A leader that lost its quorum is not serving (see [`Self::has_quorum`]).
+    pub fn is_serving_leader(&self, m: &super::types::RaftMetrics) -> bool {
         m.state == ServerState::Leader
             && m.current_leader == Some(m.id)
             && m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term)
+            && self.has_quorum(m)
     }
 }
