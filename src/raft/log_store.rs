@@ -5,6 +5,8 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader, StorageIOError};
@@ -46,11 +48,33 @@ fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
 #[derive(Clone)]
 pub struct LogStore {
     db: Db,
+    /// A background compaction of purged entries is running.
+    compacting: Arc<AtomicBool>,
 }
 
 impl LogStore {
     pub fn new(db: Db) -> Self {
-        LogStore { db }
+        LogStore {
+            db,
+            compacting: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Give the space of purged entries back, off openraft's core loop: a compaction can
+    /// take long enough to delay heartbeats into elections if purge waited for it. At
+    /// most one runs at a time; the next purge's covers what a skipped one would have.
+    fn compact_in_background(&self, up_to: u64) {
+        if self.compacting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (db, flag) = (self.db.clone(), self.compacting.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Ok(cf) = db.cf(CF_LOG) {
+                db.raw()
+                    .compact_range_cf(cf, None::<&[u8]>, Some(&index_key(up_to)));
+            }
+            flag.store(false, Ordering::Release);
+        });
     }
 
     async fn blocking<T, F>(&self, f: F) -> Result<T, StorageError>
@@ -213,10 +237,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let mut b = WriteBatch::default();
             b.delete_range_cf(cf, index_key(0), index_key(log_id.index + 1));
             db.write(b, false).map_err(write_err)?;
-            db.raw()
-                .compact_range_cf(cf, None::<&[u8]>, Some(&index_key(log_id.index + 1)));
             Ok(())
         })
-        .await
+        .await?;
+        self.compact_in_background(log_id.index + 1);
+        Ok(())
     }
 }
