@@ -121,8 +121,14 @@ async fn fire_due(
                 continue;
             }
         };
-        // From start_date if given (catchup may then backfill), else from creation.
+        // From start_date if given (catchup may then backfill), else from creation; the
+        // cursor is also the DAG's fired-window watermark, kept across delete: a
+        // re-created DAG starts from its anchor, and never at or below the watermark.
         let anchor = dag.spec.start_date_ms.unwrap_or(dag.created_ms);
+        let cursor = match (cursor, schedule.next_after(anchor - 1)) {
+            (Some(c), Some(first)) if c < first => None,
+            (c, _) => c,
+        };
         let policy = Policy {
             catchup: dag.spec.catchup,
             grace_ms: config.catchup_grace_ms as i64,

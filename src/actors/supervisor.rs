@@ -15,8 +15,49 @@ use tracing::{info, warn};
 use super::{system_request, LeaderGate, Leadership, ProposerHandle};
 use crate::config::Config;
 use crate::raft::RaftNode;
+use crate::state::command::Retention;
+use crate::state::machine::{clock, PROTOCOL_VERSION};
 use crate::state::model::Notification;
-use crate::state::{Command, Table};
+use crate::state::{Command, Outcome, Table};
+
+/// How often a serving leader checks whether the cluster can move to a newer protocol.
+const PROTOCOL_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Raise the replicated protocol to this binary's version once every voter supports it
+/// (a rolling upgrade finishes before any replica applies the new behaviour).
+async fn raise_protocol(node: &RaftNode, proposer: &ProposerHandle, term: u64) {
+    let current = match node.db.get(Table::Counters.name(), clock::PROTOCOL) {
+        Ok(v) => v
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map_or(1, |b| u64::from_be_bytes(b) as u32),
+        Err(e) => {
+            warn!(error = %e, "cannot read the protocol version");
+            return;
+        }
+    };
+    if current >= PROTOCOL_VERSION {
+        return;
+    }
+    let supported = node.voters_support().await;
+    if supported <= current {
+        info!(
+            current,
+            supported, "protocol stays: not every voter supports a newer one"
+        );
+        return;
+    }
+    let version = supported.min(PROTOCOL_VERSION);
+    match proposer
+        .propose(system_request(Command::RaiseProtocol { term, version }))
+        .await
+    {
+        Ok(r) if matches!(r.outcome, Outcome::ProtocolRaised { .. }) => {
+            info!(from = current, to = version, "replicated protocol raised")
+        }
+        Ok(r) => info!(outcome = ?r.outcome, "protocol raise not applied"),
+        Err(e) => warn!(error = %e, "protocol raise not committed"),
+    }
+}
 
 pub struct Supervisor {
     node: RaftNode,
@@ -27,6 +68,7 @@ pub struct Supervisor {
     busy: bool,
     last_notify: Instant,
     last_purge: Instant,
+    last_protocol_check: Instant,
     delivering: Arc<Mutex<HashSet<String>>>,
     http: reqwest::Client,
 }
@@ -47,6 +89,7 @@ impl Supervisor {
             busy: false,
             last_notify: Instant::now(),
             last_purge: Instant::now(),
+            last_protocol_check: Instant::now() - PROTOCOL_CHECK_EVERY,
             delivering: Arc::new(Mutex::new(HashSet::new())),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
@@ -75,13 +118,25 @@ impl Supervisor {
         .then(|| {
             self.last_purge = Instant::now();
             let now = chrono::Utc::now().timestamp_millis();
+            let r = &self.config.retention;
             Command::Purge {
                 term,
-                before_ms: now - self.config.retention.runs_ms as i64,
-                records_before_ms: now - self.config.retention.idempotency_ms as i64,
+                before_ms: now - r.runs_ms as i64,
+                records_before_ms: now - r.idempotency_ms as i64,
+                keep: Some(Retention {
+                    runs_ms: r.runs_ms,
+                    records_ms: r.idempotency_ms,
+                }),
             }
         });
+        let check_protocol = self.last_protocol_check.elapsed() >= PROTOCOL_CHECK_EVERY;
+        if check_protocol {
+            self.last_protocol_check = Instant::now();
+        }
         let job = self.rt.spawn(async move {
+            if check_protocol {
+                raise_protocol(&node, &proposer, term).await;
+            }
             let active = node
                 .db
                 .scan_prefix(Table::ActiveRuns, b"", None, 1)

@@ -101,12 +101,26 @@ pub enum Command {
     /// Webhook notifications delivered (or given up on): forget them.
     AckNotifications { keys: Vec<String> },
     /// Drop finished runs that ended before `before_ms`, and idempotency and request
-    /// records older than `records_before_ms`.
+    /// records older than `records_before_ms`. From protocol 2 the cutoffs are taken from
+    /// the cluster clock with the retentions in `keep` (the absolute cutoffs serve
+    /// replicas still at protocol 1).
     Purge {
         term: u64,
         before_ms: Millis,
         records_before_ms: Millis,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        keep: Option<Retention>,
     },
+    /// Raise the replicated protocol version (leader only, term-fenced), once every voter
+    /// runs a binary that applies it. Never lowers it.
+    RaiseProtocol { term: u64, version: u32 },
+}
+
+/// How long purge keeps finished runs and request records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    pub runs_ms: u64,
+    pub records_ms: u64,
 }
 
 /// Identifies one attempt of one task: the fencing token.
@@ -208,6 +222,14 @@ pub enum Outcome {
     Purged {
         runs: u32,
         records: u32,
+    },
+    /// A window at or below the DAG's fired-window watermark whose run is gone (purged,
+    /// or the DAG was deleted and re-created): it fired once and never fires again.
+    AlreadyFired {
+        watermark: Millis,
+    },
+    ProtocolRaised {
+        version: u32,
     },
 }
 

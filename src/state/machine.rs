@@ -26,6 +26,19 @@ pub const NODE_TTL_MS: Millis = 5_000;
 /// Attempts lost to node failure are retried this many times beyond `retries`.
 pub const MAX_LOST_RETRIES: u32 = 3;
 
+/// The newest replicated protocol this binary applies. A change to what apply does is
+/// made conditional on a protocol version and takes effect only from the entry that
+/// raises the cluster to it ([`Command::RaiseProtocol`]), which the leader proposes only
+/// once every voter supports it: replicas on different binaries never apply one entry
+/// differently. A state without a version is at version 1.
+///
+/// - 1: time is each request's stamp.
+/// - 2: one monotone cluster clock (`now = max(previous, stamp)`); a lease can expire only
+///   after a full lease of the current term's clock; purge cutoffs from the cluster
+///   clock; the fired-window watermark survives delete and re-fires nothing at or below
+///   it; a re-created DAG counts as created when it is re-created.
+pub const PROTOCOL_VERSION: u32 = 2;
+
 /// The replicated tables (one RocksDB column family each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Table {
@@ -301,8 +314,96 @@ fn next_counter(kv: &mut impl Kv, name: &[u8]) -> Result<u64, KvError> {
 /// What apply knows about the entry it is applying.
 #[derive(Debug, Clone, Copy)]
 struct Ctx {
+    /// The cluster clock (protocol ≥ 2) or the request's stamp (protocol 1).
     now: Millis,
     entry_term: u64,
+    protocol: u32,
+    /// Cluster time of the first request applied in `entry_term` (protocol ≥ 2).
+    term_started_ms: Millis,
+}
+
+/// The replicated protocol version (1 when never raised).
+pub fn protocol_version(kv: &impl Kv) -> Result<u32, KvError> {
+    Ok(read_u64(kv, clock::PROTOCOL)?.map_or(1, |v| v as u32))
+}
+
+fn read_u64(kv: &impl Kv, name: &[u8]) -> Result<Option<u64>, KvError> {
+    kv.get(Table::Counters, name)?
+        .map(|b| {
+            <[u8; 8]>::try_from(b.as_slice())
+                .map(u64::from_be_bytes)
+                .map_err(|_| {
+                    KvError::Storage(format!(
+                        "counter {} holds {} bytes, expected 8",
+                        String::from_utf8_lossy(name),
+                        b.len()
+                    ))
+                })
+        })
+        .transpose()
+}
+
+fn read_i64(kv: &impl Kv, name: &[u8]) -> Result<Option<i64>, KvError> {
+    Ok(kv
+        .get(Table::Counters, name)?
+        .and_then(|b| keys::from_ordered_i64(&b)))
+}
+
+/// Replicated clock records, kept in the counters table.
+pub mod clock {
+    /// The protocol version (be u64).
+    pub const PROTOCOL: &[u8] = b"protocol";
+    /// The cluster clock: the largest stamp applied so far (ordered i64 ms).
+    pub const CLUSTER_TIME: &[u8] = b"cluster_time_ms";
+    /// The term of the last applied request (be u64).
+    pub const TERM: &[u8] = b"clock_term";
+    /// Cluster time when that term's first request was applied (ordered i64 ms).
+    pub const TERM_STARTED: &[u8] = b"clock_term_started_ms";
+}
+
+/// The apply context of one request: under protocol 2 the cluster clock advances to the
+/// request's stamp if that is later (never back), and a new term's start is recorded.
+fn context(kv: &mut impl Kv, req: &Request, entry_term: u64) -> Result<Ctx, KvError> {
+    let protocol = protocol_version(kv)?;
+    if protocol < 2 {
+        return Ok(Ctx {
+            now: req.proposed_at_ms,
+            entry_term,
+            protocol,
+            term_started_ms: Millis::MIN,
+        });
+    }
+    let previous = read_i64(kv, clock::CLUSTER_TIME)?;
+    let now = previous.map_or(req.proposed_at_ms, |p| p.max(req.proposed_at_ms));
+    if previous != Some(now) {
+        kv.put(
+            Table::Counters,
+            clock::CLUSTER_TIME.to_vec(),
+            keys::ordered_i64(now).to_vec(),
+        );
+    }
+    let term = read_u64(kv, clock::TERM)?;
+    let term_started_ms = if term.is_some_and(|t| t >= entry_term) {
+        read_i64(kv, clock::TERM_STARTED)?.unwrap_or(now)
+    } else {
+        kv.put(
+            Table::Counters,
+            clock::TERM.to_vec(),
+            entry_term.to_be_bytes().to_vec(),
+        );
+        kv.put(
+            Table::Counters,
+            clock::TERM_STARTED.to_vec(),
+            keys::ordered_i64(now).to_vec(),
+        );
+        now
+    };
+    Ok(Ctx {
+        now,
+        entry_term,
+        protocol,
+        term_started_ms,
+    })
 }
 
 /// Apply one committed request from an entry of term `entry_term`. Deterministic: the
@@ -313,6 +414,7 @@ pub fn apply_request(
     req: &Request,
     entry_term: u64,
 ) -> Result<Response, KvError> {
+    let ctx = context(kv, req, entry_term)?;
     let recorded = is_client_command(&req.command);
     if recorded {
         if let Some(rec) =
@@ -329,15 +431,11 @@ pub fn apply_request(
             }
         }
     }
-    let ctx = Ctx {
-        now: req.proposed_at_ms,
-        entry_term,
-    };
     let outcome = apply_command(kv, &req.command, ctx)?;
     if recorded {
         let rec = RequestRecord {
             outcome: outcome.clone(),
-            created_ms: req.proposed_at_ms,
+            created_ms: ctx.now,
         };
         put_json(
             kv,
@@ -349,7 +447,7 @@ pub fn apply_request(
             let rec = IdempotencyRecord {
                 fingerprint: idem.fingerprint.clone(),
                 outcome: outcome.clone(),
-                created_ms: req.proposed_at_ms,
+                created_ms: ctx.now,
             };
             put_json(
                 kv,
@@ -413,7 +511,7 @@ fn apply_command(kv: &mut impl Kv, cmd: &Command, ctx: Ctx) -> Result<Outcome, K
             tenant,
             spec,
             expected_version,
-        } => put_dag(kv, tenant, spec, *expected_version, ctx.now),
+        } => put_dag(kv, tenant, spec, *expected_version, ctx),
         Command::TriggerRun {
             tenant,
             dag_id,
@@ -472,7 +570,9 @@ fn apply_command(kv: &mut impl Kv, cmd: &Command, ctx: Ctx) -> Result<Outcome, K
             dag.deleted = true;
             dag.updated_ms = ctx.now;
             put_json(kv, Table::Dags, keys::dag(tenant, dag_id), &dag);
-            kv.delete(Table::Cursors, keys::dag(tenant, dag_id));
+            if ctx.protocol < 2 {
+                kv.delete(Table::Cursors, keys::dag(tenant, dag_id));
+            }
             Ok(Outcome::DagDeleted {
                 dag_id: dag_id.clone(),
             })
@@ -502,6 +602,18 @@ fn apply_command(kv: &mut impl Kv, cmd: &Command, ctx: Ctx) -> Result<Outcome, K
             let cursor = kv
                 .get(Table::Cursors, &ckey)?
                 .and_then(|b| keys::from_ordered_i64(&b));
+            if let Some(watermark) = cursor.filter(|c| ctx.protocol >= 2 && window.end_ms <= *c) {
+                // At or below the watermark: fired before. Its run may be kept (answer
+                // with it) or purged, or the DAG deleted and re-created: fire nothing.
+                let wkey = keys::window(tenant, dag_id, window);
+                return Ok(match kv.get(Table::Windows, &wkey)? {
+                    Some(run_id) => Outcome::Fired {
+                        run_id: String::from_utf8_lossy(&run_id).into_owned(),
+                        created: false,
+                    },
+                    None => Outcome::AlreadyFired { watermark },
+                });
+            }
             if cursor.is_none_or(|c| window.end_ms > c) {
                 kv.put(
                     Table::Cursors,
@@ -543,11 +655,42 @@ fn apply_command(kv: &mut impl Kv, cmd: &Command, ctx: Ctx) -> Result<Outcome, K
             term,
             before_ms,
             records_before_ms,
+            keep,
         } => {
             if let Some(stale) = fenced(*term, ctx) {
                 return Ok(stale);
             }
-            purge(kv, *before_ms, *records_before_ms)
+            match keep.filter(|_| ctx.protocol >= 2) {
+                Some(k) => purge(
+                    kv,
+                    ctx.now.saturating_sub(k.runs_ms as i64),
+                    ctx.now.saturating_sub(k.records_ms as i64),
+                ),
+                None => purge(kv, *before_ms, *records_before_ms),
+            }
+        }
+        Command::RaiseProtocol { term, version } => {
+            if let Some(stale) = fenced(*term, ctx) {
+                return Ok(stale);
+            }
+            if *version > PROTOCOL_VERSION {
+                // Applying on would split this replica from the others: stop here (the
+                // node exits and waits for its upgrade).
+                return Err(KvError::Storage(format!(
+                    "the cluster raised its protocol to version {version}, but this binary \
+                     applies up to version {PROTOCOL_VERSION}: upgrade this node"
+                )));
+            }
+            if *version > ctx.protocol {
+                kv.put(
+                    Table::Counters,
+                    clock::PROTOCOL.to_vec(),
+                    u64::from(*version).to_be_bytes().to_vec(),
+                );
+            }
+            Ok(Outcome::ProtocolRaised {
+                version: (*version).max(ctx.protocol),
+            })
         }
     }
 }
@@ -624,7 +767,7 @@ fn heartbeat(
                 att.lease_until_ms = att
                     .lease_until_ms
                     .max(ctx.now.saturating_add(lease_ms as i64));
-                save_run(kv, &run, None)?;
+                save_run(kv, &mut run, None, ctx)?;
             }
         }
     }
@@ -640,8 +783,9 @@ fn put_dag(
     tenant: &str,
     spec: &DagSpec,
     expected_version: Option<u64>,
-    now: Millis,
+    ctx: Ctx,
 ) -> Result<Outcome, KvError> {
+    let now = ctx.now;
     let key = keys::dag(tenant, &spec.dag_id);
     let existing = get_json::<Dag>(kv, Table::Dags, &key)?;
     let current = existing.as_ref().map_or(0, |d| d.version);
@@ -664,7 +808,12 @@ fn put_dag(
         tenant: tenant.to_string(),
         version,
         spec: spec.clone(),
-        created_ms: existing.as_ref().map_or(now, |d| d.created_ms),
+        // A re-created DAG starts over from now (protocol 2): its schedule must not
+        // reach back to the first incarnation's creation.
+        created_ms: existing
+            .as_ref()
+            .filter(|d| !(d.deleted && ctx.protocol >= 2))
+            .map_or(now, |d| d.created_ms),
         updated_ms: now,
         deleted: false,
     };
@@ -699,19 +848,34 @@ fn run_spec(kv: &impl Kv, run: &Run) -> Result<DagSpec, KvError> {
 
 /// Persist a run and keep its indexes true: active-runs while unfinished, finished-runs
 /// and the webhook notification when it has just finished.
-fn save_run(kv: &mut impl Kv, run: &Run, before: Option<RunState>) -> Result<(), KvError> {
+fn save_run(
+    kv: &mut impl Kv,
+    run: &mut Run,
+    before: Option<RunState>,
+    ctx: Ctx,
+) -> Result<(), KvError> {
     let akey = keys::active(&run.tenant, &run.dag_id, &run.run_id);
     if run.state.is_finished() {
         kv.delete(Table::ActiveRuns, akey);
         if before.is_some_and(|b| !b.is_finished()) {
-            next_counter(
-                kv,
-                match run.state {
-                    RunState::Done => counters::RUNS_DONE,
-                    RunState::Cancelled => counters::RUNS_CANCELLED,
-                    _ => counters::RUNS_FAILED,
-                },
-            )?;
+            if ctx.protocol >= 2 {
+                // Ended past its deadline between two supervise passes: still a miss.
+                let ended = run.ended_ms.unwrap_or(ctx.now);
+                if run.state != RunState::Cancelled {
+                    mark_sla_missed(kv, run, ended)?;
+                }
+            }
+            if ctx.protocol < 2 || !run.counted {
+                run.counted = ctx.protocol >= 2;
+                next_counter(
+                    kv,
+                    match run.state {
+                        RunState::Done => counters::RUNS_DONE,
+                        RunState::Cancelled => counters::RUNS_CANCELLED,
+                        _ => counters::RUNS_FAILED,
+                    },
+                )?;
+            }
             let ended = run.ended_ms.unwrap_or(run.created_ms);
             kv.put(
                 Table::FinishedRuns,
@@ -739,6 +903,20 @@ fn save_run(kv: &mut impl Kv, run: &Run, before: Option<RunState>) -> Result<(),
     Ok(())
 }
 
+/// Mark the run's SLA missed if its deadline is before `at` (once; counted and notified).
+/// Returns whether it was marked now.
+fn mark_sla_missed(kv: &mut impl Kv, run: &mut Run, at: Millis) -> Result<bool, KvError> {
+    match run.sla_deadline_ms {
+        Some(deadline) if !run.sla_missed && deadline < at => {
+            run.sla_missed = true;
+            next_counter(kv, counters::SLA_MISSED)?;
+            notify(kv, run, "sla_miss")?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
 /// Replicated counters exported as metrics (the same on every node).
 pub mod counters {
     pub const SLA_MISSED: &[u8] = b"sla_missed";
@@ -746,12 +924,14 @@ pub mod counters {
     pub const RUNS_FAILED: &[u8] = b"runs_failed";
     pub const RUNS_CANCELLED: &[u8] = b"runs_cancelled";
     pub const ATTEMPTS_LOST: &[u8] = b"attempts_lost";
-    pub const ALL: [&[u8]; 5] = [
+    pub const RUNS_RETRIED: &[u8] = b"runs_retried";
+    pub const ALL: [&[u8]; 6] = [
         SLA_MISSED,
         RUNS_DONE,
         RUNS_FAILED,
         RUNS_CANCELLED,
         ATTEMPTS_LOST,
+        RUNS_RETRIED,
     ];
 }
 
@@ -801,7 +981,7 @@ fn create_run(
         };
         base.saturating_add(sla as i64)
     });
-    let run = Run {
+    let mut run = Run {
         run_id: run_id.clone(),
         tenant: tenant.to_string(),
         dag_id: dag_id.to_string(),
@@ -820,6 +1000,7 @@ fn create_run(
             .iter()
             .map(|t| (t.task_id.clone(), TaskInstance::new()))
             .collect(),
+        counted: false,
     };
     kv.put(Table::Windows, wkey, run_id.as_bytes().to_vec());
     kv.put(
@@ -832,7 +1013,7 @@ fn create_run(
         keys::run_by_tenant(tenant, ctx.now, &run_id),
         Vec::new(),
     );
-    save_run(kv, &run, None)?;
+    save_run(kv, &mut run, None, ctx)?;
     start_queued_runs(kv, tenant, dag_id, dag.spec.max_active_runs, ctx)?;
     // A new run answers with the state it was created in (the spec's `queued`); it may
     // already have moved on (a run without tasks is done at once).
@@ -941,8 +1122,9 @@ fn assign_ready(
     Ok(n)
 }
 
-/// Lease for a node that never said what its lease is.
-pub const DEFAULT_LEASE_MS: u64 = 15_000;
+/// The lease an executor announces unless configured otherwise (and the lease of a node
+/// that never said).
+pub const DEFAULT_LEASE_MS: u64 = 10_000;
 
 /// Start queued runs of a DAG (oldest window first) while fewer than
 /// `max_active_runs` are running, and assign their first tasks.
@@ -983,7 +1165,7 @@ fn start_queued_runs(
         let spec = run_spec(kv, &run)?;
         progress::advance(&mut run, &spec, ctx.now);
         assign_ready(kv, &mut run, &mut pool, ctx)?;
-        save_run(kv, &run, Some(before))?;
+        save_run(kv, &mut run, Some(before), ctx)?;
     }
     Ok(())
 }
@@ -1023,7 +1205,9 @@ fn fail_attempt(
         inst.next_try_ms = Some(now);
         return;
     }
-    let retries_used = current.saturating_sub(inst.lost);
+    let retries_used = current
+        .saturating_sub(inst.retry_base)
+        .saturating_sub(inst.lost);
     match task {
         Some(t) if retries_used <= t.retries => {
             inst.state = TaskState::Retrying;
@@ -1067,7 +1251,7 @@ fn finish_attempt(
     progress::advance(&mut run, &spec, ctx.now);
     let mut pool = NodePool::load(kv, ctx.now)?;
     assign_ready(kv, &mut run, &mut pool, ctx)?;
-    save_run(kv, &run, Some(before))?;
+    save_run(kv, &mut run, Some(before), ctx)?;
     if run.state.is_finished() {
         start_queued_runs(kv, &run.tenant, &run.dag_id, spec.max_active_runs, ctx)?;
     }
@@ -1122,7 +1306,7 @@ fn cancel_run(kv: &mut impl Kv, tenant: &str, run_id: &str, ctx: Ctx) -> Result<
     }
     run.state = RunState::Cancelled;
     run.ended_ms = Some(ctx.now);
-    save_run(kv, &run, Some(before))?;
+    save_run(kv, &mut run, Some(before), ctx)?;
     let spec = run_spec(kv, &run)?;
     start_queued_runs(kv, tenant, &run.dag_id, spec.max_active_runs, ctx)?;
     Ok(Outcome::RunCancelled {
@@ -1154,6 +1338,11 @@ fn retry_run(kv: &mut impl Kv, tenant: &str, run_id: &str, ctx: Ctx) -> Result<O
         ) {
             inst.state = TaskState::Pending;
             inst.next_try_ms = None;
+            if ctx.protocol >= 2 {
+                // A retried run gives each task its full `retries` again.
+                inst.retry_base = inst.attempt;
+                inst.lost = 0;
+            }
             n += 1;
         }
     }
@@ -1170,7 +1359,10 @@ fn retry_run(kv: &mut impl Kv, tenant: &str, run_id: &str, ctx: Ctx) -> Result<O
     kv.delete(Table::Notifications, keys::notification(run_id, "failure"));
     run.state = RunState::Queued;
     run.ended_ms = None;
-    save_run(kv, &run, None)?;
+    if ctx.protocol >= 2 {
+        next_counter(kv, counters::RUNS_RETRIED)?;
+    }
+    save_run(kv, &mut run, None, ctx)?;
     let spec = run_spec(kv, &run)?;
     start_queued_runs(kv, tenant, &run.dag_id, spec.max_active_runs, ctx)?;
     Ok(Outcome::RunRetried {
@@ -1193,6 +1385,11 @@ fn supervise(kv: &mut impl Kv, ctx: Ctx) -> Result<Outcome, KvError> {
         };
         dags.insert((run.tenant.clone(), run.dag_id.clone()));
         if e.state != RunState::Running {
+            // Still queued behind `max_active_runs` past its deadline: a miss too.
+            if ctx.protocol >= 2 && mark_sla_missed(kv, &mut run, ctx.now)? {
+                let state = run.state;
+                save_run(kv, &mut run, Some(state), ctx)?;
+            }
             continue;
         }
         let before = run.state;
@@ -1214,6 +1411,17 @@ fn supervise(kv: &mut impl Kv, ctx: Ctx) -> Result<Outcome, KvError> {
                 continue;
             }
             let node = att.node;
+            if ctx.protocol >= 2 {
+                // A new leader's clock may be ahead of its predecessor's: a lease expires
+                // only after a full lease of this term's own clock, so a node that stopped
+                // its attempts a margin before its lease ran out (executor self-fencing)
+                // has done so before the task can go elsewhere.
+                let lease_ms = get_json::<NodeInfo>(kv, Table::Nodes, &keys::node(node))?
+                    .map_or(DEFAULT_LEASE_MS, |i| i.lease_ms);
+                if ctx.now < ctx.term_started_ms.saturating_add(lease_ms as i64) {
+                    continue;
+                }
+            }
             release(kv, node, &run_id, &task_id)?;
             let Some(inst) = run.tasks.get_mut(&task_id) else {
                 continue;
@@ -1230,19 +1438,14 @@ fn supervise(kv: &mut impl Kv, ctx: Ctx) -> Result<Outcome, KvError> {
             expired += 1;
             changed = true;
         }
-        if let Some(deadline) = run.sla_deadline_ms {
-            if !run.sla_missed && deadline < ctx.now {
-                run.sla_missed = true;
-                next_counter(kv, counters::SLA_MISSED)?;
-                notify(kv, &run, "sla_miss")?;
-                changed = true;
-            }
+        if mark_sla_missed(kv, &mut run, ctx.now)? {
+            changed = true;
         }
         progress::advance(&mut run, &spec, ctx.now);
         let n = assign_ready(kv, &mut run, &mut pool, ctx)?;
         assigned += n;
         if changed || n > 0 || run.state != before {
-            save_run(kv, &run, Some(before))?;
+            save_run(kv, &mut run, Some(before), ctx)?;
         }
     }
     for (tenant, dag_id) in dags {
@@ -1314,7 +1517,7 @@ pub mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::state::command::AttemptRef;
+    use crate::state::command::{AttemptRef, Retention};
     use crate::state::model::{TaskKind, TaskSpec};
 
     /// An in-memory [`Kv`] for unit tests of the pure apply logic.
@@ -1828,6 +2031,7 @@ pub mod tests {
         assert_eq!(run(&kv, &id).state, RunState::Done);
         // Purge before the end keeps it; purge after drops the run and its indexes.
         let purge = |before| Command::Purge {
+            keep: None,
             term: 1,
             before_ms: before,
             records_before_ms: before,
@@ -1850,6 +2054,333 @@ pub mod tests {
             Table::Requests,
         ] {
             assert!(kv.scan_prefix(t, b"").unwrap().is_empty(), "{t:?} emptied");
+        }
+    }
+
+    /// Raise the replicated protocol to 2 (term 1), as the leader does on a new cluster.
+    fn v2(kv: &mut MemKv) {
+        let r = apply(
+            kv,
+            &req(
+                "raise",
+                0,
+                Command::RaiseProtocol {
+                    term: 1,
+                    version: 2,
+                },
+            ),
+        )
+        .unwrap();
+        assert_eq!(r.outcome, Outcome::ProtocolRaised { version: 2 });
+        assert_eq!(protocol_version(kv).unwrap(), 2);
+    }
+
+    fn fire(id: &str, now: Millis, dag: &str, s: i64, e: i64) -> Request {
+        req(
+            id,
+            now,
+            Command::FireWindow {
+                tenant: "t".into(),
+                dag_id: dag.into(),
+                window: Window {
+                    start_ms: s,
+                    end_ms: e,
+                },
+                term: 1,
+            },
+        )
+    }
+
+    #[test]
+    fn a_protocol_newer_than_the_binary_stops_apply_instead_of_diverging() {
+        let mut kv = MemKv::default();
+        let too_new = Command::RaiseProtocol {
+            term: 1,
+            version: PROTOCOL_VERSION + 1,
+        };
+        let err = apply(&mut kv, &req("x", 0, too_new)).unwrap_err();
+        assert!(err.to_string().contains("upgrade this node"), "{err}");
+        assert_eq!(protocol_version(&kv).unwrap(), 1, "nothing applied");
+        // A stale term's raise changes nothing either.
+        let stale = Command::RaiseProtocol {
+            term: 0,
+            version: 2,
+        };
+        let o = apply(&mut kv, &req("y", 0, stale)).unwrap().outcome;
+        assert!(matches!(o, Outcome::StaleTerm { .. }), "{o:?}");
+        assert_eq!(protocol_version(&kv).unwrap(), 1);
+    }
+
+    #[test]
+    fn the_cluster_clock_never_goes_back_and_no_lease_is_born_expired() {
+        for protocol in [1, 2] {
+            let mut kv = MemKv::default();
+            if protocol == 2 {
+                v2(&mut kv);
+            }
+            apply(&mut kv, &heartbeat(1, 50_000)).unwrap();
+            let put = Command::PutDag {
+                tenant: "t".into(),
+                spec: chain_spec("c", 1, 0),
+                expected_version: None,
+            };
+            apply(&mut kv, &req("p", 50_000, put)).unwrap();
+            // A request stamped by a node whose clock is 40 s behind.
+            let o = apply(&mut kv, &req("r", 10_000, trigger("t", "c", 0, 10)))
+                .unwrap()
+                .outcome;
+            let Outcome::RunTriggered { run_id, .. } = o else {
+                panic!("{o:?}")
+            };
+            let r = run(&kv, &run_id);
+            let lease_until = r.tasks["t0"].attempts[0].lease_until_ms;
+            if protocol == 2 {
+                assert_eq!(r.created_ms, 50_000, "cluster time, not the stale stamp");
+                assert_eq!(lease_until, 51_000, "a full lease from cluster time");
+            } else {
+                assert!(
+                    lease_until < 50_000,
+                    "protocol 1: born expired ({lease_until})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_new_term_with_a_clock_ahead_waits_a_full_lease_before_expiring() {
+        for protocol in [1, 2] {
+            let mut kv = MemKv::default();
+            if protocol == 2 {
+                v2(&mut kv);
+            }
+            apply(&mut kv, &heartbeat(1, 0)).unwrap();
+            apply(&mut kv, &heartbeat(2, 0)).unwrap();
+            let put = Command::PutDag {
+                tenant: "t".into(),
+                spec: chain_spec("c", 1, 0),
+                expected_version: None,
+            };
+            apply(&mut kv, &req("p", 0, put)).unwrap();
+            let o = apply(&mut kv, &req("r", 1, trigger("t", "c", 0, 10)))
+                .unwrap()
+                .outcome;
+            let Outcome::RunTriggered { run_id, .. } = o else {
+                panic!("{o:?}")
+            };
+            // Term 2's leader runs 60 s ahead: its first pass must not expire the lease
+            // (node 1 may still be inside its self-fencing window).
+            let s = |id: &str, now: Millis| req(id, now, Command::Supervise { term: 2 });
+            apply_request(
+                &mut kv,
+                &req("hb2", 60_000, heartbeat(2, 60_000).command),
+                2,
+            )
+            .unwrap();
+            apply_request(&mut kv, &s("s1", 60_001), 2).unwrap();
+            let attempt = run(&kv, &run_id).tasks["t0"].attempt;
+            if protocol == 1 {
+                assert_eq!(attempt, 2, "protocol 1 expires at once");
+                continue;
+            }
+            assert_eq!(attempt, 1, "not expired within the new term's first lease");
+            apply_request(
+                &mut kv,
+                &req("hb3", 61_000, heartbeat(2, 61_000).command),
+                2,
+            )
+            .unwrap();
+            apply_request(&mut kv, &s("s2", 61_002), 2).unwrap();
+            let t = &run(&kv, &run_id).tasks["t0"];
+            assert_eq!(t.attempt, 2, "expired after a full lease of term 2");
+            assert_eq!(t.attempts[1].node, 2);
+        }
+    }
+
+    #[test]
+    fn a_fired_window_never_fires_again_after_purge_or_delete_and_recreate() {
+        for protocol in [1, 2] {
+            let mut kv = MemKv::default();
+            if protocol == 2 {
+                v2(&mut kv);
+            }
+            apply(&mut kv, &heartbeat(1, 0)).unwrap();
+            let put = |id: &str, now| {
+                req(
+                    id,
+                    now,
+                    Command::PutDag {
+                        tenant: "t".into(),
+                        spec: chain_spec("c", 1, 0),
+                        expected_version: None,
+                    },
+                )
+            };
+            apply(&mut kv, &put("p1", 0)).unwrap();
+            let o = apply(&mut kv, &fire("f1", 1, "c", 0, 10)).unwrap().outcome;
+            let Outcome::Fired {
+                run_id,
+                created: true,
+            } = o
+            else {
+                panic!("{o:?}")
+            };
+            finish(&mut kv, 2, &run_id, "t0", 1, 1, true);
+            let purge = Command::Purge {
+                term: 1,
+                before_ms: 1_000,
+                records_before_ms: 0,
+                keep: Some(Retention {
+                    runs_ms: 100,
+                    records_ms: 1_000_000,
+                }),
+            };
+            let o = apply(&mut kv, &req("purge", 1_000, purge)).unwrap().outcome;
+            assert!(matches!(o, Outcome::Purged { runs: 1, .. }), "{o:?}");
+            let again = apply(&mut kv, &fire("f2", 1_001, "c", 0, 10))
+                .unwrap()
+                .outcome;
+            if protocol == 1 {
+                assert!(
+                    matches!(again, Outcome::Fired { created: true, .. }),
+                    "protocol 1 fires a purged window twice: {again:?}"
+                );
+                continue;
+            }
+            assert_eq!(again, Outcome::AlreadyFired { watermark: 10 });
+            // Delete and re-create: the watermark holds, creation time is new.
+            let del = Command::DeleteDag {
+                tenant: "t".into(),
+                dag_id: "c".into(),
+            };
+            apply(&mut kv, &req("del", 2_000, del)).unwrap();
+            apply(&mut kv, &put("p2", 3_000)).unwrap();
+            let dag: Dag = get_json(&kv, Table::Dags, &keys::dag("t", "c"))
+                .unwrap()
+                .unwrap();
+            assert_eq!(dag.created_ms, 3_000, "re-created now, not at 0");
+            let o = apply(&mut kv, &fire("f3", 3_001, "c", 0, 10))
+                .unwrap()
+                .outcome;
+            assert_eq!(o, Outcome::AlreadyFired { watermark: 10 });
+            let o = apply(&mut kv, &fire("f4", 3_002, "c", 10, 20))
+                .unwrap()
+                .outcome;
+            assert!(matches!(o, Outcome::Fired { created: true, .. }), "{o:?}");
+        }
+    }
+
+    #[test]
+    fn purge_cutoffs_come_from_the_cluster_clock() {
+        let mut kv = MemKv::default();
+        v2(&mut kv);
+        apply(&mut kv, &req("p", 100_000, put("t", "d", None))).unwrap();
+        // A leader whose clock is far behind proposes absolute cutoffs from its clock;
+        // protocol 2 uses the retentions against the cluster clock instead.
+        let purge = Command::Purge {
+            term: 1,
+            before_ms: i64::MAX,
+            records_before_ms: i64::MAX,
+            keep: Some(Retention {
+                runs_ms: 1_000,
+                records_ms: 1_000,
+            }),
+        };
+        let o = apply(&mut kv, &req("x", 50_000, purge)).unwrap().outcome;
+        assert_eq!(
+            o,
+            Outcome::Purged {
+                runs: 0,
+                records: 0
+            },
+            "nothing early"
+        );
+        assert!(kv.get(Table::Requests, b"p").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_retried_run_gets_its_retries_again_and_is_counted_once() {
+        let (mut kv, id) = setup_chain(1, 1);
+        v2(&mut kv);
+        let failed = |kv: &MemKv| read_u64(kv, counters::RUNS_FAILED).unwrap();
+        finish(&mut kv, 2, &id, "t0", 1, 1, false);
+        apply(&mut kv, &heartbeat(1, 200)).unwrap();
+        apply(&mut kv, &req("s", 200, Command::Supervise { term: 1 })).unwrap();
+        finish(&mut kv, 201, &id, "t0", 2, 1, false);
+        assert_eq!(run(&kv, &id).state, RunState::Failed);
+        assert_eq!(failed(&kv), Some(1));
+        let retry = Command::RetryRun {
+            tenant: "t".into(),
+            run_id: id.clone(),
+        };
+        apply(&mut kv, &req("rr", 300, retry)).unwrap();
+        // Attempt 3 fails: with its retries given back it is retried, not failed.
+        finish(&mut kv, 301, &id, "t0", 3, 1, false);
+        let t = &run(&kv, &id).tasks["t0"];
+        assert_eq!(t.state, TaskState::Retrying, "full retries again");
+        apply(&mut kv, &heartbeat(1, 500)).unwrap();
+        apply(&mut kv, &req("s2", 500, Command::Supervise { term: 1 })).unwrap();
+        finish(&mut kv, 501, &id, "t0", 4, 1, false);
+        assert_eq!(run(&kv, &id).state, RunState::Failed);
+        assert_eq!(failed(&kv), Some(1), "a retried run is not counted twice");
+        assert_eq!(read_u64(&kv, counters::RUNS_RETRIED).unwrap(), Some(1));
+    }
+
+    #[test]
+    fn sla_misses_while_queued_or_between_passes_are_marked() {
+        for protocol in [1, 2] {
+            let mut kv = MemKv::default();
+            if protocol == 2 {
+                v2(&mut kv);
+            }
+            let mut sp = chain_spec("q", 1, 0);
+            sp.sla_ms = Some(1_000);
+            sp.webhook = Some("http://127.0.0.1:1/hook".into());
+            apply(&mut kv, &heartbeat(1, 0)).unwrap();
+            let put = Command::PutDag {
+                tenant: "t".into(),
+                spec: sp,
+                expected_version: None,
+            };
+            apply(&mut kv, &req("p", 0, put)).unwrap();
+            let id = |o: Outcome| match o {
+                Outcome::RunTriggered { run_id, .. } => run_id,
+                o => panic!("{o:?}"),
+            };
+            let first = id(apply(&mut kv, &req("a", 1, trigger("t", "q", 0, 10)))
+                .unwrap()
+                .outcome);
+            let queued = id(apply(&mut kv, &req("b", 1, trigger("t", "q", 10, 20)))
+                .unwrap()
+                .outcome);
+            // The first run ends past its deadline (1,001) before any pass saw it late.
+            finish(&mut kv, 1_005, &first, "t0", 1, 1, true);
+            let r = run(&kv, &first);
+            assert_eq!(r.state, RunState::Done);
+            assert_eq!(r.sla_missed, protocol == 2, "ended late between passes");
+            // Make the second run wait in the queue past its deadline: it started when
+            // the first ended, so cancel it and queue a third behind a long first task.
+            let _ = queued;
+            let third = id(apply(&mut kv, &req("c", 1_100, trigger("t", "q", 20, 30)))
+                .unwrap()
+                .outcome);
+            assert_eq!(
+                run(&kv, &third).state,
+                RunState::Queued,
+                "behind max_active_runs"
+            );
+            apply(&mut kv, &heartbeat(1, 2_200)).unwrap();
+            apply(&mut kv, &req("s", 2_200, Command::Supervise { term: 1 })).unwrap();
+            let r = run(&kv, &third);
+            assert_eq!(r.state, RunState::Queued);
+            assert_eq!(r.sla_missed, protocol == 2, "queued past its deadline");
+            let notified = kv
+                .get(
+                    Table::Notifications,
+                    &keys::notification(&third, "sla_miss"),
+                )
+                .unwrap()
+                .is_some();
+            assert_eq!(notified, protocol == 2);
         }
     }
 }

@@ -145,6 +145,17 @@ pub struct TaskInstance {
     /// a small bound.
     #[serde(default)]
     pub lost: u32,
+    /// Attempts before the last `RetryRun` (protocol 2): they do not use up `retries`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retry_base: u32,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl TaskInstance {
@@ -155,6 +166,7 @@ impl TaskInstance {
             attempts: Vec::new(),
             next_try_ms: None,
             lost: 0,
+            retry_base: 0,
         }
     }
 }
@@ -181,6 +193,10 @@ pub struct Run {
     pub sla_deadline_ms: Option<Millis>,
     pub sla_missed: bool,
     pub tasks: BTreeMap<String, TaskInstance>,
+    /// Counted in the finished-run counters (protocol 2: once per run, by its first
+    /// outcome; a retried run is counted in `runs_retried` instead).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub counted: bool,
 }
 
 /// An executor node as the state machine knows it (from its heartbeats).

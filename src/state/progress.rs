@@ -170,6 +170,7 @@ mod tests {
                 .iter()
                 .map(|t| (t.task_id.clone(), TaskInstance::new()))
                 .collect::<BTreeMap<_, _>>(),
+            counted: false,
         }
     }
 

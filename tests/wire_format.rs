@@ -1,0 +1,490 @@
+//! The replicated formats, kept decodable forever (issue 8, "Upgrades and determinism").
+//!
+//! `tests/fixtures/protocol/v2/` holds what this version writes: a Raft log that raises the
+//! protocol from 1 to 2 and exercises every command kind (`log.json`), the snapshot of the
+//! state it leads to (`snapshot.json`, with its state digest) and every table of that
+//! state (`tables.json`). Future binaries must:
+//!
+//! - decode every entry, and applying the log to an empty state machine must give exactly
+//!   the recorded digest (behaviour changes only ever start at a later protocol raise, and
+//!   new fields never change the bytes of old records);
+//! - install the snapshot and reach the same digest;
+//! - decode every value of every table into its type.
+//!
+//! The fixtures are written by `write_fixtures` (ignored; run it with
+//! `cargo test --test wire_format -- --ignored` only when adding a new version's folder,
+//! never to overwrite an old one).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use openraft::storage::RaftStateMachine;
+use openraft::{CommittedLeaderId, EntryPayload, Membership, RaftSnapshotBuilder};
+use orchestrator::raft::db::Db;
+use orchestrator::raft::state_machine::StateMachineStore;
+use orchestrator::raft::types::{Entry, LogId, Member, SnapshotMeta};
+use orchestrator::state::command::{AttemptRef, AttemptResult, Retention};
+use orchestrator::state::machine::{IdempotencyRecord, RequestRecord};
+use orchestrator::state::model::{
+    ActiveEntry, Dag, DagSpec, NodeInfo, Notification, Run, RunType, TaskKind, TaskSpec, Window,
+};
+use orchestrator::state::{Batch, Command, IdempotencyKey, Request, Table};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/protocol/v2")
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotFixture {
+    meta: SnapshotMeta,
+    data_hex: String,
+    digest: String,
+}
+
+/// `table name → [(key hex, value)]`; values that are JSON are kept as JSON, the rest hex.
+type Tables = BTreeMap<String, Vec<(String, Value)>>;
+
+fn spec(dag_id: &str, webhook: bool) -> DagSpec {
+    let task = |id: &str, deps: &[&str]| TaskSpec {
+        task_id: id.into(),
+        kind: TaskKind::Noop,
+        depends_on: deps.iter().map(|d| d.to_string()).collect(),
+        retries: 1,
+        retry_delay_ms: 100,
+        retry_exponential: true,
+        max_retry_delay_ms: 1_000,
+        timeout_ms: Some(60_000),
+    };
+    DagSpec {
+        dag_id: dag_id.into(),
+        schedule: Some("0 2 * * *".into()),
+        timezone: "Europe/Berlin".into(),
+        owner: Some("team-data".into()),
+        catchup: false,
+        max_active_runs: 1,
+        sla_ms: Some(1_000),
+        paused: false,
+        start_date_ms: Some(0),
+        end_date_ms: None,
+        webhook: webhook.then(|| "http://127.0.0.1:1/hook".to_string()),
+        tasks: vec![task("extract", &[]), task("load", &["extract"])],
+    }
+}
+
+/// The scenario: protocol-1 traffic, the raise to 2, then protocol-2 traffic that leaves
+/// something in every table.
+fn scenario() -> Vec<Entry> {
+    let mut seq = 0u64;
+    let mut req = |now: i64, command: Command, idem: Option<&str>| {
+        seq += 1;
+        Request {
+            request_id: format!("req-{seq:04}"),
+            proposed_at_ms: now,
+            idempotency: idem.map(|k| IdempotencyKey {
+                tenant: "acme".into(),
+                key: k.into(),
+                fingerprint: format!("fp-{k}"),
+            }),
+            command,
+        }
+    };
+    let w = |d: i64| Window {
+        start_ms: d * 86_400_000,
+        end_ms: (d + 1) * 86_400_000,
+    };
+    let hb = |node: u64, running: Vec<AttemptRef>| Command::Heartbeat {
+        node,
+        incarnation: format!("inc-{node}"),
+        slots: 4,
+        running,
+        lease_ms: 10_000,
+    };
+    let attempt = |run: &str, task: &str, n: u32| AttemptRef {
+        run_id: run.into(),
+        task_id: task.into(),
+        attempt: n,
+    };
+    let put = |d: &str, hook: bool| Command::PutDag {
+        tenant: "acme".into(),
+        spec: spec(d, hook),
+        expected_version: None,
+    };
+    let t0 = 1_764_000_000_000i64;
+    let batches: Vec<(u64, Vec<Request>)> = vec![
+        // Protocol 1.
+        (
+            1,
+            vec![req(t0, hb(1, vec![]), None), req(t0, hb(2, vec![]), None)],
+        ),
+        (
+            1,
+            vec![
+                req(t0 + 10, put("sales", true), Some("k-put")),
+                req(t0 + 11, put("audit", false), None),
+            ],
+        ),
+        (
+            1,
+            vec![req(
+                t0 + 20,
+                Command::TriggerRun {
+                    tenant: "acme".into(),
+                    dag_id: "sales".into(),
+                    run_type: RunType::Backfill,
+                    window: w(1),
+                },
+                Some("k-run"),
+            )],
+        ),
+        (
+            1,
+            vec![req(
+                t0 + 30,
+                Command::FinishAttempt {
+                    attempt: attempt("run_1", "extract", 1),
+                    node: 1,
+                    result: AttemptResult::Success { exit_code: Some(0) },
+                },
+                None,
+            )],
+        ),
+        (
+            1,
+            vec![req(
+                t0 + 40,
+                Command::FireWindow {
+                    tenant: "acme".into(),
+                    dag_id: "audit".into(),
+                    window: w(2),
+                    term: 1,
+                },
+                None,
+            )],
+        ),
+        // The raise, then protocol 2 with a stale stamp among them.
+        (
+            2,
+            vec![req(
+                t0 + 50,
+                Command::RaiseProtocol {
+                    term: 2,
+                    version: 2,
+                },
+                None,
+            )],
+        ),
+        (
+            2,
+            vec![
+                req(t0 + 60, hb(1, vec![attempt("run_1", "load", 1)]), None),
+                req(t0 + 55, hb(2, vec![]), None),
+            ],
+        ),
+        (
+            2,
+            vec![req(
+                t0 + 70,
+                Command::FinishAttempt {
+                    attempt: attempt("run_1", "load", 1),
+                    node: 1,
+                    result: AttemptResult::Failed {
+                        exit_code: Some(3),
+                        error: "exit 3".into(),
+                    },
+                },
+                None,
+            )],
+        ),
+        (
+            2,
+            vec![req(t0 + 2_000, Command::Supervise { term: 2 }, None)],
+        ),
+        (
+            2,
+            vec![req(
+                t0 + 2_100,
+                Command::SetPaused {
+                    tenant: "acme".into(),
+                    dag_id: "audit".into(),
+                    paused: true,
+                },
+                None,
+            )],
+        ),
+        (
+            2,
+            vec![req(
+                t0 + 2_200,
+                Command::TriggerRun {
+                    tenant: "acme".into(),
+                    dag_id: "sales".into(),
+                    run_type: RunType::Manual,
+                    window: w(3),
+                },
+                None,
+            )],
+        ),
+        (
+            2,
+            vec![req(
+                t0 + 2_300,
+                Command::CancelRun {
+                    tenant: "acme".into(),
+                    run_id: "run_3".into(),
+                },
+                None,
+            )],
+        ),
+        (
+            2,
+            vec![req(
+                t0 + 2_400,
+                Command::RetryRun {
+                    tenant: "acme".into(),
+                    run_id: "run_3".into(),
+                },
+                None,
+            )],
+        ),
+        (
+            2,
+            vec![req(
+                t0 + 2_500,
+                Command::FinishAttempt {
+                    attempt: attempt("run_3", "extract", 1),
+                    node: 1,
+                    result: AttemptResult::Lost {
+                        error: "gone".into(),
+                    },
+                },
+                None,
+            )],
+        ),
+        (
+            2,
+            vec![req(
+                t0 + 2_550,
+                Command::FinishAttempt {
+                    attempt: attempt("run_1", "load", 2),
+                    node: 2,
+                    result: AttemptResult::TimedOut {
+                        error: "timed out".into(),
+                    },
+                },
+                None,
+            )],
+        ),
+        (
+            2,
+            vec![req(
+                t0 + 2_600,
+                Command::AckNotifications {
+                    keys: vec!["run_1\0sla_miss".into()],
+                },
+                None,
+            )],
+        ),
+        (
+            2,
+            vec![req(
+                t0 + 2_700,
+                Command::DeleteDag {
+                    tenant: "acme".into(),
+                    dag_id: "audit".into(),
+                },
+                None,
+            )],
+        ),
+        (
+            2,
+            vec![req(
+                t0 + 2_800,
+                Command::Purge {
+                    term: 2,
+                    before_ms: t0,
+                    records_before_ms: t0,
+                    keep: Some(Retention {
+                        runs_ms: 86_400_000,
+                        records_ms: 86_400_000,
+                    }),
+                },
+                None,
+            )],
+        ),
+        (2, vec![req(t0 + 2_900, put("audit", false), None)]),
+    ];
+    let member = |id: u64| Member {
+        api_addr: format!("10.0.0.{id}:8080"),
+        peer_addr: format!("10.0.0.{id}:9080"),
+    };
+    let mut log = vec![Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+        payload: EntryPayload::Membership(Membership::new(
+            vec![[1u64, 2, 3].into_iter().collect()],
+            (1..=3)
+                .map(|id| (id, member(id)))
+                .collect::<BTreeMap<_, _>>(),
+        )),
+    }];
+    log.push(Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), 2),
+        payload: EntryPayload::Blank,
+    });
+    for (term, requests) in batches {
+        let index = log.len() as u64 + 1;
+        log.push(Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Normal(Batch { requests }),
+        });
+    }
+    log
+}
+
+fn fresh() -> (tempfile::TempDir, Db, StateMachineStore) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = Db::open(dir.path()).expect("open db");
+    let sm = StateMachineStore::new(db.clone());
+    (dir, db, sm)
+}
+
+/// Decode one table value into its type; returns the value as JSON (or hex for the raw
+/// ones), failing with the table and key on anything that does not decode.
+fn decode(table: Table, key: &[u8], v: &[u8]) -> Value {
+    fn json<T: serde::de::DeserializeOwned + Serialize>(t: Table, k: &[u8], v: &[u8]) -> Value {
+        let parsed: T = serde_json::from_slice(v).unwrap_or_else(|e| {
+            panic!("{t:?} value at key {} does not decode: {e}", hex::encode(k))
+        });
+        serde_json::to_value(parsed).expect("re-encodes")
+    }
+    match table {
+        Table::Dags => json::<Dag>(table, key, v),
+        Table::DagVersions => json::<DagSpec>(table, key, v),
+        Table::Runs => json::<Run>(table, key, v),
+        Table::ActiveRuns => json::<ActiveEntry>(table, key, v),
+        Table::Nodes => json::<NodeInfo>(table, key, v),
+        Table::Notifications => json::<Notification>(table, key, v),
+        Table::Idempotency => json::<IdempotencyRecord>(table, key, v),
+        Table::Requests => json::<RequestRecord>(table, key, v),
+        Table::RunsByDag | Table::RunsByTenant | Table::FinishedRuns => {
+            assert!(v.is_empty(), "{table:?} index values are empty");
+            Value::String(String::new())
+        }
+        Table::Windows => Value::String(
+            String::from_utf8(v.to_vec()).unwrap_or_else(|_| panic!("window run id is utf-8")),
+        ),
+        Table::Assignments | Table::Cursors | Table::Counters => {
+            assert!(
+                v.len() == 4 || v.len() == 8,
+                "{table:?} holds a be u32/u64/i64, found {} bytes",
+                v.len()
+            );
+            Value::String(hex::encode(v))
+        }
+    }
+}
+
+fn read_tables(db: &Db) -> Tables {
+    Table::ALL
+        .iter()
+        .map(|t| {
+            let rows = db
+                .scan_prefix(*t, b"", None, usize::MAX)
+                .expect("scan")
+                .into_iter()
+                .map(|(k, v)| (hex::encode(&k), decode(*t, &k, &v)))
+                .collect();
+            (t.name().to_string(), rows)
+        })
+        .collect()
+}
+
+fn load<T: serde::de::DeserializeOwned>(name: &str) -> T {
+    let path = dir().join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("fixture {} missing: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("fixture {name} does not decode: {e}"))
+}
+
+#[test]
+fn todays_log_applies_to_the_recorded_state() {
+    let log: Vec<Entry> = load("log.json");
+    let snap: SnapshotFixture = load("snapshot.json");
+    let (_d, db, mut sm) = fresh();
+    rt().block_on(async { sm.apply(log).await.expect("the v2 log applies") });
+    assert_eq!(
+        db.state_digest().expect("digest"),
+        snap.digest,
+        "applying the recorded log must give the recorded state: a change of apply \
+         behaviour must wait for a protocol raise, and new fields must not change old bytes"
+    );
+    let tables: Tables = load("tables.json");
+    assert_eq!(read_tables(&db), tables, "every table, value by value");
+}
+
+#[test]
+fn todays_snapshot_installs_and_every_table_decodes() {
+    let snap: SnapshotFixture = load("snapshot.json");
+    let data = hex::decode(&snap.data_hex).expect("snapshot data is hex");
+    let (_d, db, mut sm) = fresh();
+    rt().block_on(async {
+        sm.install_snapshot(&snap.meta, Box::new(std::io::Cursor::new(data)))
+            .await
+            .expect("the v2 snapshot installs")
+    });
+    assert_eq!(db.state_digest().expect("digest"), snap.digest);
+    let tables: Tables = load("tables.json");
+    for t in Table::ALL {
+        let rows = tables
+            .get(t.name())
+            .unwrap_or_else(|| panic!("table {} recorded", t.name()));
+        assert!(!rows.is_empty(), "the fixture exercises table {}", t.name());
+    }
+    assert_eq!(read_tables(&db), tables);
+}
+
+/// Writes the fixtures of this version (run only when adding a new version's folder).
+#[test]
+#[ignore]
+fn write_fixtures() {
+    let log = scenario();
+    let (_d, db, mut sm) = fresh();
+    let snap = rt().block_on(async {
+        sm.apply(log.clone()).await.expect("scenario applies");
+        sm.build_snapshot().await.expect("snapshot")
+    });
+    let data = (*snap.snapshot).into_inner();
+    let fixture = SnapshotFixture {
+        meta: snap.meta,
+        data_hex: hex::encode(data),
+        digest: db.state_digest().expect("digest"),
+    };
+    std::fs::create_dir_all(dir()).expect("fixture dir");
+    let write = |name: &str, v: &dyn erased::Json| {
+        std::fs::write(dir().join(name), v.pretty()).expect("write fixture")
+    };
+    write("log.json", &log);
+    write("snapshot.json", &fixture);
+    write("tables.json", &read_tables(&db));
+}
+
+/// Pretty JSON of any serialisable value behind one `dyn` (for the writer above).
+mod erased {
+    pub trait Json {
+        fn pretty(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn pretty(&self) -> String {
+            serde_json::to_string_pretty(self).expect("fixtures serialise") + "\n"
+        }
+    }
+}
