@@ -113,6 +113,11 @@ pub struct ExecutorConfig {
     pub heartbeat_ms: u64,
     /// How long an attempt's lease lasts without renewal before it is declared lost.
     pub lease_ms: u64,
+    /// The executor stops its own attempts this long before their lease can run out
+    /// when its heartbeats stop committing (cut off, no quorum): they are dead before
+    /// the leader may hand the task to another node. Covers the check interval, the
+    /// kill, and a clock step on the leader within a term.
+    pub fence_margin_ms: u64,
     /// Output kept per attempt (stdout and stderr together).
     pub log_cap_bytes: u64,
 }
@@ -122,7 +127,8 @@ impl Default for ExecutorConfig {
         ExecutorConfig {
             slots: 8,
             heartbeat_ms: 1000,
-            lease_ms: 10_000,
+            lease_ms: crate::state::machine::DEFAULT_LEASE_MS,
+            fence_margin_ms: 2000,
             log_cap_bytes: 1 << 20,
         }
     }
@@ -269,6 +275,9 @@ impl Default for Config {
     }
 }
 
+/// `ORCHESTRATOR_*` variables that are not server config keys.
+const CLIENT_ENV: [&str; 4] = ["CONFIG", "TOKEN", "API", "OUTPUT"];
+
 impl Config {
     /// Layer defaults, an optional TOML file, `ORCHESTRATOR_*` variables from `env` and
     /// `overrides` (`key.path = value` pairs from flags), then validate.
@@ -294,7 +303,9 @@ impl Config {
             .into_iter()
             .filter_map(|(k, v)| {
                 let rest = k.strip_prefix("ORCHESTRATOR_")?;
-                if rest == "CONFIG" {
+                // Not server settings: the config file's path, and the client
+                // commands' own variables (which a shell may export for the CLI).
+                if CLIENT_ENV.contains(&rest) {
                     return None;
                 }
                 Some((rest.to_ascii_lowercase().replace("__", "."), v))
@@ -376,6 +387,13 @@ impl Config {
             return bad(format!(
                 "executor.slots must be > 0 and executor.lease_ms ({}) at least 3 x executor.heartbeat_ms ({})",
                 e.lease_ms, e.heartbeat_ms
+            ));
+        }
+        if e.fence_margin_ms == 0 || e.fence_margin_ms + 2 * e.heartbeat_ms > e.lease_ms {
+            return bad(format!(
+                "executor.fence_margin_ms ({}) must be > 0 and leave two heartbeats ({} ms each) \
+                 within executor.lease_ms ({})",
+                e.fence_margin_ms, e.heartbeat_ms, e.lease_ms
             ));
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
@@ -588,6 +606,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("api_addr 'nope'"), "{err}");
+    }
+
+    #[test]
+    fn client_variables_are_not_server_config() {
+        let env = ["TOKEN", "API", "OUTPUT", "CONFIG"]
+            .map(|k| (format!("ORCHESTRATOR_{k}"), "x".to_string()));
+        let c = Config::load(None, env, &[]).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn fence_margin_must_fit_in_the_lease() {
+        let flags = [("executor.fence_margin_ms".to_string(), "9000".to_string())];
+        let err = Config::load(None, vec![], &flags).unwrap_err().to_string();
+        assert!(err.contains("fence_margin_ms"), "{err}");
     }
 
     #[test]

@@ -5,10 +5,21 @@
 //! attempt, a vanished one (cancel, lease lost) kills it. Every `executor.heartbeat_ms`
 //! it renews the leases of what it runs. Each finished attempt is reported as a fenced
 //! `FinishAttempt`.
+//!
+//! Self-fencing: a lease is renewed by a committed heartbeat, and lasts at least
+//! `lease_ms` from the moment that heartbeat was sent (apply stamps it later, with the
+//! cluster clock). When no heartbeat has committed for `lease_ms − fence_margin_ms`, the
+//! executor kills its running attempts and reports them lost, and starts nothing until a
+//! heartbeat commits again. The leader expires a lease only when the cluster clock passes
+//! it and a full lease has passed in the current term, so the attempts are dead before
+//! the task can be handed to another node as long as a leader's clock steps by less than
+//! the margin within a term (docs/architecture.md, "Leases and self-fencing").
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
@@ -25,9 +36,14 @@ use crate::state::{Command, Outcome, Table};
 
 type TaskKey = (String, String);
 
+/// How often the executor checks its renewal deadline (part of the fencing margin).
+const FENCE_CHECK_EVERY: Duration = Duration::from_millis(200);
+
 struct Running {
     attempt: u32,
     cancel: Option<oneshot::Sender<()>>,
+    /// Stopped by this executor because its lease could not be renewed: reported lost.
+    fenced: Arc<AtomicBool>,
     /// Ended here; kept until its assignment disappears from the state machine, so the
     /// same attempt is never started twice (the local state may lag the commit of its
     /// result).
@@ -44,6 +60,11 @@ pub struct Executor {
     log_retention: Duration,
     incarnation: String,
     ready: bool,
+    /// When this node sent the last heartbeat that committed: every lease it holds lasts
+    /// at least `lease_ms` from then (stamped later, on the leader).
+    renewed_at: Option<Instant>,
+    /// Attempts stopped for lack of renewal; nothing starts until a heartbeat commits.
+    fenced: bool,
     running: HashMap<TaskKey, Running>,
     http: reqwest::Client,
 }
@@ -68,6 +89,8 @@ impl Executor {
             log_retention,
             incarnation: hex::encode(rand::random::<[u8; 8]>()),
             ready: false,
+            renewed_at: None,
+            fenced: false,
             running: HashMap::new(),
             http: reqwest::Client::new(),
         }
@@ -77,7 +100,7 @@ impl Executor {
         let mut running: Vec<AttemptRef> = self
             .running
             .iter()
-            .filter(|(_, r)| !r.ended)
+            .filter(|(_, r)| !r.ended && !r.fenced.load(Ordering::Acquire))
             .map(|((run_id, task_id), r)| AttemptRef {
                 run_id: run_id.clone(),
                 task_id: task_id.clone(),
@@ -94,9 +117,61 @@ impl Executor {
         }
     }
 
+    /// The instant after which this node's leases may be gone at the leader, less the
+    /// margin: past it, nothing may run here.
+    fn fence_deadline(&self) -> Option<Instant> {
+        let lease = Duration::from_millis(self.config.lease_ms);
+        let margin = Duration::from_millis(self.config.fence_margin_ms);
+        self.renewed_at.map(|t| t + lease.saturating_sub(margin))
+    }
+
+    /// Self-fencing: when no heartbeat has committed for `lease − margin`, stop every
+    /// attempt running here (process groups killed) and report them lost, so that no
+    /// attempt keeps running while the leader hands its task to another node.
+    fn fence_if_expired(&mut self) {
+        let Some(deadline) = self.fence_deadline() else {
+            return;
+        };
+        if Instant::now() < deadline || self.fenced {
+            return;
+        }
+        self.fenced = true;
+        let since = self.renewed_at.map(|t| t.elapsed().as_millis() as u64);
+        for ((run_id, task_id), r) in &mut self.running {
+            if r.ended {
+                continue;
+            }
+            warn!(node = self.node.id, run_id = %run_id, task_id = %task_id, attempt = r.attempt,
+                  since_renewal_ms = since, "lease not renewed in time: stopping the attempt (self-fencing)");
+            r.fenced.store(true, Ordering::Release);
+            if let Some(c) = r.cancel.take() {
+                let _ = c.send(());
+            }
+        }
+    }
+
+    /// A heartbeat sent at `sent` committed: leases are renewed, work may run again.
+    fn renewed(&mut self, sent: Instant, ctx: &mut Context<Self>) {
+        if self.renewed_at.is_none_or(|t| sent > t) {
+            self.renewed_at = Some(sent);
+        }
+        if self.fenced && self.fence_deadline().is_some_and(|d| Instant::now() < d) {
+            info!(
+                node = self.node.id,
+                "heartbeats commit again: executor resumes"
+            );
+            self.fenced = false;
+            self.reconcile(ctx);
+        }
+    }
+
     /// Compare what the state machine assigns to this node with what runs here.
     fn reconcile(&mut self, ctx: &mut Context<Self>) {
         if !self.ready {
+            return;
+        }
+        self.fence_if_expired();
+        if self.fenced {
             return;
         }
         let prefix = keys::prefix(&[&self.node.id.to_be_bytes()]);
@@ -150,15 +225,17 @@ impl Executor {
                 continue;
             }
             let (tx, rx) = oneshot::channel();
+            let fenced = Arc::new(AtomicBool::new(false));
             self.running.insert(
                 key,
                 Running {
                     attempt,
                     cancel: Some(tx),
+                    fenced: fenced.clone(),
                     ended: false,
                 },
             );
-            self.start(ctx, run_id, task_id, attempt, rx);
+            self.start(ctx, run_id, task_id, attempt, rx, fenced);
         }
     }
 
@@ -169,6 +246,7 @@ impl Executor {
         task_id: String,
         attempt: u32,
         cancel: oneshot::Receiver<()>,
+        fenced: Arc<AtomicBool>,
     ) {
         let node = self.node.clone();
         let proposer = self.proposer.clone();
@@ -201,6 +279,13 @@ impl Executor {
                     None => AttemptResult::Failed { exit_code: None, error: format!("task {task_id} is not in the dag version") },
                 },
                 Err(e) => AttemptResult::Failed { exit_code: None, error: e },
+            };
+            let result = if fenced.load(Ordering::Acquire) {
+                AttemptResult::Lost {
+                    error: format!("node {} could not renew its lease and stopped the attempt", node.id),
+                }
+            } else {
+                result
             };
             info!(node = node.id, run_id = %run_id, task_id = %task_id, attempt, result = ?result, "attempt ended");
             let finish = Command::FinishAttempt {
@@ -274,10 +359,11 @@ impl Actor for Executor {
         let me = ctx.address();
         self.rt.spawn(async move {
             loop {
+                let sent = Instant::now();
                 if proposer.propose(hello.clone()).await.is_ok()
                     && node.linearizable_barrier().await.is_ok()
                 {
-                    me.do_send(Ready);
+                    me.do_send(Ready { sent });
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(300)).await;
@@ -301,31 +387,57 @@ impl Actor for Executor {
                 .spawn_blocking(move || executor::remove_older_than(&dir, keep));
         });
         let every = Duration::from_millis(self.config.heartbeat_ms);
-        ctx.run_interval(every, |act, _| {
+        ctx.run_interval(every, |act, ctx| {
             if !act.ready {
                 return;
             }
             let proposer = act.proposer.clone();
             let req = system_request(act.heartbeat_command());
+            let me = ctx.address();
             act.rt.spawn(async move {
-                if let Err(e) = proposer.propose(req).await {
-                    debug!(error = %e, "heartbeat not committed");
+                let sent = Instant::now();
+                match proposer.propose(req).await {
+                    Ok(_) => me.do_send(Renewed { sent }),
+                    Err(e) => debug!(error = %e, "heartbeat not committed"),
                 }
             });
+        });
+        // Watch the renewal deadline more often than heartbeats go out.
+        ctx.run_interval(FENCE_CHECK_EVERY, |act, _| {
+            if act.ready {
+                act.fence_if_expired();
+            }
         });
     }
 }
 
 #[derive(Message)]
 #[rtype(result = "()")]
-struct Ready;
+struct Ready {
+    sent: Instant,
+}
 
 impl Handler<Ready> for Executor {
     type Result = ();
-    fn handle(&mut self, _: Ready, ctx: &mut Context<Self>) {
+    fn handle(&mut self, m: Ready, ctx: &mut Context<Self>) {
         info!(node = self.node.id, incarnation = %self.incarnation, "executor ready");
         self.ready = true;
+        self.renewed_at = Some(m.sent);
         self.reconcile(ctx);
+    }
+}
+
+/// A heartbeat sent at `sent` committed.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Renewed {
+    sent: Instant,
+}
+
+impl Handler<Renewed> for Executor {
+    type Result = ();
+    fn handle(&mut self, m: Renewed, ctx: &mut Context<Self>) {
+        self.renewed(m.sent, ctx);
     }
 }
 
