@@ -102,6 +102,37 @@ async fn up(c: &mut Cluster) {
     .await;
 }
 
+/// The windows of every scheduled run of `tick`, as read through a running node (`None`
+/// while it cannot answer).
+async fn scheduled_windows(c: &Cluster, t: &str) -> Option<Vec<(i64, i64)>> {
+    let node = (1..=3).find(|&id| c.is_running(id))?;
+    let (s, v) = c
+        .get(node, "/runs?dag_id=tick&run_type=scheduled&limit=500", t)
+        .await;
+    if s != StatusCode::OK {
+        return None;
+    }
+    let time = |r: &Value, k: &str| {
+        chrono::DateTime::parse_from_rfc3339(r["window"][k].as_str()?)
+            .ok()
+            .map(|t| t.timestamp_millis())
+    };
+    v["runs"]
+        .as_array()?
+        .iter()
+        .map(|r| Some((time(r, "from")?, time(r, "to")?)))
+        .collect()
+}
+
+/// Wait until `tick` has at least `n` scheduled runs; returns how many it has.
+async fn more_windows(c: &Cluster, t: &str, n: usize) -> usize {
+    wait_for(LONG, &format!("{n} scheduled windows"), || async {
+        let have = scheduled_windows(c, t).await?.len();
+        (have >= n).then_some(have)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_window_fires_exactly_once_across_leader_kills() {
     let mut c = Cluster::new(3, FAST);
@@ -115,41 +146,33 @@ async fn every_window_fires_exactly_once_across_leader_kills() {
     )
     .await;
     let started = Instant::now();
+    // Pace the faults by what fired, not by the clock: each round waits for two new
+    // windows, kills the leader, and waits for the successor to fire one before the
+    // killed node comes back.
+    let mut seen = 0;
     for round in 0..2 {
-        tokio::time::sleep(Duration::from_secs(4)).await;
+        seen = more_windows(&c, &t, seen + 2).await;
         let leader = c.wait_leader(LONG).await;
-        println!("round {round}: SIGKILL leader node {leader}");
+        println!("round {round}: SIGKILL leader node {leader} after {seen} windows");
         c.kill(leader);
         c.wait_leader(LONG).await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        seen = more_windows(&c, &t, seen + 1).await;
         c.start(leader);
         c.wait_ready(LONG).await;
     }
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    seen = more_windows(&c, &t, seen + 2).await;
+    // Every window that ended 3 s ago or earlier is due; wait until the last of them is
+    // committed, then read every scheduled run once.
     let observed_until = chrono::Utc::now().timestamp_millis() - 3000;
     println!(
-        "observed {} s of a 2 s schedule",
+        "observed {} s of a 2 s schedule, {seen} windows so far",
         started.elapsed().as_secs()
     );
-    // Let the last due windows commit, then read every scheduled run.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (s, v) = c
-        .get(2, "/runs?dag_id=tick&run_type=scheduled&limit=500", &t)
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    let mut windows: Vec<(i64, i64)> = v["runs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let p = |k: &str| {
-                chrono::DateTime::parse_from_rfc3339(r["window"][k].as_str().unwrap())
-                    .unwrap()
-                    .timestamp_millis()
-            };
-            (p("from"), p("to"))
-        })
-        .collect();
+    let mut windows = wait_for(LONG, "the windows due by now", || async {
+        let w = scheduled_windows(&c, &t).await?;
+        (w.iter().map(|w| w.1).max()? >= observed_until - 2000).then_some(w)
+    })
+    .await;
     windows.sort();
     let total = windows.len();
     windows.dedup();
