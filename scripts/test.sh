@@ -9,6 +9,6 @@ cd "$(dirname "$0")/.."
 scripts/prereqs.sh
 rustup component list --installed 2>/dev/null | grep -q rustfmt && cargo fmt --all -- --check
 rustup component list --installed 2>/dev/null | grep -q clippy && cargo clippy --all-targets -- -D warnings
-cargo test --all-targets -- --test-threads=2
+cargo test --all-targets --no-fail-fast -- --test-threads=2
 # The chaos smoke profile: real processes, kills, pauses and partitions (about 1-2 min).
 scripts/chaos/run.sh --profile smoke

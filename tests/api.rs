@@ -621,7 +621,9 @@ async fn rate_limit_holds_across_three_nodes() {
     .await;
     let t = c.token("busy", "orchestrator:read");
     let quiet = c.token("quiet", "orchestrator:read");
-    // 100 requests/s for 3 s, spread round-robin over the three nodes.
+    // 100 requests/s for 3 s, spread round-robin over the three nodes. Each request
+    // records when it was sent, so the bounds below follow the span the load really
+    // covered on this machine, not the span it was meant to cover.
     let started = Instant::now();
     let mut handles = Vec::new();
     for i in 0..300u64 {
@@ -633,19 +635,24 @@ async fn rate_limit_holds_across_three_nodes() {
         );
         handles.push(tokio::spawn(async move {
             tokio::time::sleep_until(at.into()).await;
+            let sent = Instant::now();
             let r = http.get(url).bearer_auth(t).send().await.ok()?;
             Some((
+                sent,
                 r.status(),
                 r.headers().get("retry-after").is_some(),
                 r.headers().get("ratelimit-limit").cloned(),
             ))
         }));
     }
-    let (mut allowed, mut limited) = (0, 0);
+    let (mut allowed, mut limited) = (0u32, 0u32);
+    let (mut first, mut last) = (None::<Instant>, None::<Instant>);
     for h in handles {
-        let Some((s, retry_after, limit)) = h.await.unwrap() else {
+        let Some((sent, s, retry_after, limit)) = h.await.unwrap() else {
             continue;
         };
+        first = Some(first.map_or(sent, |f| f.min(sent)));
+        last = Some(last.map_or(sent, |l| l.max(sent)));
         assert_eq!(limit.unwrap(), "10");
         if s == StatusCode::TOO_MANY_REQUESTS {
             assert!(retry_after, "429 carries Retry-After");
@@ -655,11 +662,21 @@ async fn rate_limit_holds_across_three_nodes() {
             allowed += 1;
         }
     }
-    let secs = started.elapsed().as_secs_f64();
-    let rate = allowed as f64 / secs;
-    println!("FIGURE rate limit 10/s, 100 req/s over 3 nodes for {secs:.1} s: {allowed} allowed ({rate:.1}/s), {limited} limited");
-    assert!(rate <= 15.0, "cluster-wide limit holds: {rate:.1}/s");
-    assert!(rate >= 6.0, "the limit is not starved: {rate:.1}/s");
+    let span = last.unwrap().duration_since(first.unwrap()).as_secs_f64();
+    // What one limiter for the cluster admits over the span: the burst plus the rate. A
+    // limiter per node would admit three times that; the gossip error bound (module doc
+    // of src/rate_limit.rs) is a third of the rate at most.
+    let budget = 10.0 + 10.0 * span;
+    println!("FIGURE rate limit 10/s, 100 req/s over 3 nodes for {span:.1} s: {allowed} allowed (budget {budget:.0}), {limited} limited");
+    assert!(
+        f64::from(allowed) <= budget * 1.5,
+        "the limit holds cluster-wide: {allowed} allowed, budget {budget:.0}"
+    );
+    assert!(
+        f64::from(allowed) >= budget * 0.5,
+        "the limit is not starved: {allowed} allowed, budget {budget:.0}"
+    );
+    assert!(limited > 0, "the excess is refused");
     // Another tenant is unaffected.
     let (s, _) = c.get(1, "/dags/none", &quiet).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
@@ -868,7 +885,11 @@ async fn tls_on_the_api_and_between_peers() {
     }
     // Plain HTTP is not served on a TLS listener.
     let plain = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{}/healthz", c.node(1).api_port))
+        .get(format!(
+            "http://{}:{}/healthz",
+            c.node(1).host,
+            c.node(1).api_port
+        ))
         .send()
         .await;
     assert!(

@@ -2,6 +2,14 @@
 //! being committed queue up and go out together as the next entry's batch, so one fsync
 //! and one replication round serve many writes (openraft 0.9 appends and fsyncs each
 //! client write separately: throughput comes from batching here, not from concurrency).
+//!
+//! Every request has its own deadline, `leader_wait` after it arrived: time spent queued
+//! behind an entry in flight counts against it, a request whose deadline passed while
+//! queued is answered `NoLeader` without being proposed, and a batch is proposed with
+//! the earliest deadline among its requests. So no request waits longer than
+//! `leader_wait` for Raft, however many batches are ahead of it.
+
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
@@ -19,12 +27,13 @@ type Reply = oneshot::Sender<Result<Response, Error>>;
 struct Propose {
     request: Request,
     reply: Reply,
+    deadline: Instant,
 }
 
 pub struct Proposer {
     node: RaftNode,
     rt: tokio::runtime::Handle,
-    queue: Vec<(Request, Reply)>,
+    queue: Vec<(Request, Reply, Instant)>,
     in_flight: bool,
 }
 
@@ -39,15 +48,41 @@ impl Proposer {
     }
 
     fn flush(&mut self, ctx: &mut Context<Self>) {
-        if self.in_flight || self.queue.is_empty() {
+        if self.in_flight {
+            return;
+        }
+        // Answer what expired (or was given up on) while it waited in the queue.
+        let now = Instant::now();
+        let waited_ms = self.node.leader_wait().as_millis() as u64;
+        self.queue.retain_mut(|(_, reply, deadline)| {
+            if reply.is_closed() {
+                return false;
+            }
+            if *deadline <= now {
+                let (tx, _) = oneshot::channel();
+                let reply = std::mem::replace(reply, tx);
+                let _ = reply.send(Err(Error::NoLeader { waited_ms }));
+                return false;
+            }
+            true
+        });
+        if self.queue.is_empty() {
             return;
         }
         let n = self.queue.len().min(MAX_BATCH);
-        let (requests, replies): (Vec<Request>, Vec<Reply>) = self.queue.drain(..n).unzip();
+        let mut deadline = None::<Instant>;
+        let mut requests = Vec::with_capacity(n);
+        let mut replies = Vec::with_capacity(n);
+        for (request, reply, d) in self.queue.drain(..n) {
+            deadline = Some(deadline.map_or(d, |e| e.min(d)));
+            requests.push(request);
+            replies.push(reply);
+        }
+        let deadline = deadline.unwrap_or(now);
         let node = self.node.clone();
         let job = self
             .rt
-            .spawn(async move { node.propose(Batch { requests }, false).await });
+            .spawn(async move { node.propose_by(Batch { requests }, false, deadline).await });
         self.in_flight = true;
         ctx.spawn(
             async move {
@@ -95,7 +130,7 @@ impl Handler<Propose> for Proposer {
     type Result = ();
 
     fn handle(&mut self, msg: Propose, ctx: &mut Context<Self>) {
-        self.queue.push((msg.request, msg.reply));
+        self.queue.push((msg.request, msg.reply, msg.deadline));
         self.flush(ctx);
     }
 }
@@ -104,18 +139,33 @@ impl Handler<Propose> for Proposer {
 #[derive(Clone)]
 pub struct ProposerHandle {
     addr: Addr<Proposer>,
+    leader_wait: Duration,
 }
 
 impl ProposerHandle {
-    pub(super) fn new(addr: Addr<Proposer>) -> Self {
-        ProposerHandle { addr }
+    pub(super) fn new(addr: Addr<Proposer>, leader_wait: Duration) -> Self {
+        ProposerHandle { addr, leader_wait }
     }
 
-    /// Commit one request through Raft and return its response.
+    /// Commit one request through Raft and return its response, or `NoLeader` once
+    /// `leader_wait` has passed since the call (the request may still commit later: its
+    /// request id makes a retry safe).
     pub async fn propose(&self, request: Request) -> Result<Response, Error> {
+        let deadline = Instant::now() + self.leader_wait;
         let (tx, rx) = oneshot::channel();
-        self.addr.do_send(Propose { request, reply: tx });
-        rx.await
-            .map_err(|_| Error::Stopped("proposer stopped".into()))?
+        self.addr.do_send(Propose {
+            request,
+            reply: tx,
+            deadline,
+        });
+        // A little grace past the deadline: the batch's own bound ends there too, and its
+        // answer (perhaps a commit) is better than a guess.
+        let grace = Duration::from_millis(250);
+        match tokio::time::timeout_at((deadline + grace).into(), rx).await {
+            Ok(reply) => reply.map_err(|_| Error::Stopped("proposer stopped".into()))?,
+            Err(_elapsed) => Err(Error::NoLeader {
+                waited_ms: self.leader_wait.as_millis() as u64,
+            }),
+        }
     }
 }

@@ -45,8 +45,10 @@ impl ActorSystem {
             .spawn(move || {
                 let sys = System::new();
                 sys.block_on(async move {
-                    let proposer =
-                        ProposerHandle::new(Proposer::new(node.clone(), rt.clone()).start());
+                    let proposer = ProposerHandle::new(
+                        Proposer::new(node.clone(), rt.clone()).start(),
+                        node.leader_wait(),
+                    );
                     let stats = Arc::new(super::scheduler::Stats::default());
                     let scheduler = Scheduler::new(
                         node.clone(),

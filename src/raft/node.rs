@@ -234,7 +234,18 @@ impl RaftNode {
     /// request ids until `leader_wait` runs out. `forwarded` marks a batch that already
     /// took its one hop: it is never forwarded again.
     pub async fn propose(&self, batch: Batch, forwarded: bool) -> Result<BatchResponse, Error> {
-        let deadline = Instant::now() + self.leader_wait;
+        self.propose_by(batch, forwarded, Instant::now() + self.leader_wait)
+            .await
+    }
+
+    /// [`Self::propose`] with the caller's own deadline (a request that already waited in
+    /// a queue has less than `leader_wait` left).
+    pub async fn propose_by(
+        &self,
+        batch: Batch,
+        forwarded: bool,
+        deadline: Instant,
+    ) -> Result<BatchResponse, Error> {
         let no_leader = || Error::NoLeader {
             waited_ms: self.leader_wait.as_millis() as u64,
         };
@@ -322,6 +333,11 @@ impl RaftNode {
     /// request-timeout layer answers 503 past it, as a backstop.
     pub fn request_bound(&self) -> Duration {
         self.leader_wait * 2 + Duration::from_secs(1)
+    }
+
+    /// How long a request may wait for Raft (`leader_wait_ms`).
+    pub fn leader_wait(&self) -> Duration {
+        self.leader_wait
     }
 
     fn remaining(&self, deadline: Instant) -> Duration {

@@ -1,7 +1,11 @@
 //! Test harness: a cluster of real `orchestrator` processes on loopback, each with its own
-//! temp data dir and OS-chosen ports, driven over real HTTP and real signals. Waits are
-//! conditions with deadlines, never bare sleeps.
+//! temp data dir, its own loopback address (127.a.b.N, so iptables can cut one node off
+//! and no other socket can take its ports between a probe and the bind) and OS-chosen
+//! ports, driven over real HTTP and real signals. Waits are conditions with deadlines,
+//! never bare sleeps.
 #![allow(dead_code)]
+
+pub mod netfilter;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -16,9 +20,14 @@ pub const ALL_SCOPES: &str = "orchestrator:read orchestrator:write orchestrator:
 
 pub struct Node {
     pub id: u64,
+    /// The node's own loopback address: it binds both listeners and its peer connections'
+    /// source address on it.
+    pub host: String,
     pub api_port: u16,
     pub peer_port: u16,
     pub dir: PathBuf,
+    /// Environment for this node only (on top of the cluster's).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -33,19 +42,26 @@ pub struct Cluster {
     pub scheme: &'static str,
 }
 
-/// A port no other cluster of this test process has been given: clusters start
-/// concurrently, and a port freed by a killed node must not be handed out again.
-fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-    loop {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-        let port = l.local_addr().expect("local addr").port();
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
+/// The loopback block `127.a.b` of a new cluster: `a` from the process id, `b` counting
+/// the clusters of this process, so no two clusters (in this process or in a concurrent
+/// test binary, bar a process-id clash) share an address. A TLS cluster gets 127.77.0,
+/// the block the test certificate names.
+fn host_block(tls: bool) -> String {
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    if tls {
+        return "127.77.0".into();
     }
+    let a = 128 + std::process::id() % 127;
+    let b = 1 + SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 254;
+    format!("127.{a}.{b}")
+}
+
+/// A free port on `host`. Only this node ever binds `host` (outgoing connections of other
+/// processes take 127.0.0.1 as their source), so the port stays free until the node
+/// binds it, also across kills and restarts.
+fn free_port(host: &str) -> u16 {
+    let l = std::net::TcpListener::bind((host, 0)).expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
 }
 
 fn hex_id() -> String {
@@ -83,13 +99,20 @@ impl Cluster {
     /// Prepare (not start) `n` nodes; `env` adds `ORCHESTRATOR_*` settings to every node.
     pub fn new(n: u64, env: &[(&str, &str)]) -> Cluster {
         let tmp = tempfile::tempdir().expect("temp dir");
+        let tls = env.iter().any(|(k, _)| k.starts_with("ORCHESTRATOR_TLS__"));
+        let block = host_block(tls);
         let nodes = (1..=n)
-            .map(|id| Node {
-                id,
-                api_port: free_port(),
-                peer_port: free_port(),
-                dir: tmp.path().join(format!("node{id}")),
-                child: None,
+            .map(|id| {
+                let host = format!("{block}.{id}");
+                Node {
+                    id,
+                    api_port: free_port(&host),
+                    peer_port: free_port(&host),
+                    host,
+                    dir: tmp.path().join(format!("node{id}")),
+                    env: Vec::new(),
+                    child: None,
+                }
             })
             .collect();
         let mut all_env = vec![
@@ -148,16 +171,23 @@ impl Cluster {
         &self.nodes[(id - 1) as usize]
     }
 
+    /// Set an environment variable for node `id` only, from its next start on.
+    pub fn set_node_env(&mut self, id: u64, key: &str, value: &str) {
+        self.node_mut(id).env.push((key.into(), value.into()));
+    }
+
     fn node_mut(&mut self, id: u64) -> &mut Node {
         &mut self.nodes[(id - 1) as usize]
     }
 
     pub fn api(&self, id: u64) -> String {
-        format!("{}://127.0.0.1:{}", self.scheme, self.node(id).api_port)
+        let n = self.node(id);
+        format!("{}://{}:{}", self.scheme, n.host, n.api_port)
     }
 
     pub fn peer_addr(&self, id: u64) -> String {
-        format!("127.0.0.1:{}", self.node(id).peer_port)
+        let n = self.node(id);
+        format!("{}:{}", n.host, n.peer_port)
     }
 
     /// Start node `id` (first start or restart on its existing data dir).
@@ -168,8 +198,11 @@ impl Cluster {
             .filter(|n| n.id != id)
             .map(|n| {
                 format!(
-                    "{}=127.0.0.1:{}/127.0.0.1:{}",
-                    n.id, n.api_port, n.peer_port
+                    "{}={h}:{}/{h}:{}",
+                    n.id,
+                    n.api_port,
+                    n.peer_port,
+                    h = n.host
                 )
             })
             .collect();
@@ -183,8 +216,8 @@ impl Cluster {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_orchestrator"));
         cmd.arg("server")
             .args(["--node-id", &id.to_string()])
-            .args(["--api-addr", &format!("127.0.0.1:{}", node.api_port)])
-            .args(["--peer-addr", &format!("127.0.0.1:{}", node.peer_port)])
+            .args(["--api-addr", &format!("{}:{}", node.host, node.api_port)])
+            .args(["--peer-addr", &format!("{}:{}", node.host, node.peer_port)])
             .args(["--data-dir", &node.dir.join("data").display().to_string()])
             .args(["--cluster-secret", &self.secret])
             .env("ORCHESTRATOR_AUTH__HS256_SECRET", &self.jwt_secret)
@@ -198,7 +231,7 @@ impl Cluster {
         if id == 1 {
             cmd.arg("--bootstrap");
         }
-        for (k, v) in &self.env {
+        for (k, v) in self.env.iter().chain(&self.node(id).env) {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn orchestrator");

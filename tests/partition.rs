@@ -1,0 +1,284 @@
+//! The edges of the replicated core on real processes: a leader cut off from its quorum
+//! by a real iptables partition answers every write with 503 within one second more
+//! than `leader_wait_ms` while the majority goes on, and nodes whose wall clocks are
+//! skewed (a real libfaketime preload) still get work and never get a lease that is
+//! born expired.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::netfilter::Partition;
+use common::{wait_for, Cluster, ALL_SCOPES, BASE};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+const LONG: Duration = Duration::from_secs(60);
+const LEADER_WAIT_MS: u64 = 2000;
+
+/// The node among `ids` that says it is a serving leader.
+async fn leader_among(c: &Cluster, ids: &[u64]) -> Option<u64> {
+    for &id in ids {
+        let r = c.readyz(id).await?;
+        if r["state"] == "leader" && r["ready"] == true {
+            return Some(id);
+        }
+    }
+    None
+}
+
+/// Wait until run `run_id`, read through `node`, satisfies `pred`; returns the run.
+async fn wait_run(
+    c: &Cluster,
+    node: u64,
+    t: &str,
+    run_id: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    wait_for(LONG, what, || async {
+        let (s, v) = c.get(node, &format!("/runs/{run_id}"), t).await;
+        (s == StatusCode::OK && pred(&v)).then_some(v)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_its_quorum_answers_503_and_the_majority_goes_on() {
+    let wait = LEADER_WAIT_MS.to_string();
+    let mut c = Cluster::new(3, &[("ORCHESTRATOR_LEADER_WAIT_MS", &wait)]);
+    c.start_all();
+    let old = c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    let t = c.token("acme", ALL_SCOPES);
+
+    // A run that stays active, to cancel during the partition.
+    let (s, v) = c
+        .post(
+            old,
+            "/dags",
+            &t,
+            &json!({"dag_id": "long", "tasks": [
+            {"task_id": "wait", "kind": "shell", "command": "sleep 60"}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = c
+        .post(
+            old,
+            "/runs",
+            &t,
+            &json!({"dag_id": "long", "run_type": "manual"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let run = v["run_id"].as_str().expect("run_id").to_string();
+    wait_run(&c, old, &t, &run, "the run to start", |v| {
+        v["tasks"]["wait"] == "running"
+    })
+    .await;
+
+    let cut = Partition::isolate(&c, old);
+    println!("cut node {old} (the leader) off from both followers");
+    let bound = Duration::from_millis(LEADER_WAIT_MS + 1000);
+    let writes: [(&str, Method, String, Option<Value>); 3] = [
+        (
+            "POST /dags",
+            Method::POST,
+            format!("{BASE}/dags"),
+            Some(json!({"dag_id": "during"})),
+        ),
+        (
+            "POST /runs",
+            Method::POST,
+            format!("{BASE}/runs"),
+            Some(json!({"dag_id": "long", "run_type": "manual"})),
+        ),
+        (
+            "POST /runs/{id}/cancel",
+            Method::POST,
+            format!("{BASE}/runs/{run}/cancel"),
+            None,
+        ),
+    ];
+    for (what, method, path, body) in &writes {
+        let started = Instant::now();
+        let (s, v, _) = c
+            .request(old, method.clone(), path, Some(&t), body.as_ref(), &[])
+            .await;
+        let took = started.elapsed();
+        assert_eq!(
+            s,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{what} to the cut-off leader: {v}"
+        );
+        assert_eq!(v["error"], "dependency_down", "{what}: {v}");
+        assert!(
+            took <= bound,
+            "{what} answered in {took:?}, more than leader_wait + 1 s"
+        );
+        println!(
+            "FIGURE {what} to the cut-off leader: 503 in {} ms",
+            took.as_millis()
+        );
+    }
+    // It no longer calls itself ready: it stopped acting as leader.
+    wait_for(LONG, "the cut-off leader to stop serving", || async {
+        c.readyz(old)
+            .await
+            .filter(|r| r["ready"] == false)
+            .map(|_| ())
+    })
+    .await;
+
+    // The majority elects a leader and takes the same writes, directly and forwarded.
+    let others: Vec<u64> = (1..=3).filter(|&n| n != old).collect();
+    let new = wait_for(LONG, "a leader on the majority side", || {
+        leader_among(&c, &others)
+    })
+    .await;
+    let follower = others
+        .iter()
+        .copied()
+        .find(|&n| n != new)
+        .expect("a follower");
+    for node in [new, follower] {
+        let id = format!("after{node}");
+        let (s, v) = c.post(node, "/dags", &t, &json!({"dag_id": id})).await;
+        assert_eq!(s, StatusCode::OK, "POST /dags to node {node}: {v}");
+        let (s, v) = c
+            .post(
+                node,
+                "/runs",
+                &t,
+                &json!({"dag_id": "long", "run_type": "manual"}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "POST /runs to node {node}: {v}");
+    }
+    let (s, v) = c
+        .post(follower, &format!("/runs/{run}/cancel"), &t, &json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "cancel on the majority side: {v}");
+    println!(
+        "FIGURE node {new} leads the majority; writes through nodes {new} and {follower} succeed"
+    );
+
+    // Healed, the old leader catches up with everything the majority acknowledged.
+    drop(cut);
+    c.wait_converged(LONG).await;
+    for node in [new, follower] {
+        let (s, v) = c.get(old, &format!("/dags/after{node}"), &t).await;
+        assert_eq!(
+            s,
+            StatusCode::OK,
+            "the old leader has the majority's writes: {v}"
+        );
+    }
+    wait_run(
+        &c,
+        old,
+        &t,
+        &run,
+        "the cancelled run, on the old leader",
+        |v| v["state"] == "cancelled",
+    )
+    .await;
+    c.assert_no_panics();
+}
+
+/// libfaketime's preload library, as Debian installs it (scripts/prereqs.sh).
+fn libfaketime() -> String {
+    std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("faketime/libfaketime.so.1"))
+        .find(|p| p.exists())
+        .map(|p| p.display().to_string())
+        .expect("libfaketime (Debian's faketime package; scripts/prereqs.sh installs it)")
+}
+
+/// How far node `id`'s wall clock is from ours, read off the `Date` header of its answer
+/// (one-second resolution).
+async fn clock_offset_ms(c: &Cluster, id: u64) -> Option<i64> {
+    let r = c
+        .http
+        .get(format!("{}/healthz", c.api(id)))
+        .send()
+        .await
+        .ok()?;
+    let date = r.headers().get("date")?.to_str().ok()?;
+    let stamp = chrono::DateTime::parse_from_rfc2822(date).ok()?;
+    Some(stamp.timestamp_millis() - chrono::Utc::now().timestamp_millis())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_clocks_neither_starve_a_node_nor_expire_a_lease() {
+    let lib = libfaketime();
+    let mut c = Cluster::new(3, &[]);
+    // Node 2 runs 6 s behind, node 3 a minute ahead; node 1 (which bootstraps and
+    // leads) is right. Only wall time is faked: monotonic clocks stay true.
+    for (id, offset) in [(2, "-6s"), (3, "+60s")] {
+        c.set_node_env(id, "LD_PRELOAD", &lib);
+        c.set_node_env(id, "FAKETIME", offset);
+        c.set_node_env(id, "FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    }
+    c.start_all();
+    c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    for (id, want) in [(2, -6_000), (3, 60_000)] {
+        let off = clock_offset_ms(&c, id).await.expect("a Date header");
+        assert!(
+            (off - want).abs() < 3_000,
+            "node {id}'s clock is off by {off} ms, want {want}"
+        );
+        println!("FIGURE node {id} clock offset {off} ms");
+    }
+    let t = c.token("acme", ALL_SCOPES);
+    let tasks: Vec<Value> = (0..12)
+        .map(|i| json!({"task_id": format!("t{i}"), "kind": "shell", "command": "sleep 1"}))
+        .collect();
+    let (s, v) = c
+        .post(1, "/dags", &t, &json!({"dag_id": "wide", "tasks": tasks}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let mut nodes = std::collections::BTreeMap::<u64, u32>::new();
+    for _ in 0..3 {
+        let (s, v) = c
+            .post(
+                1,
+                "/runs",
+                &t,
+                &json!({"dag_id": "wide", "run_type": "manual"}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let run = v["run_id"].as_str().expect("run_id").to_string();
+        let v = wait_run(&c, 1, &t, &run, "the run to end", |v| {
+            matches!(
+                v["state"].as_str(),
+                Some("success" | "failed" | "cancelled")
+            )
+        })
+        .await;
+        assert_eq!(v["state"], "success", "{v}");
+        for (task, d) in v["task_details"].as_object().expect("task details") {
+            let attempts = d["attempts"].as_array().expect("attempts");
+            assert_eq!(
+                attempts.len(),
+                1,
+                "{task}: one attempt, none lost to an expired lease: {d}"
+            );
+            assert_eq!(attempts[0]["state"], "success", "{task}: {d}");
+            *nodes
+                .entry(attempts[0]["node"].as_u64().expect("node"))
+                .or_default() += 1;
+        }
+    }
+    println!("FIGURE attempts per node with clocks at 0, -6 s, +60 s: {nodes:?}");
+    for id in 1..=3 {
+        assert!(nodes.contains_key(&id), "node {id} got work: {nodes:?}");
+    }
+    c.assert_no_panics();
+}
