@@ -825,6 +825,15 @@ def check(b, token, w, history, fault_window, witness=None):
                               f"overlap {o['ms']} ms")
         figures["witnessed_attempts"] = len(iv)
         figures["witnessed_killed"] = sum(1 for x in iv if x[3] == "died")
+        # How long before the next attempt started was a killed (unended) attempt seen dead:
+        # the margin the fence actually left.
+        by_task, gaps = {}, []
+        for k, st, en, how in iv:
+            by_task.setdefault((k[0], k[1]), []).append((st, en, how))
+        for xs in by_task.values():
+            xs.sort()
+            gaps += [(c[0] - a[1]) / 1e6 for a, c in zip(xs, xs[1:]) if a[2] == "died"]
+        figures["min_kill_to_next_ms"] = round(min(gaps), 1) if gaps else None
         figures["overlaps"] = len(ovs)
         figures["max_overlap_ms"] = max((o["ms"] for o in ovs), default=0)
     # 8: no panics.
