@@ -14,8 +14,8 @@ history and the final state of every node:
 
 The witness (local backend): every shell task of the workload appends
 `run/task/attempt start|end <CLOCK_BOOTTIME ns> <pid>` to <out>/witness-*.log, outside
-every node's data dir, and a watcher thread here notes when a started attempt's shell
-died without writing `end` (SIGKILL of its process group cannot be trapped). An attempt
+every node's data dir, and a watcher thread here notes when the last process of a started attempt's
+process group died without writing `end` (SIGKILL of the group cannot be trapped). An attempt
 is taken as running from its start line until its end line, or until the watcher saw
 its process gone; one with neither is running until the end of the trial.
 
@@ -72,23 +72,36 @@ def witness_cmd(path, body):
             f'{_SH_NOW}; echo "{me} end $u $$" >>{path}; exit $rc')
 
 
-def proc_state(pid, start_ns):
-    """None if the process that wrote a start line at `start_ns` is gone (a pid reused by
-    a younger process does not count; a zombie is gone), else "T" if it is stopped
-    (SIGSTOP: frozen) or "R" for any other state."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            st = f.read()
-    except OSError:
-        return None
-    fields = st[st.rindex(")") + 2:].split()
-    state, starttime = fields[0], int(fields[19])
-    if state in ("Z", "X", "x"):
-        return None
+def proc_groups():
+    """Process group id -> [(pid, state, starttime ticks)] of every process now."""
+    groups = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                st = f.read()
+        except OSError:
+            continue
+        fields = st[st.rindex(")") + 2:].split()
+        groups.setdefault(int(fields[2]), []).append((int(d), fields[0], int(fields[19])))
+    return groups
+
+
+def group_state(groups, pid, start_ns):
+    """The state of the task whose shell (pid `pid`, the leader of its own process group,
+    as the executor starts it) wrote a start line at `start_ns`: None once no process of
+    that group is left (zombies count as gone), "T" if every one left is stopped
+    (SIGSTOP: frozen), else "R". A pid cannot be reused while its group has members;
+    a group leader younger than the start line is a reused pid, not our task."""
     hz = os.sysconf("SC_CLK_TCK")
-    if starttime * 1_000_000_000 // hz > start_ns + 1_000_000_000 // hz:
+    members = [m for m in groups.get(pid, []) if m[1] not in ("Z", "X", "x")]
+    for p, _, starttime in members:
+        if p == pid and starttime * 1_000_000_000 // hz > start_ns + 1_000_000_000 // hz:
+            return None
+    if not members:
         return None
-    return "T" if state in ("T", "t") else "R"
+    return "T" if all(m[1] in ("T", "t") for m in members) else "R"
 
 
 def subtract(seg, holes):
@@ -151,11 +164,13 @@ class Witness:
     def scan(self):
         with self.lock:
             self.read()
-            for key, s in list(self.starts.items()):
-                if key in self.ends:
-                    continue
-                seen = mono_ns()  # before the check: the process was alive up to here at least
-                state = proc_state(key[3], s)
+            open_keys = [(k, s) for k, s in self.starts.items() if k not in self.ends]
+            if not open_keys:
+                return
+            seen = mono_ns()  # before the check: whatever is found alive lived up to here at least
+            groups = proc_groups()
+            for key, s in open_keys:
+                state = group_state(groups, key[3], s)
                 if state is None:
                     self.read()  # an end line may have landed since
                     if key not in self.ends:
@@ -166,7 +181,7 @@ class Witness:
                     if fr and fr[-1][2]:
                         fr[-1][1] = seen  # still stopped at this poll
                     else:
-                        fr.append([mono_ns(), mono_ns(), True])
+                        fr.append([mono_ns(), mono_ns(), True])  # stopped from (at most) now
                 elif fr:
                     fr[-1][2] = False
 
