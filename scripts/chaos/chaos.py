@@ -990,6 +990,10 @@ def main():
                 "lost": lost, "duplicate_windows": agg("duplicate_windows", sum),
                 "skipped_windows": agg("skipped_windows", sum), "fencing_violations": agg("fencing_violations", sum),
                 "overlaps": agg("overlaps", sum), "max_overlap_ms": agg("max_overlap_ms"),
+                "max_exec_overlap_ms": agg("max_exec_overlap_ms"),
+                "witnessed_attempts": agg("witnessed_attempts", sum), "witnessed_killed": agg("witnessed_killed", sum),
+                "min_kill_to_next_ms": min([x["min_kill_to_next_ms"] for x in fig
+                                            if x.get("min_kill_to_next_ms") is not None], default=None),
                 "max_write_unavailability_ms": agg("max_write_unavailability_ms"),
                 "median_write_gap_ms": agg("median_write_gap_ms", statistics.median),
                 "max_converge_s": agg("converge_s"), "violations": sum(len(r["violations"]) for r in rows)}
