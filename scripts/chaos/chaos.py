@@ -889,6 +889,11 @@ def check(b, token, w, history, fault_window, witness=None):
             xs.sort()
             gaps += [(c[0] - a[1]) / 1e6 for a, c in zip(xs, xs[1:]) if a[2] == "died"]
         figures["min_kill_to_next_ms"] = round(min(gaps), 1) if gaps else None
+        long_run = getattr(b, "nemesis_info", {}).get("long_run")
+        if long_run:  # the long task's attempt 1 (killed or frozen) and attempt 2
+            xs = sorted((st, en, how) for k, st, en, how, _ in iv if k[0] == long_run)
+            if len(xs) >= 2:
+                figures["long_kill_to_next_ms"] = round((xs[1][0] - xs[0][1]) / 1e6, 1)
         figures["overlaps"] = len(ovs)
         figures["max_overlap_ms"] = max((o["ms"] for o in ovs), default=0)
         figures["max_exec_overlap_ms"] = max((o["exec_ms"] for o in ovs), default=0)
