@@ -167,14 +167,15 @@ class Witness:
             open_keys = [(k, s) for k, s in self.starts.items() if k not in self.ends]
             if not open_keys:
                 return
-            seen = mono_ns()  # before the check: whatever is found alive lived up to here at least
+            seen = mono_ns()  # before the scan: whatever is found alive lived up to here at least
             groups = proc_groups()
+            gone_by = mono_ns()  # after the scan: whatever is found gone had died by here
             for key, s in open_keys:
                 state = group_state(groups, key[3], s)
                 if state is None:
                     self.read()  # an end line may have landed since
                     if key not in self.ends:
-                        self.ends[key], self.how[key] = seen + int(self.poll * 1e9), "died"
+                        self.ends[key], self.how[key] = gone_by, "died"
                     continue
                 fr = self.frozen.setdefault(key, [])
                 if state == "T":
