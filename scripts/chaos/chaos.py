@@ -890,7 +890,11 @@ def check(b, token, w, history, fault_window, witness=None):
             xs.sort()
             gaps += [(c[0] - a[1]) / 1e6 for a, c in zip(xs, xs[1:]) if a[2] == "died"]
         figures["min_kill_to_next_ms"] = round(min(gaps), 1) if gaps else None
-        long_run = getattr(b, "nemesis_info", {}).get("long_run")
+        info = getattr(b, "nemesis_info", {})
+        if "handover_s" in info and info["handover_s"] is None:
+            violations.append(f"9 the long task of {info.get('long_run')} was never handed to another node: "
+                              "the executor nemesis tested nothing")
+        long_run = info.get("long_run")
         if long_run:  # the long task's attempt 1 (killed or frozen) and attempt 2
             xs = sorted((st, en, how) for k, st, en, how, _ in iv if k[0] == long_run)
             if len(xs) >= 2:
