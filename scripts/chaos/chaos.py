@@ -943,6 +943,73 @@ def keep_logs(b, outdir, name, trial):
             f.write(b.log(n))
 
 
+def witness_selftest(outdir):
+    """The witness against attempts with known lives (no cluster): it must see the
+    overlaps made on purpose, and only those. Returns a list of failures."""
+    import signal
+    path = os.path.join(outdir, "witness-selftest.log")
+    w = Witness(path)
+    procs = []
+
+    def attempt(run, n, body):
+        env = dict(os.environ, ORCHESTRATOR_RUN_ID=run, ORCHESTRATOR_TASK_ID="t", ORCHESTRATOR_ATTEMPT=str(n))
+        p = subprocess.Popen(["/bin/sh", "-c", witness_cmd(path, body)], env=env, start_new_session=True)
+        procs.append(p)
+        return p
+
+    # A: attempt 1 killed (SIGKILL of its group, no end line) only after attempt 2 ran: overlap.
+    a1 = attempt("A", 1, "sleep 5")
+    time.sleep(0.4)
+    attempt("A", 2, "sleep 0.3")
+    time.sleep(0.6)
+    os.killpg(a1.pid, signal.SIGKILL)
+    # B: attempt 1 killed, attempt 2 started 0.3 s later: no overlap.
+    b1 = attempt("B", 1, "sleep 5")
+    time.sleep(0.4)
+    os.killpg(b1.pid, signal.SIGKILL)
+    time.sleep(0.3)
+    attempt("B", 2, "sleep 0.2")
+    # C: only the shell of attempt 1 killed; its `sleep` (same process group) lives on: overlap.
+    c1 = attempt("C", 1, "sleep 1.5")
+    time.sleep(0.4)
+    os.kill(c1.pid, signal.SIGKILL)
+    time.sleep(0.3)
+    attempt("C", 2, "sleep 0.2")
+    # D: attempt 1 ends normally, then attempt 2: no overlap.
+    attempt("D", 1, "sleep 0.2").wait()
+    attempt("D", 2, "sleep 0.2")
+    # E: attempt 1 frozen (SIGSTOP of its group) while attempt 2 runs, then thawed for a
+    # while: overlap, part of it executing.
+    e1 = attempt("E", 1, "sleep 5")
+    time.sleep(0.3)
+    os.killpg(e1.pid, signal.SIGSTOP)
+    time.sleep(0.2)
+    attempt("E", 2, "sleep 1")
+    time.sleep(0.5)
+    os.killpg(e1.pid, signal.SIGCONT)
+    time.sleep(0.3)
+    os.killpg(e1.pid, signal.SIGKILL)
+    time.sleep(0.6)
+    ovs = {o["run"]: o for o in Witness.overlaps(w.intervals())}
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        p.wait()
+    print(f"witness self-test: {json.dumps(ovs)}")
+    fails = []
+    for run, lo, hi in (("A", 250, 400), ("C", 150, 450), ("E", 700, 900)):
+        if run not in ovs or not lo <= ovs[run]["ms"] <= hi:
+            fails.append(f"{run}: expected an overlap of {lo}-{hi} ms, got {ovs.get(run)}")
+    if "E" in ovs and not 150 <= ovs["E"]["exec_ms"] <= 450:
+        fails.append(f"E: expected 150-450 ms of it executing, got {ovs['E']['exec_ms']}")
+    for run in ("B", "D"):
+        if run in ovs:
+            fails.append(f"{run}: expected no overlap, got {ovs[run]}")
+    return fails
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=PROFILES, default="smoke")
@@ -953,7 +1020,16 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, ".chaos"))
     ap.add_argument("--fault-scope", choices=["process", "node"], default="process",
                     help="kill/pause only the server process, or the node's whole process tree")
+    ap.add_argument("--witness-selftest", action="store_true",
+                    help="check the attempt witness against processes with known lives, then exit")
     args = ap.parse_args()
+    if args.witness_selftest:
+        os.makedirs(args.out, exist_ok=True)
+        fails = witness_selftest(args.out)
+        for f in fails:
+            print("  - " + f)
+        print("witness self-test: " + ("FAILED" if fails else "ok"))
+        sys.exit(1 if fails else 0)
     seed = args.seed if args.seed is not None else random.randrange(1 << 31)
     profile = dict(PROFILES[args.profile])
     if args.trials:
