@@ -158,8 +158,8 @@ class Witness:
                 continue
             if parts[1] == "start":
                 self.starts[key] = ns
-            elif parts[1] == "end":
-                self.ends[key], self.how[key] = ns, "end"
+            elif parts[1] == "end":  # /proc/uptime truncates to 10 ms: round the end up
+                self.ends[key], self.how[key] = ns + 10_000_000, "end"
 
     def scan(self):
         with self.lock:
