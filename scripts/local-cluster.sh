@@ -43,10 +43,21 @@ peers_of() {
   echo "$out"
 }
 
+# Shell tasks are gated behind executor.shell_enabled: enable them on the local cluster
+# (unless the caller chose). A binary from before the gate rejects the unknown key, so
+# ask the binary first.
+enable_shell() {
+  [ -n "${ORCHESTRATOR_EXECUTOR__SHELL_ENABLED:-}" ] && return
+  if ORCHESTRATOR_EXECUTOR__SHELL_ENABLED=true "$ORCHESTRATOR_BIN" config print >/dev/null 2>&1; then
+    export ORCHESTRATOR_EXECUTOR__SHELL_ENABLED=true
+  fi
+}
+
 start_node() {
   local n=$1
   if alive "$n"; then echo "node $n already running (pid $(pid_of "$n"))"; return; fi
   ensure_secrets
+  enable_shell
   local boot=()
   [ "$n" = 1 ] && boot=(--bootstrap)
   rm -f "$DIR/node$n.pid"

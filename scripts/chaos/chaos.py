@@ -9,7 +9,18 @@ history and the final state of every node:
   2 at most one run per (dag_id, window)   6 the majority keeps accepting writes
   3 no due window is skipped               7 every node converges to one state digest
   4 attempts strictly increase, never two  8 no panic in any node log
-    running at once
+    running at once                       9 no two attempts of one task overlap in
+                                            time, as an external witness saw them
+
+The witness (local backend): every shell task of the workload appends
+`run/task/attempt start|end <CLOCK_BOOTTIME ns> <pid>` to <out>/witness-*.log, outside
+every node's data dir, and a watcher thread here notes when the last process of a started attempt's
+process group died without writing `end` (SIGKILL of the group cannot be trapped). An attempt
+is taken as running from its start line until its end line, or until the watcher saw
+its process gone; one with neither is running until the end of the trial.
+
+--fault-scope process (default) signals only a node's server process; node signals
+the server and every process below it (its task children too), like a machine freeze.
 
 Backends: `local` (processes from scripts/local-cluster.sh on 127.0.0.N, partitions
 with iptables on the peer ports) and `docker` (the compose cluster in cluster/).
@@ -31,7 +42,7 @@ import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASE = "/api/v1/runtime/orchestrator"
-SCOPES = "orchestrator:read orchestrator:write orchestrator:admin"
+SCOPES = "orchestrator:read orchestrator:write orchestrator:admin orchestrator:shell"
 # Separate runs (CI's smoke while a full run goes on) need their own ports and chain.
 CHAIN = os.environ.get("CHAOS_CHAIN", "ORCH_CHAOS")
 API_BASE = int(os.environ.get("CHAOS_API_BASE", "8380"))
@@ -41,6 +52,181 @@ DOCKER_CHAIN = "ORCH_CHAOS_DOCKER"
 
 def now_ms():
     return int(time.time() * 1000)
+
+
+def mono_ns():
+    """The witness clock: CLOCK_BOOTTIME, which is what a shell reads from /proc/uptime."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+# /proc/uptime has centiseconds: "12345.67" -> "12345670000000" ns, with no fork.
+_SH_NOW = 'read u _ </proc/uptime; u=${u%.*}${u#*.}0000000'
+
+
+RESOLUTION_MS = 10  # of the witness's start/end stamps (/proc/uptime)
+
+
+def witness_cmd(path, body):
+    """A shell task that tells the witness when it starts (with its pid) and ends."""
+    if not path:
+        return body
+    me = "$ORCHESTRATOR_RUN_ID/$ORCHESTRATOR_TASK_ID/$ORCHESTRATOR_ATTEMPT"
+    return (f'{_SH_NOW}; echo "{me} start $u $$" >>{path}; {body}; rc=$?; '
+            f'{_SH_NOW}; echo "{me} end $u $$" >>{path}; exit $rc')
+
+
+def proc_groups():
+    """Process group id -> [(pid, state, starttime ticks)] of every process now."""
+    groups = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                st = f.read()
+        except OSError:
+            continue
+        fields = st[st.rindex(")") + 2:].split()
+        groups.setdefault(int(fields[2]), []).append((int(d), fields[0], int(fields[19])))
+    return groups
+
+
+def group_state(groups, pid, start_ns):
+    """The state of the task whose shell (pid `pid`, the leader of its own process group,
+    as the executor starts it) wrote a start line at `start_ns`: None once no process of
+    that group is left (zombies count as gone), "T" if every one left is stopped
+    (SIGSTOP: frozen), else "R". A pid cannot be reused while its group has members;
+    a group leader younger than the start line is a reused pid, not our task."""
+    hz = os.sysconf("SC_CLK_TCK")
+    members = [m for m in groups.get(pid, []) if m[1] not in ("Z", "X", "x")]
+    for p, _, starttime in members:
+        if p == pid and starttime * 1_000_000_000 // hz > start_ns + 1_000_000_000 // hz:
+            return None
+    if not members:
+        return None
+    return "T" if all(m[1] in ("T", "t") for m in members) else "R"
+
+
+def subtract(seg, holes):
+    """[s, e] less the given sub-intervals, as a list of segments."""
+    out, cur = [], seg[0]
+    for a, c in sorted(holes):
+        if a > cur:
+            out.append((cur, min(a, seg[1])))
+        cur = max(cur, c)
+    if cur < seg[1]:
+        out.append((cur, seg[1]))
+    return [x for x in out if x[1] > x[0]]
+
+
+def meet(xs, ys):
+    return sum(max(0, min(a[1], b[1]) - max(a[0], b[0])) for a in xs for b in ys)
+
+
+class Witness:
+    """Reads the witness file as it grows and watches the process of every attempt
+    that has started and not ended; `intervals()` gives each attempt's time alive."""
+
+    def __init__(self, path, poll=0.02):
+        self.path, self.poll = path, poll
+        open(path, "w").close()
+        self.starts = {}  # (run, task, attempt, pid) -> start ns
+        self.ends = {}  # same key -> end ns (end line, or first seen dead)
+        self.how = {}  # same key -> "end" | "died"
+        # Same key -> [[from, to]]: seen stopped (frozen) from the first to the last of
+        # consecutive polls that saw it stopped; an under-estimate, so the time counted
+        # as executing is an over-estimate.
+        self.frozen = {}
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.pos = 0
+        self.t = threading.Thread(target=self.loop, daemon=True)
+        self.t.start()
+
+    def read(self):
+        with open(self.path) as f:
+            f.seek(self.pos)
+            data = f.read()
+        cut = data.rfind("\n") + 1  # only whole lines
+        self.pos += len(data[:cut].encode())
+        for line in data[:cut].splitlines():
+            parts = line.split()
+            if len(parts) != 4:
+                continue
+            try:
+                run, task, attempt = parts[0].split("/")
+                key = (run, task, int(attempt), int(parts[3]))
+                ns = int(parts[2])
+            except ValueError:
+                continue
+            if parts[1] == "start":
+                self.starts[key] = ns
+            elif parts[1] == "end":  # /proc/uptime truncates to 10 ms: round the end up
+                self.ends[key], self.how[key] = ns + 10_000_000, "end"
+
+    def scan(self):
+        with self.lock:
+            self.read()
+            open_keys = [(k, s) for k, s in self.starts.items() if k not in self.ends]
+            if not open_keys:
+                return
+            seen = mono_ns()  # before the scan: whatever is found alive lived up to here at least
+            groups = proc_groups()
+            gone_by = mono_ns()  # after the scan: whatever is found gone had died by here
+            for key, s in open_keys:
+                state = group_state(groups, key[3], s)
+                if state is None:
+                    self.read()  # an end line may have landed since
+                    if key not in self.ends:
+                        self.ends[key], self.how[key] = gone_by, "died"
+                    continue
+                fr = self.frozen.setdefault(key, [])
+                if state == "T":
+                    if fr and fr[-1][2]:
+                        fr[-1][1] = seen  # still stopped at this poll
+                    else:
+                        fr.append([mono_ns(), mono_ns(), True])  # stopped from (at most) now
+                elif fr:
+                    fr[-1][2] = False
+
+    def loop(self):
+        while not self.stop.is_set():
+            try:
+                self.scan()
+            except Exception:
+                pass
+            time.sleep(self.poll)
+
+    def intervals(self):
+        """Stop watching; every attempt as (key, start, end, how); an attempt neither
+        ended nor seen dead is running until now, the end of the trial."""
+        self.stop.set()
+        self.t.join(timeout=5)
+        self.scan()
+        end = mono_ns()
+        with self.lock:
+            return [(k, s, self.ends.get(k, end), self.how.get(k, "running"),
+                     [(a, c) for a, c, _ in self.frozen.get(k, []) if c > a]) for k, s in self.starts.items()]
+
+    @staticmethod
+    def overlaps(intervals):
+        """Pairs of attempts of one task (run_id + task_id) alive at the same time: `ms`
+        alive at once (a frozen process counts: it resumes where it was), `exec_ms` of
+        that with neither seen frozen."""
+        by_task, out = {}, []
+        for k, s, e, how, frozen in intervals:
+            by_task.setdefault((k[0], k[1]), []).append((s, e, k[2], k[3], how, frozen))
+        for (run, task), xs in by_task.items():
+            xs.sort()
+            for i, a in enumerate(xs):
+                for c in xs[i + 1:]:
+                    ov = min(a[1], c[1]) - max(a[0], c[0])
+                    if ov > 0:
+                        ex = meet(subtract((a[0], a[1]), a[5]), subtract((c[0], c[1]), c[5]))
+                        out.append({"run": run, "task": task, "ms": round(ov / 1e6, 1), "exec_ms": round(ex / 1e6, 1),
+                                    "a": {"attempt": a[2], "pid": a[3], "ended": a[4]},
+                                    "b": {"attempt": c[2], "pid": c[3], "ended": c[4]}})
+        return out
 
 
 def http(method, url, token=None, body=None, headers=None, timeout=5.0):
@@ -82,6 +268,8 @@ class LocalBackend:
                         ORCHESTRATOR_RATE_LIMIT__BURST="100000")
         self.workdir, self.api_base, self.peer_base = workdir, api_base, peer_base
         self.nodes = [1, 2, 3]
+        self.scope = "process"  # or "node": signals reach the node's task children too
+        self.witness_path = None  # set per trial: shell tasks report to it
 
     def lc(self, *args):
         r = subprocess.run([os.path.join(ROOT, "scripts/local-cluster.sh"), *args], env=self.env,
@@ -100,24 +288,84 @@ class LocalBackend:
 
     def down(self):
         self.heal()
+        left = [p for n in self.nodes for p in self.tree(n)]
         try:
             self.lc("down")
         except Exception:
             pass
+        for p in left:  # task children outlive their server on SIGTERM/SIGKILL
+            signal_pid(p, "KILL")
+
+    def pid(self, n):
+        try:
+            return int(open(os.path.join(self.workdir, f"node{n}.pid")).read().strip())
+        except (OSError, ValueError):
+            return None
+
+    def tree(self, n):
+        """Every process below node n's server (its task shells and their children)."""
+        root = self.pid(n)
+        if not root:
+            return []
+        kids = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                st = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            ppid = int(st[st.rindex(")") + 2:].split()[1])
+            kids.setdefault(ppid, []).append(int(d))
+        out, todo = [], list(kids.get(root, []))
+        while todo:
+            p = todo.pop()
+            out.append(p)
+            todo += kids.get(p, [])
+        return out
+
+    def signal_node(self, n, sig):
+        """Node scope: freeze the server first (it spawns nothing more), then everything
+        below it until no new process shows up, then deliver `sig` to all of it."""
+        root = self.pid(n)
+        if not root:
+            return
+        if sig == "CONT":
+            for p in self.tree(n):
+                signal_pid(p, "CONT")
+            return
+        signal_pid(root, "STOP")
+        seen = set()
+        for _ in range(20):
+            new = [p for p in self.tree(n) if p not in seen]
+            if not new:
+                break
+            for p in new:
+                signal_pid(p, "STOP")
+            seen.update(new)
+        if sig == "KILL":
+            for p in seen:
+                signal_pid(p, "KILL")
 
     def token(self):
         return self.lc("token", "--tenant", "chaos", "--scope", SCOPES, "--ttl", "2h").splitlines()[-1]
 
     def kill(self, n):
+        if self.scope == "node":
+            self.signal_node(n, "KILL")
         self.lc("kill", str(n))
 
     def start(self, n):
         self.lc("start", str(n))
 
     def stop(self, n):
+        if self.scope == "node":
+            self.signal_node(n, "STOP")
         self.lc("stop", str(n))
 
     def cont(self, n):
+        if self.scope == "node":
+            self.signal_node(n, "CONT")
         self.lc("cont", str(n))
 
     def terminate(self, n):
@@ -213,6 +461,10 @@ class DockerBackend(LocalBackend):
         return subprocess.run([*self.compose, "logs", "--no-color", f"node{n}"], capture_output=True, text=True).stdout
 
 
+def signal_pid(pid, sig):
+    subprocess.run(["kill", f"-{sig}", str(pid)], capture_output=True)
+
+
 def wait(pred, timeout, what):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -265,11 +517,12 @@ class Workload:
         self.lock = threading.Lock()
 
     def setup(self):
+        wp = self.b.witness_path
         dags = [
             {"dag_id": "tick1", "schedule": "* * * * * *", "tasks": [{"task_id": "n", "kind": "noop"}]},
             {"dag_id": "tick2", "schedule": "*/2 * * * * *", "catchup": True,
-             "tasks": [{"task_id": "s", "kind": "shell", "command": "sleep 0.3"}]},
-            {"dag_id": "work", "tasks": [{"task_id": "a", "kind": "shell", "command": "sleep 0.2", "retries": 2,
+             "tasks": [{"task_id": "s", "kind": "shell", "command": witness_cmd(wp, "sleep 0.3")}]},
+            {"dag_id": "work", "tasks": [{"task_id": "a", "kind": "shell", "command": witness_cmd(wp, "sleep 0.2"), "retries": 2,
                                           "retry_delay": "200ms"}, {"task_id": "b", "kind": "noop", "depends_on": ["a"]}]},
             {"dag_id": "cfg", "owner": "v0"},
         ]
@@ -419,6 +672,75 @@ def n_restart_one_while_peers_down(b, rng, hold):
             b.start(n)
 
 
+def long_task_node(b, rng, timeout=30):
+    """Start a run of a DAG with one 30 s shell task; return (run_id, node running it)."""
+    tok = b.tok
+    dag = {"dag_id": "long", "tasks": [{"task_id": "l", "kind": "shell", "retries": 2, "retry_delay": "100ms",
+                                        "command": witness_cmd(b.witness_path, "sleep 30")}]}
+    run = None
+    deadline = time.time() + timeout
+    while time.time() < deadline and run is None:
+        n = leader(b) or rng.choice(b.nodes)
+        s, v, _ = http("POST", b.api(n) + BASE + "/dags", tok, dag, timeout=5)
+        if s == 200:
+            s, v, _ = http("POST", b.api(n) + BASE + "/runs", tok, {"dag_id": "long", "run_type": "manual"}, timeout=5)
+            if s == 200:
+                run = v["run_id"]
+        if run is None:
+            time.sleep(0.3)
+    if run is None:
+        raise RuntimeError("could not start the long run")
+    while time.time() < deadline:
+        s, v, _ = http("GET", b.api(leader(b) or 1) + BASE + f"/runs/{run}", tok, timeout=3)
+        if s == 200:
+            at = v["task_details"]["l"]["attempts"]
+            if at and at[-1]["state"] == "running":
+                return run, at[-1]["node"]
+        time.sleep(0.2)
+    raise RuntimeError(f"the long run {run} never started its attempt")
+
+
+def wait_handover(b, run, away, timeout):
+    """Until a node other than `away` sees an attempt of the long task running on a
+    node other than `away`; returns seconds waited (None if it never happened)."""
+    t0 = time.time()
+    while time.time() < t0 + timeout:
+        for n in b.nodes:
+            if n == away:
+                continue
+            s, v, _ = http("GET", b.api(n) + BASE + f"/runs/{run}", b.tok, timeout=2)
+            if s == 200:
+                at = v["task_details"]["l"]["attempts"]
+                if at and at[-1]["node"] != away and at[-1]["state"] == "running":
+                    return time.time() - t0
+        time.sleep(0.2)
+    return None
+
+
+def n_partition_executor(b, rng, hold):
+    """Cut the node running a 30 s task off from both peers until the leader has handed
+    the task to another node, and a little longer; then heal. With self-fencing the
+    first attempt is dead before the second starts."""
+    run, n = long_task_node(b, rng)
+    for o in b.nodes:
+        if o != n:
+            b.cut(n, o)
+    b.nemesis_info = {"long_run": run, "node": n, "handover_s": wait_handover(b, run, n, 30)}
+    time.sleep(2)  # attempt 2 runs while node n is still cut off
+    b.heal()
+
+
+def n_pause_executor(b, rng, hold):
+    """SIGSTOP the node running a 30 s task until the task is handed to another node,
+    then SIGCONT. With --fault-scope process the task's own processes keep running
+    while their server is frozen: in-process self-fencing cannot stop them."""
+    run, n = long_task_node(b, rng)
+    b.stop(n)
+    b.nemesis_info = {"long_run": run, "node": n, "handover_s": wait_handover(b, run, n, 30)}
+    time.sleep(2)
+    b.cont(n)
+
+
 NEMESES = {
     "kill-leader": n_kill_leader,
     "kill-random": n_kill_random,
@@ -429,12 +751,17 @@ NEMESES = {
     "rolling-restart": n_rolling_restart,
     "crash-all": n_crash_all,
     "restart-one-while-peers-down": n_restart_one_while_peers_down,
+    "partition-executor": n_partition_executor,
+    "pause-executor": n_pause_executor,
 }
 
 PROFILES = {
-    "smoke": {"scenarios": ["kill-leader", "pause-leader", "partition-leader", "crash-all"], "trials": 1,
+    "smoke": {"scenarios": ["kill-leader", "pause-leader", "partition-leader", "crash-all", "partition-executor"],
+              "trials": 1,
               "before": 4, "hold": 4, "after": 5},
-    "full": {"scenarios": list(NEMESES), "trials": 10, "before": 5, "hold": 6, "after": 8},
+    # pause-executor is not in a profile: it shows what self-fencing cannot prevent
+    # (see docs/chaos-results.md); run it with --scenarios pause-executor.
+    "full": {"scenarios": [n for n in NEMESES if n != "pause-executor"], "trials": 10, "before": 5, "hold": 6, "after": 8},
 }
 
 
@@ -469,7 +796,7 @@ def parse_ts(s):
     return int(datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=__import__("datetime").timezone.utc).timestamp() * 1000)
 
 
-def check(b, token, w, history, fault_window):
+def check(b, token, w, history, fault_window, witness=None):
     """The checker: returns (violations, figures)."""
     violations, figures = [], {}
     heal_start = time.time()
@@ -547,6 +874,42 @@ def check(b, token, w, history, fault_window):
         violations.append(f"6 writes stalled {max(outside)} ms outside the fault window")
     figures["acknowledged"] = len(oks)
     figures["operations"] = len(history.ops)
+    # 9: the witness: no two attempts of one task alive at the same time.
+    if witness is not None:
+        iv = witness.intervals()
+        # End lines are stamped to 10 ms and rounded up, so an attempt started in the
+        # tick its predecessor ended in shows an "overlap" of at most 10 ms that the clock
+        # cannot resolve: counted apart, not a violation.
+        allovs = Witness.overlaps(iv)
+        ovs = [o for o in allovs if o["ms"] > RESOLUTION_MS]
+        figures["overlaps_within_resolution"] = len(allovs) - len(ovs)
+        for o in ovs:
+            violations.append(f"9 attempts {o['a']['attempt']} (pid {o['a']['pid']}, {o['a']['ended']}) and "
+                              f"{o['b']['attempt']} (pid {o['b']['pid']}, {o['b']['ended']}) of {o['run']}/{o['task']} "
+                              f"overlap {o['ms']} ms ({o['exec_ms']} ms of it with neither frozen)")
+        figures["witnessed_attempts"] = len(iv)
+        figures["witnessed_killed"] = sum(1 for x in iv if x[3] == "died")
+        # How long before the next attempt started was a killed (unended) attempt seen dead:
+        # the margin the fence actually left.
+        by_task, gaps = {}, []
+        for k, st, en, how, _ in iv:
+            by_task.setdefault((k[0], k[1]), []).append((st, en, how))
+        for xs in by_task.values():
+            xs.sort()
+            gaps += [(c[0] - a[1]) / 1e6 for a, c in zip(xs, xs[1:]) if a[2] == "died"]
+        figures["min_kill_to_next_ms"] = round(min(gaps), 1) if gaps else None
+        info = getattr(b, "nemesis_info", {})
+        if "handover_s" in info and info["handover_s"] is None:
+            violations.append(f"9 the long task of {info.get('long_run')} was never handed to another node: "
+                              "the executor nemesis tested nothing")
+        long_run = info.get("long_run")
+        if long_run:  # the long task's attempt 1 (killed or frozen) and attempt 2
+            xs = sorted((st, en, how) for k, st, en, how, _ in iv if k[0] == long_run)
+            if len(xs) >= 2:
+                figures["long_kill_to_next_ms"] = round((xs[1][0] - xs[0][1]) / 1e6, 1)
+        figures["overlaps"] = len(ovs)
+        figures["max_overlap_ms"] = max((o["ms"] for o in ovs), default=0)
+        figures["max_exec_overlap_ms"] = max((o["exec_ms"] for o in ovs), default=0)
     # 8: no panics.
     for n in b.nodes:
         if "panicked at" in b.log(n):
@@ -557,6 +920,11 @@ def check(b, token, w, history, fault_window):
 def run_scenario(b, name, profile, rng, outdir, trial):
     b.up()
     token = b.token()
+    b.tok, b.nemesis_info = token, {}
+    witness = None
+    if isinstance(b, LocalBackend) and not isinstance(b, DockerBackend):
+        b.witness_path = os.path.join(outdir, f"witness-{name}-{trial}.log")
+        witness = Witness(b.witness_path)
     h = History(os.path.join(outdir, f"{name}-{trial}.jsonl"))
     w = Workload(b, token, h, rng)
     w.setup()
@@ -568,7 +936,8 @@ def run_scenario(b, name, profile, rng, outdir, trial):
     time.sleep(profile["after"])
     w.finish()
     h.close()
-    violations, figures = check(b, token, w, h, (fault_start, fault_end))
+    violations, figures = check(b, token, w, h, (fault_start, fault_end), witness)
+    figures.update(b.nemesis_info)
     if violations:
         keep_logs(b, outdir, name, trial)
     b.down()
@@ -582,6 +951,73 @@ def keep_logs(b, outdir, name, trial):
             f.write(b.log(n))
 
 
+def witness_selftest(outdir):
+    """The witness against attempts with known lives (no cluster): it must see the
+    overlaps made on purpose, and only those. Returns a list of failures."""
+    import signal
+    path = os.path.join(outdir, "witness-selftest.log")
+    w = Witness(path)
+    procs = []
+
+    def attempt(run, n, body):
+        env = dict(os.environ, ORCHESTRATOR_RUN_ID=run, ORCHESTRATOR_TASK_ID="t", ORCHESTRATOR_ATTEMPT=str(n))
+        p = subprocess.Popen(["/bin/sh", "-c", witness_cmd(path, body)], env=env, start_new_session=True)
+        procs.append(p)
+        return p
+
+    # A: attempt 1 killed (SIGKILL of its group, no end line) only after attempt 2 ran: overlap.
+    a1 = attempt("A", 1, "sleep 5")
+    time.sleep(0.4)
+    attempt("A", 2, "sleep 0.3")
+    time.sleep(0.6)
+    os.killpg(a1.pid, signal.SIGKILL)
+    # B: attempt 1 killed, attempt 2 started 0.3 s later: no overlap.
+    b1 = attempt("B", 1, "sleep 5")
+    time.sleep(0.4)
+    os.killpg(b1.pid, signal.SIGKILL)
+    time.sleep(0.3)
+    attempt("B", 2, "sleep 0.2")
+    # C: only the shell of attempt 1 killed; its `sleep` (same process group) lives on: overlap.
+    c1 = attempt("C", 1, "sleep 1.5")
+    time.sleep(0.4)
+    os.kill(c1.pid, signal.SIGKILL)
+    time.sleep(0.3)
+    attempt("C", 2, "sleep 0.2")
+    # D: attempt 1 ends normally, then attempt 2: no overlap.
+    attempt("D", 1, "sleep 0.2").wait()
+    attempt("D", 2, "sleep 0.2")
+    # E: attempt 1 frozen (SIGSTOP of its group) while attempt 2 runs, then thawed for a
+    # while: overlap, part of it executing.
+    e1 = attempt("E", 1, "sleep 5")
+    time.sleep(0.3)
+    os.killpg(e1.pid, signal.SIGSTOP)
+    time.sleep(0.2)
+    attempt("E", 2, "sleep 1")
+    time.sleep(0.5)
+    os.killpg(e1.pid, signal.SIGCONT)
+    time.sleep(0.3)
+    os.killpg(e1.pid, signal.SIGKILL)
+    time.sleep(0.6)
+    ovs = {o["run"]: o for o in Witness.overlaps(w.intervals()) if o["ms"] > RESOLUTION_MS}
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        p.wait()
+    print(f"witness self-test: {json.dumps(ovs)}")
+    fails = []
+    for run, lo, hi in (("A", 250, 600), ("C", 150, 600), ("E", 650, 1200)):
+        if run not in ovs or not lo <= ovs[run]["ms"] <= hi:
+            fails.append(f"{run}: expected an overlap of {lo}-{hi} ms, got {ovs.get(run)}")
+    if "E" in ovs and not 150 <= ovs["E"]["exec_ms"] <= ovs["E"]["ms"] - 300:
+        fails.append(f"E: expected 150 ms or more of it executing and 300 ms or more frozen, got {ovs['E']}")
+    for run in ("B", "D"):
+        if run in ovs:
+            fails.append(f"{run}: expected no overlap, got {ovs[run]}")
+    return fails
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=PROFILES, default="smoke")
@@ -590,7 +1026,18 @@ def main():
     ap.add_argument("--trials", type=int, default=None)
     ap.add_argument("--scenarios", default=None, help="comma-separated subset")
     ap.add_argument("--out", default=os.path.join(ROOT, ".chaos"))
+    ap.add_argument("--fault-scope", choices=["process", "node"], default="process",
+                    help="kill/pause only the server process, or the node's whole process tree")
+    ap.add_argument("--witness-selftest", action="store_true",
+                    help="check the attempt witness against processes with known lives, then exit")
     args = ap.parse_args()
+    if args.witness_selftest:
+        os.makedirs(args.out, exist_ok=True)
+        fails = witness_selftest(args.out)
+        for f in fails:
+            print("  - " + f)
+        print("witness self-test: " + ("FAILED" if fails else "ok"))
+        sys.exit(1 if fails else 0)
     seed = args.seed if args.seed is not None else random.randrange(1 << 31)
     profile = dict(PROFILES[args.profile])
     if args.trials:
@@ -598,7 +1045,9 @@ def main():
     scenarios = args.scenarios.split(",") if args.scenarios else profile["scenarios"]
     os.makedirs(args.out, exist_ok=True)
     backend = (LocalBackend if args.backend == "local" else DockerBackend)(os.path.join(args.out, "cluster"))
-    print(f"chaos: profile={args.profile} backend={args.backend} seed={seed} scenarios={','.join(scenarios)}", flush=True)
+    backend.scope = args.fault_scope
+    print(f"chaos: profile={args.profile} backend={args.backend} fault-scope={args.fault_scope} seed={seed} "
+          f"scenarios={','.join(scenarios)}", flush=True)
     rng = random.Random(seed)
     results, failed = {}, False
     try:
@@ -624,8 +1073,9 @@ def main():
         backend.down()
     print()
     print(f"{'scenario':30} {'trials':>6} {'ops':>6} {'acked':>6} {'lost':>5} {'dup':>4} {'skip':>5} {'fence':>5} "
-          f"{'max unavail ms':>14} {'median gap ms':>13} {'converge s':>10}")
-    summary = {"seed": seed, "profile": args.profile, "backend": args.backend, "scenarios": {}}
+          f"{'overlaps':>8} {'max unavail ms':>14} {'median gap ms':>13} {'converge s':>10}")
+    summary = {"seed": seed, "profile": args.profile, "backend": args.backend, "fault_scope": args.fault_scope,
+               "scenarios": {}}
     for name, rows in results.items():
         fig = [r["figures"] for r in rows]
         agg = lambda k, fn=max: fn([x[k] for x in fig if x.get(k) is not None] or [0])
@@ -633,13 +1083,19 @@ def main():
         line = {"trials": len(rows), "operations": agg("operations", sum), "acknowledged": agg("acknowledged", sum),
                 "lost": lost, "duplicate_windows": agg("duplicate_windows", sum),
                 "skipped_windows": agg("skipped_windows", sum), "fencing_violations": agg("fencing_violations", sum),
+                "overlaps": agg("overlaps", sum), "max_overlap_ms": agg("max_overlap_ms"),
+                "max_exec_overlap_ms": agg("max_exec_overlap_ms"),
+                "overlaps_within_resolution": agg("overlaps_within_resolution", sum),
+                "witnessed_attempts": agg("witnessed_attempts", sum), "witnessed_killed": agg("witnessed_killed", sum),
+                "min_kill_to_next_ms": min([x["min_kill_to_next_ms"] for x in fig
+                                            if x.get("min_kill_to_next_ms") is not None], default=None),
                 "max_write_unavailability_ms": agg("max_write_unavailability_ms"),
                 "median_write_gap_ms": agg("median_write_gap_ms", statistics.median),
                 "max_converge_s": agg("converge_s"), "violations": sum(len(r["violations"]) for r in rows)}
         summary["scenarios"][name] = line
         print(f"{name:30} {line['trials']:>6} {line['operations']:>6} {line['acknowledged']:>6} {lost:>5} "
               f"{line['duplicate_windows']:>4} {line['skipped_windows']:>5} {line['fencing_violations']:>5} "
-              f"{line['max_write_unavailability_ms']:>14} {line['median_write_gap_ms']:>13} {line['max_converge_s']:>10}")
+              f"{line['overlaps']:>8} {line['max_write_unavailability_ms']:>14} {line['median_write_gap_ms']:>13} {line['max_converge_s']:>10}")
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     total = sum(s["violations"] for s in summary["scenarios"].values())
