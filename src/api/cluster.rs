@@ -22,15 +22,17 @@ pub async fn healthz() -> Response {
     Json(json!({"status": "ok"})).into_response()
 }
 
-/// Ready when this node knows a leader and has applied what it knows to be committed.
+/// Ready when this node knows a leader and has applied what it knows to be committed; a
+/// leader also needs a quorum that answered within an election timeout.
 pub async fn readyz(State(st): State<ApiState>) -> Response {
     let s = st.node.status().await;
+    let quorum = !st.node.leads_without_quorum();
     let caught_up = match (s.applied_index, s.committed_index) {
         (_, None) => true,
         (Some(a), Some(c)) => a >= c,
         (None, Some(_)) => false,
     };
-    let ready = s.initialized && s.leader.is_some() && caught_up;
+    let ready = s.initialized && s.leader.is_some() && caught_up && quorum;
     let body = json!({
         "ready": ready,
         "node_id": s.node_id,

@@ -629,6 +629,13 @@ impl RaftNode {
     }
 
     /// A leader that lost its quorum is not serving (see [`Self::has_quorum`]).
+    /// A leader that has not heard from a quorum for an election timeout: it answers
+    /// writes 503 and does not call itself ready.
+    pub fn leads_without_quorum(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.state == ServerState::Leader && !self.has_quorum(&m)
+    }
+
     pub fn is_serving_leader(&self, m: &super::types::RaftMetrics) -> bool {
         m.state == ServerState::Leader
             && m.current_leader == Some(m.id)
