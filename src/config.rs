@@ -117,9 +117,17 @@ pub struct ExecutorConfig {
     /// when its heartbeats stop committing (cut off, no quorum): they are dead before
     /// the leader may hand the task to another node. Covers the check interval, the
     /// kill, and a clock step on the leader within a term.
-    pub fence_margin_ms: u64,
+    /// Unset: a fifth of `lease_ms` (2 s with the default 10 s lease).
+    pub fence_margin_ms: Option<u64>,
     /// Output kept per attempt (stdout and stderr together).
     pub log_cap_bytes: u64,
+}
+
+impl ExecutorConfig {
+    /// The self-fencing margin in milliseconds: as configured, or a fifth of the lease.
+    pub fn fence_margin(&self) -> u64 {
+        self.fence_margin_ms.unwrap_or(self.lease_ms / 5)
+    }
 }
 
 impl Default for ExecutorConfig {
@@ -128,7 +136,7 @@ impl Default for ExecutorConfig {
             slots: 8,
             heartbeat_ms: 1000,
             lease_ms: crate::state::machine::DEFAULT_LEASE_MS,
-            fence_margin_ms: 2000,
+            fence_margin_ms: None,
             log_cap_bytes: 1 << 20,
         }
     }
@@ -389,11 +397,12 @@ impl Config {
                 e.lease_ms, e.heartbeat_ms
             ));
         }
-        if e.fence_margin_ms == 0 || e.fence_margin_ms + 2 * e.heartbeat_ms > e.lease_ms {
+        let margin = e.fence_margin();
+        if margin == 0 || margin + 2 * e.heartbeat_ms > e.lease_ms {
             return bad(format!(
-                "executor.fence_margin_ms ({}) must be > 0 and leave two heartbeats ({} ms each) \
-                 within executor.lease_ms ({})",
-                e.fence_margin_ms, e.heartbeat_ms, e.lease_ms
+                "executor.fence_margin_ms ({margin}) must be > 0 and leave two heartbeats ({} ms \
+                 each) within executor.lease_ms ({})",
+                e.heartbeat_ms, e.lease_ms
             ));
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
@@ -614,6 +623,17 @@ mod tests {
             .map(|k| (format!("ORCHESTRATOR_{k}"), "x".to_string()));
         let c = Config::load(None, env, &[]).unwrap();
         assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn fence_margin_follows_a_short_lease_unless_set() {
+        let flags = [
+            ("executor.lease_ms".to_string(), "2500".to_string()),
+            ("executor.heartbeat_ms".to_string(), "300".to_string()),
+        ];
+        let c = Config::load(None, vec![], &flags).expect("a short lease alone is valid");
+        assert_eq!(c.executor.fence_margin(), 500);
+        assert_eq!(Config::default().executor.fence_margin(), 2000);
     }
 
     #[test]

@@ -121,7 +121,7 @@ impl Executor {
     /// margin: past it, nothing may run here.
     fn fence_deadline(&self) -> Option<Instant> {
         let lease = Duration::from_millis(self.config.lease_ms);
-        let margin = Duration::from_millis(self.config.fence_margin_ms);
+        let margin = Duration::from_millis(self.config.fence_margin());
         self.renewed_at.map(|t| t + lease.saturating_sub(margin))
     }
 

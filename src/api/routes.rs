@@ -100,8 +100,21 @@ async fn request_id_and_errors(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let span = tracing::info_span!("request", request_id = %id, %method, %path);
+    // A body announced larger than the limit is refused before any of it is read (the
+    // extractor's limit would wait for the bytes first).
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     let (req, body_read) = track_body(req);
-    let mut resp = next.run(req).instrument(span).await;
+    let mut resp = match declared {
+        Some(n) if n > MAX_BODY_BYTES as u64 => ApiError::PayloadTooLarge(format!(
+            "request body of {n} bytes exceeds {MAX_BODY_BYTES} bytes"
+        ))
+        .into_response(),
+        _ => next.run(req).instrument(span).await,
+    };
     if !body_read.load(Ordering::Acquire) {
         // Answered before the body was read to its end (401, 413, 429, ...): the rest of
         // the body is still on the wire, so this connection cannot carry another request.
