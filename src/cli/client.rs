@@ -104,29 +104,46 @@ impl Client {
         query: &[(&str, String)],
         body: Option<&Value>,
     ) -> anyhow::Result<String> {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(self.token()?);
-        if !query.is_empty() {
-            req = req.query(query);
+        let token = self.token()?;
+        let mut tries = 0;
+        loop {
+            let mut req = self
+                .http
+                .request(method.clone(), format!("{}{path}", self.base))
+                .bearer_auth(token);
+            if !query.is_empty() {
+                req = req.query(query);
+            }
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let resp = req.send().await.map_err(|e| Failure::Connect {
+                api: self.api.clone(),
+                detail: error_chain(&e),
+            })?;
+            let status = resp.status();
+            // Rate limited: wait as told (briefly) and try again, a few times.
+            let retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .filter(|s| *s <= 10);
+            let text = resp.text().await.map_err(|e| Failure::Connect {
+                api: self.api.clone(),
+                detail: error_chain(&e),
+            })?;
+            if status.is_success() {
+                return Ok(text);
+            }
+            match retry_after {
+                Some(secs) if status == StatusCode::TOO_MANY_REQUESTS && tries < 3 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_secs(secs.max(1))).await;
+                }
+                _ => return Err(api_failure(status, &text).into()),
+            }
         }
-        if let Some(b) = body {
-            req = req.json(b);
-        }
-        let resp = req.send().await.map_err(|e| Failure::Connect {
-            api: self.api.clone(),
-            detail: error_chain(&e),
-        })?;
-        let status = resp.status();
-        let text = resp.text().await.map_err(|e| Failure::Connect {
-            api: self.api.clone(),
-            detail: error_chain(&e),
-        })?;
-        if status.is_success() {
-            return Ok(text);
-        }
-        Err(api_failure(status, &text).into())
     }
 
     pub async fn get(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<Value> {

@@ -169,12 +169,15 @@ async fn apply(client: &Client, format: Format, path: &Path, dry_run: bool) -> a
             }
         };
         if format == Format::Table {
+            let version = match &version {
+                Value::Null => String::new(),
+                v => format!(" (version {v})"),
+            };
             println!(
-                "{} {}: {} (version {})",
+                "{} {}: {}{version}",
                 local.path.display(),
                 dag_id,
-                output::state(action),
-                text(&version)
+                output::state(action)
             );
             print_diff(&diff);
         }

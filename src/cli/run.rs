@@ -207,6 +207,15 @@ fn task_table(r: &Value) -> comfy_table::Table {
         "TASK", "STATE", "ATTEMPT", "NODE", "STARTED", "DURATION", "ERROR",
     ]);
     if let Some(details) = r["task_details"].as_object() {
+        // In the order they ran (never-started tasks last), then by name.
+        let mut details: Vec<(&String, &Value)> = details.iter().collect();
+        details.sort_by_key(|(id, d)| {
+            let first = d["attempts"][0]["started_at"]
+                .as_str()
+                .unwrap_or("~")
+                .to_string();
+            (first, (*id).clone())
+        });
         for (id, d) in details {
             let last = d["attempts"]
                 .as_array()
@@ -353,6 +362,9 @@ async fn logs(
             printed = log.len();
         }
         if !follow || !running {
+            if printed > 0 && !log.ends_with('\n') {
+                println!();
+            }
             return Ok(());
         }
         tokio::time::sleep(POLL).await;
