@@ -117,6 +117,23 @@ async fn applying_the_examples_dir_creates_then_is_unchanged_then_diffs_an_updat
     let yaml = cli(&c, &["dag", "get", "fan_out", "--output", "yaml"]).await;
     let dag: Value = serde_yaml_ng::from_slice(&yaml.stdout).expect("stdout is YAML");
     assert_eq!(dag["definition"]["tasks"].as_array().map(Vec::len), Some(5));
+    // The README's backfill of the example DAG.
+    let backfill = cli(
+        &c,
+        &[
+            "run",
+            "trigger",
+            "sales_gdp",
+            "--from",
+            "2025-10-01",
+            "--to",
+            "2025-10-04",
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(backfill.status.code(), Some(0), "{}", stderr(&backfill));
+
     let table = stdout(&cli(&c, &["dag", "list"]).await);
     assert!(
         table.contains("DAG") && table.contains("fan_out") && table.contains("just now"),
@@ -193,7 +210,15 @@ async fn trigger_wait_and_watch_exit_with_the_runs_outcome() {
             r#"{{"dag_id":"broken","tasks":[{{"task_id":"call","kind":"http","url":"http://127.0.0.1:{closed}/","timeout":"5s"}}]}}"#
         ),
     );
-    for f in [&noop, &failing] {
+    let health = write(
+        tmp.path(),
+        "health.yaml",
+        &format!(
+            "dag_id: health\ntasks:\n  - {{task_id: call, kind: http, url: \"{}/healthz\"}}\n",
+            c.api(1)
+        ),
+    );
+    for f in [&noop, &failing, &health] {
         assert_eq!(
             cli(&c, &["dag", "apply", "-f", f]).await.status.code(),
             Some(0)
@@ -203,6 +228,20 @@ async fn trigger_wait_and_watch_exit_with_the_runs_outcome() {
     let ok = cli(&c, &["run", "trigger", "quick", "--wait"]).await;
     assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
     assert!(stdout(&ok).contains("done"), "{}", stdout(&ok));
+
+    // An attempt's log: the http task's status line and body.
+    let done = json(&cli(&c, &["run", "trigger", "health", "--wait", "-o", "json"]).await);
+    let health_run = done["run_id"].as_str().expect("a run id").to_string();
+    let logs = cli(&c, &["run", "logs", &health_run, "call"]).await;
+    assert_eq!(logs.status.code(), Some(0), "{}", stderr(&logs));
+    assert!(stdout(&logs).contains("HTTP 200"), "{}", stdout(&logs));
+    let missing = cli(&c, &["run", "logs", &health_run, "call", "--attempt", "9"]).await;
+    assert_eq!(missing.status.code(), Some(3));
+    assert!(
+        stderr(&missing).contains("not_found"),
+        "{}",
+        stderr(&missing)
+    );
 
     let started = json(&cli(&c, &["run", "trigger", "broken", "-o", "json"]).await);
     let run_id = started["run_id"].as_str().expect("a run id").to_string();
