@@ -284,7 +284,7 @@ impl Default for Config {
 }
 
 /// `ORCHESTRATOR_*` variables that are not server config keys.
-const CLIENT_ENV: [&str; 4] = ["CONFIG", "TOKEN", "API", "OUTPUT"];
+const CLIENT_ENV: [&str; 5] = ["CONFIG", "TOKEN", "API", "OUTPUT", "CA_FILE"];
 
 impl Config {
     /// Layer defaults, an optional TOML file, `ORCHESTRATOR_*` variables from `env` and

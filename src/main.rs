@@ -1,20 +1,26 @@
 //! The `orchestrator` binary: `server` runs a node; `token` mints a dev token;
-//! `config print` shows the effective configuration; `cluster` administers membership.
+//! `config print` shows the effective configuration; `dag`, `run` and `cluster` are the
+//! API client ([`cli`]); `completions` prints a shell completion script.
+
+mod cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
+use anyhow::Context;
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use orchestrator::config::Config;
 
 #[derive(Parser)]
 #[command(
     name = "orchestrator",
     version,
-    about = "Distributed DAG workflow scheduler"
+    about = "Distributed DAG workflow scheduler",
+    after_help = cli::EXIT_CODES_HELP
 )]
 struct Cli {
+    #[command(flatten)]
+    client: cli::ClientFlags,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -42,22 +48,25 @@ enum Cmd {
         #[command(subcommand)]
         command: ConfigCmd,
     },
-    /// Cluster administration through a node's API (needs an admin token).
-    Cluster {
-        /// Any node's API base, e.g. http://127.0.0.1:8081
-        #[arg(
-            long,
-            env = "ORCHESTRATOR_API",
-            default_value = "http://127.0.0.1:8080"
-        )]
-        api: String,
-        #[arg(long, env = "ORCHESTRATOR_TOKEN")]
-        token: String,
-        /// PEM CA to trust for an https API (besides the system's roots).
-        #[arg(long, env = "ORCHESTRATOR_CA_FILE")]
-        ca_file: Option<PathBuf>,
+    /// DAGs: apply DAG files (YAML, JSON, TOML), list, get, pause, unpause, delete.
+    Dag {
         #[command(subcommand)]
-        command: ClusterCmd,
+        command: cli::dag::DagCmd,
+    },
+    /// Runs: trigger, list, get, cancel, retry, logs, watch.
+    Run {
+        #[command(subcommand)]
+        command: cli::run::RunCmd,
+    },
+    /// Cluster status and administration through a node's API (changes need an admin token).
+    Cluster {
+        #[command(subcommand)]
+        command: cli::cluster::ClusterCmd,
+    },
+    /// Print a shell completion script, e.g. `orchestrator completions bash > ~/.local/share/bash-completion/completions/orchestrator`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
 }
 
@@ -65,28 +74,6 @@ enum Cmd {
 enum ConfigCmd {
     /// Print the effective configuration with secrets redacted.
     Print(NodeFlags),
-}
-
-#[derive(Subcommand)]
-enum ClusterCmd {
-    /// Members, leader, term, indexes and replication lag.
-    Status,
-    /// Add a node as learner, wait for it to catch up, then make it a voter.
-    Add {
-        #[arg(long)]
-        node_id: u64,
-        #[arg(long)]
-        api_addr: String,
-        #[arg(long)]
-        peer_addr: String,
-    },
-    /// Remove a node from the cluster (also how a dead node is replaced: remove, then add).
-    Remove {
-        #[arg(long)]
-        node_id: u64,
-    },
-    /// Build a snapshot on that node now and purge its log behind it.
-    Snapshot,
 }
 
 /// Flags that override the configuration (after the file and the environment).
@@ -159,51 +146,6 @@ async fn shutdown_signal() {
     }
 }
 
-async fn cluster_cmd(
-    api: &str,
-    token: &str,
-    ca_file: Option<&std::path::Path>,
-    cmd: ClusterCmd,
-) -> anyhow::Result<()> {
-    let base = format!("{}{}", api.trim_end_matches('/'), orchestrator::api::BASE);
-    let mut builder = reqwest::Client::builder();
-    if let Some(path) = ca_file {
-        let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        builder = builder.add_root_certificate(
-            reqwest::Certificate::from_pem(&pem).context("--ca-file is not a PEM certificate")?,
-        );
-    }
-    let client = builder.build().context("cannot build the HTTP client")?;
-    let req = match cmd {
-        ClusterCmd::Status => client.get(format!("{base}/cluster/status")),
-        ClusterCmd::Add {
-            node_id,
-            api_addr,
-            peer_addr,
-        } => client
-            .post(format!("{base}/cluster/members"))
-            .json(&serde_json::json!({
-                "node_id": node_id, "api_addr": api_addr, "peer_addr": peer_addr
-            })),
-        ClusterCmd::Remove { node_id } => {
-            client.delete(format!("{base}/cluster/members/{node_id}"))
-        }
-        ClusterCmd::Snapshot => client.post(format!("{base}/cluster/snapshot")),
-    };
-    let resp = req
-        .bearer_auth(token)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {api}"))?;
-    let status = resp.status();
-    let body: serde_json::Value = resp.json().await.context("response was not JSON")?;
-    println!("{}", serde_json::to_string_pretty(&body)?);
-    if !status.is_success() {
-        bail!("{status}");
-    }
-    Ok(())
-}
-
 fn parse_ttl(s: &str) -> anyhow::Result<u64> {
     orchestrator::dag::parse_duration("ttl", s)
         .map(|ms| ms / 1000)
@@ -211,8 +153,11 @@ fn parse_ttl(s: &str) -> anyhow::Result<u64> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let command = cli.command.unwrap_or(Cmd::Server(NodeFlags::default()));
+    let Cli {
+        client: flags,
+        command,
+    } = Cli::parse();
+    let command = command.unwrap_or(Cmd::Server(NodeFlags::default()));
     let result = (|| -> anyhow::Result<()> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -251,12 +196,26 @@ fn main() -> ExitCode {
             Cmd::Config {
                 command: ConfigCmd::Print(flags),
             } => print!("{}", flags.load()?.redacted_toml()),
-            Cmd::Cluster {
-                api,
-                token,
-                ca_file,
-                command,
-            } => rt.block_on(cluster_cmd(&api, &token, ca_file.as_deref(), command))?,
+            Cmd::Dag { command } => {
+                let client = cli::Client::new(&flags)?;
+                rt.block_on(cli::dag::run(&client, flags.output, command))?
+            }
+            Cmd::Run { command } => {
+                let client = cli::Client::new(&flags)?;
+                rt.block_on(cli::run::run(&client, flags.output, command))?
+            }
+            Cmd::Cluster { command } => {
+                let client = cli::Client::new(&flags)?;
+                rt.block_on(cli::cluster::run(&client, flags.output, command))?
+            }
+            Cmd::Completions { shell } => {
+                clap_complete::generate(
+                    shell,
+                    &mut Cli::command(),
+                    "orchestrator",
+                    &mut std::io::stdout(),
+                );
+            }
         }
         Ok(())
     })();
@@ -269,7 +228,7 @@ fn main() -> ExitCode {
                 e.downcast_ref::<orchestrator::server::Error>(),
                 Some(orchestrator::server::Error::RaftFatal(_))
             );
-            ExitCode::from(if fatal { 70 } else { 1 })
+            ExitCode::from(if fatal { 70 } else { cli::exit_code(&e) })
         }
     }
 }

@@ -147,17 +147,7 @@ pub async fn run(
         api_handle.clone(),
     )?;
     let peer_server = serve(peer_listener, peer_router, server_tls, peer_handle.clone())?;
-    println!(
-        "orchestrator node {} ready: API http://{} (peer {}), data in {}",
-        config.node_id,
-        config.api_addr,
-        config.peer_addr,
-        config.data_dir.display()
-    );
-    println!(
-        "get a dev token: orchestrator token --data-dir {} --tenant dev --scope \"orchestrator:read orchestrator:write orchestrator:admin\"",
-        config.data_dir.display()
-    );
+    print!("{}", first_steps(&config));
     info!(node = config.node_id, api = %config.api_addr, peer = %config.peer_addr, "node started");
 
     // Stop on the signal, or when Raft stops on a fatal error: then this node cannot
@@ -319,4 +309,45 @@ fn serve(
             tokio::spawn(server.serve(service))
         }
     })
+}
+
+/// What a node prints once it serves: where it is, and CLI commands that work when
+/// pasted into another shell (absolute data dir, a reachable API address).
+pub fn first_steps(config: &Config) -> String {
+    let scheme = if config.tls.cert_file.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let api_addr = match config.api_addr.rsplit_once(':') {
+        Some(("0.0.0.0" | "[::]", port)) => format!("127.0.0.1:{port}"),
+        _ => config.api_addr.clone(),
+    };
+    let data_dir =
+        std::path::absolute(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
+    let mut out = format!(
+        "orchestrator node {} ready: API {scheme}://{api_addr} (peer {}), data in {}\n",
+        config.node_id,
+        config.peer_addr,
+        data_dir.display()
+    );
+    out.push_str("use the CLI from another shell:\n");
+    out.push_str(&format!(
+        "  export ORCHESTRATOR_API={scheme}://{api_addr}\n"
+    ));
+    if let Some(ca) = config
+        .tls
+        .ca_file
+        .as_ref()
+        .or(config.tls.cert_file.as_ref())
+    {
+        let ca = std::path::absolute(ca).unwrap_or_else(|_| ca.clone());
+        out.push_str(&format!("  export ORCHESTRATOR_CA_FILE={}\n", ca.display()));
+    }
+    out.push_str(&format!(
+        "  export ORCHESTRATOR_TOKEN=$(orchestrator token --data-dir {} --tenant dev --scope \"orchestrator:read orchestrator:write orchestrator:admin\")\n",
+        data_dir.display()
+    ));
+    out.push_str("  orchestrator cluster status\n");
+    out
 }

@@ -1,0 +1,385 @@
+//! The client subcommands (issue 11) as a user runs them: the real binary against a real
+//! single node. DAG files in three formats, diffs and "unchanged", dry runs, triggers that
+//! wait, `run watch` exit codes, JSON and YAML output, API errors, shell completions.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use common::{Cluster, ALL_SCOPES};
+use serde_json::Value;
+
+const LONG: Duration = Duration::from_secs(60);
+
+async fn up() -> Cluster {
+    let mut c = Cluster::new(1, &[]);
+    c.start_all();
+    c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    c
+}
+
+/// Run `orchestrator ARGS` against `api` with `token`, no other client settings from the
+/// environment of the test process.
+async fn cli_at(api: &str, token: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"));
+    cmd.args(args)
+        .env("ORCHESTRATOR_API", api)
+        .env_remove("ORCHESTRATOR_OUTPUT")
+        .env_remove("ORCHESTRATOR_CA_FILE")
+        .env_remove("ORCHESTRATOR_TOKEN")
+        .env("NO_COLOR", "1");
+    if let Some(t) = token {
+        cmd.env("ORCHESTRATOR_TOKEN", t);
+    }
+    let out = tokio::time::timeout(LONG, cmd.output())
+        .await
+        .expect("the CLI finished in time")
+        .expect("the CLI ran");
+    eprintln!(
+        "$ orchestrator {}\n-> {:?}\n{}{}",
+        args.join(" "),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+async fn cli(c: &Cluster, args: &[&str]) -> Output {
+    cli_at(&c.api(1), Some(&c.token("acme", ALL_SCOPES)), args).await
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn json(o: &Output) -> Value {
+    serde_json::from_slice(&o.stdout).expect("stdout is JSON")
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write a DAG file");
+    p.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applying_the_examples_dir_creates_then_is_unchanged_then_diffs_an_update() {
+    let c = up().await;
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+
+    let first = cli(&c, &["dag", "apply", "-f", examples]).await;
+    assert_eq!(first.status.code(), Some(0));
+    assert_eq!(stdout(&first).matches(": created").count(), 3);
+
+    let again = cli(&c, &["--output", "json", "dag", "apply", "-f", examples]).await;
+    assert_eq!(again.status.code(), Some(0));
+    let results = json(&again);
+    let results = results.as_array().expect("a list of results");
+    assert_eq!(results.len(), 3);
+    assert!(
+        results.iter().all(|r| r["result"] == "unchanged"),
+        "{results:?}"
+    );
+
+    // The same DAG with another owner: an update, with a diff of what changed.
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let text = std::fs::read_to_string(Path::new(examples).join("daily-etl.yaml"))
+        .expect("the example")
+        .replace("owner: team-data", "owner: team-platform");
+    let file = write(tmp.path(), "daily-etl.yaml", &text);
+    let update = cli(&c, &["dag", "apply", "-f", &file]).await;
+    assert_eq!(update.status.code(), Some(0));
+    let out = stdout(&update);
+    assert!(out.contains("daily_etl: updated (version 2)"), "{out}");
+    assert!(
+        out.contains("-owner: team-data") && out.contains("+owner: team-platform"),
+        "{out}"
+    );
+
+    // Lists in every format.
+    let list = json(&cli(&c, &["dag", "list", "--output", "json"]).await);
+    let mut ids: Vec<&str> = list
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|d| d["dag_id"].as_str())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["daily_etl", "fan_out", "sales_gdp"]);
+    let yaml = cli(&c, &["dag", "get", "fan_out", "--output", "yaml"]).await;
+    let dag: Value = serde_yaml_ng::from_slice(&yaml.stdout).expect("stdout is YAML");
+    assert_eq!(dag["definition"]["tasks"].as_array().map(Vec::len), Some(5));
+    // The README's backfill of the example DAG.
+    let backfill = cli(
+        &c,
+        &[
+            "run",
+            "trigger",
+            "sales_gdp",
+            "--from",
+            "2025-10-01",
+            "--to",
+            "2025-10-04",
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(backfill.status.code(), Some(0), "{}", stderr(&backfill));
+
+    let table = stdout(&cli(&c, &["dag", "list"]).await);
+    assert!(
+        table.contains("DAG") && table.contains("fan_out") && table.contains("just now"),
+        "{table}"
+    );
+    c.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_validates_locally_and_creates_nothing() {
+    let c = up().await;
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let cyclic = write(
+        tmp.path(),
+        "cycle.yaml",
+        "dag_id: cyclic\ntasks:\n  - {task_id: a, kind: noop, depends_on: [b]}\n  - {task_id: b, kind: noop, depends_on: [a]}\n",
+    );
+    let bad = cli(&c, &["dag", "apply", "--dry-run", "-f", &cyclic]).await;
+    assert_eq!(bad.status.code(), Some(1));
+    let err = stderr(&bad);
+    assert!(
+        err.contains("cycle.yaml: invalid DAG") && err.contains("cycle"),
+        "{err}"
+    );
+
+    let typo = write(
+        tmp.path(),
+        "typo.toml",
+        "dag_id = \"t\"\nschedul = \"@daily\"\n",
+    );
+    let bad = cli(&c, &["dag", "apply", "-f", &typo]).await;
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("schedul"), "{}", stderr(&bad));
+
+    let ok = write(
+        tmp.path(),
+        "ok.json",
+        r#"{"dag_id":"fine","tasks":[{"task_id":"a","kind":"noop"}]}"#,
+    );
+    let dry = cli(&c, &["dag", "apply", "--dry-run", "-f", &ok]).await;
+    assert_eq!(dry.status.code(), Some(0));
+    assert!(stdout(&dry).contains("would create"), "{}", stdout(&dry));
+
+    // Nothing was created: the API's 404 comes back as its code and message, exit 3.
+    let get = cli(&c, &["dag", "get", "fine"]).await;
+    assert_eq!(get.status.code(), Some(3));
+    let err = stderr(&get);
+    assert!(
+        err.contains("not_found") && err.contains("dag 'fine' not found"),
+        "{err}"
+    );
+    let list = json(&cli(&c, &["dag", "list", "-o", "json"]).await);
+    assert_eq!(list.as_array().map(Vec::len), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trigger_wait_and_watch_exit_with_the_runs_outcome() {
+    let c = up().await;
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let noop = write(
+        tmp.path(),
+        "noop.yaml",
+        "dag_id: quick\ntasks:\n  - {task_id: a, kind: noop}\n  - {task_id: b, kind: noop, depends_on: [a]}\n",
+    );
+    // A port nothing listens on: the http task fails without needing shell tasks.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let failing = write(
+        tmp.path(),
+        "failing.json",
+        &format!(
+            r#"{{"dag_id":"broken","tasks":[{{"task_id":"call","kind":"http","url":"http://127.0.0.1:{closed}/","timeout":"5s"}}]}}"#
+        ),
+    );
+    let health = write(
+        tmp.path(),
+        "health.yaml",
+        &format!(
+            "dag_id: health\ntasks:\n  - {{task_id: call, kind: http, url: \"{}/healthz\"}}\n",
+            c.api(1)
+        ),
+    );
+    for f in [&noop, &failing, &health] {
+        assert_eq!(
+            cli(&c, &["dag", "apply", "-f", f]).await.status.code(),
+            Some(0)
+        );
+    }
+
+    let ok = cli(&c, &["run", "trigger", "quick", "--wait"]).await;
+    assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
+    assert!(stdout(&ok).contains("done"), "{}", stdout(&ok));
+
+    // An attempt's log: the http task's status line and body.
+    let done = json(&cli(&c, &["run", "trigger", "health", "--wait", "-o", "json"]).await);
+    let health_run = done["run_id"].as_str().expect("a run id").to_string();
+    let logs = cli(&c, &["run", "logs", &health_run, "call"]).await;
+    assert_eq!(logs.status.code(), Some(0), "{}", stderr(&logs));
+    assert!(stdout(&logs).contains("HTTP 200"), "{}", stdout(&logs));
+    let missing = cli(&c, &["run", "logs", &health_run, "call", "--attempt", "9"]).await;
+    assert_eq!(missing.status.code(), Some(3));
+    assert!(
+        stderr(&missing).contains("not_found"),
+        "{}",
+        stderr(&missing)
+    );
+
+    let started = json(&cli(&c, &["run", "trigger", "broken", "-o", "json"]).await);
+    let run_id = started["run_id"].as_str().expect("a run id").to_string();
+    let watch = cli(&c, &["run", "watch", &run_id]).await;
+    assert_eq!(watch.status.code(), Some(5), "{}", stderr(&watch));
+    assert!(
+        stderr(&watch).contains(&format!("run {run_id} ended failed")),
+        "{}",
+        stderr(&watch)
+    );
+
+    let got = json(&cli(&c, &["run", "get", &run_id, "--output", "json"]).await);
+    assert_eq!(got["state"], "failed");
+    let runs = cli(&c, &["run", "list", "--dag", "broken", "--output", "yaml"]).await;
+    let runs: Value = serde_yaml_ng::from_slice(&runs.stdout).expect("stdout is YAML");
+    assert_eq!(runs[0]["run_id"].as_str(), Some(run_id.as_str()));
+    let table = stdout(&cli(&c, &["run", "list"]).await);
+    assert!(
+        table.contains("quick") && table.contains("broken"),
+        "{table}"
+    );
+    c.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_status_is_a_table_of_nodes() {
+    let c = up().await;
+    let out = cli(&c, &["cluster", "status"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    let text = stdout(&out);
+    assert!(
+        text.contains("ROLE") && text.contains("leader") && text.contains("ready"),
+        "{text}"
+    );
+    let v = json(&cli(&c, &["cluster", "status", "-o", "json"]).await);
+    assert_eq!(v["nodes"][0]["health"], "ready");
+}
+
+#[tokio::test]
+async fn usage_and_connection_errors_have_their_own_exit_codes() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let api = format!("http://127.0.0.1:{closed}");
+    let no_token = cli_at(&api, None, &["dag", "list"]).await;
+    assert_eq!(no_token.status.code(), Some(2));
+    assert!(stderr(&no_token).contains("ORCHESTRATOR_TOKEN"));
+    let down = cli_at(&api, Some("t"), &["dag", "list"]).await;
+    assert_eq!(down.status.code(), Some(4));
+    assert!(stderr(&down).contains(&format!("cannot reach {api}")));
+    let unknown = cli_at(&api, Some("t"), &["dag", "frobnicate"]).await;
+    assert_eq!(unknown.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn completions_generate_for_each_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = cli_at("http://127.0.0.1:1", None, &["completions", shell]).await;
+        assert_eq!(out.status.code(), Some(0));
+        let script = stdout(&out);
+        assert!(
+            script.contains("orchestrator") && script.contains("apply"),
+            "{shell}"
+        );
+    }
+}
+
+/// A free loopback port (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// First minutes: a node started as `scripts/dev-server.sh` starts it (no settings but
+/// its addresses, a relative data dir) prints commands that work when pasted into
+/// another shell in another directory, with `orchestrator` on the PATH.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commands_the_server_prints_work_when_pasted() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let elsewhere = tempfile::tempdir().expect("another dir");
+    let bin = Path::new(env!("CARGO_BIN_EXE_orchestrator"));
+    let mut server = tokio::process::Command::new(bin);
+    server
+        .current_dir(tmp.path())
+        .args(["server", "--data-dir", "orchestrator-data"])
+        .args(["--api-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--peer-addr", &format!("127.0.0.1:{}", free_port())])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ORCHESTRATOR_")) {
+        server.env_remove(k);
+    }
+    let mut server = server.spawn().expect("start a server");
+    let mut lines = BufReader::new(server.stdout.take().expect("stdout")).lines();
+    let mut pasted = Vec::new();
+    let printed = tokio::time::timeout(LONG, async {
+        while let Some(line) = lines.next_line().await.expect("read stdout") {
+            if let Some(cmd) = line.strip_prefix("  ") {
+                pasted.push(cmd.to_string());
+                if cmd.starts_with("orchestrator cluster status") {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+    .await
+    .expect("the server printed its commands in time");
+    assert!(printed, "the server printed: {pasted:?}");
+    assert!(pasted
+        .iter()
+        .any(|l| l.starts_with("export ORCHESTRATOR_TOKEN=$(orchestrator token --data-dir /")));
+
+    let path = format!(
+        "{}:{}",
+        bin.parent().expect("the binary's dir").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut shell = tokio::process::Command::new("bash");
+    shell
+        .current_dir(elsewhere.path())
+        .args(["-euo", "pipefail", "-c", &pasted.join("\n")])
+        .env("PATH", path)
+        .env("NO_COLOR", "1");
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ORCHESTRATOR_")) {
+        shell.env_remove(k);
+    }
+    let out = tokio::time::timeout(LONG, shell.output())
+        .await
+        .expect("the pasted commands finished in time")
+        .expect("bash ran");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("leader"), "{}", stdout(&out));
+}
