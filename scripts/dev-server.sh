@@ -7,4 +7,7 @@ cd "$(dirname "$0")/.."
 . scripts/env.sh
 scripts/prereqs.sh
 cargo build --bin orchestrator
-exec "$ORCHESTRATOR_BIN" server "$@"
+# A development node runs shell tasks (for tokens with the orchestrator:shell scope);
+# production nodes leave executor.shell_enabled off unless they need it.
+ORCHESTRATOR_EXECUTOR__SHELL_ENABLED="${ORCHESTRATOR_EXECUTOR__SHELL_ENABLED:-true}" \
+  exec "$ORCHESTRATOR_BIN" server "$@"

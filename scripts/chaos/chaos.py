@@ -31,7 +31,7 @@ import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASE = "/api/v1/runtime/orchestrator"
-SCOPES = "orchestrator:read orchestrator:write orchestrator:admin"
+SCOPES = "orchestrator:read orchestrator:write orchestrator:admin orchestrator:shell"
 # Separate runs (CI's smoke while a full run goes on) need their own ports and chain.
 CHAIN = os.environ.get("CHAOS_CHAIN", "ORCH_CHAOS")
 API_BASE = int(os.environ.get("CHAOS_API_BASE", "8380"))
@@ -106,7 +106,7 @@ class LocalBackend:
             pass
 
     def token(self):
-        return self.lc("token", "--tenant", "chaos", "--scope", SCOPES, "--ttl", "2h").splitlines()[-1]
+        return self.lc("token", "--tenant", "ops", "--scope", SCOPES, "--ttl", "2h").splitlines()[-1]
 
     def kill(self, n):
         self.lc("kill", str(n))
@@ -178,7 +178,7 @@ class DockerBackend(LocalBackend):
 
     def token(self):
         return subprocess.run(["docker", "exec", "orchchaos_node1_1", "/orchestrator", "token", "--config",
-                               "/etc/orchestrator.toml", "--tenant", "chaos", "--scope", SCOPES, "--ttl", "2h"],
+                               "/etc/orchestrator.toml", "--tenant", "ops", "--scope", SCOPES, "--ttl", "2h"],
                               capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
 
     def kill(self, n):
