@@ -312,8 +312,10 @@ fn serve(
     let bind_err = |e: std::io::Error| Error::Tls(format!("cannot hand the listener over: {e}"));
     let std_listener = listener.into_std().map_err(bind_err)?;
     let service = router.into_make_service();
-    // Slowloris: a connection that does not finish its request headers in time is closed
-    // (the first request, and every later one on a kept-alive connection).
+    // Slowloris: a connection that does not finish its request headers in time is closed:
+    // `first_request_timeout` bounds a new connection until its first request's headers
+    // are in (it sends nothing at all, or dribbles them), `header_read_timeout` every
+    // request's headers once they have started.
     Ok(match tls {
         Some(cfg) => {
             let mut server = axum_server::from_tcp_rustls(std_listener, cfg)

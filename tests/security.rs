@@ -314,18 +314,26 @@ async fn the_peer_port_refuses_an_unauthenticated_body_without_reading_it() {
 async fn connections_with_unfinished_headers_are_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let c = up(1, &[("ORCHESTRATOR_HEADER_READ_TIMEOUT_MS", "1000")]).await;
-    for addr in [format!("127.0.0.1:{}", c.node(1).api_port), c.peer_addr(1)] {
-        let mut s = tokio::net::TcpStream::connect(&addr)
-            .await
-            .expect("connect");
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-            .await
-            .expect("partial headers");
+    let api = format!("127.0.0.1:{}", c.node(1).api_port);
+    let peer = c.peer_addr(1);
+    // Unfinished headers, and nothing at all, on both listeners.
+    let partial: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\n";
+    for (addr, sent) in [(&api, partial), (&peer, partial), (&api, b""), (&peer, b"")] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(sent).await.expect("partial headers");
         let started = std::time::Instant::now();
         let mut buf = Vec::new();
         let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
-        assert!(r.is_ok(), "{addr}: still open after 5 s");
-        println!("{addr}: closed after {:?}", started.elapsed());
+        assert!(
+            r.is_ok(),
+            "{addr} ({} bytes sent): still open after 5 s",
+            sent.len()
+        );
+        println!(
+            "{addr} ({} bytes sent): closed after {:?}",
+            sent.len(),
+            started.elapsed()
+        );
         assert!(
             started.elapsed() >= Duration::from_millis(900),
             "{addr}: closed early"
