@@ -440,3 +440,94 @@ async fn http_tasks_cannot_reach_internal_addresses_or_follow_redirects() {
     assert_eq!(run["state"], "failed", "{run}");
     assert!(log.starts_with("HTTP 302"), "{log}");
 }
+
+/// A local receiver recording each webhook's signature header and body.
+async fn hook_receiver() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+) {
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let g = g.clone();
+            async move {
+                let sig = headers
+                    .get("x-orchestrator-signature")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                g.lock().unwrap().push((sig, body));
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_obey_the_egress_policy_and_are_signed() {
+    let secret = "webhook-secret-for-the-test";
+    // Refused: loopback is not allowed on this node.
+    let (url, got) = hook_receiver().await;
+    let c = up(
+        1,
+        &[
+            ("ORCHESTRATOR_EXECUTOR__HTTP_ALLOW", "[]"),
+            ("ORCHESTRATOR_EXECUTOR__WEBHOOK_SECRET", secret),
+        ],
+    )
+    .await;
+    let t = c.token("acme", "orchestrator:read orchestrator:write");
+    let dag = json!({"dag_id": "w", "webhook": url, "tasks": [{"task_id": "t", "kind": "noop"}]});
+    let (s, v) = c.post(1, "/dags", &t, &dag).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let run = run_to_end(&c, &t, "w").await;
+    assert_eq!(run["state"], "done", "{run}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(got.lock().unwrap().is_empty(), "a webhook reached loopback");
+    assert!(!c.log(1).contains(&url), "the webhook URL was logged");
+
+    // Allowed (the harness allows loopback): delivered and signed.
+    let (url, got) = hook_receiver().await;
+    let c = up(1, &[("ORCHESTRATOR_EXECUTOR__WEBHOOK_SECRET", secret)]).await;
+    let t = c.token("acme", "orchestrator:read orchestrator:write");
+    let dag = json!({"dag_id": "w", "webhook": url, "tasks": [{"task_id": "t", "kind": "noop"}]});
+    let (s, v) = c.post(1, "/dags", &t, &dag).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    run_to_end(&c, &t, "w").await;
+    let (sig, body) = wait_for(LONG, "the webhook", || async {
+        got.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(
+        sig,
+        orchestrator::executor::egress::signature(secret, body.as_bytes()),
+        "{body}"
+    );
+}
+
+/// Trigger a manual run and wait for it to finish (no log to fetch).
+async fn run_to_end(c: &Cluster, t: &str, dag_id: &str) -> Value {
+    let (s, v) = c
+        .post(
+            1,
+            "/runs",
+            t,
+            &json!({"dag_id": dag_id, "run_type": "manual"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "trigger: {v}");
+    let run = v["run_id"].as_str().expect("run_id").to_string();
+    let v = wait_for(LONG, "the run to finish", || async {
+        let (s, v) = c.get(1, &format!("/runs/{run}"), t).await;
+        (s == StatusCode::OK && ["done", "failed", "cancelled"].contains(&v["state"].as_str()?))
+            .then_some(v)
+    })
+    .await;
+    v
+}
