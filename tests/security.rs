@@ -531,3 +531,17 @@ async fn run_to_end(c: &Cluster, t: &str, dag_id: &str) -> Value {
     .await;
     v
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_dir_is_private_even_if_it_was_not() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut c = Cluster::new(1, &[]);
+    // An older version left the data dir world-readable.
+    let data = c.node(1).dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    c.start_all();
+    c.wait_ready(LONG).await;
+    let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "data dir mode {mode:o}");
+}
