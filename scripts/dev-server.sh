@@ -16,4 +16,7 @@ case ":$PATH:" in
   *":$bin_dir:"*) ;;
   *) echo "$bin_dir is not on your PATH; in the shell where you use the CLI, run: export PATH=\"$bin_dir:\$PATH\"" ;;
 esac
-exec "$ORCHESTRATOR_BIN" server "$@"
+# A development node runs shell tasks (for tokens with the orchestrator:shell scope);
+# production nodes leave executor.shell_enabled off unless they need it.
+ORCHESTRATOR_EXECUTOR__SHELL_ENABLED="${ORCHESTRATOR_EXECUTOR__SHELL_ENABLED:-true}" \
+  exec "$ORCHESTRATOR_BIN" server "$@"

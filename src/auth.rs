@@ -3,7 +3,10 @@
 //! algorithm — `none`, or HS256 against an RSA key — is rejected before any key is
 //! tried); keys come from an HS256 secret, RS256/ES256 public keys in PEM, or a JWKS
 //! document (file, or URL fetched, cached and refreshed, `kid` honoured). `exp` and `nbf`
-//! are checked with a small leeway, `iss` and `aud` when configured.
+//! are checked with a small leeway; a configured `iss` or `aud` is a required claim (a
+//! token without it is refused), and `aud` may be a string or an array. HS256 secrets are
+//! at least [`MIN_HS256_SECRET_BYTES`] long; a JWKS URL is https (plain http only to a
+//! loopback address).
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -19,6 +22,11 @@ use crate::config::AuthConfig;
 pub const SCOPE_READ: &str = "orchestrator:read";
 pub const SCOPE_WRITE: &str = "orchestrator:write";
 pub const SCOPE_ADMIN: &str = "orchestrator:admin";
+/// Submitting `shell` tasks: a capability of its own, implied by no other scope.
+pub const SCOPE_SHELL: &str = "orchestrator:shell";
+
+/// The shortest HS256 secret accepted (RFC 7518 §3.2: at least the hash size).
+pub const MIN_HS256_SECRET_BYTES: usize = 32;
 
 /// Clock skew tolerated on `exp` and `nbf`, in seconds.
 const LEEWAY_SECS: u64 = 5;
@@ -33,6 +41,8 @@ pub enum Error {
     Invalid(String),
     #[error("token lacks scope '{needed}'")]
     MissingScope { needed: &'static str },
+    #[error("cluster operations need an orchestrator:admin token of an operator tenant (auth.operator_tenants)")]
+    NotOperator,
     #[error("cannot mint token: {0}")]
     Mint(String),
     #[error("auth configuration: {0}")]
@@ -50,8 +60,9 @@ pub struct Claims {
     pub nbf: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
+    /// A string or an array of strings (RFC 7519 §4.1.3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<serde_json::Value>,
 }
 
 /// Who is calling, after verification.
@@ -68,6 +79,8 @@ pub enum Access {
     Read,
     Write,
     Admin,
+    /// Defining tasks that run commands on the nodes; only [`SCOPE_SHELL`] grants it.
+    Shell,
 }
 
 impl Principal {
@@ -78,6 +91,7 @@ impl Principal {
             Access::Read => has(SCOPE_READ) || has(SCOPE_WRITE) || has(SCOPE_ADMIN),
             Access::Write => has(SCOPE_WRITE) || has(SCOPE_ADMIN),
             Access::Admin => has(SCOPE_ADMIN),
+            Access::Shell => has(SCOPE_SHELL),
         };
         if ok {
             Ok(())
@@ -87,8 +101,19 @@ impl Principal {
                     Access::Read => SCOPE_READ,
                     Access::Write => SCOPE_WRITE,
                     Access::Admin => SCOPE_ADMIN,
+                    Access::Shell => SCOPE_SHELL,
                 },
             })
+        }
+    }
+
+    /// Operators are not tenants: the admin scope in a tenant listed in `operators`.
+    pub fn require_operator(&self, operators: &[String]) -> Result<(), Error> {
+        self.require(Access::Admin)?;
+        if operators.contains(&self.tenant) {
+            Ok(())
+        } else {
+            Err(Error::NotOperator)
         }
     }
 }
@@ -180,6 +205,17 @@ impl Verifier {
             ));
         }
         let mut keys = Vec::new();
+        if allowed.contains(&Algorithm::HS256) && hs256_secret.len() < MIN_HS256_SECRET_BYTES {
+            return Err(Error::Config(format!(
+                "auth.hs256_secret is {} bytes; HS256 needs at least {MIN_HS256_SECRET_BYTES} \
+                 (e.g. `head -c 32 /dev/urandom | xxd -p -c 64`), or leave it unset for a \
+                 generated one",
+                hs256_secret.len()
+            )));
+        }
+        if let Some(url) = &c.jwks_url {
+            check_jwks_url(url)?;
+        }
         if allowed.contains(&Algorithm::HS256) {
             keys.push(Key {
                 kid: None,
@@ -271,8 +307,12 @@ impl Verifier {
             .ok_or(Error::Missing)?;
         match self.verify(token) {
             Err(Error::Invalid(m)) if m.starts_with("unknown kid") && self.jwks_url.is_some() => {
-                // A rotated key: fetch the JWKS again (rate-limited) and retry once.
-                self.refresh_jwks().await?;
+                // A rotated key: fetch the JWKS again (rate-limited) and retry once. The
+                // caller is not authenticated yet: why the fetch failed goes to the log only.
+                if let Err(error) = self.refresh_jwks().await {
+                    tracing::warn!(%error, "JWKS refresh for an unknown kid failed");
+                    return Err(Error::Invalid(m));
+                }
                 self.verify(token)
             }
             other => other,
@@ -313,7 +353,14 @@ impl Verifier {
         validation.algorithms = vec![header.alg];
         validation.leeway = LEEWAY_SECS;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp"]);
+        let mut required = vec!["exp"];
+        if self.issuer.is_some() {
+            required.push("iss");
+        }
+        if self.audience.is_some() {
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(required.as_slice());
         if let Some(iss) = &self.issuer {
             validation.set_issuer(&[iss]);
         }
@@ -332,6 +379,28 @@ impl Verifier {
             tenant: c.tenant,
             scopes: c.scope.split_whitespace().map(str::to_string).collect(),
         })
+    }
+}
+
+/// A JWKS URL must be https, or http to a loopback address (a local test server).
+fn check_jwks_url(url: &str) -> Result<(), Error> {
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| Error::Config(format!("auth.jwks_url '{url}' is not a URL: {e}")))?;
+    let host = parsed
+        .host_str()
+        .unwrap_or("")
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback());
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        other => Err(Error::Config(format!(
+            "auth.jwks_url must be https (plain http only to a loopback address), not {other}://"
+        ))),
     }
 }
 
@@ -355,7 +424,7 @@ pub fn mint(secret: &str, t: &TokenRequest<'_>, now_secs: u64) -> Result<String,
         exp: now_secs + t.ttl_secs,
         nbf: None,
         iss: t.issuer.map(str::to_string),
-        aud: t.audience.map(str::to_string),
+        aud: t.audience.map(|a| serde_json::Value::String(a.to_string())),
     };
     encode(
         &Header::new(Algorithm::HS256),
@@ -395,6 +464,20 @@ mod tests {
         assert!(p.require(Access::Read).is_ok());
         assert!(p.require(Access::Write).is_ok());
         assert!(p.require(Access::Admin).is_err());
+        assert!(p.require(Access::Shell).is_err());
+        let admin = mint(
+            "s3cret",
+            &req("orchestrator:write orchestrator:admin", 60),
+            now(),
+        )
+        .unwrap();
+        let admin = v.verify(&admin).unwrap();
+        assert!(
+            admin.require(Access::Shell).is_err(),
+            "admin does not imply shell"
+        );
+        let shell = mint("s3cret", &req("orchestrator:shell", 60), now()).unwrap();
+        assert!(v.verify(&shell).unwrap().require(Access::Shell).is_ok());
     }
 
     #[test]
@@ -406,5 +489,86 @@ mod tests {
         assert!(v.verify(&t).is_err());
 
         assert!(v.verify("garbage").is_err());
+    }
+
+    const SECRET: &str = "a-test-secret-of-at-least-32-bytes";
+
+    fn sign(claims: serde_json::Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn configured_iss_and_aud_are_required_and_aud_may_be_an_array() {
+        let v = Verifier::hs256(SECRET, Some("https://iss"), Some("orch"));
+        let base = serde_json::json!({"sub": "u", "tenant": "acme", "scope": "orchestrator:read", "exp": now() + 60});
+        let with = |extra: serde_json::Value| {
+            let mut c = base.clone();
+            for (k, x) in extra.as_object().unwrap() {
+                c[k] = x.clone();
+            }
+            sign(c)
+        };
+        assert!(v.verify(&sign(base.clone())).is_err(), "neither claim");
+        assert!(
+            v.verify(&with(serde_json::json!({"iss": "https://iss"})))
+                .is_err(),
+            "no aud"
+        );
+        assert!(
+            v.verify(&with(serde_json::json!({"aud": "orch"}))).is_err(),
+            "no iss"
+        );
+        assert!(v
+            .verify(&with(
+                serde_json::json!({"iss": "https://iss", "aud": "orch"})
+            ))
+            .is_ok());
+        assert!(v
+            .verify(&with(
+                serde_json::json!({"iss": "https://iss", "aud": ["x", "orch"]})
+            ))
+            .is_ok());
+        assert!(v
+            .verify(&with(
+                serde_json::json!({"iss": "https://iss", "aud": ["x"]})
+            ))
+            .is_err());
+    }
+
+    #[test]
+    fn short_hs256_secrets_and_plain_http_jwks_are_refused_at_start() {
+        let c = AuthConfig::default();
+        let err = Verifier::from_config(&c, "short")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("at least 32"), "{err}");
+        assert!(Verifier::from_config(&c, SECRET).is_ok());
+        let remote = AuthConfig {
+            algorithms: vec!["RS256".into()],
+            jwks_url: Some("http://idp.example.com/jwks.json".into()),
+            ..AuthConfig::default()
+        };
+        let err = Verifier::from_config(&remote, "")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("https"), "{err}");
+        for ok in [
+            "https://idp.example.com/jwks.json",
+            "http://127.0.0.1:9/j",
+            "http://[::1]:9/j",
+        ] {
+            let c = AuthConfig {
+                jwks_url: Some(ok.into()),
+                ..remote.clone()
+            };
+            assert!(Verifier::from_config(&c, "").is_ok(), "{ok}");
+        }
     }
 }

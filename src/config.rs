@@ -84,8 +84,13 @@ pub struct AuthConfig {
     /// A JWKS document on disk, or a URL fetched at start and again for unknown `kid`s.
     pub jwks_file: Option<PathBuf>,
     pub jwks_url: Option<String>,
+    /// Required `iss` claim when set (a token without it is refused).
     pub issuer: Option<String>,
+    /// Required `aud` claim when set (a string or an array containing it).
     pub audience: Option<String>,
+    /// Tenants whose admins are operators: cluster status, membership and snapshots
+    /// belong to an `orchestrator:admin` token of one of these tenants only.
+    pub operator_tenants: Vec<String>,
 }
 
 impl Default for AuthConfig {
@@ -99,6 +104,7 @@ impl Default for AuthConfig {
             jwks_url: None,
             issuer: None,
             audience: None,
+            operator_tenants: vec!["ops".into()],
         }
     }
 }
@@ -121,6 +127,34 @@ pub struct ExecutorConfig {
     pub fence_margin_ms: Option<u64>,
     /// Output kept per attempt (stdout and stderr together).
     pub log_cap_bytes: u64,
+    /// Whether this node accepts and runs `shell` tasks at all (off by default). Even
+    /// then only principals with the `orchestrator:shell` scope may define them.
+    pub shell_enabled: bool,
+    /// Run shell attempts as this unprivileged user (name or uid) when the node runs as
+    /// root. The user must not be able to read the data dir.
+    pub shell_user: Option<String>,
+    /// Where shell attempts get their working dirs; must be outside the data dir.
+    /// Default: `<data_dir>-work` beside the data dir.
+    pub shell_work_dir: Option<PathBuf>,
+    /// A shell task without a `timeout` is killed after this long.
+    pub shell_default_timeout_ms: u64,
+    /// rlimits applied to each shell attempt (0 = leave the node's limit).
+    /// Processes of the attempt's user (RLIMIT_NPROC; counts all of that user's
+    /// processes, so it is meant for a dedicated `shell_user`).
+    pub shell_max_processes: u64,
+    /// Largest file an attempt may write (RLIMIT_FSIZE).
+    pub shell_max_file_bytes: u64,
+    /// Open files per process (RLIMIT_NOFILE).
+    pub shell_max_open_files: u64,
+    /// Address space per process (RLIMIT_AS).
+    pub shell_max_memory_bytes: u64,
+    /// Networks (CIDR) `http` tasks and webhooks may reach although the egress policy
+    /// refuses them by default (loopback, private, link-local, CGNAT, ULA, multicast and
+    /// the cluster's own addresses). Default: none.
+    pub http_allow: Vec<String>,
+    /// Webhooks carry `X-Orchestrator-Signature: sha256=<hex HMAC-SHA256 of the body>`
+    /// under this secret when set.
+    pub webhook_secret: Option<String>,
 }
 
 impl ExecutorConfig {
@@ -138,6 +172,16 @@ impl Default for ExecutorConfig {
             lease_ms: crate::state::machine::DEFAULT_LEASE_MS,
             fence_margin_ms: None,
             log_cap_bytes: 1 << 20,
+            shell_enabled: false,
+            shell_user: None,
+            shell_work_dir: None,
+            shell_default_timeout_ms: 3_600_000,
+            shell_max_processes: 0,
+            shell_max_file_bytes: 1 << 30,
+            shell_max_open_files: 1024,
+            shell_max_memory_bytes: 4 << 30,
+            http_allow: Vec::new(),
+            webhook_secret: None,
         }
     }
 }
@@ -212,6 +256,26 @@ impl Default for RateLimitConfig {
     }
 }
 
+/// Per-tenant quotas: what one tenant can cost the others.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Live DAGs a tenant may have; creating one more is refused (400).
+    pub max_dags_per_tenant: u64,
+    /// The shortest interval between two fire times of a schedule; a schedule firing
+    /// more often is refused (400).
+    pub min_schedule_interval_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_dags_per_tenant: 1000,
+            min_schedule_interval_ms: 10_000,
+        }
+    }
+}
+
 /// How long history is kept.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -248,8 +312,14 @@ pub struct Config {
     /// no peers always bootstraps its own single-node cluster.
     pub bootstrap: bool,
     pub peers: Vec<Peer>,
+    /// Networks (CIDR) a member added through the API must have its addresses in.
+    /// Default: loopback and the private ranges (10/8, 172.16/12, 192.168/16, fc00::/7).
+    pub peer_networks: Vec<String>,
     /// How long a write or a current read waits for a leader before `503`.
     pub leader_wait_ms: u64,
+    /// A connection (API or peer) that has not sent a request's headers this long after
+    /// connecting, or after starting a request, is closed (slowloris).
+    pub header_read_timeout_ms: u64,
     pub log_level: String,
     pub raft: RaftConfig,
     pub auth: AuthConfig,
@@ -257,6 +327,7 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub retention: RetentionConfig,
     pub rate_limit: RateLimitConfig,
+    pub limits: LimitsConfig,
     pub tls: TlsConfig,
 }
 
@@ -270,7 +341,18 @@ impl Default for Config {
             cluster_secret: None,
             bootstrap: false,
             peers: Vec::new(),
+            peer_networks: [
+                "127.0.0.0/8",
+                "::1/128",
+                "10.0.0.0/8",
+                "172.16.0.0/12",
+                "192.168.0.0/16",
+                "fc00::/7",
+            ]
+            .map(String::from)
+            .to_vec(),
             leader_wait_ms: 5000,
+            header_read_timeout_ms: 10_000,
             log_level: "info".into(),
             raft: RaftConfig::default(),
             auth: AuthConfig::default(),
@@ -278,6 +360,7 @@ impl Default for Config {
             scheduler: SchedulerConfig::default(),
             retention: RetentionConfig::default(),
             rate_limit: RateLimitConfig::default(),
+            limits: LimitsConfig::default(),
             tls: TlsConfig::default(),
         }
     }
@@ -387,8 +470,14 @@ impl Config {
                 "raft.snapshot_after_logs must be > 0 and raft.snapshot_chunk_bytes >= 1024".into(),
             );
         }
+        if let Err(e) = crate::cidr::parse_all(&self.peer_networks) {
+            return bad(format!("peer_networks: {e}"));
+        }
         if self.leader_wait_ms == 0 {
             return bad("leader_wait_ms must be > 0".into());
+        }
+        if self.header_read_timeout_ms == 0 {
+            return bad("header_read_timeout_ms must be > 0".into());
         }
         let e = &self.executor;
         if e.slots == 0 || e.heartbeat_ms == 0 || e.lease_ms < e.heartbeat_ms * 3 {
@@ -405,6 +494,21 @@ impl Config {
                 e.heartbeat_ms, e.lease_ms
             ));
         }
+        if let Err(err) = crate::cidr::parse_all(&e.http_allow) {
+            return bad(format!("executor.http_allow: {err}"));
+        }
+        if e.shell_default_timeout_ms == 0 {
+            return bad("executor.shell_default_timeout_ms must be > 0".into());
+        }
+        if let Some(w) = &e.shell_work_dir {
+            if w.starts_with(&self.data_dir) {
+                return bad(format!(
+                    "executor.shell_work_dir {} must be outside data_dir {}: tasks must not reach the node's secrets",
+                    w.display(),
+                    self.data_dir.display()
+                ));
+            }
+        }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             return bad("tls.cert_file and tls.key_file go together".into());
         }
@@ -415,6 +519,9 @@ impl Config {
             if !f.is_file() {
                 return bad(format!("TLS file {} does not exist", f.display()));
             }
+        }
+        if self.limits.max_dags_per_tenant == 0 {
+            return bad("limits.max_dags_per_tenant must be > 0".into());
         }
         if self.rate_limit.rps == 0 || self.rate_limit.gossip_ms == 0 {
             return bad("rate_limit.rps and rate_limit.gossip_ms must be > 0".into());
@@ -438,6 +545,20 @@ impl Config {
 
     pub fn leader_wait(&self) -> Duration {
         Duration::from_millis(self.leader_wait_ms)
+    }
+
+    /// Where shell attempts' working dirs go: outside the data dir.
+    pub fn shell_work_dir(&self) -> PathBuf {
+        if let Some(w) = &self.executor.shell_work_dir {
+            return w.clone();
+        }
+        match self.data_dir.file_name() {
+            Some(name) => self
+                .data_dir
+                .with_file_name(format!("{}-work", name.to_string_lossy())),
+            // A data dir like `.` or `/` has no name to put a sibling beside.
+            None => std::env::temp_dir().join(format!("orchestrator-work-{}", self.node_id)),
+        }
     }
 
     /// The cluster secret, generating and keeping one in the data dir for a single node.
@@ -469,26 +590,56 @@ impl Config {
         if c.auth.hs256_secret.is_some() {
             c.auth.hs256_secret = Some("<redacted>".into());
         }
+        if c.executor.webhook_secret.is_some() {
+            c.executor.webhook_secret = Some("<redacted>".into());
+        }
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}"))
     }
 }
 
+/// Create `dir` (and parents) if needed and make it private to the node's user (0700),
+/// fixing a dir an older version left open.
+pub fn private_dir(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)
+}
+
+/// A secret kept in a file readable by the node's user only (0600; an existing file with
+/// wider modes is narrowed), created with a random value when missing.
 fn read_or_create_secret(path: &Path) -> Result<String, Error> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
     };
     match std::fs::read_to_string(path) {
-        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(s) if !s.trim().is_empty() => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+            return Ok(s.trim().to_string());
+        }
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(e)),
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
+        private_dir(dir)?;
     }
     let secret = hex::encode(rand::random::<[u8; 32]>());
-    std::fs::write(path, &secret).map_err(io)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(secret.as_bytes()).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
     Ok(secret)
 }
 
@@ -641,6 +792,51 @@ mod tests {
         let flags = [("executor.fence_margin_ms".to_string(), "9000".to_string())];
         let err = Config::load(None, vec![], &flags).unwrap_err().to_string();
         assert!(err.contains("fence_margin_ms"), "{err}");
+    }
+
+    #[test]
+    fn secrets_and_the_data_dir_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // An old world-readable secret is narrowed, a new one created private.
+        std::fs::write(data.join("cluster.secret"), "old-secret").unwrap();
+        std::fs::set_permissions(
+            data.join("cluster.secret"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let mut c = Config {
+            data_dir: data.clone(),
+            ..Config::default()
+        };
+        private_dir(&data).unwrap();
+        assert_eq!(c.resolve_cluster_secret().unwrap(), "old-secret");
+        c.resolve_hs256_secret().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data), 0o700);
+        assert_eq!(mode(&data.join("cluster.secret")), 0o600);
+        assert_eq!(mode(&data.join("dev-jwt.secret")), 0o600);
+    }
+
+    #[test]
+    fn the_shell_work_dir_is_outside_the_data_dir() {
+        let c = Config {
+            data_dir: PathBuf::from("/srv/orch/data"),
+            ..Config::default()
+        };
+        assert_eq!(c.shell_work_dir(), PathBuf::from("/srv/orch/data-work"));
+        let flags = [
+            ("data_dir".to_string(), "/srv/orch/data".to_string()),
+            (
+                "executor.shell_work_dir".to_string(),
+                "/srv/orch/data/work".to_string(),
+            ),
+        ];
+        let err = Config::load(None, vec![], &flags).unwrap_err().to_string();
+        assert!(err.contains("outside data_dir"), "{err}");
     }
 
     #[test]

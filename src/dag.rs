@@ -184,6 +184,10 @@ pub fn check_id(field: &str, id: &str) -> Result<(), Error> {
             format!("'{id}' contains '{c}'; use letters, digits, '_', '-' and '.'"),
         );
     }
+    // Ids name directories (logs, work dirs): '.' and '..' would step out of them.
+    if id == "." || id == ".." {
+        return err(field, format!("'{id}' is not a usable id"));
+    }
     Ok(())
 }
 
@@ -460,6 +464,12 @@ mod tests {
         assert!(e.contains("cycle") && e.contains("->"), "{e}");
         let e = input(serde_json::json!({"dag_id":"d","tasks":[{"task_id":"a","kind":"noop","depends_on":["x"]}]})).unwrap_err();
         assert!(e.contains("unknown task 'x'"), "{e}");
+        for dots in [".", ".."] {
+            let e =
+                input(serde_json::json!({"dag_id":"d","tasks":[{"task_id":dots,"kind":"noop"}]}))
+                    .unwrap_err();
+            assert!(e.to_string().contains("usable id"), "{e}");
+        }
         let e = input(serde_json::json!({"dag_id":"d","tasks":[{"task_id":"a","kind":"noop"},{"task_id":"a","kind":"noop"}]})).unwrap_err();
         assert!(e.contains("used by two tasks"), "{e}");
         let e = input(serde_json::json!({"dag_id":"bad id!"})).unwrap_err();

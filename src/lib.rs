@@ -13,6 +13,7 @@
 //! - [`dag`]: DAG definition input and validation. [`schedule`]: cron and timezones.
 //! - [`rate_limit`]: per-tenant limits shared across nodes by gossip.
 //! - [`config`]: layered configuration. [`server`]: running one node end to end.
+//! - [`cidr`]: IP networks, for the peer networks members must be in.
 
 // openraft's `StorageError` and `RaftError` are large and are what its traits return;
 // boxing them at every call site would only obscure the code.
@@ -21,6 +22,7 @@
 pub mod actors;
 pub mod api;
 pub mod auth;
+pub mod cidr;
 pub mod config;
 pub mod dag;
 pub mod executor;

@@ -22,12 +22,6 @@ use crate::rate_limit::RateLimiter;
 pub enum Error {
     #[error(transparent)]
     Config(#[from] config::Error),
-    #[error("cannot create data dir {path}")]
-    DataDir {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("cannot open the database in {path} (is another node using this data dir?)")]
     Db {
         path: std::path::PathBuf,
@@ -58,10 +52,14 @@ pub async fn run(
     mut config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
+    // The data dir holds every tenant's state and the node's secrets: the node's user only.
+    config::private_dir(&config.data_dir)?;
+    // Other processes of the node's user (shell tasks without a `shell_user`) cannot read
+    // this process's environment or memory through /proc or ptrace.
+    // SAFETY: prctl(PR_SET_DUMPABLE) only changes this process's dumpable flag.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
     let secret = config.resolve_cluster_secret()?;
     let jwt_secret = config.resolve_hs256_secret()?;
     let db_path = config.data_dir.join("db");
@@ -140,13 +138,21 @@ pub async fn run(
     let api_handle = axum_server::Handle::new();
     let peer_handle = axum_server::Handle::new();
     let server_tls = tls.map(|t| t.0);
+    let header_timeout = std::time::Duration::from_millis(config.header_read_timeout_ms);
     let api_server = serve(
         api_listener,
         api_router,
         server_tls.clone(),
         api_handle.clone(),
+        header_timeout,
     )?;
-    let peer_server = serve(peer_listener, peer_router, server_tls, peer_handle.clone())?;
+    let peer_server = serve(
+        peer_listener,
+        peer_router,
+        server_tls,
+        peer_handle.clone(),
+        header_timeout,
+    )?;
     print!("{}", first_steps(&config));
     info!(node = config.node_id, api = %config.api_addr, peer = %config.peer_addr, "node started");
 
@@ -291,21 +297,36 @@ fn serve(
     router: axum::Router,
     tls: Option<RustlsConfig>,
     handle: axum_server::Handle<std::net::SocketAddr>,
+    header_timeout: std::time::Duration,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, Error> {
     let bind_err = |e: std::io::Error| Error::Tls(format!("cannot hand the listener over: {e}"));
     let std_listener = listener.into_std().map_err(bind_err)?;
     let service = router.into_make_service();
+    // Slowloris: a connection that does not finish its request headers in time is closed:
+    // `first_request_timeout` bounds a new connection until its first request's headers
+    // are in (it sends nothing at all, or dribbles them), `header_read_timeout` every
+    // request's headers once they have started.
     Ok(match tls {
         Some(cfg) => {
-            let server = axum_server::from_tcp_rustls(std_listener, cfg)
+            let mut server = axum_server::from_tcp_rustls(std_listener, cfg)
                 .map_err(bind_err)?
-                .handle(handle);
+                .handle(handle)
+                .first_request_timeout(header_timeout);
+            server
+                .http_builder()
+                .http1()
+                .header_read_timeout(header_timeout);
             tokio::spawn(server.serve(service))
         }
         None => {
-            let server = axum_server::from_tcp(std_listener)
+            let mut server = axum_server::from_tcp(std_listener)
                 .map_err(bind_err)?
-                .handle(handle);
+                .handle(handle)
+                .first_request_timeout(header_timeout);
+            server
+                .http_builder()
+                .http1()
+                .header_read_timeout(header_timeout);
             tokio::spawn(server.serve(service))
         }
     })
@@ -345,7 +366,7 @@ pub fn first_steps(config: &Config) -> String {
         out.push_str(&format!("  export ORCHESTRATOR_CA_FILE={}\n", ca.display()));
     }
     out.push_str(&format!(
-        "  export ORCHESTRATOR_TOKEN=$(orchestrator token --data-dir {} --tenant dev --scope \"orchestrator:read orchestrator:write orchestrator:admin\")\n",
+        "  export ORCHESTRATOR_TOKEN=$(orchestrator token --data-dir {} --tenant ops --scope \"orchestrator:read orchestrator:write orchestrator:admin orchestrator:shell\")\n",
         data_dir.display()
     ));
     out.push_str("  orchestrator cluster status\n");

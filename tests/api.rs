@@ -100,7 +100,10 @@ fn assert_error(status: StatusCode, body: &Value, want: StatusCode, code: &str) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spec_examples_and_every_error_code() {
     let c = up(3, &[]).await;
-    let t = c.token("acme", "orchestrator:read orchestrator:write");
+    let t = c.token(
+        "acme",
+        "orchestrator:read orchestrator:write orchestrator:shell",
+    );
     let read_only = c.token("acme", "orchestrator:read");
     // The spec's request examples, verbatim, through different nodes.
     let (s, v, h) = raw(
@@ -536,7 +539,10 @@ async fn jwt_attack_matrix() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_cannot_see_each_other_on_any_endpoint() {
     let c = up(3, &[]).await;
-    let a = c.token("team-a", "orchestrator:read orchestrator:write");
+    let a = c.token(
+        "team-a",
+        "orchestrator:read orchestrator:write orchestrator:shell",
+    );
     let b = c.token("team-b", "orchestrator:read orchestrator:write");
     c.post(
         1,

@@ -13,7 +13,7 @@ LC=scripts/local-cluster.sh
 rm -rf "$LOCAL_CLUSTER_DIR"
 trap '$LC down >/dev/null 2>&1 || true' EXIT
 $LC up >/dev/null
-TOKEN=$($LC token --tenant bench --scope "orchestrator:read orchestrator:write orchestrator:admin" | tail -1)
+TOKEN=$($LC token --tenant ops --scope "orchestrator:read orchestrator:write orchestrator:admin" | tail -1)
 API=/api/v1/runtime/orchestrator
 now_ms() { date +%s%3N; }
 post() { # node path body -> http status

@@ -348,7 +348,7 @@ class LocalBackend:
                 signal_pid(p, "KILL")
 
     def token(self):
-        return self.lc("token", "--tenant", "chaos", "--scope", SCOPES, "--ttl", "2h").splitlines()[-1]
+        return self.lc("token", "--tenant", "ops", "--scope", SCOPES, "--ttl", "2h").splitlines()[-1]
 
     def kill(self, n):
         if self.scope == "node":
@@ -426,7 +426,7 @@ class DockerBackend(LocalBackend):
 
     def token(self):
         return subprocess.run(["docker", "exec", "orchchaos_node1_1", "/orchestrator", "token", "--config",
-                               "/etc/orchestrator.toml", "--tenant", "chaos", "--scope", SCOPES, "--ttl", "2h"],
+                               "/etc/orchestrator.toml", "--tenant", "ops", "--scope", SCOPES, "--ttl", "2h"],
                               capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
 
     def kill(self, n):

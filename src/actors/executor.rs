@@ -26,7 +26,9 @@ use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use super::{system_request, ProposerHandle, RegistryHandle};
-use crate::config::ExecutorConfig;
+use crate::config::{Config, ExecutorConfig};
+use crate::executor::egress::Egress;
+use crate::executor::sandbox::ShellPolicy;
 use crate::executor::{self, AttemptSpec};
 use crate::raft::RaftNode;
 use crate::state::command::{AttemptRef, AttemptResult};
@@ -66,7 +68,8 @@ pub struct Executor {
     /// Attempts stopped for lack of renewal; nothing starts until a heartbeat commits.
     fenced: bool,
     running: HashMap<TaskKey, Running>,
-    http: reqwest::Client,
+    egress: Arc<Egress>,
+    shell: Arc<ShellPolicy>,
 }
 
 impl Executor {
@@ -75,24 +78,24 @@ impl Executor {
         proposer: ProposerHandle,
         registry: RegistryHandle,
         rt: tokio::runtime::Handle,
-        config: ExecutorConfig,
-        data_dir: PathBuf,
-        log_retention: Duration,
+        config: &Config,
     ) -> Self {
         Executor {
             node,
             proposer,
             registry,
             rt,
-            config,
-            data_dir,
-            log_retention,
+            config: config.executor.clone(),
+            data_dir: config.data_dir.clone(),
+            log_retention: Duration::from_millis(config.retention.runs_ms),
             incarnation: hex::encode(rand::random::<[u8; 8]>()),
             ready: false,
             renewed_at: None,
             fenced: false,
             running: HashMap::new(),
-            http: reqwest::Client::new(),
+            // `http_allow` was parsed when the config was validated.
+            egress: Arc::new(Egress::from_config(config).unwrap_or_default()),
+            shell: Arc::new(ShellPolicy::from_config(config)),
         }
     }
 
@@ -253,14 +256,15 @@ impl Executor {
         let registry = self.registry.clone();
         let data_dir = self.data_dir.clone();
         let log_cap = self.config.log_cap_bytes;
-        let http = self.http.clone();
+        let egress = self.egress.clone();
+        let shell = self.shell.clone();
         let me = ctx.address();
         debug!(node = node.id, run_id = %run_id, task_id = %task_id, attempt, "starting attempt");
         self.rt.spawn(async move {
             let result = match load(&node, &registry, &run_id).await {
                 Ok((run, spec)) => match spec.tasks.iter().find(|t| t.task_id == task_id) {
                     Some(task) => {
-                        let a = AttemptSpec { run: &run, task, attempt, data_dir: &data_dir, log_cap, http: &http };
+                        let a = AttemptSpec { run: &run, task, attempt, data_dir: &data_dir, log_cap, egress: &egress, shell: &shell };
                         let pg_dir = data_dir.join("executor").join("pgids");
                         let mut pg_file = None;
                         let r = executor::run_attempt(a, cancel, |pgid| {
@@ -380,11 +384,12 @@ impl Actor for Executor {
             }
         });
         // Output and working dirs of runs older than the retention go, once an hour.
-        let (dir, keep) = (self.data_dir.clone(), self.log_retention);
+        let roots = vec![self.data_dir.join("logs"), self.shell.work_root.clone()];
+        let keep = self.log_retention;
         ctx.run_interval(Duration::from_secs(3600), move |act, _| {
-            let dir = dir.clone();
+            let roots = roots.clone();
             act.rt
-                .spawn_blocking(move || executor::remove_older_than(&dir, keep));
+                .spawn_blocking(move || executor::remove_older_than(&roots, keep));
         });
         let every = Duration::from_millis(self.config.heartbeat_ms);
         ctx.run_interval(every, |act, ctx| {

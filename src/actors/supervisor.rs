@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use super::{system_request, LeaderGate, Leadership, ProposerHandle};
 use crate::config::Config;
+use crate::executor::egress::{self, Egress};
 use crate::raft::RaftNode;
 use crate::state::command::Retention;
 use crate::state::machine::{clock, PROTOCOL_VERSION};
@@ -70,7 +71,7 @@ pub struct Supervisor {
     last_purge: Instant,
     last_protocol_check: Instant,
     delivering: Arc<Mutex<HashSet<String>>>,
-    http: reqwest::Client,
+    egress: Arc<Egress>,
 }
 
 impl Supervisor {
@@ -80,6 +81,8 @@ impl Supervisor {
         rt: tokio::runtime::Handle,
         config: Arc<Config>,
     ) -> Self {
+        // `http_allow` was parsed when the config was validated.
+        let egress = Arc::new(Egress::from_config(&config).unwrap_or_default());
         Supervisor {
             node,
             proposer,
@@ -91,10 +94,7 @@ impl Supervisor {
             last_purge: Instant::now(),
             last_protocol_check: Instant::now() - PROTOCOL_CHECK_EVERY,
             delivering: Arc::new(Mutex::new(HashSet::new())),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()
-                .unwrap_or_else(|e| panic!("a plain HTTP client always builds: {e}")),
+            egress,
         }
     }
 
@@ -190,17 +190,34 @@ impl Supervisor {
             let Ok(n) = serde_json::from_slice::<Notification>(&v) else {
                 continue;
             };
-            let http = self.http.clone();
+            let egress = self.egress.clone();
+            let secret = self.config.executor.webhook_secret.clone();
             let proposer = self.proposer.clone();
             let delivering = self.delivering.clone();
             self.rt.spawn(async move {
                 let body = serde_json::json!({
                     "event": n.event, "tenant": n.tenant, "dag_id": n.dag_id,
                     "run_id": n.run_id, "state": n.run_state,
-                });
+                })
+                .to_string();
                 let mut delivered = false;
                 for attempt in 0..3u32 {
-                    match http.post(&n.url).json(&body).send().await {
+                    // Resolved and checked at every try, and sent to the checked address.
+                    let http = match egress.client_for(&n.url, Duration::from_secs(5)).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            warn!(run_id = %n.run_id, error = %e, "webhook refused by the egress policy");
+                            break;
+                        }
+                    };
+                    let mut req = http
+                        .post(&n.url)
+                        .header(reqwest::header::CONTENT_TYPE, "application/json")
+                        .body(body.clone());
+                    if let Some(s) = &secret {
+                        req = req.header(egress::SIGNATURE_HEADER, egress::signature(s, body.as_bytes()));
+                    }
+                    match req.send().await {
                         Ok(r) if r.status().is_success() => {
                             delivered = true;
                             break;
@@ -211,7 +228,8 @@ impl Supervisor {
                     tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
                 }
                 if !delivered {
-                    warn!(run_id = %n.run_id, event = %n.event, url = %n.url, "webhook given up after 3 attempts");
+                    // Not the URL: it may carry a token.
+                    warn!(run_id = %n.run_id, event = %n.event, "webhook given up after 3 attempts");
                 }
                 let ack = Command::AckNotifications { keys: vec![key.clone()] };
                 if let Err(e) = proposer.propose(system_request(ack)).await {

@@ -65,9 +65,7 @@ impl ActorSystem {
                         proposer.clone(),
                         registry.clone(),
                         rt.clone(),
-                        config.executor.clone(),
-                        config.data_dir.clone(),
-                        std::time::Duration::from_millis(config.retention.runs_ms),
+                        &config,
                     );
                     let actors = Actors {
                         proposer,

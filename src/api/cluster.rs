@@ -1,5 +1,6 @@
 //! Health and cluster endpoints: `/healthz`, `/readyz`, cluster status, membership
-//! changes and on-demand snapshots (admin).
+//! changes and on-demand snapshots. Everything but the health probes belongs to operators
+//! (admins of `auth.operator_tenants`): tenants see no node addresses.
 
 use axum::body::Bytes;
 use axum::extract::rejection::JsonRejection;
@@ -13,7 +14,10 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::routes::{json_body, ApiState};
-use crate::auth::{Access, Principal};
+use tracing::info;
+
+use crate::auth::Principal;
+use crate::cidr;
 use crate::raft::node::MembershipOp;
 use crate::raft::Member;
 
@@ -55,7 +59,7 @@ pub async fn status(
     State(st): State<ApiState>,
     Extension(p): Extension<Principal>,
 ) -> Result<Response, ApiError> {
-    p.require(Access::Read)?;
+    p.require_operator(&st.node.config().auth.operator_tenants)?;
     let s = st.node.status().await;
     let digest = st.node.db.state_digest()?;
     let mut v = serde_json::to_value(&s).map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -87,19 +91,37 @@ pub async fn add_member(
     Extension(p): Extension<Principal>,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    p.require(Access::Admin)?;
+    p.require_operator(&st.node.config().auth.operator_tenants)?;
     let m: MemberInput = serde_json::from_value(json_body(body)?)
         .map_err(|e| ApiError::InvalidRequest(format!("invalid member: {e}")))?;
+    let networks = cidr::parse_all(&st.node.config().peer_networks)
+        .map_err(|e| ApiError::Internal(format!("peer_networks: {e}")))?;
     for (f, a) in [("api_addr", &m.api_addr), ("peer_addr", &m.peer_addr)] {
-        if a.parse::<std::net::SocketAddr>().is_err() {
+        let Ok(addr) = a.parse::<std::net::SocketAddr>() else {
             return Err(ApiError::InvalidRequest(format!(
                 "{f}: '{a}' is not IP:port"
+            )));
+        };
+        if !cidr::any_contains(&networks, addr.ip()) {
+            return Err(ApiError::InvalidRequest(format!(
+                "{f}: {} is outside the cluster's peer networks (peer_networks)",
+                addr.ip()
             )));
         }
     }
     if m.node_id == 0 {
         return Err(ApiError::InvalidRequest("node_id must be 1 or more".into()));
     }
+    info!(
+        audit = "membership",
+        action = "add",
+        subject = %p.subject,
+        tenant = %p.tenant,
+        node_id = m.node_id,
+        api_addr = %m.api_addr,
+        peer_addr = %m.peer_addr,
+        "membership change requested"
+    );
     let op = MembershipOp::Add {
         node_id: m.node_id,
         member: Member {
@@ -117,10 +139,18 @@ pub async fn remove_member(
     Extension(p): Extension<Principal>,
     Path(node_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    p.require(Access::Admin)?;
+    p.require_operator(&st.node.config().auth.operator_tenants)?;
     let node_id: u64 = node_id
         .parse()
         .map_err(|_| ApiError::InvalidRequest(format!("node id '{node_id}' is not a number")))?;
+    info!(
+        audit = "membership",
+        action = "remove",
+        subject = %p.subject,
+        tenant = %p.tenant,
+        node_id,
+        "membership change requested"
+    );
     let status = st
         .node
         .change_membership_anywhere(MembershipOp::Remove { node_id })
@@ -135,7 +165,8 @@ pub async fn snapshot(
     Extension(p): Extension<Principal>,
     _body: Bytes,
 ) -> Result<Response, ApiError> {
-    p.require(Access::Admin)?;
+    p.require_operator(&st.node.config().auth.operator_tenants)?;
+    info!(audit = "snapshot", subject = %p.subject, tenant = %p.tenant, "snapshot requested");
     let before = st.node.db.log_size_bytes();
     st.node
         .raft

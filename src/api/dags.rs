@@ -17,7 +17,7 @@ use crate::auth::{Access, Principal};
 use crate::dag::{self, DagInput};
 use crate::schedule::Schedule;
 use crate::state::machine::keys;
-use crate::state::model::Dag;
+use crate::state::model::{Dag, DagSpec, TaskKind};
 use crate::state::{Command, Outcome, Table};
 
 fn status_of(dag: &Dag) -> &'static str {
@@ -42,6 +42,19 @@ pub async fn submit(
     let input: DagInput = serde_json::from_value(raw.clone())
         .map_err(|e| ApiError::InvalidRequest(format!("invalid DAG: {e}")))?;
     let spec = dag::validate(&input)?;
+    if spec
+        .tasks
+        .iter()
+        .any(|t| matches!(t.kind, TaskKind::Shell { .. }))
+    {
+        if !st.node.config().executor.shell_enabled {
+            return Err(ApiError::Forbidden(
+                "shell tasks are disabled on this cluster (executor.shell_enabled)".into(),
+            ));
+        }
+        p.require(Access::Shell)?;
+    }
+    check_limits(&st, &p.tenant, &spec)?;
     let if_match = headers
         .get(header::IF_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -68,6 +81,59 @@ pub async fn submit(
         Json(json!({"dag_id": dag_id, "status": status, "version": version})).into_response(),
         replayed,
     ))
+}
+
+/// Per-tenant quotas (`limits.*`): the shortest schedule interval and, for a new DAG, the
+/// number of live DAGs. The count is read here, not in apply: concurrent creates may
+/// overshoot it by the number in flight.
+fn check_limits(st: &ApiState, tenant: &str, spec: &DagSpec) -> Result<(), ApiError> {
+    let limits = &st.node.config().limits;
+    if let Some(expr) = &spec.schedule {
+        if let Ok(schedule) = Schedule::parse(expr, &spec.timezone) {
+            let times = schedule.upcoming(now_ms(), 32);
+            let gap = times.windows(2).map(|w| w[1] - w[0]).min();
+            if let Some(gap) = gap.filter(|g| (*g as u64) < limits.min_schedule_interval_ms) {
+                return Err(ApiError::InvalidRequest(format!(
+                    "schedule '{expr}' fires every {} ms; limits.min_schedule_interval_ms allows at most one run every {} ms",
+                    gap, limits.min_schedule_interval_ms
+                )));
+            }
+        }
+    }
+    let exists = st
+        .node
+        .db
+        .get(Table::Dags.name(), &keys::dag(tenant, &spec.dag_id))?
+        .and_then(|b| serde_json::from_slice::<Dag>(&b).ok())
+        .is_some_and(|d| !d.deleted);
+    if !exists {
+        let max = limits.max_dags_per_tenant;
+        let prefix = keys::prefix(&[tenant.as_bytes()]);
+        let mut live = 0u64;
+        let mut last: Option<Vec<u8>> = None;
+        loop {
+            let page = st
+                .node
+                .db
+                .scan_prefix(Table::Dags, &prefix, last.as_deref(), 500)?;
+            let done = page.len() < 500;
+            for (k, v) in page {
+                last = Some(k);
+                if serde_json::from_slice::<Dag>(&v).is_ok_and(|d| !d.deleted) {
+                    live += 1;
+                }
+            }
+            if live >= max {
+                return Err(ApiError::InvalidRequest(format!(
+                    "tenant '{tenant}' already has {live} DAGs, the limit (limits.max_dags_per_tenant = {max})"
+                )));
+            }
+            if done {
+                break;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A tenant's live DAG, read after a linearizable barrier, or 404.

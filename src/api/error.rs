@@ -93,7 +93,9 @@ impl IntoResponse for ApiError {
 impl From<auth::Error> for ApiError {
     fn from(e: auth::Error) -> Self {
         match e {
-            auth::Error::MissingScope { .. } => ApiError::Forbidden(e.to_string()),
+            auth::Error::MissingScope { .. } | auth::Error::NotOperator => {
+                ApiError::Forbidden(e.to_string())
+            }
             auth::Error::Mint(m) => ApiError::Internal(m),
             _ => ApiError::Unauthorized(e.to_string()),
         }

@@ -1,7 +1,9 @@
-//! Running one task attempt: `shell` (`/bin/sh -c` in its own process group, a working
-//! dir per attempt, identity and window in the environment and in `{{ }}` templates,
-//! killed as a group on timeout or cancel), `http` (method, URL, headers, body, expected
-//! status, all templated) and `noop`. Output goes to a per-attempt log file with a size
+//! Running one task attempt: `shell` (`/bin/sh -c` in its own process group, only when
+//! the node's [`sandbox::ShellPolicy`] enables it, with a cleared environment, rlimits,
+//! optionally another user, a working dir per attempt outside the data dir, identity and
+//! window in the environment and in `{{ }}` templates, killed as a group on timeout or
+//! cancel), `http` (method, URL, headers, body, expected status, all templated; through
+//! the node's [`egress::Egress`] policy, the answer read only up to the log cap) and `noop`. Output goes to a per-attempt log file with a size
 //! cap. Nothing here knows Raft: the executor actor reports the [`AttemptResult`].
 
 use std::path::{Path, PathBuf};
@@ -11,6 +13,9 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
+
+pub mod egress;
+pub mod sandbox;
 
 use crate::state::command::AttemptResult;
 use crate::state::model::{Run, TaskKind, TaskSpec};
@@ -109,7 +114,8 @@ pub struct AttemptSpec<'a> {
     pub attempt: u32,
     pub data_dir: &'a Path,
     pub log_cap: u64,
-    pub http: &'a reqwest::Client,
+    pub egress: &'a egress::Egress,
+    pub shell: &'a sandbox::ShellPolicy,
 }
 
 /// Run the attempt to its end, its timeout, or `cancel`.
@@ -125,7 +131,17 @@ pub async fn run_attempt(
     match &a.task.kind {
         TaskKind::Noop => AttemptResult::Success { exit_code: None },
         TaskKind::Shell { command } => {
+            // Checked again here: the node that accepted the DAG may not be this one.
+            if !a.shell.enabled {
+                let error = sandbox::Error::Disabled.to_string();
+                write_log(&log_file, &error).await;
+                return AttemptResult::Failed {
+                    exit_code: None,
+                    error,
+                };
+            }
             let cmd = render(command, &vars);
+            let timeout = Some(timeout.unwrap_or(a.shell.default_timeout));
             run_shell(&cmd, &vars, &a, &log_file, timeout, cancel, on_pgid).await
         }
         TaskKind::Http {
@@ -138,10 +154,19 @@ pub async fn run_attempt(
             let url = render(url, &vars);
             let method =
                 reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
-            let mut req = a
-                .http
-                .request(method, &url)
-                .timeout(timeout.unwrap_or(DEFAULT_HTTP_TIMEOUT));
+            let limit = timeout.unwrap_or(DEFAULT_HTTP_TIMEOUT);
+            let client = match a.egress.client_for(&url, limit).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let error = format!("http {url}: {e}");
+                    write_log(&log_file, &error).await;
+                    return AttemptResult::Failed {
+                        exit_code: None,
+                        error,
+                    };
+                }
+            };
+            let mut req = client.request(method, &url);
             for (k, v) in headers {
                 req = req.header(k.as_str(), render(v, &vars));
             }
@@ -157,14 +182,21 @@ pub async fn run_attempt(
                         exit_code: None,
                         error: format!("http {url}: {e}"),
                     },
-                    Ok(resp) => {
+                    Ok(mut resp) => {
                         let status = resp.status().as_u16();
-                        let text = resp.text().await.unwrap_or_default();
-                        write_log(
-                            &log_file,
-                            &format!("HTTP {status}\n{}", truncate(&text, a.log_cap as usize)),
-                        )
-                        .await;
+                        // Read only up to the log cap: a huge answer is never buffered.
+                        let mut out = format!("HTTP {status}\n").into_bytes();
+                        let cap = out.len() + a.log_cap as usize;
+                        while out.len() < cap {
+                            match resp.chunk().await {
+                                Ok(Some(chunk)) => {
+                                    let take = (cap - out.len()).min(chunk.len());
+                                    out.extend_from_slice(&chunk[..take]);
+                                }
+                                Ok(None) | Err(_) => break,
+                            }
+                        }
+                        write_log(&log_file, &String::from_utf8_lossy(&out)).await;
                         let ok = match expect_status {
                             Some(s) => status == *s,
                             None => (200..300).contains(&status),
@@ -188,17 +220,6 @@ pub async fn run_attempt(
     }
 }
 
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 async fn write_log(path: &Path, text: &str) {
     if let Some(dir) = path.parent() {
         let _ = tokio::fs::create_dir_all(dir).await;
@@ -206,12 +227,12 @@ async fn write_log(path: &Path, text: &str) {
     let _ = tokio::fs::write(path, text).await;
 }
 
-/// Remove per-run log and working directories not modified for longer than `keep`.
-/// Returns how many run directories went.
-pub fn remove_older_than(data_dir: &Path, keep: Duration) -> usize {
+/// Remove per-run directories (under each of `roots`: the log dir, the shell work root)
+/// not modified for longer than `keep`. Returns how many run directories went.
+pub fn remove_older_than(roots: &[PathBuf], keep: Duration) -> usize {
     let mut removed = 0;
-    for sub in ["logs", "work"] {
-        let Ok(entries) = std::fs::read_dir(data_dir.join(sub)) else {
+    for root in roots {
+        let Ok(entries) = std::fs::read_dir(root) else {
             continue;
         };
         for e in entries.flatten() {
@@ -227,6 +248,17 @@ pub fn remove_older_than(data_dir: &Path, keep: Duration) -> usize {
         }
     }
     removed
+}
+
+/// Create an attempt's working dir, private to the user the attempt runs as.
+async fn prepare_work_dir(work: &Path, identity: Option<(u32, u32)>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    tokio::fs::create_dir_all(work).await?;
+    tokio::fs::set_permissions(work, std::fs::Permissions::from_mode(0o700)).await?;
+    if let Some((uid, gid)) = identity {
+        std::os::unix::fs::chown(work, Some(uid), Some(gid))?;
+    }
+    Ok(())
 }
 
 /// Kill a whole process group.
@@ -248,13 +280,22 @@ async fn run_shell(
     cancel: oneshot::Receiver<()>,
     on_pgid: impl FnOnce(i32),
 ) -> AttemptResult {
+    let identity = match a.shell.identity() {
+        Ok(i) => i,
+        Err(e) => {
+            return AttemptResult::Failed {
+                exit_code: None,
+                error: e.to_string(),
+            }
+        }
+    };
     let work = a
-        .data_dir
-        .join("work")
+        .shell
+        .work_root
         .join(&a.run.run_id)
         .join(&a.task.task_id)
         .join(a.attempt.to_string());
-    if let Err(e) = tokio::fs::create_dir_all(&work).await {
+    if let Err(e) = prepare_work_dir(&work, identity).await {
         return AttemptResult::Failed {
             exit_code: None,
             error: format!("cannot create working dir {}: {e}", work.display()),
@@ -281,9 +322,13 @@ async fn run_shell(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
-        .kill_on_drop(true);
-    for (name, value) in vars {
-        command.env(format!("ORCHESTRATOR_{}", name.to_ascii_uppercase()), value);
+        .kill_on_drop(true)
+        .env_clear()
+        .envs(sandbox::environment(vars, &work));
+    let limits = a.shell.limits;
+    // SAFETY: the closure only makes async-signal-safe syscalls (see `sandbox::in_child`).
+    unsafe {
+        command.pre_exec(move || sandbox::in_child(limits, identity));
     }
     let mut child = match command.spawn() {
         Ok(c) => c,
@@ -350,9 +395,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("logs/run_1/t")).unwrap();
         std::fs::create_dir_all(dir.path().join("work/run_1/t/1")).unwrap();
-        assert_eq!(remove_older_than(dir.path(), Duration::from_secs(3600)), 0);
+        let roots = [dir.path().join("logs"), dir.path().join("work")];
+        assert_eq!(remove_older_than(&roots, Duration::from_secs(3600)), 0);
         std::thread::sleep(Duration::from_millis(20));
-        assert_eq!(remove_older_than(dir.path(), Duration::from_millis(1)), 2);
+        assert_eq!(remove_older_than(&roots, Duration::from_millis(1)), 2);
         assert!(!dir.path().join("logs/run_1").exists());
     }
 

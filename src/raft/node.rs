@@ -96,6 +96,11 @@ pub struct RaftNode {
 }
 
 impl RaftNode {
+    /// This node's configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// Open the stores and start openraft (does not form a cluster; see [`Self::bootstrap`]).
     pub async fn start(
         config: Arc<Config>,

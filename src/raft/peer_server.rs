@@ -1,11 +1,13 @@
 //! The peer listener: Raft RPCs (`/raft/*`) and node-to-node calls (`/cluster/*`:
 //! forwarded writes, read index, membership, status). Served on the peer address only;
-//! rate-limit gossip; every request must carry the cluster secret and this node's id, and a malformed body
-//! is answered with an error, never a crash.
+//! rate-limit gossip; every request must carry the cluster secret and this node's id
+//! (checked before its body is read), and a malformed body is answered with an error,
+//! never a crash.
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -43,6 +45,9 @@ pub fn router(node: RaftNode, secret: &str, limiter: std::sync::Arc<RateLimiter>
         .route("/cluster/log", post(attempt_log))
         .route("/cluster/rate", post(rate_report))
         .layer(DefaultBodyLimit::max(256 << 20))
+        // The caller is checked before any body is read: an unauthenticated request
+        // costs its headers and nothing more.
+        .route_layer(middleware::from_fn_with_state(state.clone(), gate))
         .with_state(state)
 }
 
@@ -54,12 +59,32 @@ fn reject(status: StatusCode, message: String) -> Response {
         .into_response()
 }
 
-/// Check the secret and target id, then decode the body.
-fn admit<T: DeserializeOwned>(
-    st: &PeerState,
-    headers: &HeaderMap,
-    body: &Bytes,
-) -> Result<T, Response> {
+/// Admit only callers with the cluster secret and this node's id, before the body.
+async fn gate(State(st): State<PeerState>, req: Request, next: Next) -> Response {
+    match check_caller(&st, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(r) => {
+            // Not reading the body: the connection is closed rather than drained.
+            let mut r = r;
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
+    }
+}
+
+/// Decode an admitted call's body.
+fn admit<T: DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
+    serde_json::from_slice(body).map_err(|e| {
+        reject(
+            StatusCode::BAD_REQUEST,
+            format!("malformed peer request: {e}"),
+        )
+    })
+}
+
+/// The cluster secret (compared in constant time) and this node's id as the target.
+fn check_caller(st: &PeerState, headers: &HeaderMap) -> Result<(), Response> {
     let secret = headers.get(HEADER_SECRET).and_then(|v| v.to_str().ok());
     // Constant-time comparison: the secret must not leak through timing.
     let ok = secret.is_some_and(|s| {
@@ -94,76 +119,71 @@ fn admit<T: DeserializeOwned>(
             format!("this is node {}, not {:?}", st.node.id, target),
         ));
     }
-    serde_json::from_slice(body).map_err(|e| {
-        reject(
-            StatusCode::BAD_REQUEST,
-            format!("malformed peer request: {e}"),
-        )
-    })
+    Ok(())
 }
 
 fn reply<T: Serialize>(v: T) -> Response {
     Json(v).into_response()
 }
 
-async fn append(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
-    match admit(&st, &headers, &body) {
+async fn append(State(st): State<PeerState>, body: Bytes) -> Response {
+    match admit(&body) {
         Ok(req) => reply(st.node.raft.append_entries(req).await),
         Err(r) => r,
     }
 }
 
-async fn vote(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
-    match admit(&st, &headers, &body) {
+async fn vote(State(st): State<PeerState>, body: Bytes) -> Response {
+    match admit(&body) {
         Ok(req) => reply(st.node.raft.vote(req).await),
         Err(r) => r,
     }
 }
 
-async fn snapshot(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
-    match admit(&st, &headers, &body) {
+async fn snapshot(State(st): State<PeerState>, body: Bytes) -> Response {
+    match admit(&body) {
         Ok(req) => reply(st.node.raft.install_snapshot(req).await),
         Err(r) => r,
     }
 }
 
-async fn propose(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
-    match admit::<Batch>(&st, &headers, &body) {
+async fn propose(State(st): State<PeerState>, body: Bytes) -> Response {
+    match admit::<Batch>(&body) {
         Ok(batch) => reply(st.node.propose(batch, true).await),
         Err(r) => r,
     }
 }
 
-async fn read_index(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
-    match admit::<()>(&st, &headers, &body) {
+async fn read_index(State(st): State<PeerState>, body: Bytes) -> Response {
+    match admit::<()>(&body) {
         Ok(()) => reply(st.node.read_index().await),
         Err(r) => r,
     }
 }
 
-async fn membership(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
-    match admit::<MembershipOp>(&st, &headers, &body) {
+async fn membership(State(st): State<PeerState>, body: Bytes) -> Response {
+    match admit::<MembershipOp>(&body) {
         Ok(op) => reply(st.node.change_membership(op).await),
         Err(r) => r,
     }
 }
 
-async fn status(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
-    match admit::<()>(&st, &headers, &body) {
+async fn status(State(st): State<PeerState>, body: Bytes) -> Response {
+    match admit::<()>(&body) {
         Ok(()) => reply(st.node.status().await),
         Err(r) => r,
     }
 }
 
-async fn attempt_log(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
-    match admit::<LogRequest>(&st, &headers, &body) {
+async fn attempt_log(State(st): State<PeerState>, body: Bytes) -> Response {
+    match admit::<LogRequest>(&body) {
         Ok(r) => reply(st.node.local_attempt_log(&r.run_id, &r.task_id, r.attempt)),
         Err(r) => r,
     }
 }
 
-async fn rate_report(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
-    match admit::<Report>(&st, &headers, &body) {
+async fn rate_report(State(st): State<PeerState>, body: Bytes) -> Response {
+    match admit::<Report>(&body) {
         Ok(r) => {
             st.limiter.merge(r);
             reply(())

@@ -16,7 +16,8 @@ use reqwest::StatusCode;
 use serde_json::Value;
 
 pub const BASE: &str = "/api/v1/runtime/orchestrator";
-pub const ALL_SCOPES: &str = "orchestrator:read orchestrator:write orchestrator:admin";
+pub const ALL_SCOPES: &str =
+    "orchestrator:read orchestrator:write orchestrator:admin orchestrator:shell";
 
 pub struct Node {
     pub id: u64,
@@ -141,6 +142,21 @@ impl Cluster {
                 "ORCHESTRATOR_RATE_LIMIT__BURST".to_string(),
                 "100000".to_string(),
             ),
+            // Tests run shell tasks (tests/security.rs turns it off where it checks that),
+            // schedules firing every second or two, and http tasks against loopback.
+            (
+                "ORCHESTRATOR_EXECUTOR__SHELL_ENABLED".to_string(),
+                "true".to_string(),
+            ),
+            (
+                "ORCHESTRATOR_LIMITS__MIN_SCHEDULE_INTERVAL_MS".to_string(),
+                "1000".to_string(),
+            ),
+            // http tasks and webhooks of the tests go to servers on loopback.
+            (
+                "ORCHESTRATOR_EXECUTOR__HTTP_ALLOW".to_string(),
+                r#"["127.0.0.0/8"]"#.to_string(),
+            ),
         ];
         all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         // Trust the cluster's CA (or its self-signed certificate) when it serves TLS.
@@ -160,7 +176,7 @@ impl Cluster {
             _tmp: tmp,
             // Per cluster, so two test clusters can never talk to each other.
             secret: format!("test-secret-{}", hex_id()),
-            jwt_secret: "test-jwt-secret".into(),
+            jwt_secret: "test-jwt-secret-of-32-bytes-or-more".into(),
             env: all_env,
             http: http.build().expect("http client"),
             scheme: if tls_cert.is_some() { "https" } else { "http" },
@@ -283,6 +299,11 @@ impl Cluster {
 
     pub fn resume(&self, id: u64) {
         self.signal(id, libc::SIGCONT);
+    }
+
+    /// The process id of a running node.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.node(id).child.as_ref().map(|c| c.id())
     }
 
     pub fn is_running(&self, id: u64) -> bool {

@@ -1,0 +1,256 @@
+//! Where `http` tasks and webhooks may connect. A URL's host is resolved once, every
+//! address it resolves to is checked, and the request goes to the checked address
+//! (reqwest `resolve`), so a second DNS answer cannot swap in another. Loopback,
+//! link-local, private, CGNAT, ULA, multicast, unspecified and the cluster's own
+//! addresses are refused unless `executor.http_allow` lists them. No proxy variables are
+//! honoured and no redirect is followed. Webhook bodies are signed with HMAC-SHA256.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::cidr::{self, Cidr};
+use crate::config::Config;
+
+/// The header carrying a webhook's signature: `sha256=<hex of HMAC-SHA256(body)>`.
+pub const SIGNATURE_HEADER: &str = "X-Orchestrator-Signature";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("not an http(s) URL with a host")]
+    BadUrl(String),
+    #[error("cannot resolve {host}: {source}")]
+    Resolve {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{host} resolves to {addr}, which the egress policy refuses (executor.http_allow)")]
+    Refused { host: String, addr: IpAddr },
+    #[error("cannot build an HTTP client: {0}")]
+    Client(String),
+}
+
+/// This node's egress policy.
+#[derive(Debug, Clone, Default)]
+pub struct Egress {
+    allow: Vec<Cidr>,
+    own: Vec<IpAddr>,
+}
+
+impl Egress {
+    pub fn from_config(c: &Config) -> Result<Egress, cidr::ParseError> {
+        let allow = cidr::parse_all(&c.executor.http_allow)?;
+        let mut own: Vec<IpAddr> = [&c.api_addr, &c.peer_addr]
+            .into_iter()
+            .chain(c.peers.iter().flat_map(|p| [&p.api_addr, &p.peer_addr]))
+            .filter_map(|a| a.parse::<SocketAddr>().ok())
+            .map(|a| a.ip())
+            .collect();
+        own.sort();
+        own.dedup();
+        Ok(Egress { allow, own })
+    }
+
+    /// Whether a connection to `ip` is allowed.
+    pub fn permits(&self, ip: IpAddr) -> bool {
+        if cidr::any_contains(&self.allow, ip) {
+            return true;
+        }
+        !self.own.contains(&ip) && !is_internal(ip)
+    }
+
+    /// Resolve `url`'s host once, check every address, and return a client pinned to the
+    /// first one (no proxy, no redirects, `timeout` overall).
+    pub async fn client_for(&self, url: &str, timeout: Duration) -> Result<reqwest::Client, Error> {
+        let parsed = reqwest::Url::parse(url).map_err(|_| Error::BadUrl(url.to_string()))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(Error::BadUrl(url.to_string()));
+        }
+        let host = parsed
+            .host_str()
+            .ok_or_else(|| Error::BadUrl(url.to_string()))?
+            .to_string();
+        let port = parsed
+            .port_or_known_default()
+            .ok_or_else(|| Error::BadUrl(url.to_string()))?;
+        let literal = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok();
+        let addrs: Vec<SocketAddr> = match literal {
+            Some(ip) => vec![SocketAddr::new(ip, port)],
+            None => tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map_err(|source| Error::Resolve {
+                    host: host.clone(),
+                    source,
+                })?
+                .collect(),
+        };
+        let Some(first) = addrs.first().copied() else {
+            return Err(Error::Resolve {
+                host,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+            });
+        };
+        if let Some(bad) = addrs.iter().find(|a| !self.permits(a.ip())) {
+            return Err(Error::Refused {
+                host,
+                addr: bad.ip(),
+            });
+        }
+        let mut builder = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(timeout);
+        if literal.is_none() {
+            builder = builder.resolve(&host, first);
+        }
+        builder.build().map_err(|e| Error::Client(e.to_string()))
+    }
+}
+
+/// Addresses that are not the public internet.
+pub fn is_internal(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => is_internal_v4(a),
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(v4) => is_internal_v4(v4),
+            None => is_internal_v6(a),
+        },
+    }
+}
+
+fn is_internal_v4(a: Ipv4Addr) -> bool {
+    let o = a.octets();
+    a.is_loopback()
+        || a.is_private()
+        || a.is_link_local()
+        || a.is_multicast()
+        || a.is_unspecified()
+        || a.is_broadcast()
+        || o[0] == 0
+        || (o[0] == 100 && (o[1] & 0xc0) == 64) // CGNAT 100.64/10
+        || o[0] >= 240
+}
+
+fn is_internal_v6(a: Ipv6Addr) -> bool {
+    let s = a.segments();
+    a.is_loopback()
+        || a.is_unspecified()
+        || a.is_multicast()
+        || (s[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
+        || (s[0] & 0xfe00) == 0xfc00 // ULA fc00::/7
+        || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64 64:ff9b::/96 can reach IPv4 inside
+}
+
+/// HMAC-SHA256 (RFC 2104) of `msg` under `key`.
+pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    const BLOCK: usize = 64;
+    let mut k = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let mut inner = Sha256::new();
+    inner.update(k.map(|b| b ^ 0x36));
+    inner.update(msg);
+    let mut outer = Sha256::new();
+    outer.update(k.map(|b| b ^ 0x5c));
+    outer.update(inner.finalize());
+    outer.finalize().into()
+}
+
+/// The signature header value for a webhook body.
+pub fn signature(secret: &str, body: &[u8]) -> String {
+    format!(
+        "sha256={}",
+        hex::encode(hmac_sha256(secret.as_bytes(), body))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn internal_ranges_are_refused_and_public_ones_allowed() {
+        let e = Egress::default();
+        for bad in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "ff02::1",
+            "::",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+        ] {
+            assert!(!e.permits(ip(bad)), "{bad} must be refused");
+        }
+        for good in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "100.128.0.1"] {
+            assert!(e.permits(ip(good)), "{good} must be allowed");
+        }
+    }
+
+    #[test]
+    fn http_allow_opens_ranges_and_own_addresses_are_refused() {
+        let c = Config {
+            api_addr: "203.0.113.5:8080".into(),
+            peer_addr: "203.0.113.5:9080".into(),
+            ..Config::default()
+        };
+        let e = Egress::from_config(&c).unwrap();
+        assert!(!e.permits(ip("203.0.113.5")), "the node itself");
+        let mut c = c;
+        c.executor.http_allow = vec!["127.0.0.0/8".into()];
+        let e = Egress::from_config(&c).unwrap();
+        assert!(e.permits(ip("127.0.0.1")));
+        assert!(!e.permits(ip("10.0.0.1")));
+    }
+
+    #[tokio::test]
+    async fn a_refused_literal_never_gets_a_client() {
+        let e = Egress::default();
+        for url in [
+            "http://127.0.0.1:1/x",
+            "http://169.254.169.254/latest/meta-data",
+            "http://[::1]:80/",
+            "http://localhost:1/",
+        ] {
+            let err = e.client_for(url, Duration::from_secs(1)).await.unwrap_err();
+            assert!(matches!(err, Error::Refused { .. }), "{url}: {err}");
+        }
+        assert!(matches!(
+            e.client_for("file:///etc/passwd", Duration::from_secs(1))
+                .await
+                .unwrap_err(),
+            Error::BadUrl(_)
+        ));
+    }
+
+    #[test]
+    fn hmac_matches_rfc_4231() {
+        // Test case 2.
+        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        assert_eq!(
+            hex::encode(mac),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+}

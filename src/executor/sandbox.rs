@@ -1,0 +1,213 @@
+//! What a shell attempt may use: whether shell runs at all on this node, the user it runs
+//! as, the working-dir root outside the data dir, a cleared environment and rlimits
+//! applied in the child between fork and exec.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::config::Config;
+
+/// The environment's `PATH` for an attempt; nothing of the node's own environment passes.
+const SAFE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("shell tasks are disabled on this node (executor.shell_enabled = false)")]
+    Disabled,
+    #[error("executor.shell_user '{0}' does not exist on this node")]
+    UnknownUser(String),
+    #[error(
+        "executor.shell_user '{user}' is set but the node does not run as root and cannot \
+         switch to it; run the node as root or unset executor.shell_user"
+    )]
+    CannotSwitch { user: String },
+}
+
+/// Resource limits per attempt; 0 leaves the node's own limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub processes: u64,
+    pub file_bytes: u64,
+    pub open_files: u64,
+    pub memory_bytes: u64,
+}
+
+/// This node's shell policy, from its configuration.
+#[derive(Debug, Clone)]
+pub struct ShellPolicy {
+    pub enabled: bool,
+    pub user: Option<String>,
+    pub work_root: PathBuf,
+    pub default_timeout: Duration,
+    pub limits: Limits,
+}
+
+impl ShellPolicy {
+    pub fn from_config(c: &Config) -> ShellPolicy {
+        let e = &c.executor;
+        ShellPolicy {
+            enabled: e.shell_enabled,
+            user: e.shell_user.clone(),
+            work_root: c.shell_work_dir(),
+            default_timeout: Duration::from_millis(e.shell_default_timeout_ms),
+            limits: Limits {
+                processes: e.shell_max_processes,
+                file_bytes: e.shell_max_file_bytes,
+                open_files: e.shell_max_open_files,
+                memory_bytes: e.shell_max_memory_bytes,
+            },
+        }
+    }
+
+    /// The uid and gid to switch to, or None to stay the node's user.
+    pub fn identity(&self) -> Result<Option<(u32, u32)>, Error> {
+        let Some(name) = &self.user else {
+            return Ok(None);
+        };
+        let (uid, gid) = lookup_user(name).ok_or_else(|| Error::UnknownUser(name.clone()))?;
+        // SAFETY: geteuid(2) has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if me == uid {
+            return Ok(None);
+        }
+        if me != 0 {
+            return Err(Error::CannotSwitch { user: name.clone() });
+        }
+        Ok(Some((uid, gid)))
+    }
+}
+
+/// The whole environment an attempt gets: a fixed `PATH`, `LANG`, `HOME` (its working
+/// dir) and the `ORCHESTRATOR_*` run variables.
+pub fn environment(
+    vars: &[(&'static str, String)],
+    home: &std::path::Path,
+) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("PATH".to_string(), SAFE_PATH.to_string()),
+        ("LANG".to_string(), "C.UTF-8".to_string()),
+        ("HOME".to_string(), home.display().to_string()),
+    ];
+    for (name, value) in vars {
+        env.push((
+            format!("ORCHESTRATOR_{}", name.to_ascii_uppercase()),
+            value.clone(),
+        ));
+    }
+    env
+}
+
+/// A user name (or numeric uid) to its uid and primary gid.
+fn lookup_user(name: &str) -> Option<(u32, u32)> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call and `buf` outlives it.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            cname.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc == 0 && !result.is_null() {
+        return Some((pwd.pw_uid, pwd.pw_gid));
+    }
+    let uid: u32 = name.parse().ok()?;
+    // SAFETY: as above.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc == 0 && !result.is_null() {
+        Some((pwd.pw_uid, pwd.pw_gid))
+    } else {
+        Some((uid, uid))
+    }
+}
+
+/// Lower one rlimit to `value` (never above the current hard limit).
+/// Async-signal-safe: only getrlimit/setrlimit.
+fn lower(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result<()> {
+    if value == 0 {
+        return Ok(());
+    }
+    let mut cur = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `cur` is a valid out pointer.
+    if unsafe { libc::getrlimit(resource, &mut cur) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let v = (value as libc::rlim_t).min(cur.rlim_max);
+    let new = libc::rlimit {
+        rlim_cur: v,
+        rlim_max: v,
+    };
+    // SAFETY: `new` is a valid pointer.
+    if unsafe { libc::setrlimit(resource, &new) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs in the child after fork, before exec: rlimits, then drop to `identity`.
+/// Only async-signal-safe calls.
+pub fn in_child(limits: Limits, identity: Option<(u32, u32)>) -> std::io::Result<()> {
+    lower(libc::RLIMIT_NPROC, limits.processes)?;
+    lower(libc::RLIMIT_FSIZE, limits.file_bytes)?;
+    lower(libc::RLIMIT_NOFILE, limits.open_files)?;
+    lower(libc::RLIMIT_AS, limits.memory_bytes)?;
+    lower(libc::RLIMIT_CORE, 1)?;
+    if let Some((uid, gid)) = identity {
+        // SAFETY: plain syscalls; order matters (groups and gid while still root).
+        unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_environment_is_only_path_lang_home_and_run_variables() {
+        let vars = vec![
+            ("run_id", "run_1".to_string()),
+            ("attempt", "2".to_string()),
+        ];
+        let env = environment(&vars, std::path::Path::new("/w"));
+        let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "PATH",
+                "LANG",
+                "HOME",
+                "ORCHESTRATOR_RUN_ID",
+                "ORCHESTRATOR_ATTEMPT"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_missing_user_is_named() {
+        let p = ShellPolicy {
+            enabled: true,
+            user: Some("no-such-user-orchestrator".into()),
+            work_root: PathBuf::from("/tmp"),
+            default_timeout: Duration::from_secs(1),
+            limits: Limits::default(),
+        };
+        let err = p.identity().unwrap_err().to_string();
+        assert!(err.contains("no-such-user-orchestrator"), "{err}");
+    }
+}
