@@ -314,7 +314,7 @@ async fn the_peer_port_refuses_an_unauthenticated_body_without_reading_it() {
 async fn connections_with_unfinished_headers_are_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let c = up(1, &[("ORCHESTRATOR_HEADER_READ_TIMEOUT_MS", "1000")]).await;
-    let api = format!("127.0.0.1:{}", c.node(1).api_port);
+    let api = format!("{}:{}", c.node(1).host, c.node(1).api_port);
     let peer = c.peer_addr(1);
     // Unfinished headers, and nothing at all, on both listeners.
     let partial: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\n";

@@ -64,8 +64,20 @@ fn log_append_truncate_purge_survive_reopen() {
             assert_eq!(st.last_purged_log_id, Some(log_id(1, 3)));
             assert_eq!(st.last_log_id, Some(log_id(1, 5)));
         }
-        // Reopen: the same state comes back from disk.
-        let mut log = LogStore::new(Db::open(dir.path()).unwrap());
+        // Reopen: the same state comes back from disk. The purge's background compaction
+        // holds the database until it ends, so the reopen waits for the lock (bounded).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let db = loop {
+            match Db::open(dir.path()) {
+                Ok(db) => break db,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        };
+        let mut log = LogStore::new(db);
         let st = log.get_log_state().await.unwrap();
         assert_eq!(st.last_purged_log_id, Some(log_id(1, 3)));
         assert_eq!(st.last_log_id, Some(log_id(1, 5)));
