@@ -53,6 +53,9 @@ pub struct RaftConfig {
     pub rpc_connect_timeout_ms: u64,
     pub install_snapshot_timeout_ms: u64,
     pub snapshot_chunk_bytes: u64,
+    /// A voter's clock further than this from this node's is logged as a warning. The
+    /// cluster reads the voters' median clock either way (see `raft::clock`).
+    pub max_clock_offset_ms: u64,
 }
 
 impl Default for RaftConfig {
@@ -66,6 +69,7 @@ impl Default for RaftConfig {
             rpc_connect_timeout_ms: 500,
             install_snapshot_timeout_ms: 10_000,
             snapshot_chunk_bytes: 1 << 20,
+            max_clock_offset_ms: 500,
         }
     }
 }

@@ -104,6 +104,11 @@ pub async fn run(
         let stop = stop_rx.clone();
         async move { node.bootstrap(stop).await }
     });
+    tokio::spawn({
+        let node = node.clone();
+        let stop = stop_rx.clone();
+        async move { node.sample_clocks(stop).await }
+    });
 
     let verifier = Arc::new(Verifier::from_config(&config.auth, &jwt_secret)?);
     if let Err(e) = verifier.refresh_jwks().await {
@@ -241,7 +246,7 @@ async fn gossip_rates(node: RaftNode, limiter: Arc<RateLimiter>, stop: watch::Re
         if *stop.borrow() {
             return;
         }
-        let report = limiter.report(chrono::Utc::now().timestamp_millis());
+        let report = limiter.report(node.clock.now_ms());
         if report.counts.is_empty() {
             continue;
         }

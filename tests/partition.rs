@@ -1,8 +1,8 @@
 //! The edges of the replicated core on real processes: a leader cut off from its quorum
 //! by a real iptables partition answers every write with 503 within one second more
 //! than `leader_wait_ms` while the majority goes on, and nodes whose wall clocks are
-//! skewed (a real libfaketime preload) still get work and never get a lease that is
-//! born expired.
+//! skewed (a real libfaketime preload) still get work, never get a lease that is born
+//! expired, and a leader whose clock runs a minute fast fires no window early.
 
 mod common;
 
@@ -289,5 +289,72 @@ async fn skewed_clocks_neither_starve_a_node_nor_expire_a_lease() {
     for id in 1..=3 {
         assert!(nodes.contains_key(&id), "node {id} got work: {nodes:?}");
     }
+    a_fast_leader_fires_nothing_early(&c, &t).await;
     c.assert_no_panics();
+}
+
+/// Make the node whose clock is a minute fast (3) the leader, then schedule a DAG every
+/// second: no window may end after the real time it was read at. The cluster reads the
+/// voters' median clock, so node 3's minute does not count (its purge cutoffs come from
+/// the same clock).
+async fn a_fast_leader_fires_nothing_early(c: &Cluster, t: &str) {
+    for _ in 0..12 {
+        let leader = c.wait_leader(LONG).await;
+        if leader == 3 {
+            break;
+        }
+        // Freeze the leader until another node leads, then let it follow again.
+        c.pause(leader);
+        let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+        wait_for(LONG, "a new leader", || leader_among(c, &others)).await;
+        c.resume(leader);
+    }
+    assert_eq!(c.wait_leader(LONG).await, 3, "node 3 never led");
+    c.wait_ready(LONG).await;
+    let (s, status) = c.get(3, "/cluster/status", &c.admin_token()).await;
+    assert_eq!(s, StatusCode::OK, "{status}");
+    println!(
+        "FIGURE node 3 (+60 s) measures the other clocks at {}",
+        status["clock_offsets_ms"]
+    );
+    let (s, v) = c
+        .post(
+            3,
+            "/dags",
+            t,
+            &json!({"dag_id": "early", "schedule": "* * * * * *",
+                    "tasks": [{"task_id": "a", "kind": "noop"}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let latest_end = |v: &Value| -> Option<(usize, i64)> {
+        let runs = v["runs"].as_array()?;
+        let ends = runs.iter().map(|r| {
+            chrono::DateTime::parse_from_rfc3339(r["window"]["to"].as_str()?)
+                .ok()
+                .map(|t| t.timestamp_millis())
+        });
+        Some((
+            runs.len(),
+            ends.collect::<Option<Vec<i64>>>()?.into_iter().max()?,
+        ))
+    };
+    let (count, end, read_at) = wait_for(LONG, "three fired windows", || async {
+        let (s, v) = c
+            .get(3, "/runs?dag_id=early&run_type=scheduled&limit=500", t)
+            .await;
+        let read_at = chrono::Utc::now().timestamp_millis();
+        let (count, end) = latest_end(&v).filter(|_| s == StatusCode::OK)?;
+        (count >= 3).then_some((count, end, read_at))
+    })
+    .await;
+    println!(
+        "FIGURE with node 3 leading, {count} windows fired; the latest ends {} ms after it was read",
+        end - read_at
+    );
+    assert!(
+        end <= read_at + 1_000,
+        "a window ending {} ms in the future was fired",
+        end - read_at
+    );
 }

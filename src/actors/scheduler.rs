@@ -91,7 +91,11 @@ async fn fire_due(
     config: SchedulerConfig,
     stats: Arc<Stats>,
 ) {
-    let now = chrono::Utc::now().timestamp_millis();
+    // The voters' median clock: a leader whose own clock runs fast fires nothing early.
+    if !node.clock_calibrated() {
+        return;
+    }
+    let now = node.clock.now_ms();
     let dags = match node.db.scan_prefix(Table::Dags, b"", None, usize::MAX) {
         Ok(d) => d,
         Err(e) => {
@@ -151,7 +155,7 @@ async fn fire_due(
         match res {
             Ok(r) => match r.outcome {
                 Outcome::Fired { run_id, created } => {
-                    let lag = chrono::Utc::now().timestamp_millis() - window.end_ms;
+                    let lag = node.clock.now_ms() - window.end_ms;
                     if created {
                         stats.windows_fired.fetch_add(1, Ordering::Relaxed);
                         stats.last_lag_ms.store(lag, Ordering::Relaxed);

@@ -113,11 +113,14 @@ impl Supervisor {
         let term = self.gate.leadership.term;
         let node = self.node.clone();
         let proposer = self.proposer.clone();
+        // Purge cutoffs from the voters' median clock, and only once this node reads it
+        // from a majority: a leader whose own clock runs fast purges nothing early.
         let purge = (self.last_purge.elapsed()
-            >= Duration::from_millis(self.config.retention.purge_every_ms))
+            >= Duration::from_millis(self.config.retention.purge_every_ms)
+            && self.node.clock_calibrated())
         .then(|| {
             self.last_purge = Instant::now();
-            let now = chrono::Utc::now().timestamp_millis();
+            let now = self.node.clock.now_ms();
             let r = &self.config.retention;
             Command::Purge {
                 term,

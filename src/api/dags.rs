@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::routes::{
-    act, commit, decode_cursor, fmt_ms, json_body, now_ms, page_limit, stamp, with_replay, ApiState,
+    act, commit, decode_cursor, fmt_ms, json_body, page_limit, stamp, with_replay, ApiState,
 };
 use crate::auth::{Access, Principal};
 use crate::dag::{self, DagInput};
@@ -90,7 +90,7 @@ fn check_limits(st: &ApiState, tenant: &str, spec: &DagSpec) -> Result<(), ApiEr
     let limits = &st.node.config().limits;
     if let Some(expr) = &spec.schedule {
         if let Ok(schedule) = Schedule::parse(expr, &spec.timezone) {
-            let times = schedule.upcoming(now_ms(), 32);
+            let times = schedule.upcoming(st.node.clock.now_ms(), 32);
             let gap = times.windows(2).map(|w| w[1] - w[0]).min();
             if let Some(gap) = gap.filter(|g| (*g as u64) < limits.min_schedule_interval_ms) {
                 return Err(ApiError::InvalidRequest(format!(
@@ -173,7 +173,12 @@ pub async fn get_one(
         .schedule
         .as_deref()
         .and_then(|s| Schedule::parse(s, &dag.spec.timezone).ok())
-        .map(|s| s.upcoming(now_ms(), 3).into_iter().map(fmt_ms).collect())
+        .map(|s| {
+            s.upcoming(st.node.clock.now_ms(), 3)
+                .into_iter()
+                .map(fmt_ms)
+                .collect()
+        })
         .unwrap_or_default();
     let cursor = st
         .node

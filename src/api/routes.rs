@@ -216,7 +216,7 @@ async fn authenticate(
         Ok(p) => p,
         Err(e) => return ApiError::from(e).into_response(),
     };
-    let d = st.limiter.check(&p.tenant, now_ms());
+    let d = st.limiter.check(&p.tenant, st.node.clock.now_ms());
     let mut resp = if d.allowed {
         req.extensions_mut().insert(p);
         next.run(req).await
@@ -237,10 +237,6 @@ async fn authenticate(
         h.insert(name, HeaderValue::from(value));
     }
     resp
-}
-
-pub(super) fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
 }
 
 pub(super) fn fmt_ms(ms: i64) -> String {
@@ -290,7 +286,8 @@ pub(super) fn stamp(
         });
     Request {
         request_id: hex::encode(rand::random::<[u8; 16]>()),
-        proposed_at_ms: now_ms(),
+        // Restamped by the node that proposes it, on every try (`RaftNode::stamped`).
+        proposed_at_ms: crate::raft::clock::wall_ms(),
         idempotency,
         command,
     }

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::routes::{
-    act, commit, decode_cursor, fmt_ms, json_body, now_ms, page_limit, stamp, with_replay, ApiState,
+    act, commit, decode_cursor, fmt_ms, json_body, page_limit, stamp, with_replay, ApiState,
 };
 use crate::auth::{Access, Principal};
 use crate::dag;
@@ -73,7 +73,7 @@ pub async fn trigger(
                 .timezone
         }
     };
-    let now = now_ms();
+    let now = st.node.clock.now_ms();
     let window = match (&input.from, &input.to) {
         (Some(f), Some(t)) => {
             let start_ms = dag::parse_instant("from", f, &tz)?;

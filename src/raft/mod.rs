@@ -1,8 +1,9 @@
-//! Replication: openraft's types ([`types`]), the RocksDB database ([`db`]), the log
+//! Replication: the cluster's clock ([`clock`]), openraft's types ([`types`]), the RocksDB database ([`db`]), the log
 //! store ([`log_store`]), the state machine ([`state_machine`]), the peer network client
 //! ([`network`]) and server ([`peer_server`]), and the node wrapper that ties them
 //! together and offers writes, current reads and membership changes ([`node`]).
 
+pub mod clock;
 pub mod db;
 pub mod log_store;
 pub mod network;

@@ -12,6 +12,7 @@ use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use super::clock::{self, ClusterClock};
 use super::db::Db;
 use super::log_store::LogStore;
 use super::network::{NetworkFactory, PeerClients};
@@ -76,6 +77,12 @@ pub struct Status {
     /// predate the field).
     #[serde(default = "protocol_v1")]
     pub protocol_supported: u32,
+    /// This node's wall clock when it answered (absent from binaries before it).
+    #[serde(default)]
+    pub wall_ms: Option<i64>,
+    /// How far each voter's clock is ahead of this node's, as this node last measured.
+    #[serde(default)]
+    pub clock_offsets_ms: BTreeMap<NodeId, i64>,
 }
 
 fn protocol_v1() -> u32 {
@@ -90,6 +97,8 @@ pub struct RaftNode {
     pub db: Db,
     pub sm: StateMachineStore,
     pub peers: PeerClients,
+    /// The voters' median clock, which every time this node writes comes from.
+    pub clock: Arc<ClusterClock>,
     leader_wait: Duration,
     rpc_timeout: Duration,
     config: Arc<Config>,
@@ -151,6 +160,7 @@ impl RaftNode {
             db,
             sm,
             peers,
+            clock: Arc::new(ClusterClock::new(config.node_id, r.max_clock_offset_ms)),
             leader_wait: config.leader_wait(),
             rpc_timeout: Duration::from_millis(r.election_timeout_min_ms.max(1000)),
             config,
@@ -313,11 +323,12 @@ impl RaftNode {
         }
     }
 
-    /// The batch as this node proposes it: every request stamped with this node's clock
-    /// now, on every try (a retried batch never carries a stale stamp). Only the node that
-    /// calls `client_write` stamps, and apply keeps the cluster clock monotone.
+    /// The batch as this node proposes it: every request stamped with the cluster's clock
+    /// as this node reads it now ([`ClusterClock`]), on every try (a retried batch never
+    /// carries a stale stamp). Only the node that calls `client_write` stamps, and apply
+    /// keeps the cluster clock monotone.
     fn stamped(&self, batch: &Batch) -> Batch {
-        let now = chrono::Utc::now().timestamp_millis();
+        let now = self.clock.now_ms();
         let mut b = batch.clone();
         for r in &mut b.requests {
             r.proposed_at_ms = now;
@@ -588,6 +599,8 @@ impl RaftNode {
             log_size_bytes: self.db.log_size_bytes(),
             millis_since_quorum_ack: m.millis_since_quorum_ack,
             protocol_supported: crate::state::machine::PROTOCOL_VERSION,
+            wall_ms: Some(super::clock::wall_ms()),
+            clock_offsets_ms: self.clock.offsets_ms(),
         }
     }
 
@@ -602,6 +615,52 @@ impl RaftNode {
 
     /// True when this node is the leader, has applied an entry of its own term and holds
     /// its quorum: the gate for leader-only work (scheduling, supervision).
+    /// The current voters.
+    pub fn voter_ids(&self) -> Vec<NodeId> {
+        let m = self.raft.metrics().borrow().clone();
+        let voters = m.membership_config.membership().voter_ids().collect();
+        voters
+    }
+
+    /// True when this node reads the cluster clock from a majority of voters' clocks
+    /// (see [`ClusterClock::calibrated`]).
+    pub fn clock_calibrated(&self) -> bool {
+        self.clock.calibrated(&self.voter_ids())
+    }
+
+    /// Sample every other voter's clock every [`clock::SAMPLE_EVERY`] until `stop`.
+    pub async fn sample_clocks(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            let m = self.raft.metrics().borrow().clone();
+            let membership = m.membership_config.membership().clone();
+            let voters: Vec<NodeId> = membership.voter_ids().collect();
+            self.clock.retain(&voters);
+            let rounds = voters
+                .iter()
+                .filter(|id| **id != self.id)
+                .filter_map(|id| membership.get_node(id).map(|m| (*id, m.peer_addr.clone())))
+                .map(|(id, addr)| async move {
+                    let (sent_wall, sent) = (clock::wall_ms(), Instant::now());
+                    let res: Result<Status, _> = self
+                        .peers
+                        .call(id, &addr, "/cluster/status", &(), clock::SAMPLE_EVERY)
+                        .await;
+                    if let Ok(Status {
+                        wall_ms: Some(peer_wall),
+                        ..
+                    }) = res
+                    {
+                        self.clock.record(id, sent_wall, sent.elapsed(), peer_wall);
+                    }
+                });
+            futures::future::join_all(rounds).await;
+            tokio::select! {
+                _ = tokio::time::sleep(clock::SAMPLE_EVERY) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
     /// The newest protocol every voter supports (asked of each; an unreachable voter
     /// counts as version 1, so a raise waits for it).
     pub async fn voters_support(&self) -> u32 {
