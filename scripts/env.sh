@@ -2,7 +2,9 @@
 # The target dir lives outside the clone so fresh clones reuse the compiled RocksDB.
 : "${CARGO_TARGET_DIR:=/var/tmp/orchestrator-target}"
 export CARGO_TARGET_DIR
-ORCHESTRATOR_BIN="$CARGO_TARGET_DIR/debug/orchestrator"
+# ORCH_BIN picks another binary (the bench runs the release build); not ORCHESTRATOR_*:
+# the server reads every ORCHESTRATOR_* variable as configuration.
+ORCHESTRATOR_BIN="${ORCH_BIN:-$CARGO_TARGET_DIR/debug/orchestrator}"
 
 # Cargo keys our own crates' fingerprints by package, not by checkout path, and their
 # dep-info names the source files of the checkout that built them: a second clone sharing

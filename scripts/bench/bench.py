@@ -1,0 +1,430 @@
+#!/usr/bin/env python3
+"""The benchmark suite (issue 10): starts its own three-node cluster of the given binary
+on loopback, runs each workload with real JWTs, and prints a table (and JSON with --json)
+with the machine, the commit and the date.
+
+Workloads (each bounded in time; medians over repeats, every repeat's p99 shown):
+  dags       POST /dags with distinct ids, closed loop (wrk, connections over all nodes)
+  backfill   POST /runs backfills of distinct windows of one DAG
+  get        GET /dags/{id}, 500 ids, linearizable reads
+  chain40    a 40-task noop chain: trigger -> done, as the client sees it
+  chain40sh  the same chain of shell `true` tasks
+  fan40      1 -> 40 -> 1 noop
+  firelag    N DAGs firing every 5 s: fire lag (window end -> run created) and window end
+             -> run done, leader RSS and CPU
+  failover   leader SIGKILL under load -> first acknowledged write through a survivor
+
+Run through scripts/bench.sh (which builds the release binary); --quick is the seconds-
+long smoke that CI runs against the dev build.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BASE = "/api/v1/runtime/orchestrator"
+LC = os.path.join(ROOT, "scripts", "local-cluster.sh")
+SCOPES = "orchestrator:read orchestrator:write orchestrator:admin orchestrator:shell"
+
+
+def now_ms():
+    return time.time() * 1000.0
+
+
+class Bench:
+    """The cluster under test and how to talk to it."""
+
+    def __init__(self, args):
+        self.args = args
+        self.dir = os.path.join(ROOT, ".bench-cluster")
+        self.api_base = args.api_base
+        self.env = dict(os.environ)
+        self.env.update({
+            "LOCAL_CLUSTER_DIR": self.dir,
+            "API_BASE_PORT": str(args.api_base),
+            "PEER_BASE_PORT": str(args.peer_base),
+            "ORCH_BIN": args.bin,
+            # The bench tenant's limits, raised through configuration.
+            "ORCHESTRATOR_RATE_LIMIT__RPS": "1000000",
+            "ORCHESTRATOR_RATE_LIMIT__BURST": "1000000",
+            "ORCHESTRATOR_LIMITS__MAX_DAGS_PER_TENANT": "100000000",
+        })
+        self.token = None
+
+    def lc(self, *a, check=True):
+        r = subprocess.run([LC, *a], env=self.env, capture_output=True, text=True, timeout=180)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"local-cluster.sh {' '.join(a)}: {r.stdout}{r.stderr}")
+        return r.stdout.strip()
+
+    def up(self):
+        subprocess.run(["rm", "-rf", self.dir], check=True)
+        self.lc("up")
+        self.token = self.lc("token", "--tenant", "bench", "--scope", SCOPES).splitlines()[-1]
+        self.ops = self.lc("token", "--tenant", "ops", "--scope", SCOPES).splitlines()[-1]
+
+    def down(self):
+        self.lc("down", check=False)
+
+    def leader(self):
+        return int(self.lc("leader", "60"))
+
+    def url(self, node, path):
+        return f"http://127.0.0.1:{self.api_base + node}{BASE}{path}"
+
+    def http(self, method, node, path, body=None, timeout=10, token=None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url(node, path), data=data, method=method)
+        req.add_header("Authorization", f"Bearer {token or self.token}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            try:
+                return e.code, json.loads(e.read() or b"null")
+            except ValueError:
+                return e.code, None
+        except (urllib.error.URLError, OSError, TimeoutError):
+            return 0, None
+
+    def must(self, method, node, path, body=None):
+        s, v = self.http(method, node, path, body, timeout=30)
+        if s != 200:
+            raise RuntimeError(f"{method} {path}: {s} {v}")
+        return v
+
+    def pid(self, node):
+        with open(os.path.join(self.dir, f"node{node}.pid")) as f:
+            return int(f.read().strip())
+
+
+# ---------------------------------------------------------------------------------------
+# Closed-loop HTTP load with wrk: one thread per node, connections spread over them.
+
+WRK_COMMON = r"""
+local nodes = {%(ports)s}
+local idx = 0
+function setup(thread)
+  idx = idx + 1
+  thread.addr = wrk.lookup("127.0.0.1", tostring(nodes[(idx - 1) %% #nodes + 1]))[1]
+  thread:set("tid", idx)
+end
+wrk.headers["Authorization"] = "Bearer %(token)s"
+wrk.headers["Content-Type"] = "application/json"
+local n = 0
+"""
+
+WRK_REQUEST = {
+    "dags": r"""
+function request()
+  n = n + 1
+  local body = string.format('{"dag_id":"w%(tag)s_%%d_%%d","tasks":[{"task_id":"a","kind":"noop"}]}', tid, n)
+  return wrk.format("POST", "%(base)s/dags", nil, body)
+end
+""",
+    "backfill": r"""
+function request()
+  n = n + 1
+  local t = 946684800 + (%(tag)s * 64 + tid) * 100000000 + n
+  local body = string.format('{"dag_id":"bf","run_type":"backfill","from":"%%s","to":"%%s"}',
+    os.date("!%%Y-%%m-%%dT%%H:%%M:%%SZ", t), os.date("!%%Y-%%m-%%dT%%H:%%M:%%SZ", t + 1))
+  return wrk.format("POST", "%(base)s/runs", nil, body)
+end
+""",
+    "get": r"""
+function request()
+  n = n + 1
+  return wrk.format("GET", string.format("%(base)s/dags/g_%%d", (n * 7 + tid * 131) %% 500))
+end
+""",
+}
+
+
+def to_ms(v, unit):
+    return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+def wrk(b, kind, seconds, connections, tag):
+    """Run one wrk load; returns {rate, p50, p99, errors}."""
+    ports = ",".join(str(b.api_base + n) for n in (1, 2, 3))
+    script = (WRK_COMMON % {"ports": ports, "token": b.token}
+              + WRK_REQUEST[kind] % {"base": BASE, "tag": tag})
+    done_lua = r"""
+function done(summary, latency, requests)
+  io.write(string.format("BENCH non2xx=%d\n", summary.errors.status))
+end
+"""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(script + done_lua)
+        path = f.name
+    try:
+        r = subprocess.run(["wrk", "-t3", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s",
+                            "-s", path, f"http://127.0.0.1:{b.api_base + 1}"],
+                           capture_output=True, text=True, timeout=seconds + 60)
+    finally:
+        os.unlink(path)
+    out = r.stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    lat = {}
+    for pct, v, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M):
+        lat[pct] = to_ms(v, unit)
+    errors = int(re.search(r"BENCH non2xx=(\d+)", out).group(1))
+    sock = re.search(r"Socket errors: (.*)", out)
+    return {"rate": rate, "p50_ms": lat.get("50"), "p99_ms": lat.get("99"), "non_2xx": errors,
+            "socket_errors": sock.group(1) if sock else None}
+
+
+def load_workload(b, kind, args):
+    if kind == "backfill":
+        b.must("POST", 1, "/dags", {"dag_id": "bf", "tasks": [{"task_id": "a", "kind": "noop"}], "paused": True})
+    if kind == "get":
+        for i in range(500):
+            b.must("POST", 1 + i % 3, "/dags", {"dag_id": f"g_{i}", "tasks": [{"task_id": "a", "kind": "noop"}]})
+    repeats = []
+    for rep in range(args.repeats):
+        repeats.append(wrk(b, kind, args.duration, args.connections, f"{int(time.time()) % 100000}{rep}"))
+    return {
+        "rate_median": statistics.median(r["rate"] for r in repeats),
+        "p99_ms": [r["p99_ms"] for r in repeats],
+        "p50_ms": [r["p50_ms"] for r in repeats],
+        "non_2xx": sum(r["non_2xx"] for r in repeats),
+        "repeats": repeats,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# DAG shapes: trigger -> done as the client sees it.
+
+def chain(n, kind):
+    tasks = []
+    for i in range(n):
+        t = {"task_id": f"t{i}", "kind": kind}
+        if kind == "shell":
+            t["command"] = "true"
+        if i:
+            t["depends_on"] = [f"t{i - 1}"]
+        tasks.append(t)
+    return tasks
+
+
+def fan(n):
+    return ([{"task_id": "src", "kind": "noop"}]
+            + [{"task_id": f"m{i}", "kind": "noop", "depends_on": ["src"]} for i in range(n)]
+            + [{"task_id": "sink", "kind": "noop", "depends_on": [f"m{i}" for i in range(n)]}])
+
+
+def run_to_done(b, dag_id, node, deadline_s=120):
+    t0 = now_ms()
+    v = b.must("POST", node, "/runs", {"dag_id": dag_id, "run_type": "manual"})
+    run = v["run_id"]
+    end = time.time() + deadline_s
+    while time.time() < end:
+        s, v = b.http("GET", node, f"/runs/{run}")
+        if s == 200 and v["state"] in ("done", "failed", "cancelled"):
+            if v["state"] != "done":
+                raise RuntimeError(f"{dag_id} {run} ended {v['state']}")
+            return now_ms() - t0
+        time.sleep(0.002)
+    raise RuntimeError(f"{dag_id} {run} not done within {deadline_s} s")
+
+
+def shape_workload(b, name, tasks, args):
+    b.must("POST", 1, "/dags", {"dag_id": name, "tasks": tasks})
+    node = b.leader()
+    run_to_done(b, name, node)  # warm-up
+    times = [run_to_done(b, name, node) for _ in range(args.shape_repeats)]
+    return {"median_ms": statistics.median(times), "all_ms": [round(t, 1) for t in times]}
+
+
+# ---------------------------------------------------------------------------------------
+# Scheduled DAGs: fire lag and window -> done.
+
+def proc_stats(pid):
+    with open(f"/proc/{pid}/status") as f:
+        rss = int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return rss, cpu_s
+
+
+def parse_ts(s):
+    from datetime import datetime
+    return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp() * 1000.0
+
+
+def firelag_workload(b, args):
+    n, seconds = args.fire_dags, args.fire_seconds
+    for i in range(n):
+        b.must("POST", 1 + i % 3, "/dags", {"dag_id": f"f_{i}", "schedule": "*/5 * * * * *",
+                                            "tasks": [{"task_id": "a", "kind": "noop"}]})
+    leader = b.leader()
+    pid = b.pid(leader)
+    _, cpu0 = proc_stats(pid)
+    t0 = time.time()
+    peak_rss = 0.0
+    while time.time() - t0 < seconds:
+        rss, _ = proc_stats(pid)
+        peak_rss = max(peak_rss, rss)
+        time.sleep(1)
+    _, cpu1 = proc_stats(pid)
+    time.sleep(6)  # let the last windows' runs finish before reading them
+    fire, done, runs, cursor = [], [], 0, None
+    for _ in range(10000):
+        q = "/runs?run_type=scheduled&limit=500" + (f"&cursor={cursor}" if cursor else "")
+        v = b.must("GET", leader, q)
+        for r in v["runs"]:
+            end = parse_ts(r["window"]["to"])
+            runs += 1
+            fire.append(parse_ts(r["created_at"]) - end)
+            if r.get("ended_at"):
+                done.append(parse_ts(r["ended_at"]) - end)
+        cursor = v.get("next_cursor")
+        if not cursor:
+            break
+    pct = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(len(xs) * p))] if xs else None
+    return {"dags": n, "seconds": seconds, "runs": runs,
+            "fire_lag_ms": {"p50": pct(fire, 0.5), "p99": pct(fire, 0.99)},
+            "done_ms": {"p50": pct(done, 0.5), "p99": pct(done, 0.99), "not_done": runs - len(done)},
+            "leader_peak_rss_mb": round(peak_rss, 1),
+            "leader_cores": round((cpu1 - cpu0) / seconds, 2)}
+
+
+# ---------------------------------------------------------------------------------------
+# Failover: writes at ~100/s, SIGKILL the leader, first acknowledged write after it.
+
+def failover_workload(b, args):
+    b.must("POST", 1, "/dags", {"dag_id": "fo", "tasks": [{"task_id": "a", "kind": "noop"}], "paused": True})
+    seq = [0]
+
+    def write(node):
+        seq[0] += 1
+        t = 1262304000 + seq[0]
+        f = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+        e = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t + 1))
+        return b.http("POST", node, "/runs", {"dag_id": "fo", "run_type": "backfill", "from": f, "to": e},
+                      timeout=2)[0]
+
+    out = []
+    for _ in range(args.failover_trials):
+        leader = b.leader()
+        survivor = leader % 3 + 1
+        for _ in range(20):  # 100 writes/s before the kill
+            write(survivor)
+            time.sleep(0.01)
+        subprocess.run(["kill", "-KILL", str(b.pid(leader))], check=True)
+        t0 = now_ms()
+        while now_ms() - t0 < 60000:
+            if write(survivor) == 200:
+                break
+            time.sleep(0.01)
+        out.append(now_ms() - t0)
+        b.lc("start", str(leader))
+        b.leader()
+        time.sleep(2)
+    return {"median_ms": statistics.median(out), "max_ms": max(out), "all_ms": [round(x) for x in out]}
+
+
+# ---------------------------------------------------------------------------------------
+
+def machine():
+    load = os.getloadavg()
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return {"cores": os.cpu_count(), "load_1m": round(load[0], 2), "kernel": platform.release(),
+            "commit": commit + ("-dirty" if dirty else ""),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def table(results, m):
+    rows = [f"orchestrator bench — commit {m['commit']}, {m['date']}, {m['cores']} cores, load {m['load_1m']}",
+            "", "| workload | result | every repeat's p99 / runs |", "| --- | --- | --- |"]
+    fmt = lambda xs: ", ".join("-" if x is None else f"{x:.0f} ms" for x in xs)
+    for name, r in results.items():
+        if "error" in r:
+            rows.append(f"| {name} | ERROR: {r['error']} | |")
+        elif "rate_median" in r:
+            rows.append(f"| {name} | {r['rate_median']:,.0f}/s median; non-2xx {r['non_2xx']} | p99 {fmt(r['p99_ms'])} |")
+        elif name == "firelag":
+            rows.append(f"| firelag {r['dags']} DAGs /5 s, {r['seconds']} s | fire lag p50 {r['fire_lag_ms']['p50']:.0f} ms,"
+                        f" p99 {r['fire_lag_ms']['p99']:.0f} ms; window -> done p99 {r['done_ms']['p99'] or 0:.0f} ms"
+                        f" ({r['done_ms']['not_done']} not done) | {r['runs']} runs; leader RSS {r['leader_peak_rss_mb']} MB,"
+                        f" {r['leader_cores']} cores |")
+        elif name == "failover":
+            rows.append(f"| failover | median {r['median_ms']:.0f} ms, max {r['max_ms']:.0f} ms | {r['all_ms']} |")
+        else:
+            rows.append(f"| {name} | {r['median_ms']:.0f} ms median | {r['all_ms']} |")
+    return "\n".join(rows)
+
+
+WORKLOADS = ["dags", "backfill", "get", "chain40", "chain40sh", "fan40", "firelag", "failover"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bin", required=True, help="the orchestrator binary")
+    ap.add_argument("--quick", action="store_true", help="seconds-long smoke (CI)")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk repeat")
+    ap.add_argument("--connections", type=int, default=63)
+    ap.add_argument("--shape-repeats", type=int, default=5)
+    ap.add_argument("--fire-dags", type=int, default=1000)
+    ap.add_argument("--fire-seconds", type=int, default=60)
+    ap.add_argument("--failover-trials", type=int, default=5)
+    ap.add_argument("--api-base", type=int, default=8280)
+    ap.add_argument("--peer-base", type=int, default=9280)
+    args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.duration, args.connections = 1, 2, 12
+        args.shape_repeats, args.fire_dags, args.fire_seconds, args.failover_trials = 1, 20, 12, 1
+    b = Bench(args)
+    results = {}
+    try:
+        b.up()
+        for name in args.workloads.split(","):
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            try:
+                if name in ("dags", "backfill", "get"):
+                    results[name] = load_workload(b, name, args)
+                elif name == "chain40":
+                    results[name] = shape_workload(b, "chain40", chain(40, "noop"), args)
+                elif name == "chain40sh":
+                    results[name] = shape_workload(b, "chain40sh", chain(40, "shell"), args)
+                elif name == "fan40":
+                    results[name] = shape_workload(b, "fan40", fan(40), args)
+                elif name == "firelag":
+                    results[name] = firelag_workload(b, args)
+                elif name == "failover":
+                    results[name] = failover_workload(b, args)
+                else:
+                    raise RuntimeError(f"unknown workload {name}")
+            except Exception as e:  # a failed workload is a finding: report it, go on
+                results[name] = {"error": str(e)[:300]}
+    finally:
+        b.down()
+    m = machine()
+    print(table(results, m))
+    if args.json:
+        print(json.dumps({"machine": m, "results": results}, indent=1))
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
