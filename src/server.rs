@@ -62,6 +62,8 @@ pub async fn run(
     }
     let secret = config.resolve_cluster_secret()?;
     let jwt_secret = config.resolve_hs256_secret()?;
+    // Refuse a weak token setup before anything else starts.
+    let verifier = Arc::new(Verifier::from_config(&config.auth, &jwt_secret)?);
     let db_path = config.data_dir.join("db");
     let db = Db::open(&db_path).map_err(|source| Error::Db {
         path: db_path.clone(),
@@ -105,7 +107,6 @@ pub async fn run(
         async move { node.bootstrap(stop).await }
     });
 
-    let verifier = Arc::new(Verifier::from_config(&config.auth, &jwt_secret)?);
     if let Err(e) = verifier.refresh_jwks().await {
         warn!(error = %e, "cannot fetch the JWKS yet; tokens it signs fail until it can be");
     }
