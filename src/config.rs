@@ -754,9 +754,15 @@ impl Config {
 /// anyone who read the example holds it.
 pub fn is_placeholder(secret: &str) -> bool {
     let s = secret.to_ascii_lowercase();
-    ["change-me", "changeme", "change_me", "replace-me", "placeholder"]
-        .iter()
-        .any(|p| s.contains(p))
+    [
+        "change-me",
+        "changeme",
+        "change_me",
+        "replace-me",
+        "placeholder",
+    ]
+    .iter()
+    .any(|p| s.contains(p))
 }
 
 /// Create `dir` (and parents) if needed and make it private to the node's user (0700),

@@ -40,7 +40,12 @@ pub fn check_new_run(
     dag_id: &str,
     q: &Quotas,
 ) -> Result<Result<(), Exceeded>, DbError> {
-    let active = count(db, &keys::prefix(&[tenant.as_bytes()]), None, q.max_active_runs_per_tenant)?;
+    let active = count(
+        db,
+        &keys::prefix(&[tenant.as_bytes()]),
+        None,
+        q.max_active_runs_per_tenant,
+    )?;
     if active >= q.max_active_runs_per_tenant {
         return Ok(Err(Exceeded::ActivePerTenant {
             tenant: tenant.to_string(),

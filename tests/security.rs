@@ -619,7 +619,11 @@ async fn no_secret_on_the_command_line() {
         .await
         .expect("peer answer")
         .status();
-    assert_ne!(good, StatusCode::UNAUTHORIZED, "the file's secret is not used");
+    assert_ne!(
+        good,
+        StatusCode::UNAUTHORIZED,
+        "the file's secret is not used"
+    );
     assert_eq!(bad, StatusCode::UNAUTHORIZED);
 
     // A secret given on argv is refused, with the ways to give it instead.
@@ -761,7 +765,10 @@ fn public_keys_and_jwks_need_an_audience_and_https() {
     refused(
         &[
             ("ORCHESTRATOR_AUTH__ALGORITHMS", r#"["RS256"]"#),
-            ("ORCHESTRATOR_AUTH__JWKS_URL", "https://idp.example.com/jwks"),
+            (
+                "ORCHESTRATOR_AUTH__JWKS_URL",
+                "https://idp.example.com/jwks",
+            ),
         ],
         need_aud,
     );
@@ -837,13 +844,23 @@ async fn run_and_task_quotas_name_the_limit() {
     };
     // Tasks per DAG, with a tenant's override.
     let (s, v) = c
-        .post(1, "/dags", &acme, &json!({"dag_id": "wide", "tasks": tasks(4)}))
+        .post(
+            1,
+            "/dags",
+            &acme,
+            &json!({"dag_id": "wide", "tasks": tasks(4)}),
+        )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert!(message(&v).contains("limits.max_tasks_per_dag"), "{v}");
     let big = c.token("big", scope);
     let (s, v) = c
-        .post(1, "/dags", &big, &json!({"dag_id": "wide", "tasks": tasks(4)}))
+        .post(
+            1,
+            "/dags",
+            &big,
+            &json!({"dag_id": "wide", "tasks": tasks(4)}),
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "big's override allows 5: {v}");
 
@@ -863,13 +880,19 @@ async fn run_and_task_quotas_name_the_limit() {
     let (s, v) = trigger(&c, &acme, "slow1").await;
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
     assert_eq!(v["error"], "quota_exceeded", "{v}");
-    assert!(message(&v).contains("limits.max_queued_runs_per_dag"), "{v}");
+    assert!(
+        message(&v).contains("limits.max_queued_runs_per_dag"),
+        "{v}"
+    );
     // Active runs per tenant: 3 of slow1 and one of slow2 make 4, the limit.
     let (s, v) = trigger(&c, &acme, "slow2").await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let (s, v) = trigger(&c, &acme, "slow2").await;
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
-    assert!(message(&v).contains("limits.max_active_runs_per_tenant"), "{v}");
+    assert!(
+        message(&v).contains("limits.max_active_runs_per_tenant"),
+        "{v}"
+    );
     // Another tenant is not held back by acme's runs.
     let (s, v) = trigger(&c, &big, "wide").await;
     assert_eq!(s, StatusCode::OK, "{v}");
@@ -974,17 +997,23 @@ async fn list_cursors_are_bound_to_the_tenant() {
     let (s, v) = c.get(1, "/dags?limit=1", &a).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let cursor = v["next_cursor"].as_str().expect("a cursor").to_string();
-    let (s, v) = c.get(1, &format!("/dags?limit=1&cursor={cursor}"), &a).await;
+    let (s, v) = c
+        .get(1, &format!("/dags?limit=1&cursor={cursor}"), &a)
+        .await;
     assert_eq!(s, StatusCode::OK, "the owner pages on: {v}");
     assert_eq!(v["dags"][0]["dag_id"], "d2", "{v}");
-    let (s, v) = c.get(1, &format!("/dags?limit=1&cursor={cursor}"), &b).await;
+    let (s, v) = c
+        .get(1, &format!("/dags?limit=1&cursor={cursor}"), &b)
+        .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert!(message(&v).contains("cursor"), "{v}");
 
     let (s, v) = c.get(1, "/runs?limit=1", &a).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let cursor = v["next_cursor"].as_str().expect("a cursor").to_string();
-    let (s, v) = c.get(1, &format!("/runs?limit=1&cursor={cursor}"), &b).await;
+    let (s, v) = c
+        .get(1, &format!("/runs?limit=1&cursor={cursor}"), &b)
+        .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     // Nor across queries of the same tenant (another DAG's runs).
     let (s, v) = c

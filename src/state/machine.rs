@@ -538,8 +538,7 @@ fn apply_command(
                     })
                 }
             };
-            let (run_id, state, existed) =
-                create_run(kv, &dag, *run_type, *window, subject, ctx)?;
+            let (run_id, state, existed) = create_run(kv, &dag, *run_type, *window, subject, ctx)?;
             Ok(Outcome::RunTriggered {
                 run_id,
                 state,

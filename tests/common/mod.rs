@@ -185,7 +185,8 @@ impl Cluster {
                 .mode(0o600)
                 .open(&secret_file)
                 .expect("cluster secret file");
-            f.write_all(secret.as_bytes()).expect("write the cluster secret");
+            f.write_all(secret.as_bytes())
+                .expect("write the cluster secret");
         }
         Cluster {
             nodes,
