@@ -1079,3 +1079,62 @@ async fn changes_and_triggers_record_the_callers_subject() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tls_peers_need_a_client_certificate_from_the_cluster_ca() {
+    let dir = format!("{}/tests/fixtures", env!("CARGO_MANIFEST_DIR"));
+    let (cert, key, ca) = (
+        format!("{dir}/tls_cert.pem"),
+        format!("{dir}/tls_key.pem"),
+        format!("{dir}/tls_ca.pem"),
+    );
+    let c = up(
+        1,
+        &[
+            ("ORCHESTRATOR_TLS__CERT_FILE", &cert),
+            ("ORCHESTRATOR_TLS__KEY_FILE", &key),
+            ("ORCHESTRATOR_TLS__CA_FILE", &ca),
+        ],
+    )
+    .await;
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap();
+    let client = |identity: Option<reqwest::Identity>| {
+        let mut b = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca.clone())
+            .timeout(Duration::from_secs(10));
+        if let Some(id) = identity {
+            b = b.identity(id);
+        }
+        b.build().expect("client")
+    };
+    let url = format!("https://{}/raft/vote", c.peer_addr(1));
+    let call = |http: reqwest::Client| {
+        let secret = c.secret.clone();
+        let url = url.clone();
+        async move {
+            http.post(url)
+                .header("x-cluster-secret", secret)
+                .header("x-target-node", "1")
+                .header("content-type", "application/json")
+                .body("{}")
+                .send()
+                .await
+        }
+    };
+    // Knowing the cluster secret is not enough: no client certificate, no peer call.
+    let r = call(client(None)).await;
+    assert!(
+        r.is_err(),
+        "a peer call without a client certificate was answered: {r:?}"
+    );
+    // A node's certificate from the cluster CA gets through to the secret check.
+    let pem = [std::fs::read(&cert).unwrap(), std::fs::read(&key).unwrap()].concat();
+    let identity = reqwest::Identity::from_pem(&pem).expect("identity");
+    let r = call(client(Some(identity))).await.expect("mutual TLS");
+    assert_ne!(r.status(), StatusCode::UNAUTHORIZED);
+    // The API listener asks no client certificate of API callers.
+    let t = c.token("acme", "orchestrator:read");
+    let (s, v) = c.get(1, "/dags", &t).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
