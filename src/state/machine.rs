@@ -1051,7 +1051,10 @@ fn create_run(
 /// Live nodes with free slots, as the state machine knows them.
 struct NodePool {
     nodes: Vec<(NodeId, NodeInfo)>,
-    /// Protocol ≥ 3: each tenant's share of the slots.
+    /// Protocol ≥ 3: placements respect each tenant's share of the slots.
+    fair_share_on: bool,
+    /// Loaded at the first placement that could happen (a ready task and a free slot),
+    /// so applies that place nothing never pay for counting.
     fair: Option<FairShare>,
 }
 
@@ -1124,13 +1127,11 @@ impl NodePool {
                 nodes.push((u64::from_be_bytes(arr), info));
             }
         }
-        let fair = if ctx.protocol >= 3 {
-            let live_slots = nodes.iter().map(|(_, i)| i.slots).sum();
-            Some(FairShare::load(kv, live_slots)?)
-        } else {
-            None
-        };
-        Ok(NodePool { nodes, fair })
+        Ok(NodePool {
+            nodes,
+            fair_share_on: ctx.protocol >= 3,
+            fair: None,
+        })
     }
 
     /// The live node with the most free slots (lowest id on ties), preferring not `avoid`.
@@ -1189,6 +1190,10 @@ fn assign_ready(
         let Some(inst) = run.tasks.get_mut(&task_id) else {
             continue;
         };
+        if pool.fair_share_on && pool.fair.is_none() && pool.pick(None).is_some() {
+            let live_slots = pool.nodes.iter().map(|(_, i)| i.slots).sum();
+            pool.fair = Some(FairShare::load(kv, live_slots)?);
+        }
         if let Some(fair) = pool.fair.as_mut() {
             if fair.at_share(&run.tenant) {
                 fair.held.push(run.run_id.clone());
