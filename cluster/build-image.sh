@@ -8,6 +8,11 @@ cd "$(dirname "$0")/.."
 scripts/prereqs.sh
 command -v busybox >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static >/dev/null; }
 cargo build --bin orchestrator
+# The compose cluster's secrets: random, private, generated once (never a placeholder).
+( umask 077; mkdir -p cluster/secrets
+  for s in cluster jwt; do
+    [ -s "cluster/secrets/$s.secret" ] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "cluster/secrets/$s.secret"
+  done )
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
 root="$ctx/rootfs"

@@ -21,10 +21,15 @@ peer_addr() { echo "$(host_of "$1"):$((PEER_BASE_PORT + $1))"; }
 pid_of() { cat "$DIR/node$1.pid" 2>/dev/null || true; }
 alive() { local p; p=$(pid_of "$1"); [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
 
+# Secrets live in files only this user can read; nodes get the files' paths, never the
+# secrets themselves on their command line (argv is readable by every local user).
 ensure_secrets() {
   mkdir -p "$DIR"
-  [ -s "$DIR/cluster.secret" ] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$DIR/cluster.secret"
-  [ -s "$DIR/jwt.secret" ] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$DIR/jwt.secret"
+  chmod 700 "$DIR"
+  ( umask 077
+    [ -s "$DIR/cluster.secret" ] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$DIR/cluster.secret"
+    [ -s "$DIR/jwt.secret" ] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$DIR/jwt.secret" )
+  chmod 600 "$DIR/cluster.secret" "$DIR/jwt.secret"
 }
 
 ensure_binary() {
@@ -65,13 +70,13 @@ start_node() {
   # as a service manager would. Any other exit (a signal, a clean stop) ends the loop.
   (
     while :; do
-      ORCHESTRATOR_AUTH__HS256_SECRET="$(cat "$DIR/jwt.secret")" \
+      ORCHESTRATOR_AUTH__HS256_SECRET_FILE="$DIR/jwt.secret" \
       ORCHESTRATOR_EXECUTOR__SHELL_ENABLED="${ORCHESTRATOR_EXECUTOR__SHELL_ENABLED:-true}" \
       ORCHESTRATOR_LIMITS__MIN_SCHEDULE_INTERVAL_MS="${ORCHESTRATOR_LIMITS__MIN_SCHEDULE_INTERVAL_MS:-1000}" \
         "$ORCHESTRATOR_BIN" server \
         --node-id "$n" --api-addr "$(api_addr "$n")" --peer-addr "$(peer_addr "$n")" \
         --data-dir "$DIR/node$n" --peers "$(peers_of "$n")" \
-        --cluster-secret "$(cat "$DIR/cluster.secret")" "${boot[@]}" \
+        --cluster-secret-file "$DIR/cluster.secret" "${boot[@]}" \
         >>"$DIR/node$n.log" 2>&1 </dev/null &
       echo $! > "$DIR/node$n.pid"
       rc=0
@@ -154,7 +159,7 @@ case "$cmd" in
     ;;
   token)
     ensure_binary; ensure_secrets
-    ORCHESTRATOR_AUTH__HS256_SECRET="$(cat "$DIR/jwt.secret")" \
+    ORCHESTRATOR_AUTH__HS256_SECRET_FILE="$DIR/jwt.secret" \
       "$ORCHESTRATOR_BIN" token --data-dir "$DIR/token" "$@"
     ;;
   *)

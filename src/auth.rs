@@ -216,6 +216,23 @@ impl Verifier {
         if let Some(url) = &c.jwks_url {
             check_jwks_url(url)?;
         }
+        // A public key or an identity provider's JWKS verifies tokens minted for every
+        // service that trusts that provider: without an audience, a token for any of
+        // them would be accepted here.
+        let asymmetric = allowed.iter().any(|a| family(*a) != 0)
+            || c.rs256_public_key.is_some()
+            || c.es256_public_key.is_some()
+            || c.jwks_file.is_some()
+            || c.jwks_url.is_some();
+        if asymmetric && c.audience.as_deref().is_none_or(|a| a.trim().is_empty()) {
+            return Err(Error::Config(
+                "auth.audience is required with public keys or a JWKS (auth.algorithms other \
+                 than HS256, rs256_public_key, es256_public_key, jwks_file, jwks_url): \
+                 without it a token the identity provider issued for another service is \
+                 accepted here"
+                    .into(),
+            ));
+        }
         if allowed.contains(&Algorithm::HS256) {
             keys.push(Key {
                 kid: None,
@@ -552,6 +569,7 @@ mod tests {
         let remote = AuthConfig {
             algorithms: vec!["RS256".into()],
             jwks_url: Some("http://idp.example.com/jwks.json".into()),
+            audience: Some("orchestrator".into()),
             ..AuthConfig::default()
         };
         let err = Verifier::from_config(&remote, "")
@@ -570,5 +588,45 @@ mod tests {
             };
             assert!(Verifier::from_config(&c, "").is_ok(), "{ok}");
         }
+    }
+
+    #[test]
+    fn public_keys_and_jwks_need_an_audience() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let setups = [
+            AuthConfig {
+                algorithms: vec!["RS256".into()],
+                jwks_url: Some("https://idp.example.com/jwks.json".into()),
+                ..AuthConfig::default()
+            },
+            AuthConfig {
+                algorithms: vec!["RS256".into()],
+                rs256_public_key: Some(fixtures.join("rs256_public.pem")),
+                ..AuthConfig::default()
+            },
+            AuthConfig {
+                algorithms: vec!["ES256".into()],
+                es256_public_key: Some(fixtures.join("es256_public.pem")),
+                ..AuthConfig::default()
+            },
+            AuthConfig {
+                jwks_file: Some(fixtures.join("jwks.json")),
+                ..AuthConfig::default()
+            },
+        ];
+        for c in setups {
+            let err = Verifier::from_config(&c, SECRET)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("auth.audience is required"), "{c:?}: {err}");
+            let with = AuthConfig {
+                audience: Some("orchestrator".into()),
+                ..c.clone()
+            };
+            assert!(Verifier::from_config(&with, SECRET).is_ok(), "{with:?}");
+        }
+        // HS256 alone (a secret only this cluster holds) may go without.
+        assert!(Verifier::from_config(&AuthConfig::default(), SECRET).is_ok());
     }
 }

@@ -82,6 +82,9 @@ pub struct AuthConfig {
     pub algorithms: Vec<String>,
     /// HS256 secret. When unset, a dev secret is generated and kept in the data dir.
     pub hs256_secret: Option<String>,
+    /// A file holding the HS256 secret (instead of `hs256_secret`; surrounding
+    /// whitespace is ignored).
+    pub hs256_secret_file: Option<PathBuf>,
     /// PEM files with public keys.
     pub rs256_public_key: Option<PathBuf>,
     pub es256_public_key: Option<PathBuf>,
@@ -102,6 +105,7 @@ impl Default for AuthConfig {
         AuthConfig {
             algorithms: vec!["HS256".into()],
             hs256_secret: None,
+            hs256_secret_file: None,
             rs256_public_key: None,
             es256_public_key: None,
             jwks_file: None,
@@ -260,7 +264,8 @@ impl Default for RateLimitConfig {
     }
 }
 
-/// Per-tenant quotas: what one tenant can cost the others.
+/// Per-tenant quotas: what one tenant can cost the others. Every quota may be
+/// overridden per tenant in `limits.tenants.<tenant>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
@@ -269,6 +274,62 @@ pub struct LimitsConfig {
     /// The shortest interval between two fire times of a schedule; a schedule firing
     /// more often is refused (400).
     pub min_schedule_interval_ms: u64,
+    /// Tasks in one DAG (400 beyond it; never more than 1000).
+    pub max_tasks_per_dag: u64,
+    /// Runs of one DAG waiting in `queued` (behind `max_active_runs`): a trigger beyond
+    /// it is refused (429), and the scheduler holds the DAG's next windows back.
+    pub max_queued_runs_per_dag: u64,
+    /// Unfinished (queued or running) runs of one tenant across its DAGs: a trigger
+    /// beyond it is refused (429), and the scheduler holds the tenant's windows back.
+    pub max_active_runs_per_tenant: u64,
+    /// Per-tenant overrides of the quotas above.
+    pub tenants: std::collections::BTreeMap<String, TenantLimits>,
+}
+
+/// One tenant's overrides (unset: the cluster-wide value).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantLimits {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_dags_per_tenant: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_schedule_interval_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tasks_per_dag: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_queued_runs_per_dag: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_active_runs_per_tenant: Option<u64>,
+}
+
+/// The quotas that hold for one tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    pub max_dags_per_tenant: u64,
+    pub min_schedule_interval_ms: u64,
+    pub max_tasks_per_dag: u64,
+    pub max_queued_runs_per_dag: u64,
+    pub max_active_runs_per_tenant: u64,
+}
+
+impl LimitsConfig {
+    /// The quotas of `tenant`: its overrides, else the cluster-wide values.
+    pub fn for_tenant(&self, tenant: &str) -> Quotas {
+        let o = self.tenants.get(tenant).cloned().unwrap_or_default();
+        Quotas {
+            max_dags_per_tenant: o.max_dags_per_tenant.unwrap_or(self.max_dags_per_tenant),
+            min_schedule_interval_ms: o
+                .min_schedule_interval_ms
+                .unwrap_or(self.min_schedule_interval_ms),
+            max_tasks_per_dag: o.max_tasks_per_dag.unwrap_or(self.max_tasks_per_dag),
+            max_queued_runs_per_dag: o
+                .max_queued_runs_per_dag
+                .unwrap_or(self.max_queued_runs_per_dag),
+            max_active_runs_per_tenant: o
+                .max_active_runs_per_tenant
+                .unwrap_or(self.max_active_runs_per_tenant),
+        }
+    }
 }
 
 impl Default for LimitsConfig {
@@ -276,6 +337,10 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_dags_per_tenant: 1000,
             min_schedule_interval_ms: 10_000,
+            max_tasks_per_dag: crate::dag::MAX_TASKS as u64,
+            max_queued_runs_per_dag: 500,
+            max_active_runs_per_tenant: 2000,
+            tenants: Default::default(),
         }
     }
 }
@@ -310,8 +375,15 @@ pub struct Config {
     pub peer_addr: String,
     pub data_dir: PathBuf,
     /// Shared by all members; peer RPCs without it are refused. Generated for a
-    /// single-node cluster when unset.
+    /// single-node cluster when unset. Never give it on the command line (every local
+    /// user reads argv): use `cluster_secret_file`, the config file or
+    /// `ORCHESTRATOR_CLUSTER_SECRET`.
     pub cluster_secret: Option<String>,
+    /// A file holding the cluster secret (instead of `cluster_secret`).
+    pub cluster_secret_file: Option<PathBuf>,
+    /// A local trial: accept the well-known placeholder secrets of the examples
+    /// (`...change-me...`). Never for a cluster anyone else can reach.
+    pub dev_mode: bool,
     /// This node forms the cluster on first start (only one node may say so). A node with
     /// no peers always bootstraps its own single-node cluster.
     pub bootstrap: bool,
@@ -343,6 +415,8 @@ impl Default for Config {
             peer_addr: "127.0.0.1:9080".into(),
             data_dir: PathBuf::from("orchestrator-data"),
             cluster_secret: None,
+            cluster_secret_file: None,
+            dev_mode: false,
             bootstrap: false,
             peers: Vec::new(),
             peer_networks: [
@@ -410,11 +484,49 @@ impl Config {
         for (key, value) in env_pairs.iter().chain(overrides) {
             set_path(&mut tree, key, value)?;
         }
-        let config: Config = tree
+        let mut config: Config = tree
             .try_into()
             .map_err(|e: toml::de::Error| Error::Invalid(e.message().to_string()))?;
+        config.read_secret_files()?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Fill `cluster_secret` and `auth.hs256_secret` from their `*_file` settings.
+    fn read_secret_files(&mut self) -> Result<(), Error> {
+        let pairs = [
+            (
+                "cluster_secret",
+                &mut self.cluster_secret,
+                &self.cluster_secret_file,
+            ),
+            (
+                "auth.hs256_secret",
+                &mut self.auth.hs256_secret,
+                &self.auth.hs256_secret_file,
+            ),
+        ];
+        for (name, value, file) in pairs {
+            let Some(path) = file else { continue };
+            if value.is_some() {
+                return Err(Error::Invalid(format!(
+                    "{name} and {name}_file are both set; keep one"
+                )));
+            }
+            let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let secret = text.trim();
+            if secret.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "{name}_file {} is empty",
+                    path.display()
+                )));
+            }
+            *value = Some(secret.to_string());
+        }
+        Ok(())
     }
 
     /// Check everything that would otherwise fail later, with what to change.
@@ -456,6 +568,21 @@ impl Config {
         }
         if !self.peers.is_empty() && self.cluster_secret.as_deref().unwrap_or("").len() < 16 {
             return bad("cluster_secret (16+ characters, the same on every node) is required when peers are configured".into());
+        }
+        if !self.dev_mode {
+            for (name, value) in [
+                ("cluster_secret", &self.cluster_secret),
+                ("auth.hs256_secret", &self.auth.hs256_secret),
+                ("executor.webhook_secret", &self.executor.webhook_secret),
+            ] {
+                if value.as_deref().is_some_and(is_placeholder) {
+                    return bad(format!(
+                        "{name} is an example's placeholder, known to anyone who read it: set a \
+                         random one (e.g. `head -c 32 /dev/urandom | xxd -p -c 64`), or for a \
+                         local trial only set dev_mode = true (ORCHESTRATOR_DEV_MODE=true)"
+                    ));
+                }
+            }
         }
         let r = &self.raft;
         if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms * 2 {
@@ -524,8 +651,27 @@ impl Config {
                 return bad(format!("TLS file {} does not exist", f.display()));
             }
         }
-        if self.limits.max_dags_per_tenant == 0 {
-            return bad("limits.max_dags_per_tenant must be > 0".into());
+        let global = LimitsConfig {
+            tenants: Default::default(),
+            ..self.limits.clone()
+        }
+        .for_tenant("");
+        let tenants = self
+            .limits
+            .tenants
+            .keys()
+            .map(|t| (format!("limits.tenants.{t}"), self.limits.for_tenant(t)));
+        for (scope, q) in std::iter::once(("limits".to_string(), global)).chain(tenants) {
+            if q.max_dags_per_tenant == 0
+                || q.max_tasks_per_dag == 0
+                || q.max_queued_runs_per_dag == 0
+                || q.max_active_runs_per_tenant == 0
+            {
+                return bad(format!(
+                    "{scope}: max_dags_per_tenant, max_tasks_per_dag, max_queued_runs_per_dag \
+                     and max_active_runs_per_tenant must be > 0"
+                ));
+            }
         }
         if self.rate_limit.rps == 0 || self.rate_limit.gossip_ms == 0 {
             return bad("rate_limit.rps and rate_limit.gossip_ms must be > 0".into());
@@ -588,6 +734,13 @@ impl Config {
     /// The effective config as TOML with secrets redacted.
     pub fn redacted_toml(&self) -> String {
         let mut c = self.clone();
+        // Read from a file: show where from, not a value that would clash with it.
+        if c.cluster_secret_file.is_some() {
+            c.cluster_secret = None;
+        }
+        if c.auth.hs256_secret_file.is_some() {
+            c.auth.hs256_secret = None;
+        }
         if c.cluster_secret.is_some() {
             c.cluster_secret = Some("<redacted>".into());
         }
@@ -599,6 +752,21 @@ impl Config {
         }
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}"))
     }
+}
+
+/// A secret an example ships with (`compose-cluster-secret-change-me` and the like):
+/// anyone who read the example holds it.
+pub fn is_placeholder(secret: &str) -> bool {
+    let s = secret.to_ascii_lowercase();
+    [
+        "change-me",
+        "changeme",
+        "change_me",
+        "replace-me",
+        "placeholder",
+    ]
+    .iter()
+    .any(|p| s.contains(p))
 }
 
 /// Create `dir` (and parents) if needed and make it private to the node's user (0700),

@@ -11,7 +11,8 @@
 //!   client and server, and the node wrapper (writes, current reads, membership).
 //! - [`state`]: the replicated domain model, commands and the deterministic apply logic.
 //! - [`dag`]: DAG definition input and validation. [`schedule`]: cron and timezones.
-//! - [`rate_limit`]: per-tenant limits shared across nodes by gossip.
+//! - [`rate_limit`]: per-tenant limits shared across nodes by gossip. [`quota`]: per-tenant
+//!   run quotas counted from the replicated active-runs index.
 //! - [`config`]: layered configuration. [`server`]: running one node end to end.
 //! - [`cidr`]: IP networks, for the peer networks members must be in.
 
@@ -26,6 +27,7 @@ pub mod cidr;
 pub mod config;
 pub mod dag;
 pub mod executor;
+pub mod quota;
 pub mod raft;
 pub mod rate_limit;
 pub mod schedule;

@@ -93,7 +93,11 @@ struct NodeFlags {
     /// Other members: `2=127.0.0.1:8082/127.0.0.1:9082,3=...`
     #[arg(long)]
     peers: Option<String>,
+    /// A file holding the cluster secret (or set ORCHESTRATOR_CLUSTER_SECRET).
     #[arg(long)]
+    cluster_secret_file: Option<PathBuf>,
+    /// Refused: argv is readable by every local user. Kept only to say so.
+    #[arg(long, hide = true)]
     cluster_secret: Option<String>,
     /// This node forms the cluster on first start.
     #[arg(long)]
@@ -102,6 +106,15 @@ struct NodeFlags {
 
 impl NodeFlags {
     fn load(&self) -> anyhow::Result<Config> {
+        if self.cluster_secret.is_some() {
+            // Refused rather than warned about: by the time a warning is printed the
+            // secret is already in /proc/PID/cmdline and `ps` for the node's whole life.
+            anyhow::bail!(
+                "--cluster-secret is refused: a secret on the command line is readable by \
+                 every local user (ps, /proc/PID/cmdline); use --cluster-secret-file PATH, \
+                 ORCHESTRATOR_CLUSTER_SECRET, or cluster_secret in the config file"
+            );
+        }
         let mut o: Vec<(String, String)> = Vec::new();
         let mut set = |k: &str, v: Option<String>| {
             if let Some(v) = v {
@@ -116,7 +129,12 @@ impl NodeFlags {
             self.data_dir.as_ref().map(|p| p.display().to_string()),
         );
         set("peers", self.peers.clone());
-        set("cluster_secret", self.cluster_secret.clone());
+        set(
+            "cluster_secret_file",
+            self.cluster_secret_file
+                .as_ref()
+                .map(|p| p.display().to_string()),
+        );
         set("bootstrap", self.bootstrap.then(|| "true".to_string()));
         Ok(Config::load(self.config.as_deref(), std::env::vars(), &o)?)
     }

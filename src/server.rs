@@ -15,6 +15,7 @@ use crate::api::{self, ApiState};
 use crate::auth::{self, Verifier};
 use crate::config::{self, Config};
 use crate::raft::db::{Db, DbError};
+use crate::raft::network::PeerTls;
 use crate::raft::{node, peer_server, RaftNode};
 use crate::rate_limit::RateLimiter;
 
@@ -62,6 +63,8 @@ pub async fn run(
     }
     let secret = config.resolve_cluster_secret()?;
     let jwt_secret = config.resolve_hs256_secret()?;
+    // Refuse a weak token setup before anything else starts.
+    let verifier = Arc::new(Verifier::from_config(&config.auth, &jwt_secret)?);
     let db_path = config.data_dir.join("db");
     let db = Db::open(&db_path).map_err(|source| Error::Db {
         path: db_path.clone(),
@@ -87,7 +90,7 @@ pub async fn run(
         config.clone(),
         db.clone(),
         &secret,
-        tls.as_ref().map(|t| t.1.clone()),
+        tls.as_ref().map(|t| t.peer_client.clone()),
     )
     .await?;
     let actor_system = ActorSystem::start(node.clone(), config.clone())?;
@@ -110,7 +113,6 @@ pub async fn run(
         async move { node.sample_clocks(stop).await }
     });
 
-    let verifier = Arc::new(Verifier::from_config(&config.auth, &jwt_secret)?);
     if let Err(e) = verifier.refresh_jwks().await {
         warn!(error = %e, "cannot fetch the JWKS yet; tokens it signs fail until it can be");
     }
@@ -142,19 +144,22 @@ pub async fn run(
 
     let api_handle = axum_server::Handle::new();
     let peer_handle = axum_server::Handle::new();
-    let server_tls = tls.map(|t| t.0);
+    let (api_tls, peer_tls) = match tls {
+        Some(t) => (Some(t.api), Some(t.peer_server)),
+        None => (None, None),
+    };
     let header_timeout = std::time::Duration::from_millis(config.header_read_timeout_ms);
     let api_server = serve(
         api_listener,
         api_router,
-        server_tls.clone(),
+        api_tls,
         api_handle.clone(),
         header_timeout,
     )?;
     let peer_server = serve(
         peer_listener,
         peer_router,
-        server_tls,
+        peer_tls,
         peer_handle.clone(),
         header_timeout,
     )?;
@@ -273,15 +278,26 @@ async fn gossip_rates(node: RaftNode, limiter: Arc<RateLimiter>, stop: watch::Re
     }
 }
 
-/// Load the certificate and key (served on both listeners) and the CA peers are
-/// checked against, when TLS is configured.
-async fn tls_setup(config: &Config) -> Result<Option<(RustlsConfig, reqwest::Certificate)>, Error> {
+/// TLS material of a node: what the API serves, what the peer listener serves (client
+/// certificates required: mutual TLS), and how this node calls its peers.
+struct NodeTls {
+    api: RustlsConfig,
+    peer_server: RustlsConfig,
+    peer_client: PeerTls,
+}
+
+/// Load the certificate and key (served on both listeners, and presented to peers as
+/// this node's client certificate) and the CA peers are checked against, when TLS is
+/// configured. The peer listener admits only clients with a certificate from that CA.
+async fn tls_setup(config: &Config) -> Result<Option<NodeTls>, Error> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) else {
         return Ok(None);
     };
     // Several nodes in one process (tests) may race to install it: the first wins.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let server = RustlsConfig::from_pem_file(cert, key).await.map_err(|e| {
+    let api = RustlsConfig::from_pem_file(cert, key).await.map_err(|e| {
         Error::Tls(format!(
             "cannot load {} / {}: {e}",
             cert.display(),
@@ -289,11 +305,47 @@ async fn tls_setup(config: &Config) -> Result<Option<(RustlsConfig, reqwest::Cer
         ))
     })?;
     let ca_path = config.tls.ca_file.as_ref().unwrap_or(cert);
-    let ca_pem = std::fs::read(ca_path)
-        .map_err(|e| Error::Tls(format!("cannot read {}: {e}", ca_path.display())))?;
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| Error::Tls(format!("cannot read {}: {e}", p.display())))
+    };
+    let (cert_pem, key_pem, ca_pem) = (read(cert)?, read(key)?, read(ca_path)?);
     let ca = reqwest::Certificate::from_pem(&ca_pem)
         .map_err(|e| Error::Tls(format!("{}: {e}", ca_path.display())))?;
-    Ok(Some((server, ca)))
+    let identity = reqwest::Identity::from_pem(&[cert_pem.as_slice(), b"\n", &key_pem].concat())
+        .map_err(|e| Error::Tls(format!("client identity from {}: {e}", cert.display())))?;
+
+    let tls_err = |what: &str, e: &dyn std::fmt::Display| Error::Tls(format!("{what}: {e}"));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&ca_pem) {
+        let c = c.map_err(|e| tls_err(&ca_path.display().to_string(), &e))?;
+        roots
+            .add(c)
+            .map_err(|e| tls_err(&ca_path.display().to_string(), &e))?;
+    }
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tls_err(&cert.display().to_string(), &e))?;
+    let private = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| tls_err(&key.display().to_string(), &e))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| tls_err("peer client verifier", &e))?;
+    let mut peer = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_err("peer TLS", &e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, private)
+        .map_err(|e| tls_err("peer TLS certificate", &e))?;
+    peer.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Some(NodeTls {
+        api,
+        peer_server: RustlsConfig::from_config(std::sync::Arc::new(peer)),
+        peer_client: PeerTls { ca, identity },
+    }))
 }
 
 /// Serve `router` on `listener`, over TLS when `tls` is set, until `handle` shuts it down.

@@ -923,11 +923,14 @@ async fn jwks_url_is_fetched_and_kid_honoured() {
         &[
             ("ORCHESTRATOR_AUTH__ALGORITHMS", r#"["RS256"]"#),
             ("ORCHESTRATOR_AUTH__JWKS_URL", &url),
+            // A JWKS setup needs an audience (the node refuses to start without one).
+            ("ORCHESTRATOR_AUTH__AUDIENCE", "orchestrator"),
         ],
     )
     .await;
     let rs = EncodingKey::from_rsa_pem(&fixture("rs256_private.pem")).unwrap();
-    let claims = json!({"sub":"u","tenant":"acme","scope":"orchestrator:read","exp":now()+600});
+    // `aud` as an array holding the audience.
+    let claims = json!({"sub":"u","tenant":"acme","scope":"orchestrator:read","exp":now()+600,"aud":["another-service","orchestrator"]});
     let token = |kid: &str| {
         let mut h = Header::new(Algorithm::RS256);
         h.kid = Some(kid.into());

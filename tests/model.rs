@@ -170,6 +170,7 @@ fn arb_step() -> impl Strategy<Value = Step> {
                     fingerprint: command_tag(&command).into(),
                 }),
                 command,
+                subject: None,
             }))
         }),
         1 => (1u8..4).prop_map(Step::Membership),

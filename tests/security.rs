@@ -545,3 +545,596 @@ async fn the_data_dir_is_private_even_if_it_was_not() {
     let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "data dir mode {mode:o}");
 }
+
+/// Run the binary with `args` and `env` until it exits or `timeout` passes (then it is
+/// killed): its exit status (None if it was still running), stdout and stderr.
+fn run_binary(
+    args: &[&str],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> (Option<std::process::ExitStatus>, String, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"));
+    cmd.args(args)
+        .env_remove("ORCHESTRATOR_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out).expect("stdout file"))
+        .stderr(std::fs::File::create(&err).expect("stderr file"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn orchestrator");
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break Some(s);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    (status, read(&out), read(&err))
+}
+
+/// Two free ports on 127.0.0.1, as `api_addr` and `peer_addr` of a standalone node.
+fn two_addrs() -> (String, String) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let b = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    (
+        a.local_addr().expect("addr").to_string(),
+        b.local_addr().expect("addr").to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_on_the_command_line() {
+    // The harness starts nodes the way the docs say: the secret's file, not the secret.
+    let c = up(1, &[]).await;
+    let pid = c.pid(1).expect("pid");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        !cmdline.contains(&c.secret) && !cmdline.contains(&c.jwt_secret),
+        "a secret is on argv: {cmdline}"
+    );
+    assert!(cmdline.contains("--cluster-secret-file"), "{cmdline}");
+    // The node runs with the secret from the file: a peer call carrying it is admitted
+    // (anything but 401), one with another secret is not.
+    let http = reqwest::Client::new();
+    let call = |secret: String| {
+        http.post(format!("http://{}/raft/vote", c.peer_addr(1)))
+            .header("x-cluster-secret", secret)
+            .header("x-target-node", "1")
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+    };
+    let good = call(c.secret.clone()).await.expect("peer answer").status();
+    let bad = call(format!("{}x", c.secret))
+        .await
+        .expect("peer answer")
+        .status();
+    assert_ne!(
+        good,
+        StatusCode::UNAUTHORIZED,
+        "the file's secret is not used"
+    );
+    assert_eq!(bad, StatusCode::UNAUTHORIZED);
+
+    // A secret given on argv is refused, with the ways to give it instead.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data").display().to_string();
+    let (api, peer) = two_addrs();
+    let (status, _, err) = run_binary(
+        &[
+            "server",
+            "--data-dir",
+            &data,
+            "--api-addr",
+            &api,
+            "--peer-addr",
+            &peer,
+            "--cluster-secret",
+            "a-secret-anyone-can-read-in-ps",
+        ],
+        &[],
+        Duration::from_secs(20),
+    );
+    let status = status.expect("a node with --cluster-secret must exit, not run");
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("--cluster-secret-file") && err.contains("ORCHESTRATOR_CLUSTER_SECRET"),
+        "{err}"
+    );
+    assert!(
+        !std::path::Path::new(&data).join("db").exists(),
+        "the refused node opened its database"
+    );
+}
+
+#[test]
+fn placeholder_secrets_are_refused_outside_dev_mode() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (api, peer) = two_addrs();
+    let data = dir.path().join("data");
+    // The compose example's former placeholders, as someone who copied them would have.
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = 1\napi_addr = \"{api}\"\npeer_addr = \"{peer}\"\ndata_dir = \"{}\"\n\
+             cluster_secret = \"compose-cluster-secret-change-me\"\n\
+             [auth]\nhs256_secret = \"compose-dev-jwt-secret-change-me-0123456789\"\n",
+            data.display()
+        ),
+    )
+    .expect("config");
+    let config = config.display().to_string();
+    let args = ["server", "--config", config.as_str()];
+    let (status, _, err) = run_binary(&args, &[], Duration::from_secs(20));
+    let status = status.expect("a node with a placeholder secret must exit");
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("cluster_secret is an example's placeholder") && err.contains("dev_mode"),
+        "{err}"
+    );
+    // Only the cluster secret's placeholder replaced: the signing secret's is named next.
+    let (status, _, err) = run_binary(
+        &args,
+        &[(
+            "ORCHESTRATOR_CLUSTER_SECRET",
+            "a-random-cluster-secret-0123456789",
+        )],
+        Duration::from_secs(20),
+    );
+    assert!(status.is_some_and(|s| !s.success()), "{err}");
+    assert!(
+        err.contains("auth.hs256_secret is an example's placeholder"),
+        "{err}"
+    );
+    // An explicit dev mode accepts them (a local trial): the node serves.
+    let (status, out, err) = run_binary(
+        &args,
+        &[("ORCHESTRATOR_DEV_MODE", "true")],
+        Duration::from_secs(15),
+    );
+    assert!(status.is_none(), "dev mode node exited: {status:?} {err}");
+    assert!(out.contains("ready: API"), "{out} {err}");
+
+    // The compose example itself carries no secret: its configs read generated files,
+    // and load without dev mode once those exist.
+    let secret = dir.path().join("s");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").expect("secret");
+    let secret = secret.display().to_string();
+    for n in 1..=3 {
+        let path = format!("{}/cluster/node{n}.toml", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).expect("compose config");
+        for key in ["cluster_secret =", "hs256_secret =", "dev_mode"] {
+            assert!(!text.contains(key), "{path} sets {key}");
+        }
+        let (status, out, err) = run_binary(
+            &["config", "print", "--config", &path],
+            &[
+                ("ORCHESTRATOR_CLUSTER_SECRET_FILE", &secret),
+                ("ORCHESTRATOR_AUTH__HS256_SECRET_FILE", &secret),
+            ],
+            Duration::from_secs(20),
+        );
+        assert!(status.is_some_and(|s| s.success()), "{path}: {err}");
+        assert!(!out.contains("0123456789abcdef"), "{path}: secret printed");
+    }
+}
+
+#[test]
+fn public_keys_and_jwks_need_an_audience_and_https() {
+    let fixtures = format!("{}/tests/fixtures", env!("CARGO_MANIFEST_DIR"));
+    let rs_pub = format!("{fixtures}/rs256_public.pem");
+    let jwks = format!("{fixtures}/jwks.json");
+    let refused = |env: &[(&str, &str)], want: &str| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data").display().to_string();
+        let (api, peer) = two_addrs();
+        let args = [
+            "server",
+            "--data-dir",
+            &data,
+            "--api-addr",
+            &api,
+            "--peer-addr",
+            &peer,
+        ];
+        let (status, _, err) = run_binary(&args, env, Duration::from_secs(20));
+        let status = status.unwrap_or_else(|| panic!("{env:?}: the node started"));
+        assert!(!status.success(), "{env:?}: {err}");
+        assert!(err.contains(want), "{env:?}: {err}");
+    };
+    let need_aud = "auth.audience is required";
+    refused(
+        &[
+            ("ORCHESTRATOR_AUTH__ALGORITHMS", r#"["RS256"]"#),
+            ("ORCHESTRATOR_AUTH__RS256_PUBLIC_KEY", &rs_pub),
+        ],
+        need_aud,
+    );
+    refused(&[("ORCHESTRATOR_AUTH__JWKS_FILE", &jwks)], need_aud);
+    refused(
+        &[
+            ("ORCHESTRATOR_AUTH__ALGORITHMS", r#"["RS256"]"#),
+            (
+                "ORCHESTRATOR_AUTH__JWKS_URL",
+                "https://idp.example.com/jwks",
+            ),
+        ],
+        need_aud,
+    );
+    refused(
+        &[
+            ("ORCHESTRATOR_AUTH__ALGORITHMS", r#"["RS256"]"#),
+            ("ORCHESTRATOR_AUTH__AUDIENCE", "orchestrator"),
+            ("ORCHESTRATOR_AUTH__JWKS_URL", "http://idp.example.com/jwks"),
+        ],
+        "must be https",
+    );
+}
+
+/// Wait until the cluster applies protocol 3 (subjects and the fair share start there).
+async fn wait_protocol_3(c: &Cluster) {
+    wait_for(LONG, "protocol 3", || async {
+        let s = c.status(1).await?;
+        (s["protocol"].as_u64()? >= 3).then_some(())
+    })
+    .await;
+}
+
+fn token_of(c: &Cluster, tenant: &str, subject: &str, scope: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let req = orchestrator::auth::TokenRequest {
+        tenant,
+        subject,
+        scope,
+        ttl_secs: 3600,
+        ..Default::default()
+    };
+    orchestrator::auth::mint(&c.jwt_secret, &req, now).expect("mint")
+}
+
+fn message(v: &Value) -> &str {
+    v["message"].as_str().unwrap_or("")
+}
+
+async fn trigger(c: &Cluster, t: &str, dag_id: &str) -> (StatusCode, Value) {
+    c.post(
+        1,
+        "/runs",
+        t,
+        &json!({"dag_id": dag_id, "run_type": "manual"}),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_and_task_quotas_name_the_limit() {
+    let c = up(
+        1,
+        &[
+            ("ORCHESTRATOR_LIMITS__MAX_TASKS_PER_DAG", "3"),
+            ("ORCHESTRATOR_LIMITS__MAX_QUEUED_RUNS_PER_DAG", "2"),
+            ("ORCHESTRATOR_LIMITS__MAX_ACTIVE_RUNS_PER_TENANT", "4"),
+            (
+                "ORCHESTRATOR_LIMITS__TENANTS",
+                "{ big = { max_tasks_per_dag = 5 }, sched = { max_queued_runs_per_dag = 1 } }",
+            ),
+        ],
+    )
+    .await;
+    let scope = "orchestrator:read orchestrator:write orchestrator:shell";
+    let acme = c.token("acme", scope);
+    let tasks = |n: usize| -> Vec<Value> {
+        (0..n)
+            .map(|i| json!({"task_id": format!("t{i}"), "kind": "noop"}))
+            .collect()
+    };
+    // Tasks per DAG, with a tenant's override.
+    let (s, v) = c
+        .post(
+            1,
+            "/dags",
+            &acme,
+            &json!({"dag_id": "wide", "tasks": tasks(4)}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(message(&v).contains("limits.max_tasks_per_dag"), "{v}");
+    let big = c.token("big", scope);
+    let (s, v) = c
+        .post(
+            1,
+            "/dags",
+            &big,
+            &json!({"dag_id": "wide", "tasks": tasks(4)}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "big's override allows 5: {v}");
+
+    // Queued runs per DAG: one runs (it sleeps), two queue behind max_active_runs = 1.
+    let slow = |id: &str| {
+        json!({"dag_id": id, "max_active_runs": 1,
+               "tasks": [{"task_id": "t", "kind": "shell", "command": "sleep 20"}]})
+    };
+    for id in ["slow1", "slow2"] {
+        let (s, v) = c.post(1, "/dags", &acme, &slow(id)).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    for i in 0..3 {
+        let (s, v) = trigger(&c, &acme, "slow1").await;
+        assert_eq!(s, StatusCode::OK, "trigger {i}: {v}");
+    }
+    let (s, v) = trigger(&c, &acme, "slow1").await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(v["error"], "quota_exceeded", "{v}");
+    assert!(
+        message(&v).contains("limits.max_queued_runs_per_dag"),
+        "{v}"
+    );
+    // Active runs per tenant: 3 of slow1 and one of slow2 make 4, the limit.
+    let (s, v) = trigger(&c, &acme, "slow2").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = trigger(&c, &acme, "slow2").await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert!(
+        message(&v).contains("limits.max_active_runs_per_tenant"),
+        "{v}"
+    );
+    // Another tenant is not held back by acme's runs.
+    let (s, v) = trigger(&c, &big, "wide").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+
+    // Scheduled runs obey the quota too: a DAG firing every second behind a run that
+    // sleeps never has more than one queued run (sched's override).
+    let sched = c.token("sched", scope);
+    let mut dag = slow("tick");
+    dag["schedule"] = json!("* * * * * *");
+    let (s, v) = c.post(1, "/dags", &sched, &dag).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let count = |state: &'static str| {
+        let (c, t) = (&c, &sched);
+        async move {
+            let (s, v) = c
+                .get(1, &format!("/runs?dag_id=tick&state={state}"), t)
+                .await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            v["runs"].as_array().map_or(0, Vec::len)
+        }
+    };
+    wait_for(LONG, "a running and a queued scheduled run", || async {
+        (count("running").await == 1 && count("queued").await == 1).then_some(())
+    })
+    .await;
+    // Five more seconds of windows: none of them adds a queued run.
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < until {
+        let queued = count("queued").await;
+        assert!(queued <= 1, "{queued} queued scheduled runs");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_cannot_hold_every_executor_slot() {
+    let c = up(1, &[("ORCHESTRATOR_EXECUTOR__SLOTS", "2")]).await;
+    wait_protocol_3(&c).await;
+    let scope = "orchestrator:read orchestrator:write orchestrator:shell";
+    let (hog, other) = (c.token("hog", scope), c.token("other", scope));
+    // The hog's run: six parallel tasks of 3 s; it takes both slots first.
+    let tasks: Vec<Value> = (0..6)
+        .map(|i| json!({"task_id": format!("t{i}"), "kind": "shell", "command": "sleep 3"}))
+        .collect();
+    let (s, v) = c
+        .post(1, "/dags", &hog, &json!({"dag_id": "wide", "tasks": tasks}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let one = json!({"dag_id": "one", "tasks": [{"task_id": "t", "kind": "shell", "command": "sleep 1"}]});
+    let (s, v) = c.post(1, "/dags", &other, &one).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = trigger(&c, &hog, "wide").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let hog_run = v["run_id"].as_str().expect("run_id").to_string();
+    wait_for(LONG, "the hog to hold both slots", || async {
+        let (_, v) = c.get(1, &format!("/runs/{hog_run}"), &hog).await;
+        let running = v["tasks"]
+            .as_object()?
+            .values()
+            .filter(|s| *s == "running")
+            .count();
+        (running == 2).then_some(())
+    })
+    .await;
+    let (s, v) = trigger(&c, &other, "one").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let other_run = v["run_id"].as_str().expect("run_id").to_string();
+    // Without a fair share the hog's freed slots go back to it until its six tasks are
+    // done (about 9 s); with it, the other tenant's task runs in the first freed slot.
+    let other_done = wait_for(LONG, "the other tenant's run to finish", || async {
+        let (_, v) = c.get(1, &format!("/runs/{other_run}"), &other).await;
+        (v["state"] == "done").then_some(v)
+    })
+    .await;
+    let (_, hog_now) = c.get(1, &format!("/runs/{hog_run}"), &hog).await;
+    let hog_left = hog_now["tasks"]
+        .as_object()
+        .map_or(0, |t| t.values().filter(|s| *s != "done").count());
+    println!("other done; hog tasks not done yet: {hog_left}");
+    assert!(
+        hog_left >= 2,
+        "the other tenant waited for the hog: {other_done} {hog_now}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_cursors_are_bound_to_the_tenant() {
+    let c = up(1, &[]).await;
+    let a = c.token("a", "orchestrator:read orchestrator:write");
+    let b = c.token("b", "orchestrator:read orchestrator:write");
+    for id in ["d1", "d2", "d3"] {
+        for t in [&a, &b] {
+            let (s, v) = c
+                .post(1, "/dags", t, &json!({"dag_id": id, "tasks": []}))
+                .await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+        }
+        let (s, v) = trigger(&c, &a, id).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    let (s, v) = c.get(1, "/dags?limit=1", &a).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let cursor = v["next_cursor"].as_str().expect("a cursor").to_string();
+    let (s, v) = c
+        .get(1, &format!("/dags?limit=1&cursor={cursor}"), &a)
+        .await;
+    assert_eq!(s, StatusCode::OK, "the owner pages on: {v}");
+    assert_eq!(v["dags"][0]["dag_id"], "d2", "{v}");
+    let (s, v) = c
+        .get(1, &format!("/dags?limit=1&cursor={cursor}"), &b)
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(message(&v).contains("cursor"), "{v}");
+
+    let (s, v) = c.get(1, "/runs?limit=1", &a).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let cursor = v["next_cursor"].as_str().expect("a cursor").to_string();
+    let (s, v) = c
+        .get(1, &format!("/runs?limit=1&cursor={cursor}"), &b)
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    // Nor across queries of the same tenant (another DAG's runs).
+    let (s, v) = c
+        .get(1, &format!("/runs?dag_id=d1&limit=1&cursor={cursor}"), &a)
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_and_triggers_record_the_callers_subject() {
+    let c = up(1, &[]).await;
+    wait_protocol_3(&c).await;
+    let scope = "orchestrator:read orchestrator:write";
+    let alice = token_of(&c, "acme", "alice", scope);
+    let bob = token_of(&c, "acme", "bob", scope);
+    let dag = json!({"dag_id": "d", "tasks": [{"task_id": "t", "kind": "noop"}]});
+    let (s, v) = c.post(1, "/dags", &alice, &dag).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (_, v) = c.get(1, "/dags/d", &alice).await;
+    assert_eq!(
+        (v["created_by"].as_str(), v["updated_by"].as_str()),
+        (Some("alice"), Some("alice")),
+        "{v}"
+    );
+    let (s, v) = c.post(1, "/dags/d/pause", &bob, &json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (_, v) = c.get(1, "/dags", &alice).await;
+    assert_eq!(v["dags"][0]["created_by"], "alice", "{v}");
+    assert_eq!(v["dags"][0]["updated_by"], "bob", "{v}");
+    let (s, v) = trigger(&c, &bob, "d").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let run = v["run_id"].as_str().expect("run_id").to_string();
+    let (_, v) = c.get(1, &format!("/runs/{run}"), &alice).await;
+    assert_eq!(v["triggered_by"], "bob", "{v}");
+    let (_, v) = c.get(1, "/runs", &alice).await;
+    assert_eq!(v["runs"][0]["triggered_by"], "bob", "{v}");
+
+    // Ids that name directories are refused.
+    for bad in [".", ".."] {
+        let dag = json!({"dag_id": "x", "tasks": [{"task_id": bad, "kind": "noop"}]});
+        let (s, v) = c.post(1, "/dags", &alice, &dag).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {v}");
+    }
+
+    // Membership changes are audit-logged with the operator's subject.
+    let ops = token_of(&c, "ops", "carol-the-operator", common::ALL_SCOPES);
+    let (s, v, _) = c
+        .request(
+            1,
+            reqwest::Method::DELETE,
+            &format!("{BASE}/cluster/members/9"),
+            Some(&ops),
+            None,
+            &[],
+        )
+        .await;
+    assert_ne!(s, StatusCode::FORBIDDEN, "{v}");
+    wait_for(LONG, "the audit line", || async {
+        let log = c.log(1);
+        log.lines()
+            .any(|l| l.contains("audit") && l.contains("carol-the-operator"))
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tls_peers_need_a_client_certificate_from_the_cluster_ca() {
+    let dir = format!("{}/tests/fixtures", env!("CARGO_MANIFEST_DIR"));
+    let (cert, key, ca) = (
+        format!("{dir}/tls_cert.pem"),
+        format!("{dir}/tls_key.pem"),
+        format!("{dir}/tls_ca.pem"),
+    );
+    let c = up(
+        1,
+        &[
+            ("ORCHESTRATOR_TLS__CERT_FILE", &cert),
+            ("ORCHESTRATOR_TLS__KEY_FILE", &key),
+            ("ORCHESTRATOR_TLS__CA_FILE", &ca),
+        ],
+    )
+    .await;
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap();
+    let client = |identity: Option<reqwest::Identity>| {
+        let mut b = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca.clone())
+            .timeout(Duration::from_secs(10));
+        if let Some(id) = identity {
+            b = b.identity(id);
+        }
+        b.build().expect("client")
+    };
+    let url = format!("https://{}/raft/vote", c.peer_addr(1));
+    let call = |http: reqwest::Client| {
+        let secret = c.secret.clone();
+        let url = url.clone();
+        async move {
+            http.post(url)
+                .header("x-cluster-secret", secret)
+                .header("x-target-node", "1")
+                .header("content-type", "application/json")
+                .body("{}")
+                .send()
+                .await
+        }
+    };
+    // Knowing the cluster secret is not enough: no client certificate, no peer call.
+    let r = call(client(None)).await;
+    assert!(
+        r.is_err(),
+        "a peer call without a client certificate was answered: {r:?}"
+    );
+    // A node's certificate from the cluster CA gets through to the secret check.
+    let pem = [std::fs::read(&cert).unwrap(), std::fs::read(&key).unwrap()].concat();
+    let identity = reqwest::Identity::from_pem(&pem).expect("identity");
+    let r = call(client(Some(identity))).await.expect("mutual TLS");
+    assert_ne!(r.status(), StatusCode::UNAUTHORIZED);
+    // The API listener asks no client certificate of API callers.
+    let t = c.token("acme", "orchestrator:read");
+    let (s, v) = c.get(1, "/dags", &t).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}

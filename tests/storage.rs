@@ -166,6 +166,7 @@ fn arb_request() -> impl Strategy<Value = Request> {
                         fingerprint: format!("f{}", window % 2),
                     }),
                     command,
+                    subject: None,
                 }
             },
         )
@@ -221,6 +222,7 @@ fn snapshot_install_replaces_the_whole_state() {
                 spec: spec(d, "o"),
                 expected_version: None,
             },
+            subject: None,
         };
         sm1.apply(vec![entry(
             1,

@@ -96,6 +96,7 @@ fn scenario() -> Vec<Entry> {
                 fingerprint: format!("fp-{k}"),
             }),
             command,
+            subject: None,
         }
     };
     let w = |d: i64| Window {

@@ -94,5 +94,6 @@ pub fn system_request(command: crate::state::Command) -> crate::state::Request {
         proposed_at_ms: chrono::Utc::now().timestamp_millis(),
         idempotency: None,
         command,
+        subject: None,
     }
 }

@@ -138,7 +138,25 @@ async fn fire_due(
             grace_ms: config.catchup_grace_ms as i64,
             max_catchup: config.max_catchup,
         };
-        for window in due_windows(&schedule, cursor, anchor, dag.spec.end_date_ms, now, policy) {
+        let due = due_windows(&schedule, cursor, anchor, dag.spec.end_date_ms, now, policy);
+        if due.is_empty() {
+            continue;
+        }
+        // Scheduled runs obey the tenant's run quotas too: past them the DAG's windows
+        // are held back (and, without catchup, skipped once past the grace).
+        let quotas = node.config().limits.for_tenant(&dag.tenant);
+        match crate::quota::check_new_run(&node.db, &dag.tenant, &dag.spec.dag_id, &quotas) {
+            Ok(Ok(())) => {}
+            Ok(Err(exceeded)) => {
+                debug!(tenant = %dag.tenant, dag_id = %dag.spec.dag_id, reason = %exceeded, "windows held back by a quota");
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, "scheduler cannot count active runs");
+                continue;
+            }
+        }
+        for window in due {
             let cmd = Command::FireWindow {
                 tenant: dag.tenant.clone(),
                 dag_id: dag.spec.dag_id.clone(),

@@ -64,6 +64,17 @@ pub async fn status(
     let digest = st.node.db.state_digest()?;
     let mut v = serde_json::to_value(&s).map_err(|e| ApiError::Internal(e.to_string()))?;
     v["state_digest"] = json!(digest);
+    // The replicated protocol version this replica has applied (1 when never raised).
+    let protocol = st
+        .node
+        .db
+        .get(
+            crate::state::Table::Counters.name(),
+            crate::state::machine::clock::PROTOCOL,
+        )?
+        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+        .map_or(1, u64::from_be_bytes);
+    v["protocol"] = json!(protocol);
     if let Some((running, slots, ready)) = st.actors.executor.slots().await {
         v["executor"] = json!({"running": running, "slots": slots, "ready": ready});
     }

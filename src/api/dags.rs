@@ -83,11 +83,18 @@ pub async fn submit(
     ))
 }
 
-/// Per-tenant quotas (`limits.*`): the shortest schedule interval and, for a new DAG, the
-/// number of live DAGs. The count is read here, not in apply: concurrent creates may
+/// Per-tenant quotas (`limits.*`, with the tenant's overrides): tasks per DAG, the
+/// shortest schedule interval and, for a new DAG, the number of live DAGs. The count is read here, not in apply: concurrent creates may
 /// overshoot it by the number in flight.
 fn check_limits(st: &ApiState, tenant: &str, spec: &DagSpec) -> Result<(), ApiError> {
-    let limits = &st.node.config().limits;
+    let limits = st.node.config().limits.for_tenant(tenant);
+    if spec.tasks.len() as u64 > limits.max_tasks_per_dag {
+        return Err(ApiError::InvalidRequest(format!(
+            "tasks: has {} tasks; limits.max_tasks_per_dag allows {}",
+            spec.tasks.len(),
+            limits.max_tasks_per_dag
+        )));
+    }
     if let Some(expr) = &spec.schedule {
         if let Ok(schedule) = Schedule::parse(expr, &spec.timezone) {
             let times = schedule.upcoming(st.node.clock.now_ms(), 32);
@@ -157,6 +164,8 @@ fn summary(dag: &Dag) -> Value {
         "timezone": dag.spec.timezone,
         "tasks": dag.spec.tasks.len(),
         "updated_at": fmt_ms(dag.updated_ms),
+        "created_by": dag.created_by,
+        "updated_by": dag.updated_by,
     })
 }
 
@@ -210,9 +219,9 @@ pub async fn list(
     p.require(Access::Read)?;
     let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let limit = page_limit(q.limit)?;
-    let after = decode_cursor(q.cursor.as_deref())?;
-    st.node.linearizable_barrier().await?;
     let prefix = keys::prefix(&[p.tenant.as_bytes()]);
+    let after = decode_cursor(q.cursor.as_deref(), &prefix)?;
+    st.node.linearizable_barrier().await?;
     let mut out = Vec::new();
     let mut last = after.clone();
     let mut more = false;

@@ -272,7 +272,10 @@ fn error_response(code: u16) -> (String, Value) {
         ),
         413 => ("payload_too_large", "Payload Too Large"),
         415 => ("unsupported_media_type", "Unsupported Media Type"),
-        429 => ("rate_limited", "Too Many Requests (Retry-After)"),
+        429 => (
+            "rate_limited | quota_exceeded",
+            "Too Many Requests (rate limit, with Retry-After; or a tenant quota)",
+        ),
         500 => ("internal_error", "Internal Error"),
         _ => (
             "dependency_down",

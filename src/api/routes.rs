@@ -290,6 +290,7 @@ pub(super) fn stamp(
         proposed_at_ms: crate::raft::clock::wall_ms(),
         idempotency,
         command,
+        subject: Some(p.subject.clone()),
     }
 }
 
@@ -337,13 +338,20 @@ pub(super) fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
     }
 }
 
-/// Decode an opaque list cursor (the hex of the last key returned).
-pub(super) fn decode_cursor(cursor: Option<&str>) -> Result<Option<Vec<u8>>, ApiError> {
+/// Decode an opaque list cursor (the hex of the last key returned). A cursor is bound to
+/// the listing that returned it: its key must lie under `prefix` (the caller's tenant,
+/// and the DAG when filtered), so another tenant's cursor is refused, not followed.
+pub(super) fn decode_cursor(
+    cursor: Option<&str>,
+    prefix: &[u8],
+) -> Result<Option<Vec<u8>>, ApiError> {
     cursor
-        .map(|c| {
-            hex::decode(c).map_err(|_| {
-                ApiError::InvalidRequest("cursor: not a cursor this API returned".into())
-            })
+        .map(|c| match hex::decode(c) {
+            Ok(key) if key.starts_with(prefix) => Ok(key),
+            _ => Err(ApiError::InvalidRequest(
+                "cursor: not a cursor this listing returned (cursors belong to one tenant and one query)"
+                    .into(),
+            )),
         })
         .transpose()
 }

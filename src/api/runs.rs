@@ -93,6 +93,9 @@ pub async fn trigger(
             ))
         }
     };
+    let quotas = st.node.config().limits.for_tenant(&p.tenant);
+    crate::quota::check_new_run(&st.node.db, &p.tenant, &input.dag_id, &quotas)?
+        .map_err(|e| ApiError::QuotaExceeded(e.to_string()))?;
     let cmd = Command::TriggerRun {
         tenant: p.tenant.clone(),
         dag_id: input.dag_id.clone(),
@@ -159,6 +162,7 @@ pub fn render_run(run: &Run) -> Value {
         "ended_at": run.ended_ms.map(fmt_ms),
         "sla_deadline": run.sla_deadline_ms.map(fmt_ms),
         "sla_missed": run.sla_missed,
+        "triggered_by": run.triggered_by,
         "task_details": detail,
     })
 }
@@ -229,8 +233,6 @@ pub async fn list(
     if let Some(d) = &q.dag_id {
         dag::check_id("dag_id", d)?;
     }
-    let mut before = decode_cursor(q.cursor.as_deref())?;
-    st.node.linearizable_barrier().await?;
     let (table, prefix) = match &q.dag_id {
         Some(d) => (
             Table::RunsByDag,
@@ -238,6 +240,8 @@ pub async fn list(
         ),
         None => (Table::RunsByTenant, keys::prefix(&[p.tenant.as_bytes()])),
     };
+    let mut before = decode_cursor(q.cursor.as_deref(), &prefix)?;
+    st.node.linearizable_barrier().await?;
     let mut out = Vec::new();
     let mut more = false;
     // Scan at most this many index entries per request, filters or not.
@@ -270,7 +274,7 @@ pub async fn list(
                     "run_id": run.run_id, "dag_id": run.dag_id, "state": run.state, "run_type": run.run_type,
                     "window": {"from": fmt_ms(run.window.start_ms), "to": fmt_ms(run.window.end_ms)},
                     "created_at": fmt_ms(run.created_ms), "ended_at": run.ended_ms.map(fmt_ms),
-                    "sla_missed": run.sla_missed,
+                    "sla_missed": run.sla_missed, "triggered_by": run.triggered_by,
                 }));
             }
         }

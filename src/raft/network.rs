@@ -33,6 +33,14 @@ pub enum PeerError {
     Failed { target: NodeId, message: String },
 }
 
+/// How a node calls its peers over TLS: the CA it trusts them through, and the
+/// certificate (with its key) it presents as a client — peers require it (mutual TLS).
+#[derive(Clone)]
+pub struct PeerTls {
+    pub ca: reqwest::Certificate,
+    pub identity: reqwest::Identity,
+}
+
 /// Pooled HTTP clients to every peer, shared by Raft replication and node-to-node calls.
 #[derive(Clone)]
 pub struct PeerClients {
@@ -40,8 +48,9 @@ pub struct PeerClients {
     secret: Arc<str>,
     connect_timeout: Duration,
     clients: Arc<Mutex<HashMap<NodeId, reqwest::Client>>>,
-    /// When set, peers are called over https trusting only this CA.
-    ca: Option<reqwest::Certificate>,
+    /// When set, peers are called over https trusting only its CA, presenting its
+    /// client certificate.
+    tls: Option<PeerTls>,
     /// Outgoing peer connections leave from this address (the node's peer address),
     /// so a partition can be drawn between specific nodes.
     local_ip: Option<std::net::IpAddr>,
@@ -52,7 +61,7 @@ impl PeerClients {
         node_id: NodeId,
         secret: &str,
         connect_timeout: Duration,
-        ca: Option<reqwest::Certificate>,
+        tls: Option<PeerTls>,
         local_ip: Option<std::net::IpAddr>,
     ) -> Self {
         PeerClients {
@@ -60,7 +69,7 @@ impl PeerClients {
             secret: secret.into(),
             connect_timeout,
             clients: Arc::new(Mutex::new(HashMap::new())),
-            ca,
+            tls,
             local_ip: local_ip.filter(|ip| !ip.is_unspecified()),
         }
     }
@@ -77,13 +86,14 @@ impl PeerClients {
                     .pool_max_idle_per_host(8)
                     .tcp_nodelay(true)
                     .local_address(self.local_ip);
-                if let Some(ca) = &self.ca {
+                if let Some(tls) = &self.tls {
                     b = b
                         .tls_built_in_root_certs(false)
-                        .add_root_certificate(ca.clone());
+                        .add_root_certificate(tls.ca.clone())
+                        .identity(tls.identity.clone());
                 }
                 b.build().unwrap_or_else(|e| {
-                    panic!("an HTTP client with a parsed CA always builds: {e}")
+                    panic!("an HTTP client with a parsed CA and identity always builds: {e}")
                 })
             })
             .clone()
@@ -98,7 +108,7 @@ impl PeerClients {
         body: &Req,
         timeout: Duration,
     ) -> Result<Resp, PeerError> {
-        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let url = format!("{scheme}://{peer_addr}{path}");
         let resp = self
             .client(target)

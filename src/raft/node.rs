@@ -115,7 +115,7 @@ impl RaftNode {
         config: Arc<Config>,
         db: Db,
         secret: &str,
-        ca: Option<reqwest::Certificate>,
+        tls: Option<super::network::PeerTls>,
     ) -> Result<RaftNode, Error> {
         let r = &config.raft;
         let raft_config = openraft::Config {
@@ -135,7 +135,7 @@ impl RaftNode {
             config.node_id,
             secret,
             Duration::from_millis(r.rpc_connect_timeout_ms),
-            ca,
+            tls,
             config
                 .peer_addr
                 .parse::<std::net::SocketAddr>()

@@ -33,6 +33,10 @@ pub struct Request {
     /// The client's `X-Request-Id`, if it sent one.
     pub idempotency: Option<IdempotencyKey>,
     pub command: Command,
+    /// The token subject of the caller (client commands only). From protocol 3 it is
+    /// recorded on the DAG it changes and the run it triggers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
 }
 
 /// A client idempotency key and a fingerprint of the request it was first used with.

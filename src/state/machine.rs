@@ -37,7 +37,12 @@ pub const MAX_LOST_RETRIES: u32 = 3;
 ///   after a full lease of the current term's clock; purge cutoffs from the cluster
 ///   clock; the fired-window watermark survives delete and re-fires nothing at or below
 ///   it; a re-created DAG counts as created when it is re-created.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// - 3: a fair share of executor slots: while several tenants have running runs, a
+///   tenant holding `floor(live slots / those tenants)` attempts gets no more from the
+///   immediate placements (a finished attempt's successor, a started run); the leader's
+///   supervise pass first places every tenant's ready tasks up to that share, then fills
+///   the slots left with anyone's (work-conserving).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The replicated tables (one RocksDB column family each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -431,7 +436,9 @@ pub fn apply_request(
             }
         }
     }
-    let outcome = apply_command(kv, &req.command, ctx)?;
+    // Who asked is recorded from protocol 3 on (replicas at 2 store what they always did).
+    let subject = req.subject.as_deref().filter(|_| ctx.protocol >= 3);
+    let outcome = apply_command(kv, &req.command, subject, ctx)?;
     if recorded {
         let rec = RequestRecord {
             outcome: outcome.clone(),
@@ -505,13 +512,18 @@ fn fenced(term: u64, ctx: Ctx) -> Option<Outcome> {
     })
 }
 
-fn apply_command(kv: &mut impl Kv, cmd: &Command, ctx: Ctx) -> Result<Outcome, KvError> {
+fn apply_command(
+    kv: &mut impl Kv,
+    cmd: &Command,
+    subject: Option<&str>,
+    ctx: Ctx,
+) -> Result<Outcome, KvError> {
     match cmd {
         Command::PutDag {
             tenant,
             spec,
             expected_version,
-        } => put_dag(kv, tenant, spec, *expected_version, ctx),
+        } => put_dag(kv, tenant, spec, *expected_version, subject, ctx),
         Command::TriggerRun {
             tenant,
             dag_id,
@@ -526,7 +538,7 @@ fn apply_command(kv: &mut impl Kv, cmd: &Command, ctx: Ctx) -> Result<Outcome, K
                     })
                 }
             };
-            let (run_id, state, existed) = create_run(kv, &dag, *run_type, *window, ctx)?;
+            let (run_id, state, existed) = create_run(kv, &dag, *run_type, *window, subject, ctx)?;
             Ok(Outcome::RunTriggered {
                 run_id,
                 state,
@@ -547,6 +559,9 @@ fn apply_command(kv: &mut impl Kv, cmd: &Command, ctx: Ctx) -> Result<Outcome, K
                 dag.spec.paused = *paused;
                 dag.version += 1;
                 dag.updated_ms = ctx.now;
+                if subject.is_some() {
+                    dag.updated_by = subject.map(str::to_string);
+                }
                 put_json(
                     kv,
                     Table::DagVersions,
@@ -569,6 +584,9 @@ fn apply_command(kv: &mut impl Kv, cmd: &Command, ctx: Ctx) -> Result<Outcome, K
             };
             dag.deleted = true;
             dag.updated_ms = ctx.now;
+            if subject.is_some() {
+                dag.updated_by = subject.map(str::to_string);
+            }
             put_json(kv, Table::Dags, keys::dag(tenant, dag_id), &dag);
             if ctx.protocol < 2 {
                 kv.delete(Table::Cursors, keys::dag(tenant, dag_id));
@@ -621,7 +639,8 @@ fn apply_command(kv: &mut impl Kv, cmd: &Command, ctx: Ctx) -> Result<Outcome, K
                     keys::ordered_i64(window.end_ms).to_vec(),
                 );
             }
-            let (run_id, _, existed) = create_run(kv, &dag, RunType::Scheduled, *window, ctx)?;
+            let (run_id, _, existed) =
+                create_run(kv, &dag, RunType::Scheduled, *window, None, ctx)?;
             Ok(Outcome::Fired {
                 run_id,
                 created: !existed,
@@ -783,6 +802,7 @@ fn put_dag(
     tenant: &str,
     spec: &DagSpec,
     expected_version: Option<u64>,
+    subject: Option<&str>,
     ctx: Ctx,
 ) -> Result<Outcome, KvError> {
     let now = ctx.now;
@@ -816,6 +836,12 @@ fn put_dag(
             .map_or(now, |d| d.created_ms),
         updated_ms: now,
         deleted: false,
+        // Who created it: kept across updates; a re-created DAG starts over.
+        created_by: match existing.as_ref().filter(|d| !d.deleted) {
+            Some(d) => d.created_by.clone(),
+            None => subject.map(str::to_string),
+        },
+        updated_by: subject.map(str::to_string),
     };
     put_json(kv, Table::Dags, key, &dag);
     put_json(
@@ -962,6 +988,7 @@ fn create_run(
     dag: &Dag,
     run_type: RunType,
     window: Window,
+    subject: Option<&str>,
     ctx: Ctx,
 ) -> Result<(String, RunState, bool), KvError> {
     let (tenant, dag_id) = (dag.tenant.as_str(), dag.spec.dag_id.as_str());
@@ -1001,6 +1028,7 @@ fn create_run(
             .map(|t| (t.task_id.clone(), TaskInstance::new()))
             .collect(),
         counted: false,
+        triggered_by: subject.map(str::to_string),
     };
     kv.put(Table::Windows, wkey, run_id.as_bytes().to_vec());
     kv.put(
@@ -1023,21 +1051,87 @@ fn create_run(
 /// Live nodes with free slots, as the state machine knows them.
 struct NodePool {
     nodes: Vec<(NodeId, NodeInfo)>,
+    /// Protocol ≥ 3: placements respect each tenant's share of the slots.
+    fair_share_on: bool,
+    /// Loaded at the first placement that could happen (a ready task and a free slot),
+    /// so applies that place nothing never pay for counting.
+    fair: Option<FairShare>,
+}
+
+/// Who holds the executor slots, and how many one tenant may hold while others wait.
+struct FairShare {
+    /// Attempts assigned per tenant (on any node, live or not).
+    running: std::collections::BTreeMap<String, u32>,
+    /// `floor(live slots / tenants with running runs)`, at least 1.
+    share: u32,
+    /// Whether placements stop at the share (the supervise pass lifts it to fill).
+    enforce: bool,
+    /// Runs that had ready tasks left when their tenant reached its share.
+    held: Vec<String>,
+}
+
+impl FairShare {
+    fn load(kv: &impl Kv, live_slots: u32) -> Result<FairShare, KvError> {
+        let mut running = std::collections::BTreeMap::new();
+        let mut tenant_of = std::collections::BTreeMap::<String, String>::new();
+        for (k, _) in kv.scan_prefix(Table::Assignments, b"")? {
+            // `node(8 bytes) \0 run_id \0 task_id`
+            let Some(rest) = k.get(9..) else { continue };
+            let Some(sep) = rest.iter().position(|b| *b == 0) else {
+                continue;
+            };
+            let run_id = String::from_utf8_lossy(&rest[..sep]).into_owned();
+            let tenant = match tenant_of.get(&run_id) {
+                Some(t) => t.clone(),
+                None => {
+                    let Some(run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else {
+                        continue;
+                    };
+                    tenant_of.insert(run_id, run.tenant.clone());
+                    run.tenant
+                }
+            };
+            *running.entry(tenant).or_insert(0u32) += 1;
+        }
+        let mut working = std::collections::BTreeSet::new();
+        for (k, v) in kv.scan_prefix(Table::ActiveRuns, b"")? {
+            let e: ActiveEntry = decode(Table::ActiveRuns, &v)?;
+            if e.state == RunState::Running {
+                let tenant = k.split(|b| *b == 0).next().unwrap_or_default();
+                working.insert(tenant.to_vec());
+            }
+        }
+        let tenants = (working.len() as u32).max(1);
+        Ok(FairShare {
+            running,
+            share: (live_slots / tenants).max(1),
+            enforce: true,
+            held: Vec::new(),
+        })
+    }
+
+    fn at_share(&self, tenant: &str) -> bool {
+        self.enforce && self.running.get(tenant).copied().unwrap_or(0) >= self.share
+    }
 }
 
 impl NodePool {
-    fn load(kv: &impl Kv, now: Millis) -> Result<NodePool, KvError> {
+    fn load(kv: &impl Kv, ctx: Ctx) -> Result<NodePool, KvError> {
         let mut nodes = Vec::new();
         for (k, v) in kv.scan_prefix(Table::Nodes, b"")? {
             let Ok(arr) = <[u8; 8]>::try_from(k.as_slice()) else {
                 continue;
             };
             let info: NodeInfo = decode(Table::Nodes, &v)?;
-            if now.saturating_sub(info.last_seen_ms) <= NODE_TTL_MS {
+            if ctx.now.saturating_sub(info.last_seen_ms) <= NODE_TTL_MS {
                 nodes.push((u64::from_be_bytes(arr), info));
             }
         }
-        Ok(NodePool { nodes })
+        Ok(NodePool {
+            nodes,
+            fair_share_on: ctx.protocol >= 3,
+            fair: None,
+        })
     }
 
     /// The live node with the most free slots (lowest id on ties), preferring not `avoid`.
@@ -1096,9 +1190,22 @@ fn assign_ready(
         let Some(inst) = run.tasks.get_mut(&task_id) else {
             continue;
         };
+        if pool.fair_share_on && pool.fair.is_none() && pool.pick(None).is_some() {
+            let live_slots = pool.nodes.iter().map(|(_, i)| i.slots).sum();
+            pool.fair = Some(FairShare::load(kv, live_slots)?);
+        }
+        if let Some(fair) = pool.fair.as_mut() {
+            if fair.at_share(&run.tenant) {
+                fair.held.push(run.run_id.clone());
+                break;
+            }
+        }
         let avoid = inst.attempts.last().map(|a| a.node);
         let Some(node) = pool.pick(avoid) else { break };
         let lease_ms = pool.take(kv, node);
+        if let Some(fair) = pool.fair.as_mut() {
+            *fair.running.entry(run.tenant.clone()).or_insert(0) += 1;
+        }
         inst.attempt += 1;
         inst.state = TaskState::Running;
         inst.next_try_ms = None;
@@ -1154,7 +1261,7 @@ fn start_queued_runs(
         return Ok(());
     }
     queued.sort();
-    let mut pool = NodePool::load(kv, ctx.now)?;
+    let mut pool = NodePool::load(kv, ctx)?;
     for (_, _, run_id) in queued.into_iter().take((max_active - running) as usize) {
         let Some(mut run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else {
             continue;
@@ -1249,7 +1356,7 @@ fn finish_attempt(
     fail_attempt(inst, &spec, &a.task_id, result, ctx.now);
     let task_state = inst.state;
     progress::advance(&mut run, &spec, ctx.now);
-    let mut pool = NodePool::load(kv, ctx.now)?;
+    let mut pool = NodePool::load(kv, ctx)?;
     assign_ready(kv, &mut run, &mut pool, ctx)?;
     save_run(kv, &mut run, Some(before), ctx)?;
     if run.state.is_finished() {
@@ -1373,7 +1480,7 @@ fn retry_run(kv: &mut impl Kv, tenant: &str, run_id: &str, ctx: Ctx) -> Result<O
 
 /// The leader's periodic pass over every unfinished run.
 fn supervise(kv: &mut impl Kv, ctx: Ctx) -> Result<Outcome, KvError> {
-    let mut pool = NodePool::load(kv, ctx.now)?;
+    let mut pool = NodePool::load(kv, ctx)?;
     let mut assigned = 0;
     let mut expired = 0;
     let mut dags = std::collections::BTreeSet::new();
@@ -1445,6 +1552,29 @@ fn supervise(kv: &mut impl Kv, ctx: Ctx) -> Result<Outcome, KvError> {
         let n = assign_ready(kv, &mut run, &mut pool, ctx)?;
         assigned += n;
         if changed || n > 0 || run.state != before {
+            save_run(kv, &mut run, Some(before), ctx)?;
+        }
+    }
+    // Every tenant has had its share; the slots still free go to whoever has work.
+    let held = match pool.fair.as_mut() {
+        Some(fair) => {
+            fair.enforce = false;
+            std::mem::take(&mut fair.held)
+        }
+        None => Vec::new(),
+    };
+    let mut filled = std::collections::BTreeSet::new();
+    for run_id in held {
+        if !filled.insert(run_id.clone()) {
+            continue;
+        }
+        let Some(mut run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else {
+            continue;
+        };
+        let before = run.state;
+        let n = assign_ready(kv, &mut run, &mut pool, ctx)?;
+        if n > 0 {
+            assigned += n;
             save_run(kv, &mut run, Some(before), ctx)?;
         }
     }
@@ -1584,6 +1714,7 @@ pub mod tests {
             proposed_at_ms: now,
             idempotency: None,
             command,
+            subject: None,
         }
     }
 
@@ -1702,6 +1833,7 @@ pub mod tests {
                 fingerprint: fp.into(),
             }),
             command: trigger("t", "d", start, start + 1),
+            subject: None,
         };
         let first = apply(&mut kv, &with_key("x1", "f1", 0)).unwrap();
         let replay = apply(&mut kv, &with_key("x2", "f1", 0)).unwrap();
@@ -1802,6 +1934,83 @@ pub mod tests {
             panic!("{r:?}")
         };
         (kv, run_id)
+    }
+
+    /// Ten independent tasks.
+    fn wide_spec(dag_id: &str) -> DagSpec {
+        let mut s = chain_spec(dag_id, 10, 0);
+        for t in &mut s.tasks {
+            t.depends_on.clear();
+        }
+        s
+    }
+
+    fn running_tasks(kv: &MemKv, id: &str) -> usize {
+        run(kv, id)
+            .tasks
+            .values()
+            .filter(|t| t.state == TaskState::Running)
+            .count()
+    }
+
+    #[test]
+    fn from_protocol_3_a_tenant_cannot_hold_every_slot_while_another_waits() {
+        for protocol in [2, 3] {
+            let mut kv = MemKv::default();
+            let raise = Command::RaiseProtocol {
+                term: 1,
+                version: protocol,
+            };
+            apply(&mut kv, &req("raise", 0, raise)).unwrap();
+            let hb = Command::Heartbeat {
+                node: 1,
+                incarnation: "i1".into(),
+                slots: 4,
+                running: vec![],
+                lease_ms: 10_000,
+            };
+            apply(&mut kv, &req("hb", 0, hb)).unwrap();
+            let mut runs = Vec::new();
+            for tenant in ["a", "b"] {
+                let put = Command::PutDag {
+                    tenant: tenant.into(),
+                    spec: wide_spec("w"),
+                    expected_version: None,
+                };
+                apply(&mut kv, &req(&format!("p{tenant}"), 0, put)).unwrap();
+                let r = apply(
+                    &mut kv,
+                    &req(&format!("t{tenant}"), 1, trigger(tenant, "w", 0, 10)),
+                )
+                .unwrap();
+                let Outcome::RunTriggered { run_id, .. } = r.outcome else {
+                    panic!("{r:?}")
+                };
+                runs.push(run_id);
+            }
+            let (a, b) = (&runs[0], &runs[1]);
+            // Tenant a came first and took every slot.
+            assert_eq!(running_tasks(&kv, a), 4, "protocol {protocol}");
+            assert_eq!(running_tasks(&kv, b), 0, "protocol {protocol}");
+            finish(&mut kv, 2, a, "t0", 1, 1, true);
+            finish(&mut kv, 3, a, "t1", 1, 1, true);
+            apply(&mut kv, &req("sup", 4, Command::Supervise { term: 1 })).unwrap();
+            let (ra, rb) = (running_tasks(&kv, a), running_tasks(&kv, b));
+            if protocol < 3 {
+                // Before: a's freed slots went straight back to a; b starves.
+                assert_eq!((ra, rb), (4, 0));
+            } else {
+                assert_eq!((ra, rb), (2, 2), "each tenant holds half of the 4 slots");
+                // When b has nothing left to run, a gets the slots back (work-conserving).
+                let cancel = Command::CancelRun {
+                    tenant: "b".into(),
+                    run_id: b.clone(),
+                };
+                apply(&mut kv, &req("cancel", 5, cancel)).unwrap();
+                apply(&mut kv, &req("sup2", 6, Command::Supervise { term: 1 })).unwrap();
+                assert_eq!(running_tasks(&kv, a), 4);
+            }
+        }
     }
 
     #[test]

@@ -68,6 +68,12 @@ pub struct Dag {
     pub created_ms: Millis,
     pub updated_ms: Millis,
     pub deleted: bool,
+    /// The token subject that created it (protocol 3; unset for older DAGs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
+    /// The token subject of its latest change (protocol 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_by: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,6 +203,9 @@ pub struct Run {
     /// outcome; a retried run is counted in `runs_retried` instead).
     #[serde(default, skip_serializing_if = "is_false")]
     pub counted: bool,
+    /// The token subject that triggered it (manual and backfill runs, protocol 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub triggered_by: Option<String>,
 }
 
 /// An executor node as the state machine knows it (from its heartbeats).

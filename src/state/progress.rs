@@ -171,6 +171,7 @@ mod tests {
                 .map(|t| (t.task_id.clone(), TaskInstance::new()))
                 .collect::<BTreeMap<_, _>>(),
             counted: false,
+            triggered_by: None,
         }
     }
 

@@ -36,6 +36,8 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     _tmp: tempfile::TempDir,
     pub secret: String,
+    /// The cluster secret's file (0600): nodes get its path, never the secret, on argv.
+    pub secret_file: PathBuf,
     pub jwt_secret: String,
     env: Vec<(String, String)>,
     pub http: reqwest::Client,
@@ -171,11 +173,26 @@ impl Cluster {
                 reqwest::Certificate::from_pem(&pem).expect("PEM certificate"),
             );
         }
+        // Per cluster, so two test clusters can never talk to each other.
+        let secret = format!("test-secret-{}", hex_id());
+        let secret_file = tmp.path().join("cluster.secret");
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&secret_file)
+                .expect("cluster secret file");
+            f.write_all(secret.as_bytes())
+                .expect("write the cluster secret");
+        }
         Cluster {
             nodes,
             _tmp: tmp,
-            // Per cluster, so two test clusters can never talk to each other.
-            secret: format!("test-secret-{}", hex_id()),
+            secret,
+            secret_file,
             jwt_secret: "test-jwt-secret-of-32-bytes-or-more".into(),
             env: all_env,
             http: http.build().expect("http client"),
@@ -235,7 +252,10 @@ impl Cluster {
             .args(["--api-addr", &format!("{}:{}", node.host, node.api_port)])
             .args(["--peer-addr", &format!("{}:{}", node.host, node.peer_port)])
             .args(["--data-dir", &node.dir.join("data").display().to_string()])
-            .args(["--cluster-secret", &self.secret])
+            .args([
+                "--cluster-secret-file",
+                &self.secret_file.display().to_string(),
+            ])
             .env("ORCHESTRATOR_AUTH__HS256_SECRET", &self.jwt_secret)
             .env("RUST_LOG", "info,openraft=warn")
             .stdin(Stdio::null())
