@@ -14,6 +14,7 @@
 //! - [`rate_limit`]: per-tenant limits shared across nodes by gossip.
 //! - [`config`]: layered configuration. [`server`]: running one node end to end.
 //! - [`cidr`]: IP networks, for the peer networks members must be in.
+//! - [`telemetry`]: the Prometheus metrics (names, buckets, recorder) and the log format.
 
 // openraft's `StorageError` and `RaftError` are large and are what its traits return;
 // boxing them at every call site would only obscure the code.
@@ -31,3 +32,4 @@ pub mod rate_limit;
 pub mod schedule;
 pub mod server;
 pub mod state;
+pub mod telemetry;
