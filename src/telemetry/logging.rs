@@ -70,7 +70,12 @@ where
         let mut line = String::new();
         self.inner
             .format_event(ctx, Writer::new(&mut line), event)?;
+        // An event that names its node already (`node = id`) keeps its own key: no
+        // duplicate keys in a line.
+        let has_node = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&line)
+            .is_ok_and(|m| m.contains_key("node"));
         match line.strip_prefix('{') {
+            Some(_) if has_node => writer.write_str(&line),
             Some(rest) if rest.starts_with('}') => write!(writer, "{{\"node\":{}{rest}", self.node),
             Some(rest) => write!(writer, "{{\"node\":{},{rest}", self.node),
             None => writer.write_str(&line),
@@ -123,14 +128,23 @@ mod tests {
             let span = tracing::info_span!("attempt", run_id = "r1", task_id = "t1", attempt = 2);
             let _g = span.enter();
             tracing::info!(dag_id = "d1", "attempt ended");
+            tracing::info!(node = 7, "names its node itself");
         });
         let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-        let line: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        let line: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON line");
         assert_eq!(line["node"], 7);
         assert_eq!(line["dag_id"], "d1");
         assert_eq!(line["message"], "attempt ended");
         assert_eq!(line["span"]["run_id"], "r1");
         assert_eq!(line["span"]["attempt"], 2);
+        assert_eq!(
+            lines[1].matches("\"node\":").count(),
+            1,
+            "no duplicate node key: {}",
+            lines[1]
+        );
     }
 
     #[test]
