@@ -58,8 +58,8 @@ pub async fn metrics(State(st): State<ApiState>) -> Response {
     } else {
         0.0
     });
-    // Leader only (empty elsewhere). Members are few; a removed one keeps its last value
-    // until the process restarts, which is why alerts look at the leader's series only.
+    // Leader only (empty elsewhere; members are few). A series not set again (this node
+    // stopped leading, the member was removed) leaves the scrape after 30 s.
     for (follower, lag) in &s.replication_lag {
         gauge!(m::RAFT_REPLICATION_LAG, "follower" => follower.to_string()).set(opt(*lag));
     }

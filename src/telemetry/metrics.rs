@@ -16,6 +16,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 
 // Raft (this node's view; gauges set at scrape time from openraft's metrics).
 pub const RAFT_TERM: &str = "orchestrator_raft_term";
@@ -69,6 +70,9 @@ const DURATION_BUCKETS: &[f64] = &[
 /// Requests per applied batch.
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 
+/// A gauge nobody set for this long leaves the scrape.
+const GAUGE_IDLE: Duration = Duration::from_secs(30);
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Why the recorder could not be installed.
@@ -85,6 +89,9 @@ pub fn install(node: u64) -> Result<PrometheusHandle, InstallError> {
     let err = |e: metrics_exporter_prometheus::BuildError| InstallError(e.to_string());
     let builder = PrometheusBuilder::new()
         .add_global_label("node", node.to_string())
+        // Gauges are set at every scrape: one not set for 30 s is gone (a former
+        // leader's replication lag, a removed member's), not a stale value for alerts.
+        .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE))
         .set_buckets_for_metric(Matcher::Full(HTTP_DURATION.into()), LATENCY_BUCKETS)
         .map_err(err)?
         .set_buckets_for_metric(Matcher::Full(RAFT_COMMIT_SECONDS.into()), LATENCY_BUCKETS)
@@ -104,7 +111,7 @@ pub fn install(node: u64) -> Result<PrometheusHandle, InstallError> {
             describe();
             register_counters();
             let _ = HANDLE.set(handle.clone());
-            Ok(HANDLE.get().cloned().unwrap_or(handle))
+            Ok(handle)
         }
         Err(e) => Err(InstallError(e.to_string())),
     }
