@@ -366,6 +366,17 @@ impl Default for RetentionConfig {
     }
 }
 
+/// How the node writes its log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Pretty,
+    /// One JSON object per line, span fields (request_id, run_id, ...) included.
+    Json,
+}
+
 /// The whole node configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -397,6 +408,9 @@ pub struct Config {
     /// connecting, or after starting a request, is closed (slowloris).
     pub header_read_timeout_ms: u64,
     pub log_level: String,
+    /// `pretty` (human-readable lines) or `json` (one object per line); every line
+    /// carries the node id.
+    pub log_format: LogFormat,
     pub raft: RaftConfig,
     pub auth: AuthConfig,
     pub executor: ExecutorConfig,
@@ -432,6 +446,7 @@ impl Default for Config {
             leader_wait_ms: 5000,
             header_read_timeout_ms: 10_000,
             log_level: "info".into(),
+            log_format: LogFormat::Pretty,
             raft: RaftConfig::default(),
             auth: AuthConfig::default(),
             executor: ExecutorConfig::default(),

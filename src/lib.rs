@@ -15,6 +15,7 @@
 //!   run quotas counted from the replicated active-runs index.
 //! - [`config`]: layered configuration. [`server`]: running one node end to end.
 //! - [`cidr`]: IP networks, for the peer networks members must be in.
+//! - [`telemetry`]: the Prometheus metrics (names, buckets, recorder) and the log format.
 
 // openraft's `StorageError` and `RaftError` are large and are what its traits return;
 // boxing them at every call site would only obscure the code.
@@ -33,3 +34,4 @@ pub mod rate_limit;
 pub mod schedule;
 pub mod server;
 pub mod state;
+pub mod telemetry;

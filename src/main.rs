@@ -102,6 +102,9 @@ struct NodeFlags {
     /// This node forms the cluster on first start.
     #[arg(long)]
     bootstrap: bool,
+    /// Log lines as `pretty` text or `json` objects (config `log_format`).
+    #[arg(long, value_parser = ["pretty", "json"])]
+    log_format: Option<String>,
 }
 
 impl NodeFlags {
@@ -136,17 +139,9 @@ impl NodeFlags {
                 .map(|p| p.display().to_string()),
         );
         set("bootstrap", self.bootstrap.then(|| "true".to_string()));
+        set("log_format", self.log_format.clone());
         Ok(Config::load(self.config.as_deref(), std::env::vars(), &o)?)
     }
-}
-
-fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},openraft=warn")));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 async fn shutdown_signal() {
@@ -184,7 +179,11 @@ fn main() -> ExitCode {
         match command {
             Cmd::Server(flags) => {
                 let config = flags.load()?;
-                init_logging(&config.log_level);
+                orchestrator::telemetry::logging::init(
+                    &config.log_level,
+                    config.log_format,
+                    config.node_id,
+                );
                 rt.block_on(orchestrator::server::run(config, shutdown_signal()))?;
             }
             Cmd::Token {

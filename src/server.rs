@@ -46,6 +46,8 @@ pub enum Error {
     RaftFatal(String),
     #[error(transparent)]
     Actors(#[from] crate::actors::system::StartError),
+    #[error(transparent)]
+    Metrics(#[from] crate::telemetry::metrics::InstallError),
 }
 
 /// Run a node until `shutdown` completes.
@@ -61,6 +63,8 @@ pub async fn run(
     unsafe {
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
     }
+    // Before Raft starts, so what it applies at start is recorded too.
+    let metrics = crate::telemetry::metrics::install(config.node_id)?;
     let secret = config.resolve_cluster_secret()?;
     let jwt_secret = config.resolve_hs256_secret()?;
     // Refuse a weak token setup before anything else starts.
@@ -133,12 +137,16 @@ pub async fn run(
     }
     let limiter = Arc::new(RateLimiter::new(config.node_id, config.rate_limit.clone()));
     tokio::spawn(gossip_rates(node.clone(), limiter.clone(), stop_rx.clone()));
+    tokio::spawn(crate::telemetry::metrics::upkeep(
+        metrics.clone(),
+        stop_rx.clone(),
+    ));
     let api_router = api::router(ApiState {
         node: node.clone(),
         actors: actors.clone(),
         verifier,
         limiter: limiter.clone(),
-        http: Default::default(),
+        metrics,
     });
     let peer_router = peer_server::router(node.clone(), &secret, limiter);
 

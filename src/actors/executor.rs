@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use super::{system_request, ProposerHandle, RegistryHandle};
 use crate::config::{Config, ExecutorConfig};
@@ -35,6 +35,7 @@ use crate::state::command::{AttemptRef, AttemptResult};
 use crate::state::machine::keys;
 use crate::state::model::{DagSpec, Run};
 use crate::state::{Command, Outcome, Table};
+use crate::telemetry::metrics as telemetry;
 
 type TaskKey = (String, String);
 
@@ -260,10 +261,14 @@ impl Executor {
         let shell = self.shell.clone();
         let me = ctx.address();
         debug!(node = node.id, run_id = %run_id, task_id = %task_id, attempt, "starting attempt");
+        // Every line logged for this attempt carries its ids (dag_id once the run is read).
+        let span = tracing::info_span!("attempt", run_id = %run_id, task_id = %task_id, attempt, dag_id = tracing::field::Empty);
         self.rt.spawn(async move {
+            let started = Instant::now();
             let result = match load(&node, &registry, &run_id).await {
                 Ok((run, spec)) => match spec.tasks.iter().find(|t| t.task_id == task_id) {
                     Some(task) => {
+                        tracing::Span::current().record("dag_id", run.dag_id.as_str());
                         let a = AttemptSpec { run: &run, task, attempt, data_dir: &data_dir, log_cap, egress: &egress, shell: &shell };
                         let pg_dir = data_dir.join("executor").join("pgids");
                         let mut pg_file = None;
@@ -291,6 +296,18 @@ impl Executor {
             } else {
                 result
             };
+            let outcome = match &result {
+                AttemptResult::Success { .. } => "success",
+                AttemptResult::Failed { .. } => "failed",
+                AttemptResult::TimedOut { .. } => "timed_out",
+                AttemptResult::Lost { .. } => "lost",
+            };
+            if fenced.load(Ordering::Acquire) {
+                metrics::counter!(telemetry::LEASES_LOST).increment(1);
+            }
+            metrics::counter!(telemetry::ATTEMPTS, "result" => outcome).increment(1);
+            metrics::histogram!(telemetry::ATTEMPT_SECONDS, "result" => outcome)
+                .record(started.elapsed().as_secs_f64());
             info!(node = node.id, run_id = %run_id, task_id = %task_id, attempt, result = ?result, "attempt ended");
             let finish = Command::FinishAttempt {
                 attempt: AttemptRef { run_id: run_id.clone(), task_id: task_id.clone(), attempt },
@@ -315,7 +332,7 @@ impl Executor {
                 }
             }
             me.do_send(Ended { key: (run_id, task_id), attempt });
-        });
+        }.instrument(span));
     }
 }
 

@@ -179,6 +179,9 @@ async fn fire_due(
                         stats.last_lag_ms.store(lag, Ordering::Relaxed);
                         stats.max_lag_ms.fetch_max(lag, Ordering::Relaxed);
                         stats.lag_sum_ms.fetch_add(lag, Ordering::Relaxed);
+                        metrics::counter!(crate::telemetry::metrics::WINDOWS_FIRED).increment(1);
+                        metrics::histogram!(crate::telemetry::metrics::FIRE_LAG_SECONDS)
+                            .record(lag.max(0) as f64 / 1000.0);
                         debug!(dag_id = %dag_id, run_id = %run_id, window_end = window.end_ms, lag_ms = lag, "window fired");
                     }
                 }

@@ -30,13 +30,7 @@ pub async fn healthz() -> Response {
 /// leader also needs a quorum that answered within an election timeout.
 pub async fn readyz(State(st): State<ApiState>) -> Response {
     let s = st.node.status().await;
-    let quorum = !st.node.leads_without_quorum();
-    let caught_up = match (s.applied_index, s.committed_index) {
-        (_, None) => true,
-        (Some(a), Some(c)) => a >= c,
-        (None, Some(_)) => false,
-    };
-    let ready = s.initialized && s.leader.is_some() && caught_up && quorum;
+    let ready = is_ready(&st, &s);
     let body = json!({
         "ready": ready,
         "node_id": s.node_id,
@@ -52,6 +46,17 @@ pub async fn readyz(State(st): State<ApiState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(body)).into_response()
+}
+
+/// What `/readyz` decides from the node's status (also exported as a metric).
+pub(crate) fn is_ready(st: &ApiState, s: &crate::raft::node::Status) -> bool {
+    let quorum = !st.node.leads_without_quorum();
+    let caught_up = match (s.applied_index, s.committed_index) {
+        (_, None) => true,
+        (Some(a), Some(c)) => a >= c,
+        (None, Some(_)) => false,
+    };
+    s.initialized && s.leader.is_some() && caught_up && quorum
 }
 
 /// `GET /cluster/status`: members, leader, term, indexes, lag, state digest, executor.

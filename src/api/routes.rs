@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request as HttpRequest, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -40,7 +40,8 @@ pub struct ApiState {
     pub actors: Actors,
     pub verifier: Arc<Verifier>,
     pub limiter: Arc<RateLimiter>,
-    pub http: Arc<super::metrics::HttpStats>,
+    /// Renders `/metrics` (the process's Prometheus recorder).
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 /// The public router.
@@ -49,12 +50,15 @@ pub fn router(state: ApiState) -> Router {
     for e in openapi::endpoints() {
         api = api.route(e.path, e.handler);
     }
-    let api = api.route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    let api = api
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .route_layer(middleware::from_fn(tag_route));
     Router::new()
         .route("/healthz", get(cluster::healthz))
         .route("/readyz", get(cluster::readyz))
         .route("/openapi.json", get(|| async { Json(openapi::document()) }))
         .route("/metrics", get(super::metrics::metrics))
+        .route_layer(middleware::from_fn(tag_route))
         .nest(BASE, api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -70,10 +74,7 @@ pub fn router(state: ApiState) -> Router {
                     state.node.request_bound(),
                 )),
         )
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            request_id_and_errors,
-        ))
+        .layer(middleware::from_fn(request_id_and_errors))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             |_: Box<dyn std::any::Any + Send>| {
                 ApiError::Internal("the server hit an internal error; it has been logged".into())
@@ -83,13 +84,10 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Echo (or mint) `X-Request-Id` on every response, and turn axum's plain-text
-/// rejections (oversized body and the like) into JSON errors.
-async fn request_id_and_errors(
-    State(st): State<ApiState>,
-    req: HttpRequest<axum::body::Body>,
-    next: Next,
-) -> Response {
+/// Echo (or mint) `X-Request-Id` on every response, turn axum's plain-text rejections
+/// (oversized body and the like) into JSON errors, and time the request for the metrics
+/// (labelled by the route template the router matched, see [`tag_route`]).
+async fn request_id_and_errors(req: HttpRequest<axum::body::Body>, next: Next) -> Response {
     let id = req
         .headers()
         .get(REQUEST_ID)
@@ -99,6 +97,7 @@ async fn request_id_and_errors(
         .unwrap_or_else(|| format!("req-{}", hex::encode(rand::random::<[u8; 8]>())));
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let started = std::time::Instant::now();
     let span = tracing::info_span!("request", request_id = %id, %method, %path);
     // A body announced larger than the limit is refused before any of it is read (the
     // extractor's limit would wait for the bytes first).
@@ -141,9 +140,33 @@ async fn request_id_and_errors(
         .into_response();
     }
     tracing::debug!(request_id = %id, %method, %path, status = resp.status().as_u16(), "request");
-    st.http.record(resp.status().as_u16());
+    let route = resp
+        .extensions()
+        .get::<RouteTemplate>()
+        .map_or("unmatched", |r| r.0.as_str())
+        .to_string();
+    super::metrics::record_request(&method, &route, resp.status().as_u16(), started);
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+/// The route template a request matched (e.g. `/api/v1/runtime/orchestrator/runs/{run_id}`),
+/// never the raw path: it labels the latency metrics.
+#[derive(Clone)]
+struct RouteTemplate(String);
+
+/// Tag the response with the matched route template for [`request_id_and_errors`].
+async fn tag_route(
+    matched: Option<MatchedPath>,
+    req: HttpRequest<axum::body::Body>,
+    next: Next,
+) -> Response {
+    let template = matched.map(|m| m.as_str().to_string());
+    let mut resp = next.run(req).await;
+    if let Some(t) = template {
+        resp.extensions_mut().insert(RouteTemplate(t));
     }
     resp
 }
@@ -221,6 +244,7 @@ async fn authenticate(
         req.extensions_mut().insert(p);
         next.run(req).await
     } else {
+        metrics::counter!(crate::telemetry::metrics::HTTP_RATE_LIMITED).increment(1);
         ApiError::RateLimited {
             retry_after_secs: d.reset_secs.max(1),
         }

@@ -274,10 +274,16 @@ impl RaftNode {
                 None
             } else {
                 let write = self.raft.client_write(self.stamped(&batch));
+                let proposed = Instant::now();
                 match tokio::time::timeout(self.remaining(deadline), write).await {
                     // The entry may still commit later; its request ids make a retry safe.
                     Err(_elapsed) => return Err(no_leader()),
-                    Ok(Ok(resp)) => return Ok(resp.data),
+                    Ok(Ok(resp)) => {
+                        // client_write answers once the entry is applied here, the leader.
+                        metrics::histogram!(crate::telemetry::metrics::RAFT_COMMIT_SECONDS)
+                            .record(proposed.elapsed().as_secs_f64());
+                        return Ok(resp.data);
+                    }
                     Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                         f.leader_id
                     }

@@ -3,11 +3,14 @@
 //! the changed keys, `last_applied` and the membership in one atomic batch.
 //! Snapshots are built from a RocksDB point-in-time view while apply continues;
 //! installing one replaces every replicated table.
+//! It also keeps the run/task census ([`crate::state::census`]) true as it writes runs,
+//! and records the apply batch size, run durations, task retries and snapshots as
+//! metrics.
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
@@ -19,7 +22,9 @@ use super::db::{Db, CF_SM_META, CF_SNAPSHOT};
 use super::types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
+use crate::state::census::{self, Change, Counts, RunView};
 use crate::state::{apply_request, BatchResponse, Kv, KvError, Table};
+use crate::telemetry::metrics as m;
 
 const KEY_LAST_APPLIED: &[u8] = b"last_applied";
 const KEY_MEMBERSHIP: &[u8] = b"membership";
@@ -98,16 +103,49 @@ pub struct StateMachineStore {
     db: Db,
     snapshot_seq: Arc<AtomicU64>,
     applied_tx: Arc<watch::Sender<u64>>,
+    census: Arc<Mutex<Counts>>,
 }
 
 impl StateMachineStore {
+    /// Open over `db`; counts the stored runs once for the census.
     pub fn new(db: Db) -> Self {
         let (tx, _) = watch::channel(0);
+        let counts = Self::count_runs(&db);
         StateMachineStore {
             db,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             applied_tx: Arc::new(tx),
+            census: Arc::new(Mutex::new(counts)),
         }
+    }
+
+    /// Runs and tasks by state in the applied state (kept incrementally: O(1) to read).
+    pub fn census(&self) -> Counts {
+        self.census
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Count every stored run (at start and after a snapshot install only).
+    fn count_runs(db: &Db) -> Counts {
+        let Ok(cf) = db.cf(Table::Runs.name()) else {
+            return Counts::default();
+        };
+        let views: Vec<RunView> = db
+            .raw()
+            .iterator_cf(cf, IteratorMode::Start)
+            .filter_map(|item| item.ok())
+            .filter_map(|(_, v)| RunView::decode(&v))
+            .collect();
+        Counts::of(&views)
+    }
+
+    fn set_census(&self, counts: Counts) {
+        *self
+            .census
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = counts;
     }
 
     /// Fires with the last applied index after every apply (for actors that react to
@@ -137,7 +175,11 @@ impl StateMachineStore {
         Ok((last, membership.unwrap_or_default()))
     }
 
-    fn apply_entries(db: &Db, entries: Vec<Entry>) -> Result<Vec<BatchResponse>, StorageError> {
+    fn apply_entries(
+        db: &Db,
+        census: &Mutex<Counts>,
+        entries: Vec<Entry>,
+    ) -> Result<Vec<BatchResponse>, StorageError> {
         let mut overlay = Overlay {
             db,
             writes: BTreeMap::new(),
@@ -145,12 +187,14 @@ impl StateMachineStore {
         let mut responses = Vec::with_capacity(entries.len());
         let mut last: Option<LogId> = None;
         let mut membership: Option<StoredMembership> = None;
+        let mut requests = 0usize;
         for entry in entries {
             last = Some(entry.log_id);
             match entry.payload {
                 EntryPayload::Blank => responses.push(BatchResponse::default()),
                 EntryPayload::Normal(batch) => {
                     let mut out = Vec::with_capacity(batch.requests.len());
+                    requests += batch.requests.len();
                     for req in &batch.requests {
                         let r = apply_request(&mut overlay, req, entry.log_id.leader_id.term)
                             .map_err(|e| {
@@ -165,6 +209,20 @@ impl StateMachineStore {
                     responses.push(BatchResponse::default());
                 }
             }
+        }
+        // What this apply changes in the census: each run written, against its stored
+        // version (the overlay's writes are not in the database yet).
+        let mut changes = Vec::new();
+        for ((table, key), value) in &overlay.writes {
+            if *table != Table::Runs {
+                continue;
+            }
+            let old = db
+                .get(Table::Runs.name(), key)
+                .map_err(sm_read_err)?
+                .and_then(|b| RunView::decode(&b));
+            let new = value.as_deref().and_then(RunView::decode);
+            changes.push(Change::between(old.as_ref(), new.as_ref()));
         }
         let mut batch = WriteBatch::default();
         for ((table, key), value) in overlay.writes {
@@ -184,6 +242,20 @@ impl StateMachineStore {
         // Not synced: if lost in a crash, last_applied is lost with it and openraft
         // re-applies from the (synced) log. Snapshots sync the WAL before they are taken.
         db.write(batch, false).map_err(sm_write_err)?;
+        if requests > 0 {
+            metrics::histogram!(m::RAFT_APPLY_BATCH).record(requests as f64);
+        }
+        let mut counts = census.lock().unwrap_or_else(|p| p.into_inner());
+        for c in &changes {
+            counts.add(c);
+            if c.retries > 0 {
+                metrics::counter!(m::TASK_RETRIES).increment(c.retries);
+            }
+            if let Some((state, ms)) = c.finished {
+                metrics::histogram!(m::RUN_SECONDS, "state" => census::run_state_name(state))
+                    .record(ms as f64 / 1000.0);
+            }
+        }
         Ok(responses)
     }
 
@@ -288,8 +360,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let last = entries.last().map(|e| e.log_id.index);
+        let census = self.census.clone();
         let out = self
-            .blocking(move |db| Self::apply_entries(db, entries))
+            .blocking(move |db| Self::apply_entries(db, &census, entries))
             .await?;
         if let Some(idx) = last {
             self.applied_tx.send_replace(idx);
@@ -336,9 +409,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             batch.put_cf(meta_cf, KEY_LAST_APPLIED, to_json(&meta.last_log_id));
             batch.put_cf(meta_cf, KEY_MEMBERSHIP, to_json(&meta.last_membership));
             Self::store_snapshot(db, &meta, &data, &mut batch)?;
-            db.write(batch, true).map_err(snap_err)
+            db.write(batch, true).map_err(snap_err)?;
+            Ok(Self::count_runs(db))
         })
-        .await?;
+        .await
+        .map(|counts| self.set_census(counts))?;
+        metrics::counter!(m::RAFT_SNAPSHOTS, "kind" => "installed").increment(1);
         if let Some(idx) = idx {
             self.applied_tx.send_replace(idx);
         }
@@ -381,6 +457,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             let mut batch = WriteBatch::default();
             Self::store_snapshot(db, &meta, &blob, &mut batch)?;
             db.write(batch, true).map_err(snap_err)?;
+            metrics::counter!(m::RAFT_SNAPSHOTS, "kind" => "built").increment(1);
             Ok(Snapshot {
                 meta,
                 snapshot: Box::new(Cursor::new(blob)),

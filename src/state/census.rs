@@ -1,0 +1,278 @@
+//! How many runs and task instances the replicated state holds in each state, kept
+//! incrementally: every write to the runs table is a change from one stored run (or none)
+//! to another (or none), and [`Change`] says what that change adds to the counts. A
+//! scrape then reads a handful of counters, whatever the number of runs (only a node's
+//! start and a snapshot install count them all, once).
+//!
+//! Pure: no clock, no storage; [`crate::raft::state_machine`] feeds it the runs it writes.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::model::{Millis, RunState, TaskState};
+
+pub const RUN_STATES: [RunState; 5] = [
+    RunState::Queued,
+    RunState::Running,
+    RunState::Done,
+    RunState::Failed,
+    RunState::Cancelled,
+];
+
+pub const TASK_STATES: [TaskState; 9] = [
+    TaskState::Pending,
+    TaskState::Queued,
+    TaskState::Running,
+    TaskState::Retrying,
+    TaskState::Done,
+    TaskState::Failed,
+    TaskState::UpstreamFailed,
+    TaskState::Skipped,
+    TaskState::Cancelled,
+];
+
+/// The label value of a run state.
+pub fn run_state_name(s: RunState) -> &'static str {
+    match s {
+        RunState::Queued => "queued",
+        RunState::Running => "running",
+        RunState::Done => "done",
+        RunState::Failed => "failed",
+        RunState::Cancelled => "cancelled",
+    }
+}
+
+/// The label value of a task state.
+pub fn task_state_name(s: TaskState) -> &'static str {
+    match s {
+        TaskState::Pending => "pending",
+        TaskState::Queued => "queued",
+        TaskState::Running => "running",
+        TaskState::Retrying => "retrying",
+        TaskState::Done => "done",
+        TaskState::Failed => "failed",
+        TaskState::UpstreamFailed => "upstream_failed",
+        TaskState::Skipped => "skipped",
+        TaskState::Cancelled => "cancelled",
+    }
+}
+
+fn run_idx(s: RunState) -> usize {
+    RUN_STATES.iter().position(|x| *x == s).unwrap_or(0)
+}
+
+fn task_idx(s: TaskState) -> usize {
+    TASK_STATES.iter().position(|x| *x == s).unwrap_or(0)
+}
+
+/// The part of a stored run the counts need (decoded from its JSON, the rest skipped).
+#[derive(Debug, Clone, Deserialize)]
+pub struct RunView {
+    pub state: RunState,
+    pub created_ms: Millis,
+    #[serde(default)]
+    pub ended_ms: Option<Millis>,
+    #[serde(default)]
+    pub tasks: BTreeMap<String, TaskView>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TaskView {
+    pub state: TaskState,
+}
+
+impl RunView {
+    /// Decode a stored run; `None` for bytes that are not one (counted as no run).
+    pub fn decode(bytes: &[u8]) -> Option<RunView> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+/// What one write to the runs table adds to the counts.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub runs: [i64; 5],
+    pub tasks: [i64; 9],
+    /// Task instances that went to retrying.
+    pub retries: u64,
+    /// Set when the run just finished: its final state and creation → end in ms.
+    pub finished: Option<(RunState, Millis)>,
+}
+
+impl Change {
+    pub fn between(old: Option<&RunView>, new: Option<&RunView>) -> Change {
+        let mut c = Change::default();
+        if let Some(o) = old {
+            c.runs[run_idx(o.state)] -= 1;
+            for t in o.tasks.values() {
+                c.tasks[task_idx(t.state)] -= 1;
+            }
+        }
+        if let Some(n) = new {
+            c.runs[run_idx(n.state)] += 1;
+            for (id, t) in &n.tasks {
+                c.tasks[task_idx(t.state)] += 1;
+                let was = old.and_then(|o| o.tasks.get(id)).map(|t| t.state);
+                if t.state == TaskState::Retrying && was != Some(TaskState::Retrying) {
+                    c.retries += 1;
+                }
+            }
+            let was_finished = old.is_some_and(|o| o.state.is_finished());
+            if n.state.is_finished() && !was_finished {
+                let ended = n.ended_ms.unwrap_or(n.created_ms);
+                c.finished = Some((n.state, ended.saturating_sub(n.created_ms).max(0)));
+            }
+        }
+        c
+    }
+}
+
+/// Counts of runs and tasks by state.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Counts {
+    pub runs: [i64; 5],
+    pub tasks: [i64; 9],
+}
+
+impl Counts {
+    pub fn add(&mut self, c: &Change) {
+        for (a, d) in self.runs.iter_mut().zip(c.runs) {
+            *a += d;
+        }
+        for (a, d) in self.tasks.iter_mut().zip(c.tasks) {
+            *a += d;
+        }
+    }
+
+    /// Count every run of `runs` from scratch.
+    pub fn of<'a>(runs: impl IntoIterator<Item = &'a RunView>) -> Counts {
+        let mut c = Counts::default();
+        for r in runs {
+            c.add(&Change::between(None, Some(r)));
+        }
+        c
+    }
+
+    pub fn run(&self, s: RunState) -> i64 {
+        self.runs[run_idx(s)]
+    }
+
+    pub fn task(&self, s: TaskState) -> i64 {
+        self.tasks[task_idx(s)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn run(state: RunState, tasks: &[TaskState]) -> RunView {
+        RunView {
+            state,
+            created_ms: 1_000,
+            ended_ms: state.is_finished().then_some(4_500),
+            tasks: tasks
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("t{i}"), TaskView { state: *s }))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_new_run_adds_itself_and_its_tasks() {
+        let r = run(RunState::Queued, &[TaskState::Pending, TaskState::Pending]);
+        let c = Change::between(None, Some(&r));
+        let mut counts = Counts::default();
+        counts.add(&c);
+        assert_eq!(counts.run(RunState::Queued), 1);
+        assert_eq!(counts.task(TaskState::Pending), 2);
+        assert_eq!(c.finished, None);
+    }
+
+    #[test]
+    fn finishing_moves_the_counts_and_reports_the_duration_once() {
+        let a = run(RunState::Running, &[TaskState::Running]);
+        let b = run(RunState::Done, &[TaskState::Done]);
+        let c = Change::between(Some(&a), Some(&b));
+        assert_eq!(c.runs[run_idx(RunState::Running)], -1);
+        assert_eq!(c.runs[run_idx(RunState::Done)], 1);
+        assert_eq!(c.finished, Some((RunState::Done, 3_500)));
+        // Written again while finished (e.g. a notification update): not a second finish.
+        assert_eq!(Change::between(Some(&b), Some(&b)).finished, None);
+    }
+
+    #[test]
+    fn retries_are_counted_on_entering_retrying() {
+        let a = run(
+            RunState::Running,
+            &[TaskState::Running, TaskState::Retrying],
+        );
+        let b = run(
+            RunState::Running,
+            &[TaskState::Retrying, TaskState::Retrying],
+        );
+        assert_eq!(Change::between(Some(&a), Some(&b)).retries, 1);
+    }
+
+    #[test]
+    fn a_purged_run_leaves_the_counts() {
+        let a = run(RunState::Done, &[TaskState::Done, TaskState::Skipped]);
+        let mut counts = Counts::of([&a]);
+        counts.add(&Change::between(Some(&a), None));
+        assert_eq!(counts, Counts::default());
+    }
+
+    #[test]
+    fn decodes_a_stored_run_and_refuses_garbage() {
+        let stored = serde_json::json!({
+            "run_id": "r1", "tenant": "t", "dag_id": "d", "dag_version": 1,
+            "run_type": "manual", "window": {"start_ms": 0, "end_ms": 0},
+            "state": "running", "created_ms": 5, "started_ms": 6, "ended_ms": null,
+            "sla_deadline_ms": null, "sla_missed": false,
+            "tasks": {"a": {"state": "upstream_failed", "attempt": 0, "attempts": [],
+                            "next_try_ms": null}}
+        });
+        let v = RunView::decode(stored.to_string().as_bytes()).expect("decodes");
+        assert_eq!(v.state, RunState::Running);
+        assert_eq!(v.tasks["a"].state, TaskState::UpstreamFailed);
+        assert!(RunView::decode(b"not json").is_none());
+    }
+
+    fn any_run_state() -> impl Strategy<Value = RunState> {
+        prop::sample::select(RUN_STATES.to_vec())
+    }
+    fn any_task_state() -> impl Strategy<Value = TaskState> {
+        prop::sample::select(TASK_STATES.to_vec())
+    }
+    fn any_run() -> impl Strategy<Value = RunView> {
+        (
+            any_run_state(),
+            prop::collection::vec(any_task_state(), 0..5),
+        )
+            .prop_map(|(s, t)| run(s, &t))
+    }
+
+    proptest! {
+        /// Keeping the counts incrementally through any sequence of writes gives the
+        /// same counts as counting the final runs from scratch.
+        #[test]
+        fn incremental_counts_equal_a_recount(
+            writes in prop::collection::vec((0usize..4, prop::option::of(any_run())), 0..40)
+        ) {
+            let mut table: BTreeMap<usize, RunView> = BTreeMap::new();
+            let mut counts = Counts::default();
+            for (key, new) in writes {
+                let old = table.get(&key).cloned();
+                counts.add(&Change::between(old.as_ref(), new.as_ref()));
+                match new {
+                    Some(n) => { table.insert(key, n); }
+                    None => { table.remove(&key); }
+                }
+            }
+            prop_assert_eq!(counts, Counts::of(table.values()));
+        }
+    }
+}
