@@ -133,6 +133,7 @@ pub struct TaskInput {
     pub body: Option<String>,
     /// http: the status (100-599) that counts as success (default: any 2xx).
     #[serde(default)]
+    #[schema(maximum = 65535)]
     pub expect_status: Option<u16>,
     /// Ids of tasks of this DAG that must be done first.
     #[serde(default)]

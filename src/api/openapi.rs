@@ -237,6 +237,12 @@ pub fn complete(doc: utoipa::openapi::OpenApi) -> Value {
 fn complete_operation(under_base: bool, method: &str, op: &mut Value) {
     let has_body = op.get("requestBody").is_some();
     let write = matches!(method, "post" | "put" | "patch" | "delete");
+    // A path parameter is always required (utoipa cannot tell for `schema_with` fields).
+    for param in op["parameters"].as_array_mut().into_iter().flatten() {
+        if param["in"] == "path" {
+            param["required"] = json!(true);
+        }
+    }
     if under_base {
         let params = op["parameters"].as_array_mut().map(std::mem::take);
         let mut params = params.unwrap_or_default();
