@@ -17,8 +17,7 @@ pub const MAX_TASKS: usize = 1000;
 pub const MAX_ID_LEN: usize = 128;
 /// What [`check_id`] accepts, as a JSON Schema (ECMA-262) pattern: 1-128 of
 /// `[A-Za-z0-9_.-]`, but not `.` or `..`. The length is also given as `maxLength`.
-pub const ID_PATTERN: &str =
-    r"^([A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}|\.[A-Za-z0-9_-][A-Za-z0-9_.-]{0,126}|\.\.[A-Za-z0-9_.-]{1,126})$";
+pub const ID_PATTERN: &str = r"^([A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}|\.[A-Za-z0-9_-][A-Za-z0-9_.-]{0,126}|\.\.[A-Za-z0-9_.-]{1,126})$";
 /// What [`parse_duration`] accepts: `30s`, `5m`, `1h30m`, `250ms`, `2d`.
 pub const DURATION_PATTERN: &str = r"^\s*([0-9]+(ms|s|m|h|d))+\s*$";
 /// Longest `owner`, in characters.
@@ -259,7 +258,9 @@ pub fn check_id(field: &str, id: &str) -> Result<(), Error> {
 }
 
 fn check_url(field: &str, url: &str) -> Result<(), Error> {
-    if !(url.starts_with("http://") || url.starts_with("https://")) || url.chars().count() > MAX_URL_LEN {
+    if !(url.starts_with("http://") || url.starts_with("https://"))
+        || url.chars().count() > MAX_URL_LEN
+    {
         return err(field, format!("'{url}' must be an http:// or https:// URL"));
     }
     Ok(())

@@ -88,8 +88,8 @@ fn request_schema(doc: &Value, path: &str, method: &str) -> Value {
 }
 
 fn response_schema(doc: &Value, path: &str, method: &str, status: &str) -> Value {
-    let s = &doc["paths"][path][method]["responses"][status]["content"]["application/json"]
-        ["schema"];
+    let s =
+        &doc["paths"][path][method]["responses"][status]["content"]["application/json"]["schema"];
     assert!(s.is_object(), "{method} {path} documents its {status}");
     s.clone()
 }
@@ -190,7 +190,11 @@ async fn served_document_is_valid_openapi_3_1() {
         .collect();
     assert_eq!(
         conflict,
-        BTreeSet::from(["idempotency_key_reused", "invalid_state", "version_conflict"])
+        BTreeSet::from([
+            "idempotency_key_reused",
+            "invalid_state",
+            "version_conflict"
+        ])
     );
     println!(
         "FIGURE openapi: served document is valid OpenAPI 3.1 ({operations} operations, {schemas} schemas)"
@@ -212,7 +216,10 @@ fn routes() -> BTreeSet<(String, String)> {
         ("get", "/runs/{run_id}"),
         ("post", "/runs/{run_id}/cancel"),
         ("post", "/runs/{run_id}/retry"),
-        ("get", "/runs/{run_id}/tasks/{task_id}/attempts/{attempt}/log"),
+        (
+            "get",
+            "/runs/{run_id}/tasks/{task_id}/attempts/{attempt}/log",
+        ),
         ("get", "/cluster/status"),
         ("post", "/cluster/members"),
         ("delete", "/cluster/members/{node_id}"),
@@ -224,6 +231,8 @@ fn routes() -> BTreeSet<(String, String)> {
         ("get", "/readyz"),
         ("get", "/metrics"),
         ("get", "/openapi.json"),
+        ("get", "/docs"),
+        ("get", "/docs/{file}"),
     ]
     .map(|(m, p)| (m.to_string(), p.to_string()));
     base.into_iter().chain(public).collect()
@@ -247,11 +256,19 @@ async fn every_route_is_documented_and_every_documented_operation_served() {
     let served = routes();
     let undocumented: Vec<_> = served.difference(&documented).collect();
     let unknown: Vec<_> = documented.difference(&served).collect();
-    assert!(undocumented.is_empty(), "served, not documented: {undocumented:?}");
-    assert!(unknown.is_empty(), "documented, not in the route list: {unknown:?}");
+    assert!(
+        undocumented.is_empty(),
+        "served, not documented: {undocumented:?}"
+    );
+    assert!(
+        unknown.is_empty(),
+        "documented, not in the route list: {unknown:?}"
+    );
     for spec_path in ["/dags", "/runs", "/runs/{run_id}"] {
         assert!(
-            documented.iter().any(|(_, p)| *p == format!("{BASE}{spec_path}")),
+            documented
+                .iter()
+                .any(|(_, p)| *p == format!("{BASE}{spec_path}")),
             "the spec's {spec_path} is documented"
         );
     }
@@ -264,6 +281,7 @@ async fn every_route_is_documented_and_every_documented_operation_served() {
             .split('/')
             .map(|seg| match seg {
                 "{run_id}" => "run_1",
+                "{file}" => "index.css",
                 s if s.starts_with('{') => "1",
                 s => s,
             })
@@ -279,7 +297,11 @@ async fn every_route_is_documented_and_every_documented_operation_served() {
                 .is_some_and(|m| m.starts_with("no route"));
             assert!(!no_route, "{method} {path}: {v}");
             if documented.contains(&(method.to_string(), path.clone())) {
-                assert_ne!(s, StatusCode::METHOD_NOT_ALLOWED, "{method} {path} is served: {v}");
+                assert_ne!(
+                    s,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "{method} {path} is served: {v}"
+                );
                 assert!(
                     !s.is_server_error() || concrete.contains("cluster"),
                     "{method} {path}: {s} {v}"
@@ -292,7 +314,11 @@ async fn every_route_is_documented_and_every_documented_operation_served() {
                     "{method} {path} answered {s}, which it does not document: {v}"
                 );
             } else {
-                assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED, "{method} {path} is not served: {v}");
+                assert_eq!(
+                    s,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "{method} {path} is not served: {v}"
+                );
             }
         }
     }
@@ -321,7 +347,10 @@ async fn raw(
     let resp = req.send().await.expect("response");
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 /// The examples of the spec (shared/spec/orchestrator-api.md), verbatim.
@@ -338,12 +367,32 @@ fn spec_examples_and_the_documents_examples_validate_against_its_schemas() {
     let doc = orchestrator::api::document();
     let parse = |s: &str| -> Value { serde_json::from_str(s).expect("spec example is JSON") };
     // The spec's requests against the documented request bodies.
-    assert_valid(&doc, &request_schema(&doc, "/dags", "post"), &parse(SPEC_SUBMIT), "spec submit");
-    assert_valid(&doc, &request_schema(&doc, "/runs", "post"), &parse(SPEC_TRIGGER), "spec trigger");
+    assert_valid(
+        &doc,
+        &request_schema(&doc, "/dags", "post"),
+        &parse(SPEC_SUBMIT),
+        "spec submit",
+    );
+    assert_valid(
+        &doc,
+        &request_schema(&doc, "/runs", "post"),
+        &parse(SPEC_TRIGGER),
+        "spec trigger",
+    );
     // The spec's answers against the documented answers.
     let ok = |p: &str, m: &str| response_schema(&doc, &format!("{BASE}{p}"), m, "200");
-    assert_valid(&doc, &ok("/dags", "post"), &parse(SPEC_SUBMITTED), "spec submit answer");
-    assert_valid(&doc, &ok("/runs", "post"), &parse(SPEC_TRIGGERED), "spec trigger answer");
+    assert_valid(
+        &doc,
+        &ok("/dags", "post"),
+        &parse(SPEC_SUBMITTED),
+        "spec submit answer",
+    );
+    assert_valid(
+        &doc,
+        &ok("/runs", "post"),
+        &parse(SPEC_TRIGGERED),
+        "spec trigger answer",
+    );
     // The spec's run shows three fields of the answer; the document's example has them
     // with the same values, and validates as a whole below.
     let example = &doc["paths"][format!("{BASE}/runs/{{run_id}}")]["get"]["responses"]["200"]
@@ -374,7 +423,10 @@ fn spec_examples_and_the_documents_examples_validate_against_its_schemas() {
     let mut checked = 0;
     for (path, ops) in doc["paths"].as_object().unwrap() {
         for (method, op) in ops.as_object().unwrap() {
-            let bodies = op["requestBody"]["content"].as_object().into_iter().flatten();
+            let bodies = op["requestBody"]["content"]
+                .as_object()
+                .into_iter()
+                .flatten();
             let answers = op["responses"]
                 .as_object()
                 .unwrap()
@@ -390,7 +442,11 @@ fn spec_examples_and_the_documents_examples_validate_against_its_schemas() {
         }
     }
     for (name, s) in doc["components"]["schemas"].as_object().unwrap() {
-        let examples = s.get("examples").and_then(Value::as_array).into_iter().flatten();
+        let examples = s
+            .get("examples")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten();
         for ex in examples.chain(s.get("example")) {
             assert_valid(&doc, &component(name), ex, &format!("{name} example"));
             checked += 1;
@@ -471,10 +527,19 @@ fn request_schemas_say_what_the_validators_accept() {
         (json!({"dag_id": "d", "run_type": "manual"}), true),
         (json!({"dag_id": "d", "run_type": "scheduled"}), false),
         (json!({"dag_id": "d", "run_type": "backfill"}), false),
-        (json!({"dag_id": "d", "run_type": "backfill", "from": "2025-10-01"}), false),
-        (json!({"dag_id": "d", "from": "2025-10-01", "to": "2025-10-04"}), true),
+        (
+            json!({"dag_id": "d", "run_type": "backfill", "from": "2025-10-01"}),
+            false,
+        ),
+        (
+            json!({"dag_id": "d", "from": "2025-10-01", "to": "2025-10-04"}),
+            true,
+        ),
         (json!({"dag_id": "d", "to": "2025-10-04"}), false),
-        (json!({"dag_id": "d", "from": "2025-10-01", "to": "soon"}), false),
+        (
+            json!({"dag_id": "d", "from": "2025-10-01", "to": "soon"}),
+            false,
+        ),
         (json!({"dag_id": "d", "from": null, "to": null}), true),
         (json!({"dag_id": "bad id"}), false),
         (json!({"dag_id": "d", "extra": true}), false),
@@ -570,14 +635,21 @@ async fn docs_page_and_its_assets_come_from_the_node() {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        let want = if asset.ends_with(".js") { "javascript" } else { "text/css" };
+        let want = if asset.ends_with(".js") {
+            "javascript"
+        } else {
+            "text/css"
+        };
         assert!(ctype.contains(want), "{url}: {ctype}");
         let body = r.bytes().await.expect("asset body");
         assert!(!body.is_empty(), "{url} is empty");
         bytes += body.len();
         if asset.ends_with("swagger-initializer.js") {
             let js = String::from_utf8_lossy(&body);
-            assert!(js.contains("/openapi.json"), "the UI shows this node's document: {js}");
+            assert!(
+                js.contains("/openapi.json"),
+                "the UI shows this node's document: {js}"
+            );
         }
     }
     println!(

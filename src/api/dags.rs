@@ -125,7 +125,9 @@ impl SubmitHeaders {
             .get(header::IF_MATCH)
             .map(|v| v.to_str().map(str::to_string))
             .transpose()
-            .map_err(|_| ApiError::InvalidRequest("If-Match must be a DAG version number".into()))?;
+            .map_err(|_| {
+                ApiError::InvalidRequest("If-Match must be a DAG version number".into())
+            })?;
         Ok(SubmitHeaders { if_match })
     }
 }

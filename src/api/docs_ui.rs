@@ -77,7 +77,10 @@ fn unpack(archive: &[u8]) -> Result<Files, Error> {
     if let Some(page) = files.get_mut("index.html") {
         let html = String::from_utf8_lossy(page)
             .replace("\"./", &format!("\"{DOCS_PATH}/"))
-            .replace("href=\"index.css\"", &format!("href=\"{DOCS_PATH}/index.css\""));
+            .replace(
+                "href=\"index.css\"",
+                &format!("href=\"{DOCS_PATH}/index.css\""),
+            );
         *page = html.into_bytes();
     }
     files.insert("swagger-initializer.js", INITIALIZER.as_bytes().to_vec());
@@ -191,7 +194,10 @@ mod tests {
             "swagger-ui-bundle.js",
             "swagger-initializer.js",
         ] {
-            assert!(page.contains(&format!("\"/docs/{asset}\"")), "{asset}: {page}");
+            assert!(
+                page.contains(&format!("\"/docs/{asset}\"")),
+                "{asset}: {page}"
+            );
         }
         assert!(!page.contains("\"./"), "{page}");
         assert!(files["swagger-ui-bundle.js"].len() > 100_000);

@@ -124,7 +124,7 @@ fn components_extra() -> (Value, Value, Value, Value) {
     let int = json!({"type": "integer", "minimum": 0});
     let headers = json!({
         "X-Request-Id": {"description": "The request's id: the client's `X-Request-Id` (1 to 200 characters) \
-echoed, or one the node minted.", "schema": {"type": "string"}},
+    echoed, or one the node minted.", "schema": {"type": "string"}},
         "RateLimit-Limit": {"description": "Requests the tenant may make per window.", "schema": int},
         "RateLimit-Remaining": {"description": "Requests left in this window.", "schema": int},
         "RateLimit-Reset": {"description": "Seconds until the window refills.", "schema": int},
@@ -133,7 +133,7 @@ echoed, or one the node minted.", "schema": {"type": "string"}},
         "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer", "minimum": 1}},
         "WWW-Authenticate": {"description": "`Bearer realm=\"orchestrator\"`.", "schema": {"type": "string"}},
         "Idempotent-Replayed": {"description": "`true` when this answer replays the one given to an earlier \
-request with the same `X-Request-Id` and body.", "schema": {"type": "string", "enum": ["true"]}},
+    request with the same `X-Request-Id` and body.", "schema": {"type": "string", "enum": ["true"]}},
     });
     let mut responses = Map::new();
     for (status, name, description) in SHARED_ERRORS {
@@ -141,14 +141,17 @@ request with the same `X-Request-Id` and body.", "schema": {"type": "string", "e
     }
     responses.insert(
         "UnsupportedMediaType".into(),
-        error_response(415, "The body is not sent as `Content-Type: application/json`."),
+        error_response(
+            415,
+            "The body is not sent as `Content-Type: application/json`.",
+        ),
     );
     let parameters = json!({
         "X-Request-Id": {
             "name": "X-Request-Id", "in": "header", "required": false,
             "description": "Idempotency key for writes: the same key with the same body returns the first \
-answer (with `Idempotent-Replayed: true`) instead of acting twice; the same key with another body is \
-refused with 409 `idempotency_key_reused`. Echoed on every response.",
+    answer (with `Idempotent-Replayed: true`) instead of acting twice; the same key with another body is \
+    refused with 409 `idempotency_key_reused`. Echoed on every response.",
             "schema": {"type": "string", "minLength": 1, "maxLength": 200},
         }
     });
@@ -156,8 +159,8 @@ refused with 409 `idempotency_key_reused`. Echoed on every response.",
         "bearer": {
             "type": "http", "scheme": "bearer", "bearerFormat": "JWT",
             "description": "A JWT (HS256 with the cluster's secret, or RS256/ES256 from a JWKS) with `tenant`, \
-`scope` (space-separated: `orchestrator:read`, `orchestrator:write`, `orchestrator:admin`, \
-`orchestrator:shell`), `exp`, and the configured `iss`/`aud`. `orchestrator token` mints one.",
+    `scope` (space-separated: `orchestrator:read`, `orchestrator:write`, `orchestrator:admin`, \
+    `orchestrator:shell`), `exp`, and the configured `iss`/`aud`. `orchestrator token` mints one.",
         }
     });
     (Value::Object(responses), headers, parameters, security)
@@ -238,7 +241,8 @@ fn complete_operation(under_base: bool, method: &str, op: &mut Value) {
     let has_body = op.get("requestBody").is_some();
     let write = matches!(method, "post" | "put" | "patch" | "delete");
     // A path parameter is always required (utoipa cannot tell for `schema_with` fields).
-    for param in op["parameters"].as_array_mut().into_iter().flatten() {
+    let params = op.get_mut("parameters").and_then(Value::as_array_mut);
+    for param in params.into_iter().flatten() {
         if param["in"] == "path" {
             param["required"] = json!(true);
         }
@@ -295,7 +299,10 @@ fn complete_operation(under_base: bool, method: &str, op: &mut Value) {
             .entry("415".to_string())
             .or_insert_with(|| ref_to("responses", "UnsupportedMediaType"));
         responses.entry("400".to_string()).or_insert_with(|| {
-            error_response(400, "The body is not JSON, or not the JSON this operation takes.")
+            error_response(
+                400,
+                "The body is not JSON, or not the JSON this operation takes.",
+            )
         });
     }
 }

@@ -44,7 +44,9 @@ pub fn id() -> Object {
 
 /// A list of ids (`depends_on`).
 pub fn id_list() -> ArrayBuilder {
-    ArrayBuilder::new().items(id_builder()).max_items(Some(MAX_TASKS))
+    ArrayBuilder::new()
+        .items(id_builder())
+        .max_items(Some(MAX_TASKS))
 }
 
 /// A run id as the server mints them.
