@@ -223,6 +223,16 @@ pub fn complete(doc: utoipa::openapi::OpenApi) -> Value {
     if let Some(task) = components["schemas"]["TaskInput"].as_object_mut() {
         task.insert("allOf".into(), task_kind_rules());
     }
+    // Maps keyed by node id: JSON object keys are strings of digits.
+    for map in ["members", "replication_lag"] {
+        let at = format!("/schemas/Status/properties/{map}");
+        if let Some(m) = components.pointer_mut(&at).and_then(Value::as_object_mut) {
+            m.insert(
+                "propertyNames".into(),
+                json!({"type": "string", "pattern": "^[0-9]+$"}),
+            );
+        }
+    }
     if let Some(run) = components["schemas"]["RunInput"].as_object_mut() {
         run.insert("allOf".into(), run_window_rules());
     }
@@ -260,7 +270,9 @@ fn complete_operation(under_base: bool, method: &str, op: &mut Value) {
     };
     for (status, resp) in responses.iter_mut() {
         let code: u16 = status.parse().unwrap_or(0);
-        if code >= 400 {
+        // Narrow error bodies (not `/readyz`'s 503, which is its readiness report).
+        let error_body = json!({"$ref": "#/components/schemas/ErrorBody"});
+        if code >= 400 && resp["content"]["application/json"]["schema"] == error_body {
             if let Some(media) = resp["content"]["application/json"].as_object_mut() {
                 media.insert("schema".into(), error_schema(code));
             }
