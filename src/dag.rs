@@ -8,12 +8,22 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use chrono::{DateTime, NaiveDate, TimeZone};
 use petgraph::graph::DiGraph;
 use serde::Deserialize;
+use utoipa::ToSchema;
 
 use crate::schedule::{parse_timezone, Schedule};
 use crate::state::model::{DagSpec, TaskKind, TaskSpec};
 
 pub const MAX_TASKS: usize = 1000;
 pub const MAX_ID_LEN: usize = 128;
+/// What [`check_id`] accepts, as a JSON Schema (ECMA-262) pattern: 1-128 of
+/// `[A-Za-z0-9_.-]`, but not `.` or `..`. The length is also given as `maxLength`.
+pub const ID_PATTERN: &str = r"^([A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}|\.[A-Za-z0-9_-][A-Za-z0-9_.-]{0,126}|\.\.[A-Za-z0-9_.-]{1,126})$";
+/// What [`parse_duration`] accepts: `30s`, `5m`, `1h30m`, `250ms`, `2d`.
+pub const DURATION_PATTERN: &str = r"^\s*([0-9]+(ms|s|m|h|d))+\s*$";
+/// Longest `owner`, in characters.
+pub const MAX_OWNER_CHARS: usize = 256;
+/// Longest URL of an http task or a webhook.
+pub const MAX_URL_LEN: usize = 2048;
 
 /// A validation failure: which field, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -30,67 +40,123 @@ fn err<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, Err
     })
 }
 
-/// A DAG as submitted to `POST /dags`. Unknown fields are rejected by name.
-#[derive(Debug, Clone, Deserialize)]
+/// A DAG as submitted to `POST /dags`. Unknown fields are rejected by name. The schema
+/// attributes are the OpenAPI document's description of what [`validate`] accepts.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"dag_id": "sales_gdp", "schedule": "0 2 * * *", "owner": "team-data"}))]
 pub struct DagInput {
+    /// The DAG's id, unique in the tenant.
+    #[schema(schema_with = crate::api::schema::id)]
     pub dag_id: String,
+    /// A 5-field cron expression (`0 2 * * *`), 6 fields with seconds first, or a macro
+    /// (`@yearly`, `@annually`, `@monthly`, `@weekly`, `@daily`, `@midnight`, `@hourly`),
+    /// read in `timezone`. Without one the DAG only runs when triggered.
     #[serde(default)]
+    #[schema(schema_with = crate::api::schema::cron)]
     pub schedule: Option<String>,
+    /// The IANA timezone the schedule and dates are read in.
     #[serde(default)]
+    #[schema(schema_with = crate::api::schema::timezone)]
     pub timezone: Option<String>,
     #[serde(default)]
+    #[schema(max_length = 256)]
     pub owner: Option<String>,
+    /// Fire the windows missed while the DAG was paused or before it existed (from
+    /// `start_date`).
     #[serde(default)]
+    #[schema(default = false)]
     pub catchup: Option<bool>,
+    /// Runs of this DAG in flight at once.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 10000, default = 16)]
     pub max_active_runs: Option<u32>,
+    /// A run not finished this long after its window closed misses its SLA.
     #[serde(default)]
+    #[schema(schema_with = crate::api::schema::duration)]
     pub sla: Option<String>,
+    /// Create the DAG paused (its schedule does not fire).
     #[serde(default)]
+    #[schema(default = false)]
     pub paused: Option<bool>,
+    /// First window to schedule: a date (midnight in `timezone`) or an RFC 3339 time.
     #[serde(default)]
+    #[schema(schema_with = crate::api::schema::instant)]
     pub start_date: Option<String>,
+    /// No window after this (must be after `start_date`).
     #[serde(default)]
+    #[schema(schema_with = crate::api::schema::instant)]
     pub end_date: Option<String>,
+    /// Called (POST, JSON) when a run finishes or misses its SLA.
     #[serde(default)]
+    #[schema(schema_with = crate::api::schema::url)]
     pub webhook: Option<String>,
+    /// The tasks, their kinds and dependencies (acyclic; ids unique).
     #[serde(default)]
+    #[schema(max_items = 1000)]
     pub tasks: Vec<TaskInput>,
     /// Optimistic concurrency: the version this update is based on (0 = create only).
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub version: Option<u64>,
 }
 
-/// A task as submitted.
-#[derive(Debug, Clone, Deserialize)]
+/// A task as submitted. Which fields a kind takes (`command` for shell, `url` for http,
+/// neither for noop) is stated in the OpenAPI document by `crate::api::openapi`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskInput {
+    /// Unique in the DAG.
+    #[schema(schema_with = crate::api::schema::id)]
     pub task_id: String,
+    /// `shell` runs `command` with /bin/sh -c (needs the orchestrator:shell scope and a
+    /// cluster with executor.shell_enabled); `http` calls `url`; `noop` does nothing.
+    #[schema(schema_with = crate::api::schema::task_kind)]
     pub kind: String,
+    /// shell: the command; `{{ run_id }}`, `{{ window_start }}`, ... are templated.
     #[serde(default)]
+    #[schema(pattern = r"\S")]
     pub command: Option<String>,
+    /// http: the method, in any case (default GET).
     #[serde(default)]
     pub method: Option<String>,
+    /// http: the URL to call.
     #[serde(default)]
+    #[schema(schema_with = crate::api::schema::url)]
     pub url: Option<String>,
+    /// http: request headers.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// http: the request body.
     #[serde(default)]
     pub body: Option<String>,
+    /// http: the status (100-599) that counts as success (default: any 2xx).
     #[serde(default)]
+    #[schema(maximum = 65535)]
     pub expect_status: Option<u16>,
+    /// Ids of tasks of this DAG that must be done first.
     #[serde(default)]
+    #[schema(schema_with = crate::api::schema::id_list)]
     pub depends_on: Vec<String>,
+    /// Attempts after the first failure.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 100, default = 0)]
     pub retries: Option<u32>,
+    /// Wait before a retry (default 10s).
     #[serde(default)]
+    #[schema(schema_with = crate::api::schema::duration)]
     pub retry_delay: Option<String>,
+    /// Double the delay at each retry, up to `max_retry_delay`.
     #[serde(default)]
+    #[schema(default = false)]
     pub retry_exponential: Option<bool>,
+    /// Longest delay between retries (default 1h).
     #[serde(default)]
+    #[schema(schema_with = crate::api::schema::duration)]
     pub max_retry_delay: Option<String>,
+    /// Kill an attempt after this long (more than 0).
     #[serde(default)]
+    #[schema(schema_with = crate::api::schema::duration)]
     pub timeout: Option<String>,
 }
 
@@ -192,7 +258,9 @@ pub fn check_id(field: &str, id: &str) -> Result<(), Error> {
 }
 
 fn check_url(field: &str, url: &str) -> Result<(), Error> {
-    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 2048 {
+    if !(url.starts_with("http://") || url.starts_with("https://"))
+        || url.chars().count() > MAX_URL_LEN
+    {
         return err(field, format!("'{url}' must be an http:// or https:// URL"));
     }
     Ok(())
@@ -279,8 +347,11 @@ pub fn validate(input: &DagInput) -> Result<DagSpec, Error> {
         })?;
     }
     if let Some(o) = &input.owner {
-        if o.len() > 256 {
-            return err("owner", "must be at most 256 characters");
+        if o.chars().count() > MAX_OWNER_CHARS {
+            return err(
+                "owner",
+                format!("must be at most {MAX_OWNER_CHARS} characters"),
+            );
         }
     }
     let max_active_runs = input.max_active_runs.unwrap_or(16);

@@ -9,37 +9,82 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::routes::{json_body, ApiState};
 use tracing::info;
 
 use crate::auth::Principal;
 use crate::cidr;
-use crate::raft::node::MembershipOp;
+use crate::raft::node::{MembershipOp, Status};
 use crate::raft::Member;
 
+/// The answer of `/healthz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    #[schema(example = "ok")]
+    pub status: &'static str,
+}
+
+/// The answer of `/readyz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    pub ready: bool,
+    pub node_id: u64,
+    /// This node's Raft role (`leader`, `follower`, `candidate`, `learner`, `shutdown`).
+    pub state: String,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub applied_index: Option<u64>,
+    pub committed_index: Option<u64>,
+}
+
 /// Process alive.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    operation_id = "healthz",
+    summary = "Liveness",
+    description = "The process answers HTTP. No token.",
+    responses((status = 200, description = "Alive.", body = Health, example = json!({"status": "ok"}))),
+)]
 pub async fn healthz() -> Response {
-    Json(json!({"status": "ok"})).into_response()
+    Json(Health { status: "ok" }).into_response()
 }
 
 /// Ready when this node knows a leader and has applied what it knows to be committed; a
 /// leader also needs a quorum that answered within an election timeout.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    operation_id = "readyz",
+    summary = "Readiness",
+    description = "Ready when this node is in a cluster, knows a leader and has applied what it knows \
+to be committed; a leader also needs a quorum that answered within an election timeout. No token.",
+    responses(
+        (status = 200, description = "Ready.", body = Readiness, example = json!({"ready": true, "node_id": 1,
+            "state": "leader", "leader": 1, "term": 3, "applied_index": 120, "committed_index": 120})),
+        (status = 503, description = "Not ready (same body, `ready: false`).", body = Readiness),
+    ),
+)]
 pub async fn readyz(State(st): State<ApiState>) -> Response {
     let s = st.node.status().await;
     let ready = is_ready(&st, &s);
-    let body = json!({
-        "ready": ready,
-        "node_id": s.node_id,
-        "state": s.state,
-        "leader": s.leader,
-        "term": s.term,
-        "applied_index": s.applied_index,
-        "committed_index": s.committed_index,
-    });
+    let body = Readiness {
+        ready,
+        node_id: s.node_id,
+        state: s.state,
+        leader: s.leader,
+        term: s.term,
+        applied_index: s.applied_index,
+        committed_index: s.committed_index,
+    };
     let code = if ready {
         StatusCode::OK
     } else {
@@ -59,16 +104,72 @@ pub(crate) fn is_ready(st: &ApiState, s: &crate::raft::node::Status) -> bool {
     s.initialized && s.leader.is_some() && caught_up && quorum
 }
 
+/// This node's executor.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExecutorSlots {
+    /// Attempts running on this node.
+    pub running: usize,
+    pub slots: u32,
+    /// Whether it takes work.
+    pub ready: bool,
+}
+
+/// This node's scheduler (the leader's fires; others read 0 or their last term's).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SchedulerStats {
+    pub windows_fired: u64,
+    pub last_fire_lag_ms: i64,
+    pub max_fire_lag_ms: i64,
+}
+
+/// `GET /cluster/status`: the node's Raft view plus digest, executor and scheduler.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClusterStatus {
+    #[serde(flatten)]
+    pub raft: Status,
+    /// A hash of the replicated state: equal on nodes that applied the same index.
+    pub state_digest: String,
+    /// Absent while the executor actor does not answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub executor: Option<ExecutorSlots>,
+    /// The replicated protocol version this replica has applied (1 when never raised).
+    pub protocol: u64,
+    pub scheduler: SchedulerStats,
+}
+
 /// `GET /cluster/status`: members, leader, term, indexes, lag, state digest, executor.
+#[utoipa::path(
+    get,
+    path = "/cluster/status",
+    tag = "cluster",
+    operation_id = "cluster_status",
+    summary = "Cluster status (operators)",
+    description = "This node's view: members, leader, term, log indexes, per-member replication lag \
+(on the leader), state digest, executor slots and scheduler fire lag. Operators only: an admin \
+token of a tenant in `auth.operator_tenants`.",
+    responses(
+        (status = 200, description = "The status.", body = ClusterStatus),
+        (status = 403, description = "Not an operator (an admin token of a tenant in `auth.operator_tenants`).", body = ErrorBody),
+    ),
+    security(("bearer" = ["orchestrator:admin"]))
+)]
 pub async fn status(
     State(st): State<ApiState>,
     Extension(p): Extension<Principal>,
 ) -> Result<Response, ApiError> {
     p.require_operator(&st.node.config().auth.operator_tenants)?;
-    let s = st.node.status().await;
-    let digest = st.node.db.state_digest()?;
-    let mut v = serde_json::to_value(&s).map_err(|e| ApiError::Internal(e.to_string()))?;
-    v["state_digest"] = json!(digest);
+    let raft = st.node.status().await;
+    let state_digest = st.node.db.state_digest()?;
+    let executor = st
+        .actors
+        .executor
+        .slots()
+        .await
+        .map(|(running, slots, ready)| ExecutorSlots {
+            running,
+            slots,
+            ready,
+        });
     // The replicated protocol version this replica has applied (1 when never raised).
     let protocol = st
         .node
@@ -79,29 +180,75 @@ pub async fn status(
         )?
         .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
         .map_or(1, u64::from_be_bytes);
-    v["protocol"] = json!(protocol);
-    if let Some((running, slots, ready)) = st.actors.executor.slots().await {
-        v["executor"] = json!({"running": running, "slots": slots, "ready": ready});
-    }
     let stats = &st.actors.scheduler.stats;
     use std::sync::atomic::Ordering::Relaxed;
-    v["scheduler"] = json!({
-        "windows_fired": stats.windows_fired.load(Relaxed),
-        "last_fire_lag_ms": stats.last_lag_ms.load(Relaxed),
-        "max_fire_lag_ms": stats.max_lag_ms.load(Relaxed),
-    });
-    Ok(Json(v).into_response())
+    let scheduler = SchedulerStats {
+        windows_fired: stats.windows_fired.load(Relaxed),
+        last_fire_lag_ms: stats.last_lag_ms.load(Relaxed),
+        max_fire_lag_ms: stats.max_lag_ms.load(Relaxed),
+    };
+    Ok(Json(ClusterStatus {
+        raft,
+        state_digest,
+        executor,
+        protocol,
+        scheduler,
+    })
+    .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// A node to add.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct MemberInput {
+#[schema(example = json!({"node_id": 4, "api_addr": "10.0.0.4:8080", "peer_addr": "10.0.0.4:9090"}))]
+pub struct MemberInput {
+    /// A node id not in the cluster.
+    #[schema(minimum = 1)]
     node_id: u64,
+    /// The node's API address, `IP:port`, inside `peer_networks`.
+    #[schema(examples("10.0.0.4:8080"))]
     api_addr: String,
+    /// The node's peer (Raft) address, `IP:port`, inside `peer_networks`.
+    #[schema(examples("10.0.0.4:9090"))]
     peer_addr: String,
 }
 
+/// The `{node_id}` of a member path.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct MemberPath {
+    /// The member's node id.
+    #[param(value_type = u64, minimum = 1)]
+    pub node_id: String,
+}
+
+/// What a snapshot did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SnapshotReport {
+    /// The log index the snapshot covers.
+    pub snapshot_index: Option<u64>,
+    pub log_size_bytes_before: u64,
+    pub log_size_bytes_after: u64,
+}
+
 /// `POST /cluster/members`: add a node as learner, let it catch up, make it a voter.
+#[utoipa::path(
+    post,
+    path = "/cluster/members",
+    tag = "cluster",
+    operation_id = "add_member",
+    summary = "Add a node (operators)",
+    description = "Adds the node as a learner, waits until it has caught up, then makes it a voter. \
+The node must be running with the cluster's secret. Answers the cluster status after the change.",
+    request_body(content = MemberInput),
+    responses(
+        (status = 200, description = "Added; the cluster status after the change.", body = Status),
+        (status = 400, description = "Malformed JSON, an unknown field, an address that is not `IP:port` or is \
+outside `peer_networks`, or a change the cluster rejects (e.g. the node id is taken).", body = ErrorBody),
+        (status = 403, description = "Not an operator.", body = ErrorBody),
+    ),
+    security(("bearer" = ["orchestrator:admin"]))
+)]
 pub async fn add_member(
     State(st): State<ApiState>,
     Extension(p): Extension<Principal>,
@@ -150,10 +297,26 @@ pub async fn add_member(
 }
 
 /// `DELETE /cluster/members/{node_id}`.
+#[utoipa::path(
+    delete,
+    path = "/cluster/members/{node_id}",
+    tag = "cluster",
+    operation_id = "remove_member",
+    summary = "Remove a node (operators)",
+    description = "Removes the node from the voters and from the cluster. Answers the cluster status after the change.",
+    params(MemberPath),
+    responses(
+        (status = 200, description = "Removed; the cluster status after the change.", body = Status),
+        (status = 400, description = "`node_id` is not a number, or a change the cluster rejects (e.g. not a \
+member, or the last voter).", body = ErrorBody),
+        (status = 403, description = "Not an operator.", body = ErrorBody),
+    ),
+    security(("bearer" = ["orchestrator:admin"]))
+)]
 pub async fn remove_member(
     State(st): State<ApiState>,
     Extension(p): Extension<Principal>,
-    Path(node_id): Path<String>,
+    Path(MemberPath { node_id }): Path<MemberPath>,
 ) -> Result<Response, ApiError> {
     p.require_operator(&st.node.config().auth.operator_tenants)?;
     let node_id: u64 = node_id
@@ -176,6 +339,20 @@ pub async fn remove_member(
 
 /// `POST /cluster/snapshot`: build a snapshot on this node now (the log behind it is
 /// then purged) and report the log size before and after.
+#[utoipa::path(
+    post,
+    path = "/cluster/snapshot",
+    tag = "cluster",
+    operation_id = "snapshot",
+    summary = "Snapshot this node (operators)",
+    description = "Builds a snapshot on this node now, purges the log behind it and reports the log size \
+before and after. Takes no body (one sent is ignored).",
+    responses(
+        (status = 200, description = "Done.", body = SnapshotReport),
+        (status = 403, description = "Not an operator.", body = ErrorBody),
+    ),
+    security(("bearer" = ["orchestrator:admin"]))
+)]
 pub async fn snapshot(
     State(st): State<ApiState>,
     Extension(p): Extension<Principal>,
@@ -201,10 +378,10 @@ pub async fn snapshot(
         .await
         .map_err(|e| ApiError::DependencyDown(format!("snapshot did not complete: {e}")))?;
     st.node.db.compact_log();
-    Ok(Json(json!({
-        "snapshot_index": applied,
-        "log_size_bytes_before": before,
-        "log_size_bytes_after": st.node.db.log_size_bytes(),
-    }))
+    Ok(Json(SnapshotReport {
+        snapshot_index: applied,
+        log_size_bytes_before: before,
+        log_size_bytes_after: st.node.db.log_size_bytes(),
+    })
     .into_response())
 }

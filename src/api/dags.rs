@@ -6,10 +6,11 @@ use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use utoipa::{IntoParams, ToSchema};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::routes::{
     act, commit, decode_cursor, fmt_ms, json_body, page_limit, stamp, with_replay, ApiState,
 };
@@ -20,17 +21,151 @@ use crate::state::machine::keys;
 use crate::state::model::{Dag, DagSpec, TaskKind};
 use crate::state::{Command, Outcome, Table};
 
-fn status_of(dag: &Dag) -> &'static str {
+/// Whether a DAG's schedule fires.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DagStatus {
+    Active,
+    Paused,
+    Deleted,
+}
+
+fn status_of(dag: &Dag) -> DagStatus {
     if dag.deleted {
-        "deleted"
+        DagStatus::Deleted
     } else if dag.spec.paused {
-        "paused"
+        DagStatus::Paused
     } else {
-        "active"
+        DagStatus::Active
+    }
+}
+
+fn paused_status(paused: bool) -> DagStatus {
+    if paused {
+        DagStatus::Paused
+    } else {
+        DagStatus::Active
+    }
+}
+
+/// The answer to a write on a DAG.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"dag_id": "sales_gdp", "status": "active", "version": 1}))]
+pub struct DagAck {
+    #[schema(schema_with = super::schema::id)]
+    pub dag_id: String,
+    pub status: DagStatus,
+    /// The DAG's version after the write (absent after a delete).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+}
+
+/// A DAG in a list.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DagSummary {
+    #[schema(schema_with = super::schema::id)]
+    pub dag_id: String,
+    pub status: DagStatus,
+    pub version: u64,
+    pub owner: Option<String>,
+    pub schedule: Option<String>,
+    pub timezone: String,
+    /// How many tasks the DAG has.
+    pub tasks: usize,
+    #[schema(format = DateTime)]
+    pub updated_at: String,
+    /// The token subject that created the DAG (recorded from protocol 3).
+    pub created_by: Option<String>,
+    /// The token subject of the latest change (recorded from protocol 3).
+    pub updated_by: Option<String>,
+}
+
+/// A page of DAGs in id order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DagList {
+    pub dags: Vec<DagSummary>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// One DAG: its summary, current definition and next fire times.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DagDetail {
+    #[serde(flatten)]
+    pub summary: DagSummary,
+    /// The stored definition (validated, defaults filled in, durations in ms).
+    pub definition: DagSpec,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    /// The next (up to 3) scheduled window ends; empty without a schedule.
+    pub next_fire_times: Vec<String>,
+    /// The end of the last window the scheduler fired, if any.
+    #[schema(format = DateTime)]
+    pub last_fired_window_end: Option<String>,
+}
+
+/// The `{dag_id}` of a DAG path.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct DagPath {
+    /// The DAG's id.
+    #[param(schema_with = super::schema::id)]
+    pub dag_id: String,
+}
+
+/// Optional headers of `POST /dags`.
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct SubmitHeaders {
+    /// Optimistic concurrency: apply the update only if the DAG's version is this one
+    /// (as `version` in the body; the body's wins). An optionally quoted number.
+    #[param(rename = "If-Match", pattern = r#"^"*[0-9]{1,19}"*$"#)]
+    pub if_match: Option<String>,
+}
+
+impl SubmitHeaders {
+    fn read(headers: &HeaderMap) -> Result<SubmitHeaders, ApiError> {
+        let if_match = headers
+            .get(header::IF_MATCH)
+            .map(|v| v.to_str().map(str::to_string))
+            .transpose()
+            .map_err(|_| {
+                ApiError::InvalidRequest("If-Match must be a DAG version number".into())
+            })?;
+        Ok(SubmitHeaders { if_match })
     }
 }
 
 /// `POST /dags`: create or update. `version` in the body or `If-Match` guards updates.
+#[utoipa::path(
+    post,
+    path = "/dags",
+    tag = "dags",
+    operation_id = "submit_dag",
+    summary = "Create or update a DAG",
+    description = "Validates the definition (ids, schedule, timezone, durations, dates, task kinds, \
+known and acyclic dependencies) before anything is stored. A new DAG starts at version 1; \
+each update adds one. `version` in the body (or `If-Match`) makes the update conditional.",
+    params(SubmitHeaders),
+    request_body(
+        content = DagInput,
+        description = "The DAG definition; unknown fields are rejected by name.",
+        example = json!({"dag_id": "sales_gdp", "schedule": "0 2 * * *", "owner": "team-data"}),
+    ),
+    responses(
+        (status = 200, description = "Stored. A replay of an idempotent request says `Idempotent-Replayed: true`.",
+            body = DagAck, example = json!({"dag_id": "sales_gdp", "status": "active", "version": 1})),
+        (status = 400, description = "Malformed JSON, or a definition that does not validate: a bad id, \
+a cron expression whose fields are out of range, an end_date not after start_date, a dependency on an unknown \
+task, a cycle, a timeout of 0, an `If-Match` that is not a version number; or a tenant quota \
+(`limits.min_schedule_interval_ms`, `limits.max_dags_per_tenant`). The message names the field.", body = ErrorBody),
+        (status = 403, description = "The token lacks `orchestrator:write`; or the DAG has a shell task and the \
+token lacks `orchestrator:shell` or the cluster runs without `executor.shell_enabled`.", body = ErrorBody),
+        (status = 409, description = "`version_conflict`: the DAG is not at the version the update is based on; \
+`idempotency_key_reused`: this `X-Request-Id` was used with another body.", body = ErrorBody),
+    ),
+    security(("bearer" = ["orchestrator:write"]))
+)]
 pub async fn submit(
     State(st): State<ApiState>,
     Extension(p): Extension<Principal>,
@@ -55,9 +190,8 @@ pub async fn submit(
         p.require(Access::Shell)?;
     }
     check_limits(&st, &p.tenant, &spec)?;
-    let if_match = headers
-        .get(header::IF_MATCH)
-        .and_then(|v| v.to_str().ok())
+    let if_match = SubmitHeaders::read(&headers)?
+        .if_match
         .map(|v| v.trim_matches('"').parse::<u64>())
         .transpose()
         .map_err(|_| ApiError::InvalidRequest("If-Match must be a DAG version number".into()))?;
@@ -76,11 +210,12 @@ pub async fn submit(
             "unexpected outcome {outcome:?}"
         )));
     };
-    let status = if paused { "paused" } else { "active" };
-    Ok(with_replay(
-        Json(json!({"dag_id": dag_id, "status": status, "version": version})).into_response(),
-        replayed,
-    ))
+    let ack = DagAck {
+        dag_id,
+        status: paused_status(paused),
+        version: Some(version),
+    };
+    Ok(with_replay(Json(ack).into_response(), replayed))
 }
 
 /// Per-tenant quotas (`limits.*`, with the tenant's overrides): tasks per DAG, the
@@ -154,26 +289,40 @@ pub(super) async fn load(st: &ApiState, tenant: &str, dag_id: &str) -> Result<Da
         .ok_or_else(|| ApiError::NotFound(format!("dag '{dag_id}' not found")))
 }
 
-fn summary(dag: &Dag) -> Value {
-    json!({
-        "dag_id": dag.spec.dag_id,
-        "status": status_of(dag),
-        "version": dag.version,
-        "owner": dag.spec.owner,
-        "schedule": dag.spec.schedule,
-        "timezone": dag.spec.timezone,
-        "tasks": dag.spec.tasks.len(),
-        "updated_at": fmt_ms(dag.updated_ms),
-        "created_by": dag.created_by,
-        "updated_by": dag.updated_by,
-    })
+fn summary(dag: &Dag) -> DagSummary {
+    DagSummary {
+        dag_id: dag.spec.dag_id.clone(),
+        status: status_of(dag),
+        version: dag.version,
+        owner: dag.spec.owner.clone(),
+        schedule: dag.spec.schedule.clone(),
+        timezone: dag.spec.timezone.clone(),
+        tasks: dag.spec.tasks.len(),
+        updated_at: fmt_ms(dag.updated_ms),
+        created_by: dag.created_by.clone(),
+        updated_by: dag.updated_by.clone(),
+    }
 }
 
 /// `GET /dags/{dag_id}`: the current definition, version and next scheduled windows.
+#[utoipa::path(
+    get,
+    path = "/dags/{dag_id}",
+    tag = "dags",
+    operation_id = "get_dag",
+    summary = "Get a DAG",
+    description = "The current definition and version, the next fire times and the last fired window.",
+    params(DagPath),
+    responses(
+        (status = 200, description = "The DAG.", body = DagDetail),
+        (status = 404, description = "No live DAG with this id in the caller's tenant.", body = ErrorBody),
+    ),
+    security(("bearer" = ["orchestrator:read"]))
+)]
 pub async fn get_one(
     State(st): State<ApiState>,
     Extension(p): Extension<Principal>,
-    Path(dag_id): Path<String>,
+    Path(DagPath { dag_id }): Path<DagPath>,
 ) -> Result<Response, ApiError> {
     p.require(Access::Read)?;
     let dag = load(&st, &p.tenant, &dag_id).await?;
@@ -194,23 +343,45 @@ pub async fn get_one(
         .db
         .get(Table::Cursors.name(), &keys::dag(&p.tenant, &dag_id))?
         .and_then(|b| keys::from_ordered_i64(&b));
-    let mut v = summary(&dag);
-    v["definition"] =
-        serde_json::to_value(&dag.spec).map_err(|e| ApiError::Internal(e.to_string()))?;
-    v["created_at"] = json!(fmt_ms(dag.created_ms));
-    v["next_fire_times"] = json!(next);
-    v["last_fired_window_end"] = json!(cursor.map(fmt_ms));
-    Ok(Json(v).into_response())
+    let detail = DagDetail {
+        summary: summary(&dag),
+        created_at: fmt_ms(dag.created_ms),
+        next_fire_times: next,
+        last_fired_window_end: cursor.map(fmt_ms),
+        definition: dag.spec,
+    };
+    Ok(Json(detail).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// Paging of `GET /dags`.
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Page size (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    #[param(schema_with = super::schema::cursor)]
     cursor: Option<String>,
 }
 
 /// `GET /dags?limit=&cursor=`: the tenant's DAGs in id order.
+#[utoipa::path(
+    get,
+    path = "/dags",
+    tag = "dags",
+    operation_id = "list_dags",
+    summary = "List DAGs",
+    description = "The caller's tenant's live DAGs in id order, a page at a time.",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of DAGs.", body = DagList),
+        (status = 400, description = "A query parameter this endpoint does not take, a `limit` outside \
+1-500, or a `cursor` this API did not return.", body = ErrorBody),
+    ),
+    security(("bearer" = ["orchestrator:read"]))
+)]
 pub async fn list(
     State(st): State<ApiState>,
     Extension(p): Extension<Principal>,
@@ -248,7 +419,11 @@ pub async fn list(
         }
     }
     let next = if more { last.map(hex::encode) } else { None };
-    Ok(Json(json!({"dags": out, "next_cursor": next})).into_response())
+    Ok(Json(DagList {
+        dags: out,
+        next_cursor: next,
+    })
+    .into_response())
 }
 
 async fn set_paused(
@@ -273,41 +448,93 @@ async fn set_paused(
             dag_id,
             version,
             paused,
-        } => {
-            let status = if paused { "paused" } else { "active" };
-            Ok(json!({"dag_id": dag_id, "status": status, "version": version}))
-        }
+        } => Ok(json!(DagAck {
+            dag_id,
+            status: paused_status(paused),
+            version: Some(version),
+        })),
         o => Err(o),
     })
     .await
 }
 
 /// `POST /dags/{dag_id}/pause`: stop firing its schedule (runs in flight continue).
+#[utoipa::path(
+    post,
+    path = "/dags/{dag_id}/pause",
+    tag = "dags",
+    operation_id = "pause_dag",
+    summary = "Pause a DAG's schedule",
+    description = "Its schedule stops firing; runs in flight go on. Pausing a paused DAG is not an error. \
+Takes no body (one sent is ignored).",
+    params(DagPath),
+    responses(
+        (status = 200, description = "Paused.", body = DagAck,
+            example = json!({"dag_id": "sales_gdp", "status": "paused", "version": 2})),
+        (status = 404, description = "No live DAG with this id in the caller's tenant.", body = ErrorBody),
+        (status = 409, description = "`idempotency_key_reused`: this `X-Request-Id` was used for another request.", body = ErrorBody),
+    ),
+    security(("bearer" = ["orchestrator:write"]))
+)]
 pub async fn pause(
     State(st): State<ApiState>,
     Extension(p): Extension<Principal>,
     headers: HeaderMap,
-    Path(dag_id): Path<String>,
+    Path(DagPath { dag_id }): Path<DagPath>,
 ) -> Result<Response, ApiError> {
     set_paused(st, p, headers, dag_id, true).await
 }
 
 /// `POST /dags/{dag_id}/unpause`.
+#[utoipa::path(
+    post,
+    path = "/dags/{dag_id}/unpause",
+    tag = "dags",
+    operation_id = "unpause_dag",
+    summary = "Unpause a DAG's schedule",
+    description = "Its schedule fires again (missed windows are fired only with `catchup`). \
+Takes no body (one sent is ignored).",
+    params(DagPath),
+    responses(
+        (status = 200, description = "Active.", body = DagAck,
+            example = json!({"dag_id": "sales_gdp", "status": "active", "version": 3})),
+        (status = 404, description = "No live DAG with this id in the caller's tenant.", body = ErrorBody),
+        (status = 409, description = "`idempotency_key_reused`: this `X-Request-Id` was used for another request.", body = ErrorBody),
+    ),
+    security(("bearer" = ["orchestrator:write"]))
+)]
 pub async fn unpause(
     State(st): State<ApiState>,
     Extension(p): Extension<Principal>,
     headers: HeaderMap,
-    Path(dag_id): Path<String>,
+    Path(DagPath { dag_id }): Path<DagPath>,
 ) -> Result<Response, ApiError> {
     set_paused(st, p, headers, dag_id, false).await
 }
 
 /// `DELETE /dags/{dag_id}`: stops scheduling; its runs stay readable.
+#[utoipa::path(
+    delete,
+    path = "/dags/{dag_id}",
+    tag = "dags",
+    operation_id = "delete_dag",
+    summary = "Delete a DAG",
+    description = "Scheduling stops and the DAG leaves the list; its runs stay readable. \
+Submitting the same id again creates it anew.",
+    params(DagPath),
+    responses(
+        (status = 200, description = "Deleted.", body = DagAck,
+            example = json!({"dag_id": "sales_gdp", "status": "deleted"})),
+        (status = 404, description = "No live DAG with this id in the caller's tenant.", body = ErrorBody),
+        (status = 409, description = "`idempotency_key_reused`: this `X-Request-Id` was used for another request.", body = ErrorBody),
+    ),
+    security(("bearer" = ["orchestrator:write"]))
+)]
 pub async fn delete(
     State(st): State<ApiState>,
     Extension(p): Extension<Principal>,
     headers: HeaderMap,
-    Path(dag_id): Path<String>,
+    Path(DagPath { dag_id }): Path<DagPath>,
 ) -> Result<Response, ApiError> {
     let cmd = Command::DeleteDag {
         tenant: p.tenant.clone(),
@@ -321,7 +548,11 @@ pub async fn delete(
         &dag_id,
         cmd,
         |o| match o {
-            Outcome::DagDeleted { dag_id } => Ok(json!({"dag_id": dag_id, "status": "deleted"})),
+            Outcome::DagDeleted { dag_id } => Ok(json!(DagAck {
+                dag_id,
+                status: DagStatus::Deleted,
+                version: None,
+            })),
             o => Err(o),
         },
     )

@@ -4,6 +4,8 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::raft::node;
 use crate::{auth, dag};
@@ -41,7 +43,63 @@ pub enum ApiError {
     DependencyDown(String),
 }
 
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"error": "not_found", "message": "run 'run_9' not found"}))]
+pub struct ErrorBody {
+    /// The machine-readable code; the OpenAPI document lists the codes each status carries.
+    #[schema(schema_with = error_codes)]
+    pub error: &'static str,
+    /// What went wrong, for a person.
+    pub message: String,
+}
+
+fn error_codes() -> utoipa::openapi::schema::Object {
+    let mut codes: Vec<&'static str> = ApiError::every_kind()
+        .iter()
+        .map(|e| e.status_and_code().1)
+        .collect();
+    codes.dedup();
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(codes))
+        .build()
+}
+
 impl ApiError {
+    /// One error of each kind (their messages are placeholders): the OpenAPI document
+    /// derives from these which codes each HTTP status carries.
+    pub fn every_kind() -> Vec<ApiError> {
+        let m = String::new;
+        vec![
+            ApiError::InvalidRequest(m()),
+            ApiError::Unauthorized(m()),
+            ApiError::Forbidden(m()),
+            ApiError::NotFound(m()),
+            ApiError::VersionConflict(m()),
+            ApiError::IdempotencyKeyReused(m()),
+            ApiError::InvalidState(m()),
+            ApiError::MethodNotAllowed(m()),
+            ApiError::PayloadTooLarge(m()),
+            ApiError::UnsupportedMediaType(m()),
+            ApiError::RateLimited {
+                retry_after_secs: 1,
+            },
+            ApiError::Internal(m()),
+            ApiError::DependencyDown(m()),
+        ]
+    }
+
+    /// The machine codes an answer with `status` can carry.
+    pub fn codes_for(status: u16) -> Vec<&'static str> {
+        Self::every_kind()
+            .iter()
+            .map(|e| e.status_and_code())
+            .filter(|(s, _)| s.as_u16() == status)
+            .map(|(_, c)| c)
+            .collect()
+    }
+
     /// Status and machine code, in one place.
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
@@ -71,11 +129,11 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::warn!(error = %self, code, "request failed");
         }
-        let mut resp = (
-            status,
-            Json(serde_json::json!({"error": code, "message": self.to_string()})),
-        )
-            .into_response();
+        let body = ErrorBody {
+            error: code,
+            message: self.to_string(),
+        };
+        let mut resp = (status, Json(body)).into_response();
         match &self {
             ApiError::Unauthorized(_) => {
                 resp.headers_mut().insert(

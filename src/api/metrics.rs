@@ -38,6 +38,19 @@ pub(super) fn record_request(method: &Method, route: &str, status: u16, started:
         .record(started.elapsed().as_secs_f64());
 }
 
+/// `GET /metrics`.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    operation_id = "metrics",
+    summary = "Prometheus metrics",
+    description = "This node's metrics in the Prometheus text exposition format. No token.",
+    responses(
+        (status = 200, description = "The metrics.", body = String, content_type = "text/plain; version=0.0.4",
+            example = "# HELP orchestrator_raft_term Current Raft term.\n# TYPE orchestrator_raft_term gauge\norchestrator_raft_term{node=\"1\"} 3\n"),
+    ),
+)]
 pub async fn metrics(State(st): State<ApiState>) -> Response {
     let s = st.node.status().await;
     let opt = |v: Option<u64>| v.map_or(0.0, |x| x as f64);

@@ -13,16 +13,19 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request as HttpRequest, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use chrono::{DateTime, SecondsFormat, Utc};
 use http_body::Body as _;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
 use super::error::ApiError;
-use super::{cluster, openapi, BASE};
+use super::{cluster, dags, docs_ui, metrics, openapi, runs, BASE};
 use crate::actors::Actors;
 use crate::auth::{Access, Principal, Verifier};
 use crate::raft::RaftNode;
@@ -44,22 +47,56 @@ pub struct ApiState {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
+/// The route table: every route once, with its handler. Each handler's `#[utoipa::path]`
+/// annotation is its documentation, so the router and `/openapi.json` are one source.
+/// Returns the routes without a token and those under [`BASE`].
+fn table() -> (OpenApiRouter<ApiState>, OpenApiRouter<ApiState>) {
+    let public = OpenApiRouter::new()
+        .routes(routes!(cluster::healthz))
+        .routes(routes!(cluster::readyz))
+        .routes(routes!(metrics::metrics))
+        .routes(routes!(openapi::serve))
+        .routes(routes!(docs_ui::page))
+        .routes(routes!(docs_ui::asset));
+    let api = OpenApiRouter::new()
+        .routes(routes!(dags::submit, dags::list))
+        .routes(routes!(dags::get_one, dags::delete))
+        .routes(routes!(dags::pause))
+        .routes(routes!(dags::unpause))
+        .routes(routes!(runs::trigger, runs::list))
+        .routes(routes!(runs::get_one))
+        .routes(routes!(runs::cancel))
+        .routes(routes!(runs::retry))
+        .routes(routes!(runs::attempt_log))
+        .routes(routes!(cluster::status))
+        .routes(routes!(cluster::add_member))
+        .routes(routes!(cluster::remove_member))
+        .routes(routes!(cluster::snapshot));
+    (public, api)
+}
+
+/// The OpenAPI document of the route table, as `/openapi.json` serves it.
+pub fn document() -> serde_json::Value {
+    let (public, api) = table();
+    let doc = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .merge(public)
+        .nest(BASE, api)
+        .into_openapi();
+    openapi::complete(doc)
+}
+
 /// The public router.
 pub fn router(state: ApiState) -> Router {
-    let mut api = Router::new();
-    for e in openapi::endpoints() {
-        api = api.route(e.path, e.handler);
-    }
-    let api = api
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
-        .route_layer(middleware::from_fn(tag_route));
-    Router::new()
-        .route("/healthz", get(cluster::healthz))
-        .route("/readyz", get(cluster::readyz))
-        .route("/openapi.json", get(|| async { Json(openapi::document()) }))
-        .route("/metrics", get(super::metrics::metrics))
-        .route_layer(middleware::from_fn(tag_route))
+    let (public, api) = table();
+    let api = api.route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    let (routes, doc) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .merge(public)
         .nest(BASE, api)
+        .split_for_parts();
+    let doc: openapi::Document = Arc::new(openapi::complete(doc));
+    routes
+        .route_layer(middleware::from_fn(tag_route))
+        .layer(Extension(doc))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -244,7 +281,7 @@ async fn authenticate(
         req.extensions_mut().insert(p);
         next.run(req).await
     } else {
-        metrics::counter!(crate::telemetry::metrics::HTTP_RATE_LIMITED).increment(1);
+        ::metrics::counter!(crate::telemetry::metrics::HTTP_RATE_LIMITED).increment(1);
         ApiError::RateLimited {
             retry_after_secs: d.reset_secs.max(1),
         }

@@ -53,7 +53,7 @@ pub struct LogRequest {
 }
 
 /// What a node reports about itself and the cluster.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Status {
     pub node_id: NodeId,
     pub initialized: bool,

@@ -11,7 +11,7 @@ use crate::state::{Batch, BatchResponse};
 pub type NodeId = u64;
 
 /// How to reach a cluster member: its public API and its peer (Raft) address.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Member {
     pub api_addr: String,
     pub peer_addr: String,

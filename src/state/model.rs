@@ -13,7 +13,7 @@ pub type Millis = i64;
 
 /// A validated DAG definition as the user submitted it (normalised: defaults filled in,
 /// durations in milliseconds, dates as instants).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DagSpec {
     pub dag_id: String,
     pub schedule: Option<String>,
@@ -30,7 +30,7 @@ pub struct DagSpec {
 }
 
 /// One task of a DAG.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskSpec {
     pub task_id: String,
     pub kind: TaskKind,
@@ -43,7 +43,7 @@ pub struct TaskSpec {
 }
 
 /// What a task does when it runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum TaskKind {
     Shell {
@@ -76,7 +76,7 @@ pub struct Dag {
     pub updated_by: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunType {
     Scheduled,
@@ -84,7 +84,7 @@ pub enum RunType {
     Backfill,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunState {
     Queued,
@@ -103,7 +103,7 @@ impl RunState {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
     Pending,
