@@ -17,7 +17,7 @@ use crate::auth::{Access, Principal};
 use crate::dag::{self, DagInput};
 use crate::schedule::Schedule;
 use crate::state::machine::keys;
-use crate::state::model::{Dag, DagSpec, TaskKind};
+use crate::state::model::{Dag, DagSpec, Run, TaskKind};
 use crate::state::{Command, Outcome, Table};
 
 fn status_of(dag: &Dag) -> &'static str {
@@ -160,6 +160,36 @@ fn summary(dag: &Dag) -> Value {
     })
 }
 
+/// A DAG in the list: its summary, the next time its schedule fires and its newest run
+/// (what an overview page shows without a request per DAG).
+fn list_item(st: &ApiState, tenant: &str, dag: &Dag) -> Result<Value, ApiError> {
+    let mut v = summary(dag);
+    let next = dag
+        .spec
+        .schedule
+        .as_deref()
+        .and_then(|s| Schedule::parse(s, &dag.spec.timezone).ok())
+        .and_then(|s| s.upcoming(now_ms(), 1).into_iter().next());
+    v["next_fire_time"] = json!(next.map(fmt_ms));
+    let prefix = keys::prefix(&[tenant.as_bytes(), dag.spec.dag_id.as_bytes()]);
+    let newest = st
+        .node
+        .db
+        .scan_prefix_rev(Table::RunsByDag, &prefix, None, 1)?
+        .into_iter()
+        .next();
+    let last_run = match newest {
+        Some((k, _)) => st
+            .node
+            .db
+            .get_json::<Run>(Table::Runs.name(), keys::last_part(&k))?
+            .map(|r| json!({"run_id": r.run_id, "state": r.state, "created_at": fmt_ms(r.created_ms)})),
+        None => None,
+    };
+    v["last_run"] = json!(last_run);
+    Ok(v)
+}
+
 /// `GET /dags/{dag_id}`: the current definition, version and next scheduled windows.
 pub async fn get_one(
     State(st): State<ApiState>,
@@ -226,7 +256,7 @@ pub async fn list(
             let dag: Dag =
                 serde_json::from_slice(&v).map_err(|e| ApiError::Internal(e.to_string()))?;
             if !dag.deleted {
-                out.push(summary(&dag));
+                out.push(list_item(&st, &p.tenant, &dag)?);
             }
         }
         if more || exhausted {

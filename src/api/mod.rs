@@ -3,7 +3,7 @@
 //! caller, validate input, stamp a [`crate::state::Request`] and hand it to the proposer,
 //! then render the outcome through [`error::ApiError`]'s single table.
 //! `routes` holds the route table and shared plumbing; `dags`, `runs` and `cluster`
-//! hold the handlers of each resource.
+//! hold the handlers of each resource; `ui` serves the web UI (assets in the binary).
 
 pub(crate) mod cluster;
 pub(crate) mod dags;
@@ -12,6 +12,7 @@ mod metrics;
 pub mod openapi;
 mod routes;
 pub(crate) mod runs;
+pub mod ui;
 
 pub use routes::{router, ApiState};
 

@@ -1,5 +1,6 @@
-//! The route table, the middleware every response passes (request id, JSON errors,
-//! panics caught), and what handlers share: caller verification, body decoding,
+//! The route table (the API under [`BASE`], the probes, and the web UI of [`ui`]), the
+//! middleware every response passes (request id, JSON errors, panics caught), and what
+//! handlers share: caller verification, body decoding,
 //! stamping a request, committing it and mapping its outcome.
 
 use std::pin::Pin;
@@ -22,7 +23,7 @@ use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
 use super::error::ApiError;
-use super::{cluster, openapi, BASE};
+use super::{cluster, openapi, ui, BASE};
 use crate::actors::Actors;
 use crate::auth::{Access, Principal, Verifier};
 use crate::raft::RaftNode;
@@ -56,6 +57,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/openapi.json", get(|| async { Json(openapi::document()) }))
         .route("/metrics", get(super::metrics::metrics))
         .nest(BASE, api)
+        .merge(ui::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

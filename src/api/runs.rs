@@ -113,13 +113,17 @@ pub async fn trigger(
     ))
 }
 
-/// The full JSON of a run: the spec's `run_id`, `state`, `tasks` map, plus detail.
-pub fn render_run(run: &Run) -> Value {
-    let tasks: serde_json::Map<String, Value> = run
-        .tasks
+/// The spec's `tasks` map of a run: task id → state.
+fn task_states(run: &Run) -> serde_json::Map<String, Value> {
+    run.tasks
         .iter()
         .map(|(id, t)| (id.clone(), json!(t.state)))
-        .collect();
+        .collect()
+}
+
+/// The full JSON of a run: the spec's `run_id`, `state`, `tasks` map, plus detail.
+pub fn render_run(run: &Run) -> Value {
+    let tasks = task_states(run);
     let detail: serde_json::Map<String, Value> = run
         .tasks
         .iter()
@@ -267,10 +271,11 @@ pub async fn list(
                 && to.is_none_or(|t| run.window.end_ms <= t);
             if keep {
                 out.push(json!({
-                    "run_id": run.run_id, "dag_id": run.dag_id, "state": run.state, "run_type": run.run_type,
+                    "run_id": run.run_id, "dag_id": run.dag_id, "dag_version": run.dag_version, "state": run.state, "run_type": run.run_type,
                     "window": {"from": fmt_ms(run.window.start_ms), "to": fmt_ms(run.window.end_ms)},
                     "created_at": fmt_ms(run.created_ms), "ended_at": run.ended_ms.map(fmt_ms),
                     "sla_missed": run.sla_missed,
+                    "tasks": task_states(&run),
                 }));
             }
         }
