@@ -106,13 +106,11 @@ impl Browser {
         let mut caps = serde_json::Map::new();
         caps.insert("browserName".into(), json!("chrome"));
         caps.insert("goog:chromeOptions".into(), chrome);
-        let client = ClientBuilder::new(
-            hyper_util::client::legacy::connect::HttpConnector::new(),
-        )
-        .capabilities(caps)
-        .connect(&driver.url)
-        .await
-        .expect("a Chromium session (is chromium installed?)");
+        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&driver.url)
+            .await
+            .expect("a Chromium session (is chromium installed?)");
         std::fs::create_dir_all(&shots).expect("screenshot dir");
         Browser { client, shots }
     }
@@ -167,7 +165,11 @@ impl Browser {
 
     /// The hash route the page shows.
     async fn hash(&self) -> String {
-        self.js("return location.hash").await.as_str().unwrap_or("").to_string()
+        self.js("return location.hash")
+            .await
+            .as_str()
+            .unwrap_or("")
+            .to_string()
     }
 }
 
@@ -308,7 +310,8 @@ async fn the_web_ui_in_a_real_browser() {
     b.until(UI_WAIT, "the DAG active again", "return (document.querySelector(\"#dags-table tr[data-dag-id='ui_etl'] .badge.active\")?.textContent || '') === 'active'").await;
 
     // One DAG: the graph is laid out in layers along the dependencies.
-    b.click("#dags-table a.dag-link[href='#/dags/ui_etl']").await;
+    b.click("#dags-table a.dag-link[href='#/dags/ui_etl']")
+        .await;
     b.find("#dag-graph g.node[data-task='load']").await;
     let xs = b
         .js("return ['extract', 'transform', 'audit', 'load'].map((t) => document.querySelector(`#dag-graph g.node[data-task='${t}']`).transform.baseVal.getItem(0).matrix.e)")
@@ -371,8 +374,12 @@ async fn the_web_ui_in_a_real_browser() {
         ))
         .await;
     }
+    let title = b.text("main h1").await;
+    let title: Vec<&str> = title.split_whitespace().collect();
+    assert_eq!(title, ["Run", &run_id, "done"]);
     assert_eq!(
-        b.js("return document.querySelector('#cancel').hidden").await,
+        b.js("return document.querySelector('#cancel').hidden")
+            .await,
         json!(true),
         "a finished run offers no cancel"
     );
@@ -393,7 +400,10 @@ async fn the_web_ui_in_a_real_browser() {
         "log: {log}"
     );
     assert_eq!(
-        b.js("return [document.querySelectorAll('#log-text *').length, window.__xss === undefined]").await,
+        b.js(
+            "return [document.querySelectorAll('#log-text *').length, window.__xss === undefined]"
+        )
+        .await,
         json!([0, true])
     );
     b.screenshot("04-log.png").await;
@@ -454,9 +464,11 @@ async fn the_web_ui_in_a_real_browser() {
         "return [...document.querySelectorAll('#members tr[data-node-id] [data-health]')].filter(e => e.dataset.health === 'healthy').length === 3",
     )
     .await;
-    assert_eq!(
-        b.text("#cluster-leader").await,
-        format!("node {leader}")
+    assert_eq!(b.text("#cluster-leader").await, format!("node {leader}"));
+    let page = b.text("#app").await;
+    assert!(
+        !page.contains("null") && !page.contains("undefined"),
+        "{page}"
     );
     b.screenshot("08-cluster.png").await;
 
@@ -469,7 +481,12 @@ async fn the_web_ui_in_a_real_browser() {
         .expect("ui_etl listed");
     assert_eq!(etl["last_run"]["run_id"], json!(run_id), "{etl}");
     assert_eq!(etl["last_run"]["state"], "done", "{etl}");
-    assert!(etl["next_fire_time"].as_str().is_some_and(|t| t.ends_with("02:00:00.000Z")), "{etl}");
+    assert!(
+        etl["next_fire_time"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("02:00:00.000Z")),
+        "{etl}"
+    );
     let (_, v) = c.get(leader, "/runs?dag_id=ui_etl", &acme).await;
     assert_eq!(v["runs"][0]["tasks"]["load"], "done", "{v}");
     assert_eq!(v["runs"][0]["dag_version"], etl["version"], "{v}");

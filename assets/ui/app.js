@@ -47,6 +47,13 @@
     return e;
   }
 
+  // Replace `parent`'s children (null, undefined and false are skipped: the DOM's own
+  // replaceChildren would show them as text).
+  function put(parent, ...children) {
+    parent.replaceChildren(...children.flat(Infinity).filter((c) => c !== undefined && c !== null && c !== false));
+    return parent;
+  }
+
   function badge(state, extra) {
     const s = String(state || 'unknown');
     return el('span', { class: 'badge state-' + s.replace(/[^a-z_]/g, '') + (extra ? ' ' + extra : ''), 'data-state': s, text: s.replace('_', ' ') });
@@ -292,7 +299,7 @@
 
   // Show (or clear, with null) a page's error line in `slot`.
   function showError(slot, e) {
-    slot.replaceChildren(e ? errorBox(e) : '');
+    put(slot, e ? errorBox(e) : '');
   }
 
   // ---------------------------------------------------------------- sign-in
@@ -322,7 +329,7 @@
         ev.preventDefault();
         let token = input.value.trim().replace(/^Bearer\s+/i, '');
         if (!/^[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*$/.test(token)) {
-          message.replaceChildren(el('div', { class: 'error', role: 'alert', text: 'That does not look like a token: a JWT is three base64url parts separated by dots.' }));
+          put(message, el('div', { class: 'error', role: 'alert', text: 'That does not look like a token: a JWT is three base64url parts separated by dots.' }));
           return;
         }
         button.disabled = true;
@@ -343,7 +350,7 @@
             : e.status === 403
               ? 'The token is valid but may not read DAGs (it needs orchestrator:read): ' + e.describe() + '.'
               : 'Could not check the token: ' + e.describe();
-          message.replaceChildren(el('div', { class: 'error', role: 'alert', text }));
+          put(message, el('div', { class: 'error', role: 'alert', text }));
         } finally {
           button.disabled = false;
         }
@@ -359,7 +366,7 @@
     input,
     el('div', { class: 'actions' }, button),
     message);
-    app.replaceChildren(form);
+    put(app, form);
     input.focus();
   }
 
@@ -498,13 +505,13 @@
     const empty = el('div', { class: 'card', id: 'no-dags', hidden: true },
       el('p', { text: 'No DAGs for this tenant yet.' }),
       el('p', { class: 'muted' }, 'Apply one with the CLI: ', el('code', { text: 'orchestrator dag apply -f examples/' })));
-    app.replaceChildren(el('h1', { text: 'DAGs' }), errors, table, empty, more);
+    put(app, el('h1', { text: 'DAGs' }), errors, table, empty, more);
     const poller = poll(p, async () => {
       const data = await api('GET', '/dags?limit=500');
       if (!p.alive) return STOP;
       showError(errors, null);
       const dags = data.dags || [];
-      body.replaceChildren(...dags.map((d) => el('tr', { 'data-dag-id': d.dag_id },
+      put(body, ...dags.map((d) => el('tr', { 'data-dag-id': d.dag_id },
         el('td', {}, el('a', { class: 'dag-link', href: '#/dags/' + enc(d.dag_id), text: d.dag_id })),
         el('td', { text: d.owner || '—' }),
         el('td', {}, d.schedule ? el('code', { text: d.schedule }) : el('span', { class: 'muted', text: 'manual only' }), d.schedule && d.timezone && d.timezone !== 'UTC' ? el('span', { class: 'muted', text: ' ' + d.timezone }) : null),
@@ -556,7 +563,7 @@
       },
     });
     const pauseSlot = el('span');
-    app.replaceChildren(
+    put(app,
       el('p', { class: 'muted' }, el('a', { href: '#/dags', text: 'DAGs' }), ' / ', dagId),
       title,
       el('div', { class: 'actions' }, trigger, pauseSlot, el('a', { href: '#/dags/' + enc(dagId) + '/grid', id: 'grid-link', text: 'Runs grid →' })),
@@ -575,7 +582,7 @@
         dag = await api('GET', '/dags/' + enc(dagId));
       } catch (e) {
         if (e.status === 404) {
-          app.replaceChildren(el('h1', { text: dagId }), el('div', { class: 'notice', id: 'not-found', text: 'No DAG named ' + dagId + ' for this tenant (or it was deleted).' }));
+          put(app, el('h1', { text: dagId }), el('div', { class: 'notice', id: 'not-found', text: 'No DAG named ' + dagId + ' for this tenant (or it was deleted).' }));
           return STOP;
         }
         throw e;
@@ -584,9 +591,9 @@
       if (!p.alive) return STOP;
       showError(errors, null);
       const def = dag.definition || {};
-      title.replaceChildren(dag.dag_id, ' ', el('span', { class: 'badge ' + (dag.status === 'paused' ? 'paused' : 'active'), id: 'dag-status', text: dag.status }));
-      pauseSlot.replaceChildren(pauseButton(dag, () => poller && poller.now()));
-      facts.replaceChildren(
+      put(title, dag.dag_id, ' ', el('span', { class: 'badge ' + (dag.status === 'paused' ? 'paused' : 'active'), id: 'dag-status', text: dag.status }));
+      put(pauseSlot, pauseButton(dag, () => poller && poller.now()));
+      put(facts,
         el('dt', { text: 'Owner' }), el('dd', { text: dag.owner || '—' }),
         el('dt', { text: 'Schedule' }), el('dd', {}, dag.schedule ? el('code', { text: dag.schedule }) : el('span', { class: 'muted', text: 'none (manual and backfill runs only)' }), ' ', el('span', { class: 'muted', text: dag.timezone || '' })),
         el('dt', { text: 'Next windows' }), el('dd', {}, dag.status === 'paused' ? el('span', { class: 'muted', text: 'paused' })
@@ -597,11 +604,11 @@
         el('dt', { text: 'Version' }), el('dd', { id: 'dag-version', text: String(dag.version) }));
       const tasks = tasksOf(def);
       const latest = runs[0];
-      graph.replaceChildren(drawGraph(tasks, latest && latest.tasks, null),
+      put(graph, drawGraph(tasks, latest && latest.tasks, null),
         el('p', { class: 'muted', text: latest ? 'Coloured by the newest run, ' + latest.run_id + ' (' + latest.state + ').' : 'No runs yet.' }));
       const order = taskOrder(tasks);
       const byId = new Map(tasks.map((t) => [t.id, t]));
-      tasksBody.replaceChildren(...order.map((id) => {
+      put(tasksBody, ...order.map((id) => {
         const t = byId.get(id);
         return el('tr', { 'data-task': id },
           el('td', {}, el('strong', { text: id })),
@@ -618,14 +625,14 @@
         v.count += 1;
         seen.set(r.dag_version, v);
       }
-      versions.replaceChildren(el('div', { class: 'card', id: 'versions' },
+      put(versions, el('div', { class: 'card', id: 'versions' },
         el('p', {}, 'Current version ', el('strong', { text: String(dag.version) }), ', updated ', when(dag.updated_at), ', created ', when(dag.created_at),
           '. Every change (an update, a pause, an unpause) makes a new version; a run keeps the version it started with.'),
         seen.size ? el('table', {}, el('thead', {}, el('tr', {}, ['Version', 'Recent runs', 'Newest'].map((h) => el('th', { text: h })))),
           el('tbody', {}, [...seen.entries()].sort((a, b) => b[0] - a[0]).map(([v, s]) => el('tr', {},
             el('td', {}, String(v), v === dag.version ? el('span', { class: 'muted', text: ' (current)' }) : null),
             el('td', { text: String(s.count) }), el('td', {}, when(s.newest)))))) : null));
-      runsBody.replaceChildren(...runs.map((r) => el('tr', { 'data-run-id': r.run_id },
+      put(runsBody, ...runs.map((r) => el('tr', { 'data-run-id': r.run_id },
         el('td', {}, el('a', { href: '#/runs/' + enc(r.run_id), class: 'run-link', text: r.run_id })),
         el('td', {}, badge(r.state), r.sla_missed ? [' ', el('span', { class: 'badge sla-missed', text: 'SLA missed' })] : null),
         el('td', { text: r.run_type }),
@@ -650,7 +657,7 @@
   function renderGrid(p, dagId) {
     const errors = el('div');
     const grid = el('div', { class: 'table-wrap' });
-    app.replaceChildren(
+    put(app,
       el('p', { class: 'muted' }, el('a', { href: '#/dags', text: 'DAGs' }), ' / ', el('a', { href: '#/dags/' + enc(dagId), text: dagId }), ' / grid'),
       el('h1', { text: 'Runs of ' + dagId }),
       el('p', { class: 'muted', text: 'The newest 25 runs, oldest on the left; a row per task. Click a cell to open the run.' }),
@@ -675,7 +682,7 @@
             el('span', { class: 'cell state-' + s, 'data-run-id': r.run_id, 'data-task': task, 'data-state': s }))
           : el('span', { class: 'cell none', title: task + ' was not part of ' + r.run_id }));
       })));
-      grid.replaceChildren(runs.length
+      put(grid, runs.length
         ? el('table', { class: 'grid', id: 'runs-grid' }, el('thead', {}, head), el('tbody', {}, rows))
         : el('p', { class: 'muted', text: 'No runs yet.' }));
       return JSON.stringify(runs);
@@ -750,7 +757,7 @@
       if (atEnd) logText.scrollTop = logText.scrollHeight;
     }
 
-    app.replaceChildren(crumbs, title,
+    put(app, crumbs, title,
       el('div', { class: 'actions' }, cancel, cancelConfirm, retry, live),
       errors, el('div', { class: 'card' }, facts),
       el('h2', { text: 'Graph' }), graph,
@@ -762,8 +769,8 @@
 
     function render(r, dag) {
       const finished = RUN_FINISHED.has(r.state);
-      crumbs.replaceChildren(el('a', { href: '#/dags', text: 'DAGs' }), ' / ', el('a', { href: '#/dags/' + enc(r.dag_id), id: 'run-dag', text: r.dag_id }), ' / ', runId);
-      title.replaceChildren('Run ', el('span', { class: 'mono', text: runId }), ' ', badge(r.state), r.sla_missed ? el('span', { class: 'badge sla-missed', id: 'sla-missed', text: 'SLA missed' }) : null);
+      put(crumbs, el('a', { href: '#/dags', text: 'DAGs' }), ' / ', el('a', { href: '#/dags/' + enc(r.dag_id), id: 'run-dag', text: r.dag_id }), ' / ', runId);
+      put(title, 'Run ', el('span', { class: 'mono', text: runId }), ' ', badge(r.state), r.sla_missed ? el('span', { class: 'badge sla-missed', id: 'sla-missed', text: 'SLA missed' }) : null);
       title.querySelector('.badge').id = 'run-state';
       cancel.hidden = finished;
       if (finished) cancelConfirm.hidden = true;
@@ -772,9 +779,9 @@
       retry.hidden = !finished;
       retry.disabled = !failedTasks;
       retry.title = failedTasks ? 'Re-run the failed and upstream-failed tasks as new attempts' : 'No failed tasks to retry';
-      live.replaceChildren(finished ? el('span', { class: 'muted', text: 'Finished.' }) : el('span', { class: 'badge live', text: 'live: updating' }));
+      put(live, finished ? el('span', { class: 'muted', text: 'Finished.' }) : el('span', { class: 'badge live', text: 'live: updating' }));
       const dur = between(r.started_at || r.created_at, r.ended_at);
-      facts.replaceChildren(
+      put(facts,
         el('dt', { text: 'DAG' }), el('dd', {}, el('a', { href: '#/dags/' + enc(r.dag_id), text: r.dag_id }), el('span', { class: 'muted', text: ' version ' + r.dag_version })),
         el('dt', { text: 'Type' }), el('dd', { text: r.run_type }),
         el('dt', { text: 'Window' }), el('dd', {}, windowText(r)),
@@ -787,7 +794,7 @@
       const tasks = dag ? tasksOf(dag.definition) : [];
       const known = new Set(tasks.map((t) => t.id));
       for (const id of Object.keys(r.tasks || {})) if (!known.has(id)) tasks.push({ id, deps: [], kind: '' });
-      graph.replaceChildren(drawGraph(tasks.filter((t) => r.tasks && t.id in r.tasks), r.tasks, null));
+      put(graph, drawGraph(tasks.filter((t) => r.tasks && t.id in r.tasks), r.tasks, null));
       const details = r.task_details || {};
       const rows = [];
       for (const id of taskOrder(tasks)) {
@@ -819,7 +826,7 @@
                 el('td', {}, el('button', { type: 'button', class: 'log-button', 'data-task': id, 'data-attempt': a.attempt, text: 'Log', onclick: () => showLog(id, a.attempt, !!a.ended_at) })))))))));
         }
       }
-      tasksBody.replaceChildren(...rows);
+      put(tasksBody, ...rows);
       if (openLog) {
         const a = ((details[openLog.task] || {}).attempts || []).find((x) => x.attempt === openLog.attempt);
         const wasRunning = !openLog.ended;
@@ -836,7 +843,7 @@
           r = await api('GET', '/runs/' + enc(runId));
         } catch (e) {
           if (e.status === 404) {
-            app.replaceChildren(el('h1', { text: 'Run ' + runId }), el('div', { class: 'notice', id: 'not-found', text: 'No run ' + runId + ' for this tenant.' }));
+            put(app, el('h1', { text: 'Run ' + runId }), el('div', { class: 'notice', id: 'not-found', text: 'No run ' + runId + ' for this tenant.' }));
             return STOP;
           }
           throw e;
@@ -863,14 +870,14 @@
   function renderCluster(p) {
     const errors = el('div');
     const body = el('div');
-    app.replaceChildren(el('h1', { text: 'Cluster' }), errors, body);
+    put(app, el('h1', { text: 'Cluster' }), errors, body);
     poll(p, async () => {
       let s;
       try {
         s = await api('GET', '/cluster/status');
       } catch (e) {
         if (e.status === 403) {
-          body.replaceChildren(el('div', { class: 'notice', id: 'operators-only', role: 'alert' },
+          put(body, el('div', { class: 'notice', id: 'operators-only', role: 'alert' },
             el('strong', { text: 'Operators only. ' }),
             'The cluster page needs an admin token (orchestrator:admin) of an operator tenant (auth.operator_tenants). The node said: ',
             el('span', { text: e.describe() })));
@@ -913,7 +920,7 @@
       const leaderMember = (s.members || {})[s.leader];
       const exec = s.executor || {};
       const sched = s.scheduler || {};
-      body.replaceChildren(
+      put(body,
         el('div', { class: 'card' }, el('dl', { class: 'facts', id: 'cluster-facts' },
           el('dt', { text: 'This node' }), el('dd', { text: 'node ' + s.node_id + ' (' + s.state + ')' }),
           el('dt', { text: 'Leader' }), el('dd', { id: 'cluster-leader', text: s.leader === null || s.leader === undefined ? 'none known' : 'node ' + s.leader }),
@@ -994,7 +1001,7 @@
       renderCluster(p);
     } else {
       header(true, null);
-      app.replaceChildren(el('h1', { text: 'Not found' }), el('p', {}, 'No page at ', el('code', { text: hash }), '. ', el('a', { href: '#/dags', text: 'Go to the DAGs.' })));
+      put(app, el('h1', { text: 'Not found' }), el('p', {}, 'No page at ', el('code', { text: hash }), '. ', el('a', { href: '#/dags', text: 'Go to the DAGs.' })));
     }
   }
 
