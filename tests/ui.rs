@@ -11,6 +11,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -37,7 +38,10 @@ impl Chromedriver {
             .and_then(|l| l.local_addr())
             .expect("a free port for chromedriver")
             .port();
+        // Its own process group: Chromium inherits it, so the drop guard ends the browser
+        // too even when no session close ran (a panic mid-flow).
         let child = Command::new(&bin)
+            .process_group(0)
             .arg(format!("--port={port}"))
             .arg("--allowed-ips=127.0.0.1")
             .stdin(Stdio::null())
@@ -76,8 +80,13 @@ impl Chromedriver {
 
 impl Drop for Chromedriver {
     fn drop(&mut self) {
-        // Chromium is chromedriver's child: chromedriver ends it when it exits on a
-        // signal, and the session is closed before this in the normal path.
+        // The whole group: chromedriver and the Chromium processes it started.
+        if let Ok(pgid) = i32::try_from(self.child.id()) {
+            // SAFETY: kill(2) on the process group of a child we spawned as its leader.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
