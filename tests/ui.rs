@@ -129,12 +129,21 @@ impl Browser {
     }
 
     async fn find(&self, css: &str) -> fantoccini::elements::Element {
-        self.client
+        match self
+            .client
             .wait()
             .at_most(UI_WAIT)
             .for_element(Locator::Css(css))
             .await
-            .unwrap_or_else(|e| panic!("no element {css} within {UI_WAIT:?}: {e}"))
+        {
+            Ok(e) => e,
+            Err(e) => {
+                // What the page showed instead, for whoever reads the failure.
+                self.screenshot("failure.png").await;
+                let page = self.js("return document.body.innerText").await;
+                panic!("no element {css} within {UI_WAIT:?}: {e}\npage:\n{page}")
+            }
+        }
     }
 
     async fn click(&self, css: &str) {
@@ -196,6 +205,7 @@ fn etl_dag() -> Value {
         "dag_id": "ui_etl",
         "schedule": "0 2 * * *",
         "owner": "<b>team-data</b>",
+        "sla": "1h",
         "tasks": [
             {"task_id": "extract", "kind": "shell", "command": "echo extracting; sleep 1"},
             {"task_id": "transform", "kind": "shell", "depends_on": ["extract"],
@@ -392,6 +402,7 @@ async fn the_web_ui_in_a_real_browser() {
         json!(true),
         "a finished run offers no cancel"
     );
+    assert_eq!(b.text("#sla-status").await, "(met)");
     b.screenshot("03-run-done.png").await;
 
     // A task's log, shown as text: the markup in it is not rendered.
@@ -454,7 +465,7 @@ async fn the_web_ui_in_a_real_browser() {
     b.goto(&format!("{ui}#/cluster")).await;
     let notice = b.text("#operators-only").await;
     assert!(notice.contains("Operators only"), "{notice}");
-    b.screenshot("07-operators-only.png").await;
+    b.screenshot("08-operators-only.png").await;
 
     // Sign out: the token leaves the tab.
     b.click("#sign-out").await;
@@ -479,7 +490,7 @@ async fn the_web_ui_in_a_real_browser() {
         !page.contains("null") && !page.contains("undefined"),
         "{page}"
     );
-    b.screenshot("08-cluster.png").await;
+    b.screenshot("09-cluster.png").await;
 
     // What the list endpoints gained for the UI: a DAG's next window and newest run, and
     // each listed run's task states (the grid needs no request per run).

@@ -571,7 +571,7 @@
       el('div', { class: 'card' }, facts),
       el('h2', { text: 'Graph' }), graph, legend(TASK_STATES),
       el('h2', { text: 'Tasks' }),
-      el('div', { class: 'table-wrap' }, el('table', { id: 'tasks-table' }, el('thead', {}, el('tr', {}, ['Task', 'Kind', 'Runs', 'Depends on', 'Retries', 'Timeout'].map((h) => el('th', { text: h })))), tasksBody)),
+      el('div', { class: 'table-wrap' }, el('table', { id: 'tasks-table' }, el('thead', {}, el('tr', {}, ['Task', 'Kind', 'Does', 'Depends on', 'Retries', 'Timeout'].map((h) => el('th', { text: h })))), tasksBody)),
       el('h2', { text: 'Versions' }), versions,
       el('h2', { text: 'Recent runs' }),
       el('div', { class: 'table-wrap' }, el('table', { id: 'runs-table' }, el('thead', {}, el('tr', {}, ['Run', 'State', 'Type', 'Version', 'Window', 'Created', 'Ended'].map((h) => el('th', { text: h })))), runsBody)));
@@ -775,10 +775,10 @@
       cancel.hidden = finished;
       if (finished) cancelConfirm.hidden = true;
       if (!finished && cancelConfirm.hidden) cancel.disabled = false;
-      const failedTasks = Object.values(r.tasks || {}).some((s) => s === 'failed' || s === 'upstream_failed');
+      const failedTasks = Object.values(r.tasks || {}).some((s) => s === 'failed' || s === 'upstream_failed' || s === 'cancelled');
       retry.hidden = !finished;
       retry.disabled = !failedTasks;
-      retry.title = failedTasks ? 'Re-run the failed and upstream-failed tasks as new attempts' : 'No failed tasks to retry';
+      retry.title = failedTasks ? 'Re-run the failed, upstream-failed and cancelled tasks as new attempts' : 'No failed tasks to retry';
       put(live, finished ? el('span', { class: 'muted', text: 'Finished.' }) : el('span', { class: 'badge live', text: 'live: updating' }));
       const dur = between(r.started_at || r.created_at, r.ended_at);
       put(facts,
@@ -790,7 +790,8 @@
         el('dt', { text: 'Ended' }), el('dd', {}, when(r.ended_at)),
         el('dt', { text: 'Duration' }), el('dd', { id: 'run-duration', text: fmtDuration(dur) + (finished ? '' : ' so far') }),
         el('dt', { text: 'SLA deadline' }), el('dd', {}, r.sla_deadline ? when(r.sla_deadline) : el('span', { class: 'muted', text: 'no SLA' }),
-          r.sla_missed ? [' ', el('span', { class: 'badge sla-missed', text: 'missed' })] : r.sla_deadline ? el('span', { class: 'muted', text: ' (met so far)' }) : null));
+          r.sla_missed ? [' ', el('span', { class: 'badge sla-missed', text: 'missed' })]
+            : r.sla_deadline ? el('span', { class: 'muted', id: 'sla-status', text: finished ? ' (met)' : ' (not missed yet)' }) : null));
       const tasks = dag ? tasksOf(dag.definition) : [];
       const known = new Set(tasks.map((t) => t.id));
       for (const id of Object.keys(r.tasks || {})) if (!known.has(id)) tasks.push({ id, deps: [], kind: '' });
