@@ -2,8 +2,8 @@
 //! `chromedriver` this test starts on a free port and kills when done, also on panic),
 //! against a real three-node cluster. One browser session walks the whole flow: sign in,
 //! see a DAG, pause it, trigger a run and watch it finish, open a task's log, see the runs
-//! grid, cancel a long run, meet "operators only", sign out, and read the cluster page as
-//! an operator. Screenshots go to `$CARGO_TARGET_TMPDIR/ui-screenshots/` (the path is
+//! grid, cancel a long run, retry a failed one, meet "operators only", sign out, and read
+//! the cluster page as an operator. Screenshots go to `$CARGO_TARGET_TMPDIR/ui-screenshots/` (the path is
 //! printed).
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`scripts/prereqs.sh` installs them);
@@ -216,6 +216,13 @@ fn etl_dag() -> Value {
     })
 }
 
+fn failing_dag() -> Value {
+    json!({
+        "dag_id": "ui_fails",
+        "tasks": [{"task_id": "check", "kind": "shell", "command": "echo 'check failed' >&2; exit 3"}]
+    })
+}
+
 fn long_dag() -> Value {
     json!({
         "dag_id": "ui_long",
@@ -273,7 +280,7 @@ async fn the_web_ui_in_a_real_browser() {
         "acme",
         "orchestrator:read orchestrator:write orchestrator:shell",
     );
-    for dag in [etl_dag(), long_dag()] {
+    for dag in [etl_dag(), long_dag(), failing_dag()] {
         let (s, v) = c.post(node, "/dags", &acme, &dag).await;
         assert_eq!(s, StatusCode::OK, "submit: {v}");
     }
@@ -460,6 +467,22 @@ async fn the_web_ui_in_a_real_browser() {
     assert_eq!(v["state"], "cancelled", "{v}");
     assert_eq!(v["tasks"]["sleep"], "cancelled", "{v}");
     b.screenshot("06-cancelled.png").await;
+
+    // A failed run: retry from its page makes a second attempt, shown live.
+    b.goto(&format!("{ui}#/dags/ui_fails")).await;
+    b.click("#trigger").await;
+    b.find("#run-state[data-state='failed']").await;
+    b.find("tr[data-task='check'][data-attempt='1']").await;
+    b.click("#retry").await;
+    b.find("tr[data-task='check'][data-attempt='2']").await;
+    b.find("#run-state[data-state='failed']").await;
+    let attempt = b.text("tr[data-task='check'][data-attempt='2']").await;
+    assert!(
+        attempt.contains("failed") && attempt.contains('3'),
+        "{attempt}"
+    );
+    assert!(b.text("#flash").await.contains("Retrying 1 task"));
+    b.screenshot("07-retried.png").await;
 
     // The cluster page is for operators.
     b.goto(&format!("{ui}#/cluster")).await;

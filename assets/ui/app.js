@@ -188,6 +188,12 @@
     }
   }
 
+  // Any failure as one line: the API's message and status, or a script error's message.
+  function describe(e) {
+    if (e instanceof ApiError) return e.describe();
+    return String(e && e.message ? e.message : e);
+  }
+
   const enc = encodeURIComponent;
 
   // ---------------------------------------------------------------- page lifecycle
@@ -293,7 +299,7 @@
   }
 
   function errorBox(e, id) {
-    const text = e instanceof ApiError ? e.describe() : String(e && e.message ? e.message : e);
+    const text = describe(e);
     return el('div', { class: 'error', role: 'alert', id: id || null, text });
   }
 
@@ -346,10 +352,10 @@
           if (!p.alive && e.status === 401) return; // signedOut() re-rendered this page
           session.clear();
           const text = e.status === 401
-            ? 'The node refused this token: ' + e.describe() + '.'
+            ? 'The node refused this token: ' + describe(e) + '.'
             : e.status === 403
-              ? 'The token is valid but may not read DAGs (it needs orchestrator:read): ' + e.describe() + '.'
-              : 'Could not check the token: ' + e.describe();
+              ? 'The token is valid but may not read DAGs (it needs orchestrator:read): ' + describe(e) + '.'
+              : 'Could not check the token: ' + describe(e);
           put(message, el('div', { class: 'error', role: 'alert', text }));
         } finally {
           button.disabled = false;
@@ -487,7 +493,7 @@
           await api('POST', '/dags/' + enc(dag.dag_id) + (paused ? '/unpause' : '/pause'));
           flash((paused ? 'Unpaused ' : 'Paused ') + dag.dag_id + '.');
         } catch (e) {
-          flash('Could not ' + (paused ? 'unpause ' : 'pause ') + dag.dag_id + ': ' + e.describe(), true);
+          flash('Could not ' + (paused ? 'unpause ' : 'pause ') + dag.dag_id + ': ' + describe(e), true);
         } finally {
           after();
         }
@@ -557,7 +563,7 @@
           flash('Triggered ' + r.run_id + '.');
           location.hash = '#/runs/' + enc(r.run_id);
         } catch (e) {
-          flash('Could not trigger a run of ' + dagId + ': ' + e.describe(), true);
+          flash('Could not trigger a run of ' + dagId + ': ' + describe(e), true);
           trigger.disabled = false;
         }
       },
@@ -720,9 +726,9 @@
       cancelConfirm.hidden = true;
       try {
         const r = await api('POST', '/runs/' + enc(runId) + '/' + what);
-        flash(what === 'cancel' ? 'Cancelled ' + runId + '.' : 'Retrying ' + (r.retried_tasks || []).join(', ') + ' of ' + runId + '.');
+        flash(what === 'cancel' ? 'Cancelled ' + runId + '.' : 'Retrying ' + Number(r.retried_tasks || 0) + ' task(s) of ' + runId + '.');
       } catch (e) {
-        flash('Could not ' + what + ' ' + runId + ': ' + e.describe(), true);
+        flash('Could not ' + what + ' ' + runId + ': ' + describe(e), true);
       }
       // The run may live again after a retry: poll anew.
       if (poller) poller.stop();
@@ -747,7 +753,7 @@
         if (typeof text !== 'string') text = JSON.stringify(text, null, 2);
         message = want.ended ? '' : 'The attempt is still running: the log refreshes with the page.';
       } catch (e) {
-        message = e.status === 404 ? 'No log for this attempt (no output yet, or purged).' : 'Could not read the log: ' + e.describe();
+        message = e.status === 404 ? 'No log for this attempt (no output yet, or purged).' : 'Could not read the log: ' + describe(e);
       }
       if (openLog !== want || !p.alive) return;
       const atEnd = logText.scrollTop + logText.clientHeight >= logText.scrollHeight - 4;
@@ -881,7 +887,7 @@
           put(body, el('div', { class: 'notice', id: 'operators-only', role: 'alert' },
             el('strong', { text: 'Operators only. ' }),
             'The cluster page needs an admin token (orchestrator:admin) of an operator tenant (auth.operator_tenants). The node said: ',
-            el('span', { text: e.describe() })));
+            el('span', { text: describe(e) })));
           return STOP;
         }
         throw e;
