@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install what building and the test suite need on a bare Debian machine: libclang
 # (bindgen for RocksDB's bindings), a C++ compiler, curl, python3 (chaos suite), iptables
-# (partitions) and libfaketime (clock-skew tests). Idempotent and quiet when everything
-# is there.
+# (partitions), libfaketime (clock-skew tests) and Chromium with its WebDriver (the web
+# UI test, tests/ui.rs). Idempotent and quiet when everything is there.
 set -euo pipefail
 
 # What clang-sys (bindgen's loader) really opens: `libclang.so`, `libclang-N.so`,
@@ -33,6 +33,10 @@ command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 # The clock-skew tests preload libfaketime into a node (the library, not the wrapper).
 compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || missing+=(faketime)
+# The UI test starts `chromedriver`, which starts `chromium` (Debian's launcher script,
+# which execs /usr/lib/chromium/chromium): check that both really run, not just exist.
+chromedriver --version >/dev/null 2>&1 || missing+=(chromium-driver)
+chromium --headless=new --no-sandbox --version >/dev/null 2>&1 || missing+=(chromium)
 
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then

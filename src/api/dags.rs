@@ -18,7 +18,7 @@ use crate::auth::{Access, Principal};
 use crate::dag::{self, DagInput};
 use crate::schedule::Schedule;
 use crate::state::machine::keys;
-use crate::state::model::{Dag, DagSpec, TaskKind};
+use crate::state::model::{Dag, DagSpec, Run, TaskKind};
 use crate::state::{Command, Outcome, Table};
 
 /// Whether a DAG's schedule fires.
@@ -80,10 +80,33 @@ pub struct DagSummary {
     pub updated_by: Option<String>,
 }
 
+/// A DAG in the list: its summary, the next time its schedule fires and its newest run
+/// (what an overview page shows without a request per DAG).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DagListItem {
+    #[serde(flatten)]
+    pub summary: DagSummary,
+    /// The next window end the schedule fires at (null without a schedule).
+    #[schema(format = DateTime)]
+    pub next_fire_time: Option<String>,
+    /// The DAG's newest run, if any.
+    pub last_run: Option<LastRun>,
+}
+
+/// The newest run of a DAG, in the list.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LastRun {
+    #[schema(schema_with = super::schema::run_id)]
+    pub run_id: String,
+    pub state: crate::state::model::RunState,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+}
+
 /// A page of DAGs in id order.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DagList {
-    pub dags: Vec<DagSummary>,
+    pub dags: Vec<DagListItem>,
     /// Pass as `cursor` for the next page; null on the last page.
     pub next_cursor: Option<String>,
 }
@@ -304,6 +327,40 @@ fn summary(dag: &Dag) -> DagSummary {
     }
 }
 
+/// A DAG in the list (see [`DagListItem`]).
+fn list_item(st: &ApiState, tenant: &str, dag: &Dag) -> Result<DagListItem, ApiError> {
+    let next = dag
+        .spec
+        .schedule
+        .as_deref()
+        .and_then(|s| Schedule::parse(s, &dag.spec.timezone).ok())
+        .and_then(|s| s.upcoming(st.node.clock.now_ms(), 1).into_iter().next());
+    let prefix = keys::prefix(&[tenant.as_bytes(), dag.spec.dag_id.as_bytes()]);
+    let newest = st
+        .node
+        .db
+        .scan_prefix_rev(Table::RunsByDag, &prefix, None, 1)?
+        .into_iter()
+        .next();
+    let last_run = match newest {
+        Some((k, _)) => st
+            .node
+            .db
+            .get_json::<Run>(Table::Runs.name(), keys::last_part(&k))?
+            .map(|r| LastRun {
+                run_id: r.run_id,
+                state: r.state,
+                created_at: fmt_ms(r.created_ms),
+            }),
+        None => None,
+    };
+    Ok(DagListItem {
+        summary: summary(dag),
+        next_fire_time: next.map(fmt_ms),
+        last_run,
+    })
+}
+
 /// `GET /dags/{dag_id}`: the current definition, version and next scheduled windows.
 #[utoipa::path(
     get,
@@ -411,7 +468,7 @@ pub async fn list(
             let dag: Dag =
                 serde_json::from_slice(&v).map_err(|e| ApiError::Internal(e.to_string()))?;
             if !dag.deleted {
-                out.push(summary(&dag));
+                out.push(list_item(&st, &p.tenant, &dag)?);
             }
         }
         if more || exhausted {

@@ -5,7 +5,8 @@
 //! `routes` holds the route table and shared plumbing; `dags`, `runs` and `cluster`
 //! hold the handlers of each resource, each with its `#[utoipa::path]` documentation;
 //! `openapi` completes the OpenAPI 3.1 document generated from them and `schema` holds
-//! the schema fragments of the validators' rules; `docs_ui` serves Swagger UI on it at `/docs`.
+//! the schema fragments of the validators' rules; `docs_ui` serves Swagger UI on it at
+//! `/docs`; `ui` serves the web UI (assets in the binary).
 
 pub(crate) mod cluster;
 pub(crate) mod dags;
@@ -16,6 +17,7 @@ pub mod openapi;
 mod routes;
 pub(crate) mod runs;
 pub mod schema;
+pub mod ui;
 
 pub use docs_ui::DOCS_PATH;
 pub use routes::{document, router, ApiState};

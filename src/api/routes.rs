@@ -1,5 +1,6 @@
-//! The route table, the middleware every response passes (request id, JSON errors,
-//! panics caught), and what handlers share: caller verification, body decoding,
+//! The route table (the API under [`BASE`], the probes, and the web UI of [`ui`]), the
+//! middleware every response passes (request id, JSON errors, panics caught), and what
+//! handlers share: caller verification, body decoding,
 //! stamping a request, committing it and mapping its outcome.
 
 use std::pin::Pin;
@@ -25,7 +26,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::ApiError;
-use super::{cluster, dags, docs_ui, metrics, openapi, runs, BASE};
+use super::{cluster, dags, docs_ui, metrics, openapi, runs, ui, BASE};
 use crate::actors::Actors;
 use crate::auth::{Access, Principal, Verifier};
 use crate::raft::RaftNode;
@@ -95,6 +96,7 @@ pub fn router(state: ApiState) -> Router {
         .split_for_parts();
     let doc: openapi::Document = Arc::new(openapi::complete(doc));
     routes
+        .merge(ui::routes())
         .route_layer(middleware::from_fn(tag_route))
         .layer(Extension(doc))
         .fallback(not_found)

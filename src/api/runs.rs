@@ -175,6 +175,10 @@ pub struct RunSummary {
     pub sla_missed: bool,
     /// The token subject that triggered the run (manual and backfill runs, from protocol 3).
     pub triggered_by: Option<String>,
+    /// The DAG version the run executes.
+    pub dag_version: u64,
+    /// Task id → state (as in `GET /runs/{run_id}`).
+    pub tasks: BTreeMap<String, TaskState>,
 }
 
 /// A page of runs, newest first.
@@ -521,6 +525,11 @@ pub async fn list(
                 && to.is_none_or(|t| run.window.end_ms <= t);
             if keep {
                 out.push(RunSummary {
+                    tasks: run
+                        .tasks
+                        .iter()
+                        .map(|(id, t)| (id.clone(), t.state))
+                        .collect(),
                     window: window_out(&run.window),
                     created_at: fmt_ms(run.created_ms),
                     ended_at: run.ended_ms.map(fmt_ms),
@@ -530,6 +539,7 @@ pub async fn list(
                     run_id: run.run_id,
                     dag_id: run.dag_id,
                     triggered_by: run.triggered_by,
+                    dag_version: run.dag_version,
                 });
             }
         }
