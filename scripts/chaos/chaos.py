@@ -277,6 +277,7 @@ class LocalBackend:
         self.nodes = [1, 2, 3]
         self.scope = "process"  # or "node": signals reach the node's task children too
         self.witness_path = None  # set per trial: shell tasks report to it
+        self.removing = []  # background removals of the dirs of earlier trials
 
     def lc(self, *args):
         r = subprocess.run([os.path.join(ROOT, "scripts/local-cluster.sh"), *args], env=self.env,
@@ -289,9 +290,24 @@ class LocalBackend:
         return f"http://127.0.0.{n}:{self.api_base + n}"
 
     def up(self):
-        subprocess.run(["rm", "-rf", self.workdir])
+        """A fresh cluster. The last trial's dir is moved aside and removed in the
+        background: the heavy workload leaves thousands of attempt dirs, which take
+        seconds to remove on a busy disk."""
+        if os.path.exists(self.workdir):
+            old = f"{self.workdir}.old-{time.monotonic_ns()}"
+            os.rename(self.workdir, old)
+            self.removing.append(subprocess.Popen(["rm", "-rf", old]))
+        self.removing = [p for p in self.removing if p.poll() is None]
         self.heal()
         self.lc("up")
+
+    def cleanup(self):
+        """Wait (bounded) for the background removals of old cluster dirs."""
+        for p in self.removing:
+            try:
+                p.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                pass
 
     def down(self):
         self.heal()
@@ -526,7 +542,7 @@ WORKLOADS = {
     "heavy": {
         # "alpha" is a prefix of "alpha2": keys built per tenant must keep them apart.
         "tenants": ["alpha", "alpha2", "beta"],
-        "triggerers": 4, "trigger_pause": 0.0,  # closed loop: a new trigger as soon as one is answered
+        "triggerers": 12, "trigger_pause": 0.0,  # closed loop: a new trigger as soon as one is answered
         "updaters": 2, "update_pause": 0.0,  # concurrent compare-and-set updates of one DAG
         "readers": 1, "read_pause": 0.01,
         "long_every": 3.0, "long_sleep": 20,  # a 20 s shell task per tenant every 3 s
@@ -600,13 +616,18 @@ class Workload:
     def node(self, rng):
         return rng.choice(self.b.nodes)
 
-    def pause(self, seconds):
-        """Wait between two operations of one client; True once the workload stops."""
+    def pause(self, seconds, status=200):
+        """Wait between two operations of one client; True once the workload stops. After
+        no answer at all (status 0: every node down or cut off) wait at least 0.1 s, so
+        closed-loop clients do not spin on refused connections."""
+        if status == 0:
+            seconds = max(seconds, 0.1)
         return self.stop.wait(seconds) if seconds > 0 else self.stop.is_set()
 
     def trigger(self, t, rng, dag_id, key):
         """One manual trigger of `dag_id` as tenant `t` with X-Request-Id `key`: an
-        unknown outcome (no answer) is retried with the same key on another node."""
+        unknown outcome (no answer) is retried with the same key on another node.
+        Returns the last status (0: no node answered)."""
         nodes = rng.sample(self.b.nodes, len(self.b.nodes))
         for attempt, n in enumerate(nodes):
             self.h.record(op="trigger", phase="invoke", tenant=t.name, node=n, key=key, attempt=attempt, dag_id=dag_id)
@@ -617,19 +638,19 @@ class Workload:
                 with self.lock:
                     t.acked_runs[v["run_id"]] = key
                     t.key_runs.setdefault(key, set()).add(v["run_id"])
-                return v["run_id"]
+                return s
             phase = "unknown" if s == 0 else "fail"
             self.h.record(op="trigger", phase=phase, tenant=t.name, node=n, key=key, status=s)
             if s != 0:
-                return None  # a definite failure: nothing to retry
+                return s  # a definite failure: nothing to retry
             # Unknown outcome: retry the same key against another node.
-        return None
+        return 0
 
     def triggers(self, t, rng):
         """A client triggering the tenant's manual DAG, a fresh key each time."""
         while not self.stop.is_set():
-            self.trigger(t, rng, t.work, str(uuid.UUID(int=rng.getrandbits(128))))
-            if self.pause(self.spec["trigger_pause"]):
+            s = self.trigger(t, rng, t.work, str(uuid.UUID(int=rng.getrandbits(128))))
+            if self.pause(self.spec["trigger_pause"], s):
                 break
 
     def shared_triggers(self, rng):
@@ -638,15 +659,15 @@ class Workload:
         while not self.stop.is_set():
             key = str(uuid.UUID(int=rng.getrandbits(128)))
             for t in self.tenants:
-                self.trigger(t, rng, t.work, key)
-            if self.pause(0.2):
+                s = self.trigger(t, rng, t.work, key)
+            if self.pause(0.2, s):
                 break
 
     def long_triggers(self, t, rng):
         """A run of the tenant's long DAG (one shell task of `long_sleep` s) every `long_every` s."""
         while not self.stop.is_set():
-            self.trigger(t, rng, t.long, str(uuid.UUID(int=rng.getrandbits(128))))
-            if self.pause(self.spec["long_every"]):
+            s = self.trigger(t, rng, t.long, str(uuid.UUID(int=rng.getrandbits(128))))
+            if self.pause(self.spec["long_every"], s):
                 break
 
     def updates(self, t, rng):
@@ -666,12 +687,12 @@ class Workload:
                         t.acked_versions.append(v["version"])
                 else:
                     self.h.record(op="update", phase="unknown" if s == 0 else "fail", tenant=t.name, node=n, status=s)
-            if self.pause(self.spec["update_pause"]):
+            if self.pause(self.spec["update_pause"], s):
                 break
 
     def reads(self, t, rng):
         """Reads of the tenant's acknowledged runs, from every node in turn."""
-        i = 0
+        i, s = 0, 200
         while not self.stop.is_set():
             with self.lock:
                 runs = list(t.acked_runs)
@@ -682,7 +703,7 @@ class Workload:
                 s, v, _ = http("GET", self.b.api(n) + BASE + f"/runs/{run}", t.token, timeout=3)
                 phase = "ok" if s == 200 else ("unknown" if s in (0, 503) else "fail")
                 self.h.record(op="read", phase=phase, tenant=t.name, node=n, run_id=run, status=s)
-            if self.pause(self.spec["read_pause"] if runs else 0.05):
+            if self.pause(self.spec["read_pause"] if runs else 0.05, s):
                 break
 
     def run(self):
@@ -909,7 +930,9 @@ def parse_ts(s):
     return int(datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=__import__("datetime").timezone.utc).timestamp() * 1000)
 
 
-LOST_SAMPLE = 100  # acknowledged runs per tenant read one by one on every node (all if fewer)
+# Acknowledged runs of a tenant read one by one on every node: all of them up to
+# LOST_ALL (the normal workload), else a random LOST_SAMPLE; the listings cover the rest.
+LOST_ALL, LOST_SAMPLE = 150, 30
 
 
 def statuses(b, token):
@@ -966,7 +989,7 @@ def check(b, token, w, history, fault_window, witness=None):
                 violations.append(f"1 lost write: {t.name}'s acknowledged {r} is not listed on node {n}")
             if len(missing) > 10:
                 violations.append(f"1 lost write: {len(missing) - 10} more of {t.name}'s runs not listed on node {n}")
-        sample = acked if len(acked) <= LOST_SAMPLE else random.Random(len(acked)).sample(acked, LOST_SAMPLE)
+        sample = acked if len(acked) <= LOST_ALL else random.Random(len(acked)).sample(acked, LOST_SAMPLE)
         for run in sample:
             for n in b.nodes:
                 s, v, _ = settled("GET", b.api(n) + BASE + f"/runs/{run}", t.token)
@@ -1140,6 +1163,7 @@ def tenants_for(b, spec, token):
 
 
 def run_scenario(b, name, profile, rng, outdir, trial, spec=WORKLOADS["normal"]):
+    t_up = time.time()
     b.up()
     token = b.token()
     b.tok, b.nemesis_info = token, {}
@@ -1150,6 +1174,7 @@ def run_scenario(b, name, profile, rng, outdir, trial, spec=WORKLOADS["normal"])
     h = History(os.path.join(outdir, f"{name}-{trial}.jsonl"))
     w = Workload(b, tenants_for(b, spec, token), h, rng, spec)
     w.setup()
+    up_s = time.time() - t_up
     w.run()
     time.sleep(profile["before"])
     fault_start = now_ms()
@@ -1158,11 +1183,15 @@ def run_scenario(b, name, profile, rng, outdir, trial, spec=WORKLOADS["normal"])
     time.sleep(profile["after"])
     w.finish()
     h.close()
+    t_check = time.time()
     violations, figures = check(b, token, w, h, (fault_start, fault_end), witness)
+    figures["check_s"] = round(time.time() - t_check, 1)
     figures.update(b.nemesis_info)
     if violations:
         keep_logs(b, outdir, name, trial)
+    t_down = time.time()
     b.down()
+    figures["up_s"], figures["down_s"] = round(up_s, 1), round(time.time() - t_down, 1)
     return violations, figures
 
 
@@ -1298,6 +1327,7 @@ def main():
             results[name] = rows
     finally:
         backend.down()
+        backend.cleanup()
     print()
     print(f"{'scenario':30} {'trials':>6} {'ops':>7} {'acked':>7} {'writes/s':>8} {'lost':>5} {'dup':>4} {'skip':>5} "
           f"{'fence':>5} {'overlaps':>8} {'iso':>4} {'max unavail ms':>14} {'median gap ms':>13} {'converge s':>10}")
