@@ -1287,6 +1287,9 @@ def main():
     ap.add_argument("--trials", type=int, default=None)
     ap.add_argument("--scenarios", default=None, help="comma-separated subset")
     ap.add_argument("--out", default=os.path.join(ROOT, ".chaos"))
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="start no trial that the longest so far says would end after this many "
+                         "minutes; trials then go round the scenarios")
     ap.add_argument("--workload", choices=WORKLOADS, default="normal",
                     help="normal: one tenant, one client of each kind; heavy: several tenants, "
                          "concurrent writers (hundreds of writes/s), long shell tasks")
@@ -1315,26 +1318,37 @@ def main():
     print(f"chaos: profile={args.profile} workload={args.workload} backend={args.backend} "
           f"fault-scope={args.fault_scope} seed={seed} scenarios={','.join(scenarios)}", flush=True)
     rng = random.Random(seed)
-    results, failed = {}, False
+    results, failed = {name: [] for name in scenarios}, False
+    # Every trial of a scenario, then the next scenario; with --max-minutes round the
+    # scenarios instead (trial 0 of each, then trial 1, ...), so that stopping at the
+    # time limit leaves every scenario with as many trials as the time allowed.
+    order = [(name, trial) for name in scenarios for trial in range(profile["trials"])]
+    if args.max_minutes:
+        order.sort(key=lambda x: x[1])
+    deadline = time.time() + args.max_minutes * 60 if args.max_minutes else None
+    longest = 0.0
     try:
-        for name in scenarios:
-            rows = []
-            for trial in range(profile["trials"]):
-                t0 = time.time()
-                try:
-                    v, f = run_scenario(backend, name, profile, rng, args.out, trial, spec)
-                except Exception as e:  # a scenario that cannot run is a failure, not a pass
-                    v, f = [f"scenario error: {e}"], {}
-                    keep_logs(backend, args.out, name, trial)
-                    backend.down()
-                f["seconds"] = round(time.time() - t0, 1)
-                rows.append({"violations": v, "figures": f})
-                status = "ok" if not v else "VIOLATION"
-                print(f"  {name} trial {trial}: {status} {json.dumps(f)}", flush=True)
-                for x in v[:10]:
-                    print(f"    - {x}", flush=True)
-                failed |= bool(v)
-            results[name] = rows
+        for name, trial in order:
+            if deadline and time.time() + longest > deadline:
+                print(f"chaos: --max-minutes {args.max_minutes}: no time for another trial "
+                      f"(the longest took {longest:.0f} s); stopping", flush=True)
+                break
+            t0 = time.time()
+            try:
+                v, f = run_scenario(backend, name, profile, rng, args.out, trial, spec)
+            except Exception as e:  # a scenario that cannot run is a failure, not a pass
+                v, f = [f"scenario error: {e}"], {}
+                keep_logs(backend, args.out, name, trial)
+                backend.down()
+            f["seconds"] = round(time.time() - t0, 1)
+            longest = max(longest, time.time() - t0)
+            results[name].append({"violations": v, "figures": f})
+            status = "ok" if not v else "VIOLATION"
+            print(f"  {name} trial {trial}: {status} {json.dumps(f)}", flush=True)
+            for x in v[:10]:
+                print(f"    - {x}", flush=True)
+            failed |= bool(v)
+        results = {name: rows for name, rows in results.items() if rows}
     finally:
         backend.down()
         backend.cleanup()
@@ -1359,7 +1373,7 @@ def main():
                 "max_write_unavailability_ms": agg("max_write_unavailability_ms"),
                 "median_write_gap_ms": agg("median_write_gap_ms", statistics.median),
                 "max_converge_s": agg("converge_s"), "violations": sum(len(r["violations"]) for r in rows),
-                "tenants": agg("tenants"), "writes_per_s": agg("writes_per_s", statistics.median),
+                "tenants": agg("tenants"), "writes_per_s": round(agg("writes_per_s", statistics.median), 1),
                 "min_writes_per_s": agg("writes_per_s", min), "isolation_violations": agg("isolation_violations", sum),
                 "max_tenant_write_gap_ms": agg("max_tenant_write_gap_ms"),
                 "runs_shared_by_keys": agg("runs_shared_by_keys", sum)}
