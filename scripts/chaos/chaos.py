@@ -11,6 +11,13 @@ history and the final state of every node:
   4 attempts strictly increase, never two  8 no panic in any node log
     running at once                       9 no two attempts of one task overlap in
                                             time, as an external witness saw them
+ 10 tenants are isolated: a tenant lists and reads its own runs and DAGs only, and
+    an X-Request-Id sent by two tenants gives each a run of its own
+
+Properties 1-5 hold per tenant. `--workload normal` (the default) is one tenant with one
+sequential client of each kind; `--workload heavy` is three tenants with their own
+tokens and DAGs, concurrent writers (hundreds of acknowledged writes per second before
+the fault: `writes_per_s`, per trial) and 20 s shell tasks beside the short ones.
 
 The witness (local backend): every shell task of the workload appends
 `run/task/attempt start|end <CLOCK_BOOTTIME ns> <pid>` to <out>/witness-*.log, outside
@@ -270,6 +277,7 @@ class LocalBackend:
         self.nodes = [1, 2, 3]
         self.scope = "process"  # or "node": signals reach the node's task children too
         self.witness_path = None  # set per trial: shell tasks report to it
+        self.removing = []  # background removals of the dirs of earlier trials
 
     def lc(self, *args):
         r = subprocess.run([os.path.join(ROOT, "scripts/local-cluster.sh"), *args], env=self.env,
@@ -282,9 +290,24 @@ class LocalBackend:
         return f"http://127.0.0.{n}:{self.api_base + n}"
 
     def up(self):
-        subprocess.run(["rm", "-rf", self.workdir])
+        """A fresh cluster. The last trial's dir is moved aside and removed in the
+        background: the heavy workload leaves thousands of attempt dirs, which take
+        seconds to remove on a busy disk."""
+        if os.path.exists(self.workdir):
+            old = f"{self.workdir}.old-{time.monotonic_ns()}"
+            os.rename(self.workdir, old)
+            self.removing.append(subprocess.Popen(["rm", "-rf", old]))
+        self.removing = [p for p in self.removing if p.poll() is None]
         self.heal()
         self.lc("up")
+
+    def cleanup(self):
+        """Wait (bounded) for the background removals of old cluster dirs."""
+        for p in self.removing:
+            try:
+                p.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                pass
 
     def down(self):
         self.heal()
@@ -347,8 +370,8 @@ class LocalBackend:
             for p in seen:
                 signal_pid(p, "KILL")
 
-    def token(self):
-        return self.lc("token", "--tenant", "ops", "--scope", SCOPES, "--ttl", "2h").splitlines()[-1]
+    def token(self, tenant="ops", scopes=SCOPES):
+        return self.lc("token", "--tenant", tenant, "--scope", scopes, "--ttl", "2h").splitlines()[-1]
 
     def kill(self, n):
         if self.scope == "node":
@@ -424,9 +447,9 @@ class DockerBackend(LocalBackend):
         self.heal()
         self.dc("down", "-v")
 
-    def token(self):
+    def token(self, tenant="ops", scopes=SCOPES):
         return subprocess.run(["docker", "exec", "orchchaos_node1_1", "/orchestrator", "token", "--config",
-                               "/etc/orchestrator.toml", "--tenant", "ops", "--scope", SCOPES, "--ttl", "2h"],
+                               "/etc/orchestrator.toml", "--tenant", tenant, "--scope", scopes, "--ttl", "2h"],
                               capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
 
     def kill(self, n):
@@ -503,97 +526,208 @@ class History:
         self.f.close()
 
 
-class Workload:
-    """Scheduled DAGs firing every 1-2 s, manual triggers with X-Request-Id keys (some
-    retried on another node after a timeout), DAG updates with `version`, and reads of
-    acknowledged runs from every node."""
+# The workloads (--workload). `normal` is the workload of runs 1-3 (the smoke profile in
+# CI): one tenant, one sequential client of each kind. `heavy` has several tenants, each
+# with its own token and DAG set, many concurrent writers and long shell tasks.
+WORKLOADS = {
+    "normal": {
+        "tenants": ["ops"],  # the suite's operator token
+        "triggerers": 1, "trigger_pause": 0.15,
+        "updaters": 1, "update_pause": 0.5,
+        "readers": 1, "read_pause": 0.2,
+        "long_every": None,  # no long tasks but the executor nemeses' own
+        "shared_keys": False,
+        "node_env": {},
+    },
+    "heavy": {
+        # "alpha" is a prefix of "alpha2": keys built per tenant must keep them apart.
+        "tenants": ["alpha", "alpha2", "beta"],
+        "triggerers": 12, "trigger_pause": 0.0,  # closed loop: a new trigger as soon as one is answered
+        "updaters": 2, "update_pause": 0.0,  # concurrent compare-and-set updates of one DAG
+        "readers": 1, "read_pause": 0.01,
+        "long_every": 3.0, "long_sleep": 20,  # a 20 s shell task per tenant every 3 s
+        "shared_keys": True,  # one X-Request-Id sent by every tenant
+        # Long tasks hold slots for 20 s: ~7 per tenant at once, plus the short ones.
+        "node_env": {"ORCHESTRATOR_EXECUTOR__SLOTS": "48"},
+    },
+}
+# The tenants of the heavy workload may define shell DAGs but are not operators.
+TENANT_SCOPES = "orchestrator:read orchestrator:write orchestrator:shell"
+WRITES = ("trigger", "update")
 
-    def __init__(self, b, token, history, rng):
-        self.b, self.t, self.h, self.rng = b, token, history, rng
-        self.stop = threading.Event()
-        self.acked_runs = {}  # run_id -> request key
+
+class Tenant:
+    """One tenant of the workload: its token, its DAG ids and what it was acknowledged.
+    The scheduled and versioned DAGs have the same ids in every tenant (tick1, tick2,
+    cfg: each tenant's own); the manual DAGs of the heavy workload carry the tenant's
+    name, so a listing shows whose runs it holds."""
+
+    def __init__(self, name, token, unique):
+        self.name, self.token = name, token
+        suffix = f"-{name}" if unique else ""
+        self.work, self.long = "work" + suffix, "long" + suffix
+        self.acked_runs = {}  # run_id -> X-Request-Id
         self.key_runs = {}  # X-Request-Id -> set of run ids answered
-        self.acked_versions = []
-        self.lock = threading.Lock()
+        self.acked_versions = []  # versions of cfg acknowledged to an update
 
-    def setup(self):
-        wp = self.b.witness_path
+    def dags(self, wp, long_sleep):
+        """The DAG specs this tenant creates (`long` only when the workload runs long tasks)."""
         dags = [
             {"dag_id": "tick1", "schedule": "* * * * * *", "tasks": [{"task_id": "n", "kind": "noop"}]},
             {"dag_id": "tick2", "schedule": "*/2 * * * * *", "catchup": True,
              "tasks": [{"task_id": "s", "kind": "shell", "command": witness_cmd(wp, "sleep 0.3")}]},
-            {"dag_id": "work", "tasks": [{"task_id": "a", "kind": "shell", "command": witness_cmd(wp, "sleep 0.2"), "retries": 2,
-                                          "retry_delay": "200ms"}, {"task_id": "b", "kind": "noop", "depends_on": ["a"]}]},
-            {"dag_id": "cfg", "owner": "v0"},
+            {"dag_id": self.work, "tasks": [{"task_id": "a", "kind": "shell", "command": witness_cmd(wp, "sleep 0.2"),
+                                             "retries": 2, "retry_delay": "200ms"},
+                                            {"task_id": "b", "kind": "noop", "depends_on": ["a"]}]},
+            {"dag_id": "cfg", "owner": f"{self.name}-v0"},
         ]
-        for d in dags:
-            s, v, _ = http("POST", self.b.api(1) + BASE + "/dags", self.t, d, timeout=20)
-            if s != 200:
-                raise RuntimeError(f"setup {d['dag_id']}: {s} {v}")
-        self.started_ms = now_ms()
+        if long_sleep:
+            dags.append({"dag_id": self.long, "tasks": [{"task_id": "l", "kind": "shell", "retries": 2,
+                                                         "retry_delay": "100ms",
+                                                         "command": witness_cmd(wp, f"sleep {long_sleep}")}]})
+        return dags
 
-    def node(self):
-        return self.rng.choice(self.b.nodes)
+    def run_dags(self):
+        """The DAG ids whose runs this tenant may see (`long`: also the executor nemeses'
+        DAG when the tenant is the suite's own)."""
+        return {"tick1", "tick2", self.work, self.long}
 
-    def triggers(self):
+
+class Workload:
+    """Per tenant: scheduled DAGs firing every 1-2 s, manual triggers with X-Request-Id
+    keys (retried on another node after a timeout), DAG updates with `version`, reads of
+    acknowledged runs from every node and, in the heavy workload, long shell tasks and
+    one X-Request-Id sent by every tenant. `spec` is one of WORKLOADS."""
+
+    def __init__(self, b, tenants, history, rng, spec):
+        self.b, self.tenants, self.h, self.rng, self.spec = b, tenants, history, rng, spec
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = []
+
+    def setup(self):
+        """Create every tenant's DAGs (on node 1, as that tenant)."""
+        for t in self.tenants:
+            for d in t.dags(self.b.witness_path, self.spec.get("long_sleep") if self.spec["long_every"] else None):
+                s, v, _ = http("POST", self.b.api(1) + BASE + "/dags", t.token, d, timeout=20)
+                if s != 200:
+                    raise RuntimeError(f"setup {t.name}/{d['dag_id']}: {s} {v}")
+
+    def node(self, rng):
+        return rng.choice(self.b.nodes)
+
+    def pause(self, seconds, status=200):
+        """Wait between two operations of one client; True once the workload stops. After
+        no answer at all (status 0: every node down or cut off) wait at least 0.1 s, so
+        closed-loop clients do not spin on refused connections."""
+        if status == 0:
+            seconds = max(seconds, 0.1)
+        return self.stop.wait(seconds) if seconds > 0 else self.stop.is_set()
+
+    def trigger(self, t, rng, dag_id, key):
+        """One manual trigger of `dag_id` as tenant `t` with X-Request-Id `key`: an
+        unknown outcome (no answer) is retried with the same key on another node.
+        Returns the last status (0: no node answered)."""
+        nodes = rng.sample(self.b.nodes, len(self.b.nodes))
+        for attempt, n in enumerate(nodes):
+            self.h.record(op="trigger", phase="invoke", tenant=t.name, node=n, key=key, attempt=attempt, dag_id=dag_id)
+            s, v, _ = http("POST", self.b.api(n) + BASE + "/runs", t.token, {"dag_id": dag_id, "run_type": "manual"},
+                           {"X-Request-Id": key}, timeout=3)
+            if s == 200:
+                self.h.record(op="trigger", phase="ok", tenant=t.name, node=n, key=key, run_id=v["run_id"])
+                with self.lock:
+                    t.acked_runs[v["run_id"]] = key
+                    t.key_runs.setdefault(key, set()).add(v["run_id"])
+                return s
+            phase = "unknown" if s == 0 else "fail"
+            self.h.record(op="trigger", phase=phase, tenant=t.name, node=n, key=key, status=s)
+            if s != 0:
+                return s  # a definite failure: nothing to retry
+            # Unknown outcome: retry the same key against another node.
+        return 0
+
+    def triggers(self, t, rng):
+        """A client triggering the tenant's manual DAG, a fresh key each time."""
         while not self.stop.is_set():
-            key = str(uuid.UUID(int=self.rng.getrandbits(128)))
-            nodes = self.rng.sample(self.b.nodes, len(self.b.nodes))
-            for attempt, n in enumerate(nodes):
-                self.h.record(op="trigger", phase="invoke", node=n, key=key, attempt=attempt)
-                s, v, _ = http("POST", self.b.api(n) + BASE + "/runs", self.t, {"dag_id": "work", "run_type": "manual"},
-                               {"X-Request-Id": key}, timeout=3)
-                if s == 200:
-                    self.h.record(op="trigger", phase="ok", node=n, key=key, run_id=v["run_id"])
-                    with self.lock:
-                        self.acked_runs[v["run_id"]] = key
-                        self.key_runs.setdefault(key, set()).add(v["run_id"])
-                    break
-                phase = "unknown" if s == 0 else "fail"
-                self.h.record(op="trigger", phase=phase, node=n, key=key, status=s)
-                if s != 0:
-                    break  # a definite failure: nothing to retry
-                # Unknown outcome: retry the same key against another node.
-            time.sleep(0.15)
+            s = self.trigger(t, rng, t.work, str(uuid.UUID(int=rng.getrandbits(128))))
+            if self.pause(self.spec["trigger_pause"], s):
+                break
 
-    def updates(self):
+    def shared_triggers(self, rng):
+        """One key sent by every tenant in turn: idempotency records are per tenant, so
+        each must get a run of its own (the checker compares them)."""
         while not self.stop.is_set():
-            n = self.node()
-            s, v, _ = http("GET", self.b.api(n) + BASE + "/dags/cfg", self.t, timeout=3)
+            key = str(uuid.UUID(int=rng.getrandbits(128)))
+            for t in self.tenants:
+                s = self.trigger(t, rng, t.work, key)
+            if self.pause(0.2, s):
+                break
+
+    def long_triggers(self, t, rng):
+        """A run of the tenant's long DAG (one shell task of `long_sleep` s) every `long_every` s."""
+        while not self.stop.is_set():
+            s = self.trigger(t, rng, t.long, str(uuid.UUID(int=rng.getrandbits(128))))
+            if self.pause(self.spec["long_every"], s):
+                break
+
+    def updates(self, t, rng):
+        """Compare-and-set updates of the tenant's `cfg`: read its version, write with it.
+        Concurrent updaters conflict (409); each acknowledged version must be unique."""
+        while not self.stop.is_set():
+            n = self.node(rng)
+            s, v, _ = http("GET", self.b.api(n) + BASE + "/dags/cfg", t.token, timeout=3)
             if s == 200:
                 ver = v["version"]
-                body = {"dag_id": "cfg", "owner": f"v{ver + 1}-{self.rng.randrange(1 << 30)}", "version": ver}
-                self.h.record(op="update", phase="invoke", node=n, version=ver)
-                s, v, _ = http("POST", self.b.api(n) + BASE + "/dags", self.t, body, timeout=3)
+                body = {"dag_id": "cfg", "owner": f"{t.name}-v{ver + 1}-{rng.randrange(1 << 30)}", "version": ver}
+                self.h.record(op="update", phase="invoke", tenant=t.name, node=n, version=ver)
+                s, v, _ = http("POST", self.b.api(n) + BASE + "/dags", t.token, body, timeout=3)
                 if s == 200:
-                    self.h.record(op="update", phase="ok", node=n, version=v["version"])
+                    self.h.record(op="update", phase="ok", tenant=t.name, node=n, version=v["version"])
                     with self.lock:
-                        self.acked_versions.append(v["version"])
+                        t.acked_versions.append(v["version"])
                 else:
-                    self.h.record(op="update", phase="unknown" if s == 0 else "fail", node=n, status=s)
-            time.sleep(0.5)
+                    self.h.record(op="update", phase="unknown" if s == 0 else "fail", tenant=t.name, node=n, status=s)
+            if self.pause(self.spec["update_pause"], s):
+                break
 
-    def reads(self):
+    def reads(self, t, rng):
+        """Reads of the tenant's acknowledged runs, from every node in turn."""
+        i, s = 0, 200
         while not self.stop.is_set():
             with self.lock:
-                runs = list(self.acked_runs)
+                runs = list(t.acked_runs)
             if runs:
-                run = self.rng.choice(runs)
-                n = self.node()
-                s, v, _ = http("GET", self.b.api(n) + BASE + f"/runs/{run}", self.t, timeout=3)
+                run = rng.choice(runs)
+                n = self.b.nodes[i % len(self.b.nodes)]
+                i += 1
+                s, v, _ = http("GET", self.b.api(n) + BASE + f"/runs/{run}", t.token, timeout=3)
                 phase = "ok" if s == 200 else ("unknown" if s in (0, 503) else "fail")
-                self.h.record(op="read", phase=phase, node=n, run_id=run, status=s)
-            time.sleep(0.2)
+                self.h.record(op="read", phase=phase, tenant=t.name, node=n, run_id=run, status=s)
+            if self.pause(self.spec["read_pause"] if runs else 0.05, s):
+                break
 
     def run(self):
-        self.threads = [threading.Thread(target=f, daemon=True) for f in (self.triggers, self.updates, self.reads)]
-        for t in self.threads:
-            t.start()
+        """Start every client thread (each with its own random stream drawn from the trial's)."""
+        sp = self.spec
+        jobs = []
+        for t in self.tenants:
+            jobs += [(self.triggers, t)] * sp["triggerers"] + [(self.updates, t)] * sp["updaters"]
+            jobs += [(self.reads, t)] * sp["readers"]
+            if sp["long_every"]:
+                jobs.append((self.long_triggers, t))
+        if sp["shared_keys"] and len(self.tenants) > 1:
+            jobs.append((self.shared_triggers,))
+        self.started_ms = now_ms()
+        for f, *args in jobs:
+            rng = random.Random(self.rng.getrandbits(64))
+            self.threads.append(threading.Thread(target=f, args=(*args, rng), daemon=True))
+        for th in self.threads:
+            th.start()
 
     def finish(self):
         self.stop.set()
-        for t in self.threads:
-            t.join(timeout=30)
+        for th in self.threads:
+            th.join(timeout=30)
         self.finished_ms = now_ms()
 
 
@@ -796,19 +930,45 @@ def parse_ts(s):
     return int(datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=__import__("datetime").timezone.utc).timestamp() * 1000)
 
 
+# Acknowledged runs of a tenant read one by one on every node: all of them up to
+# LOST_ALL (the normal workload), else a random LOST_SAMPLE; the listings cover the rest.
+LOST_ALL, LOST_SAMPLE = 150, 30
+
+
+def statuses(b, token):
+    """(state_digest, applied_index) of every node, asked at once (None for a node
+    that did not answer): with a busy cluster, asking one after the other lets commits
+    land in between."""
+    out = {}
+
+    def ask(n):
+        s, v, _ = http("GET", b.api(n) + BASE + "/cluster/status", token, timeout=5)
+        out[n] = (v["state_digest"], v["applied_index"]) if s == 200 else None
+
+    ths = [threading.Thread(target=ask, args=(n,)) for n in b.nodes]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join(timeout=10)
+    return [out.get(n) for n in b.nodes]
+
+
+def write_gaps(oks):
+    """Gaps (ms) between consecutive acknowledged writes, as (before, after, gap)."""
+    oks = sorted(oks)
+    return [(a, c, c - a) for a, c in zip(oks, oks[1:])]
+
+
 def check(b, token, w, history, fault_window, witness=None):
-    """The checker: returns (violations, figures)."""
+    """The checker: returns (violations, figures). `token` is the suite's operator token
+    (cluster status, the executor nemeses' runs); each tenant is checked with its own."""
     violations, figures = [], {}
     heal_start = time.time()
+    others = {t.name: {r for o in w.tenants if o is not t for r in o.acked_runs} for t in w.tenants}
     # 7: convergence of every node to one state digest.
     def converged():
-        digests = set()
-        for n in b.nodes:
-            s, v, _ = http("GET", b.api(n) + BASE + "/cluster/status", token, timeout=5)
-            if s != 200:
-                return False
-            digests.add((v["state_digest"], v["applied_index"]))
-        return len(digests) == 1
+        st = statuses(b, token)
+        return None not in st and len(set(st)) == 1
     try:
         wait(lambda: leader(b) is not None, 60, "a leader after healing")
         # Let housekeeping settle (heartbeats keep writing, so retry until equal).
@@ -816,64 +976,152 @@ def check(b, token, w, history, fault_window, witness=None):
         figures["converge_s"] = round(time.time() - heal_start, 2)
     except TimeoutError as e:
         violations.append(f"7 convergence: {e}")
-    # 1: every acknowledged run is there, on every node.
-    for run in list(w.acked_runs):
+    # 1: every acknowledged run is there, on every node: in the tenant's listing there,
+    # and read one by one (a sample when there are many).
+    listings = {}  # (tenant, node) -> [run summaries]
+    for t in w.tenants:
+        acked = list(t.acked_runs)
         for n in b.nodes:
-            s, v, _ = settled("GET", b.api(n) + BASE + f"/runs/{run}", token)
-            if s != 200:
-                violations.append(f"1 lost write: acknowledged {run} answers {s} on node {n}")
-    s, v, _ = settled("GET", b.api(1) + BASE + "/dags/cfg", token)
-    if w.acked_versions and (s != 200 or v["version"] < max(w.acked_versions)):
-        violations.append(f"1 lost write: cfg version {v.get('version') if s == 200 else s} < acknowledged {max(w.acked_versions)}")
+            listings[t.name, n] = all_pages(b, t.token, n, "limit=500")
+            listed = {r["run_id"] for r in listings[t.name, n]}
+            missing = [r for r in acked if r not in listed]
+            for r in missing[:10]:
+                violations.append(f"1 lost write: {t.name}'s acknowledged {r} is not listed on node {n}")
+            if len(missing) > 10:
+                violations.append(f"1 lost write: {len(missing) - 10} more of {t.name}'s runs not listed on node {n}")
+        sample = acked if len(acked) <= LOST_ALL else random.Random(len(acked)).sample(acked, LOST_SAMPLE)
+        for run in sample:
+            for n in b.nodes:
+                s, v, _ = settled("GET", b.api(n) + BASE + f"/runs/{run}", t.token)
+                if s != 200:
+                    violations.append(f"1 lost write: {t.name}'s acknowledged {run} answers {s} on node {n}")
+        s, v, _ = settled("GET", b.api(1) + BASE + "/dags/cfg", t.token)
+        if t.acked_versions and (s != 200 or v["version"] < max(t.acked_versions)):
+            violations.append(f"1 lost write: {t.name}'s cfg version {v.get('version') if s == 200 else s} "
+                              f"< acknowledged {max(t.acked_versions)}")
+        # Compare-and-set: two updates acknowledged with one version means one was lost.
+        twice = sorted({x for x in t.acked_versions if t.acked_versions.count(x) > 1})
+        if twice:
+            violations.append(f"1 lost update: {t.name}'s cfg versions {twice[:10]} acknowledged to two updates")
+        # 10: the tenant's own DAG, never another's of the same id.
+        if s == 200 and not str(v.get("owner", "")).startswith(t.name + "-"):
+            violations.append(f"10 {t.name}'s cfg has owner {v.get('owner')!r}: another tenant's DAG")
     for op in history.ops:
         if op["op"] == "read" and op["phase"] == "fail" and op.get("status") == 404:
-            violations.append(f"1 lost write: a current read of acknowledged {op['run_id']} answered 404 on node {op['node']}")
-    # 2 and 3: one run per window; no window skipped.
+            violations.append(f"1 lost write: a current read of {op.get('tenant')}'s acknowledged {op['run_id']} "
+                              f"answered 404 on node {op['node']}")
+    # 2 and 3: one run per window; no window skipped (each tenant's own tick1 and tick2).
     dup = skipped = 0
-    for dag, step in (("tick1", 1000), ("tick2", 2000)):
-        runs = all_pages(b, token, 1, f"dag_id={dag}&run_type=scheduled&limit=500")
-        windows = sorted((parse_ts(r["window"]["from"]), parse_ts(r["window"]["to"])) for r in runs)
-        if len(set(windows)) != len(windows):
-            dup += len(windows) - len(set(windows))
-            violations.append(f"2 duplicate windows for {dag}")
-        ws = sorted(set(windows))
-        for a, c in zip(ws, ws[1:]):
-            if a[1] != c[0]:
-                skipped += (c[0] - a[1]) // step
-                violations.append(f"3 skipped windows for {dag} between {a} and {c}")
-        if ws and ws[-1][1] < w.finished_ms - 3 * step - 2000:
-            violations.append(f"3 {dag} stopped firing: last window ends {ws[-1][1]}, workload ended {w.finished_ms}")
-        figures[f"windows_{dag}"] = len(ws)
+    for t in w.tenants:
+        for dag, step in (("tick1", 1000), ("tick2", 2000)):
+            runs = all_pages(b, t.token, 1, f"dag_id={dag}&run_type=scheduled&limit=500")
+            windows = sorted((parse_ts(r["window"]["from"]), parse_ts(r["window"]["to"])) for r in runs)
+            if len(set(windows)) != len(windows):
+                dup += len(windows) - len(set(windows))
+                violations.append(f"2 duplicate windows for {t.name}/{dag}")
+            ws = sorted(set(windows))
+            for a, c in zip(ws, ws[1:]):
+                if a[1] != c[0]:
+                    skipped += (c[0] - a[1]) // step
+                    violations.append(f"3 skipped windows for {t.name}/{dag} between {a} and {c}")
+            if ws and ws[-1][1] < w.finished_ms - 3 * step - 2000:
+                violations.append(f"3 {t.name}/{dag} stopped firing: last window ends {ws[-1][1]}, "
+                                  f"workload ended {w.finished_ms}")
+            if not ws:
+                violations.append(f"3 {t.name}/{dag} never fired")
+            figures[f"windows_{dag}"] = figures.get(f"windows_{dag}", 0) + len(ws)
     figures["duplicate_windows"], figures["skipped_windows"] = dup, skipped
     # 4: attempts strictly increasing; never two running at once.
     fencing = 0
-    sample = list(w.acked_runs)[-40:] + [r["run_id"] for r in all_pages(b, token, 2, "dag_id=tick2&limit=40")[:40]]
-    for run in sample:
-        s, v, _ = settled("GET", b.api(2) + BASE + f"/runs/{run}", token)
-        if s != 200:
-            continue
-        for task, d in v["task_details"].items():
-            nums = [a["attempt"] for a in d["attempts"]]
-            running = [a for a in d["attempts"] if a["state"] == "running"]
-            if nums != list(range(1, len(nums) + 1)) or len(running) > 1:
-                fencing += 1
-                violations.append(f"4 attempts of {run}/{task}: {nums}, running {len(running)}")
+    for t in w.tenants:
+        longs = [r["run_id"] for r in listings.get((t.name, 2), []) if r["dag_id"] == t.long]
+        sample = list(t.acked_runs)[-40:] + longs[:40]
+        sample += [r["run_id"] for r in all_pages(b, t.token, 2, "dag_id=tick2&limit=40")[:40]]
+        for run in sample:
+            s, v, _ = settled("GET", b.api(2) + BASE + f"/runs/{run}", t.token)
+            if s != 200:
+                continue
+            for task, d in v["task_details"].items():
+                nums = [a["attempt"] for a in d["attempts"]]
+                running = [a for a in d["attempts"] if a["state"] == "running"]
+                if nums != list(range(1, len(nums) + 1)) or len(running) > 1:
+                    fencing += 1
+                    violations.append(f"4 attempts of {t.name}'s {run}/{task}: {nums}, running {len(running)}")
     figures["fencing_violations"] = fencing
-    # 5: one X-Request-Id, one run.
-    for key, runs in w.key_runs.items():
-        if len(runs) > 1:
-            violations.append(f"5 X-Request-Id {key} answered with runs {sorted(runs)}")
-    # 6: write availability: gaps between acknowledged writes.
-    oks = sorted(op["t"] for op in history.ops if op["phase"] == "ok" and op["op"] in ("trigger", "update"))
-    gaps = [b2 - a for a, b2 in zip(oks, oks[1:])]
-    figures["max_write_unavailability_ms"] = max(gaps) if gaps else None
-    figures["median_write_gap_ms"] = statistics.median(gaps) if gaps else None
+    # 5: one X-Request-Id, one run (per tenant: keys are the tenant's own).
+    merged = 0
+    for t in w.tenants:
+        for key, runs in t.key_runs.items():
+            if len(runs) > 1:
+                violations.append(f"5 {t.name}'s X-Request-Id {key} answered with runs {sorted(runs)}")
+        # Not a violation: a manual run's window is its trigger's millisecond and a run is
+        # idempotent by (dag_id, window), so two triggers with different keys in the same
+        # millisecond get one run. Counted: runs acknowledged to more than one key.
+        keys_of = {}
+        for key, runs in t.key_runs.items():
+            for r in runs:
+                keys_of[r] = keys_of.get(r, 0) + 1
+        merged += sum(1 for c in keys_of.values() if c > 1)
+    figures["runs_shared_by_keys"] = merged
+    # 10: tenants are isolated: a tenant's listing holds its own DAGs' runs and none of
+    # the runs acknowledged to another; another tenant's run reads as missing; a key sent
+    # by every tenant got each a run of its own.
+    isolation = 0
+    for t in w.tenants:
+        seen = {(r["run_id"], r["dag_id"]) for n in b.nodes for r in listings[t.name, n]}
+        foreign = sorted({d for _, d in seen} - t.run_dags())
+        leaked = sorted(r for r, _ in seen if r in others[t.name])
+        both = sorted(set(t.acked_runs) & others[t.name])
+        for what, xs in (("DAG ids not its own", foreign), ("runs acknowledged to another tenant", leaked),
+                         ("runs also acknowledged to another tenant", both)):
+            if xs:
+                isolation += len(xs)
+                violations.append(f"10 {t.name} sees {what}: {xs[:10]}")
+        for run in sorted(others[t.name])[:10]:
+            s, v, _ = settled("GET", b.api(1) + BASE + f"/runs/{run}", t.token)
+            if s != 404:
+                isolation += 1
+                violations.append(f"10 {t.name} reads another tenant's {run}: {s}")
+    if not any(t.name == "ops" for t in w.tenants):  # the operator tenant: the nemeses' runs only
+        ops_runs = all_pages(b, token, 1, "limit=500")
+        workload_runs = {r for t in w.tenants for r in t.acked_runs}
+        bad = sorted({r["run_id"] for r in ops_runs if r["dag_id"] != "long" or r["run_id"] in workload_runs})
+        if bad:
+            isolation += len(bad)
+            violations.append(f"10 the operator tenant sees runs not its own: {bad[:10]}")
+    figures["isolation_violations"] = isolation
+    # 6: write availability: gaps between acknowledged writes (of any tenant, and of each).
+    oks = [op for op in history.ops if op["phase"] == "ok" and op["op"] in WRITES]
+    gaps = write_gaps(op["t"] for op in oks)
+    figures["max_write_unavailability_ms"] = max((g for _, _, g in gaps), default=None)
+    figures["median_write_gap_ms"] = statistics.median([g for _, _, g in gaps]) if gaps else None
     fs, fe = fault_window
-    outside = [b2 - a for a, b2 in zip(oks, oks[1:]) if b2 < fs - 1000 or a > fe + 15000]
-    if outside and max(outside) > 5000:
-        violations.append(f"6 writes stalled {max(outside)} ms outside the fault window")
+
+    def outside(gs):
+        return [g for a, c, g in gs if c < fs - 1000 or a > fe + 15000]
+    out = outside(gaps)
+    if out and max(out) > 5000:
+        violations.append(f"6 writes stalled {max(out)} ms outside the fault window")
+    tenant_max = 0
+    for t in w.tenants:
+        tg = write_gaps(op["t"] for op in oks if op.get("tenant") == t.name)
+        tenant_max = max([tenant_max] + [g for _, _, g in tg])
+        out = outside(tg)
+        if len(w.tenants) > 1 and out and max(out) > 5000:
+            violations.append(f"6 {t.name}'s writes stalled {max(out)} ms outside the fault window")
+    figures["max_tenant_write_gap_ms"] = tenant_max
     figures["acknowledged"] = len(oks)
     figures["operations"] = len(history.ops)
+    figures["tenants"] = len(w.tenants)
+    # The load: acknowledged writes per second before the fault (the fault-free phase).
+    pre = [op for op in oks if w.started_ms <= op["t"] < fs]
+    figures["writes_per_s"] = round(len(pre) / max(0.001, (fs - w.started_ms) / 1000), 1)
+    fails = {}
+    for op in history.ops:
+        if op["phase"] in ("fail", "unknown"):
+            k = f"{op['op']}:{op.get('status', 0)}"
+            fails[k] = fails.get(k, 0) + 1
+    figures["failed_ops"] = fails
     # 9: the witness: no two attempts of one task alive at the same time.
     if witness is not None:
         iv = witness.intervals()
@@ -917,7 +1165,15 @@ def check(b, token, w, history, fault_window, witness=None):
     return violations, figures
 
 
-def run_scenario(b, name, profile, rng, outdir, trial):
+def tenants_for(b, spec, token):
+    """The workload's tenants: the suite's own (operator) token for `ops`, a token of
+    its own (no admin scope) for any other."""
+    return [Tenant("ops", token, False) if name == "ops" else Tenant(name, b.token(name, TENANT_SCOPES), True)
+            for name in spec["tenants"]]
+
+
+def run_scenario(b, name, profile, rng, outdir, trial, spec=WORKLOADS["normal"]):
+    t_up = time.time()
     b.up()
     token = b.token()
     b.tok, b.nemesis_info = token, {}
@@ -926,8 +1182,9 @@ def run_scenario(b, name, profile, rng, outdir, trial):
         b.witness_path = os.path.join(outdir, f"witness-{name}-{trial}.log")
         witness = Witness(b.witness_path)
     h = History(os.path.join(outdir, f"{name}-{trial}.jsonl"))
-    w = Workload(b, token, h, rng)
+    w = Workload(b, tenants_for(b, spec, token), h, rng, spec)
     w.setup()
+    up_s = time.time() - t_up
     w.run()
     time.sleep(profile["before"])
     fault_start = now_ms()
@@ -936,11 +1193,15 @@ def run_scenario(b, name, profile, rng, outdir, trial):
     time.sleep(profile["after"])
     w.finish()
     h.close()
+    t_check = time.time()
     violations, figures = check(b, token, w, h, (fault_start, fault_end), witness)
+    figures["check_s"] = round(time.time() - t_check, 1)
     figures.update(b.nemesis_info)
     if violations:
         keep_logs(b, outdir, name, trial)
+    t_down = time.time()
     b.down()
+    figures["up_s"], figures["down_s"] = round(up_s, 1), round(time.time() - t_down, 1)
     return violations, figures
 
 
@@ -1026,6 +1287,12 @@ def main():
     ap.add_argument("--trials", type=int, default=None)
     ap.add_argument("--scenarios", default=None, help="comma-separated subset")
     ap.add_argument("--out", default=os.path.join(ROOT, ".chaos"))
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="start no trial that the longest so far says would end after this many "
+                         "minutes; trials then go round the scenarios")
+    ap.add_argument("--workload", choices=WORKLOADS, default="normal",
+                    help="normal: one tenant, one client of each kind; heavy: several tenants, "
+                         "concurrent writers (hundreds of writes/s), long shell tasks")
     ap.add_argument("--fault-scope", choices=["process", "node"], default="process",
                     help="kill/pause only the server process, or the node's whole process tree")
     ap.add_argument("--witness-selftest", action="store_true",
@@ -1046,36 +1313,50 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     backend = (LocalBackend if args.backend == "local" else DockerBackend)(os.path.join(args.out, "cluster"))
     backend.scope = args.fault_scope
-    print(f"chaos: profile={args.profile} backend={args.backend} fault-scope={args.fault_scope} seed={seed} "
-          f"scenarios={','.join(scenarios)}", flush=True)
+    spec = WORKLOADS[args.workload]
+    backend.env.update(spec["node_env"])  # the docker backend's nodes take cluster/chaos.override.yml
+    print(f"chaos: profile={args.profile} workload={args.workload} backend={args.backend} "
+          f"fault-scope={args.fault_scope} seed={seed} scenarios={','.join(scenarios)}", flush=True)
     rng = random.Random(seed)
-    results, failed = {}, False
+    results, failed = {name: [] for name in scenarios}, False
+    # Every trial of a scenario, then the next scenario; with --max-minutes round the
+    # scenarios instead (trial 0 of each, then trial 1, ...), so that stopping at the
+    # time limit leaves every scenario with as many trials as the time allowed.
+    order = [(name, trial) for name in scenarios for trial in range(profile["trials"])]
+    if args.max_minutes:
+        order.sort(key=lambda x: x[1])
+    deadline = time.time() + args.max_minutes * 60 if args.max_minutes else None
+    longest = 0.0
     try:
-        for name in scenarios:
-            rows = []
-            for trial in range(profile["trials"]):
-                t0 = time.time()
-                try:
-                    v, f = run_scenario(backend, name, profile, rng, args.out, trial)
-                except Exception as e:  # a scenario that cannot run is a failure, not a pass
-                    v, f = [f"scenario error: {e}"], {}
-                    keep_logs(backend, args.out, name, trial)
-                    backend.down()
-                f["seconds"] = round(time.time() - t0, 1)
-                rows.append({"violations": v, "figures": f})
-                status = "ok" if not v else "VIOLATION"
-                print(f"  {name} trial {trial}: {status} {json.dumps(f)}", flush=True)
-                for x in v[:10]:
-                    print(f"    - {x}", flush=True)
-                failed |= bool(v)
-            results[name] = rows
+        for name, trial in order:
+            if deadline and time.time() + longest > deadline:
+                print(f"chaos: --max-minutes {args.max_minutes}: no time for another trial "
+                      f"(the longest took {longest:.0f} s); stopping", flush=True)
+                break
+            t0 = time.time()
+            try:
+                v, f = run_scenario(backend, name, profile, rng, args.out, trial, spec)
+            except Exception as e:  # a scenario that cannot run is a failure, not a pass
+                v, f = [f"scenario error: {e}"], {}
+                keep_logs(backend, args.out, name, trial)
+                backend.down()
+            f["seconds"] = round(time.time() - t0, 1)
+            longest = max(longest, time.time() - t0)
+            results[name].append({"violations": v, "figures": f})
+            status = "ok" if not v else "VIOLATION"
+            print(f"  {name} trial {trial}: {status} {json.dumps(f)}", flush=True)
+            for x in v[:10]:
+                print(f"    - {x}", flush=True)
+            failed |= bool(v)
+        results = {name: rows for name, rows in results.items() if rows}
     finally:
         backend.down()
+        backend.cleanup()
     print()
-    print(f"{'scenario':30} {'trials':>6} {'ops':>6} {'acked':>6} {'lost':>5} {'dup':>4} {'skip':>5} {'fence':>5} "
-          f"{'overlaps':>8} {'max unavail ms':>14} {'median gap ms':>13} {'converge s':>10}")
-    summary = {"seed": seed, "profile": args.profile, "backend": args.backend, "fault_scope": args.fault_scope,
-               "scenarios": {}}
+    print(f"{'scenario':30} {'trials':>6} {'ops':>7} {'acked':>7} {'writes/s':>8} {'lost':>5} {'dup':>4} {'skip':>5} "
+          f"{'fence':>5} {'overlaps':>8} {'iso':>4} {'max unavail ms':>14} {'median gap ms':>13} {'converge s':>10}")
+    summary = {"seed": seed, "profile": args.profile, "workload": args.workload, "backend": args.backend,
+               "fault_scope": args.fault_scope, "scenarios": {}}
     for name, rows in results.items():
         fig = [r["figures"] for r in rows]
         agg = lambda k, fn=max: fn([x[k] for x in fig if x.get(k) is not None] or [0])
@@ -1091,11 +1372,16 @@ def main():
                                             if x.get("min_kill_to_next_ms") is not None], default=None),
                 "max_write_unavailability_ms": agg("max_write_unavailability_ms"),
                 "median_write_gap_ms": agg("median_write_gap_ms", statistics.median),
-                "max_converge_s": agg("converge_s"), "violations": sum(len(r["violations"]) for r in rows)}
+                "max_converge_s": agg("converge_s"), "violations": sum(len(r["violations"]) for r in rows),
+                "tenants": agg("tenants"), "writes_per_s": round(agg("writes_per_s", statistics.median), 1),
+                "min_writes_per_s": agg("writes_per_s", min), "isolation_violations": agg("isolation_violations", sum),
+                "max_tenant_write_gap_ms": agg("max_tenant_write_gap_ms"),
+                "runs_shared_by_keys": agg("runs_shared_by_keys", sum)}
         summary["scenarios"][name] = line
-        print(f"{name:30} {line['trials']:>6} {line['operations']:>6} {line['acknowledged']:>6} {lost:>5} "
-              f"{line['duplicate_windows']:>4} {line['skipped_windows']:>5} {line['fencing_violations']:>5} "
-              f"{line['overlaps']:>8} {line['max_write_unavailability_ms']:>14} {line['median_write_gap_ms']:>13} {line['max_converge_s']:>10}")
+        print(f"{name:30} {line['trials']:>6} {line['operations']:>7} {line['acknowledged']:>7} "
+              f"{line['writes_per_s']:>8} {lost:>5} {line['duplicate_windows']:>4} {line['skipped_windows']:>5} "
+              f"{line['fencing_violations']:>5} {line['overlaps']:>8} {line['isolation_violations']:>4} "
+              f"{line['max_write_unavailability_ms']:>14} {line['median_write_gap_ms']:>13} {line['max_converge_s']:>10}")
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     total = sum(s["violations"] for s in summary["scenarios"].values())

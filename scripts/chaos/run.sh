@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Chaos suite: workload + nemeses + history + checker against a three-node cluster.
-#   scripts/chaos/run.sh --profile smoke|full [--backend local|docker] [--seed N] [--trials N]
-#                        [--scenarios a,b] [--fault-scope process|node] [--out DIR]
+#   scripts/chaos/run.sh --profile smoke|full [--workload normal|heavy] [--backend local|docker] [--seed N] [--trials N]
+#                        [--scenarios a,b] [--fault-scope process|node] [--out DIR] [--max-minutes M]
 #   scripts/chaos/run.sh --witness-selftest   (the attempt witness against known processes, no cluster)
 # Exits non-zero on any violation and prints the seed to replay it.
 set -euo pipefail
