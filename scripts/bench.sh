@@ -8,12 +8,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 scripts/prereqs.sh
-if ! command -v wrk >/dev/null 2>&1; then
-  if [ "$(id -u)" != 0 ]; then echo "the bench needs wrk (apt-get install -y wrk)" >&2; exit 1; fi
-  echo "installing wrk (the load generator)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null 2>&1 ||
-    { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
-fi
 if [[ " $* " == *" --quick "* ]]; then
   cargo build --bin orchestrator
   bin="$CARGO_TARGET_DIR/debug/orchestrator"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install what building and the test suite need on a bare Debian machine: libclang
 # (bindgen for RocksDB's bindings), a C++ compiler, curl, python3 (chaos suite), iptables
-# (partitions), libfaketime (clock-skew tests) and Chromium with its WebDriver (the web
-# UI test, tests/ui.rs). Idempotent and quiet when everything is there.
+# (partitions), libfaketime (clock-skew tests), Chromium with its WebDriver (the web UI
+# test, tests/ui.rs) and wrk (the benchmark suite's load generator, scripts/bench.sh).
+# Idempotent and quiet when everything is there.
 set -euo pipefail
 
 # What clang-sys (bindgen's loader) really opens: `libclang.so`, `libclang-N.so`,
@@ -37,6 +38,7 @@ compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || missing+=(faketi
 # which execs /usr/lib/chromium/chromium): check that both really run, not just exist.
 chromedriver --version >/dev/null 2>&1 || missing+=(chromium-driver)
 chromium --headless=new --no-sandbox --version >/dev/null 2>&1 || missing+=(chromium)
+wrk -v 2>&1 | grep -q '^wrk ' || missing+=(wrk)
 
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then

@@ -63,6 +63,9 @@ enum Cmd {
         #[command(subcommand)]
         command: cli::cluster::ClusterCmd,
     },
+    /// The node's fence keeper (started by `server`; reads its pipe on stdin).
+    #[command(name = "fence-keeper", hide = true)]
+    FenceKeeper,
     /// Print a shell completion script, e.g. `orchestrator completions bash > ~/.local/share/bash-completion/completions/orchestrator`.
     Completions {
         #[arg(value_enum)]
@@ -171,6 +174,11 @@ fn main() -> ExitCode {
         command,
     } = Cli::parse();
     let command = command.unwrap_or(Cmd::Server(NodeFlags::default()));
+    if let Cmd::FenceKeeper = command {
+        // No runtime, no config: a loop on a pipe (orchestrator::executor::fencing).
+        let code = orchestrator::executor::fencing::serve_stdin();
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let result = (|| -> anyhow::Result<()> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -224,6 +232,9 @@ fn main() -> ExitCode {
             Cmd::Cluster { command } => {
                 let client = cli::Client::new(&flags)?;
                 rt.block_on(cli::cluster::run(&client, flags.output, command))?
+            }
+            Cmd::FenceKeeper => {
+                unreachable!("the fence keeper is dispatched before the runtime starts")
             }
             Cmd::Completions { shell } => {
                 clap_complete::generate(

@@ -488,7 +488,13 @@ async fn webhooks_obey_the_egress_policy_and_are_signed() {
     assert_eq!(s, StatusCode::OK, "{v}");
     let run = run_to_end(&c, &t, "w").await;
     assert_eq!(run["state"], "done", "{run}");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Wait for the delivery to be refused (the node says so), then check nothing came.
+    wait_for(LONG, "the webhook to be refused", || async {
+        c.log(1)
+            .contains("webhook refused by the egress policy")
+            .then_some(())
+    })
+    .await;
     assert!(got.lock().unwrap().is_empty(), "a webhook reached loopback");
     assert!(!c.log(1).contains(&url), "the webhook URL was logged");
 

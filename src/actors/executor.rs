@@ -6,18 +6,21 @@
 //! it renews the leases of what it runs. Each finished attempt is reported as a fenced
 //! `FinishAttempt`.
 //!
-//! Self-fencing: a lease is renewed by a committed heartbeat, and lasts at least
-//! `lease_ms` from the moment that heartbeat was sent (apply stamps it later, with the
-//! cluster clock). When no heartbeat has committed for `lease_ms − fence_margin_ms`, the
-//! executor kills its running attempts and reports them lost, and starts nothing until a
-//! heartbeat commits again. The leader expires a lease only when the cluster clock passes
-//! it and a full lease has passed in the current term, so the attempts are dead before
-//! the task can be handed to another node as long as a leader's clock steps by less than
-//! the margin within a term (docs/architecture.md, "Leases and self-fencing").
+//! Self-fencing, per attempt ([`crate::executor::fencing`]): an attempt runs only while
+//! its lease *as applied on this node* is more than `fence_margin_ms` ahead of the cluster
+//! clock. That holds at the start (a node whose applied state lags may see an assignment
+//! whose lease has already run out at the leader: it reports it lost instead of running
+//! it) and is re-read every 200 ms; heartbeats renew the lease at the leader, and the
+//! renewal counts here once it is applied here. An attempt past its deadline is killed
+//! (its process group) and reported lost — by this actor, and by the node's fence keeper
+//! process when the node itself is stopped or dead. The leader expires a lease only when
+//! the cluster clock passes it and a full lease has passed in the current term, so the
+//! attempts are dead before the task can be handed to another node as long as a leader's
+//! clock steps by less than the margin within a term (docs/architecture.md, "Leases and
+//! self-fencing").
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +31,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::{system_request, ProposerHandle, RegistryHandle};
 use crate::config::{Config, ExecutorConfig};
 use crate::executor::egress::Egress;
+use crate::executor::fencing::{AttemptFence, KeeperLink};
 use crate::executor::sandbox::ShellPolicy;
 use crate::executor::{self, AttemptSpec};
 use crate::raft::RaftNode;
@@ -45,8 +49,8 @@ const FENCE_CHECK_EVERY: Duration = Duration::from_millis(200);
 struct Running {
     attempt: u32,
     cancel: Option<oneshot::Sender<()>>,
-    /// Stopped by this executor because its lease could not be renewed: reported lost.
-    fenced: Arc<AtomicBool>,
+    /// Its deadline; fenced when stopped for want of renewal (then reported lost).
+    fence: Arc<AttemptFence>,
     /// Ended here; kept until its assignment disappears from the state machine, so the
     /// same attempt is never started twice (the local state may lag the commit of its
     /// result).
@@ -63,12 +67,8 @@ pub struct Executor {
     log_retention: Duration,
     incarnation: String,
     ready: bool,
-    /// When this node sent the last heartbeat that committed: every lease it holds lasts
-    /// at least `lease_ms` from then (stamped later, on the leader).
-    renewed_at: Option<Instant>,
-    /// Attempts stopped for lack of renewal; nothing starts until a heartbeat commits.
-    fenced: bool,
     running: HashMap<TaskKey, Running>,
+    keeper: Arc<KeeperLink>,
     egress: Arc<Egress>,
     shell: Arc<ShellPolicy>,
 }
@@ -91,9 +91,8 @@ impl Executor {
             log_retention: Duration::from_millis(config.retention.runs_ms),
             incarnation: hex::encode(rand::random::<[u8; 8]>()),
             ready: false,
-            renewed_at: None,
-            fenced: false,
             running: HashMap::new(),
+            keeper: Arc::new(KeeperLink::spawn()),
             // `http_allow` was parsed when the config was validated.
             egress: Arc::new(Egress::from_config(config).unwrap_or_default()),
             shell: Arc::new(ShellPolicy::from_config(config)),
@@ -104,7 +103,7 @@ impl Executor {
         let mut running: Vec<AttemptRef> = self
             .running
             .iter()
-            .filter(|(_, r)| !r.ended && !r.fenced.load(Ordering::Acquire))
+            .filter(|(_, r)| !r.ended && !r.fence.is_fenced())
             .map(|((run_id, task_id), r)| AttemptRef {
                 run_id: run_id.clone(),
                 task_id: task_id.clone(),
@@ -121,61 +120,87 @@ impl Executor {
         }
     }
 
-    /// The instant after which this node's leases may be gone at the leader, less the
-    /// margin: past it, nothing may run here.
-    fn fence_deadline(&self) -> Option<Instant> {
-        let lease = Duration::from_millis(self.config.lease_ms);
-        let margin = Duration::from_millis(self.config.fence_margin());
-        self.renewed_at.map(|t| t + lease.saturating_sub(margin))
+    /// Renew the leases of what runs here (and say this node is alive).
+    fn heartbeat(&self) {
+        let proposer = self.proposer.clone();
+        let req = system_request(self.heartbeat_command());
+        self.rt.spawn(async move {
+            if let Err(e) = proposer.propose(req).await {
+                debug!(error = %e, "heartbeat not committed");
+            }
+        });
     }
 
-    /// Self-fencing: when no heartbeat has committed for `lease − margin`, stop every
-    /// attempt running here (process groups killed) and report them lost, so that no
-    /// attempt keeps running while the leader hands its task to another node.
-    fn fence_if_expired(&mut self) {
-        let Some(deadline) = self.fence_deadline() else {
-            return;
-        };
-        if Instant::now() < deadline || self.fenced {
-            return;
-        }
-        self.fenced = true;
-        let since = self.renewed_at.map(|t| t.elapsed().as_millis() as u64);
-        for ((run_id, task_id), r) in &mut self.running {
-            if r.ended {
+    /// Self-fencing: every attempt may run only while the lease this node has applied for
+    /// it is more than the margin ahead of the cluster clock. Move each attempt's deadline
+    /// to what the applied state says now (the keeper follows), and stop every attempt
+    /// past it (process group killed; reported lost), so that no attempt keeps running
+    /// while the leader hands its task to another node.
+    fn refresh_fences(&mut self) {
+        let calibrated = self.node.clock_calibrated();
+        let now = Instant::now();
+        let deadlines: Vec<(TaskKey, Option<Instant>)> = self
+            .running
+            .iter()
+            .filter(|(_, r)| !r.ended && !r.fence.is_fenced())
+            .map(|((run_id, task_id), r)| {
+                let d = calibrated
+                    .then(|| self.lease_deadline(run_id, task_id, r.attempt))
+                    .flatten();
+                ((run_id.clone(), task_id.clone()), d)
+            })
+            .collect();
+        for (key, deadline) in deadlines {
+            let Some(r) = self.running.get_mut(&key) else {
                 continue;
-            }
-            warn!(node = self.node.id, run_id = %run_id, task_id = %task_id, attempt = r.attempt,
-                  since_renewal_ms = since, "lease not renewed in time: stopping the attempt (self-fencing)");
-            r.fenced.store(true, Ordering::Release);
-            if let Some(c) = r.cancel.take() {
-                let _ = c.send(());
+            };
+            match deadline {
+                Some(d) if d > now => r.fence.set_deadline(d, &self.keeper),
+                _ => {
+                    warn!(node = self.node.id, run_id = %key.0, task_id = %key.1, attempt = r.attempt,
+                          clock_calibrated = calibrated,
+                          "lease not renewed in time: stopping the attempt (self-fencing)");
+                    r.fence.fence();
+                    if let Some(c) = r.cancel.take() {
+                        let _ = c.send(());
+                    }
+                }
             }
         }
     }
 
-    /// A heartbeat sent at `sent` committed: leases are renewed, work may run again.
-    fn renewed(&mut self, sent: Instant, ctx: &mut Context<Self>) {
-        if self.renewed_at.is_none_or(|t| sent > t) {
-            self.renewed_at = Some(sent);
-        }
-        if self.fenced && self.fence_deadline().is_some_and(|d| Instant::now() < d) {
-            info!(
-                node = self.node.id,
-                "heartbeats commit again: executor resumes"
-            );
-            self.fenced = false;
-            self.reconcile(ctx);
-        }
+    /// The local instant until which an attempt may run: its lease as applied on this
+    /// node, less the margin, read against the cluster clock. The applied lease only
+    /// grows when a heartbeat that renewed it is applied here, and the leader never
+    /// expires a lease before it, so this holds whether or not the leader has meanwhile
+    /// given the task away. `None` when it is already past, or the attempt is not known
+    /// here as this node's (an assignment applied here too late to run safely).
+    fn lease_deadline(&self, run_id: &str, task_id: &str, attempt: u32) -> Option<Instant> {
+        let run: Run = match self.node.db.get_json(Table::Runs.name(), run_id.as_bytes()) {
+            Ok(Some(r)) => r,
+            Ok(None) => return None,
+            Err(e) => {
+                warn!(node = self.node.id, run_id = %run_id, error = %e, "cannot read the run of an assignment");
+                return None;
+            }
+        };
+        let lease_until = run
+            .tasks
+            .get(task_id)?
+            .attempts
+            .iter()
+            .find(|a| a.attempt == attempt && a.node == self.node.id)?
+            .lease_until_ms;
+        let left = lease_until
+            .saturating_sub(self.config.fence_margin() as i64)
+            .saturating_sub(self.node.clock.now_ms());
+        (left > 0).then(|| Instant::now() + Duration::from_millis(left as u64))
     }
 
     /// Compare what the state machine assigns to this node with what runs here.
     fn reconcile(&mut self, ctx: &mut Context<Self>) {
-        if !self.ready {
-            return;
-        }
-        self.fence_if_expired();
-        if self.fenced {
+        // Leases are read against the cluster clock: wait until it is the voters' median.
+        if !self.ready || !self.node.clock_calibrated() {
             return;
         }
         let prefix = keys::prefix(&[&self.node.id.to_be_bytes()]);
@@ -223,23 +248,45 @@ impl Executor {
                 }
             }
         }
+        // A lease already half gone when its attempt starts (the node applied or started
+        // it late) is renewed now rather than at the next regular heartbeat.
+        let soon = Instant::now()
+            + Duration::from_millis(
+                self.config
+                    .lease_ms
+                    .saturating_sub(self.config.fence_margin())
+                    / 2,
+            );
+        let mut renew_now = false;
         for ((run_id, task_id), attempt) in wanted {
             let key = (run_id.clone(), task_id.clone());
             if self.running.contains_key(&key) {
                 continue;
             }
             let (tx, rx) = oneshot::channel();
-            let fenced = Arc::new(AtomicBool::new(false));
+            let deadline = self.lease_deadline(&run_id, &task_id, attempt);
+            renew_now |= deadline.is_some_and(|d| d < soon);
+            let fence = Arc::new(AttemptFence::new(deadline.unwrap_or_else(Instant::now)));
+            if deadline.is_none() {
+                // Started now it could still run when the leader gives the task to
+                // another node: report it lost without running it.
+                info!(node = self.node.id, run_id = %run_id, task_id = %task_id, attempt,
+                      "assignment applied here too late to run within its lease; reporting it lost");
+                fence.fence();
+            }
             self.running.insert(
                 key,
                 Running {
                     attempt,
                     cancel: Some(tx),
-                    fenced: fenced.clone(),
+                    fence: fence.clone(),
                     ended: false,
                 },
             );
-            self.start(ctx, run_id, task_id, attempt, rx, fenced);
+            self.start(ctx, run_id, task_id, attempt, rx, fence);
+        }
+        if renew_now {
+            self.heartbeat();
         }
     }
 
@@ -250,7 +297,7 @@ impl Executor {
         task_id: String,
         attempt: u32,
         cancel: oneshot::Receiver<()>,
-        fenced: Arc<AtomicBool>,
+        fence: Arc<AttemptFence>,
     ) {
         let node = self.node.clone();
         let proposer = self.proposer.clone();
@@ -259,13 +306,16 @@ impl Executor {
         let log_cap = self.config.log_cap_bytes;
         let egress = self.egress.clone();
         let shell = self.shell.clone();
+        let keeper = self.keeper.clone();
         let me = ctx.address();
         debug!(node = node.id, run_id = %run_id, task_id = %task_id, attempt, "starting attempt");
         // Every line logged for this attempt carries its ids (dag_id once the run is read).
         let span = tracing::info_span!("attempt", run_id = %run_id, task_id = %task_id, attempt, dag_id = tracing::field::Empty);
         self.rt.spawn(async move {
             let started = Instant::now();
-            let result = match load(&node, &registry, &run_id).await {
+            let result = if fence.expired() {
+                AttemptResult::Lost { error: String::new() }
+            } else { match load(&node, &registry, &run_id).await {
                 Ok((run, spec)) => match spec.tasks.iter().find(|t| t.task_id == task_id) {
                     Some(task) => {
                         tracing::Span::current().record("dag_id", run.dag_id.as_str());
@@ -273,13 +323,16 @@ impl Executor {
                         let pg_dir = data_dir.join("executor").join("pgids");
                         let mut pg_file = None;
                         let r = executor::run_attempt(a, cancel, |pgid| {
-                            // Remember the group so a restart can kill what a crash left.
+                            // The keeper kills the group at its deadline if this node
+                            // cannot; the file lets a restart kill what a crash left.
+                            fence.spawned(pgid, &keeper);
                             let f = pg_dir.join(pgid.to_string());
                             if std::fs::create_dir_all(&pg_dir).and_then(|_| std::fs::write(&f, b"")).is_ok() {
                                 pg_file = Some(f);
                             }
                         })
                         .await;
+                        fence.exited(&keeper);
                         if let Some(f) = pg_file {
                             let _ = std::fs::remove_file(f);
                         }
@@ -288,10 +341,15 @@ impl Executor {
                     None => AttemptResult::Failed { exit_code: None, error: format!("task {task_id} is not in the dag version") },
                 },
                 Err(e) => AttemptResult::Failed { exit_code: None, error: e },
-            };
-            let result = if fenced.load(Ordering::Acquire) {
+            } };
+            // Stopped by a fence (this actor's, or the keeper's kill at the deadline):
+            // lost, not failed. A success just past the deadline still stands — the
+            // leader gives the task away only after the margin.
+            let lost = fence.is_fenced()
+                || (!matches!(result, AttemptResult::Success { .. }) && fence.expired());
+            let result = if lost {
                 AttemptResult::Lost {
-                    error: format!("node {} could not renew its lease and stopped the attempt", node.id),
+                    error: format!("node {} could not renew its lease in time and stopped the attempt", node.id),
                 }
             } else {
                 result
@@ -302,7 +360,7 @@ impl Executor {
                 AttemptResult::TimedOut { .. } => "timed_out",
                 AttemptResult::Lost { .. } => "lost",
             };
-            if fenced.load(Ordering::Acquire) {
+            if lost {
                 metrics::counter!(telemetry::LEASES_LOST).increment(1);
             }
             metrics::counter!(telemetry::ATTEMPTS, "result" => outcome).increment(1);
@@ -409,25 +467,15 @@ impl Actor for Executor {
                 .spawn_blocking(move || executor::remove_older_than(&roots, keep));
         });
         let every = Duration::from_millis(self.config.heartbeat_ms);
-        ctx.run_interval(every, |act, ctx| {
-            if !act.ready {
-                return;
+        ctx.run_interval(every, |act, _| {
+            if act.ready {
+                act.heartbeat();
             }
-            let proposer = act.proposer.clone();
-            let req = system_request(act.heartbeat_command());
-            let me = ctx.address();
-            act.rt.spawn(async move {
-                let sent = Instant::now();
-                match proposer.propose(req).await {
-                    Ok(_) => me.do_send(Renewed { sent }),
-                    Err(e) => debug!(error = %e, "heartbeat not committed"),
-                }
-            });
         });
-        // Watch the renewal deadline more often than heartbeats go out.
+        // Follow the applied leases more often than heartbeats go out.
         ctx.run_interval(FENCE_CHECK_EVERY, |act, _| {
             if act.ready {
-                act.fence_if_expired();
+                act.refresh_fences();
             }
         });
     }
@@ -443,23 +491,13 @@ impl Handler<Ready> for Executor {
     type Result = ();
     fn handle(&mut self, m: Ready, ctx: &mut Context<Self>) {
         info!(node = self.node.id, incarnation = %self.incarnation, "executor ready");
+        debug!(
+            node = self.node.id,
+            announce_ms = m.sent.elapsed().as_millis() as u64,
+            "incarnation applied"
+        );
         self.ready = true;
-        self.renewed_at = Some(m.sent);
         self.reconcile(ctx);
-    }
-}
-
-/// A heartbeat sent at `sent` committed.
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Renewed {
-    sent: Instant,
-}
-
-impl Handler<Renewed> for Executor {
-    type Result = ();
-    fn handle(&mut self, m: Renewed, ctx: &mut Context<Self>) {
-        self.renewed(m.sent, ctx);
     }
 }
 

@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
 pub mod egress;
+pub mod fencing;
 pub mod sandbox;
 
 use crate::state::command::AttemptResult;
@@ -277,7 +278,7 @@ async fn run_shell(
     a: &AttemptSpec<'_>,
     log_file: &Path,
     timeout: Option<Duration>,
-    cancel: oneshot::Receiver<()>,
+    mut cancel: oneshot::Receiver<()>,
     on_pgid: impl FnOnce(i32),
 ) -> AttemptResult {
     let identity = match a.shell.identity() {
@@ -329,6 +330,13 @@ async fn run_shell(
     // SAFETY: the closure only makes async-signal-safe syscalls (see `sandbox::in_child`).
     unsafe {
         command.pre_exec(move || sandbox::in_child(limits, identity));
+    }
+    // Stopped (cancelled, lease lost) while being prepared: never start the process.
+    if !matches!(cancel.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
+        return AttemptResult::Failed {
+            exit_code: None,
+            error: "cancelled before it started".into(),
+        };
     }
     let mut child = match command.spawn() {
         Ok(c) => c,

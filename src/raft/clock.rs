@@ -26,6 +26,8 @@ use super::NodeId;
 
 /// How often a node samples each voter's clock.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+/// How often while this node's reading is not yet the median of a majority (start-up).
+pub const SAMPLE_EVERY_UNCALIBRATED: Duration = Duration::from_millis(200);
 /// How long a sample counts.
 pub const SAMPLE_TTL: Duration = Duration::from_secs(600);
 /// A sample whose round trip took longer than this says too little about the offset.

@@ -634,7 +634,8 @@ impl RaftNode {
         self.clock.calibrated(&self.voter_ids())
     }
 
-    /// Sample every other voter's clock every [`clock::SAMPLE_EVERY`] until `stop`.
+    /// Sample every other voter's clock every [`clock::SAMPLE_EVERY`] (more often while
+    /// not calibrated) until `stop`.
     pub async fn sample_clocks(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
         loop {
             let m = self.raft.metrics().borrow().clone();
@@ -660,8 +661,14 @@ impl RaftNode {
                     }
                 });
             futures::future::join_all(rounds).await;
+            // Until calibrated, the scheduler and the executor wait: sample sooner.
+            let next = if self.clock.calibrated(&voters) {
+                clock::SAMPLE_EVERY
+            } else {
+                clock::SAMPLE_EVERY_UNCALIBRATED
+            };
             tokio::select! {
-                _ = tokio::time::sleep(clock::SAMPLE_EVERY) => {}
+                _ = tokio::time::sleep(next) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
         }

@@ -1,0 +1,183 @@
+//! No zombie attempts, on real processes: a shell task's whole process group dies with
+//! its node when the node is SIGKILLed, and dies at its fence deadline when the node is
+//! SIGSTOPped — before the leader hands the task to another node. Both are the node's
+//! fence keeper at work (src/executor/fencing.rs); the node itself can do neither.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{wait_for, Cluster, ALL_SCOPES};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// True while some process of group `pgid` is alive (zombies do not count: a stopped
+/// node cannot reap its children).
+fn group_alive(pgid: i32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            return false;
+        };
+        // pid (comm) state ppid pgrp ...: comm may hold spaces, so split after ')'.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            return false;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        f.len() > 2 && f[2] == pgid.to_string() && !matches!(f[0], "Z" | "X" | "x")
+    })
+}
+
+/// A DAG whose one shell task writes its process group id to `dir/ATTEMPT.pid`, then
+/// sleeps in a child process (so only a group kill ends it).
+fn sleeper(dag_id: &str, dir: &Path) -> Value {
+    let cmd = format!(
+        "echo $$ > {}/$ORCHESTRATOR_ATTEMPT.pid.tmp && mv {d}/$ORCHESTRATOR_ATTEMPT.pid.tmp {d}/$ORCHESTRATOR_ATTEMPT.pid; sleep 60; true",
+        dir.display(),
+        d = dir.display()
+    );
+    json!({"dag_id": dag_id, "tasks": [
+        {"task_id": "s", "kind": "shell", "command": cmd, "retries": 3}]})
+}
+
+fn read_pgid(dir: &Path, attempt: u32) -> Option<i32> {
+    std::fs::read_to_string(dir.join(format!("{attempt}.pid")))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+async fn trigger(c: &Cluster, via: u64, t: &str, dag_id: &str) -> String {
+    let (s, v) = c
+        .post(
+            via,
+            "/runs",
+            t,
+            &json!({"dag_id": dag_id, "run_type": "manual"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v["run_id"].as_str().expect("run_id").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_node_takes_its_tasks_with_it() {
+    let mut c = Cluster::new(1, &[]);
+    c.start_all();
+    c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    let t = c.token("acme", ALL_SCOPES);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (s, v) = c.post(1, "/dags", &t, &sleeper("sleepy", dir.path())).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    trigger(&c, 1, &t, "sleepy").await;
+    let pgid = wait_for(LONG, "the task to start", || async {
+        read_pgid(dir.path(), 1)
+    })
+    .await;
+    assert!(group_alive(pgid), "the task's group {pgid} runs");
+
+    c.kill(1);
+    let killed = Instant::now();
+    let gone = wait_for(
+        Duration::from_secs(5),
+        "the task's process group to die with its node",
+        || async { (!group_alive(pgid)).then(|| killed.elapsed()) },
+    )
+    .await;
+    println!("node SIGKILLed: its task's process group was gone after {gone:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_node_s_tasks_die_before_the_task_moves() {
+    // A short lease so the test is quick: the fence deadline is 1 s before it.
+    let mut c = Cluster::new(
+        3,
+        &[
+            ("ORCHESTRATOR_EXECUTOR__LEASE_MS", "3000"),
+            ("ORCHESTRATOR_EXECUTOR__FENCE_MARGIN_MS", "1000"),
+            ("ORCHESTRATOR_EXECUTOR__HEARTBEAT_MS", "300"),
+        ],
+    );
+    c.start_all();
+    let leader = c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    let t = c.token("acme", ALL_SCOPES);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (s, v) = c
+        .post(leader, "/dags", &t, &sleeper("sleepy", dir.path()))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let run = trigger(&c, leader, &t, "sleepy").await;
+    let pgid = wait_for(LONG, "attempt 1 to start", || async {
+        read_pgid(dir.path(), 1)
+    })
+    .await;
+    let (s, v) = c.get(leader, &format!("/runs/{run}"), &t).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let node = v["task_details"]["s"]["attempts"][0]["node"]
+        .as_u64()
+        .expect("attempt 1's node");
+    // Renewals keep it running: for two leases, nothing fences it and it does not move.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(6000) {
+        assert!(
+            group_alive(pgid),
+            "attempt 1 died {:?} after it started, with its node running",
+            started.elapsed()
+        );
+        assert!(
+            read_pgid(dir.path(), 2).is_none(),
+            "attempt 2 started with attempt 1's node running"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("attempt 1 runs on node {node} as process group {pgid}; stopping node {node}");
+
+    c.pause(node);
+    let stopped = Instant::now();
+    // Watch both at once: when attempt 1's group dies, and when attempt 2 starts.
+    let mut died = None;
+    let started2 = loop {
+        if died.is_none() && !group_alive(pgid) {
+            died = Some(stopped.elapsed());
+        }
+        if read_pgid(dir.path(), 2).is_some() {
+            break stopped.elapsed();
+        }
+        assert!(
+            stopped.elapsed() < LONG,
+            "attempt 2 never started (attempt 1's group died after {died:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    c.resume(node);
+    let died = died.unwrap_or_else(|| {
+        panic!(
+            "attempt 2 started {started2:?} after node {node} stopped while attempt 1's \
+             process group {pgid} was still running"
+        )
+    });
+    println!(
+        "node {node} stopped: attempt 1 died after {died:?}, attempt 2 started after {started2:?}"
+    );
+    assert!(
+        died < started2,
+        "attempt 1 died after {died:?}, attempt 2 started after {started2:?}"
+    );
+    // Resumed, the node rejoins; attempt 1 stays lost, attempt 2 runs elsewhere.
+    c.wait_converged(LONG).await;
+    let (s, v) = c.get(leader, &format!("/runs/{run}"), &t).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let attempts = &v["task_details"]["s"]["attempts"];
+    assert_eq!(attempts[0]["state"], "failed", "{v}");
+    assert_eq!(attempts[1]["attempt"], 2, "{v}");
+    assert_ne!(attempts[1]["node"], node, "{v}");
+    c.assert_no_panics();
+}
