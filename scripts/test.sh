@@ -12,3 +12,6 @@ rustup component list --installed 2>/dev/null | grep -q clippy && cargo clippy -
 cargo test --all-targets --no-fail-fast -- --test-threads=2
 # The chaos smoke profile: real processes, kills, pauses and partitions (about 1-2 min).
 scripts/chaos/run.sh --profile smoke
+# The benchmark suite's smoke: every workload once, briefly, on the dev build (about 1 min;
+# it fails on an error or a non-2xx answer, never on a figure).
+scripts/bench.sh --quick
