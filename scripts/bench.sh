@@ -9,7 +9,10 @@ cd "$(dirname "$0")/.."
 . scripts/env.sh
 scripts/prereqs.sh
 if [[ " $* " == *" --quick "* ]]; then
-  cargo build --bin orchestrator
+  # The binary the integration tests build (same features as `cargo test`): after the
+  # suite this compiles nothing, where `cargo build` would rebuild every dependency
+  # without the dev-dependencies' features.
+  cargo test --no-run --test cli
   bin="$CARGO_TARGET_DIR/debug/orchestrator"
 else
   cargo build --release --bin orchestrator

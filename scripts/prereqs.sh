@@ -38,7 +38,8 @@ compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || missing+=(faketi
 # which execs /usr/lib/chromium/chromium): check that both really run, not just exist.
 chromedriver --version >/dev/null 2>&1 || missing+=(chromium-driver)
 chromium --headless=new --no-sandbox --version >/dev/null 2>&1 || missing+=(chromium)
-wrk -v 2>&1 | grep -q '^wrk ' || missing+=(wrk)
+# (`wrk -v` prints its version and exits 1.)
+{ wrk -v 2>&1 || true; } | grep -q '^wrk ' || missing+=(wrk)
 
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
