@@ -37,7 +37,7 @@ use crate::executor::{self, AttemptSpec};
 use crate::raft::RaftNode;
 use crate::state::command::{AttemptRef, AttemptResult};
 use crate::state::machine::keys;
-use crate::state::model::{DagSpec, Run};
+use crate::state::model::{DagSpec, Run, TaskState};
 use crate::state::{Command, Outcome, Table};
 use crate::telemetry::metrics as telemetry;
 
@@ -137,70 +137,81 @@ impl Executor {
     /// past it (process group killed; reported lost), so that no attempt keeps running
     /// while the leader hands its task to another node.
     fn refresh_fences(&mut self) {
+        // Uncalibrated (voters added, samples aged out), the clock is not trusted to move
+        // a deadline either way: deadlines stay where they are and still expire.
         let calibrated = self.node.clock_calibrated();
-        let now = Instant::now();
-        let deadlines: Vec<(TaskKey, Option<Instant>)> = self
+        // Per attempt: its applied lease and the deadline the clock gives it.
+        type Reading = Option<(i64, Option<Instant>)>;
+        let leases: Vec<(TaskKey, Reading)> = self
             .running
             .iter()
             .filter(|(_, r)| !r.ended && !r.fence.is_fenced())
             .map(|((run_id, task_id), r)| {
-                let d = calibrated
-                    .then(|| self.lease_deadline(run_id, task_id, r.attempt))
-                    .flatten();
-                ((run_id.clone(), task_id.clone()), d)
+                let lease = self
+                    .applied_lease(run_id, task_id, r.attempt)
+                    .map(|l| (l, calibrated.then(|| self.deadline_for(l))));
+                ((run_id.clone(), task_id.clone()), lease)
             })
             .collect();
-        for (key, deadline) in deadlines {
+        for (key, lease) in leases {
             let Some(r) = self.running.get_mut(&key) else {
                 continue;
             };
-            match deadline {
-                Some(d) if d > now => r.fence.set_deadline(d, &self.keeper),
-                _ => {
-                    warn!(node = self.node.id, run_id = %key.0, task_id = %key.1, attempt = r.attempt,
-                          clock_calibrated = calibrated,
-                          "lease not renewed in time: stopping the attempt (self-fencing)");
-                    r.fence.fence();
-                    if let Some(c) = r.cancel.take() {
-                        let _ = c.send(());
-                    }
+            let alive = match lease {
+                Some((l, target)) => r.fence.observe(l, target, &self.keeper),
+                // No longer this node's running attempt here: stop it.
+                None => false,
+            };
+            if !alive {
+                warn!(node = self.node.id, run_id = %key.0, task_id = %key.1, attempt = r.attempt,
+                      clock_calibrated = calibrated,
+                      "lease not renewed in time: stopping the attempt (self-fencing)");
+                r.fence.fence();
+                if let Some(c) = r.cancel.take() {
+                    let _ = c.send(());
                 }
             }
         }
     }
 
-    /// The local instant until which an attempt may run: its lease as applied on this
-    /// node, less the margin, read against the cluster clock. The applied lease only
-    /// grows when a heartbeat that renewed it is applied here, and the leader never
-    /// expires a lease before it, so this holds whether or not the leader has meanwhile
-    /// given the task away. `None` when it is already past, or the attempt is not known
-    /// here as this node's (an assignment applied here too late to run safely).
-    fn lease_deadline(&self, run_id: &str, task_id: &str, attempt: u32) -> Option<Instant> {
+    /// The lease (cluster-clock ms) of `attempt` as applied on this node, while it is the
+    /// task's current attempt, running, and this node's. The applied lease only grows
+    /// when a heartbeat that renewed it is applied here, and the leader never expires a
+    /// lease before it, so a deadline taken from it holds whether or not the leader has
+    /// meanwhile given the task away.
+    fn applied_lease(&self, run_id: &str, task_id: &str, attempt: u32) -> Option<i64> {
         let run: Run = match self.node.db.get_json(Table::Runs.name(), run_id.as_bytes()) {
-            Ok(Some(r)) => r,
-            Ok(None) => return None,
+            Ok(r) => r?,
             Err(e) => {
                 warn!(node = self.node.id, run_id = %run_id, error = %e, "cannot read the run of an assignment");
                 return None;
             }
         };
-        let lease_until = run
-            .tasks
-            .get(task_id)?
-            .attempts
+        let inst = run.tasks.get(task_id)?;
+        if inst.attempt != attempt || inst.state != TaskState::Running {
+            return None;
+        }
+        inst.attempts
             .iter()
-            .find(|a| a.attempt == attempt && a.node == self.node.id)?
-            .lease_until_ms;
+            .find(|a| a.attempt == attempt && a.node == self.node.id)
+            .map(|a| a.lease_until_ms)
+    }
+
+    /// The local instant at which a lease, less the margin, is reached on the cluster
+    /// clock (now, if it already has been).
+    fn deadline_for(&self, lease_until: i64) -> Instant {
         let left = lease_until
             .saturating_sub(self.config.fence_margin() as i64)
-            .saturating_sub(self.node.clock.now_ms());
-        (left > 0).then(|| Instant::now() + Duration::from_millis(left as u64))
+            .saturating_sub(self.node.clock.now_ms())
+            .max(0);
+        let now = Instant::now();
+        now.checked_add(Duration::from_millis(left as u64))
+            .unwrap_or(now)
     }
 
     /// Compare what the state machine assigns to this node with what runs here.
     fn reconcile(&mut self, ctx: &mut Context<Self>) {
-        // Leases are read against the cluster clock: wait until it is the voters' median.
-        if !self.ready || !self.node.clock_calibrated() {
+        if !self.ready {
             return;
         }
         let prefix = keys::prefix(&[&self.node.id.to_be_bytes()]);
@@ -248,6 +259,12 @@ impl Executor {
                 }
             }
         }
+        // Leases are read against the cluster clock: start nothing until it is the
+        // voters' median (checked only when there is something to start).
+        wanted.retain(|k, _| !self.running.contains_key(k));
+        if wanted.is_empty() || !self.node.clock_calibrated() {
+            return;
+        }
         // A lease already half gone when its attempt starts (the node applied or started
         // it late) is renewed now rather than at the next regular heartbeat.
         let soon = Instant::now()
@@ -264,9 +281,15 @@ impl Executor {
                 continue;
             }
             let (tx, rx) = oneshot::channel();
-            let deadline = self.lease_deadline(&run_id, &task_id, attempt);
+            let lease = self.applied_lease(&run_id, &task_id, attempt);
+            let deadline = lease
+                .map(|l| self.deadline_for(l))
+                .filter(|d| *d > Instant::now());
             renew_now |= deadline.is_some_and(|d| d < soon);
-            let fence = Arc::new(AttemptFence::new(deadline.unwrap_or_else(Instant::now)));
+            let fence = Arc::new(AttemptFence::new(
+                deadline.unwrap_or_else(Instant::now),
+                lease.unwrap_or(0),
+            ));
             if deadline.is_none() {
                 // Started now it could still run when the leader gives the task to
                 // another node: report it lost without running it.
@@ -319,7 +342,7 @@ impl Executor {
                 Ok((run, spec)) => match spec.tasks.iter().find(|t| t.task_id == task_id) {
                     Some(task) => {
                         tracing::Span::current().record("dag_id", run.dag_id.as_str());
-                        let a = AttemptSpec { run: &run, task, attempt, data_dir: &data_dir, log_cap, egress: &egress, shell: &shell };
+                        let a = AttemptSpec { run: &run, task, attempt, data_dir: &data_dir, log_cap, egress: &egress, shell: &shell, fence: &fence };
                         let pg_dir = data_dir.join("executor").join("pgids");
                         let mut pg_file = None;
                         let r = executor::run_attempt(a, cancel, |pgid| {

@@ -6,7 +6,7 @@
 //!   attempt whose deadline has passed (it is then reported `Lost`);
 //! - the **fence keeper**, a small child process of the node (`orchestrator
 //!   fence-keeper`), kills the attempt's process group at the same deadline when the node
-//!   cannot: while the node process is stopped or stalled (SIGSTOP, a frozen VM, swap)
+//!   cannot: while the node process is stopped or stalled (SIGSTOP, swap, a debugger)
 //!   it still kills each group when its deadline passes, and when the node dies (SIGKILL,
 //!   the OOM killer, a crash) it sees its pipe close and kills every group at once.
 //!
@@ -18,7 +18,12 @@
 //!
 //! The pipe protocol is one line per change: `set PGID MS` (kill the group `MS` ms from
 //! now unless set again) and `del PGID` (the group ended; forget it). The keeper ignores
-//! SIGINT, SIGTERM, SIGHUP and SIGQUIT: it ends when its pipe closes.
+//! SIGINT, SIGTERM, SIGHUP, SIGQUIT and the terminal stop signals, and runs in its own
+//! process group: it ends when its pipe closes.
+//!
+//! What it cannot cover: a whole machine (or container) frozen together with the keeper —
+//! tasks then resume with it, and the keeper kills them on waking, within milliseconds;
+//! and `http` attempts, which run inside the node (the actor cancels them).
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
@@ -96,10 +101,26 @@ impl Keeper {
     }
 }
 
+/// A line on the keeper's stderr (the node's log), after the kill it reports: a closed
+/// stderr must never stop the keeper (`eprintln!` would panic on it).
+fn say(what: &str) {
+    let _ = writeln!(std::io::stderr(), "fence keeper: {what}");
+}
+
 /// The keeper process's main loop: read the protocol from stdin, kill groups at their
 /// deadlines, kill all of them when stdin closes. Returns the process exit code.
 pub fn serve_stdin() -> i32 {
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+    // Not stopped or ended by what is sent to the node's terminal or process group:
+    // a keeper stopped together with its node would fence nothing.
+    for sig in [
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGTSTP,
+        libc::SIGTTIN,
+        libc::SIGTTOU,
+    ] {
         // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
         unsafe {
             libc::signal(sig, libc::SIG_IGN);
@@ -123,27 +144,29 @@ pub fn serve_stdin() -> i32 {
         match rx.recv_timeout(wait) {
             Ok(line) => {
                 if let Err(e) = keeper.apply(&line, Instant::now()) {
-                    eprintln!("{e}");
+                    say(&e.to_string());
                 }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 let left = keeper.drain();
-                if !left.is_empty() {
-                    eprintln!(
-                        "fence keeper: the node is gone; killing the process groups of its {} attempts",
-                        left.len()
-                    );
+                for p in &left {
+                    kill_group(*p);
                 }
-                for p in left {
-                    kill_group(p);
+                if !left.is_empty() {
+                    say(&format!(
+                        "the node is gone; killed the process groups of its {} attempts",
+                        left.len()
+                    ));
                 }
                 return 0;
             }
         }
         for p in keeper.due(Instant::now()) {
-            eprintln!("fence keeper: killing process group {p}: its lease was not renewed in time");
             kill_group(p);
+            say(&format!(
+                "killed process group {p}: its lease was not renewed in time"
+            ));
         }
     }
 }
@@ -159,8 +182,12 @@ impl KeeperLink {
     /// Start this node's keeper (the running binary, `fence-keeper`). When it cannot be
     /// started the node still fences attempts itself, and says so.
     pub fn spawn() -> KeeperLink {
+        use std::os::unix::process::CommandExt;
+        // Its own process group: a signal to the node's group (`kill -STOP -PGID`, a
+        // terminal's Ctrl-Z) does not reach it.
         let started = Command::new("/proc/self/exe")
             .arg(KEEPER_SUBCOMMAND)
+            .process_group(0)
             .env_clear()
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -221,15 +248,21 @@ pub struct AttemptFence {
 #[derive(Debug)]
 struct FenceState {
     deadline: Instant,
+    /// The applied lease (cluster-clock ms) the deadline was last taken from.
+    lease_until: i64,
     pgid: Option<i32>,
+    /// The deadline the keeper last heard for `pgid`.
+    told: Option<Instant>,
 }
 
 impl AttemptFence {
-    pub fn new(deadline: Instant) -> AttemptFence {
+    pub fn new(deadline: Instant, lease_until: i64) -> AttemptFence {
         AttemptFence {
             state: Mutex::new(FenceState {
                 deadline,
+                lease_until,
                 pgid: None,
+                told: None,
             }),
             fenced: AtomicBool::new(false),
         }
@@ -243,25 +276,41 @@ impl AttemptFence {
         self.lock().deadline
     }
 
-    /// The attempt may run until `until` (its applied lease, less the margin, moved by
-    /// renewals or by a corrected clock). The keeper hears of a change of 50 ms or more.
-    pub fn set_deadline(&self, until: Instant, keeper: &KeeperLink) {
+    /// The applied lease is now `lease_until`; `target` is the deadline the cluster clock
+    /// gives it (None: the clock is not calibrated, keep the deadline). The deadline
+    /// moves later only by what the lease itself grew — a clock stepped back cannot
+    /// extend it — and earlier whenever the clock says so. A deadline once passed stays
+    /// passed. Returns false when the attempt must stop. The keeper hears of a move of
+    /// 50 ms or more.
+    pub fn observe(&self, lease_until: i64, target: Option<Instant>, keeper: &KeeperLink) -> bool {
+        let now = Instant::now();
         let mut s = self.lock();
-        let moved = if until > s.deadline {
-            until - s.deadline
-        } else {
-            s.deadline - until
-        };
-        s.deadline = until;
-        if let (Some(p), true) = (s.pgid, moved >= KEEPER_STEP) {
-            keeper.set(p, until);
+        if now >= s.deadline {
+            return false;
         }
+        let grown = Duration::from_millis(lease_until.saturating_sub(s.lease_until).max(0) as u64);
+        s.lease_until = s.lease_until.max(lease_until);
+        let Some(target) = target else {
+            return true;
+        };
+        let cap = s.deadline.checked_add(grown).unwrap_or(s.deadline);
+        let new = target.min(cap);
+        s.deadline = new;
+        if let (Some(p), Some(told)) = (s.pgid, s.told) {
+            let moved = if new > told { new - told } else { told - new };
+            if moved >= KEEPER_STEP {
+                keeper.set(p, new);
+                s.told = Some(new);
+            }
+        }
+        now < new
     }
 
     /// The attempt's process group exists: hand it to the keeper.
     pub fn spawned(&self, pgid: i32, keeper: &KeeperLink) {
         let mut s = self.lock();
         s.pgid = Some(pgid);
+        s.told = Some(s.deadline);
         keeper.set(pgid, s.deadline);
     }
 
@@ -344,16 +393,25 @@ mod tests {
     }
 
     #[test]
-    fn a_fence_follows_its_deadline_and_expires_at_it() {
+    fn a_fence_grows_only_with_its_lease_and_a_passed_deadline_stays_passed() {
         let t0 = Instant::now();
-        let f = AttemptFence::new(t0 + Duration::from_secs(5));
         let none = KeeperLink::none();
-        f.set_deadline(t0 + Duration::from_secs(8), &none);
-        assert_eq!(f.deadline(), t0 + Duration::from_secs(8));
-        assert!(!f.expired());
-        f.set_deadline(t0, &none);
-        assert!(f.expired(), "a deadline already passed");
-        let fenced = AttemptFence::new(t0 + Duration::from_secs(60));
+        let f = AttemptFence::new(t0 + Duration::from_secs(5), 10_000);
+        // The lease grew by 1 s but the clock says 9 s: a clock stepped back moves the
+        // deadline by what the lease grew, no more.
+        assert!(f.observe(11_000, Some(t0 + Duration::from_secs(9)), &none));
+        assert_eq!(f.deadline(), t0 + Duration::from_secs(6));
+        // Uncalibrated: kept where it is, the lease remembered.
+        assert!(f.observe(12_000, None, &none));
+        assert_eq!(f.deadline(), t0 + Duration::from_secs(6));
+        // The clock says earlier: earlier.
+        assert!(f.observe(12_000, Some(t0 + Duration::from_secs(4)), &none));
+        assert_eq!(f.deadline(), t0 + Duration::from_secs(4));
+        // Past: must stop, and a later renewal does not revive it.
+        assert!(!f.observe(12_000, Some(t0), &none));
+        assert!(f.expired());
+        assert!(!f.observe(60_000, Some(t0 + Duration::from_secs(60)), &none));
+        let fenced = AttemptFence::new(t0 + Duration::from_secs(60), 0);
         fenced.fence();
         assert!(fenced.expired() && fenced.is_fenced());
     }

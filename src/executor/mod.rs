@@ -117,6 +117,8 @@ pub struct AttemptSpec<'a> {
     pub log_cap: u64,
     pub egress: &'a egress::Egress,
     pub shell: &'a sandbox::ShellPolicy,
+    /// Checked again just before a process starts: past it, nothing is spawned.
+    pub fence: &'a fencing::AttemptFence,
 }
 
 /// Run the attempt to its end, its timeout, or `cancel`.
@@ -332,7 +334,7 @@ async fn run_shell(
         command.pre_exec(move || sandbox::in_child(limits, identity));
     }
     // Stopped (cancelled, lease lost) while being prepared: never start the process.
-    if !matches!(cancel.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
+    if a.fence.expired() || !matches!(cancel.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
         return AttemptResult::Failed {
             exit_code: None,
             error: "cancelled before it started".into(),
