@@ -145,16 +145,15 @@ async fn fire_due(
         // Scheduled runs obey the tenant's run quotas too: past them the DAG's windows
         // are held back (and, without catchup, skipped once past the grace).
         let quotas = node.config().limits.for_tenant(&dag.tenant);
-        match crate::quota::check_new_run(&node.db, &dag.tenant, &dag.spec.dag_id, &quotas) {
-            Ok(Ok(())) => {}
-            Ok(Err(exceeded)) => {
-                debug!(tenant = %dag.tenant, dag_id = %dag.spec.dag_id, reason = %exceeded, "windows held back by a quota");
-                continue;
-            }
-            Err(e) => {
-                warn!(error = %e, "scheduler cannot count active runs");
-                continue;
-            }
+        let quota = crate::quota::check_new_run(
+            &node.sm.tenant_counts(),
+            &dag.tenant,
+            &dag.spec.dag_id,
+            &quotas,
+        );
+        if let Err(exceeded) = quota {
+            debug!(tenant = %dag.tenant, dag_id = %dag.spec.dag_id, reason = %exceeded, "windows held back by a quota");
+            continue;
         }
         for window in due {
             let cmd = Command::FireWindow {

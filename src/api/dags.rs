@@ -273,29 +273,11 @@ fn check_limits(st: &ApiState, tenant: &str, spec: &DagSpec) -> Result<(), ApiEr
         .is_some_and(|d| !d.deleted);
     if !exists {
         let max = limits.max_dags_per_tenant;
-        let prefix = keys::prefix(&[tenant.as_bytes()]);
-        let mut live = 0u64;
-        let mut last: Option<Vec<u8>> = None;
-        loop {
-            let page = st
-                .node
-                .db
-                .scan_prefix(Table::Dags, &prefix, last.as_deref(), 500)?;
-            let done = page.len() < 500;
-            for (k, v) in page {
-                last = Some(k);
-                if serde_json::from_slice::<Dag>(&v).is_ok_and(|d| !d.deleted) {
-                    live += 1;
-                }
-            }
-            if live >= max {
-                return Err(ApiError::InvalidRequest(format!(
-                    "tenant '{tenant}' already has {live} DAGs, the limit (limits.max_dags_per_tenant = {max})"
-                )));
-            }
-            if done {
-                break;
-            }
+        let live = st.node.sm.tenant_counts().live_dags(tenant);
+        if live >= max {
+            return Err(ApiError::InvalidRequest(format!(
+                "tenant '{tenant}' already has {live} DAGs, the limit (limits.max_dags_per_tenant = {max})"
+            )));
         }
     }
     Ok(())

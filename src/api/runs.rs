@@ -303,8 +303,13 @@ pub async fn trigger(
         }
     };
     let quotas = st.node.config().limits.for_tenant(&p.tenant);
-    crate::quota::check_new_run(&st.node.db, &p.tenant, &input.dag_id, &quotas)?
-        .map_err(|e| ApiError::QuotaExceeded(e.to_string()))?;
+    let quota = crate::quota::check_new_run(
+        &st.node.sm.tenant_counts(),
+        &p.tenant,
+        &input.dag_id,
+        &quotas,
+    );
+    quota.map_err(|e| ApiError::QuotaExceeded(e.to_string()))?;
     let cmd = Command::TriggerRun {
         tenant: p.tenant.clone(),
         dag_id: input.dag_id.clone(),

@@ -22,7 +22,7 @@ use super::db::{Db, CF_SM_META, CF_SNAPSHOT};
 use super::types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
-use crate::state::census::{self, Change, Counts, RunView};
+use crate::state::census::{self, Change, Counts, DagView, RunView, TenantCounts};
 use crate::state::{apply_request, BatchResponse, Kv, KvError, Table};
 use crate::telemetry::metrics as m;
 
@@ -104,19 +104,26 @@ pub struct StateMachineStore {
     snapshot_seq: Arc<AtomicU64>,
     applied_tx: Arc<watch::Sender<u64>>,
     census: Arc<Mutex<Counts>>,
+    tenants: Arc<Mutex<TenantCounts>>,
 }
 
 impl StateMachineStore {
     /// Open over `db`; counts the stored runs once for the census.
     pub fn new(db: Db) -> Self {
         let (tx, _) = watch::channel(0);
-        let counts = Self::count_runs(&db);
+        let (counts, tenants) = Self::count_all(&db);
         StateMachineStore {
             db,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             applied_tx: Arc::new(tx),
             census: Arc::new(Mutex::new(counts)),
+            tenants: Arc::new(Mutex::new(tenants)),
         }
+    }
+
+    /// What the tenant quotas read (kept incrementally; a lookup, not a scan).
+    pub fn tenant_counts(&self) -> std::sync::MutexGuard<'_, TenantCounts> {
+        self.tenants.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Runs and tasks by state in the applied state (kept incrementally: O(1) to read).
@@ -127,25 +134,41 @@ impl StateMachineStore {
             .clone()
     }
 
-    /// Count every stored run (at start and after a snapshot install only).
-    fn count_runs(db: &Db) -> Counts {
-        let Ok(cf) = db.cf(Table::Runs.name()) else {
-            return Counts::default();
+    /// Count every stored run and DAG (at start and after a snapshot install only).
+    fn count_all(db: &Db) -> (Counts, TenantCounts) {
+        let mut tenants = TenantCounts::default();
+        let values = |table: Table| -> Vec<Vec<u8>> {
+            let Ok(cf) = db.cf(table.name()) else {
+                return Vec::new();
+            };
+            db.raw()
+                .iterator_cf(cf, IteratorMode::Start)
+                .filter_map(|item| item.ok())
+                .map(|(_, v)| v.to_vec())
+                .collect()
         };
-        let views: Vec<RunView> = db
-            .raw()
-            .iterator_cf(cf, IteratorMode::Start)
-            .filter_map(|item| item.ok())
-            .filter_map(|(_, v)| RunView::decode(&v))
+        let views: Vec<RunView> = values(Table::Runs)
+            .iter()
+            .filter_map(|v| RunView::decode(v))
             .collect();
-        Counts::of(&views)
+        for v in &views {
+            tenants.run_change(None, Some(v));
+        }
+        for v in values(Table::Dags)
+            .iter()
+            .filter_map(|v| DagView::decode(v))
+        {
+            tenants.dag_change(None, Some(&v));
+        }
+        (Counts::of(&views), tenants)
     }
 
-    fn set_census(&self, counts: Counts) {
+    fn set_census(&self, (counts, tenants): (Counts, TenantCounts)) {
         *self
             .census
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = counts;
+        *self.tenant_counts() = tenants;
     }
 
     /// Fires with the last applied index after every apply (for actors that react to
@@ -178,6 +201,7 @@ impl StateMachineStore {
     fn apply_entries(
         db: &Db,
         census: &Mutex<Counts>,
+        tenants: &Mutex<TenantCounts>,
         entries: Vec<Entry>,
     ) -> Result<Vec<BatchResponse>, StorageError> {
         let mut overlay = Overlay {
@@ -213,16 +237,29 @@ impl StateMachineStore {
         // What this apply changes in the census: each run written, against its stored
         // version (the overlay's writes are not in the database yet).
         let mut changes = Vec::new();
+        let mut run_changes = Vec::new();
+        let mut dag_changes = Vec::new();
         for ((table, key), value) in &overlay.writes {
-            if *table != Table::Runs {
-                continue;
+            match table {
+                Table::Runs => {
+                    let old = db
+                        .get(Table::Runs.name(), key)
+                        .map_err(sm_read_err)?
+                        .and_then(|b| RunView::decode(&b));
+                    let new = value.as_deref().and_then(RunView::decode);
+                    changes.push(Change::between(old.as_ref(), new.as_ref()));
+                    run_changes.push((old, new));
+                }
+                Table::Dags => {
+                    let old = db
+                        .get(Table::Dags.name(), key)
+                        .map_err(sm_read_err)?
+                        .and_then(|b| DagView::decode(&b));
+                    let new = value.as_deref().and_then(DagView::decode);
+                    dag_changes.push((old, new));
+                }
+                _ => {}
             }
-            let old = db
-                .get(Table::Runs.name(), key)
-                .map_err(sm_read_err)?
-                .and_then(|b| RunView::decode(&b));
-            let new = value.as_deref().and_then(RunView::decode);
-            changes.push(Change::between(old.as_ref(), new.as_ref()));
         }
         let mut batch = WriteBatch::default();
         for ((table, key), value) in overlay.writes {
@@ -244,6 +281,15 @@ impl StateMachineStore {
         db.write(batch, false).map_err(sm_write_err)?;
         if requests > 0 {
             metrics::histogram!(m::RAFT_APPLY_BATCH).record(requests as f64);
+        }
+        {
+            let mut t = tenants.lock().unwrap_or_else(|p| p.into_inner());
+            for (old, new) in &run_changes {
+                t.run_change(old.as_ref(), new.as_ref());
+            }
+            for (old, new) in &dag_changes {
+                t.dag_change(old.as_ref(), new.as_ref());
+            }
         }
         let mut counts = census.lock().unwrap_or_else(|p| p.into_inner());
         for c in &changes {
@@ -360,9 +406,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let last = entries.last().map(|e| e.log_id.index);
-        let census = self.census.clone();
+        let (census, tenants) = (self.census.clone(), self.tenants.clone());
         let out = self
-            .blocking(move |db| Self::apply_entries(db, &census, entries))
+            .blocking(move |db| Self::apply_entries(db, &census, &tenants, entries))
             .await?;
         if let Some(idx) = last {
             self.applied_tx.send_replace(idx);
@@ -410,7 +456,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             batch.put_cf(meta_cf, KEY_MEMBERSHIP, to_json(&meta.last_membership));
             Self::store_snapshot(db, &meta, &data, &mut batch)?;
             db.write(batch, true).map_err(snap_err)?;
-            Ok(Self::count_runs(db))
+            Ok(Self::count_all(db))
         })
         .await
         .map(|counts| self.set_census(counts))?;

@@ -6,7 +6,7 @@
 //!
 //! Pure: no clock, no storage; [`crate::raft::state_machine`] feeds it the runs it writes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
 
@@ -69,6 +69,10 @@ fn task_idx(s: TaskState) -> usize {
 /// The part of a stored run the counts need (decoded from its JSON, the rest skipped).
 #[derive(Debug, Clone, Deserialize)]
 pub struct RunView {
+    #[serde(default)]
+    pub tenant: String,
+    #[serde(default)]
+    pub dag_id: String,
     pub state: RunState,
     pub created_ms: Millis,
     #[serde(default)]
@@ -163,6 +167,83 @@ impl Counts {
     }
 }
 
+/// The part of a stored DAG the tenant counts need.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DagView {
+    pub tenant: String,
+    #[serde(default)]
+    pub deleted: bool,
+}
+
+impl DagView {
+    pub fn decode(bytes: &[u8]) -> Option<DagView> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+/// What the tenant quotas read, kept incrementally like [`Counts`]: live DAGs and
+/// unfinished runs per tenant, queued runs per DAG. A quota check is then a map lookup,
+/// not a scan of the tenant's DAGs or runs on every request.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TenantCounts {
+    dags: HashMap<String, i64>,
+    active: HashMap<String, i64>,
+    queued: HashMap<(String, String), i64>,
+}
+
+fn bump<K: std::hash::Hash + Eq>(m: &mut HashMap<K, i64>, k: K, d: i64) {
+    match m.get_mut(&k) {
+        Some(v) => {
+            *v += d;
+            if *v == 0 {
+                // No entry for a tenant or DAG with nothing: the maps follow what exists.
+                m.remove(&k);
+            }
+        }
+        None => {
+            m.insert(k, d);
+        }
+    }
+}
+
+impl TenantCounts {
+    /// One write to the runs table: from `old` (or none) to `new` (or none).
+    pub fn run_change(&mut self, old: Option<&RunView>, new: Option<&RunView>) {
+        for (view, d) in [(old, -1), (new, 1)] {
+            let Some(r) = view else { continue };
+            if !r.state.is_finished() {
+                bump(&mut self.active, r.tenant.clone(), d);
+            }
+            if r.state == RunState::Queued {
+                bump(&mut self.queued, (r.tenant.clone(), r.dag_id.clone()), d);
+            }
+        }
+    }
+
+    /// One write to the DAGs table.
+    pub fn dag_change(&mut self, old: Option<&DagView>, new: Option<&DagView>) {
+        for (view, d) in [(old, -1), (new, 1)] {
+            if let Some(v) = view.filter(|v| !v.deleted) {
+                bump(&mut self.dags, v.tenant.clone(), d);
+            }
+        }
+    }
+
+    pub fn live_dags(&self, tenant: &str) -> u64 {
+        self.dags.get(tenant).map_or(0, |n| (*n).max(0) as u64)
+    }
+
+    pub fn active_runs(&self, tenant: &str) -> u64 {
+        self.active.get(tenant).map_or(0, |n| (*n).max(0) as u64)
+    }
+
+    pub fn queued_runs(&self, tenant: &str, dag_id: &str) -> u64 {
+        self.queued
+            .get(&(tenant.to_string(), dag_id.to_string()))
+            .map_or(0, |n| (*n).max(0) as u64)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +251,8 @@ mod tests {
 
     fn run(state: RunState, tasks: &[TaskState]) -> RunView {
         RunView {
+            tenant: "acme".into(),
+            dag_id: "d".into(),
             state,
             created_ms: 1_000,
             ended_ms: state.is_finished().then_some(4_500),
@@ -179,6 +262,39 @@ mod tests {
                 .map(|(i, s)| (format!("t{i}"), TaskView { state: *s }))
                 .collect(),
         }
+    }
+
+    #[test]
+    fn tenant_counts_follow_runs_and_dags_through_their_lives() {
+        let mut t = TenantCounts::default();
+        let q = run(RunState::Queued, &[]);
+        let r = run(RunState::Running, &[]);
+        let d = run(RunState::Done, &[]);
+        t.run_change(None, Some(&q));
+        assert_eq!((t.active_runs("acme"), t.queued_runs("acme", "d")), (1, 1));
+        t.run_change(Some(&q), Some(&r));
+        assert_eq!((t.active_runs("acme"), t.queued_runs("acme", "d")), (1, 0));
+        t.run_change(Some(&r), Some(&d));
+        t.run_change(Some(&d), None);
+        assert_eq!(t.active_runs("acme"), 0);
+        assert_eq!(t.queued_runs("other", "d"), 0);
+        let live = DagView {
+            tenant: "acme".into(),
+            deleted: false,
+        };
+        let gone = DagView {
+            tenant: "acme".into(),
+            deleted: true,
+        };
+        t.dag_change(None, Some(&live));
+        t.dag_change(Some(&live), Some(&live)); // an update
+        assert_eq!(t.live_dags("acme"), 1);
+        t.dag_change(Some(&live), Some(&gone)); // a delete keeps a tombstone
+        assert_eq!(t.live_dags("acme"), 0);
+        t.dag_change(Some(&gone), Some(&live)); // re-created
+        assert_eq!(t.live_dags("acme"), 1);
+        t.dag_change(Some(&live), None);
+        assert_eq!(t, TenantCounts::default(), "nothing left, no entry left");
     }
 
     #[test]
