@@ -256,6 +256,63 @@ async fn paused_minority_does_not_stop_the_majority_and_converges_after() {
     c.assert_no_panics();
 }
 
+/// A leader paused for longer than an election timeout has lost its leadership. The moment
+/// it runs again its `/readyz` must not call it a ready leader. It did: the answer took
+/// "leader" from metrics read before the node caught up and "no quorum needed" from a
+/// read after it had stepped down, and the test harness (and any load balancer) then
+/// took it for the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_leader_does_not_call_itself_ready() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = Cluster::new(3, &[]);
+    c.start_all();
+    c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    for round in 1..=3 {
+        let old = c.wait_leader(LONG).await;
+        c.pause(old);
+        let others: Vec<u64> = (1..=3).filter(|id| *id != old).collect();
+        wait_for(LONG, "a new leader", || async {
+            for &id in &others {
+                let r = c.readyz(id).await?;
+                if r["state"] == "leader" && r["ready"] == true {
+                    return Some(id);
+                }
+            }
+            None
+        })
+        .await;
+        // Ask while it is still stopped: the kernel queues the request and the node
+        // answers it as soon as it runs again.
+        let addr = c
+            .api(old)
+            .split("://")
+            .nth(1)
+            .expect("host:port")
+            .to_string();
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("send");
+        c.resume(old);
+        let mut answer = String::new();
+        tokio::time::timeout(LONG, s.read_to_string(&mut answer))
+            .await
+            .expect("an answer")
+            .expect("read");
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"));
+        assert!(
+            !(v["state"] == "leader" && v["ready"] == true),
+            "round {round}: node {old} called itself a ready leader right after it resumed: {v}"
+        );
+        c.wait_ready(LONG).await;
+    }
+    c.assert_no_panics();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_quorum_writes_answer_503_within_the_bounded_wait() {
     let mut c = Cluster::new(3, &[("ORCHESTRATOR_LEADER_WAIT_MS", "2000")]);

@@ -102,6 +102,45 @@ pub struct RaftNode {
     leader_wait: Duration,
     rpc_timeout: Duration,
     config: Arc<Config>,
+    metrics_seen: MetricsSeen,
+}
+
+/// When this node last saw openraft publish metrics it can trust. openraft computes
+/// `millis_since_quorum_ack` when it publishes, at the top of RaftCore's loop, so a value
+/// read later is older by the time since: a leader paused (SIGSTOP) for many election
+/// timeouts shows the age from before its pause until RaftCore finishes the batch of
+/// messages it was in and publishes again, and called itself a serving leader meanwhile.
+/// openraft publishes at least once per tick (1.5 heartbeats), so for a live node the age
+/// grows by at most that. A value seen after a longer silence may have been published
+/// before it (the process stalled between publishing and this watcher running): it is
+/// not trusted, and the next one, published after the stall, is.
+#[derive(Clone)]
+struct MetricsSeen(Arc<std::sync::Mutex<Option<Instant>>>);
+
+impl MetricsSeen {
+    /// Follow `raft`'s metrics until it shuts down; `stall` is the silence after which a
+    /// value is not trusted.
+    fn follow(raft: &Raft, stall: Duration) -> MetricsSeen {
+        let seen = MetricsSeen(Arc::new(std::sync::Mutex::new(Some(Instant::now()))));
+        let mut rx = raft.metrics();
+        let mark = seen.clone();
+        tokio::spawn(async move {
+            let mut prev = Instant::now();
+            while rx.changed().await.is_ok() {
+                let now = Instant::now();
+                let trusted = now.duration_since(prev) < stall;
+                prev = now;
+                *mark.0.lock().unwrap_or_else(|p| p.into_inner()) = trusted.then_some(now);
+            }
+        });
+        seen
+    }
+
+    /// Milliseconds since trusted metrics were published (`u64::MAX` if the last were not).
+    fn age_ms(&self) -> u64 {
+        let at = *self.0.lock().unwrap_or_else(|p| p.into_inner());
+        at.map_or(u64::MAX, |at| at.elapsed().as_millis() as u64)
+    }
 }
 
 impl RaftNode {
@@ -154,8 +193,11 @@ impl RaftNode {
         )
         .await
         .map_err(|e| Error::Stopped(e.to_string()))?;
+        let metrics_seen =
+            MetricsSeen::follow(&raft, Duration::from_millis(r.election_timeout_min_ms));
         Ok(RaftNode {
             id: config.node_id,
+            metrics_seen,
             raft,
             db,
             sm,
@@ -346,8 +388,18 @@ impl RaftNode {
     /// timeout (a single voter always does). Past that, followers may already be electing
     /// a successor: it must stop acting as leader until a quorum answers again.
     pub fn has_quorum(&self, m: &super::types::RaftMetrics) -> bool {
-        m.millis_since_quorum_ack
-            .is_some_and(|ms| ms < self.config.raft.election_timeout_min_ms)
+        self.quorum_acked_within_election_timeout(m.millis_since_quorum_ack)
+    }
+
+    /// [`Self::has_quorum`] for a [`Status`]'s `millis_since_quorum_ack`, counted from
+    /// when openraft computed it ([`MetricsSeen`]), not from when it is read.
+    pub fn quorum_acked_within_election_timeout(
+        &self,
+        millis_since_quorum_ack: Option<u64>,
+    ) -> bool {
+        millis_since_quorum_ack.is_some_and(|ms| {
+            ms.saturating_add(self.metrics_seen.age_ms()) < self.config.raft.election_timeout_min_ms
+        })
     }
 
     /// The longest any API request may take: a handler waits at most one read barrier
@@ -556,8 +608,8 @@ impl RaftNode {
 
     /// This node's view of itself and the cluster.
     pub async fn status(&self) -> Status {
-        let m = self.raft.metrics().borrow().clone();
         let initialized = self.raft.is_initialized().await.unwrap_or(false);
+        let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voters: Vec<NodeId> = membership.voter_ids().collect();
         let learners: Vec<NodeId> = membership.learner_ids().collect();
@@ -703,14 +755,6 @@ impl RaftNode {
             }
         }
         min
-    }
-
-    /// A leader that lost its quorum is not serving (see [`Self::has_quorum`]).
-    /// A leader that has not heard from a quorum for an election timeout: it answers
-    /// writes 503 and does not call itself ready.
-    pub fn leads_without_quorum(&self) -> bool {
-        let m = self.raft.metrics().borrow().clone();
-        m.state == ServerState::Leader && !self.has_quorum(&m)
     }
 
     pub fn is_serving_leader(&self, m: &super::types::RaftMetrics) -> bool {
