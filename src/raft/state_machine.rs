@@ -3,8 +3,8 @@
 //! the changed keys, `last_applied` and the membership in one atomic batch.
 //! Snapshots are built from a RocksDB point-in-time view while apply continues;
 //! installing one replaces every replicated table.
-//! It also keeps the run/task census ([`crate::state::census`]) true as it writes runs,
-//! and records the apply batch size, run durations, task retries and snapshots as
+//! It also keeps the run/task census ([`crate::state::census`]) and the due index of the
+//! supervise pass ([`crate::state::due`]) true as it writes runs, and records the apply batch size, run durations, task retries and snapshots as
 //! metrics.
 
 use std::collections::BTreeMap;
@@ -23,6 +23,8 @@ use super::types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
 use crate::state::census::{self, Change, Counts, DagView, RunView, TenantCounts};
+use crate::state::due::{DueIndex, Supervision};
+use crate::state::model::Millis;
 use crate::state::{apply_request, BatchResponse, Kv, KvError, Table};
 use crate::telemetry::metrics as m;
 
@@ -48,10 +50,39 @@ fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_else(|e| panic!("state-machine metadata serialises: {e}"))
 }
 
-/// Pending writes of one `apply` call over the database: reads see them first.
+/// Pending writes of one `apply` call over the database: reads see them first. It keeps
+/// the due index ([`DueIndex`]) up to date run by run as it is written (apply has it to
+/// itself), and remembers each run written as it was before the call and as it is now,
+/// for the census.
 struct Overlay<'a> {
     db: &'a Db,
     writes: BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>,
+    due: &'a mut DueIndex,
+    /// Run id → (the stored run before this call, the run as last written).
+    runs: BTreeMap<Vec<u8>, (Option<RunView>, Option<RunView>)>,
+    /// A read of a run's stored version failed while writing it: apply fails with it.
+    failed: Option<KvError>,
+}
+
+impl Overlay<'_> {
+    fn write_run(&mut self, key: &[u8], value: Option<&[u8]>) {
+        let new = value.and_then(RunView::decode);
+        let (before, latest) = match self.runs.remove(key) {
+            Some(seen) => seen,
+            None => match self.db.get(Table::Runs.name(), key) {
+                Ok(stored) => {
+                    let v = stored.and_then(|b| RunView::decode(&b));
+                    (v.clone(), v)
+                }
+                Err(e) => {
+                    self.failed = Some(KvError::from(e));
+                    return;
+                }
+            },
+        };
+        self.due.run_change(latest.as_ref(), new.as_ref());
+        self.runs.insert(key.to_vec(), (before, new));
+    }
 }
 
 impl Kv for Overlay<'_> {
@@ -62,10 +93,25 @@ impl Kv for Overlay<'_> {
         Ok(self.db.get(table.name(), key)?)
     }
     fn put(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>) {
+        if table == Table::Runs {
+            self.write_run(&key, Some(&value));
+        }
         self.writes.insert((table, key), Some(value));
     }
     fn delete(&mut self, table: Table, key: Vec<u8>) {
+        if table == Table::Runs {
+            self.write_run(&key, None);
+        }
         self.writes.insert((table, key), None);
+    }
+    fn supervision(&self, now: Millis) -> Result<Supervision, KvError> {
+        if let Some(e) = &self.failed {
+            return Err(KvError::Storage(e.to_string()));
+        }
+        Ok(self.due.supervision(now))
+    }
+    fn working_tenants(&self) -> Result<std::collections::BTreeSet<String>, KvError> {
+        Ok(self.due.working_tenants())
     }
     fn scan_prefix(
         &self,
@@ -105,38 +151,53 @@ pub struct StateMachineStore {
     applied_tx: Arc<watch::Sender<u64>>,
     census: Arc<Mutex<Counts>>,
     tenants: Arc<Mutex<TenantCounts>>,
+    /// Only apply and a snapshot install use it (never at once: openraft calls the state
+    /// machine one call at a time).
+    due: Arc<Mutex<DueIndex>>,
+}
+
+/// What the state machine derives from all stored runs and DAGs and then keeps
+/// incrementally.
+struct Derived {
+    counts: Counts,
+    tenants: TenantCounts,
+    due: DueIndex,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl StateMachineStore {
     /// Open over `db`; counts the stored runs once for the census.
     pub fn new(db: Db) -> Self {
         let (tx, _) = watch::channel(0);
-        let (counts, tenants) = Self::count_all(&db);
+        let all = Self::count_all(&db);
         StateMachineStore {
             db,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             applied_tx: Arc::new(tx),
-            census: Arc::new(Mutex::new(counts)),
-            tenants: Arc::new(Mutex::new(tenants)),
+            census: Arc::new(Mutex::new(all.counts)),
+            tenants: Arc::new(Mutex::new(all.tenants)),
+            due: Arc::new(Mutex::new(all.due)),
         }
     }
 
     /// What the tenant quotas read (kept incrementally; a lookup, not a scan).
     pub fn tenant_counts(&self) -> std::sync::MutexGuard<'_, TenantCounts> {
-        self.tenants.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.tenants)
     }
 
     /// Runs and tasks by state in the applied state (kept incrementally: O(1) to read).
     pub fn census(&self) -> Counts {
-        self.census
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        lock(&self.census).clone()
     }
 
-    /// Count every stored run and DAG (at start and after a snapshot install only).
-    fn count_all(db: &Db) -> (Counts, TenantCounts) {
+    /// Count and index every stored run and DAG (at start and after a snapshot install
+    /// only).
+    fn count_all(db: &Db) -> Derived {
         let mut tenants = TenantCounts::default();
+        let mut due = DueIndex::default();
         let values = |table: Table| -> Vec<Vec<u8>> {
             let Ok(cf) = db.cf(table.name()) else {
                 return Vec::new();
@@ -153,6 +214,7 @@ impl StateMachineStore {
             .collect();
         for v in &views {
             tenants.run_change(None, Some(v));
+            due.run_change(None, Some(v));
         }
         for v in values(Table::Dags)
             .iter()
@@ -160,15 +222,17 @@ impl StateMachineStore {
         {
             tenants.dag_change(None, Some(&v));
         }
-        (Counts::of(&views), tenants)
+        Derived {
+            counts: Counts::of(&views),
+            tenants,
+            due,
+        }
     }
 
-    fn set_census(&self, (counts, tenants): (Counts, TenantCounts)) {
-        *self
-            .census
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = counts;
-        *self.tenant_counts() = tenants;
+    fn set_derived(&self, all: Derived) {
+        *lock(&self.census) = all.counts;
+        *self.tenant_counts() = all.tenants;
+        *lock(&self.due) = all.due;
     }
 
     /// Fires with the last applied index after every apply (for actors that react to
@@ -202,11 +266,16 @@ impl StateMachineStore {
         db: &Db,
         census: &Mutex<Counts>,
         tenants: &Mutex<TenantCounts>,
+        due: &Mutex<DueIndex>,
         entries: Vec<Entry>,
     ) -> Result<Vec<BatchResponse>, StorageError> {
+        let mut due = lock(due);
         let mut overlay = Overlay {
             db,
             writes: BTreeMap::new(),
+            due: &mut due,
+            runs: BTreeMap::new(),
+            failed: None,
         };
         let mut responses = Vec::with_capacity(entries.len());
         let mut last: Option<LogId> = None;
@@ -234,32 +303,31 @@ impl StateMachineStore {
                 }
             }
         }
+        // An error ends the node's RaftCore (openraft treats it as fatal), so the due index,
+        // already ahead of the database, is never used again; a restart rebuilds it.
+        if let Some(e) = overlay.failed.take() {
+            return Err(sm_read_err(e));
+        }
         // What this apply changes in the census: each run written, against its stored
         // version (the overlay's writes are not in the database yet).
-        let mut changes = Vec::new();
-        let mut run_changes = Vec::new();
+        let run_changes: Vec<(Option<RunView>, Option<RunView>)> =
+            std::mem::take(&mut overlay.runs).into_values().collect();
+        let changes: Vec<Change> = run_changes
+            .iter()
+            .map(|(old, new)| Change::between(old.as_ref(), new.as_ref()))
+            .collect();
         let mut dag_changes = Vec::new();
-        for ((table, key), value) in &overlay.writes {
-            match table {
-                Table::Runs => {
-                    let old = db
-                        .get(Table::Runs.name(), key)
-                        .map_err(sm_read_err)?
-                        .and_then(|b| RunView::decode(&b));
-                    let new = value.as_deref().and_then(RunView::decode);
-                    changes.push(Change::between(old.as_ref(), new.as_ref()));
-                    run_changes.push((old, new));
-                }
-                Table::Dags => {
-                    let old = db
-                        .get(Table::Dags.name(), key)
-                        .map_err(sm_read_err)?
-                        .and_then(|b| DagView::decode(&b));
-                    let new = value.as_deref().and_then(DagView::decode);
-                    dag_changes.push((old, new));
-                }
-                _ => {}
-            }
+        for ((_, key), value) in overlay
+            .writes
+            .iter()
+            .filter(|((t, _), _)| *t == Table::Dags)
+        {
+            let old = db
+                .get(Table::Dags.name(), key)
+                .map_err(sm_read_err)?
+                .and_then(|b| DagView::decode(&b));
+            let new = value.as_deref().and_then(DagView::decode);
+            dag_changes.push((old, new));
         }
         let mut batch = WriteBatch::default();
         for ((table, key), value) in overlay.writes {
@@ -406,9 +474,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let last = entries.last().map(|e| e.log_id.index);
-        let (census, tenants) = (self.census.clone(), self.tenants.clone());
+        let (census, tenants, due) = (self.census.clone(), self.tenants.clone(), self.due.clone());
         let out = self
-            .blocking(move |db| Self::apply_entries(db, &census, &tenants, entries))
+            .blocking(move |db| Self::apply_entries(db, &census, &tenants, &due, entries))
             .await?;
         if let Some(idx) = last {
             self.applied_tx.send_replace(idx);
@@ -459,7 +527,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             Ok(Self::count_all(db))
         })
         .await
-        .map(|counts| self.set_census(counts))?;
+        .map(|all| self.set_derived(all))?;
         metrics::counter!(m::RAFT_SNAPSHOTS, "kind" => "installed").increment(1);
         if let Some(idx) = idx {
             self.applied_tx.send_replace(idx);

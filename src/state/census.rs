@@ -66,9 +66,12 @@ fn task_idx(s: TaskState) -> usize {
     TASK_STATES.iter().position(|x| *x == s).unwrap_or(0)
 }
 
-/// The part of a stored run the counts need (decoded from its JSON, the rest skipped).
+/// The part of a stored run the counts and the due index ([`super::due`]) need (decoded
+/// from its JSON, the rest skipped).
 #[derive(Debug, Clone, Deserialize)]
 pub struct RunView {
+    #[serde(default)]
+    pub run_id: String,
     #[serde(default)]
     pub tenant: String,
     #[serde(default)]
@@ -78,12 +81,28 @@ pub struct RunView {
     #[serde(default)]
     pub ended_ms: Option<Millis>,
     #[serde(default)]
+    pub sla_deadline_ms: Option<Millis>,
+    #[serde(default)]
+    pub sla_missed: bool,
+    #[serde(default)]
     pub tasks: BTreeMap<String, TaskView>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct TaskView {
     pub state: TaskState,
+    #[serde(default)]
+    pub attempt: u32,
+    #[serde(default)]
+    pub next_try_ms: Option<Millis>,
+    #[serde(default)]
+    pub attempts: Vec<AttemptView>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AttemptView {
+    pub attempt: u32,
+    pub lease_until_ms: Millis,
 }
 
 impl RunView {
@@ -251,15 +270,26 @@ mod tests {
 
     fn run(state: RunState, tasks: &[TaskState]) -> RunView {
         RunView {
+            run_id: "r".into(),
             tenant: "acme".into(),
             dag_id: "d".into(),
             state,
             created_ms: 1_000,
             ended_ms: state.is_finished().then_some(4_500),
+            sla_deadline_ms: None,
+            sla_missed: false,
             tasks: tasks
                 .iter()
                 .enumerate()
-                .map(|(i, s)| (format!("t{i}"), TaskView { state: *s }))
+                .map(|(i, s)| {
+                    let t = TaskView {
+                        state: *s,
+                        attempt: 0,
+                        next_try_ms: None,
+                        attempts: Vec::new(),
+                    };
+                    (format!("t{i}"), t)
+                })
                 .collect(),
         }
     }

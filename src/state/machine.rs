@@ -11,9 +11,11 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::census::RunView;
 use super::command::{
     AttemptRef, AttemptResult, Command, IdempotencyKey, Outcome, Request, Response,
 };
+use super::due::{DueIndex, Supervision};
 use super::model::{
     ActiveEntry, Attempt, Dag, DagSpec, Millis, NodeInfo, Notification, Run, RunState, RunType,
     TaskInstance, TaskState, Window,
@@ -154,6 +156,31 @@ pub trait Kv {
     fn delete(&mut self, table: Table, key: Vec<u8>);
     /// Every entry whose key starts with `prefix`, in key order, pending writes included.
     fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, KvError>;
+    /// What a supervise pass at `now` must look at ([`super::due`]), pending writes
+    /// included. This default reads every active run; the state machine's store keeps the
+    /// index as it writes and answers from it.
+    fn supervision(&self, now: Millis) -> Result<Supervision, KvError> {
+        let mut index = DueIndex::default();
+        for (k, _) in self.scan_prefix(Table::ActiveRuns, b"")? {
+            if let Some(bytes) = self.get(Table::Runs, keys::last_part(&k))? {
+                index.run_change(None, RunView::decode(&bytes).as_ref());
+            }
+        }
+        Ok(index.supervision(now))
+    }
+    /// Tenants with running runs (for the fair share of slots). This default reads every
+    /// active run's entry; the state machine's store answers from its due index.
+    fn working_tenants(&self) -> Result<std::collections::BTreeSet<String>, KvError> {
+        let mut working = std::collections::BTreeSet::new();
+        for (k, v) in self.scan_prefix(Table::ActiveRuns, b"")? {
+            let e: ActiveEntry = decode(Table::ActiveRuns, &v)?;
+            if e.state == RunState::Running {
+                let tenant = k.split(|b| *b == 0).next().unwrap_or_default();
+                working.insert(String::from_utf8_lossy(tenant).into_owned());
+            }
+        }
+        Ok(working)
+    }
 }
 
 /// A stored answer to an idempotency key.
@@ -1093,15 +1120,7 @@ impl FairShare {
             };
             *running.entry(tenant).or_insert(0u32) += 1;
         }
-        let mut working = std::collections::BTreeSet::new();
-        for (k, v) in kv.scan_prefix(Table::ActiveRuns, b"")? {
-            let e: ActiveEntry = decode(Table::ActiveRuns, &v)?;
-            if e.state == RunState::Running {
-                let tenant = k.split(|b| *b == 0).next().unwrap_or_default();
-                working.insert(tenant.to_vec());
-            }
-        }
-        let tenants = (working.len() as u32).max(1);
+        let tenants = (kv.working_tenants()?.len() as u32).max(1);
         Ok(FairShare {
             running,
             share: (live_slots / tenants).max(1),
@@ -1479,19 +1498,21 @@ fn retry_run(kv: &mut impl Kv, tenant: &str, run_id: &str, ctx: Ctx) -> Result<O
 }
 
 /// The leader's periodic pass over every unfinished run.
+/// One pass over the runs that are due ([`super::due`]): expire leases, place ready
+/// tasks and retries, mark missed SLAs, then start queued runs where a place is free.
+/// Runs that are not due would come out of it unchanged, so it leaves them unread.
 fn supervise(kv: &mut impl Kv, ctx: Ctx) -> Result<Outcome, KvError> {
+    let due = kv.supervision(ctx.now)?;
     let mut pool = NodePool::load(kv, ctx)?;
     let mut assigned = 0;
     let mut expired = 0;
-    let mut dags = std::collections::BTreeSet::new();
-    for (k, v) in kv.scan_prefix(Table::ActiveRuns, b"")? {
-        let e: ActiveEntry = decode(Table::ActiveRuns, &v)?;
-        let run_id = String::from_utf8_lossy(keys::last_part(&k)).into_owned();
+    let mut visited = std::collections::BTreeSet::new();
+    for run_id in due.runs {
         let Some(mut run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else {
             continue;
         };
-        dags.insert((run.tenant.clone(), run.dag_id.clone()));
-        if e.state != RunState::Running {
+        visited.insert((run.tenant.clone(), run.dag_id.clone()));
+        if run.state != RunState::Running {
             // Still queued behind `max_active_runs` past its deadline: a miss too.
             if ctx.protocol >= 2 && mark_sla_missed(kv, &mut run, ctx.now)? {
                 let state = run.state;
@@ -1578,11 +1599,14 @@ fn supervise(kv: &mut impl Kv, ctx: Ctx) -> Result<Outcome, KvError> {
             save_run(kv, &mut run, Some(before), ctx)?;
         }
     }
-    for (tenant, dag_id) in dags {
-        if let Some(dag) = get_json::<Dag>(kv, Table::Dags, &keys::dag(&tenant, &dag_id))? {
-            start_queued_runs(kv, &tenant, &dag_id, dag.spec.max_active_runs, ctx)?;
-        } else {
-            start_queued_runs(kv, &tenant, &dag_id, u32::MAX, ctx)?;
+    // A DAG has a free place if it had one when the pass began, or if the pass changed
+    // one of its runs (nothing else changes a DAG's runs during a pass).
+    for ((tenant, dag_id), load) in due.queued_dags {
+        let max = get_json::<Dag>(kv, Table::Dags, &keys::dag(&tenant, &dag_id))?
+            .map_or(u32::MAX, |d| d.spec.max_active_runs);
+        let changed = visited.contains(&(tenant.clone(), dag_id.clone()));
+        if changed || load.running < max {
+            start_queued_runs(kv, &tenant, &dag_id, max, ctx)?;
         }
     }
     Ok(Outcome::Supervised { assigned, expired })
@@ -2590,6 +2614,213 @@ pub mod tests {
                 .unwrap()
                 .is_some();
             assert_eq!(notified, protocol == 2);
+        }
+    }
+
+    /// What supervise read before the due index: every active run, and every DAG with
+    /// active runs for starting queued ones. The index must change exactly what this did.
+    #[derive(Default, Debug)]
+    struct FullScanKv(MemKv);
+
+    impl Kv for FullScanKv {
+        fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+            self.0.get(table, key)
+        }
+        fn put(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>) {
+            self.0.put(table, key, value)
+        }
+        fn delete(&mut self, table: Table, key: Vec<u8>) {
+            self.0.delete(table, key)
+        }
+        fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, KvError> {
+            self.0.scan_prefix(table, prefix)
+        }
+        fn supervision(&self, _now: Millis) -> Result<Supervision, KvError> {
+            let mut sup = Supervision::default();
+            let mut dags = std::collections::BTreeSet::new();
+            for (k, _) in self.0.scan_prefix(Table::ActiveRuns, b"")? {
+                let mut parts = k.split(|b| *b == 0).map(|p| String::from_utf8_lossy(p));
+                let (Some(t), Some(d), Some(id)) = (parts.next(), parts.next(), parts.next())
+                else {
+                    continue;
+                };
+                sup.runs.push(id.into_owned());
+                dags.insert((t.into_owned(), d.into_owned()));
+            }
+            let always = crate::state::due::Load {
+                queued: 1,
+                running: 0,
+            };
+            sup.queued_dags = dags.into_iter().map(|k| (k, always)).collect();
+            Ok(sup)
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Put {
+            dag: u8,
+            wide: bool,
+            max_active: u32,
+            sla: bool,
+            retries: u32,
+        },
+        Trigger {
+            dag: u8,
+            window: i64,
+        },
+        Heartbeat {
+            node: u64,
+            renew: bool,
+        },
+        Finish {
+            pick: usize,
+            ok: bool,
+        },
+        Cancel {
+            pick: usize,
+        },
+        Supervise,
+    }
+
+    fn arb_op() -> impl proptest::strategy::Strategy<Value = (Op, i64)> {
+        use proptest::prelude::*;
+        let op = prop_oneof![
+            (0u8..2, any::<bool>(), 1u32..3, any::<bool>(), 0u32..2).prop_map(
+                |(dag, wide, max_active, sla, retries)| Op::Put {
+                    dag,
+                    wide,
+                    max_active,
+                    sla,
+                    retries
+                }
+            ),
+            (0u8..2, 0i64..8).prop_map(|(dag, window)| Op::Trigger { dag, window }),
+            (1u64..3, any::<bool>()).prop_map(|(node, renew)| Op::Heartbeat { node, renew }),
+            (any::<usize>(), any::<bool>()).prop_map(|(pick, ok)| Op::Finish { pick, ok }),
+            any::<usize>().prop_map(|pick| Op::Cancel { pick }),
+            Just(Op::Supervise),
+            Just(Op::Supervise),
+        ];
+        (op, 0i64..1500)
+    }
+
+    /// Turn an abstract op into a request against the current state of `kv`.
+    fn concrete(kv: &MemKv, op: &Op, n: usize, now: Millis) -> Option<Request> {
+        let assignments: Vec<(u64, AttemptRef)> = kv
+            .scan_prefix(Table::Assignments, b"")
+            .unwrap()
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let node = u64::from_be_bytes(k.get(..8)?.try_into().ok()?);
+                let mut rest = k.get(9..)?.split(|b| *b == 0);
+                let run_id = String::from_utf8_lossy(rest.next()?).into_owned();
+                let task_id = String::from_utf8_lossy(rest.next()?).into_owned();
+                let attempt = u32::from_be_bytes(v.as_slice().try_into().ok()?);
+                Some((
+                    node,
+                    AttemptRef {
+                        run_id,
+                        task_id,
+                        attempt,
+                    },
+                ))
+            })
+            .collect();
+        let command = match op {
+            Op::Put {
+                dag,
+                wide,
+                max_active,
+                sla,
+                retries,
+            } => {
+                let mut spec = if *wide {
+                    wide_spec(&format!("d{dag}"))
+                } else {
+                    chain_spec(&format!("d{dag}"), 3, *retries)
+                };
+                spec.tasks.truncate(3);
+                spec.max_active_runs = *max_active;
+                spec.sla_ms = sla.then_some(2_000);
+                Command::PutDag {
+                    tenant: "t".into(),
+                    spec,
+                    expected_version: None,
+                }
+            }
+            Op::Trigger { dag, window } => {
+                trigger("t", &format!("d{dag}"), window * 10, window * 10 + 10)
+            }
+            Op::Heartbeat { node, renew } => Command::Heartbeat {
+                node: *node,
+                incarnation: "i1".into(),
+                slots: 2,
+                running: assignments
+                    .iter()
+                    .filter(|(at, _)| *renew && at == node)
+                    .map(|(_, a)| a.clone())
+                    .collect(),
+                lease_ms: 1_000,
+            },
+            Op::Finish { pick, ok } => {
+                let (node, attempt) = assignments.get(pick % assignments.len().max(1))?.clone();
+                let result = if *ok {
+                    AttemptResult::Success { exit_code: Some(0) }
+                } else {
+                    AttemptResult::Failed {
+                        exit_code: Some(1),
+                        error: "boom".into(),
+                    }
+                };
+                Command::FinishAttempt {
+                    attempt,
+                    node,
+                    result,
+                }
+            }
+            Op::Cancel { pick } => {
+                let runs = kv.scan_prefix(Table::Runs, b"").unwrap();
+                let (k, _) = runs.get(pick % runs.len().max(1))?;
+                Command::CancelRun {
+                    tenant: "t".into(),
+                    run_id: String::from_utf8_lossy(k).into_owned(),
+                }
+            }
+            Op::Supervise => Command::Supervise { term: 1 },
+        };
+        Some(req(&format!("op{n}"), now, command))
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 200, failure_persistence: None, ..Default::default()
+        })]
+
+        /// Leases that expire, retries that come due, SLAs that pass, slots that free up,
+        /// queues behind `max_active_runs`: a supervise pass that reads only the due runs
+        /// leaves the same state and answers the same as one that reads every run.
+        #[test]
+        fn supervising_due_runs_equals_supervising_all(
+            ops in proptest::collection::vec(arb_op(), 1..80),
+            fair in proptest::bool::ANY,
+        ) {
+            let mut due = MemKv::default();
+            let mut all = FullScanKv::default();
+            if fair {
+                let raise = Command::RaiseProtocol { term: 1, version: PROTOCOL_VERSION };
+                apply(&mut due, &req("raise", 0, raise.clone())).unwrap();
+                apply_request(&mut all, &req("raise", 0, raise), 1).unwrap();
+            }
+            let mut now = 1;
+            for (n, (op, dt)) in ops.iter().enumerate() {
+                now += dt;
+                let Some(r) = concrete(&due, op, n, now) else { continue };
+                let a = apply(&mut due, &r).unwrap();
+                let b = apply_request(&mut all, &r, 1).unwrap();
+                proptest::prop_assert_eq!(&a, &b, "op {} {:?}", n, op);
+                proptest::prop_assert!(due == all.0, "state differs after op {} {:?}", n, op);
+            }
         }
     }
 }

@@ -1,9 +1,11 @@
 //! Domain state: the model ([`model`]), the commands that change it ([`command`]) and the
 //! deterministic apply logic ([`machine`]); [`census`] counts runs and tasks by state
-//! incrementally for the metrics. Nothing here knows Raft, RocksDB or HTTP.
+//! incrementally for the metrics, and [`due`] indexes the active runs by when a supervise
+//! pass must look at them. Nothing here knows Raft, RocksDB or HTTP.
 
 pub mod census;
 pub mod command;
+pub mod due;
 pub mod machine;
 pub mod model;
 pub mod progress;
