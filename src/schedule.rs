@@ -197,6 +197,21 @@ pub fn due_windows(
     due
 }
 
+/// The earliest `now` at which [`due_windows`] (same schedule, cursor, anchor and end
+/// date) returns a window: the end of the first window after the cursor. `None` if none
+/// ever will (past the end date). Before it the scheduler need not look at the DAG again
+/// until the DAG or its cursor changes.
+pub fn next_due_ms(
+    s: &Schedule,
+    cursor: Option<i64>,
+    anchor: i64,
+    end_date: Option<i64>,
+) -> Option<i64> {
+    let start = cursor.or_else(|| s.next_after(anchor - 1))?;
+    let end = s.next_after(start)?;
+    end_date.is_none_or(|e| end <= e).then_some(end)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,6 +334,33 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, .. ProptestConfig::default() })]
+
+        /// Nothing is due before `next_due_ms`, and something is at it.
+        #[test]
+        fn next_due_is_when_the_first_window_comes_due(
+            expr in prop::sample::select(vec!["*/7 * * * * *", "0 */5 * * * *", "15 2 * * *", "0 0 * * 0", "@hourly"]),
+            tz in prop::sample::select(vec!["UTC", "Europe/Paris", "Asia/Kathmandu"]),
+            anchor in 1_600_000_000_000i64..1_900_000_000_000,
+            fired in any::<bool>(),
+            before in 1i64..3_600_000,
+            end_after in prop::option::of(0i64..10 * 86_400_000),
+            catchup in any::<bool>(),
+        ) {
+            let s = Schedule::parse(expr, tz).unwrap();
+            let cursor = fired.then(|| s.next_after(anchor).unwrap());
+            let end_date = end_after.map(|e| anchor + e);
+            let policy = Policy { catchup, grace_ms: 60_000, max_catchup: 3 };
+            match next_due_ms(&s, cursor, anchor, end_date) {
+                Some(t) => {
+                    prop_assert!(due_windows(&s, cursor, anchor, end_date, t - before, policy).is_empty());
+                    prop_assert!(!due_windows(&s, cursor, anchor, end_date, t, policy).is_empty());
+                }
+                None => {
+                    let far = anchor + 20 * 86_400_000;
+                    prop_assert!(due_windows(&s, cursor, anchor, end_date, far, policy).is_empty());
+                }
+            }
+        }
 
         /// Whatever the schedule, timezone, cursor and outage: due windows are whole,
         /// consecutive intervals of the schedule, start at the cursor, end by `now`, never

@@ -5,9 +5,16 @@
 //! rejects commands from a stale term, so a window fires at most once cluster-wide
 //! whatever leaders come and go; the replicated cursor means a new leader resumes where
 //! the old one stopped. Fire lag (commit time − window end) is measured.
+//!
+//! A pass costs a scan of the DAGs table and a hash of each value, not a decode and a
+//! cron parse of every DAG: within a term the scheduler remembers each DAG's parsed plan
+//! (until its stored value changes) and the time before which it has nothing due (until
+//! this leader fires it; no one else moves its cursor in this term).
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -16,9 +23,9 @@ use tracing::{debug, info, warn};
 use super::{system_request, LeaderGate, Leadership, ProposerHandle};
 use crate::config::SchedulerConfig;
 use crate::raft::RaftNode;
-use crate::schedule::{due_windows, Policy, Schedule};
+use crate::schedule::{due_windows, next_due_ms, Policy, Schedule};
 use crate::state::machine::keys;
-use crate::state::model::Dag;
+use crate::state::model::{Dag, Millis};
 use crate::state::{Command, Outcome, Table};
 
 /// Figures the scheduler exports.
@@ -38,6 +45,59 @@ pub struct Scheduler {
     gate: LeaderGate,
     busy: bool,
     stats: Arc<Stats>,
+    memory: Arc<Mutex<Memory>>,
+}
+
+/// What the scheduler knows of one DAG, in the term it learnt it.
+struct Known {
+    /// A hash of the stored DAG this was computed from.
+    fingerprint: u64,
+    /// `None`: nothing to fire (deleted, paused, unscheduled, or a cron that does not parse).
+    plan: Option<Plan>,
+    /// Nothing is due before this (cluster-clock ms).
+    quiet_until: Millis,
+}
+
+/// The parts of a DAG that decide its windows.
+struct Plan {
+    tenant: String,
+    dag_id: String,
+    schedule: Schedule,
+    anchor: Millis,
+    end_date_ms: Option<Millis>,
+    catchup: bool,
+}
+
+impl Plan {
+    fn of(dag: &Dag) -> Option<Plan> {
+        if dag.deleted || dag.spec.paused {
+            return None;
+        }
+        let expr = dag.spec.schedule.as_deref()?;
+        let schedule = Schedule::parse(expr, &dag.spec.timezone).ok()?;
+        Some(Plan {
+            tenant: dag.tenant.clone(),
+            dag_id: dag.spec.dag_id.clone(),
+            schedule,
+            // From start_date if given (catchup may then backfill), else from creation.
+            anchor: dag.spec.start_date_ms.unwrap_or(dag.created_ms),
+            end_date_ms: dag.spec.end_date_ms,
+            catchup: dag.spec.catchup,
+        })
+    }
+}
+
+/// The scheduler's memory of the DAGs, valid for one term.
+#[derive(Default)]
+struct Memory {
+    term: u64,
+    dags: HashMap<Vec<u8>, Known>,
+}
+
+fn fingerprint(bytes: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
 }
 
 impl Scheduler {
@@ -56,6 +116,7 @@ impl Scheduler {
             gate: LeaderGate::new(),
             busy: false,
             stats,
+            memory: Arc::default(),
         }
     }
 
@@ -70,6 +131,7 @@ impl Scheduler {
             self.gate.leadership.term,
             self.config.clone(),
             self.stats.clone(),
+            self.memory.clone(),
         ));
         ctx.spawn(
             async move {
@@ -90,6 +152,7 @@ async fn fire_due(
     term: u64,
     config: SchedulerConfig,
     stats: Arc<Stats>,
+    memory: Arc<Mutex<Memory>>,
 ) {
     // The voters' median clock: a leader whose own clock runs fast fires nothing early.
     if !node.clock_calibrated() {
@@ -103,71 +166,11 @@ async fn fire_due(
             return;
         }
     };
-    let mut proposals = Vec::new();
-    for (_, v) in dags {
-        let Ok(dag) = serde_json::from_slice::<Dag>(&v) else {
-            continue;
-        };
-        if dag.deleted || dag.spec.paused {
-            continue;
-        }
-        let Some(expr) = dag.spec.schedule.as_deref() else {
-            continue;
-        };
-        let Ok(schedule) = Schedule::parse(expr, &dag.spec.timezone) else {
-            continue;
-        };
-        let ckey = keys::dag(&dag.tenant, &dag.spec.dag_id);
-        let cursor = match node.db.get(Table::Cursors.name(), &ckey) {
-            Ok(c) => c.and_then(|b| keys::from_ordered_i64(&b)),
-            Err(e) => {
-                warn!(error = %e, "scheduler cannot read a cursor");
-                continue;
-            }
-        };
-        // From start_date if given (catchup may then backfill), else from creation; the
-        // cursor is also the DAG's fired-window watermark, kept across delete: a
-        // re-created DAG starts from its anchor, and never at or below the watermark.
-        let anchor = dag.spec.start_date_ms.unwrap_or(dag.created_ms);
-        let cursor = match (cursor, schedule.next_after(anchor - 1)) {
-            (Some(c), Some(first)) if c < first => None,
-            (c, _) => c,
-        };
-        let policy = Policy {
-            catchup: dag.spec.catchup,
-            grace_ms: config.catchup_grace_ms as i64,
-            max_catchup: config.max_catchup,
-        };
-        let due = due_windows(&schedule, cursor, anchor, dag.spec.end_date_ms, now, policy);
-        if due.is_empty() {
-            continue;
-        }
-        // Scheduled runs obey the tenant's run quotas too: past them the DAG's windows
-        // are held back (and, without catchup, skipped once past the grace).
-        let quotas = node.config().limits.for_tenant(&dag.tenant);
-        let quota = crate::quota::check_new_run(
-            &node.sm.tenant_counts(),
-            &dag.tenant,
-            &dag.spec.dag_id,
-            &quotas,
-        );
-        if let Err(exceeded) = quota {
-            debug!(tenant = %dag.tenant, dag_id = %dag.spec.dag_id, reason = %exceeded, "windows held back by a quota");
-            continue;
-        }
-        for window in due {
-            let cmd = Command::FireWindow {
-                tenant: dag.tenant.clone(),
-                dag_id: dag.spec.dag_id.clone(),
-                window,
-                term,
-            };
-            let proposer = proposer.clone();
-            let dag_id = dag.spec.dag_id.clone();
-            proposals
-                .push(async move { (dag_id, window, proposer.propose(system_request(cmd)).await) });
-        }
-    }
+    let fires = due_fires(&node, dags, now, term, &config, &memory);
+    let proposals = fires.into_iter().map(|(dag_id, window, cmd)| {
+        let proposer = proposer.clone();
+        async move { (dag_id, window, proposer.propose(system_request(cmd)).await) }
+    });
     for (dag_id, window, res) in futures::future::join_all(proposals).await {
         match res {
             Ok(r) => match r.outcome {
@@ -194,6 +197,108 @@ async fn fire_due(
             }
         }
     }
+}
+
+/// The `FireWindow` commands due at `now`, with what the scheduler remembers updated.
+fn due_fires(
+    node: &RaftNode,
+    dags: Vec<(Vec<u8>, Vec<u8>)>,
+    now: Millis,
+    term: u64,
+    config: &SchedulerConfig,
+    memory: &Mutex<Memory>,
+) -> Vec<(String, crate::state::model::Window, Command)> {
+    let mut fires = Vec::new();
+    let mut memory = memory.lock().unwrap_or_else(|p| p.into_inner());
+    if memory.term != term {
+        // Another leader may have moved cursors since: learn everything again.
+        *memory = Memory {
+            term,
+            dags: HashMap::new(),
+        };
+    }
+    let mut seen = std::collections::HashSet::with_capacity(dags.len());
+    for (k, v) in dags {
+        let fp = fingerprint(&v);
+        seen.insert(k.clone());
+        let known = memory.dags.entry(k).or_insert_with(|| Known {
+            fingerprint: !fp,
+            plan: None,
+            quiet_until: 0,
+        });
+        if known.fingerprint != fp {
+            *known = Known {
+                fingerprint: fp,
+                plan: serde_json::from_slice::<Dag>(&v)
+                    .ok()
+                    .as_ref()
+                    .and_then(Plan::of),
+                quiet_until: 0,
+            };
+        }
+        let Some(plan) = known.plan.as_ref() else {
+            continue;
+        };
+        if now < known.quiet_until {
+            continue;
+        }
+        let ckey = keys::dag(&plan.tenant, &plan.dag_id);
+        let cursor = match node.db.get(Table::Cursors.name(), &ckey) {
+            Ok(c) => c.and_then(|b| keys::from_ordered_i64(&b)),
+            Err(e) => {
+                warn!(error = %e, "scheduler cannot read a cursor");
+                continue;
+            }
+        };
+        // The cursor is also the DAG's fired-window watermark, kept across delete: a
+        // re-created DAG starts from its anchor, and never at or below the watermark.
+        let cursor = match (cursor, plan.schedule.next_after(plan.anchor - 1)) {
+            (Some(c), Some(first)) if c < first => None,
+            (c, _) => c,
+        };
+        let policy = Policy {
+            catchup: plan.catchup,
+            grace_ms: config.catchup_grace_ms as i64,
+            max_catchup: config.max_catchup,
+        };
+        let due = due_windows(
+            &plan.schedule,
+            cursor,
+            plan.anchor,
+            plan.end_date_ms,
+            now,
+            policy,
+        );
+        if due.is_empty() {
+            known.quiet_until = next_due_ms(&plan.schedule, cursor, plan.anchor, plan.end_date_ms)
+                .unwrap_or(Millis::MAX);
+            continue;
+        }
+        // Scheduled runs obey the tenant's run quotas too: past them the DAG's windows
+        // are held back (and, without catchup, skipped once past the grace).
+        let quotas = node.config().limits.for_tenant(&plan.tenant);
+        let quota = crate::quota::check_new_run(
+            &node.sm.tenant_counts(),
+            &plan.tenant,
+            &plan.dag_id,
+            &quotas,
+        );
+        if let Err(exceeded) = quota {
+            debug!(tenant = %plan.tenant, dag_id = %plan.dag_id, reason = %exceeded, "windows held back by a quota");
+            continue;
+        }
+        for window in due {
+            let cmd = Command::FireWindow {
+                tenant: plan.tenant.clone(),
+                dag_id: plan.dag_id.clone(),
+                window,
+                term,
+            };
+            fires.push((plan.dag_id.clone(), window, cmd));
+        }
+    }
+    memory.dags.retain(|k, _| seen.contains(k));
+    fires
 }
 
 impl Actor for Scheduler {
