@@ -253,6 +253,28 @@ def shape_workload(b, name, tasks, args):
     return {"median_ms": statistics.median(times), "all_ms": [round(t, 1) for t in times]}
 
 
+def backlog_workload(b, args):
+    """chain40 beside runs that exist but have nothing due: `--backlog` backfill runs queued
+    behind one run of a 10-minute shell task (max_active_runs 1), on a DAG of their own."""
+    import concurrent.futures
+    b.must("POST", 1, "/dags", {"dag_id": "backlog", "max_active_runs": 1,
+                                "tasks": [{"task_id": "a", "kind": "shell", "command": "sleep 600"}]})
+    day0 = 946684800
+
+    def trigger(i):
+        t = day0 + i * 60
+        body = {"dag_id": "backlog", "run_type": "backfill",
+                "from": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)),
+                "to": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t + 60))}
+        return b.must("POST", 1 + i % 3, "/runs", body)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(trigger, range(args.backlog)))
+    r = shape_workload(b, "chain40bl", chain(40, "noop"), args)
+    r["backlog"] = args.backlog
+    return r
+
+
 # ---------------------------------------------------------------------------------------
 # Scheduled DAGs: fire lag and window -> done.
 
@@ -376,7 +398,7 @@ def table(results, m):
     return "\n".join(rows)
 
 
-WORKLOADS = ["dags", "backfill", "get", "chain40", "chain40sh", "fan40", "firelag", "failover"]
+WORKLOADS = ["dags", "backfill", "get", "chain40", "chain40sh", "fan40", "backlog", "firelag", "failover"]
 
 
 def main():
@@ -392,12 +414,14 @@ def main():
     ap.add_argument("--fire-dags", type=int, default=1000)
     ap.add_argument("--fire-seconds", type=int, default=60)
     ap.add_argument("--failover-trials", type=int, default=5)
+    ap.add_argument("--backlog", type=int, default=5000, help="runs queued in `backlog`")
     ap.add_argument("--api-base", type=int, default=8280)
     ap.add_argument("--peer-base", type=int, default=9280)
     args = ap.parse_args()
     if args.quick:
         args.repeats, args.duration, args.connections = 1, 2, 12
         args.shape_repeats, args.fire_dags, args.fire_seconds, args.failover_trials = 1, 20, 12, 1
+        args.backlog = 100
     b = Bench(args)
     results = {}
     try:
@@ -413,6 +437,8 @@ def main():
                     results[name] = shape_workload(b, "chain40sh", chain(40, "shell"), args)
                 elif name == "fan40":
                     results[name] = shape_workload(b, "fan40", fan(40), args)
+                elif name == "backlog":
+                    results[name] = backlog_workload(b, args)
                 elif name == "firelag":
                     results[name] = firelag_workload(b, args)
                 elif name == "failover":
