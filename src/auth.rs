@@ -391,6 +391,13 @@ impl Verifier {
         if c.tenant.is_empty() {
             return Err(Error::Invalid("empty tenant claim".into()));
         }
+        // Keys of the replicated tables join their parts with NUL: a tenant holding one (or
+        // any control character) could read as another tenant's prefix.
+        if c.tenant.chars().any(char::is_control) {
+            return Err(Error::Invalid(
+                "tenant claim holds a control character".into(),
+            ));
+        }
         Ok(Principal {
             subject: c.sub,
             tenant: c.tenant,
@@ -506,6 +513,20 @@ mod tests {
         assert!(v.verify(&t).is_err());
 
         assert!(v.verify("garbage").is_err());
+    }
+
+    #[test]
+    fn tenant_claims_with_control_characters_are_rejected() {
+        let v = Verifier::hs256(SECRET, None, None);
+        for tenant in ["acme\u{0}beta", "acme\n", "\u{7f}"] {
+            let t = sign(serde_json::json!({"sub": "u", "tenant": tenant,
+                "scope": "orchestrator:read", "exp": now() + 60}));
+            let err = v.verify(&t).expect_err(tenant);
+            assert!(err.to_string().contains("control character"), "{err}");
+        }
+        let ok = sign(serde_json::json!({"sub": "u", "tenant": "acme-é.1",
+            "scope": "orchestrator:read", "exp": now() + 60}));
+        assert_eq!(v.verify(&ok).unwrap().tenant, "acme-é.1");
     }
 
     const SECRET: &str = "a-test-secret-of-at-least-32-bytes";

@@ -275,7 +275,7 @@ struct Replica {
 fn replica() -> Replica {
     let dir = tempfile::tempdir().expect("temp dir");
     let db = Db::open(dir.path()).expect("open db");
-    let sm = StateMachineStore::new(db.clone());
+    let sm = StateMachineStore::new(db.clone()).expect("open state machine");
     Replica { _dir: dir, db, sm }
 }
 

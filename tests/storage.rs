@@ -11,7 +11,7 @@ use orchestrator::raft::state_machine::StateMachineStore;
 use orchestrator::raft::types::{Entry, LogId, StorageError, TypeConfig};
 use orchestrator::raft::NodeId;
 use orchestrator::state::model::{DagSpec, RunType, TaskKind, TaskSpec, Window};
-use orchestrator::state::{Batch, Command, IdempotencyKey, Request};
+use orchestrator::state::{Batch, Command, IdempotencyKey, Request, Table};
 use proptest::prelude::*;
 
 struct Builder;
@@ -22,7 +22,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
     ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = Db::open(dir.path()).expect("open db");
-        Ok((dir, LogStore::new(db.clone()), StateMachineStore::new(db)))
+        Ok((dir, LogStore::new(db.clone()), StateMachineStore::new(db)?))
     }
 }
 
@@ -175,7 +175,7 @@ fn arb_request() -> impl Strategy<Value = Request> {
 fn open_sm() -> (tempfile::TempDir, Db, StateMachineStore) {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(dir.path()).unwrap();
-    let sm = StateMachineStore::new(db.clone());
+    let sm = StateMachineStore::new(db.clone()).expect("open state machine");
     (dir, db, sm)
 }
 
@@ -259,4 +259,18 @@ fn corrupt_snapshots_are_rejected() {
     assert!(parse_snapshot(b"ORCSNAP1\x00\x00\x00\x00\x09abc").is_err());
     assert!(parse_snapshot(b"ORCSNAP1\x63").is_err());
     assert_eq!(parse_snapshot(b"ORCSNAP1").unwrap().len(), 0);
+}
+
+#[test]
+fn a_stored_run_that_does_not_decode_stops_the_state_machine_from_opening() {
+    // The due index must hold every active run: a run it could not read would never be
+    // supervised here while other replicas supervise it.
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path()).unwrap();
+    let cf = db.cf(Table::Runs.name()).unwrap();
+    db.raw().put_cf(cf, b"run_x", b"not json").unwrap();
+    let err = StateMachineStore::new(db)
+        .err()
+        .expect("a run that does not decode is refused");
+    assert!(err.to_string().contains("run_x"), "{err}");
 }

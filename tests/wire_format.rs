@@ -354,7 +354,7 @@ fn scenario() -> Vec<Entry> {
 fn fresh() -> (tempfile::TempDir, Db, StateMachineStore) {
     let dir = tempfile::tempdir().expect("temp dir");
     let db = Db::open(dir.path()).expect("open db");
-    let sm = StateMachineStore::new(db.clone());
+    let sm = StateMachineStore::new(db.clone()).expect("open state machine");
     (dir, db, sm)
 }
 

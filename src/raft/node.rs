@@ -181,7 +181,8 @@ impl RaftNode {
                 .ok()
                 .map(|a| a.ip()),
         );
-        let sm = StateMachineStore::new(db.clone());
+        let sm = StateMachineStore::new(db.clone())
+            .map_err(|e| Error::Stopped(format!("state machine: {e}")))?;
         let raft = Raft::new(
             config.node_id,
             Arc::new(raft_config),

@@ -169,18 +169,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl StateMachineStore {
-    /// Open over `db`; counts the stored runs once for the census.
-    pub fn new(db: Db) -> Self {
+    /// Open over `db`; counts and indexes the stored runs once.
+    pub fn new(db: Db) -> Result<Self, StorageError> {
         let (tx, _) = watch::channel(0);
-        let all = Self::count_all(&db);
-        StateMachineStore {
+        let all = Self::count_all(&db)?;
+        Ok(StateMachineStore {
             db,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             applied_tx: Arc::new(tx),
             census: Arc::new(Mutex::new(all.counts)),
             tenants: Arc::new(Mutex::new(all.tenants)),
             due: Arc::new(Mutex::new(all.due)),
-        }
+        })
     }
 
     /// What the tenant quotas read (kept incrementally; a lookup, not a scan).
@@ -195,38 +195,43 @@ impl StateMachineStore {
 
     /// Count and index every stored run and DAG (at start and after a snapshot install
     /// only).
-    fn count_all(db: &Db) -> Derived {
+    fn count_all(db: &Db) -> Result<Derived, StorageError> {
         let mut tenants = TenantCounts::default();
         let mut due = DueIndex::default();
-        let values = |table: Table| -> Vec<Vec<u8>> {
-            let Ok(cf) = db.cf(table.name()) else {
-                return Vec::new();
-            };
+        let entries = |table: Table| -> Result<crate::state::machine::Entries, StorageError> {
+            let cf = db.cf(table.name()).map_err(sm_read_err)?;
             db.raw()
                 .iterator_cf(cf, IteratorMode::Start)
-                .filter_map(|item| item.ok())
-                .map(|(_, v)| v.to_vec())
+                .map(|item| {
+                    item.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                        .map_err(sm_read_err)
+                })
                 .collect()
         };
-        let views: Vec<RunView> = values(Table::Runs)
-            .iter()
-            .filter_map(|v| RunView::decode(v))
-            .collect();
-        for v in &views {
-            tenants.run_change(None, Some(v));
-            due.run_change(None, Some(v));
+        // A run left out would never be supervised here while other replicas supervise
+        // it: a run that does not decode stops the node, as it would stop apply.
+        let mut views = Vec::new();
+        for (k, v) in entries(Table::Runs)? {
+            let view = RunView::decode(&v).ok_or_else(|| {
+                sm_read_err(std::io::Error::other(format!(
+                    "stored run {} does not decode",
+                    String::from_utf8_lossy(&k)
+                )))
+            })?;
+            tenants.run_change(None, Some(&view));
+            due.run_change(None, Some(&view));
+            views.push(view);
         }
-        for v in values(Table::Dags)
-            .iter()
-            .filter_map(|v| DagView::decode(v))
-        {
-            tenants.dag_change(None, Some(&v));
+        for (_, v) in entries(Table::Dags)? {
+            if let Some(view) = DagView::decode(&v) {
+                tenants.dag_change(None, Some(&view));
+            }
         }
-        Derived {
+        Ok(Derived {
             counts: Counts::of(&views),
             tenants,
             due,
-        }
+        })
     }
 
     fn set_derived(&self, all: Derived) {
@@ -524,7 +529,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             batch.put_cf(meta_cf, KEY_MEMBERSHIP, to_json(&meta.last_membership));
             Self::store_snapshot(db, &meta, &data, &mut batch)?;
             db.write(batch, true).map_err(snap_err)?;
-            Ok(Self::count_all(db))
+            Self::count_all(db)
         })
         .await
         .map(|all| self.set_derived(all))?;

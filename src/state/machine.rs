@@ -1506,12 +1506,12 @@ fn supervise(kv: &mut impl Kv, ctx: Ctx) -> Result<Outcome, KvError> {
     let mut pool = NodePool::load(kv, ctx)?;
     let mut assigned = 0;
     let mut expired = 0;
-    let mut visited = std::collections::BTreeSet::new();
+    // DAGs with a run that stopped running in this pass.
+    let mut freed = std::collections::BTreeSet::new();
     for run_id in due.runs {
         let Some(mut run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else {
             continue;
         };
-        visited.insert((run.tenant.clone(), run.dag_id.clone()));
         if run.state != RunState::Running {
             // Still queued behind `max_active_runs` past its deadline: a miss too.
             if ctx.protocol >= 2 && mark_sla_missed(kv, &mut run, ctx.now)? {
@@ -1572,6 +1572,9 @@ fn supervise(kv: &mut impl Kv, ctx: Ctx) -> Result<Outcome, KvError> {
         progress::advance(&mut run, &spec, ctx.now);
         let n = assign_ready(kv, &mut run, &mut pool, ctx)?;
         assigned += n;
+        if run.state != before {
+            freed.insert((run.tenant.clone(), run.dag_id.clone()));
+        }
         if changed || n > 0 || run.state != before {
             save_run(kv, &mut run, Some(before), ctx)?;
         }
@@ -1599,13 +1602,12 @@ fn supervise(kv: &mut impl Kv, ctx: Ctx) -> Result<Outcome, KvError> {
             save_run(kv, &mut run, Some(before), ctx)?;
         }
     }
-    // A DAG has a free place if it had one when the pass began, or if the pass changed
-    // one of its runs (nothing else changes a DAG's runs during a pass).
+    // A DAG has a free place if it had one when the pass began, or if one of its runs
+    // stopped running in this pass (nothing else changes how many run during a pass).
     for ((tenant, dag_id), load) in due.queued_dags {
         let max = get_json::<Dag>(kv, Table::Dags, &keys::dag(&tenant, &dag_id))?
             .map_or(u32::MAX, |d| d.spec.max_active_runs);
-        let changed = visited.contains(&(tenant.clone(), dag_id.clone()));
-        if changed || load.running < max {
+        if load.running < max || freed.contains(&(tenant.clone(), dag_id.clone())) {
             start_queued_runs(kv, &tenant, &dag_id, max, ctx)?;
         }
     }
