@@ -289,7 +289,7 @@ async fn skewed_clocks_neither_starve_a_node_nor_expire_a_lease() {
     for id in 1..=3 {
         assert!(nodes.contains_key(&id), "node {id} got work: {nodes:?}");
     }
-    a_fast_leader_fires_nothing_early(&c, &t).await;
+    a_fast_leader_fires_nothing_early(&mut c, &t).await;
     c.assert_no_panics();
 }
 
@@ -297,9 +297,16 @@ async fn skewed_clocks_neither_starve_a_node_nor_expire_a_lease() {
 /// second: no window may end after the real time it was read at. The cluster reads the
 /// voters' median clock, so node 3's minute does not count (its purge cutoffs come from
 /// the same clock).
-async fn a_fast_leader_fires_nothing_early(c: &Cluster, t: &str) {
-    // Each round another node wins about half the time: 20 rounds miss node 3 once in
-    // a million.
+async fn a_fast_leader_fires_nothing_early(c: &mut Cluster, t: &str) {
+    // Node 3 gets the shortest election timeout (0.4-0.6 s against 0.8-1.6 s), so when
+    // the leader stops it times out first. With equal timeouts it lost 20 rounds in a row
+    // once (fresh-clone suite, 963f2c0) for a reason not found yet; how node 3 comes to
+    // lead is not what this test checks.
+    c.kill(3);
+    c.set_node_env(3, "ORCHESTRATOR_RAFT__ELECTION_TIMEOUT_MIN_MS", "400");
+    c.set_node_env(3, "ORCHESTRATOR_RAFT__ELECTION_TIMEOUT_MAX_MS", "600");
+    c.start(3);
+    c.wait_ready(LONG).await;
     for _ in 0..20 {
         let leader = c.wait_leader(LONG).await;
         if leader == 3 {
@@ -308,7 +315,8 @@ async fn a_fast_leader_fires_nothing_early(c: &Cluster, t: &str) {
         // Freeze the leader until another node leads, then let it follow again.
         c.pause(leader);
         let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
-        wait_for(LONG, "a new leader", || leader_among(c, &others)).await;
+        let won = wait_for(LONG, "a new leader", || leader_among(c, &others)).await;
+        println!("FIGURE leader {leader} paused, node {won} won");
         c.resume(leader);
     }
     assert_eq!(c.wait_leader(LONG).await, 3, "node 3 never led");
