@@ -171,15 +171,6 @@ impl DueIndex {
     pub fn working_tenants(&self) -> BTreeSet<String> {
         self.running.keys().cloned().collect()
     }
-
-    /// How many runs the index holds a due time for (a gauge of its size).
-    pub fn len(&self) -> usize {
-        self.due.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.due.is_empty()
-    }
 }
 
 #[cfg(test)]
