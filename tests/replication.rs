@@ -1,6 +1,7 @@
 //! Replicated core (issue 2): real three-node clusters of `orchestrator` processes.
 //! Writes through any node, leader SIGKILL and restart, whole-cluster crash, a wiped node
-//! rejoining through a snapshot, a paused minority, no quorum, and bad peer calls.
+//! rejoining through a snapshot, a paused minority, no quorum, elections that every node
+//! can win, and bad peer calls.
 
 mod common;
 
@@ -310,6 +311,56 @@ async fn a_resumed_leader_does_not_call_itself_ready() {
         );
         c.wait_ready(LONG).await;
     }
+    c.assert_no_panics();
+}
+
+/// openraft 0.9 draws a node's randomized election timeout once, at start: whenever the
+/// leader stopped, the follower with the shorter draw won, and the node with the longest
+/// draw never led again. The vendored patch (vendor/README.md) draws again each time the
+/// timer starts, so every node wins its share. Before the patch this failed 2 runs of 3
+/// (one node lost all 16 rounds; it passes only when two draws happen to be close).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_wins_elections_when_leaders_keep_stopping() {
+    let mut c = Cluster::new(
+        3,
+        &[
+            ("ORCHESTRATOR_RAFT__HEARTBEAT_MS", "100"),
+            ("ORCHESTRATOR_RAFT__ELECTION_TIMEOUT_MIN_MS", "300"),
+            ("ORCHESTRATOR_RAFT__ELECTION_TIMEOUT_MAX_MS", "900"),
+        ],
+    );
+    c.start_all();
+    c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    // A node that is a candidate in every round and wins each with probability 1/2 loses
+    // all 16 with probability 2^-16; three nodes, about 1 in 20,000.
+    let mut wins = std::collections::BTreeMap::<u64, u32>::new();
+    for _round in 1..=16 {
+        let old = c.wait_leader(LONG).await;
+        c.pause(old);
+        let others: Vec<u64> = (1..=3).filter(|id| *id != old).collect();
+        let new = wait_for(LONG, "a new leader", || async {
+            for &id in &others {
+                let r = c.readyz(id).await?;
+                if r["state"] == "leader" && r["ready"] == true {
+                    return Some(id);
+                }
+            }
+            None
+        })
+        .await;
+        *wins.entry(new).or_default() += 1;
+        c.resume(old);
+        c.wait_ready(LONG).await;
+        if wins.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(
+        wins.len(),
+        3,
+        "every node should win an election when leaders keep stopping; wins per node: {wins:?}"
+    );
     c.assert_no_panics();
 }
 

@@ -206,6 +206,12 @@ where
 
     pub(crate) command_state: CommandState,
 
+    /// orchestrator patch (vendor/README.md): the vote `utime` for which the engine's
+    /// randomized election timeout was last drawn. A new draw is made whenever `utime`
+    /// moves (a heartbeat from a leader, a vote granted or an election started), so each
+    /// election is timed by its own draw, as Raft asks, not by one draw made at start.
+    pub(crate) election_timeout_drawn_for: Option<InstantOf<C>>,
+
     pub(crate) span: Span,
 
     pub(crate) _p: PhantomData<SM>,
@@ -1468,8 +1474,16 @@ where
         } else {
             tracing::debug!("there are multiple voter, check election timeout");
 
-            let current_vote = self.engine.state.vote_ref();
             let utime = self.engine.state.vote_last_modified();
+            if self.election_timeout_drawn_for != utime {
+                // orchestrator patch (vendor/README.md): a fresh draw for each new timer
+                // start, so the follower that wins one election is not favoured in the next
+                // and two close draws do not split the vote again and again.
+                self.election_timeout_drawn_for = utime;
+                self.engine.config.timer_config.election_timeout =
+                    Duration::from_millis(self.config.new_rand_election_timeout::<C::AsyncRuntime>());
+            }
+            let current_vote = self.engine.state.vote_ref();
             let timer_config = &self.engine.config.timer_config;
 
             let mut election_timeout = if current_vote.is_committed() {
