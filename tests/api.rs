@@ -734,6 +734,32 @@ async fn idempotent_retry_on_another_node_after_a_leader_kill() {
     c.assert_no_panics();
 }
 
+/// Manual triggers without a window are new runs each time, however close together:
+/// before protocol 4 their window was the API's millisecond, and two triggers in the same
+/// millisecond shared a run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_manual_triggers_are_separate_runs() {
+    let c = up(1, &[]).await;
+    let t = c.token("acme", "orchestrator:read orchestrator:write");
+    wait_for(LONG, "protocol 4", || async {
+        let s = c.status(1).await?;
+        (s["protocol"].as_u64()? >= 4).then_some(())
+    })
+    .await;
+    c.post(1, "/dags", &t, &json!({"dag_id":"many"})).await;
+    let body = json!({"dag_id":"many","run_type":"manual"});
+    let answers = futures::future::join_all((0..40).map(|_| c.post(1, "/runs", &t, &body))).await;
+    let mut ids = std::collections::BTreeSet::new();
+    for (s, v) in answers {
+        assert_eq!(s, StatusCode::OK, "{v}");
+        ids.insert(v["run_id"].as_str().expect("run_id").to_string());
+    }
+    assert_eq!(ids.len(), 40, "40 triggers, 40 runs: {ids:?}");
+    let (_, v) = c.get(1, "/runs?dag_id=many&limit=100", &t).await;
+    assert_eq!(v["runs"].as_array().expect("runs").len(), 40, "{v}");
+    c.assert_no_panics();
+}
+
 fn endpoints() -> Vec<(Method, String)> {
     vec![
         (Method::POST, format!("{BASE}/dags")),

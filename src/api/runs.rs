@@ -23,8 +23,10 @@ use crate::state::model::{Run, RunState, RunType, TaskState, Window};
 use crate::state::{Command, Outcome, Table};
 
 /// A run to trigger. A backfill needs `from` and `to`; a manual run may give both or
-/// neither (without them its window is the trigger instant). Runs are idempotent by
-/// `(dag_id, window)`: triggering the same window again returns the existing run.
+/// neither. Runs with a window are idempotent by `(dag_id, window)`: triggering the same
+/// window again returns the existing run. A manual run without a window is a new run each
+/// time (its window is the instant it is applied); send `X-Request-Id` to make its retries
+/// safe.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"dag_id": "sales_gdp", "run_type": "backfill", "from": "2025-10-01", "to": "2025-10-04"}))]
@@ -229,7 +231,8 @@ fn parse_run_type(s: &str) -> Result<RunType, ApiError> {
     }
 }
 
-/// `POST /runs`: a manual or backfill run; idempotent by `(dag_id, window)`.
+/// `POST /runs`: a manual or backfill run; idempotent by `(dag_id, window)` when it has a
+/// window, by `X-Request-Id` when it has none.
 #[utoipa::path(
     post,
     path = "/runs",
@@ -237,7 +240,8 @@ fn parse_run_type(s: &str) -> Result<RunType, ApiError> {
     operation_id = "trigger_run",
     summary = "Trigger a manual or backfill run",
     description = "Idempotent by `(dag_id, window)`: the same window again returns the existing run. \
-Dates are midnight in the DAG's timezone.",
+A manual run without `from` and `to` is a new run each time (its window is the instant it is applied): \
+send `X-Request-Id` to make its retries safe. Dates are midnight in the DAG's timezone.",
     request_body(
         content = RunInput,
         example = json!({"dag_id": "sales_gdp", "run_type": "backfill", "from": "2025-10-01", "to": "2025-10-04"}),

@@ -44,7 +44,11 @@ pub const MAX_LOST_RETRIES: u32 = 3;
 ///   immediate placements (a finished attempt's successor, a started run); the leader's
 ///   supervise pass first places every tenant's ready tasks up to that share, then fills
 ///   the slots left with anyone's (work-conserving).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// - 4: a manual run triggered without a window (the API sends it as `start == end`) is a
+///   new run every time, at the cluster time it is applied: two triggers in the same
+///   millisecond no longer share a run. Its retries are deduplicated by request id and
+///   `X-Request-Id`, not by window; a manual or backfill run with a window still is.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The replicated tables (one RocksDB column family each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -565,7 +569,16 @@ fn apply_command(
                     })
                 }
             };
-            let (run_id, state, existed) = create_run(kv, &dag, *run_type, *window, subject, ctx)?;
+            let windowless = *run_type == RunType::Manual && window.start_ms == window.end_ms;
+            let (run_id, state, existed) = if windowless && ctx.protocol >= 4 {
+                let now = Window {
+                    start_ms: ctx.now,
+                    end_ms: ctx.now,
+                };
+                create_run(kv, &dag, *run_type, now, Dedup::None, subject, ctx)?
+            } else {
+                create_run(kv, &dag, *run_type, *window, Dedup::ByWindow, subject, ctx)?
+            };
             Ok(Outcome::RunTriggered {
                 run_id,
                 state,
@@ -666,8 +679,15 @@ fn apply_command(
                     keys::ordered_i64(window.end_ms).to_vec(),
                 );
             }
-            let (run_id, _, existed) =
-                create_run(kv, &dag, RunType::Scheduled, *window, None, ctx)?;
+            let (run_id, _, existed) = create_run(
+                kv,
+                &dag,
+                RunType::Scheduled,
+                *window,
+                Dedup::ByWindow,
+                None,
+                ctx,
+            )?;
             Ok(Outcome::Fired {
                 run_id,
                 created: !existed,
@@ -1010,21 +1030,33 @@ fn notify(kv: &mut impl Kv, run: &Run, event: &str) -> Result<(), KvError> {
     Ok(())
 }
 
+/// Whether a new run is deduplicated by its window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dedup {
+    /// One run per `(dag, window)`: the window's record answers a second trigger.
+    ByWindow,
+    /// A new run every time (a manual run without a window, protocol ≥ 4).
+    None,
+}
+
 fn create_run(
     kv: &mut impl Kv,
     dag: &Dag,
     run_type: RunType,
     window: Window,
+    dedup: Dedup,
     subject: Option<&str>,
     ctx: Ctx,
 ) -> Result<(String, RunState, bool), KvError> {
     let (tenant, dag_id) = (dag.tenant.as_str(), dag.spec.dag_id.as_str());
     let wkey = keys::window(tenant, dag_id, &window);
-    if let Some(run_id) = kv.get(Table::Windows, &wkey)? {
-        let run_id = String::from_utf8_lossy(&run_id).into_owned();
-        let state = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())?
-            .map_or(RunState::Queued, |r| r.state);
-        return Ok((run_id, state, true));
+    if dedup == Dedup::ByWindow {
+        if let Some(run_id) = kv.get(Table::Windows, &wkey)? {
+            let run_id = String::from_utf8_lossy(&run_id).into_owned();
+            let state = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())?
+                .map_or(RunState::Queued, |r| r.state);
+            return Ok((run_id, state, true));
+        }
     }
     let seq = next_counter(kv, RUN_SEQ)?;
     let run_id = format!("run_{seq}");
@@ -1057,7 +1089,9 @@ fn create_run(
         counted: false,
         triggered_by: subject.map(str::to_string),
     };
-    kv.put(Table::Windows, wkey, run_id.as_bytes().to_vec());
+    if dedup == Dedup::ByWindow {
+        kv.put(Table::Windows, wkey, run_id.as_bytes().to_vec());
+    }
     kv.put(
         Table::RunsByDag,
         keys::run_by_dag(tenant, dag_id, ctx.now, &run_id),
@@ -1870,6 +1904,64 @@ pub mod tests {
             reused.outcome,
             Outcome::IdempotencyKeyReused { .. }
         ));
+    }
+
+    #[test]
+    fn from_protocol_4_manual_triggers_without_a_window_are_new_runs() {
+        let manual = |window: Option<(i64, i64)>| Command::TriggerRun {
+            tenant: "t".into(),
+            dag_id: "d".into(),
+            run_type: RunType::Manual,
+            // The API sends a manual run without a window as [now, now] of its clock.
+            window: window.map_or(
+                Window {
+                    start_ms: 7,
+                    end_ms: 7,
+                },
+                |(s, e)| Window {
+                    start_ms: s,
+                    end_ms: e,
+                },
+            ),
+        };
+        let run_id = |r: Response| match r.outcome {
+            Outcome::RunTriggered {
+                run_id, existed, ..
+            } => (run_id, existed),
+            other => panic!("{other:?}"),
+        };
+        for protocol in [3, 4] {
+            let mut kv = MemKv::default();
+            let raise = Command::RaiseProtocol {
+                term: 1,
+                version: protocol,
+            };
+            apply(&mut kv, &req("raise", 0, raise)).unwrap();
+            apply(&mut kv, &req("a", 1, put("t", "d", None))).unwrap();
+            // Two triggers stamped in the same millisecond.
+            let (first, _) = run_id(apply(&mut kv, &req("m1", 7, manual(None))).unwrap());
+            let (second, existed) = run_id(apply(&mut kv, &req("m2", 7, manual(None))).unwrap());
+            if protocol < 4 {
+                assert_eq!(
+                    (&first, existed),
+                    (&second, true),
+                    "protocol 3 shared the run"
+                );
+                continue;
+            }
+            assert_ne!(first, second, "two manual triggers, two runs");
+            assert!(!existed);
+            // A retry of the same request is still answered from its record.
+            let (again, _) = run_id(apply(&mut kv, &req("m2", 8, manual(None))).unwrap());
+            assert_eq!(again, second);
+            // Each run's window is the cluster time it was applied at.
+            assert_eq!(run(&kv, &second).window.start_ms, 7);
+            // A manual run with a window is still one run per window.
+            let (w1, _) = run_id(apply(&mut kv, &req("w1", 9, manual(Some((0, 10))))).unwrap());
+            let (w2, existed) =
+                run_id(apply(&mut kv, &req("w2", 9, manual(Some((0, 10))))).unwrap());
+            assert_eq!((w1, existed), (w2, true));
+        }
     }
 
     fn chain_spec(dag_id: &str, n: usize, retries: u32) -> DagSpec {
