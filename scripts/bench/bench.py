@@ -83,6 +83,23 @@ class Bench:
     def leader(self):
         return int(self.lc("leader", "60"))
 
+    def term(self):
+        """The highest Raft term any node reports (0 if none answers): a rise outside the
+        failover workload is an election the load caused."""
+        terms = [0]
+        for node in (1, 2, 3):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.api_base + node}/readyz", timeout=2) as r:
+                    terms.append(int(json.loads(r.read())["term"]))
+            except urllib.error.HTTPError as e:
+                try:
+                    terms.append(int(json.loads(e.read())["term"]))
+                except (ValueError, KeyError, TypeError):
+                    pass
+            except (urllib.error.URLError, OSError, TimeoutError, ValueError, KeyError, TypeError):
+                pass
+        return max(terms)
+
     def url(self, node, path):
         return f"http://127.0.0.1:{self.api_base + node}{BASE}{path}"
 
@@ -382,19 +399,21 @@ def table(results, m):
             "", "| workload | result | every repeat's p99 / runs |", "| --- | --- | --- |"]
     fmt = lambda xs: ", ".join("-" if x is None else f"{x:.0f} ms" for x in xs)
     for name, r in results.items():
+        # A leader change under load is a finding: say so on the workload's row.
+        label = f"{name} ({r['elections']} elections)" if r.get("elections") else name
         if "error" in r:
-            rows.append(f"| {name} | ERROR: {r['error']} | |")
+            rows.append(f"| {label} | ERROR: {r['error']} | |")
         elif "rate_median" in r:
-            rows.append(f"| {name} | {r['rate_median']:,.0f}/s median; non-2xx {r['non_2xx']} | p99 {fmt(r['p99_ms'])} |")
+            rows.append(f"| {label} | {r['rate_median']:,.0f}/s median; non-2xx {r['non_2xx']} | p99 {fmt(r['p99_ms'])} |")
         elif name == "firelag":
-            rows.append(f"| firelag {r['dags']} DAGs /5 s, {r['seconds']} s | fire lag p50 {r['fire_lag_ms']['p50']:.0f} ms,"
+            rows.append(f"| {label}: {r['dags']} DAGs /5 s, {r['seconds']} s | fire lag p50 {r['fire_lag_ms']['p50']:.0f} ms,"
                         f" p99 {r['fire_lag_ms']['p99']:.0f} ms; window -> done p99 {r['done_ms']['p99'] or 0:.0f} ms"
                         f" ({r['done_ms']['not_done']} not done) | {r['runs']} runs; leader RSS {r['leader_peak_rss_mb']} MB,"
                         f" {r['leader_cores']} cores |")
         elif name == "failover":
-            rows.append(f"| failover | median {r['median_ms']:.0f} ms, max {r['max_ms']:.0f} ms | {r['all_ms']} |")
+            rows.append(f"| {label} | median {r['median_ms']:.0f} ms, max {r['max_ms']:.0f} ms | {r['all_ms']} |")
         else:
-            rows.append(f"| {name} | {r['median_ms']:.0f} ms median | {r['all_ms']} |")
+            rows.append(f"| {label} | {r['median_ms']:.0f} ms median | {r['all_ms']} |")
     return "\n".join(rows)
 
 
@@ -428,6 +447,7 @@ def main():
         b.up()
         for name in args.workloads.split(","):
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            term = b.term()
             try:
                 if name in ("dags", "backfill", "get"):
                     results[name] = load_workload(b, name, args)
@@ -447,6 +467,8 @@ def main():
                     raise RuntimeError(f"unknown workload {name}")
             except Exception as e:  # a failed workload is a finding: report it, go on
                 results[name] = {"error": str(e)[:300]}
+            if name != "failover":
+                results[name]["elections"] = b.term() - term
     finally:
         b.down()
     m = machine()

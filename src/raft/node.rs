@@ -309,7 +309,8 @@ impl RaftNode {
         };
         let mut pause = Duration::from_millis(20);
         loop {
-            let m = self.raft.metrics().borrow().clone();
+            let mut metrics = self.raft.metrics();
+            let m = metrics.borrow_and_update().clone();
             let leader_hint = if m.state == ServerState::Leader && !self.has_quorum(&m) {
                 // openraft 0.9 never steps down a leader that lost its quorum, and its
                 // client_write would wait for a commit that cannot come: do not propose,
@@ -367,7 +368,13 @@ impl RaftNode {
             if Instant::now() + pause >= deadline {
                 return Err(no_leader());
             }
-            tokio::time::sleep(pause).await;
+            // Retry after the pause, or as soon as openraft names another leader or this
+            // node changes role: after a failover that is the moment the write can go.
+            let _ = tokio::time::timeout(
+                pause,
+                metrics.wait_for(|n| n.current_leader != m.current_leader || n.state != m.state),
+            )
+            .await;
             pause = (pause * 2).min(Duration::from_millis(200));
         }
     }
