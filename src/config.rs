@@ -43,7 +43,16 @@ pub struct Peer {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RaftConfig {
+    /// How often the leader sends heartbeats.
     pub heartbeat_ms: u64,
+    /// A follower's randomized election timeout is drawn from `[min, max)` each time its
+    /// timer starts. openraft 0.9 also gives the leader a lease of `max`: a follower that
+    /// heard from the leader starts an election only `max + draw` after, and refuses
+    /// votes for `max`. So a dead leader is replaced `max + min` to `2 × max` after its
+    /// last heartbeat (0.9-1.2 s by default; etcd's default election timeout is 1 s).
+    /// The defaults were chosen from `scripts/bench` (docs/performance.md): no election
+    /// under the full load workloads, and failover to the first acknowledged write in
+    /// about 1.3 s.
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
     /// Build a snapshot after this many applied entries since the last one.
@@ -61,9 +70,9 @@ pub struct RaftConfig {
 impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
-            heartbeat_ms: 250,
-            election_timeout_min_ms: 1200,
-            election_timeout_max_ms: 2400,
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 600,
             snapshot_after_logs: 5000,
             logs_kept_after_snapshot: 500,
             rpc_connect_timeout_ms: 500,
@@ -918,7 +927,7 @@ mod tests {
         let file = dir.path().join("c.toml");
         std::fs::write(
             &file,
-            "node_id = 2\napi_addr = \"127.0.0.1:7000\"\n[raft]\nheartbeat_ms = 100\n",
+            "node_id = 2\napi_addr = \"127.0.0.1:7000\"\n[raft]\nheartbeat_ms = 120\n",
         )
         .unwrap();
         let env = vec![
@@ -928,7 +937,7 @@ mod tests {
             ),
             (
                 "ORCHESTRATOR_RAFT__ELECTION_TIMEOUT_MIN_MS".to_string(),
-                "900".to_string(),
+                "450".to_string(),
             ),
             ("UNRELATED".to_string(), "x".to_string()),
         ];
@@ -936,8 +945,8 @@ mod tests {
         let c = Config::load(Some(&file), env, &flags).unwrap();
         assert_eq!(c.node_id, 2);
         assert_eq!(c.api_addr, "127.0.0.1:7002");
-        assert_eq!(c.raft.heartbeat_ms, 100);
-        assert_eq!(c.raft.election_timeout_min_ms, 900);
+        assert_eq!(c.raft.heartbeat_ms, 120);
+        assert_eq!(c.raft.election_timeout_min_ms, 450);
     }
 
     #[test]
