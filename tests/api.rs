@@ -734,6 +734,91 @@ async fn idempotent_retry_on_another_node_after_a_leader_kill() {
     c.assert_no_panics();
 }
 
+/// Every stored definition of a DAG can be read back, newest first, a page at a time;
+/// another tenant sees none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dags_versions_are_listed_newest_first_and_read_one_by_one() {
+    let c = up(1, &[]).await;
+    let t = c.token("acme", "orchestrator:read orchestrator:write");
+    let other = c.token("globex", "orchestrator:read orchestrator:write");
+    let owner =
+        |o: &str| json!({"dag_id":"hist","owner":o,"tasks":[{"task_id":"a","kind":"noop"}]});
+    for o in ["v1", "v2", "v3"] {
+        let (s, v) = c.post(1, "/dags", &t, &owner(o)).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    let (s, v) = c.post(1, "/dags/hist/pause", &t, &json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, page) = c.get(1, "/dags/hist/versions?limit=3", &t).await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    let seen: Vec<(u64, bool, String)> = page["versions"]
+        .as_array()
+        .expect("versions")
+        .iter()
+        .map(|v| {
+            assert_eq!(v["dag_id"], "hist");
+            (
+                v["version"].as_u64().expect("version"),
+                v["definition"]["paused"].as_bool().expect("paused"),
+                v["definition"]["owner"]
+                    .as_str()
+                    .expect("owner")
+                    .to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (4, true, "v3".to_string()),
+            (3, false, "v3".to_string()),
+            (2, false, "v2".to_string())
+        ]
+    );
+    let cursor = page["next_cursor"].as_str().expect("a next page");
+    let (s, rest) = c
+        .get(
+            1,
+            &format!("/dags/hist/versions?limit=3&cursor={cursor}"),
+            &t,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{rest}");
+    assert_eq!(rest["versions"].as_array().expect("versions").len(), 1);
+    assert_eq!(rest["versions"][0]["version"], 1);
+    assert_eq!(rest["versions"][0]["definition"]["owner"], "v1");
+    assert!(rest["next_cursor"].is_null(), "{rest}");
+    let (s, one) = c.get(1, "/dags/hist/versions/2", &t).await;
+    assert_eq!(s, StatusCode::OK, "{one}");
+    assert_eq!(one["definition"]["owner"], "v2");
+    assert_eq!(one["definition"]["tasks"][0]["task_id"], "a");
+    for (path, code) in [
+        ("/dags/hist/versions/9", StatusCode::NOT_FOUND),
+        ("/dags/hist/versions/two", StatusCode::BAD_REQUEST),
+        ("/dags/hist/versions/0", StatusCode::BAD_REQUEST),
+        ("/dags/hist/versions/+2", StatusCode::BAD_REQUEST),
+        ("/dags/none/versions", StatusCode::NOT_FOUND),
+        ("/dags/hist/versions?limit=0", StatusCode::BAD_REQUEST),
+    ] {
+        let (s, v) = c.get(1, path, &t).await;
+        assert_eq!(s, code, "{path}: {v}");
+    }
+    // Another tenant: no such DAG, and the first tenant's cursor is not followed.
+    let (s, v) = c.get(1, "/dags/hist/versions/1", &other).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let (s, v) = c.post(1, "/dags", &other, &owner("theirs")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = c
+        .get(1, &format!("/dags/hist/versions?cursor={cursor}"), &other)
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, v) = c.get(1, "/dags/hist/versions", &other).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["versions"].as_array().expect("versions").len(), 1, "{v}");
+    assert_eq!(v["versions"][0]["definition"]["owner"], "theirs");
+    c.assert_no_panics();
+}
+
 /// Manual triggers without a window are new runs each time, however close together:
 /// before protocol 4 their window was the API's millisecond, and two triggers in the same
 /// millisecond shared a run.

@@ -105,6 +105,21 @@ async fn applying_the_examples_dir_creates_then_is_unchanged_then_diffs_an_updat
         "{out}"
     );
 
+    // Both versions, newest first, and the first one's definition.
+    let versions = stdout(&cli(&c, &["dag", "versions", "daily_etl"]).await);
+    let rows: Vec<&str> = versions.lines().filter(|l| l.contains("team-")).collect();
+    assert!(
+        rows.len() == 2 && rows[0].contains("team-platform") && rows[1].contains("team-data"),
+        "{versions}"
+    );
+    let first = cli(&c, &["dag", "versions", "daily_etl", "--version", "1"]).await;
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    let shown = stdout(&first);
+    assert!(
+        shown.contains("version 1") && shown.contains("owner: team-data"),
+        "{shown}"
+    );
+
     // Lists in every format.
     let list = json(&cli(&c, &["dag", "list", "--output", "json"]).await);
     let mut ids: Vec<&str> = list

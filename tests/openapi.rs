@@ -211,6 +211,8 @@ fn routes() -> BTreeSet<(String, String)> {
         ("delete", "/dags/{dag_id}"),
         ("post", "/dags/{dag_id}/pause"),
         ("post", "/dags/{dag_id}/unpause"),
+        ("get", "/dags/{dag_id}/versions"),
+        ("get", "/dags/{dag_id}/versions/{version}"),
         ("post", "/runs"),
         ("get", "/runs"),
         ("get", "/runs/{run_id}"),

@@ -1,10 +1,10 @@
 //! The web UI in a real browser: headless Chromium, driven over WebDriver (a
 //! `chromedriver` this test starts on a free port and kills when done, also on panic),
 //! against a real three-node cluster. One browser session walks the whole flow: sign in,
-//! see a DAG, pause it, trigger a run and watch it finish, open a task's log, see the runs
-//! grid, cancel a long run, retry a failed one, meet "operators only", sign out, and read
-//! the cluster page as an operator. Screenshots go to `$CARGO_TARGET_TMPDIR/ui-screenshots/` (the path is
-//! printed).
+//! see a DAG, pause it, see its versions, trigger a run and watch it finish, open a task's
+//! log, see the runs grid, cancel a long run, retry a failed one, meet "operators only",
+//! sign out, and read the cluster page as an operator. Screenshots go to
+//! `$CARGO_TARGET_TMPDIR/ui-screenshots/` (the path is printed).
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`scripts/prereqs.sh` installs them);
 //! `ORCHESTRATOR_TEST_CHROMEDRIVER` and `ORCHESTRATOR_TEST_CHROMIUM` point elsewhere.
@@ -357,6 +357,18 @@ async fn the_web_ui_in_a_real_browser() {
         b.js("return document.querySelectorAll('#dag-graph path.edge').length")
             .await,
         json!(4)
+    );
+    // Its versions, newest first, each with what it changed: created, paused, unpaused.
+    b.until(
+        UI_WAIT,
+        "three versions",
+        "return document.querySelectorAll('#versions tr[data-version]').length === 3",
+    )
+    .await;
+    assert_eq!(
+        b.js("return [...document.querySelectorAll('#versions tr[data-version]')].map((r) => r.dataset.version + ' ' + r.children[1].textContent)")
+            .await,
+        json!(["3 unpaused", "2 paused", "1 created"])
     );
     b.screenshot("02-dag.png").await;
 

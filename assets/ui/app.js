@@ -594,6 +594,11 @@
         throw e;
       }
       const runs = (await api('GET', '/runs?dag_id=' + enc(dagId) + '&limit=25')).runs || [];
+      // A 404 here means the DAG went away since the GET above: the next poll says so.
+      const history = (await api('GET', '/dags/' + enc(dagId) + '/versions?limit=20').catch((e) => {
+        if (e.status === 404) return {};
+        throw e;
+      })).versions || [];
       if (!p.alive) return STOP;
       showError(errors, null);
       const def = dag.definition || {};
@@ -634,10 +639,15 @@
       put(versions, el('div', { class: 'card', id: 'versions' },
         el('p', {}, 'Current version ', el('strong', { text: String(dag.version) }), ', updated ', when(dag.updated_at), ', created ', when(dag.created_at),
           '. Every change (an update, a pause, an unpause) makes a new version; a run keeps the version it started with.'),
-        seen.size ? el('table', {}, el('thead', {}, el('tr', {}, ['Version', 'Recent runs', 'Newest'].map((h) => el('th', { text: h })))),
-          el('tbody', {}, [...seen.entries()].sort((a, b) => b[0] - a[0]).map(([v, s]) => el('tr', {},
-            el('td', {}, String(v), v === dag.version ? el('span', { class: 'muted', text: ' (current)' }) : null),
-            el('td', { text: String(s.count) }), el('td', {}, when(s.newest)))))) : null));
+        history.length ? el('table', {}, el('thead', {}, el('tr', {}, ['Version', 'Changed', 'Recent runs', 'Definition'].map((h) => el('th', { text: h })))),
+          el('tbody', {}, history.map((h, i) => {
+            const s = seen.get(h.version);
+            return el('tr', { 'data-version': String(h.version) },
+              el('td', {}, String(h.version), h.version === dag.version ? el('span', { class: 'muted', text: ' (current)' }) : null),
+              el('td', { text: versionChange(h, history[i + 1]) }),
+              el('td', { text: s ? String(s.count) : '—' }),
+              el('td', {}, el('details', {}, el('summary', { text: 'show' }), el('pre', { class: 'mono', text: JSON.stringify(h.definition, null, 2) }))));
+          }))) : null));
       put(runsBody, ...runs.map((r) => el('tr', { 'data-run-id': r.run_id },
         el('td', {}, el('a', { href: '#/runs/' + enc(r.run_id), class: 'run-link', text: r.run_id })),
         el('td', {}, badge(r.state), r.sla_missed ? [' ', el('span', { class: 'badge sla-missed', text: 'SLA missed' })] : null),
@@ -649,6 +659,18 @@
       if (!runs.length) runsBody.append(el('tr', {}, el('td', { colspan: 7, class: 'muted', text: 'No runs yet: trigger one.' })));
       return JSON.stringify([dag, runs]);
     }, { interval: 2000, idle: 10000, onError: (e) => showError(errors, e) });
+  }
+
+  // What a version changed against the one before it (`older`, when this page holds it).
+  function versionChange(v, older) {
+    if (!older) return v.version === 1 ? 'created' : '—';
+    const a = v.definition || {}, b = older.definition || {};
+    const out = [];
+    for (const k of new Set([...Object.keys(a), ...Object.keys(b)])) {
+      if (JSON.stringify(a[k]) === JSON.stringify(b[k])) continue;
+      out.push(k === 'paused' ? (a.paused ? 'paused' : 'unpaused') : k);
+    }
+    return out.length ? out.join(', ') : (older.version === v.version - 1 ? 're-created' : '—');
   }
 
   function windowText(r) {

@@ -1,4 +1,5 @@
-//! DAG endpoints: submit (create or update), list, get, pause, unpause, delete.
+//! DAG endpoints: submit (create or update), list, get, pause, unpause, delete, and the
+//! definition of every version.
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -392,7 +393,7 @@ pub async fn get_one(
     Ok(Json(detail).into_response())
 }
 
-/// Paging of `GET /dags`.
+/// Paging of `GET /dags` and `GET /dags/{dag_id}/versions`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
@@ -403,6 +404,148 @@ pub struct ListQuery {
     /// `next_cursor` of the previous page.
     #[param(schema_with = super::schema::cursor)]
     cursor: Option<String>,
+}
+
+/// One version of a DAG's definition.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DagVersionOut {
+    pub dag_id: String,
+    /// 1 for the first definition; every change (update, pause, unpause) adds one, and a
+    /// DAG re-created after a delete goes on from its last version.
+    pub version: u64,
+    /// The definition as stored at that version (defaults filled in, durations in ms).
+    pub definition: DagSpec,
+}
+
+/// A page of a DAG's versions, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DagVersionList {
+    pub versions: Vec<DagVersionOut>,
+    /// Pass as `cursor` for the next (older) page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// The `{dag_id}` and `{version}` of a DAG version path.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct DagVersionPath {
+    #[param(schema_with = super::schema::id)]
+    pub dag_id: String,
+    /// The version number (1 for the first definition).
+    #[param(value_type = u64, minimum = 1, maximum = 18446744073709551615_u64)]
+    pub version: String,
+}
+
+/// `GET /dags/{dag_id}/versions?limit=&cursor=`: every definition, newest first.
+#[utoipa::path(
+    get,
+    path = "/dags/{dag_id}/versions",
+    tag = "dags",
+    operation_id = "list_dag_versions",
+    summary = "List a DAG's versions",
+    description = "Every stored definition of a live DAG, newest first, a page at a time: what each run \
+ran with (a run's `dag_version`) and what each change changed.",
+    params(DagPath, ListQuery),
+    responses(
+        (status = 200, description = "A page of versions.", body = DagVersionList),
+        (status = 400, description = "A query parameter this endpoint does not take, a `limit` outside \
+1-500, or a `cursor` this API did not return.", body = ErrorBody),
+        (status = 404, description = "No live DAG with this id in the caller's tenant.", body = ErrorBody),
+    ),
+    security(("bearer" = ["orchestrator:read"]))
+)]
+pub async fn list_versions(
+    State(st): State<ApiState>,
+    Extension(p): Extension<Principal>,
+    Path(DagPath { dag_id }): Path<DagPath>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    p.require(Access::Read)?;
+    let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let limit = page_limit(q.limit)?;
+    let prefix = keys::prefix(&[p.tenant.as_bytes(), dag_id.as_bytes()]);
+    let before = decode_cursor(q.cursor.as_deref(), &prefix)?;
+    load(&st, &p.tenant, &dag_id).await?;
+    let page =
+        st.node
+            .db
+            .scan_prefix_rev(Table::DagVersions, &prefix, before.as_deref(), limit + 1)?;
+    let more = page.len() > limit;
+    let mut versions = Vec::with_capacity(limit.min(page.len()));
+    let mut last = None;
+    for (k, v) in page.into_iter().take(limit) {
+        let version = version_of(&k)?;
+        let definition: DagSpec =
+            serde_json::from_slice(&v).map_err(|e| ApiError::Internal(e.to_string()))?;
+        versions.push(DagVersionOut {
+            dag_id: dag_id.clone(),
+            version,
+            definition,
+        });
+        last = Some(k);
+    }
+    let next_cursor = if more { last.map(hex::encode) } else { None };
+    Ok(Json(DagVersionList {
+        versions,
+        next_cursor,
+    })
+    .into_response())
+}
+
+/// The version number at the end of a `DagVersions` key (8 bytes, big-endian).
+fn version_of(key: &[u8]) -> Result<u64, ApiError> {
+    key.len()
+        .checked_sub(8)
+        .and_then(|at| key[at..].try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| ApiError::Internal("a DAG version key without its version".into()))
+}
+
+/// `GET /dags/{dag_id}/versions/{version}`: one definition.
+#[utoipa::path(
+    get,
+    path = "/dags/{dag_id}/versions/{version}",
+    tag = "dags",
+    operation_id = "get_dag_version",
+    summary = "Get one version of a DAG",
+    description = "The definition a live DAG had at `version`, for example the one a run ran with.",
+    params(DagVersionPath),
+    responses(
+        (status = 200, description = "The version.", body = DagVersionOut),
+        (status = 400, description = "`version` is not a number from 1 up.", body = ErrorBody),
+        (status = 404, description = "No live DAG with this id in the caller's tenant, or no such version.",
+            body = ErrorBody),
+    ),
+    security(("bearer" = ["orchestrator:read"]))
+)]
+pub async fn get_version(
+    State(st): State<ApiState>,
+    Extension(p): Extension<Principal>,
+    Path(DagVersionPath { dag_id, version }): Path<DagVersionPath>,
+) -> Result<Response, ApiError> {
+    p.require(Access::Read)?;
+    let version: u64 = version
+        .parse()
+        .ok()
+        .filter(|v| *v >= 1 && version.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| {
+            ApiError::InvalidRequest(format!("version '{version}' is not a number from 1 up"))
+        })?;
+    load(&st, &p.tenant, &dag_id).await?;
+    let definition = st
+        .node
+        .db
+        .get_json::<DagSpec>(
+            Table::DagVersions.name(),
+            &keys::dag_version(&p.tenant, &dag_id, version),
+        )?
+        .ok_or_else(|| ApiError::NotFound(format!("dag '{dag_id}' has no version {version}")))?;
+    Ok(Json(DagVersionOut {
+        dag_id,
+        version,
+        definition,
+    })
+    .into_response())
 }
 
 /// `GET /dags?limit=&cursor=`: the tenant's DAGs in id order.

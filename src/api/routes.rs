@@ -64,6 +64,8 @@ fn table() -> (OpenApiRouter<ApiState>, OpenApiRouter<ApiState>) {
         .routes(routes!(dags::get_one, dags::delete))
         .routes(routes!(dags::pause))
         .routes(routes!(dags::unpause))
+        .routes(routes!(dags::list_versions))
+        .routes(routes!(dags::get_version))
         .routes(routes!(runs::trigger, runs::list))
         .routes(routes!(runs::get_one))
         .routes(routes!(runs::cancel))

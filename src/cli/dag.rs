@@ -1,4 +1,4 @@
-//! `dag apply|list|get|pause|unpause|delete`. DAG files are YAML, JSON or TOML with the
+//! `dag apply|list|get|versions|pause|unpause|delete`. DAG files are YAML, JSON or TOML with the
 //! fields of `POST /dags`; `apply` validates each with the server's own rules
 //! ([`orchestrator::dag::validate`]) before sending anything and diffs it against the
 //! DAG's current definition.
@@ -31,6 +31,13 @@ pub enum DagCmd {
     List,
     /// One DAG: definition, version, next scheduled windows.
     Get { dag_id: String },
+    /// A DAG's versions, newest first; with --version, that version's definition.
+    Versions {
+        dag_id: String,
+        /// Show this version's stored definition (YAML in the table format).
+        #[arg(long)]
+        version: Option<u64>,
+    },
     /// Stop scheduling new windows.
     Pause { dag_id: String },
     /// Resume scheduling.
@@ -47,6 +54,7 @@ pub async fn run(client: &Client, format: Format, cmd: DagCmd) -> anyhow::Result
             let v = client.get(&format!("/dags/{dag_id}"), &[]).await?;
             output::emit(format, &v, print_dag)
         }
+        DagCmd::Versions { dag_id, version } => versions(client, format, &dag_id, version).await,
         DagCmd::Pause { dag_id } => status_change(client, format, &dag_id, "pause").await,
         DagCmd::Unpause { dag_id } => status_change(client, format, &dag_id, "unpause").await,
         DagCmd::Delete { dag_id } => {
@@ -222,21 +230,27 @@ fn print_diff(diff: &str) {
     }
 }
 
-async fn list(client: &Client, format: Format) -> anyhow::Result<()> {
-    let mut dags = Vec::new();
+/// Every item of a paged listing: the `field` array of each page, following
+/// `next_cursor` to the end.
+async fn all_pages(client: &Client, path: &str, field: &str) -> anyhow::Result<Vec<Value>> {
+    let mut items = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
         let mut q = vec![("limit", "500".to_string())];
         if let Some(c) = &cursor {
             q.push(("cursor", c.clone()));
         }
-        let page = client.get("/dags", &q).await?;
-        dags.extend(page["dags"].as_array().cloned().unwrap_or_default());
+        let page = client.get(path, &q).await?;
+        items.extend(page[field].as_array().cloned().unwrap_or_default());
         match page["next_cursor"].as_str() {
             Some(c) if !c.is_empty() => cursor = Some(c.to_string()),
-            _ => break,
+            _ => return Ok(items),
         }
     }
+}
+
+async fn list(client: &Client, format: Format) -> anyhow::Result<()> {
+    let dags = all_pages(client, "/dags", "dags").await?;
     output::emit(format, &Value::Array(dags), |v| {
         let mut t = output::table(&[
             "DAG", "STATUS", "VERSION", "SCHEDULE", "TASKS", "OWNER", "UPDATED",
@@ -250,6 +264,41 @@ async fn list(client: &Client, format: Format) -> anyhow::Result<()> {
                 Cell::new(text(&d["tasks"])),
                 Cell::new(text(&d["owner"])),
                 Cell::new(output::ago(&d["updated_at"])),
+            ]);
+        }
+        println!("{t}");
+    })
+}
+
+async fn versions(
+    client: &Client,
+    format: Format,
+    dag_id: &str,
+    version: Option<u64>,
+) -> anyhow::Result<()> {
+    if let Some(n) = version {
+        let v = client
+            .get(&format!("/dags/{dag_id}/versions/{n}"), &[])
+            .await?;
+        return output::emit(format, &v, |v| {
+            println!("# {dag_id}, version {n}");
+            match serde_yaml_ng::to_string(&v["definition"]) {
+                Ok(y) => print!("{y}"),
+                Err(_) => println!("{}", v["definition"]),
+            }
+        });
+    }
+    let all = all_pages(client, &format!("/dags/{dag_id}/versions"), "versions").await?;
+    output::emit(format, &Value::Array(all), |v| {
+        let mut t = output::table(&["VERSION", "PAUSED", "SCHEDULE", "TASKS", "OWNER"]);
+        for d in v.as_array().into_iter().flatten() {
+            let def = &d["definition"];
+            t.add_row(vec![
+                Cell::new(text(&d["version"])),
+                Cell::new(text(&def["paused"])),
+                Cell::new(text(&def["schedule"])),
+                Cell::new(def["tasks"].as_array().map_or(0, Vec::len)),
+                Cell::new(text(&def["owner"])),
             ]);
         }
         println!("{t}");
