@@ -43,13 +43,15 @@ pub struct Peer {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RaftConfig {
-    /// How often the leader sends heartbeats.
+    /// How often the leader sends heartbeats (openraft checks on a tick every third of
+    /// this, so a heartbeat goes out up to a third late).
     pub heartbeat_ms: u64,
     /// A follower's randomized election timeout is drawn from `[min, max)` each time its
     /// timer starts. openraft 0.9 also gives the leader a lease of `max`: a follower that
     /// heard from the leader starts an election only `max + draw` after, and refuses
     /// votes for `max`. So a dead leader is replaced `max + min` to `2 × max` after its
-    /// last heartbeat (0.9-1.2 s by default; etcd's default election timeout is 1 s).
+    /// last heartbeat (0.9-1.2 s by default, plus up to a tick; etcd's default election
+    /// timeout is 1 s). A leader stops acting as one when no quorum answered within `max`.
     /// The defaults were chosen from `scripts/bench` (docs/performance.md): no election
     /// under the full load workloads, and failover to the first acknowledged write in
     /// about 1.3 s.

@@ -97,10 +97,8 @@ pub async fn readyz(State(st): State<ApiState>) -> Response {
 /// comes from the one status: a leader that stepped down after `s` was taken must not
 /// pass as a leader (from `s`) that needs no quorum (from a later read).
 pub(crate) fn is_ready(st: &ApiState, s: &crate::raft::node::Status) -> bool {
-    let quorum = s.state != "leader"
-        || st
-            .node
-            .quorum_acked_within_election_timeout(s.millis_since_quorum_ack);
+    let quorum =
+        s.state != "leader" || st.node.quorum_acked_within_lease(s.millis_since_quorum_ack);
     let caught_up = match (s.applied_index, s.committed_index) {
         (_, None) => true,
         (Some(a), Some(c)) => a >= c,

@@ -110,10 +110,11 @@ pub struct RaftNode {
 /// read later is older by the time since: a leader paused (SIGSTOP) for many election
 /// timeouts shows the age from before its pause until RaftCore finishes the batch of
 /// messages it was in and publishes again, and called itself a serving leader meanwhile.
-/// openraft publishes at least once per tick (1.5 heartbeats), so for a live node the age
-/// grows by at most that. A value seen after a longer silence may have been published
-/// before it (the process stalled between publishing and this watcher running): it is
-/// not trusted, and the next one, published after the stall, is.
+/// openraft publishes at least once per tick (a third of a heartbeat with the vendored
+/// patch), so for a live node the age grows by at most that. A value seen after a longer
+/// silence may have been published before it (the process stalled between publishing and
+/// this watcher running): it is not trusted, and the next one, published after the stall,
+/// is.
 #[derive(Clone)]
 struct MetricsSeen(Arc<std::sync::Mutex<Option<Instant>>>);
 
@@ -392,21 +393,21 @@ impl RaftNode {
         b
     }
 
-    /// A leader holds its quorum while a quorum acknowledged it within an election
-    /// timeout (a single voter always does). Past that, followers may already be electing
-    /// a successor: it must stop acting as leader until a quorum answers again.
+    /// A leader holds its quorum while a quorum acknowledged it within its lease,
+    /// `election_timeout_max` (a single voter always does): openraft 0.9's followers refuse
+    /// every other candidate for that long after they last heard from this leader, so no
+    /// successor can exist before it (the voters share their Raft timing). Past that,
+    /// followers may already be electing a successor: it must stop acting as leader until
+    /// a quorum answers again.
     pub fn has_quorum(&self, m: &super::types::RaftMetrics) -> bool {
-        self.quorum_acked_within_election_timeout(m.millis_since_quorum_ack)
+        self.quorum_acked_within_lease(m.millis_since_quorum_ack)
     }
 
     /// [`Self::has_quorum`] for a [`Status`]'s `millis_since_quorum_ack`, counted from
     /// when openraft computed it ([`MetricsSeen`]), not from when it is read.
-    pub fn quorum_acked_within_election_timeout(
-        &self,
-        millis_since_quorum_ack: Option<u64>,
-    ) -> bool {
+    pub fn quorum_acked_within_lease(&self, millis_since_quorum_ack: Option<u64>) -> bool {
         millis_since_quorum_ack.is_some_and(|ms| {
-            ms.saturating_add(self.metrics_seen.age_ms()) < self.config.raft.election_timeout_min_ms
+            ms.saturating_add(self.metrics_seen.age_ms()) < self.config.raft.election_timeout_max_ms
         })
     }
 

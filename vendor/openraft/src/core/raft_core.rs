@@ -311,7 +311,9 @@ where
 
         let my_id = self.id.clone();
         let my_vote = self.engine.state.vote_ref().clone();
-        let ttl = Duration::from_millis(self.config.heartbeat_interval);
+        // orchestrator patch (vendor/README.md): as for replication's appends, at least the
+        // election timeout's minimum; one heartbeat interval failed reads under load.
+        let ttl = Duration::from_millis(self.config.heartbeat_interval.max(self.config.election_timeout_min));
         let eff_mem = self.engine.state.membership_state.effective().clone();
         let core_tx = self.tx_notify.clone();
 

@@ -246,8 +246,11 @@ where C: RaftTypeConfig
         let (tx_server_metrics, rx_server_metrics) = watch::channel(RaftServerMetrics::default());
         let (tx_shutdown, rx_shutdown) = C::AsyncRuntime::oneshot();
 
+        // orchestrator patch (vendor/README.md): a tick every third of a heartbeat, not
+        // every 1.5: elections can start only on a tick, so 1.5 heartbeats cut a short
+        // randomized range into two or three buckets and close candidates split again.
         let tick_handle = Tick::spawn(
-            Duration::from_millis(config.heartbeat_interval * 3 / 2),
+            Duration::from_millis((config.heartbeat_interval / 3).max(1)),
             tx_notify.clone(),
             config.enable_tick,
         );

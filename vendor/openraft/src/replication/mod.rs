@@ -444,15 +444,20 @@ where
             entries: logs,
         };
 
+        // orchestrator patch (vendor/README.md): at least the election timeout's minimum,
+        // not one heartbeat: a batch that a busy follower needs longer than a heartbeat to
+        // append and sync was timed out and sent again, and might never get through.
+        let the_timeout =
+            Duration::from_millis(self.config.heartbeat_interval.max(self.config.election_timeout_min));
+
         // Send the payload.
         tracing::debug!(
             payload=%payload.summary(),
             now = debug(leader_time),
             "start sending append_entries, timeout: {:?}",
-            self.config.heartbeat_interval
+            the_timeout
         );
 
-        let the_timeout = Duration::from_millis(self.config.heartbeat_interval);
         let option = RPCOption::new(the_timeout);
         let res = C::timeout(the_timeout, self.network.append_entries(payload, option)).await;
 
