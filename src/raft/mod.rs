@@ -9,6 +9,7 @@ pub mod log_store;
 pub mod network;
 pub mod node;
 pub mod peer_server;
+pub mod read_rounds;
 pub mod state_machine;
 pub mod types;
 

@@ -16,6 +16,7 @@ use super::clock::{self, ClusterClock};
 use super::db::Db;
 use super::log_store::LogStore;
 use super::network::{NetworkFactory, PeerClients};
+use super::read_rounds::ReadRounds;
 use super::state_machine::StateMachineStore;
 use super::types::{Member, NodeId, Raft};
 use crate::config::Config;
@@ -103,6 +104,25 @@ pub struct RaftNode {
     rpc_timeout: Duration,
     config: Arc<Config>,
     metrics_seen: MetricsSeen,
+    read_rounds: ReadRounds<Result<Option<u64>, Error>>,
+}
+
+/// One confirmation of leadership with a quorum: the read index a linearizable read may
+/// serve from once applied.
+async fn confirm_read_index(raft: Raft, leader_wait: Duration) -> Result<Option<u64>, Error> {
+    match tokio::time::timeout(leader_wait, raft.get_read_log_id()).await {
+        Err(_) => Err(Error::NoLeader {
+            waited_ms: leader_wait.as_millis() as u64,
+        }),
+        Ok(Ok((read, _applied))) => Ok(read.map(|l| l.index)),
+        Ok(Err(RaftError::APIError(e))) => Err(Error::NotLeader {
+            leader: match e {
+                openraft::error::CheckIsLeaderError::ForwardToLeader(f) => f.leader_id,
+                openraft::error::CheckIsLeaderError::QuorumNotEnough(_) => None,
+            },
+        }),
+        Ok(Err(RaftError::Fatal(e))) => Err(Error::Stopped(e.to_string())),
+    }
 }
 
 /// When this node last saw openraft publish metrics it can trust. openraft computes
@@ -197,15 +217,21 @@ impl RaftNode {
         .map_err(|e| Error::Stopped(e.to_string()))?;
         let metrics_seen =
             MetricsSeen::follow(&raft, Duration::from_millis(r.election_timeout_min_ms));
+        let leader_wait = config.leader_wait();
+        let read_rounds = {
+            let raft = raft.clone();
+            ReadRounds::new(move || confirm_read_index(raft.clone(), leader_wait))
+        };
         Ok(RaftNode {
             id: config.node_id,
             metrics_seen,
+            read_rounds,
             raft,
             db,
             sm,
             peers,
             clock: Arc::new(ClusterClock::new(config.node_id, r.max_clock_offset_ms)),
-            leader_wait: config.leader_wait(),
+            leader_wait,
             rpc_timeout: Duration::from_millis(r.election_timeout_min_ms.max(1000)),
             config,
         })
@@ -429,20 +455,15 @@ impl RaftNode {
             .max(Duration::from_millis(100))
     }
 
-    /// The leader's read index (leader only): confirms leadership with a quorum.
+    /// The leader's read index (leader only): confirms leadership with a quorum, in a
+    /// round shared with the reads that arrived with this one ([`ReadRounds`]).
     pub async fn read_index(&self) -> Result<Option<u64>, Error> {
-        match tokio::time::timeout(self.leader_wait, self.raft.get_read_log_id()).await {
+        match tokio::time::timeout(self.leader_wait, self.read_rounds.join()).await {
+            Ok(Some(answer)) => answer,
+            Ok(None) => Err(Error::Stopped("the read-index driver stopped".into())),
             Err(_) => Err(Error::NoLeader {
                 waited_ms: self.leader_wait.as_millis() as u64,
             }),
-            Ok(Ok((read, _applied))) => Ok(read.map(|l| l.index)),
-            Ok(Err(RaftError::APIError(e))) => Err(Error::NotLeader {
-                leader: match e {
-                    openraft::error::CheckIsLeaderError::ForwardToLeader(f) => f.leader_id,
-                    openraft::error::CheckIsLeaderError::QuorumNotEnough(_) => None,
-                },
-            }),
-            Ok(Err(RaftError::Fatal(e))) => Err(Error::Stopped(e.to_string())),
         }
     }
 
