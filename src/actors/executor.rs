@@ -164,7 +164,9 @@ impl Executor {
             };
             if !alive {
                 warn!(node = self.node.id, run_id = %key.0, task_id = %key.1, attempt = r.attempt,
-                      clock_calibrated = calibrated,
+                      clock_calibrated = calibrated, lease_until_ms = lease.map_or(0, |l| l.0),
+                      cluster_now_ms = self.node.clock.now_ms(),
+                      late_ms = Instant::now().saturating_duration_since(r.fence.deadline()).as_millis() as u64,
                       "lease not renewed in time: stopping the attempt (self-fencing)");
                 r.fence.fence();
                 if let Some(c) = r.cancel.take() {
@@ -286,6 +288,11 @@ impl Executor {
                 .map(|l| self.deadline_for(l))
                 .filter(|d| *d > Instant::now());
             renew_now |= deadline.is_some_and(|d| d < soon);
+            debug!(node = self.node.id, run_id = %run_id, task_id = %task_id, attempt,
+                   lease_until_ms = lease.unwrap_or(0), cluster_now_ms = self.node.clock.now_ms(),
+                   clock_correction_ms = self.node.clock.correction_ms(),
+                   deadline_in_ms = deadline.map_or(0, |d| d.saturating_duration_since(Instant::now()).as_millis() as u64),
+                   "attempt assigned here: fence deadline");
             let fence = Arc::new(AttemptFence::new(
                 deadline.unwrap_or_else(Instant::now),
                 lease.unwrap_or(0),
@@ -349,6 +356,8 @@ impl Executor {
                             // The keeper kills the group at its deadline if this node
                             // cannot; the file lets a restart kill what a crash left.
                             fence.spawned(pgid, &keeper);
+                            debug!(pgid, deadline_in_ms = fence.deadline().saturating_duration_since(Instant::now()).as_millis() as u64,
+                                   "attempt process started");
                             let f = pg_dir.join(pgid.to_string());
                             if std::fs::create_dir_all(&pg_dir).and_then(|_| std::fs::write(&f, b"")).is_ok() {
                                 pg_file = Some(f);

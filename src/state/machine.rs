@@ -1584,6 +1584,10 @@ fn supervise(kv: &mut impl Kv, ctx: Ctx) -> Result<Outcome, KvError> {
                     continue;
                 }
             }
+            tracing::info!(run_id = %run_id, task_id = %task_id, attempt = att.attempt, node,
+                           lease_until_ms = att.lease_until_ms, cluster_now_ms = ctx.now,
+                           term = ctx.entry_term, term_started_ms = ctx.term_started_ms,
+                           protocol = ctx.protocol, "lease expired");
             release(kv, node, &run_id, &task_id)?;
             let Some(inst) = run.tasks.get_mut(&task_id) else {
                 continue;
