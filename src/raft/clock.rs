@@ -13,10 +13,14 @@
 //! Offsets are measured NTP-style (the peer's clock against the midpoint of the round
 //! trip, on the monotonic clock), every [`SAMPLE_EVERY`], and a sample older than
 //! [`SAMPLE_TTL`] no longer counts: clocks drift slowly, so a voter that is down for a
-//! few minutes keeps its say. A node with no samples yet (just started, or alone) reads
+//! few minutes keeps its say. A sample is wrong by at most half its round trip, and on a
+//! busy node the two legs differ by most of it; so, as NTP's clock filter does, a node
+//! keeps each voter's last [`FILTER_SAMPLES`] samples and reads the one with the shortest
+//! round trip. Chaos Run 6 ran with the newest sample instead, under load: two nodes'
+//! readings could differ by up to 500 ms, most of the 600 ms fence margin. A node with no samples yet (just started, or alone) reads
 //! its own clock; leader work that acts on time waits for [`ClusterClock::calibrated`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -32,6 +36,16 @@ pub const SAMPLE_EVERY_UNCALIBRATED: Duration = Duration::from_millis(200);
 pub const SAMPLE_TTL: Duration = Duration::from_secs(600);
 /// A sample whose round trip took longer than this says too little about the offset.
 const MAX_SAMPLE_RTT: Duration = Duration::from_millis(500);
+/// How many recent samples of each voter count: the one with the shortest round trip
+/// gives the offset (16 s of samples at [`SAMPLE_EVERY`], in which clocks drift by
+/// microseconds).
+pub const FILTER_SAMPLES: usize = 8;
+
+/// A peer's answer to a clock sample (`/cluster/clock`).
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct ClockReading {
+    pub wall_ms: i64,
+}
 
 /// This node's wall clock, in milliseconds since the Unix epoch.
 pub fn wall_ms() -> i64 {
@@ -41,14 +55,25 @@ pub fn wall_ms() -> i64 {
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     offset_ms: i64,
+    rtt: Duration,
     at: Instant,
+}
+
+/// The offset a voter's recent samples give: that of the fresh one with the shortest
+/// round trip (the tightest error bound), if any is fresh.
+fn filtered(samples: &VecDeque<Sample>) -> Option<i64> {
+    samples
+        .iter()
+        .filter(|s| s.at.elapsed() < SAMPLE_TTL)
+        .min_by_key(|s| s.rtt)
+        .map(|s| s.offset_ms)
 }
 
 /// The voters' clock offsets as this node measured them.
 #[derive(Debug)]
 pub struct ClusterClock {
     own: NodeId,
-    samples: Mutex<BTreeMap<NodeId, Sample>>,
+    samples: Mutex<BTreeMap<NodeId, VecDeque<Sample>>>,
     warn_offset_ms: u64,
 }
 
@@ -61,7 +86,7 @@ impl ClusterClock {
         }
     }
 
-    fn samples(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, Sample>> {
+    fn samples(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, VecDeque<Sample>>> {
         // A poisoned lock only means a panic elsewhere while holding it; the map itself
         // is always whole (each update is one insert or retain).
         self.samples.lock().unwrap_or_else(|p| p.into_inner())
@@ -74,12 +99,7 @@ impl ClusterClock {
 
     /// What to add to this node's wall clock to read the voters' median clock.
     pub fn correction_ms(&self) -> i64 {
-        let offsets: Vec<i64> = self
-            .samples()
-            .values()
-            .filter(|s| s.at.elapsed() < SAMPLE_TTL)
-            .map(|s| s.offset_ms)
-            .collect();
+        let offsets: Vec<i64> = self.samples().values().filter_map(filtered).collect();
         median_correction(&offsets)
     }
 
@@ -88,8 +108,7 @@ impl ClusterClock {
     pub fn offsets_ms(&self) -> BTreeMap<NodeId, i64> {
         self.samples()
             .iter()
-            .filter(|(_, s)| s.at.elapsed() < SAMPLE_TTL)
-            .map(|(id, s)| (*id, s.offset_ms))
+            .filter_map(|(id, s)| filtered(s).map(|o| (*id, o)))
             .collect()
     }
 
@@ -99,9 +118,7 @@ impl ClusterClock {
         let samples = self.samples();
         let known = voters
             .iter()
-            .filter(|v| {
-                **v == self.own || samples.get(v).is_some_and(|s| s.at.elapsed() < SAMPLE_TTL)
-            })
+            .filter(|v| **v == self.own || samples.get(v).and_then(filtered).is_some())
             .count();
         known * 2 > voters.len()
     }
@@ -121,13 +138,16 @@ impl ClusterClock {
                 "a voter's clock is off from this node's; the cluster reads the median clock"
             );
         }
-        self.samples().insert(
-            peer,
-            Sample {
-                offset_ms,
-                at: Instant::now(),
-            },
-        );
+        let mut samples = self.samples();
+        let kept = samples.entry(peer).or_default();
+        kept.push_back(Sample {
+            offset_ms,
+            rtt,
+            at: Instant::now(),
+        });
+        while kept.len() > FILTER_SAMPLES {
+            kept.pop_front();
+        }
     }
 
     /// Forget the samples of nodes that are no longer voters.
@@ -158,6 +178,24 @@ mod tests {
         assert_eq!(median_correction(&[60_000, -6_000]), 0);
         // This node is 6 s slow; one peer a minute fast, one right.
         assert_eq!(median_correction(&[66_000, 6_000]), 6_000);
+    }
+
+    #[test]
+    fn the_sample_with_the_shortest_round_trip_counts() {
+        let c = ClusterClock::new(1, 500);
+        // The peer's clock is this node's: 5_000 at the midpoint of a 4 ms round trip.
+        c.record(2, 4_998, Duration::from_millis(4), 5_000);
+        // Later samples on a busy node: the reply waited 400 ms (the peer reads early) or
+        // the request did (late): each looks 200 ms off.
+        c.record(2, 10_000, Duration::from_millis(400), 10_000);
+        c.record(2, 20_000, Duration::from_millis(400), 20_400);
+        assert_eq!(c.offsets_ms().get(&2), Some(&0));
+        assert_eq!(c.correction_ms(), 0);
+        // Only the last FILTER_SAMPLES count: the precise one ages out.
+        for i in 0..FILTER_SAMPLES as i64 {
+            c.record(2, 30_000 + i, Duration::from_millis(300), 30_000 + i + 300);
+        }
+        assert_eq!(c.offsets_ms().get(&2), Some(&150));
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub enum PeerError {
     Unreachable { target: NodeId, message: String },
     #[error("peer {target} call failed: {message}")]
     Failed { target: NodeId, message: String },
+    /// The peer does not serve the path (a node on an older binary).
+    #[error("peer {target} does not serve {path}")]
+    NoRoute { target: NodeId, path: String },
 }
 
 /// How a node calls its peers over TLS: the CA it trusts them through, and the
@@ -136,6 +139,12 @@ impl PeerClients {
                 }
             })?;
         let status = resp.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Err(PeerError::NoRoute {
+                target,
+                path: path.to_string(),
+            });
+        }
         if !status.is_success() {
             let text = resp.text().await.unwrap_or_default();
             return Err(PeerError::Failed {
@@ -197,7 +206,9 @@ impl PeerNetwork {
             Err(e @ PeerError::Unreachable { .. }) => {
                 Err(RPCError::Unreachable(Unreachable::new(&e)))
             }
-            Err(e @ PeerError::Failed { .. }) => Err(RPCError::Network(NetworkError::new(&e))),
+            Err(e @ (PeerError::Failed { .. } | PeerError::NoRoute { .. })) => {
+                Err(RPCError::Network(NetworkError::new(&e)))
+            }
         }
     }
 }

@@ -730,16 +730,28 @@ impl RaftNode {
                 .filter_map(|id| membership.get_node(id).map(|m| (*id, m.peer_addr.clone())))
                 .map(|(id, addr)| async move {
                     let (sent_wall, sent) = (clock::wall_ms(), Instant::now());
-                    let res: Result<Status, _> = self
+                    let res: Result<clock::ClockReading, _> = self
                         .peers
-                        .call(id, &addr, "/cluster/status", &(), clock::SAMPLE_EVERY)
+                        .call(id, &addr, "/cluster/clock", &(), clock::SAMPLE_EVERY)
                         .await;
-                    if let Ok(Status {
-                        wall_ms: Some(peer_wall),
-                        ..
-                    }) = res
-                    {
-                        self.clock.record(id, sent_wall, sent.elapsed(), peer_wall);
+                    match res {
+                        Ok(r) => self.clock.record(id, sent_wall, sent.elapsed(), r.wall_ms),
+                        // A peer on an older binary: its status carries its clock.
+                        Err(super::network::PeerError::NoRoute { .. }) => {
+                            let (sent_wall, sent) = (clock::wall_ms(), Instant::now());
+                            let res: Result<Status, _> = self
+                                .peers
+                                .call(id, &addr, "/cluster/status", &(), clock::SAMPLE_EVERY)
+                                .await;
+                            if let Ok(Status {
+                                wall_ms: Some(peer_wall),
+                                ..
+                            }) = res
+                            {
+                                self.clock.record(id, sent_wall, sent.elapsed(), peer_wall);
+                            }
+                        }
+                        Err(_) => {}
                     }
                 });
             futures::future::join_all(rounds).await;

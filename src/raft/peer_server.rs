@@ -1,5 +1,5 @@
 //! The peer listener: Raft RPCs (`/raft/*`) and node-to-node calls (`/cluster/*`:
-//! forwarded writes, read index, membership, status). Served on the peer address only;
+//! forwarded writes, read index, membership, status, clock). Served on the peer address only;
 //! rate-limit gossip; every request must carry the cluster secret and this node's id
 //! (checked before its body is read), and a malformed body is answered with an error,
 //! never a crash.
@@ -42,6 +42,7 @@ pub fn router(node: RaftNode, secret: &str, limiter: std::sync::Arc<RateLimiter>
         .route("/cluster/read-index", post(read_index))
         .route("/cluster/membership", post(membership))
         .route("/cluster/status", post(status))
+        .route("/cluster/clock", post(clock))
         .route("/cluster/log", post(attempt_log))
         .route("/cluster/rate", post(rate_report))
         .layer(DefaultBodyLimit::max(256 << 20))
@@ -171,6 +172,16 @@ async fn membership(State(st): State<PeerState>, body: Bytes) -> Response {
 async fn status(State(st): State<PeerState>, body: Bytes) -> Response {
     match admit::<()>(&body) {
         Ok(()) => reply(st.node.status().await),
+        Err(r) => r,
+    }
+}
+
+/// This node's wall clock, read first thing: the clock sample ([`super::clock`]) wants
+/// a reply that does nothing else.
+async fn clock(State(_): State<PeerState>, body: Bytes) -> Response {
+    let wall_ms = super::clock::wall_ms();
+    match admit::<()>(&body) {
+        Ok(()) => reply(super::clock::ClockReading { wall_ms }),
         Err(r) => r,
     }
 }
