@@ -67,6 +67,13 @@ pub struct RaftConfig {
     /// A voter's clock further than this from this node's is logged as a warning. The
     /// cluster reads the voters' median clock either way (see `raft::clock`).
     pub max_clock_offset_ms: u64,
+    /// The newest replicated protocol this node lets the cluster raise to (unset: the
+    /// newest its binary applies). The cluster moves only to a protocol every voter
+    /// offers, so setting it on one node holds the whole cluster at an older protocol:
+    /// to stage an upgrade (keep the old behaviour until every node runs the new binary
+    /// and has been checked, as CockroachDB's `cluster.preserve_downgrade_option`), or
+    /// to test an older protocol on real processes.
+    pub max_protocol: Option<u32>,
 }
 
 impl Default for RaftConfig {
@@ -81,6 +88,7 @@ impl Default for RaftConfig {
             install_snapshot_timeout_ms: 10_000,
             snapshot_chunk_bytes: 1 << 20,
             max_clock_offset_ms: 500,
+            max_protocol: None,
         }
     }
 }
@@ -622,6 +630,15 @@ impl Config {
                 "raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms".into(),
             );
         }
+        if let Some(p) = r.max_protocol {
+            let newest = crate::state::machine::PROTOCOL_VERSION;
+            if p == 0 || p > newest {
+                return bad(format!(
+                    "raft.max_protocol ({p}) must be between 1 and {newest}, the newest protocol \
+                     this binary applies"
+                ));
+            }
+        }
         if r.snapshot_after_logs == 0 || r.snapshot_chunk_bytes < 1024 {
             return bad(
                 "raft.snapshot_after_logs must be > 0 and raft.snapshot_chunk_bytes >= 1024".into(),
@@ -972,6 +989,19 @@ mod tests {
             .map(|k| (format!("ORCHESTRATOR_{k}"), "x".to_string()));
         let c = Config::load(None, env, &[]).unwrap();
         assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn max_protocol_is_one_this_binary_applies() {
+        let newest = crate::state::machine::PROTOCOL_VERSION;
+        for bad in ["0".to_string(), (newest + 1).to_string()] {
+            let flags = [("raft.max_protocol".to_string(), bad.clone())];
+            let err = Config::load(None, vec![], &flags).unwrap_err().to_string();
+            assert!(err.contains("raft.max_protocol"), "{bad}: {err}");
+        }
+        let flags = [("raft.max_protocol".to_string(), "1".to_string())];
+        let c = Config::load(None, vec![], &flags).expect("protocol 1 is valid");
+        assert_eq!(c.raft.max_protocol, Some(1));
     }
 
     #[test]

@@ -36,25 +36,6 @@ async fn trigger(
     }
 }
 
-/// Stop (SIGSTOP) the leader of a three-node cluster and wait until another node is a
-/// ready leader: (stopped leader, new leader).
-async fn pause_leader_until_another_leads(c: &Cluster) -> (u64, u64) {
-    let old = c.wait_leader(LONG).await;
-    c.pause(old);
-    let others: Vec<u64> = (1..=3).filter(|id| *id != old).collect();
-    let new = wait_for(LONG, "a new leader", || async {
-        for &id in &others {
-            let r = c.readyz(id).await?;
-            if r["state"] == "leader" && r["ready"] == true {
-                return Some(id);
-            }
-        }
-        None
-    })
-    .await;
-    (old, new)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_through_any_node_are_read_on_all_others() {
     let mut c = Cluster::new(3, &[]);
@@ -289,7 +270,7 @@ async fn a_resumed_leader_does_not_call_itself_ready() {
     c.wait_leader(LONG).await;
     c.wait_ready(LONG).await;
     for round in 1..=3 {
-        let (old, _) = pause_leader_until_another_leads(&c).await;
+        let (old, _) = c.pause_leader_until_another_leads(LONG).await;
         // Ask while it is still stopped: the kernel queues the request and the node
         // answers it as soon as it runs again.
         let addr = c
@@ -343,7 +324,7 @@ async fn every_node_wins_elections_when_leaders_keep_stopping() {
     // all 16 with probability 2^-16; three nodes, about 1 in 20,000.
     let mut wins = std::collections::BTreeMap::<u64, u32>::new();
     for _round in 1..=16 {
-        let (old, new) = pause_leader_until_another_leads(&c).await;
+        let (old, new) = c.pause_leader_until_another_leads(LONG).await;
         *wins.entry(new).or_default() += 1;
         c.resume(old);
         c.wait_ready(LONG).await;

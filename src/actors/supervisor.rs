@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{system_request, LeaderGate, Leadership, ProposerHandle};
 use crate::config::Config;
@@ -19,7 +19,7 @@ use crate::executor::egress::{self, Egress};
 use crate::raft::RaftNode;
 use crate::state::command::Retention;
 use crate::state::machine::{clock, PROTOCOL_VERSION};
-use crate::state::model::Notification;
+use crate::state::model::{NodeInfo, Notification};
 use crate::state::{Command, Outcome, Table};
 
 /// How often a serving leader checks whether the cluster can move to a newer protocol
@@ -28,17 +28,51 @@ use crate::state::{Command, Outcome, Table};
 /// same millisecond still share a run before version 4, and the chaos suite saw one.
 const PROTOCOL_CHECK_EVERY: Duration = Duration::from_secs(1);
 
+/// The replicated protocol version as applied on this node (1 when never raised).
+fn applied_protocol(node: &RaftNode) -> Option<u32> {
+    match node.db.get(Table::Counters.name(), clock::PROTOCOL) {
+        Ok(v) => Some(
+            v.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .map_or(1, |b| u64::from_be_bytes(b) as u32),
+        ),
+        Err(e) => {
+            warn!(error = %e, "cannot read the protocol version");
+            None
+        }
+    }
+}
+
+/// The longest lease any executor node holds its attempts under (each node's own, as its
+/// heartbeats registered it; this node's configuration when none has yet).
+fn longest_lease(node: &RaftNode, config: &Config) -> Duration {
+    let registered = node
+        .db
+        .scan_prefix(Table::Nodes, b"", None, usize::MAX)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(_, v)| serde_json::from_slice::<NodeInfo>(&v).ok())
+        .map(|n| n.lease_ms)
+        .max();
+    Duration::from_millis(registered.unwrap_or(config.executor.lease_ms))
+}
+
+/// Whether a leader that has served for `serving_for` may propose a `Supervise` pass
+/// (which expires leases) at replicated `protocol`. From protocol 2, apply itself lets no
+/// lease expire before a full lease of the current term's clock has passed. Protocol 1
+/// has no such rule, so the leader holds its passes for the longest lease after it began
+/// serving: an executor cut off together with the old leader stops its attempts (self-
+/// fencing, a margin before its lease runs out) before a new term can give their tasks
+/// away, at every protocol. Chaos Run 6 saw the rule missing: a fresh cluster's leader
+/// was cut off before it raised the protocol, and its successor expired the lease at once.
+pub fn may_supervise(protocol: u32, serving_for: Duration, longest_lease: Duration) -> bool {
+    protocol >= 2 || serving_for >= longest_lease
+}
+
 /// Raise the replicated protocol to this binary's version once every voter supports it
 /// (a rolling upgrade finishes before any replica applies the new behaviour).
 async fn raise_protocol(node: &RaftNode, proposer: &ProposerHandle, term: u64) {
-    let current = match node.db.get(Table::Counters.name(), clock::PROTOCOL) {
-        Ok(v) => v
-            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-            .map_or(1, |b| u64::from_be_bytes(b) as u32),
-        Err(e) => {
-            warn!(error = %e, "cannot read the protocol version");
-            return;
-        }
+    let Some(current) = applied_protocol(node) else {
+        return;
     };
     if current >= PROTOCOL_VERSION {
         return;
@@ -74,6 +108,8 @@ pub struct Supervisor {
     last_notify: Instant,
     last_purge: Instant,
     last_protocol_check: Instant,
+    /// When this node last began serving as leader.
+    serving_since: Instant,
     /// A protocol check is in flight (it asks every voter, which can take a timeout
     /// when one is down, so it runs beside the supervise pass, not in it).
     raising: Arc<AtomicBool>,
@@ -100,6 +136,7 @@ impl Supervisor {
             last_notify: Instant::now(),
             last_purge: Instant::now(),
             last_protocol_check: Instant::now() - PROTOCOL_CHECK_EVERY,
+            serving_since: Instant::now(),
             raising: Arc::new(AtomicBool::new(false)),
             delivering: Arc::new(Mutex::new(HashSet::new())),
             egress,
@@ -150,13 +187,29 @@ impl Supervisor {
                 raising.store(false, Ordering::Release);
             });
         }
+        let serving_for = self.serving_since.elapsed();
+        let config = self.config.clone();
         let job = self.rt.spawn(async move {
             let active = node
                 .db
                 .scan_prefix(Table::ActiveRuns, b"", None, 1)
                 .map(|v| !v.is_empty())
                 .unwrap_or(false);
-            if active {
+            let protocol = applied_protocol(&node).unwrap_or(1);
+            let lease = if protocol < 2 {
+                longest_lease(&node, &config)
+            } else {
+                Duration::ZERO
+            };
+            if active && !may_supervise(protocol, serving_for, lease) {
+                debug!(
+                    term,
+                    protocol,
+                    serving_ms = serving_for.as_millis() as u64,
+                    lease_ms = lease.as_millis() as u64,
+                    "supervise held: protocol 1 expires leases without waiting for the term"
+                );
+            } else if active {
                 if let Err(e) = proposer
                     .propose(system_request(Command::Supervise { term }))
                     .await
@@ -264,6 +317,12 @@ impl Handler<Leadership> for Supervisor {
     fn handle(&mut self, msg: Leadership, ctx: &mut Context<Self>) {
         let every = Duration::from_millis(self.config.scheduler.supervise_ms);
         let node = self.node.id;
+        if msg.serving && msg != self.gate.leadership {
+            // A new term: its passes count from now, and it raises the protocol at once if
+            // the voters allow (not a check interval later).
+            self.serving_since = Instant::now();
+            self.last_protocol_check = Instant::now() - PROTOCOL_CHECK_EVERY;
+        }
         self.gate
             .switch(msg, every, ctx, Self::tick, "supervisor", node);
     }
@@ -283,5 +342,21 @@ impl SupervisorHandle {
     /// Tell the actor whether this node is now the serving leader.
     pub fn set_leadership(&self, l: Leadership) {
         self.addr.do_send(l);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_protocol_1_a_new_leader_expires_nothing_within_a_lease_of_its_term() {
+        let lease = Duration::from_secs(3);
+        assert!(!may_supervise(1, Duration::ZERO, lease));
+        assert!(!may_supervise(1, Duration::from_millis(2_999), lease));
+        assert!(may_supervise(1, lease, lease));
+        // From protocol 2 apply enforces the same rule itself: no hold.
+        assert!(may_supervise(2, Duration::ZERO, lease));
+        assert!(may_supervise(PROTOCOL_VERSION, Duration::ZERO, lease));
     }
 }

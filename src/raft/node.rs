@@ -686,7 +686,7 @@ impl RaftNode {
             replication_lag,
             log_size_bytes: self.db.log_size_bytes(),
             millis_since_quorum_ack: m.millis_since_quorum_ack,
-            protocol_supported: crate::state::machine::PROTOCOL_VERSION,
+            protocol_supported: self.protocol_offered(),
             wall_ms: Some(super::clock::wall_ms()),
             clock_offsets_ms: self.clock.offsets_ms(),
         }
@@ -768,12 +768,22 @@ impl RaftNode {
         }
     }
 
+    /// The newest protocol this node lets the cluster raise to: its binary's, or older
+    /// when `raft.max_protocol` holds it back.
+    pub fn protocol_offered(&self) -> u32 {
+        let newest = crate::state::machine::PROTOCOL_VERSION;
+        self.config
+            .raft
+            .max_protocol
+            .map_or(newest, |p| p.min(newest))
+    }
+
     /// The newest protocol every voter supports (asked of each; an unreachable voter
     /// counts as version 1, so a raise waits for it).
     pub async fn voters_support(&self) -> u32 {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership().clone();
-        let mut min = crate::state::machine::PROTOCOL_VERSION;
+        let mut min = self.protocol_offered();
         for id in membership.voter_ids() {
             if id == self.id {
                 continue;

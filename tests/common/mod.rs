@@ -380,6 +380,41 @@ impl Cluster {
         None
     }
 
+    /// The node among `ids` that says it is a serving (ready) leader.
+    pub async fn leader_among(&self, ids: &[u64]) -> Option<u64> {
+        for &id in ids {
+            let r = self.readyz(id).await?;
+            if r["state"] == "leader" && r["ready"] == true {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// Stop (SIGSTOP) the leader of a three-node cluster and wait until another node is a
+    /// ready leader: (stopped leader, new leader).
+    pub async fn pause_leader_until_another_leads(&self, timeout: Duration) -> (u64, u64) {
+        let old = self.wait_leader(timeout).await;
+        self.pause(old);
+        let others: Vec<u64> = (1..=3).filter(|id| *id != old).collect();
+        let new = wait_for(timeout, "a new leader", || self.leader_among(&others)).await;
+        (old, new)
+    }
+
+    /// Make node `id` the leader of a three-node cluster: freeze whichever node leads
+    /// until another does, then let it follow again, until `id` leads.
+    pub async fn make_leader(&self, id: u64, timeout: Duration) {
+        for _ in 0..20 {
+            if self.wait_leader(timeout).await == id {
+                return;
+            }
+            let (old, won) = self.pause_leader_until_another_leads(timeout).await;
+            println!("FIGURE leader {old} paused, node {won} won");
+            self.resume(old);
+        }
+        assert_eq!(self.wait_leader(timeout).await, id, "node {id} never led");
+    }
+
     pub async fn wait_leader(&self, timeout: Duration) -> u64 {
         wait_for(timeout, "a leader", || self.leader()).await
     }
