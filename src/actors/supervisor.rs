@@ -317,7 +317,8 @@ impl Handler<Leadership> for Supervisor {
     fn handle(&mut self, msg: Leadership, ctx: &mut Context<Self>) {
         let every = Duration::from_millis(self.config.scheduler.supervise_ms);
         let node = self.node.id;
-        if msg.serving && msg != self.gate.leadership {
+        let new_term = msg.serving && msg != self.gate.leadership;
+        if new_term {
             // A new term: its passes count from now, and it raises the protocol at once if
             // the voters allow (not a check interval later).
             self.serving_since = Instant::now();
@@ -325,6 +326,10 @@ impl Handler<Leadership> for Supervisor {
         }
         self.gate
             .switch(msg, every, ctx, Self::tick, "supervisor", node);
+        if new_term {
+            // The interval's first tick comes a period later.
+            self.tick(ctx);
+        }
     }
 }
 
