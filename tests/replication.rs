@@ -451,3 +451,74 @@ async fn single_node_serves_the_spec_examples_and_survives_sigterm() {
     assert_eq!(s, StatusCode::OK, "data survives a restart");
     c.assert_no_panics();
 }
+
+/// An operator's add of a node that does not answer (a typo in its address, a node not
+/// started yet) is refused before anything changes: before, openraft's blocking add gave
+/// up waiting for the learner and the node became a voter anyway, and a one-node cluster
+/// lost its quorum (Schemathesis found it with the documented example). Conflicting
+/// re-adds and removing a non-member are refused too; a retried add is a no-op.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_does_not_answer_is_never_made_a_voter() {
+    let mut c = Cluster::new(1, &[]);
+    c.start_all();
+    c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    let t = c.token("acme", ALL_SCOPES);
+    let admin = c.admin_token();
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let port = unused.local_addr().expect("its address").port();
+    drop(unused);
+    let ghost = json!({"node_id": 4, "api_addr": format!("127.0.0.1:{port}"), "peer_addr": format!("127.0.0.1:{port}")});
+    let started = Instant::now();
+    let (s, v) = c.post(1, "/cluster/members", &admin, &ghost).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("does not answer")),
+        "{v}"
+    );
+    println!(
+        "FIGURE an unreachable node refused in {:?}",
+        started.elapsed()
+    );
+    let status = c.status(1).await.expect("status");
+    assert_eq!(status["voters"], json!([1]), "{status}");
+    assert_eq!(status["learners"], json!([]), "{status}");
+    put_dag(&c, 1, &t, "still-writable").await;
+
+    // Node 1 at other addresses: refused; at its own: already done.
+    let me = json!({"node_id": 1, "api_addr": c.api(1).trim_start_matches("http://"), "peer_addr": c.peer_addr(1)});
+    let (s, v) = c.post(1, "/cluster/members", &admin, &me).await;
+    assert_eq!(s, StatusCode::OK, "a retried add of a voter: {v}");
+    let moved = json!({"node_id": 1, "api_addr": "127.0.0.1:1", "peer_addr": "127.0.0.1:2"});
+    let (s, v) = c.post(1, "/cluster/members", &admin, &moved).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("already a member")),
+        "{v}"
+    );
+    let (s, v, _) = c
+        .request(
+            1,
+            reqwest::Method::DELETE,
+            &format!("{BASE}/cluster/members/5"),
+            Some(&admin),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not a member")),
+        "{v}"
+    );
+    let status = c.status(1).await.expect("status");
+    assert_eq!(status["voters"], json!([1]), "{status}");
+    put_dag(&c, 1, &t, "still-writable-2").await;
+    c.assert_no_panics();
+}

@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::executor::egress::{self, Egress};
 use crate::raft::RaftNode;
 use crate::state::command::Retention;
-use crate::state::machine::{clock, PROTOCOL_VERSION};
+use crate::state::machine::PROTOCOL_VERSION;
 use crate::state::model::{NodeInfo, Notification};
 use crate::state::{Command, Outcome, Table};
 
@@ -30,16 +30,9 @@ const PROTOCOL_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// The replicated protocol version as applied on this node (1 when never raised).
 fn applied_protocol(node: &RaftNode) -> Option<u32> {
-    match node.db.get(Table::Counters.name(), clock::PROTOCOL) {
-        Ok(v) => Some(
-            v.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-                .map_or(1, |b| u64::from_be_bytes(b) as u32),
-        ),
-        Err(e) => {
-            warn!(error = %e, "cannot read the protocol version");
-            None
-        }
-    }
+    node.applied_protocol()
+        .map_err(|e| warn!(error = %e, "cannot read the protocol version"))
+        .ok()
 }
 
 /// The longest lease any executor node holds its attempts under (each node's own, as its

@@ -241,13 +241,18 @@ pub struct SnapshotReport {
     tag = "cluster",
     operation_id = "add_member",
     summary = "Add a node (operators)",
-    description = "Adds the node as a learner, waits until it has caught up, then makes it a voter. \
-The node must be running with the cluster's secret. Answers the cluster status after the change.",
+    description = "Checks that the node answers on its peer address as `node_id`, belongs to no cluster \
+and applies the cluster's protocol; adds it as a learner, waits (up to 45 s) until it has caught up, then makes \
+it a voter. A node that does not catch up is removed again: it never becomes a voter the quorum would need. \
+Adding a voter again at the same addresses changes nothing. Answers the cluster status after the change.",
     request_body(content = MemberInput),
     responses(
-        (status = 200, description = "Added; the cluster status after the change.", body = Status),
+        (status = 200, description = "Added (or already a voter at these addresses); the cluster status after \
+the change.", body = Status),
         (status = 400, description = "Malformed JSON, an unknown field, an address that is not `IP:port` or is \
-outside `peer_networks`, or a change the cluster rejects (e.g. the node id is taken).", body = ErrorBody),
+outside `peer_networks`; or a change the cluster refuses: the node does not answer at `peer_addr` within 5 s, \
+answers as another node, already belongs to a cluster, runs a binary older than the cluster's protocol, did not \
+catch up, or `node_id` is a member at other addresses.", body = ErrorBody),
         (status = 403, description = "Not an operator.", body = ErrorBody),
     ),
     security(("bearer" = ["orchestrator:admin"]))
@@ -310,8 +315,7 @@ pub async fn add_member(
     params(MemberPath),
     responses(
         (status = 200, description = "Removed; the cluster status after the change.", body = Status),
-        (status = 400, description = "`node_id` is not a number, or a change the cluster rejects (e.g. not a \
-member, or the last voter).", body = ErrorBody),
+        (status = 400, description = "`node_id` is not a number, not a member, or the last voter.", body = ErrorBody),
         (status = 403, description = "Not an operator.", body = ErrorBody),
     ),
     security(("bearer" = ["orchestrator:admin"]))

@@ -35,6 +35,11 @@ pub enum Error {
     Membership(String),
 }
 
+/// How long a node being added may take to answer on its peer address.
+const NEW_MEMBER_ANSWERS_WITHIN: Duration = Duration::from_secs(5);
+/// How long a new node may take to catch up before it is made a voter.
+const CATCH_UP_WITHIN: Duration = Duration::from_secs(45);
+
 /// A membership change an operator asks for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -528,8 +533,41 @@ impl RaftNode {
         };
         match op {
             MembershipOp::Add { node_id, member } => {
-                if let Err(e) = self.raft.add_learner(node_id, member, true).await {
-                    return Err(not_leader(&e).unwrap_or_else(|| to_err(e.to_string())));
+                let m = self.raft.metrics().borrow().clone();
+                let membership = m.membership_config.membership();
+                if let Some(existing) = membership.get_node(&node_id) {
+                    if *existing != member {
+                        return Err(to_err(format!(
+                            "node {node_id} is already a member ({existing}); remove it before \
+                             adding it at other addresses"
+                        )));
+                    }
+                    if membership.voter_ids().any(|v| v == node_id) {
+                        // A retried add: it is done.
+                        return Ok(self.status().await);
+                    }
+                } else {
+                    self.check_new_member(node_id, &member)
+                        .await
+                        .map_err(to_err)?;
+                }
+                let added = match self.raft.add_learner(node_id, member.clone(), true).await {
+                    Ok(r) => r.log_id.index,
+                    Err(e) => return Err(not_leader(&e).unwrap_or_else(|| to_err(e.to_string()))),
+                };
+                // openraft's blocking add gives up waiting after a moment and returns Ok
+                // either way; a voter that has not caught up would cost the quorum.
+                if let Err(e) = self.wait_caught_up(node_id, added).await {
+                    let mut rm = std::collections::BTreeSet::new();
+                    rm.insert(node_id);
+                    if let Err(undo) = self
+                        .raft
+                        .change_membership(ChangeMembers::RemoveNodes(rm), false)
+                        .await
+                    {
+                        warn!(node = self.id, learner = node_id, error = %undo, "cannot remove the learner that did not catch up");
+                    }
+                    return Err(to_err(format!("{e}; it was not added")));
                 }
                 let mut add = std::collections::BTreeSet::new();
                 add.insert(node_id);
@@ -542,6 +580,14 @@ impl RaftNode {
                 }
             }
             MembershipOp::Remove { node_id } => {
+                let m = self.raft.metrics().borrow().clone();
+                if m.membership_config
+                    .membership()
+                    .get_node(&node_id)
+                    .is_none()
+                {
+                    return Err(to_err(format!("node {node_id} is not a member")));
+                }
                 let mut rm = std::collections::BTreeSet::new();
                 rm.insert(node_id);
                 if let Err(e) = self
@@ -561,6 +607,85 @@ impl RaftNode {
             }
         }
         Ok(self.status().await)
+    }
+
+    /// Before a node joins: it answers on its peer address as `node_id`, belongs to no
+    /// cluster yet, and its binary applies the cluster's protocol. A typo in an address
+    /// or an unstarted node is refused here instead of becoming a voter the quorum needs.
+    async fn check_new_member(&self, node_id: NodeId, member: &Member) -> Result<(), String> {
+        let at = &member.peer_addr;
+        // A node started a moment ago may not listen yet: it gets a few seconds.
+        let until = Instant::now() + NEW_MEMBER_ANSWERS_WITHIN;
+        let s: Status = loop {
+            match self
+                .peers
+                .call(node_id, at, "/cluster/status", &(), self.rpc_timeout)
+                .await
+            {
+                Ok(s) => break s,
+                Err(super::network::PeerError::Unreachable { .. }) if Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "node {node_id} does not answer at {at} (is it running, with node_id \
+                         {node_id} and this cluster's secret?): {e}"
+                    ))
+                }
+            }
+        };
+        if s.node_id != node_id {
+            return Err(format!(
+                "the node at {at} is node {}, not {node_id}",
+                s.node_id
+            ));
+        }
+        if s.initialized {
+            return Err(format!(
+                "node {node_id} at {at} already belongs to a cluster (a removed node must have \
+                 its data dir wiped before it is added again)"
+            ));
+        }
+        let protocol = self
+            .applied_protocol()
+            .map_err(|e| format!("cannot read the cluster's protocol: {e}"))?;
+        if s.protocol_supported < protocol {
+            return Err(format!(
+                "node {node_id}'s binary applies up to protocol {}, the cluster is at {protocol}: \
+                 upgrade it first",
+                s.protocol_supported
+            ));
+        }
+        Ok(())
+    }
+
+    /// Wait until the leader has replicated to learner `node` up to log `index`, for at
+    /// most [`CATCH_UP_WITHIN`] (under the 60 s a forwarded membership call waits).
+    async fn wait_caught_up(&self, node: NodeId, index: u64) -> Result<(), String> {
+        let deadline = Instant::now() + CATCH_UP_WITHIN;
+        let mut metrics = self.raft.metrics();
+        loop {
+            let matched = metrics
+                .borrow_and_update()
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&node).cloned().flatten())
+                .map(|l| l.index);
+            if matched.is_some_and(|m| m >= index) {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "node {node} did not catch up within {} s (replicated up to {matched:?} of \
+                     {index})",
+                    CATCH_UP_WITHIN.as_secs()
+                ));
+            }
+            if let Ok(Err(e)) = tokio::time::timeout(left, metrics.changed()).await {
+                return Err(format!("raft stopped: {e}"));
+            }
+        }
     }
 
     /// Run a membership change on the leader, forwarding if this node is not it.
@@ -766,6 +891,17 @@ impl RaftNode {
                 _ = stop.wait_for(|s| *s) => return,
             }
         }
+    }
+
+    /// The replicated protocol version as applied on this node (1 when never raised).
+    pub fn applied_protocol(&self) -> Result<u32, String> {
+        use crate::state::machine::{clock, Table};
+        let v = self
+            .db
+            .get(Table::Counters.name(), clock::PROTOCOL)
+            .map_err(|e| e.to_string())?;
+        Ok(v.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map_or(1, |b| u64::from_be_bytes(b) as u32))
     }
 
     /// The newest protocol this node lets the cluster raise to: its binary's, or older
