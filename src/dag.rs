@@ -85,7 +85,7 @@ pub struct DagInput {
     pub start_date: Option<String>,
     /// No window after this (must be after `start_date`).
     #[serde(default)]
-    #[schema(schema_with = crate::api::schema::instant)]
+    #[schema(schema_with = crate::api::schema::instant_end)]
     pub end_date: Option<String>,
     /// Called (POST, JSON) when a run finishes or misses its SLA.
     #[serde(default)]

@@ -316,7 +316,8 @@ async fn spec_examples_and_every_error_code() {
         c.post(1, "/dags", &t, &json!({"dag_id": format!("p{i}"), "tasks":[{"task_id":"s","kind":"shell","command":"sleep 30"}]})).await;
     }
     let mut seen = Vec::new();
-    let mut cursor: Option<String> = None;
+    // A client that passes on a null next_cursor as `cursor=` gets the first page.
+    let mut cursor: Option<String> = Some(String::new());
     loop {
         let q = cursor
             .as_ref()

@@ -549,6 +549,25 @@ fn request_schemas_say_what_the_validators_accept() {
     for (body, valid) in &runs {
         assert_eq!(schema_accepts(&doc, "/runs", body), *valid, "{body}");
     }
+    // `If-Match`: a header is never null (Schemathesis sent the text `null` when the
+    // schema allowed null), and the server takes exactly what the pattern says.
+    let if_match = doc["paths"][format!("{BASE}/dags")]["post"]["parameters"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "If-Match"))
+        .expect("POST /dags documents If-Match")
+        .clone();
+    assert_eq!(if_match["required"], false, "{if_match}");
+    assert_eq!(if_match["schema"]["type"], "string", "{if_match}");
+    let header = schema_validator(&doc, &if_match["schema"]);
+    for (v, valid) in [
+        ("7", true),
+        ("\"7\"", true),
+        ("+1", false),
+        ("", false),
+        ("null", false),
+    ] {
+        assert_eq!(header.is_valid(&json!(v)), valid, "If-Match {v:?}");
+    }
     println!(
         "FIGURE openapi: {} DAG bodies and {} run bodies judged alike by schema and validator",
         dags.len(),

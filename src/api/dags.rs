@@ -143,7 +143,7 @@ pub struct DagPath {
 pub struct SubmitHeaders {
     /// Optimistic concurrency: apply the update only if the DAG's version is this one
     /// (as `version` in the body; the body's wins). An optionally quoted number.
-    #[param(rename = "If-Match", pattern = r#"^"*[0-9]{1,19}"*$"#)]
+    #[param(rename = "If-Match", value_type = String, required = false, pattern = r#"^"*[0-9]{1,19}"*$"#)]
     pub if_match: Option<String>,
 }
 
@@ -158,6 +158,20 @@ impl SubmitHeaders {
             })?;
         Ok(SubmitHeaders { if_match })
     }
+}
+
+/// The version an `If-Match` names: an optionally quoted run of 1 to 19 digits (what its
+/// schema pattern says; `+1` or 20 digits, which `u64::from_str` would take, are refused).
+fn if_match_version(v: &str) -> Result<u64, ApiError> {
+    let digits = v.trim_matches('"');
+    if digits.is_empty() || digits.len() > 19 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::InvalidRequest(
+            "If-Match must be a DAG version number".into(),
+        ));
+    }
+    digits
+        .parse()
+        .map_err(|_| ApiError::InvalidRequest("If-Match must be a DAG version number".into()))
 }
 
 /// `POST /dags`: create or update. `version` in the body or `If-Match` guards updates.
@@ -216,9 +230,8 @@ pub async fn submit(
     check_limits(&st, &p.tenant, &spec)?;
     let if_match = SubmitHeaders::read(&headers)?
         .if_match
-        .map(|v| v.trim_matches('"').parse::<u64>())
-        .transpose()
-        .map_err(|_| ApiError::InvalidRequest("If-Match must be a DAG version number".into()))?;
+        .map(|v| if_match_version(&v))
+        .transpose()?;
     let paused = spec.paused;
     let cmd = Command::PutDag {
         tenant: p.tenant.clone(),
@@ -739,4 +752,22 @@ pub async fn delete(
         },
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_match_takes_what_its_pattern_says_and_nothing_else() {
+        for (v, want) in [("7", 7), ("\"7\"", 7), ("\"\"12\"", 12), ("0000", 0)] {
+            assert_eq!(if_match_version(v).ok(), Some(want), "{v}");
+        }
+        let twenty = "1".repeat(20);
+        for v in [
+            "", "\"\"", "+1", "\"+1\"", "-1", " 1", "1.0", "null", "W/\"1\"", &twenty,
+        ] {
+            assert!(if_match_version(v).is_err(), "{v:?} must be refused");
+        }
+    }
 }

@@ -405,12 +405,15 @@ pub(super) fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
 
 /// Decode an opaque list cursor (the hex of the last key returned). A cursor is bound to
 /// the listing that returned it: its key must lie under `prefix` (the caller's tenant,
-/// and the DAG when filtered), so another tenant's cursor is refused, not followed.
+/// and the DAG when filtered), so another tenant's cursor is refused, not followed. An
+/// empty one (`?cursor=`, from a client that passes on a null `next_cursor`) asks for
+/// the first page.
 pub(super) fn decode_cursor(
     cursor: Option<&str>,
     prefix: &[u8],
 ) -> Result<Option<Vec<u8>>, ApiError> {
     cursor
+        .filter(|c| !c.is_empty())
         .map(|c| match hex::decode(c) {
             Ok(key) if key.starts_with(prefix) => Ok(key),
             _ => Err(ApiError::InvalidRequest(

@@ -44,7 +44,7 @@ pub struct RunInput {
     from: Option<String>,
     /// The window's end (after `from`).
     #[serde(default)]
-    #[schema(schema_with = super::schema::instant)]
+    #[schema(schema_with = super::schema::instant_end)]
     to: Option<String>,
 }
 
@@ -437,7 +437,7 @@ pub struct ListQuery {
     #[param(schema_with = super::schema::instant_required)]
     from: Option<String>,
     /// Windows ending at or before this.
-    #[param(schema_with = super::schema::instant_required)]
+    #[param(schema_with = super::schema::instant_end_required)]
     to: Option<String>,
     /// Page size (default 50).
     #[param(minimum = 1, maximum = 500)]

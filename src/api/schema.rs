@@ -70,15 +70,26 @@ pub fn duration() -> Object {
 
 /// A date (`2025-10-01`, midnight in the DAG's timezone) or an RFC 3339 time.
 pub fn instant() -> RefOr<Schema> {
-    instant_of(true)
+    instant_of(true, "2025-10-01")
+}
+
+/// [`instant`] for the end of a range (`to`, `end_date`): its example is later than the
+/// start's, so a client (or a fuzzer) that sends the examples sends a valid range.
+pub fn instant_end() -> RefOr<Schema> {
+    instant_of(true, "2025-10-04")
 }
 
 /// [`instant`] where null is not accepted (query parameters, required fields).
 pub fn instant_required() -> RefOr<Schema> {
-    instant_of(false)
+    instant_of(false, "2025-10-01")
 }
 
-fn instant_of(nullable: bool) -> RefOr<Schema> {
+/// [`instant_required`] for the end of a range.
+pub fn instant_end_required() -> RefOr<Schema> {
+    instant_of(false, "2025-10-04")
+}
+
+fn instant_of(nullable: bool, example: &str) -> RefOr<Schema> {
     let mut any = AnyOfBuilder::new()
         .item(
             string(false)
@@ -96,7 +107,7 @@ fn instant_of(nullable: bool) -> RefOr<Schema> {
     let any: Schema = any.description(Some(
         "a date (2025-10-01: midnight in the DAG's timezone) or an RFC 3339 time (2025-10-01T02:00:00Z)",
     ))
-    .examples([serde_json::json!("2025-10-01")])
+    .examples([serde_json::json!(example)])
     .build()
     .into();
     RefOr::T(any)
@@ -158,7 +169,12 @@ pub fn http_method() -> Object {
         .build()
 }
 
-/// A list cursor: the hex `next_cursor` of a previous page.
+/// A list cursor: the hex `next_cursor` of a previous page (empty: the first page).
 pub fn cursor() -> Object {
-    string(false).pattern(Some("^([0-9A-Fa-f]{2})*$")).build()
+    string(false)
+        .pattern(Some("^([0-9A-Fa-f]{2})*$"))
+        .description(Some(
+            "The `next_cursor` of the previous page; empty or absent: the first page",
+        ))
+        .build()
 }
