@@ -72,7 +72,8 @@ async fn raise_protocol(node: &RaftNode, proposer: &ProposerHandle, term: u64) {
     }
     let supported = node.voters_support().await;
     if supported <= current {
-        info!(
+        // Every second while a voter is behind (or `raft.max_protocol` holds it): debug.
+        debug!(
             current,
             supported, "protocol stays: not every voter supports a newer one"
         );
@@ -101,8 +102,9 @@ pub struct Supervisor {
     last_notify: Instant,
     last_purge: Instant,
     last_protocol_check: Instant,
-    /// When this node last began serving as leader.
+    /// When this node began serving as leader in `serving_term`.
     serving_since: Instant,
+    serving_term: u64,
     /// A protocol check is in flight (it asks every voter, which can take a timeout
     /// when one is down, so it runs beside the supervise pass, not in it).
     raising: Arc<AtomicBool>,
@@ -130,6 +132,7 @@ impl Supervisor {
             last_purge: Instant::now(),
             last_protocol_check: Instant::now() - PROTOCOL_CHECK_EVERY,
             serving_since: Instant::now(),
+            serving_term: 0,
             raising: Arc::new(AtomicBool::new(false)),
             delivering: Arc::new(Mutex::new(HashSet::new())),
             egress,
@@ -144,13 +147,24 @@ impl Supervisor {
             self.last_notify = Instant::now();
             self.deliver_notifications();
         }
+        let term = self.gate.leadership.term;
+        let node = self.node.clone();
+        let proposer = self.proposer.clone();
+        // Not behind the pass: a previous term's pass may still be waiting for a commit.
+        if self.last_protocol_check.elapsed() >= PROTOCOL_CHECK_EVERY
+            && !self.raising.swap(true, Ordering::AcqRel)
+        {
+            self.last_protocol_check = Instant::now();
+            let (node, proposer, raising) = (node.clone(), proposer.clone(), self.raising.clone());
+            self.rt.spawn(async move {
+                raise_protocol(&node, &proposer, term).await;
+                raising.store(false, Ordering::Release);
+            });
+        }
         if self.busy {
             return;
         }
         self.busy = true;
-        let term = self.gate.leadership.term;
-        let node = self.node.clone();
-        let proposer = self.proposer.clone();
         // Purge cutoffs from the voters' median clock, and only once this node reads it
         // from a majority: a leader whose own clock runs fast purges nothing early.
         let purge = (self.last_purge.elapsed()
@@ -170,16 +184,6 @@ impl Supervisor {
                 }),
             }
         });
-        if self.last_protocol_check.elapsed() >= PROTOCOL_CHECK_EVERY
-            && !self.raising.swap(true, Ordering::AcqRel)
-        {
-            self.last_protocol_check = Instant::now();
-            let (node, proposer, raising) = (node.clone(), proposer.clone(), self.raising.clone());
-            self.rt.spawn(async move {
-                raise_protocol(&node, &proposer, term).await;
-                raising.store(false, Ordering::Release);
-            });
-        }
         let serving_for = self.serving_since.elapsed();
         let config = self.config.clone();
         let job = self.rt.spawn(async move {
@@ -189,7 +193,7 @@ impl Supervisor {
                 .map(|v| !v.is_empty())
                 .unwrap_or(false);
             let protocol = applied_protocol(&node).unwrap_or(1);
-            let lease = if protocol < 2 {
+            let lease = if active && protocol < 2 {
                 longest_lease(&node, &config)
             } else {
                 Duration::ZERO
@@ -310,16 +314,20 @@ impl Handler<Leadership> for Supervisor {
     fn handle(&mut self, msg: Leadership, ctx: &mut Context<Self>) {
         let every = Duration::from_millis(self.config.scheduler.supervise_ms);
         let node = self.node.id;
-        let new_term = msg.serving && msg != self.gate.leadership;
-        if new_term {
-            // A new term: its passes count from now, and it raises the protocol at once if
-            // the voters allow (not a check interval later).
-            self.serving_since = Instant::now();
+        let serves_anew = msg.serving && msg != self.gate.leadership;
+        if serves_anew {
+            // It raises the protocol at once if the voters allow (not a check interval
+            // later). A new term's hold counts from now; serving again within the same
+            // term (its quorum came back) does not restart it.
             self.last_protocol_check = Instant::now() - PROTOCOL_CHECK_EVERY;
+            if self.serving_term != msg.term {
+                self.serving_term = msg.term;
+                self.serving_since = Instant::now();
+            }
         }
         self.gate
             .switch(msg, every, ctx, Self::tick, "supervisor", node);
-        if new_term {
+        if serves_anew {
             // The interval's first tick comes a period later.
             self.tick(ctx);
         }

@@ -7,8 +7,8 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use axum::error_handling::HandleErrorLayer;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request as HttpRequest, StatusCode, Uri};
@@ -97,6 +97,7 @@ pub fn router(state: ApiState) -> Router {
         .nest(BASE, api)
         .split_for_parts();
     let doc: openapi::Document = Arc::new(openapi::complete(doc));
+    let bound = state.node.request_bound();
     routes
         .merge(ui::routes())
         .route_layer(middleware::from_fn(tag_route))
@@ -104,17 +105,9 @@ pub fn router(state: ApiState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(
-            tower::ServiceBuilder::new()
-                .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
-                    ApiError::DependencyDown(
-                        "the request did not finish within the node's bound".into(),
-                    )
-                }))
-                .layer(tower::timeout::TimeoutLayer::new(
-                    state.node.request_bound(),
-                )),
-        )
+        .layer(middleware::from_fn(
+            move |req: HttpRequest<axum::body::Body>, next: Next| bounded(bound, req, next),
+        ))
         .layer(middleware::from_fn(request_id_and_errors))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             |_: Box<dyn std::any::Any + Send>| {
@@ -199,6 +192,28 @@ async fn request_id_and_errors(req: HttpRequest<axum::body::Body>, next: Next) -
 struct RouteTemplate(String);
 
 /// Tag the response with the matched route template for [`request_id_and_errors`].
+/// Every request ends within the node's bound (a backstop: 503), except a membership
+/// change, which may wait for a new node to catch up ([`crate::raft::MEMBERSHIP_BOUND`];
+/// operators only, everyone else is refused at once).
+async fn bounded(bound: Duration, req: HttpRequest<axum::body::Body>, next: Next) -> Response {
+    let limit = if req
+        .uri()
+        .path()
+        .starts_with(&format!("{BASE}/cluster/members"))
+    {
+        crate::raft::MEMBERSHIP_BOUND
+    } else {
+        bound
+    };
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => {
+            ApiError::DependencyDown("the request did not finish within the node's bound".into())
+                .into_response()
+        }
+    }
+}
+
 async fn tag_route(
     matched: Option<MatchedPath>,
     req: HttpRequest<axum::body::Body>,

@@ -13,5 +13,5 @@ pub mod read_rounds;
 pub mod state_machine;
 pub mod types;
 
-pub use node::RaftNode;
+pub use node::{RaftNode, MEMBERSHIP_BOUND};
 pub use types::{Member, NodeId, Raft, TypeConfig};

@@ -39,6 +39,11 @@ pub enum Error {
 const NEW_MEMBER_ANSWERS_WITHIN: Duration = Duration::from_secs(5);
 /// How long a new node may take to catch up before it is made a voter.
 const CATCH_UP_WITHIN: Duration = Duration::from_secs(45);
+/// How long an API request that changes the membership may take: the checks, the
+/// catch-up and the promotion (other requests end within [`RaftNode::request_bound`]).
+pub const MEMBERSHIP_BOUND: Duration = Duration::from_secs(60);
+/// How long a node waits for the leader to answer a forwarded membership change.
+const MEMBERSHIP_FORWARD_WAIT: Duration = Duration::from_secs(58);
 
 /// A membership change an operator asks for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -522,8 +527,24 @@ impl RaftNode {
         }
     }
 
-    /// Apply a membership change (leader only; callers forward to the leader).
+    /// Apply a membership change (leader only; callers forward to the leader). It runs as
+    /// a task of its own: a caller that gives up (a dropped request) does not stop it
+    /// half-way, with a learner added and neither promoted nor removed.
     pub async fn change_membership(&self, op: MembershipOp) -> Result<Status, Error> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.current_leader != Some(self.id) {
+            // Checked here first so that only the leader probes a new node.
+            return Err(Error::NotLeader {
+                leader: m.current_leader,
+            });
+        }
+        let this = self.clone();
+        tokio::spawn(async move { this.change_membership_here(op).await })
+            .await
+            .map_err(|e| Error::Stopped(format!("the membership change failed: {e}")))?
+    }
+
+    async fn change_membership_here(&self, op: MembershipOp) -> Result<Status, Error> {
         let to_err = |e: String| Error::Membership(e);
         let not_leader = |e: &RaftError<NodeId, ClientWriteError<NodeId, Member>>| match e {
             RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Some(Error::NotLeader {
@@ -551,23 +572,30 @@ impl RaftNode {
                         .await
                         .map_err(to_err)?;
                 }
-                let added = match self.raft.add_learner(node_id, member.clone(), true).await {
+                // Not openraft's blocking add: it gives up after a moment and returns Ok
+                // either way (near the log's start), or waits with no bound (far from it).
+                let added = match self.raft.add_learner(node_id, member.clone(), false).await {
                     Ok(r) => r.log_id.index,
                     Err(e) => return Err(not_leader(&e).unwrap_or_else(|| to_err(e.to_string()))),
                 };
-                // openraft's blocking add gives up waiting after a moment and returns Ok
-                // either way; a voter that has not caught up would cost the quorum.
+                // A voter that has not caught up would cost the quorum.
                 if let Err(e) = self.wait_caught_up(node_id, added).await {
                     let mut rm = std::collections::BTreeSet::new();
                     rm.insert(node_id);
-                    if let Err(undo) = self
+                    let undone = self
                         .raft
                         .change_membership(ChangeMembers::RemoveNodes(rm), false)
-                        .await
-                    {
-                        warn!(node = self.id, learner = node_id, error = %undo, "cannot remove the learner that did not catch up");
-                    }
-                    return Err(to_err(format!("{e}; it was not added")));
+                        .await;
+                    return Err(match (e, undone) {
+                        (Error::Membership(why), Ok(_)) => {
+                            to_err(format!("{why}; it was not added (it stays a non-member)"))
+                        }
+                        (Error::Membership(why), Err(undo)) => to_err(format!(
+                            "{why}; it stays a learner (not a voter) because removing it failed: \
+                             {undo}; remove it with DELETE /cluster/members/{node_id}"
+                        )),
+                        (other, _) => other,
+                    });
                 }
                 let mut add = std::collections::BTreeSet::new();
                 add.insert(node_id);
@@ -651,8 +679,9 @@ impl RaftNode {
             .map_err(|e| format!("cannot read the cluster's protocol: {e}"))?;
         if s.protocol_supported < protocol {
             return Err(format!(
-                "node {node_id}'s binary applies up to protocol {}, the cluster is at {protocol}: \
-                 upgrade it first",
+                "node {node_id} offers protocol {} (its binary's newest, or its \
+                 raft.max_protocol), the cluster is at {protocol}: upgrade it or raise its \
+                 raft.max_protocol first",
                 s.protocol_supported
             ));
         }
@@ -660,30 +689,32 @@ impl RaftNode {
     }
 
     /// Wait until the leader has replicated to learner `node` up to log `index`, for at
-    /// most [`CATCH_UP_WITHIN`] (under the 60 s a forwarded membership call waits).
-    async fn wait_caught_up(&self, node: NodeId, index: u64) -> Result<(), String> {
+    /// most [`CATCH_UP_WITHIN`]; fails at once if this node stops leading.
+    async fn wait_caught_up(&self, node: NodeId, index: u64) -> Result<(), Error> {
         let deadline = Instant::now() + CATCH_UP_WITHIN;
         let mut metrics = self.raft.metrics();
         loop {
-            let matched = metrics
-                .borrow_and_update()
-                .replication
-                .as_ref()
-                .and_then(|r| r.get(&node).cloned().flatten())
-                .map(|l| l.index);
+            let (replication, leader) = {
+                let m = metrics.borrow_and_update();
+                (m.replication.clone(), m.current_leader)
+            };
+            let Some(replication) = replication else {
+                return Err(Error::NotLeader { leader });
+            };
+            let matched = replication.get(&node).cloned().flatten().map(|l| l.index);
             if matched.is_some_and(|m| m >= index) {
                 return Ok(());
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(format!(
-                    "node {node} did not catch up within {} s (replicated up to {matched:?} of \
-                     {index})",
-                    CATCH_UP_WITHIN.as_secs()
-                ));
+                return Err(Error::Membership(format!(
+                    "node {node} did not catch up within {} s (replicated up to {} of {index})",
+                    CATCH_UP_WITHIN.as_secs(),
+                    matched.map_or("nothing".to_string(), |m| m.to_string())
+                )));
             }
             if let Ok(Err(e)) = tokio::time::timeout(left, metrics.changed()).await {
-                return Err(format!("raft stopped: {e}"));
+                return Err(Error::Stopped(e.to_string()));
             }
         }
     }
@@ -702,7 +733,7 @@ impl RaftNode {
                         &member.peer_addr,
                         "/cluster/membership",
                         &op,
-                        Duration::from_secs(60),
+                        MEMBERSHIP_FORWARD_WAIT,
                     )
                     .await;
                 res.map_err(|_| Error::NoLeader {
