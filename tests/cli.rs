@@ -327,14 +327,6 @@ async fn completions_generate_for_each_shell() {
     }
 }
 
-/// A free loopback port (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// First minutes: a node started as `scripts/dev-server.sh` starts it (no settings but
 /// its addresses, a relative data dir) prints commands that work when pasted into
 /// another shell in another directory, with `orchestrator` on the PATH.
@@ -345,12 +337,13 @@ async fn the_commands_the_server_prints_work_when_pasted() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let elsewhere = tempfile::tempdir().expect("another dir");
     let bin = Path::new(env!("CARGO_BIN_EXE_orchestrator"));
+    let [api_port, peer_port] = common::free_ports("127.0.0.1");
     let mut server = tokio::process::Command::new(bin);
     server
         .current_dir(tmp.path())
         .args(["server", "--data-dir", "orchestrator-data"])
-        .args(["--api-addr", &format!("127.0.0.1:{}", free_port())])
-        .args(["--peer-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--api-addr", &format!("127.0.0.1:{api_port}")])
+        .args(["--peer-addr", &format!("127.0.0.1:{peer_port}")])
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())

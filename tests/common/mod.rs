@@ -59,12 +59,16 @@ fn host_block(tls: bool) -> String {
     format!("127.{a}.{b}")
 }
 
-/// A free port on `host`. Only this node ever binds `host` (outgoing connections of other
-/// processes take 127.0.0.1 as their source), so the port stays free until the node
-/// binds it, also across kills and restarts.
-fn free_port(host: &str) -> u16 {
-    let l = std::net::TcpListener::bind((host, 0)).expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+/// `N` distinct free ports on `host`: every port stays bound until all are chosen (two
+/// binds of port 0 in a row can get the same port back once the first is released, and
+/// a node given one port twice fails to start). Only this node ever binds `host`
+/// (outgoing connections of other processes take 127.0.0.1 as their source), so the
+/// ports stay free until the node binds them, also across kills and restarts.
+pub fn free_ports<const N: usize>(host: &str) -> [u16; N] {
+    let held: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind((host, 0)).expect("bind an ephemeral port"))
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().expect("local addr").port())
 }
 
 fn hex_id() -> String {
@@ -107,10 +111,11 @@ impl Cluster {
         let nodes = (1..=n)
             .map(|id| {
                 let host = format!("{block}.{id}");
+                let [api_port, peer_port] = free_ports(&host);
                 Node {
                     id,
-                    api_port: free_port(&host),
-                    peer_port: free_port(&host),
+                    api_port,
+                    peer_port,
                     host,
                     dir: tmp.path().join(format!("node{id}")),
                     env: Vec::new(),
@@ -501,6 +506,20 @@ impl Cluster {
         (s, v)
     }
 
+    /// Wait until node 1 has applied the raise to `protocol` (a fresh cluster starts at
+    /// 1 and its leader raises it within a second or two).
+    pub async fn wait_protocol(&self, protocol: u64) {
+        wait_for(
+            Duration::from_secs(60),
+            &format!("protocol {protocol}"),
+            || async {
+                let s = self.status(1).await?;
+                (s["protocol"].as_u64()? >= protocol).then_some(())
+            },
+        )
+        .await;
+    }
+
     /// Cluster status of a node (admin view, includes the state digest).
     pub async fn status(&self, id: u64) -> Option<Value> {
         let r = self
@@ -559,6 +578,19 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // A failed test shows how each node saw it (the logs go with the temp dir).
+        if std::thread::panicking() {
+            for n in &self.nodes {
+                let log = std::fs::read_to_string(n.dir.with_extension("log")).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(80)..].join("\n");
+                eprintln!(
+                    "---- node {} log, last {} lines ----\n{tail}",
+                    n.id,
+                    lines.len().min(80)
+                );
+            }
+        }
         for n in &mut self.nodes {
             if let Some(mut c) = n.child.take() {
                 // SAFETY: signalling our own child process.
