@@ -487,6 +487,17 @@ async fn a_node_that_does_not_answer_is_never_made_a_voter() {
     assert_eq!(status["learners"], json!([]), "{status}");
     put_dag(&c, 1, &t, "still-writable").await;
 
+    // Node 4 at an address where node 1 answers: it answers, as another node.
+    let impostor = json!({"node_id": 4, "api_addr": c.api(1).trim_start_matches("http://"), "peer_addr": c.peer_addr(1)});
+    let (s, v) = c.post(1, "/cluster/members", &admin, &impostor).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("refused the call") && m.contains("not node 4")),
+        "{v}"
+    );
+
     // Node 1 at other addresses: refused; at its own: already done.
     let me = json!({"node_id": 1, "api_addr": c.api(1).trim_start_matches("http://"), "peer_addr": c.peer_addr(1)});
     let (s, v) = c.post(1, "/cluster/members", &admin, &me).await;

@@ -34,6 +34,10 @@ pub enum PeerError {
     /// The peer does not serve the path (a node on an older binary).
     #[error("peer {target} does not serve {path}")]
     NoRoute { target: NodeId, path: String },
+    /// The peer answered and refused the caller: another node id is there (421), or it
+    /// runs with another cluster secret or CA (401, 403).
+    #[error("peer {target} refused the call: {message}")]
+    Refused { target: NodeId, message: String },
 }
 
 /// How a node calls its peers over TLS: the CA it trusts them through, and the
@@ -145,6 +149,18 @@ impl PeerClients {
                 path: path.to_string(),
             });
         }
+        if matches!(
+            status,
+            reqwest::StatusCode::MISDIRECTED_REQUEST
+                | reqwest::StatusCode::UNAUTHORIZED
+                | reqwest::StatusCode::FORBIDDEN
+        ) {
+            let text = resp.text().await.unwrap_or_default();
+            return Err(PeerError::Refused {
+                target,
+                message: format!("{status}: {text}"),
+            });
+        }
         if !status.is_success() {
             let text = resp.text().await.unwrap_or_default();
             return Err(PeerError::Failed {
@@ -206,9 +222,11 @@ impl PeerNetwork {
             Err(e @ PeerError::Unreachable { .. }) => {
                 Err(RPCError::Unreachable(Unreachable::new(&e)))
             }
-            Err(e @ (PeerError::Failed { .. } | PeerError::NoRoute { .. })) => {
-                Err(RPCError::Network(NetworkError::new(&e)))
-            }
+            Err(
+                e @ (PeerError::Failed { .. }
+                | PeerError::NoRoute { .. }
+                | PeerError::Refused { .. }),
+            ) => Err(RPCError::Network(NetworkError::new(&e))),
         }
     }
 }

@@ -645,14 +645,24 @@ impl RaftNode {
         // A node started a moment ago may not listen yet: it gets a few seconds.
         let until = Instant::now() + NEW_MEMBER_ANSWERS_WITHIN;
         let s: Status = loop {
+            // Every call ends by `until`: the node answers within the bound, all calls told.
+            let left = until
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(100), self.rpc_timeout);
             match self
                 .peers
-                .call(node_id, at, "/cluster/status", &(), self.rpc_timeout)
+                .call(node_id, at, "/cluster/status", &(), left)
                 .await
             {
                 Ok(s) => break s,
                 Err(super::network::PeerError::Unreachable { .. }) if Instant::now() < until => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(super::network::PeerError::Refused { message, .. }) => {
+                    return Err(format!(
+                        "the node at {at} answers but refused the call ({message}): it is \
+                         not node {node_id}, or it runs with another cluster secret"
+                    ))
                 }
                 Err(e) => {
                     return Err(format!(
