@@ -301,6 +301,9 @@ pub struct LimitsConfig {
     /// Unfinished (queued or running) runs of one tenant across its DAGs: a trigger
     /// beyond it is refused (429), and the scheduler holds the tenant's windows back.
     pub max_active_runs_per_tenant: u64,
+    /// Versions of one DAG kept: writing a new version drops the oldest ones beyond it,
+    /// except those an unfinished run still executes (from protocol 5).
+    pub max_dag_versions: u64,
     /// Per-tenant overrides of the quotas above.
     pub tenants: std::collections::BTreeMap<String, TenantLimits>,
 }
@@ -319,6 +322,8 @@ pub struct TenantLimits {
     pub max_queued_runs_per_dag: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_active_runs_per_tenant: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_dag_versions: Option<u64>,
 }
 
 /// The quotas that hold for one tenant.
@@ -329,6 +334,7 @@ pub struct Quotas {
     pub max_tasks_per_dag: u64,
     pub max_queued_runs_per_dag: u64,
     pub max_active_runs_per_tenant: u64,
+    pub max_dag_versions: u64,
 }
 
 impl LimitsConfig {
@@ -347,6 +353,7 @@ impl LimitsConfig {
             max_active_runs_per_tenant: o
                 .max_active_runs_per_tenant
                 .unwrap_or(self.max_active_runs_per_tenant),
+            max_dag_versions: o.max_dag_versions.unwrap_or(self.max_dag_versions),
         }
     }
 }
@@ -359,6 +366,7 @@ impl Default for LimitsConfig {
             max_tasks_per_dag: crate::dag::MAX_TASKS as u64,
             max_queued_runs_per_dag: 500,
             max_active_runs_per_tenant: 2000,
+            max_dag_versions: 100,
             tenants: Default::default(),
         }
     }
@@ -709,10 +717,11 @@ impl Config {
                 || q.max_tasks_per_dag == 0
                 || q.max_queued_runs_per_dag == 0
                 || q.max_active_runs_per_tenant == 0
+                || q.max_dag_versions == 0
             {
                 return bad(format!(
-                    "{scope}: max_dags_per_tenant, max_tasks_per_dag, max_queued_runs_per_dag \
-                     and max_active_runs_per_tenant must be > 0"
+                    "{scope}: max_dags_per_tenant, max_tasks_per_dag, max_queued_runs_per_dag, \
+                     max_active_runs_per_tenant and max_dag_versions must be > 0"
                 ));
             }
         }

@@ -827,11 +827,7 @@ async fn a_dags_versions_are_listed_newest_first_and_read_one_by_one() {
 async fn concurrent_manual_triggers_are_separate_runs() {
     let c = up(1, &[]).await;
     let t = c.token("acme", "orchestrator:read orchestrator:write");
-    wait_for(LONG, "protocol 4", || async {
-        let s = c.status(1).await?;
-        (s["protocol"].as_u64()? >= 4).then_some(())
-    })
-    .await;
+    c.wait_protocol(4).await;
     c.post(1, "/dags", &t, &json!({"dag_id":"many"})).await;
     let body = json!({"dag_id":"many","run_type":"manual"});
     let answers = futures::future::join_all((0..40).map(|_| c.post(1, "/runs", &t, &body))).await;

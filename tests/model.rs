@@ -171,6 +171,7 @@ fn arb_step() -> impl Strategy<Value = Step> {
                 }),
                 command,
                 subject: None,
+                quota: None,
             }))
         }),
         1 => (1u8..4).prop_map(Step::Membership),

@@ -789,14 +789,6 @@ fn public_keys_and_jwks_need_an_audience_and_https() {
 }
 
 /// Wait until the cluster applies protocol 3 (subjects and the fair share start there).
-async fn wait_protocol_3(c: &Cluster) {
-    wait_for(LONG, "protocol 3", || async {
-        let s = c.status(1).await?;
-        (s["protocol"].as_u64()? >= 3).then_some(())
-    })
-    .await;
-}
-
 fn token_of(c: &Cluster, tenant: &str, subject: &str, scope: &str) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -934,10 +926,84 @@ async fn run_and_task_quotas_name_the_limit() {
     c.assert_no_panics();
 }
 
+/// Quotas hold under concurrent writes: apply counts each request against the writes
+/// before it (protocol 5), where a check before proposing let every concurrent request
+/// through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_never_overshoot_a_quota() {
+    let c = up(
+        1,
+        &[
+            ("ORCHESTRATOR_LIMITS__MAX_QUEUED_RUNS_PER_DAG", "3"),
+            ("ORCHESTRATOR_LIMITS__MAX_DAGS_PER_TENANT", "5"),
+            ("ORCHESTRATOR_LIMITS__MAX_DAG_VERSIONS", "3"),
+        ],
+    )
+    .await;
+    c.wait_protocol(5).await;
+    let t = c.token(
+        "acme",
+        "orchestrator:read orchestrator:write orchestrator:shell",
+    );
+    let dag = json!({"dag_id": "slow", "max_active_runs": 1,
+                     "tasks": [{"task_id": "t", "kind": "shell", "command": "sleep 30"}]});
+    let (s, v) = c.post(1, "/dags", &t, &dag).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // 40 triggers at once: one runs and three queue; every other one is refused.
+    let answers = futures::future::join_all((0..40).map(|_| trigger(&c, &t, "slow"))).await;
+    let taken = answers.iter().filter(|(s, _)| *s == StatusCode::OK).count();
+    for (s, v) in &answers {
+        if *s != StatusCode::OK {
+            assert_eq!(*s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+            assert!(message(v).contains("limits.max_queued_runs_per_dag"), "{v}");
+        }
+    }
+    let (_, v) = c.get(1, "/runs?dag_id=slow&limit=100", &t).await;
+    let runs = v["runs"].as_array().map_or(0, Vec::len);
+    assert_eq!((taken, runs), (4, 4), "1 running + 3 queued, no more: {v}");
+
+    // Versions: five writes of one DAG keep the newest three.
+    for owner in ["a", "b", "c", "d", "e"] {
+        let (s, v) = c
+            .post(1, "/dags", &t, &json!({"dag_id": "v", "owner": owner}))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    let (s, v) = c.get(1, "/dags/v/versions", &t).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let kept: Vec<u64> = v["versions"]
+        .as_array()
+        .expect("versions")
+        .iter()
+        .filter_map(|x| x["version"].as_u64())
+        .collect();
+    assert_eq!(kept, vec![5, 4, 3], "{v}");
+    let (s, v) = c.get(1, "/dags/v/versions/1", &t).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert!(message(&v).contains("limits.max_dag_versions"), "{v}");
+
+    // DAGs: with two live, 20 concurrent creates make exactly three more.
+    let bodies: Vec<Value> = (0..20)
+        .map(|i| json!({"dag_id": format!("d{i}")}))
+        .collect();
+    let creates = futures::future::join_all(bodies.iter().map(|b| c.post(1, "/dags", &t, b))).await;
+    let created = creates.iter().filter(|(s, _)| *s == StatusCode::OK).count();
+    for (s, v) in &creates {
+        if *s != StatusCode::OK {
+            assert_eq!(*s, StatusCode::BAD_REQUEST, "{v}");
+            assert!(message(v).contains("limits.max_dags_per_tenant"), "{v}");
+        }
+    }
+    let (_, v) = c.get(1, "/dags?limit=100", &t).await;
+    let live = v["dags"].as_array().map_or(0, Vec::len);
+    assert_eq!((created, live), (3, 5), "{v}");
+    c.assert_no_panics();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_cannot_hold_every_executor_slot() {
     let c = up(1, &[("ORCHESTRATOR_EXECUTOR__SLOTS", "2")]).await;
-    wait_protocol_3(&c).await;
+    c.wait_protocol(3).await;
     let scope = "orchestrator:read orchestrator:write orchestrator:shell";
     let (hog, other) = (c.token("hog", scope), c.token("other", scope));
     // The hog's run: six parallel tasks of 3 s; it takes both slots first.
@@ -1031,7 +1097,7 @@ async fn list_cursors_are_bound_to_the_tenant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_and_triggers_record_the_callers_subject() {
     let c = up(1, &[]).await;
-    wait_protocol_3(&c).await;
+    c.wait_protocol(3).await;
     let scope = "orchestrator:read orchestrator:write";
     let alice = token_of(&c, "acme", "alice", scope);
     let bob = token_of(&c, "acme", "bob", scope);

@@ -167,6 +167,7 @@ fn arb_request() -> impl Strategy<Value = Request> {
                     }),
                     command,
                     subject: None,
+                    quota: None,
                 }
             },
         )
@@ -223,6 +224,7 @@ fn snapshot_install_replaces_the_whole_state() {
                 expected_version: None,
             },
             subject: None,
+            quota: None,
         };
         sm1.apply(vec![entry(
             1,

@@ -1,9 +1,11 @@
 //! The replicated formats, kept decodable forever (issue 8, "Upgrades and determinism").
 //!
-//! `tests/fixtures/protocol/v2/` holds what this version writes: a Raft log that raises the
-//! protocol from 1 to 2 and exercises every command kind (`log.json`), the snapshot of the
-//! state it leads to (`snapshot.json`, with its state digest) and every table of that
-//! state (`tables.json`). Future binaries must:
+//! `tests/fixtures/protocol/vN/` holds what the binary of protocol N wrote: a Raft log
+//! (`log.json`), the snapshot of the state it leads to (`snapshot.json`, with its state
+//! digest) and every table of that state (`tables.json`). The v2 log raises the protocol
+//! from 1 to 2 and exercises every command kind; the v5 log goes on from it, raises to 5
+//! and exercises what protocols 3 to 5 added (the caller's subject, manual runs without a
+//! window, quotas refused and DAG versions dropped in apply). Future binaries must:
 //!
 //! - decode every entry, and applying the log to an empty state machine must give exactly
 //!   the recorded digest (behaviour changes only ever start at a later protocol raise, and
@@ -12,8 +14,8 @@
 //! - decode every value of every table into its type.
 //!
 //! The fixtures are written by `write_fixtures` (ignored; run it with
-//! `cargo test --test wire_format -- --ignored` only when adding a new version's folder,
-//! never to overwrite an old one).
+//! `cargo test --test wire_format -- --ignored` only when adding a new version's folder:
+//! it refuses to overwrite one).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -23,7 +25,7 @@ use openraft::{CommittedLeaderId, EntryPayload, Membership, RaftSnapshotBuilder}
 use orchestrator::raft::db::Db;
 use orchestrator::raft::state_machine::StateMachineStore;
 use orchestrator::raft::types::{Entry, LogId, Member, SnapshotMeta};
-use orchestrator::state::command::{AttemptRef, AttemptResult, Retention};
+use orchestrator::state::command::{AttemptRef, AttemptResult, Quota, Retention};
 use orchestrator::state::machine::{IdempotencyRecord, RequestRecord};
 use orchestrator::state::model::{
     ActiveEntry, Dag, DagSpec, NodeInfo, Notification, Run, RunType, TaskKind, TaskSpec, Window,
@@ -32,8 +34,13 @@ use orchestrator::state::{Batch, Command, IdempotencyKey, Request, Table};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/protocol/v2")
+/// The protocol versions with a fixture folder; the last is what `write_fixtures` writes.
+const VERSIONS: [&str; 2] = ["v2", "v5"];
+
+fn dir(version: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/protocol")
+        .join(version)
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -81,9 +88,9 @@ fn spec(dag_id: &str, webhook: bool) -> DagSpec {
     }
 }
 
-/// The scenario: protocol-1 traffic, the raise to 2, then protocol-2 traffic that leaves
-/// something in every table.
-fn scenario() -> Vec<Entry> {
+/// The scenario of `version`: protocol-1 traffic, the raise to 2, then protocol-2 traffic
+/// that leaves something in every table; for v5, then the raise to 5 and its traffic.
+fn scenario(version: &str) -> Vec<Entry> {
     let mut seq = 0u64;
     let mut req = |now: i64, command: Command, idem: Option<&str>| {
         seq += 1;
@@ -97,6 +104,7 @@ fn scenario() -> Vec<Entry> {
             }),
             command,
             subject: None,
+            quota: None,
         }
     };
     let w = |d: i64| Window {
@@ -324,6 +332,10 @@ fn scenario() -> Vec<Entry> {
         ),
         (2, vec![req(t0 + 2_900, put("audit", false), None)]),
     ];
+    let mut batches = batches;
+    if version == "v5" {
+        batches.extend(protocol_5_batches(t0 + 3_000));
+    }
     let member = |id: u64| Member {
         api_addr: format!("10.0.0.{id}:8080"),
         peer_addr: format!("10.0.0.{id}:9080"),
@@ -349,6 +361,75 @@ fn scenario() -> Vec<Entry> {
         });
     }
     log
+}
+
+/// After the v2 scenario: the raise to 5, then a DAG refused by the DAG quota, two manual
+/// runs without a window in one millisecond (two runs), and two updates, the second of
+/// which drops the version behind it but not the one the new runs execute (all with a
+/// subject and a quota keeping one version).
+fn protocol_5_batches(t: i64) -> Vec<(u64, Vec<Request>)> {
+    let quota = Quota {
+        max_dags: 2,
+        max_active_runs: 100,
+        max_queued_runs_per_dag: 10,
+        dag_versions_kept: 1,
+    };
+    let mut seq = 0u64;
+    let mut req = |now: i64, command: Command| {
+        seq += 1;
+        Request {
+            request_id: format!("req-5-{seq:04}"),
+            proposed_at_ms: now,
+            idempotency: None,
+            command,
+            subject: Some("alice@acme".into()),
+            quota: Some(quota),
+        }
+    };
+    let manual = || Command::TriggerRun {
+        tenant: "acme".into(),
+        dag_id: "sales".into(),
+        run_type: RunType::Manual,
+        window: Window {
+            start_ms: t,
+            end_ms: t,
+        },
+    };
+    let update = |owner: &str| {
+        let mut s = spec("sales", true);
+        s.owner = Some(owner.into());
+        Command::PutDag {
+            tenant: "acme".into(),
+            spec: s,
+            expected_version: None,
+        }
+    };
+    vec![
+        (
+            3,
+            vec![req(
+                t,
+                Command::RaiseProtocol {
+                    term: 3,
+                    version: 5,
+                },
+            )],
+        ),
+        (
+            3,
+            vec![req(
+                t + 10,
+                Command::PutDag {
+                    tenant: "acme".into(),
+                    spec: spec("third", false),
+                    expected_version: None,
+                },
+            )],
+        ),
+        (3, vec![req(t + 20, manual()), req(t + 20, manual())]),
+        (3, vec![req(t + 30, update("team-finance"))]),
+        (3, vec![req(t + 40, update("team-ops"))]),
+    ]
 }
 
 fn fresh() -> (tempfile::TempDir, Db, StateMachineStore) {
@@ -409,55 +490,110 @@ fn read_tables(db: &Db) -> Tables {
         .collect()
 }
 
-fn load<T: serde::de::DeserializeOwned>(name: &str) -> T {
-    let path = dir().join(name);
+fn load<T: serde::de::DeserializeOwned>(version: &str, name: &str) -> T {
+    let path = dir(version).join(name);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("fixture {} missing: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("fixture {name} does not decode: {e}"))
 }
 
 #[test]
-fn todays_log_applies_to_the_recorded_state() {
-    let log: Vec<Entry> = load("log.json");
-    let snap: SnapshotFixture = load("snapshot.json");
-    let (_d, db, mut sm) = fresh();
-    rt().block_on(async { sm.apply(log).await.expect("the v2 log applies") });
-    assert_eq!(
-        db.state_digest().expect("digest"),
-        snap.digest,
-        "applying the recorded log must give the recorded state: a change of apply \
-         behaviour must wait for a protocol raise, and new fields must not change old bytes"
-    );
-    let tables: Tables = load("tables.json");
-    assert_eq!(read_tables(&db), tables, "every table, value by value");
+fn every_recorded_log_applies_to_its_recorded_state() {
+    for version in VERSIONS {
+        let log: Vec<Entry> = load(version, "log.json");
+        let snap: SnapshotFixture = load(version, "snapshot.json");
+        let (_d, db, mut sm) = fresh();
+        rt().block_on(async { sm.apply(log).await.expect("the log applies") });
+        assert_eq!(
+            db.state_digest().expect("digest"),
+            snap.digest,
+            "{version}: applying the recorded log must give the recorded state: a change of \
+             apply behaviour must wait for a protocol raise, and new fields must not change \
+             old bytes"
+        );
+        let tables: Tables = load(version, "tables.json");
+        assert_eq!(
+            read_tables(&db),
+            tables,
+            "{version}: every table, value by value"
+        );
+    }
 }
 
 #[test]
-fn todays_snapshot_installs_and_every_table_decodes() {
-    let snap: SnapshotFixture = load("snapshot.json");
-    let data = hex::decode(&snap.data_hex).expect("snapshot data is hex");
-    let (_d, db, mut sm) = fresh();
-    rt().block_on(async {
-        sm.install_snapshot(&snap.meta, Box::new(std::io::Cursor::new(data)))
-            .await
-            .expect("the v2 snapshot installs")
-    });
-    assert_eq!(db.state_digest().expect("digest"), snap.digest);
-    let tables: Tables = load("tables.json");
-    for t in Table::ALL {
-        let rows = tables
-            .get(t.name())
-            .unwrap_or_else(|| panic!("table {} recorded", t.name()));
-        assert!(!rows.is_empty(), "the fixture exercises table {}", t.name());
+fn every_recorded_snapshot_installs_and_every_table_decodes() {
+    for version in VERSIONS {
+        let snap: SnapshotFixture = load(version, "snapshot.json");
+        let data = hex::decode(&snap.data_hex).expect("snapshot data is hex");
+        let (_d, db, mut sm) = fresh();
+        rt().block_on(async {
+            sm.install_snapshot(&snap.meta, Box::new(std::io::Cursor::new(data)))
+                .await
+                .expect("the snapshot installs")
+        });
+        assert_eq!(db.state_digest().expect("digest"), snap.digest, "{version}");
+        let tables: Tables = load(version, "tables.json");
+        for t in Table::ALL {
+            let rows = tables
+                .get(t.name())
+                .unwrap_or_else(|| panic!("{version}: table {} recorded", t.name()));
+            assert!(!rows.is_empty(), "{version} exercises table {}", t.name());
+        }
+        assert_eq!(read_tables(&db), tables, "{version}");
     }
-    assert_eq!(read_tables(&db), tables);
+}
+
+/// What the v5 log shows of protocols 3 to 5, read from its recorded tables.
+#[test]
+fn the_v5_log_records_what_protocols_3_to_5_added() {
+    let tables: Tables = load("v5", "tables.json");
+    let rows = |t: Table| tables.get(t.name()).cloned().unwrap_or_default();
+    let outcomes: Vec<Value> = rows(Table::Requests)
+        .into_iter()
+        .map(|(_, v)| v["outcome"].clone())
+        .collect();
+    assert!(
+        outcomes.iter().any(|o| o["outcome"] == "quota_exceeded"
+            && o["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("max_dags_per_tenant")),
+        "a DAG refused by the quota: {outcomes:?}"
+    );
+    let manual: Vec<Value> = rows(Table::Runs)
+        .into_iter()
+        .map(|(_, v)| v)
+        .filter(|r| r["run_type"] == "manual" && r["triggered_by"] == "alice@acme")
+        .collect();
+    assert_eq!(manual.len(), 2, "two windowless runs in one millisecond");
+    let sales_versions: Vec<u64> = rows(Table::DagVersions)
+        .iter()
+        .filter(|(_, v)| v["dag_id"] == "sales")
+        .filter_map(|(k, _)| {
+            let key = hex::decode(k).ok()?;
+            Some(u64::from_be_bytes(
+                key.get(key.len().checked_sub(8)?..)?.try_into().ok()?,
+            ))
+        })
+        .collect();
+    assert_eq!(
+        sales_versions,
+        vec![1, 3],
+        "version 2 dropped; version 1 kept while the manual runs execute it"
+    );
 }
 
 /// Writes the fixtures of this version (run only when adding a new version's folder).
 #[test]
 #[ignore]
 fn write_fixtures() {
-    let log = scenario();
+    let version = VERSIONS[VERSIONS.len() - 1];
+    assert!(
+        !dir(version).exists(),
+        "{} exists: fixtures of a released protocol are never rewritten",
+        dir(version).display()
+    );
+    let log = scenario(version);
     let (_d, db, mut sm) = fresh();
     let snap = rt().block_on(async {
         sm.apply(log.clone()).await.expect("scenario applies");
@@ -469,9 +605,9 @@ fn write_fixtures() {
         data_hex: hex::encode(data),
         digest: db.state_digest().expect("digest"),
     };
-    std::fs::create_dir_all(dir()).expect("fixture dir");
+    std::fs::create_dir_all(dir(version)).expect("fixture dir");
     let write = |name: &str, v: &dyn erased::Json| {
-        std::fs::write(dir().join(name), v.pretty()).expect("write fixture")
+        std::fs::write(dir(version).join(name), v.pretty()).expect("write fixture")
     };
     write("log.json", &log);
     write("snapshot.json", &fixture);

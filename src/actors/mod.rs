@@ -95,5 +95,6 @@ pub fn system_request(command: crate::state::Command) -> crate::state::Request {
         idempotency: None,
         command,
         subject: None,
+        quota: None,
     }
 }

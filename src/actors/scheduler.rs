@@ -24,9 +24,10 @@ use super::{system_request, LeaderGate, Leadership, ProposerHandle};
 use crate::config::SchedulerConfig;
 use crate::raft::RaftNode;
 use crate::schedule::{due_windows, next_due_ms, Policy, Schedule};
+use crate::state::command::Quota;
 use crate::state::machine::keys;
-use crate::state::model::{Dag, Millis};
-use crate::state::{Command, Outcome, Table};
+use crate::state::model::{Dag, Millis, Window};
+use crate::state::{Command, Outcome, Request, Table};
 
 /// Figures the scheduler exports.
 #[derive(Debug, Default)]
@@ -85,6 +86,12 @@ impl Plan {
             catchup: dag.spec.catchup,
         })
     }
+}
+
+/// One DAG's due windows, oldest first, each with the request that fires it.
+struct DagFires {
+    dag_id: String,
+    windows: Vec<(Window, Request)>,
 }
 
 /// The scheduler's memory of the DAGs, valid for one term.
@@ -167,34 +174,61 @@ async fn fire_due(
         }
     };
     let fires = due_fires(&node, dags, now, term, &config, &memory);
-    let proposals = fires.into_iter().map(|(dag_id, window, cmd)| {
-        let proposer = proposer.clone();
-        async move { (dag_id, window, proposer.propose(system_request(cmd)).await) }
-    });
-    for (dag_id, window, res) in futures::future::join_all(proposals).await {
-        match res {
-            Ok(r) => match r.outcome {
-                Outcome::Fired { run_id, created } => {
-                    let lag = node.clock.now_ms() - window.end_ms;
-                    if created {
-                        stats.windows_fired.fetch_add(1, Ordering::Relaxed);
-                        stats.last_lag_ms.store(lag, Ordering::Relaxed);
-                        stats.max_lag_ms.fetch_max(lag, Ordering::Relaxed);
-                        stats.lag_sum_ms.fetch_add(lag, Ordering::Relaxed);
-                        metrics::counter!(crate::telemetry::metrics::WINDOWS_FIRED).increment(1);
-                        metrics::histogram!(crate::telemetry::metrics::FIRE_LAG_SECONDS)
-                            .record(lag.max(0) as f64 / 1000.0);
-                        debug!(dag_id = %dag_id, run_id = %run_id, window_end = window.end_ms, lag_ms = lag, "window fired");
-                    }
+    // DAGs fire side by side; one DAG's windows fire one after another, and a window not
+    // fired (a quota, an error) stops its DAG's later windows this pass. A later window
+    // applied first would move the cursor past the earlier one, which would never fire.
+    let chains = fires.into_iter().map(|dag| {
+        let (proposer, node, stats) = (proposer.clone(), node.clone(), stats.clone());
+        async move {
+            for (window, req) in dag.windows {
+                if !fire_one(&proposer, &node, &stats, &dag.dag_id, window, req, term).await {
+                    break;
                 }
-                Outcome::StaleTerm { .. } => {
-                    info!(dag_id = %dag_id, term, "fire rejected: no longer leader of this term")
-                }
-                o => debug!(dag_id = %dag_id, outcome = ?o, "window not fired"),
-            },
-            Err(e) => {
-                warn!(dag_id = %dag_id, error = %e, "fire proposal failed; retried next tick")
             }
+        }
+    });
+    futures::future::join_all(chains).await;
+}
+
+/// Propose one window; whether it fired (or had fired before).
+async fn fire_one(
+    proposer: &ProposerHandle,
+    node: &RaftNode,
+    stats: &Stats,
+    dag_id: &str,
+    window: Window,
+    req: Request,
+    term: u64,
+) -> bool {
+    match proposer.propose(req).await {
+        Ok(r) => match r.outcome {
+            Outcome::Fired { run_id, created } => {
+                let lag = node.clock.now_ms() - window.end_ms;
+                if created {
+                    stats.windows_fired.fetch_add(1, Ordering::Relaxed);
+                    stats.last_lag_ms.store(lag, Ordering::Relaxed);
+                    stats.max_lag_ms.fetch_max(lag, Ordering::Relaxed);
+                    stats.lag_sum_ms.fetch_add(lag, Ordering::Relaxed);
+                    metrics::counter!(crate::telemetry::metrics::WINDOWS_FIRED).increment(1);
+                    metrics::histogram!(crate::telemetry::metrics::FIRE_LAG_SECONDS)
+                        .record(lag.max(0) as f64 / 1000.0);
+                    debug!(dag_id = %dag_id, run_id = %run_id, window_end = window.end_ms, lag_ms = lag, "window fired");
+                }
+                true
+            }
+            Outcome::AlreadyFired { .. } => true,
+            Outcome::StaleTerm { .. } => {
+                info!(dag_id = %dag_id, term, "fire rejected: no longer leader of this term");
+                false
+            }
+            o => {
+                debug!(dag_id = %dag_id, outcome = ?o, "window not fired");
+                false
+            }
+        },
+        Err(e) => {
+            warn!(dag_id = %dag_id, error = %e, "fire proposal failed; retried next tick");
+            false
         }
     }
 }
@@ -207,7 +241,7 @@ fn due_fires(
     term: u64,
     config: &SchedulerConfig,
     memory: &Mutex<Memory>,
-) -> Vec<(String, crate::state::model::Window, Command)> {
+) -> Vec<DagFires> {
     let mut fires = Vec::new();
     let mut memory = memory.lock().unwrap_or_else(|p| p.into_inner());
     if memory.term != term {
@@ -276,26 +310,32 @@ fn due_fires(
         }
         // Scheduled runs obey the tenant's run quotas too: past them the DAG's windows
         // are held back (and, without catchup, skipped once past the grace).
-        let quotas = node.config().limits.for_tenant(&plan.tenant);
-        let quota = crate::quota::check_new_run(
-            &node.sm.tenant_counts(),
-            &plan.tenant,
-            &plan.dag_id,
-            &quotas,
-        );
-        if let Err(exceeded) = quota {
+        // Apply enforces them; this check of the replica's counts spares a doomed write.
+        let quota: Quota = (&node.config().limits.for_tenant(&plan.tenant)).into();
+        let usage = node.sm.tenant_counts().usage(&plan.tenant, &plan.dag_id);
+        if let Err(exceeded) =
+            crate::quota::check_new_run(usage, &plan.tenant, &plan.dag_id, &quota)
+        {
             debug!(tenant = %plan.tenant, dag_id = %plan.dag_id, reason = %exceeded, "windows held back by a quota");
             continue;
         }
-        for window in due {
-            let cmd = Command::FireWindow {
-                tenant: plan.tenant.clone(),
-                dag_id: plan.dag_id.clone(),
-                window,
-                term,
-            };
-            fires.push((plan.dag_id.clone(), window, cmd));
-        }
+        let windows = due
+            .into_iter()
+            .map(|window| {
+                let mut req = system_request(Command::FireWindow {
+                    tenant: plan.tenant.clone(),
+                    dag_id: plan.dag_id.clone(),
+                    window,
+                    term,
+                });
+                req.quota = Some(quota);
+                (window, req)
+            })
+            .collect();
+        fires.push(DagFires {
+            dag_id: plan.dag_id.clone(),
+            windows,
+        });
     }
     memory.dags.retain(|k, _| seen.contains(k));
     fires

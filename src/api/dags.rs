@@ -18,7 +18,7 @@ use super::routes::{
 use crate::auth::{Access, Principal};
 use crate::dag::{self, DagInput};
 use crate::schedule::Schedule;
-use crate::state::machine::keys;
+use crate::state::machine::{keys, version_of_key};
 use crate::state::model::{Dag, DagSpec, Run, TaskKind};
 use crate::state::{Command, Outcome, Table};
 
@@ -238,7 +238,8 @@ pub async fn submit(
         spec,
         expected_version: input.version.or(if_match),
     };
-    let (outcome, replayed) = commit(&st, stamp(&p, &headers, "POST /dags", &raw, cmd)).await?;
+    let (outcome, replayed) =
+        commit(&st, stamp(&st, &p, &headers, "POST /dags", &raw, cmd)).await?;
     let Outcome::DagPut {
         dag_id, version, ..
     } = outcome
@@ -256,8 +257,9 @@ pub async fn submit(
 }
 
 /// Per-tenant quotas (`limits.*`, with the tenant's overrides): tasks per DAG, the
-/// shortest schedule interval and, for a new DAG, the number of live DAGs. The count is read here, not in apply: concurrent creates may
-/// overshoot it by the number in flight.
+/// shortest schedule interval and, for a new DAG, the number of live DAGs. The DAG
+/// count is checked here against this replica only to spare a doomed write; apply
+/// enforces it race-free ([`crate::quota`]).
 fn check_limits(st: &ApiState, tenant: &str, spec: &DagSpec) -> Result<(), ApiError> {
     let limits = st.node.config().limits.for_tenant(tenant);
     if spec.tasks.len() as u64 > limits.max_tasks_per_dag {
@@ -286,13 +288,9 @@ fn check_limits(st: &ApiState, tenant: &str, spec: &DagSpec) -> Result<(), ApiEr
         .and_then(|b| serde_json::from_slice::<Dag>(&b).ok())
         .is_some_and(|d| !d.deleted);
     if !exists {
-        let max = limits.max_dags_per_tenant;
-        let live = st.node.sm.tenant_counts().live_dags(tenant);
-        if live >= max {
-            return Err(ApiError::InvalidRequest(format!(
-                "tenant '{tenant}' already has {live} DAGs, the limit (limits.max_dags_per_tenant = {max})"
-            )));
-        }
+        let usage = st.node.sm.tenant_counts().usage(tenant, &spec.dag_id);
+        crate::quota::check_new_dag(usage, tenant, &(&limits).into())
+            .map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
     }
     Ok(())
 }
@@ -456,8 +454,9 @@ pub struct DagVersionPath {
     tag = "dags",
     operation_id = "list_dag_versions",
     summary = "List a DAG's versions",
-    description = "Every stored definition of a live DAG, newest first, a page at a time: what each run \
-ran with (a run's `dag_version`) and what each change changed.",
+    description = "Every kept definition of a live DAG, newest first, a page at a time: what each run \
+ran with (a run's `dag_version`) and what each change changed. The newest `limits.max_dag_versions` \
+are kept, and any older one an unfinished run still executes.",
     params(DagPath, ListQuery),
     responses(
         (status = 200, description = "A page of versions.", body = DagVersionList),
@@ -487,7 +486,8 @@ pub async fn list_versions(
     let mut versions = Vec::with_capacity(limit.min(page.len()));
     let mut last = None;
     for (k, v) in page.into_iter().take(limit) {
-        let version = version_of(&k)?;
+        let version = version_of_key(&prefix, &k)
+            .ok_or_else(|| ApiError::Internal("a DAG version key without its version".into()))?;
         let definition: DagSpec =
             serde_json::from_slice(&v).map_err(|e| ApiError::Internal(e.to_string()))?;
         versions.push(DagVersionOut {
@@ -505,15 +505,6 @@ pub async fn list_versions(
     .into_response())
 }
 
-/// The version number at the end of a `DagVersions` key (8 bytes, big-endian).
-fn version_of(key: &[u8]) -> Result<u64, ApiError> {
-    key.len()
-        .checked_sub(8)
-        .and_then(|at| key[at..].try_into().ok())
-        .map(u64::from_be_bytes)
-        .ok_or_else(|| ApiError::Internal("a DAG version key without its version".into()))
-}
-
 /// `GET /dags/{dag_id}/versions/{version}`: one definition.
 #[utoipa::path(
     get,
@@ -526,7 +517,8 @@ fn version_of(key: &[u8]) -> Result<u64, ApiError> {
     responses(
         (status = 200, description = "The version.", body = DagVersionOut),
         (status = 400, description = "`version` is not a number from 1 up.", body = ErrorBody),
-        (status = 404, description = "No live DAG with this id in the caller's tenant, or no such version.",
+        (status = 404, description = "No live DAG with this id in the caller's tenant, or no such version \
+(never written, or older than the versions kept).",
             body = ErrorBody),
     ),
     security(("bearer" = ["orchestrator:read"]))
@@ -544,7 +536,7 @@ pub async fn get_version(
         .ok_or_else(|| {
             ApiError::InvalidRequest(format!("version '{version}' is not a number from 1 up"))
         })?;
-    load(&st, &p.tenant, &dag_id).await?;
+    let dag = load(&st, &p.tenant, &dag_id).await?;
     let definition = st
         .node
         .db
@@ -552,7 +544,25 @@ pub async fn get_version(
             Table::DagVersions.name(),
             &keys::dag_version(&p.tenant, &dag_id, version),
         )?
-        .ok_or_else(|| ApiError::NotFound(format!("dag '{dag_id}' has no version {version}")))?;
+        .ok_or_else(|| {
+            ApiError::NotFound(if version < dag.version {
+                let kept = st
+                    .node
+                    .config()
+                    .limits
+                    .for_tenant(&p.tenant)
+                    .max_dag_versions;
+                format!(
+                    "version {version} of dag '{dag_id}' is no longer kept \
+                     (limits.max_dag_versions keeps the newest {kept})"
+                )
+            } else {
+                format!(
+                    "dag '{dag_id}' has no version {version} (its newest is {})",
+                    dag.version
+                )
+            })
+        })?;
     Ok(Json(DagVersionOut {
         dag_id,
         version,

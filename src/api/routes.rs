@@ -340,8 +340,10 @@ pub(super) fn json_body<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// Build a request for `command`, with the client's idempotency key if it sent one.
+/// Build a request for `command`, with the client's idempotency key if it sent one and
+/// the tenant's quota (which apply enforces).
 pub(super) fn stamp(
+    st: &ApiState,
     p: &Principal,
     headers: &HeaderMap,
     route: &str,
@@ -371,11 +373,14 @@ pub(super) fn stamp(
         idempotency,
         command,
         subject: Some(p.subject.clone()),
+        quota: Some((&st.node.config().limits.for_tenant(&p.tenant)).into()),
     }
 }
 
 /// Commit and render: known failures become their API errors.
 pub(super) async fn commit(st: &ApiState, req: Request) -> Result<(Outcome, bool), ApiError> {
+    // One DAG too many is a 400 (waiting does not help); one run too many a 429 (runs end).
+    let creates_dag = matches!(req.command, Command::PutDag { .. });
     let resp = st.actors.proposer.propose(req).await?;
     match resp.outcome {
         Outcome::NotFound { what } => Err(ApiError::NotFound(format!("{what} not found"))),
@@ -384,6 +389,8 @@ pub(super) async fn commit(st: &ApiState, req: Request) -> Result<(Outcome, bool
         ))),
         Outcome::IdempotencyKeyReused { key } => Err(ApiError::IdempotencyKeyReused(key)),
         Outcome::InvalidState { message } => Err(ApiError::InvalidState(message)),
+        Outcome::QuotaExceeded { message } if creates_dag => Err(ApiError::InvalidRequest(message)),
+        Outcome::QuotaExceeded { message } => Err(ApiError::QuotaExceeded(message)),
         o => Ok((o, resp.replayed)),
     }
 }
@@ -400,8 +407,11 @@ pub(super) async fn act(
     render: impl FnOnce(Outcome) -> Result<Value, Outcome>,
 ) -> Result<Response, ApiError> {
     p.require(Access::Write)?;
-    let (outcome, replayed) =
-        commit(st, stamp(p, headers, route, &Value::String(id.into()), cmd)).await?;
+    let (outcome, replayed) = commit(
+        st,
+        stamp(st, p, headers, route, &Value::String(id.into()), cmd),
+    )
+    .await?;
     let body =
         render(outcome).map_err(|o| ApiError::Internal(format!("unexpected outcome {o:?}")))?;
     Ok(with_replay(Json(body).into_response(), replayed))

@@ -254,6 +254,9 @@ or only one of `from` and `to`.", body = ErrorBody),
         (status = 404, description = "No live DAG with this id in the caller's tenant.", body = ErrorBody),
         (status = 409, description = "`idempotency_key_reused`: this `X-Request-Id` was used with another body; \
 `invalid_state`: the DAG cannot take this run now.", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: the tenant's rate limit is spent; `quota_exceeded`: a new \
+run beyond `limits.max_queued_runs_per_dag` or `limits.max_active_runs_per_tenant` (the message names it; \
+retry once runs have started or finished).", body = ErrorBody),
     ),
     security(("bearer" = ["orchestrator:write"]))
 )]
@@ -306,21 +309,19 @@ pub async fn trigger(
             ))
         }
     };
-    let quotas = st.node.config().limits.for_tenant(&p.tenant);
-    let quota = crate::quota::check_new_run(
-        &st.node.sm.tenant_counts(),
-        &p.tenant,
-        &input.dag_id,
-        &quotas,
-    );
-    quota.map_err(|e| ApiError::QuotaExceeded(e.to_string()))?;
+    // Apply enforces the run quotas race-free; this check of the replica's counts only
+    // spares Raft a write it would refuse.
+    let quota = (&st.node.config().limits.for_tenant(&p.tenant)).into();
+    let usage = st.node.sm.tenant_counts().usage(&p.tenant, &input.dag_id);
+    crate::quota::check_new_run(usage, &p.tenant, &input.dag_id, &quota)
+        .map_err(|e| ApiError::QuotaExceeded(e.to_string()))?;
     let cmd = Command::TriggerRun {
         tenant: p.tenant.clone(),
         dag_id: input.dag_id.clone(),
         run_type,
         window,
     };
-    let mut req = stamp(&p, &headers, "POST /runs", &raw, cmd);
+    let mut req = stamp(&st, &p, &headers, "POST /runs", &raw, cmd);
     req.proposed_at_ms = now;
     let (outcome, replayed) = commit(&st, req).await?;
     let Outcome::RunTriggered { run_id, state, .. } = outcome else {

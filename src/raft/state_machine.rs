@@ -22,7 +22,7 @@ use super::db::{Db, CF_SM_META, CF_SNAPSHOT};
 use super::types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
-use crate::state::census::{self, Change, Counts, DagView, RunView, TenantCounts};
+use crate::state::census::{self, Change, Counts, DagView, RunView, TenantCounts, Usage};
 use crate::state::due::{DueIndex, Supervision};
 use crate::state::model::Millis;
 use crate::state::{apply_request, BatchResponse, Kv, KvError, Table};
@@ -58,6 +58,10 @@ struct Overlay<'a> {
     db: &'a Db,
     writes: BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>,
     due: &'a mut DueIndex,
+    /// The tenant counts as of the last apply (read-only here: the API reads them while
+    /// this apply runs) and what this apply's writes change in them so far.
+    tenants: &'a Mutex<TenantCounts>,
+    tenant_changes: TenantCounts,
     /// Run id → (the stored run before this call, the run as last written).
     runs: BTreeMap<Vec<u8>, (Option<RunView>, Option<RunView>)>,
     /// A read of a run's stored version failed while writing it: apply fails with it.
@@ -81,7 +85,20 @@ impl Overlay<'_> {
             },
         };
         self.due.run_change(latest.as_ref(), new.as_ref());
+        self.tenant_changes
+            .run_change(latest.as_ref(), new.as_ref());
         self.runs.insert(key.to_vec(), (before, new));
+    }
+
+    fn write_dag(&mut self, key: &[u8], value: Option<&[u8]>) {
+        match self.get(Table::Dags, key) {
+            Ok(old) => {
+                let old = old.as_deref().and_then(DagView::decode);
+                let new = value.and_then(DagView::decode);
+                self.tenant_changes.dag_change(old.as_ref(), new.as_ref());
+            }
+            Err(e) => self.failed = Some(e),
+        }
     }
 }
 
@@ -93,14 +110,18 @@ impl Kv for Overlay<'_> {
         Ok(self.db.get(table.name(), key)?)
     }
     fn put(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>) {
-        if table == Table::Runs {
-            self.write_run(&key, Some(&value));
+        match table {
+            Table::Runs => self.write_run(&key, Some(&value)),
+            Table::Dags => self.write_dag(&key, Some(&value)),
+            _ => {}
         }
         self.writes.insert((table, key), Some(value));
     }
     fn delete(&mut self, table: Table, key: Vec<u8>) {
-        if table == Table::Runs {
-            self.write_run(&key, None);
+        match table {
+            Table::Runs => self.write_run(&key, None),
+            Table::Dags => self.write_dag(&key, None),
+            _ => {}
         }
         self.writes.insert((table, key), None);
     }
@@ -112,6 +133,12 @@ impl Kv for Overlay<'_> {
     }
     fn working_tenants(&self) -> Result<std::collections::BTreeSet<String>, KvError> {
         Ok(self.due.working_tenants())
+    }
+    fn usage(&self, tenant: &str, dag_id: &str) -> Result<Usage, KvError> {
+        if let Some(e) = &self.failed {
+            return Err(KvError::Storage(e.to_string()));
+        }
+        Ok(lock(self.tenants).usage_with(&self.tenant_changes, tenant, dag_id))
     }
     fn scan_prefix(
         &self,
@@ -279,6 +306,8 @@ impl StateMachineStore {
             db,
             writes: BTreeMap::new(),
             due: &mut due,
+            tenants,
+            tenant_changes: TenantCounts::default(),
             runs: BTreeMap::new(),
             failed: None,
         };
@@ -321,19 +350,6 @@ impl StateMachineStore {
             .iter()
             .map(|(old, new)| Change::between(old.as_ref(), new.as_ref()))
             .collect();
-        let mut dag_changes = Vec::new();
-        for ((_, key), value) in overlay
-            .writes
-            .iter()
-            .filter(|((t, _), _)| *t == Table::Dags)
-        {
-            let old = db
-                .get(Table::Dags.name(), key)
-                .map_err(sm_read_err)?
-                .and_then(|b| DagView::decode(&b));
-            let new = value.as_deref().and_then(DagView::decode);
-            dag_changes.push((old, new));
-        }
         let mut batch = WriteBatch::default();
         for ((table, key), value) in overlay.writes {
             let cf = db.cf(table.name()).map_err(sm_write_err)?;
@@ -355,15 +371,7 @@ impl StateMachineStore {
         if requests > 0 {
             metrics::histogram!(m::RAFT_APPLY_BATCH).record(requests as f64);
         }
-        {
-            let mut t = tenants.lock().unwrap_or_else(|p| p.into_inner());
-            for (old, new) in &run_changes {
-                t.run_change(old.as_ref(), new.as_ref());
-            }
-            for (old, new) in &dag_changes {
-                t.dag_change(old.as_ref(), new.as_ref());
-            }
-        }
+        lock(tenants).merge(&overlay.tenant_changes);
         let mut counts = census.lock().unwrap_or_else(|p| p.into_inner());
         for c in &changes {
             counts.add(c);

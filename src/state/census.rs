@@ -248,19 +248,47 @@ impl TenantCounts {
         }
     }
 
-    pub fn live_dags(&self, tenant: &str) -> u64 {
-        self.dags.get(tenant).map_or(0, |n| (*n).max(0) as u64)
+    /// Add the changes counted in `delta` (counts kept by another [`TenantCounts`] over
+    /// writes not yet in these).
+    pub fn merge(&mut self, delta: &TenantCounts) {
+        for (k, d) in &delta.dags {
+            bump(&mut self.dags, k.clone(), *d);
+        }
+        for (k, d) in &delta.active {
+            bump(&mut self.active, k.clone(), *d);
+        }
+        for (k, d) in &delta.queued {
+            bump(&mut self.queued, k.clone(), *d);
+        }
     }
 
-    pub fn active_runs(&self, tenant: &str) -> u64 {
-        self.active.get(tenant).map_or(0, |n| (*n).max(0) as u64)
+    /// What `tenant` (and its DAG `dag_id`) holds.
+    pub fn usage(&self, tenant: &str, dag_id: &str) -> Usage {
+        self.usage_with(&TenantCounts::default(), tenant, dag_id)
     }
 
-    pub fn queued_runs(&self, tenant: &str, dag_id: &str) -> u64 {
-        self.queued
-            .get(&(tenant.to_string(), dag_id.to_string()))
-            .map_or(0, |n| (*n).max(0) as u64)
+    /// What `tenant` holds by these counts plus the changes in `delta`.
+    pub fn usage_with(&self, delta: &TenantCounts, tenant: &str, dag_id: &str) -> Usage {
+        let dag = (tenant.to_string(), dag_id.to_string());
+        let sum = |a: Option<&i64>, b: Option<&i64>| {
+            (a.copied().unwrap_or(0) + b.copied().unwrap_or(0)).max(0) as u64
+        };
+        Usage {
+            live_dags: sum(self.dags.get(tenant), delta.dags.get(tenant)),
+            active_runs: sum(self.active.get(tenant), delta.active.get(tenant)),
+            queued_runs: sum(self.queued.get(&dag), delta.queued.get(&dag)),
+        }
     }
+}
+
+/// What one tenant holds against its quotas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub live_dags: u64,
+    /// Unfinished (queued or running) runs of the tenant.
+    pub active_runs: u64,
+    /// Queued runs of one DAG.
+    pub queued_runs: u64,
 }
 
 #[cfg(test)]
@@ -300,14 +328,18 @@ mod tests {
         let q = run(RunState::Queued, &[]);
         let r = run(RunState::Running, &[]);
         let d = run(RunState::Done, &[]);
+        let runs = |t: &TenantCounts| {
+            let u = t.usage("acme", "d");
+            (u.active_runs, u.queued_runs)
+        };
         t.run_change(None, Some(&q));
-        assert_eq!((t.active_runs("acme"), t.queued_runs("acme", "d")), (1, 1));
+        assert_eq!(runs(&t), (1, 1));
         t.run_change(Some(&q), Some(&r));
-        assert_eq!((t.active_runs("acme"), t.queued_runs("acme", "d")), (1, 0));
+        assert_eq!(runs(&t), (1, 0));
         t.run_change(Some(&r), Some(&d));
         t.run_change(Some(&d), None);
-        assert_eq!(t.active_runs("acme"), 0);
-        assert_eq!(t.queued_runs("other", "d"), 0);
+        assert_eq!(runs(&t), (0, 0));
+        assert_eq!(t.usage("other", "d"), Usage::default());
         let live = DagView {
             tenant: "acme".into(),
             deleted: false,
@@ -318,13 +350,29 @@ mod tests {
         };
         t.dag_change(None, Some(&live));
         t.dag_change(Some(&live), Some(&live)); // an update
-        assert_eq!(t.live_dags("acme"), 1);
+        assert_eq!(t.usage("acme", "d").live_dags, 1);
         t.dag_change(Some(&live), Some(&gone)); // a delete keeps a tombstone
-        assert_eq!(t.live_dags("acme"), 0);
+        assert_eq!(t.usage("acme", "d").live_dags, 0);
         t.dag_change(Some(&gone), Some(&live)); // re-created
-        assert_eq!(t.live_dags("acme"), 1);
+        assert_eq!(t.usage("acme", "d").live_dags, 1);
         t.dag_change(Some(&live), None);
         assert_eq!(t, TenantCounts::default(), "nothing left, no entry left");
+    }
+
+    #[test]
+    fn counts_plus_a_delta_read_as_the_merged_counts() {
+        let (q, r) = (run(RunState::Queued, &[]), run(RunState::Running, &[]));
+        let mut base = TenantCounts::default();
+        base.run_change(None, Some(&q));
+        base.run_change(None, Some(&q));
+        // Pending writes: one queued run starts, another run is created queued.
+        let mut delta = TenantCounts::default();
+        delta.run_change(Some(&q), Some(&r));
+        delta.run_change(None, Some(&q));
+        let seen = base.usage_with(&delta, "acme", "d");
+        assert_eq!((seen.active_runs, seen.queued_runs), (3, 2));
+        base.merge(&delta);
+        assert_eq!(base.usage("acme", "d"), seen);
     }
 
     #[test]

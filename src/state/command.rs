@@ -37,6 +37,27 @@ pub struct Request {
     /// recorded on the DAG it changes and the run it triggers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
+    /// The tenant's quotas, from the proposing node's configuration (client commands and
+    /// fired windows). From protocol 5 apply enforces them, so concurrent writes cannot
+    /// overshoot a quota between a check and the write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Quota>,
+}
+
+/// The quotas apply enforces (from protocol 5): the ones a concurrent write could
+/// overshoot if they were checked anywhere else. A limit of a task count or a schedule's
+/// interval depends on the request alone and is checked by the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    /// Live DAGs of the tenant: creating one more is refused.
+    pub max_dags: u64,
+    /// Unfinished runs of the tenant: a new run beyond it is refused.
+    pub max_active_runs: u64,
+    /// Queued runs of one DAG: a new run beyond it is refused.
+    pub max_queued_runs_per_dag: u64,
+    /// Versions of one DAG kept: writing version `v` drops versions up to `v - kept`
+    /// that no unfinished run uses.
+    pub dag_versions_kept: u64,
 }
 
 /// A client idempotency key and a fingerprint of the request it was first used with.
@@ -234,6 +255,10 @@ pub enum Outcome {
     },
     ProtocolRaised {
         version: u32,
+    },
+    /// A tenant quota refused the write (protocol 5); the message names the limit.
+    QuotaExceeded {
+        message: String,
     },
 }
 

@@ -12,8 +12,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::census::RunView;
+use super::census::{DagView, TenantCounts, Usage};
 use super::command::{
-    AttemptRef, AttemptResult, Command, IdempotencyKey, Outcome, Request, Response,
+    AttemptRef, AttemptResult, Command, IdempotencyKey, Outcome, Quota, Request, Response,
 };
 use super::due::{DueIndex, Supervision};
 use super::model::{
@@ -48,7 +49,13 @@ pub const MAX_LOST_RETRIES: u32 = 3;
 ///   new run every time, at the cluster time it is applied: two triggers in the same
 ///   millisecond no longer share a run. Its retries are deduplicated by request id and
 ///   `X-Request-Id`, not by window; a manual or backfill run with a window still is.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// - 5: apply enforces the tenant quota a request carries ([`Request::quota`]): a DAG
+///   beyond `max_dags`, or a new run beyond `max_active_runs` or
+///   `max_queued_runs_per_dag`, is refused ([`Outcome::QuotaExceeded`]; a refused
+///   window does not move the DAG's cursor), counted as of that request; writing a DAG
+///   version drops the versions `dag_versions_kept` or more behind it that no unfinished
+///   run executes.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The replicated tables (one RocksDB column family each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -171,6 +178,21 @@ pub trait Kv {
             }
         }
         Ok(index.supervision(now))
+    }
+    /// What `tenant` holds against its quotas (and `dag_id`'s queued runs), pending
+    /// writes included. This default reads the tenant's DAGs and unfinished runs; the
+    /// state machine's store answers from counts it keeps as it writes.
+    fn usage(&self, tenant: &str, dag_id: &str) -> Result<Usage, KvError> {
+        let mut counts = TenantCounts::default();
+        for (_, v) in self.scan_prefix(Table::Dags, &keys::prefix(&[tenant.as_bytes()]))? {
+            counts.dag_change(None, DagView::decode(&v).as_ref());
+        }
+        for (k, _) in self.scan_prefix(Table::ActiveRuns, &keys::prefix(&[tenant.as_bytes()]))? {
+            if let Some(bytes) = self.get(Table::Runs, keys::last_part(&k))? {
+                counts.run_change(None, RunView::decode(&bytes).as_ref());
+            }
+        }
+        Ok(counts.usage(tenant, dag_id))
     }
     /// Tenants with running runs (for the fair share of slots). This default reads every
     /// active run's entry; the state machine's store answers from its due index.
@@ -356,6 +378,8 @@ struct Ctx {
     protocol: u32,
     /// Cluster time of the first request applied in `entry_term` (protocol ≥ 2).
     term_started_ms: Millis,
+    /// The tenant quota apply enforces (protocol ≥ 5, when the request carries one).
+    quota: Option<Quota>,
 }
 
 /// The replicated protocol version (1 when never raised).
@@ -407,6 +431,7 @@ fn context(kv: &mut impl Kv, req: &Request, entry_term: u64) -> Result<Ctx, KvEr
             entry_term,
             protocol,
             term_started_ms: Millis::MIN,
+            quota: None,
         });
     }
     let previous = read_i64(kv, clock::CLUSTER_TIME)?;
@@ -439,6 +464,7 @@ fn context(kv: &mut impl Kv, req: &Request, entry_term: u64) -> Result<Ctx, KvEr
         entry_term,
         protocol,
         term_started_ms,
+        quota: req.quota.filter(|_| protocol >= 5),
     })
 }
 
@@ -570,7 +596,12 @@ fn apply_command(
                 }
             };
             let windowless = *run_type == RunType::Manual && window.start_ms == window.end_ms;
-            let (run_id, state, existed) = if windowless && ctx.protocol >= 4 {
+            let dedup = !(windowless && ctx.protocol >= 4);
+            if let Some(refused) = refuse_new_run(kv, tenant, dag_id, dedup.then_some(window), ctx)?
+            {
+                return Ok(refused);
+            }
+            let (run_id, state, existed) = if !dedup {
                 let now = Window {
                     start_ms: ctx.now,
                     end_ms: ctx.now,
@@ -602,12 +633,7 @@ fn apply_command(
                 if subject.is_some() {
                     dag.updated_by = subject.map(str::to_string);
                 }
-                put_json(
-                    kv,
-                    Table::DagVersions,
-                    keys::dag_version(tenant, dag_id, dag.version),
-                    &dag.spec,
-                );
+                put_version(kv, tenant, dag_id, dag.version, &dag.spec, ctx)?;
                 put_json(kv, Table::Dags, keys::dag(tenant, dag_id), &dag);
             }
             Ok(Outcome::DagPaused {
@@ -671,6 +697,10 @@ fn apply_command(
                     },
                     None => Outcome::AlreadyFired { watermark },
                 });
+            }
+            // Refused by a quota: the cursor stays, so the window fires once there is room.
+            if let Some(refused) = refuse_new_run(kv, tenant, dag_id, Some(window), ctx)? {
+                return Ok(refused);
             }
             if cursor.is_none_or(|c| window.end_ms > c) {
                 kv.put(
@@ -870,6 +900,16 @@ fn put_dag(
             });
         }
     }
+    if existing.as_ref().is_none_or(|d| d.deleted) {
+        if let Some(q) = &ctx.quota {
+            let usage = kv.usage(tenant, &spec.dag_id)?;
+            if let Err(e) = crate::quota::check_new_dag(usage, tenant, q) {
+                return Ok(Outcome::QuotaExceeded {
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
     let version = current + 1;
     let dag = Dag {
         tenant: tenant.to_string(),
@@ -891,17 +931,93 @@ fn put_dag(
         updated_by: subject.map(str::to_string),
     };
     put_json(kv, Table::Dags, key, &dag);
-    put_json(
-        kv,
-        Table::DagVersions,
-        keys::dag_version(tenant, &spec.dag_id, version),
-        spec,
-    );
+    put_version(kv, tenant, &spec.dag_id, version, spec, ctx)?;
     Ok(Outcome::DagPut {
         dag_id: spec.dag_id.clone(),
         version,
         changed: true,
     })
+}
+
+/// Whether a quota refuses a new run of `dag_id` (protocol ≥ 5). A run with a `window`
+/// that already has its run creates nothing and is never refused.
+fn refuse_new_run(
+    kv: &impl Kv,
+    tenant: &str,
+    dag_id: &str,
+    window: Option<&Window>,
+    ctx: Ctx,
+) -> Result<Option<Outcome>, KvError> {
+    let Some(q) = &ctx.quota else {
+        return Ok(None);
+    };
+    if let Some(w) = window {
+        if kv
+            .get(Table::Windows, &keys::window(tenant, dag_id, w))?
+            .is_some()
+        {
+            return Ok(None);
+        }
+    }
+    let usage = kv.usage(tenant, dag_id)?;
+    Ok(crate::quota::check_new_run(usage, tenant, dag_id, q)
+        .err()
+        .map(|e| Outcome::QuotaExceeded {
+            message: e.to_string(),
+        }))
+}
+
+/// Store version `version` of a DAG. From protocol 5, with a quota, drop the versions
+/// `dag_versions_kept` or more behind it, except those an unfinished run executes (they
+/// go with a later write once their runs have finished).
+fn put_version(
+    kv: &mut impl Kv,
+    tenant: &str,
+    dag_id: &str,
+    version: u64,
+    spec: &DagSpec,
+    ctx: Ctx,
+) -> Result<(), KvError> {
+    put_json(
+        kv,
+        Table::DagVersions,
+        keys::dag_version(tenant, dag_id, version),
+        spec,
+    );
+    let Some(q) = &ctx.quota else {
+        return Ok(());
+    };
+    let Some(last_dropped) = version.checked_sub(q.dag_versions_kept.max(1)) else {
+        return Ok(());
+    };
+    let prefix = keys::prefix(&[tenant.as_bytes(), dag_id.as_bytes()]);
+    let old: Vec<Vec<u8>> = kv
+        .scan_prefix(Table::DagVersions, &prefix)?
+        .into_iter()
+        .map(|(k, _)| k)
+        .take_while(|k| version_of_key(&prefix, k).is_some_and(|v| v <= last_dropped))
+        .collect();
+    if old.is_empty() {
+        return Ok(());
+    }
+    let mut in_use = std::collections::BTreeSet::new();
+    for (k, _) in kv.scan_prefix(Table::ActiveRuns, &prefix)? {
+        if let Some(run) = get_json::<Run>(kv, Table::Runs, keys::last_part(&k))? {
+            in_use.insert(run.dag_version);
+        }
+    }
+    for k in old {
+        if version_of_key(&prefix, &k).is_some_and(|v| !in_use.contains(&v)) {
+            kv.delete(Table::DagVersions, k);
+        }
+    }
+    Ok(())
+}
+
+/// The version in a `DagVersions` key under `prefix` (the DAG's `tenant \0 dag_id \0`).
+pub fn version_of_key(prefix: &[u8], key: &[u8]) -> Option<u64> {
+    let rest = key.strip_prefix(prefix)?;
+    Some(u64::from_be_bytes(rest.try_into().ok()?))
 }
 
 /// The DAG definition a run executes (the version it started with).
@@ -1490,6 +1606,18 @@ fn retry_run(kv: &mut impl Kv, tenant: &str, run_id: &str, ctx: Ctx) -> Result<O
             .to_lowercase(),
         });
     }
+    // A finished run's version may have been dropped (`dag_versions_kept`): nothing to
+    // run it with.
+    let vkey = keys::dag_version(&run.tenant, &run.dag_id, run.dag_version);
+    if kv.get(Table::DagVersions, &vkey)?.is_none() {
+        return Ok(Outcome::InvalidState {
+            message: format!(
+                "run '{run_id}' ran version {} of dag '{}', which is no longer kept \
+                 (limits.max_dag_versions); trigger a new run instead",
+                run.dag_version, run.dag_id
+            ),
+        });
+    }
     let mut n = 0;
     for inst in run.tasks.values_mut() {
         if matches!(
@@ -1779,6 +1907,7 @@ pub mod tests {
             idempotency: None,
             command,
             subject: None,
+            quota: None,
         }
     }
 
@@ -1898,6 +2027,7 @@ pub mod tests {
             }),
             command: trigger("t", "d", start, start + 1),
             subject: None,
+            quota: None,
         };
         let first = apply(&mut kv, &with_key("x1", "f1", 0)).unwrap();
         let replay = apply(&mut kv, &with_key("x2", "f1", 0)).unwrap();
@@ -1965,6 +2095,192 @@ pub mod tests {
             let (w2, existed) =
                 run_id(apply(&mut kv, &req("w2", 9, manual(Some((0, 10))))).unwrap());
             assert_eq!((w1, existed), (w2, true));
+        }
+    }
+
+    /// An empty state raised to `protocol`.
+    fn at_protocol(protocol: u32) -> MemKv {
+        let mut kv = MemKv::default();
+        let raise = Command::RaiseProtocol {
+            term: 1,
+            version: protocol,
+        };
+        apply(&mut kv, &req("raise", 0, raise)).unwrap();
+        kv
+    }
+
+    /// `r` carrying `quota`, as the API and the scheduler send it.
+    fn with_quota(mut r: Request, quota: Quota) -> Request {
+        r.quota = Some(quota);
+        r
+    }
+
+    const QUOTA: Quota = Quota {
+        max_dags: 2,
+        max_active_runs: 100,
+        max_queued_runs_per_dag: 2,
+        dag_versions_kept: 2,
+    };
+
+    #[test]
+    fn from_protocol_5_apply_holds_each_quota_counting_the_writes_before_it() {
+        let windowless = || Command::TriggerRun {
+            tenant: "t".into(),
+            dag_id: "d".into(),
+            run_type: RunType::Manual,
+            window: Window {
+                start_ms: 7,
+                end_ms: 7,
+            },
+        };
+        for protocol in [4, 5] {
+            let mut kv = at_protocol(protocol);
+            let mut one_at_a_time = spec("d");
+            one_at_a_time.max_active_runs = 1;
+            let put_d = Command::PutDag {
+                tenant: "t".into(),
+                spec: one_at_a_time,
+                expected_version: None,
+            };
+            apply(&mut kv, &with_quota(req("p", 1, put_d), QUOTA)).unwrap();
+            // One run starts, two queue, the fourth is one queued run too many.
+            let outcomes: Vec<Outcome> = (0..4)
+                .map(|i| {
+                    let r = with_quota(req(&format!("m{i}"), 10 + i, windowless()), QUOTA);
+                    apply(&mut kv, &r).unwrap().outcome
+                })
+                .collect();
+            let refused = |o: &Outcome| matches!(o, Outcome::QuotaExceeded { .. });
+            if protocol < 5 {
+                assert!(!outcomes.iter().any(refused), "protocol 4 enforces nothing");
+                continue;
+            }
+            assert!(!outcomes[..3].iter().any(refused), "{outcomes:?}");
+            match &outcomes[3] {
+                Outcome::QuotaExceeded { message } => {
+                    assert!(message.contains("max_queued_runs_per_dag = 2"), "{message}")
+                }
+                o => panic!("the third queued run was let in: {o:?}"),
+            }
+            // A refused window leaves the cursor where it was, and fires once there is room.
+            let fire = Command::FireWindow {
+                tenant: "t".into(),
+                dag_id: "d".into(),
+                window: Window {
+                    start_ms: 0,
+                    end_ms: 86_400_000,
+                },
+                term: 1,
+            };
+            let o = apply(&mut kv, &with_quota(req("f1", 20, fire.clone()), QUOTA)).unwrap();
+            assert!(refused(&o.outcome), "{o:?}");
+            assert_eq!(kv.get(Table::Cursors, &keys::dag("t", "d")).unwrap(), None);
+            let cancel = Command::CancelRun {
+                tenant: "t".into(),
+                run_id: "run_3".into(),
+            };
+            apply(&mut kv, &req("c", 21, cancel)).unwrap();
+            let o = apply(&mut kv, &with_quota(req("f2", 22, fire), QUOTA)).unwrap();
+            assert!(
+                matches!(o.outcome, Outcome::Fired { created: true, .. }),
+                "{o:?}"
+            );
+            // DAGs: a third is refused; updating one of the two is not.
+            let put = |dag: &str, owner: &str| {
+                let mut s = spec(dag);
+                s.owner = Some(owner.into());
+                Command::PutDag {
+                    tenant: "t".into(),
+                    spec: s,
+                    expected_version: None,
+                }
+            };
+            let mut o = |id: &str, c| apply(&mut kv, &with_quota(req(id, 30, c), QUOTA)).unwrap();
+            assert!(matches!(
+                o("e", put("e", "a")).outcome,
+                Outcome::DagPut { .. }
+            ));
+            match o("x", put("x", "a")).outcome {
+                Outcome::QuotaExceeded { message } => {
+                    assert!(message.contains("max_dags_per_tenant = 2"), "{message}")
+                }
+                other => panic!("a third DAG was let in: {other:?}"),
+            }
+            assert!(matches!(
+                o("e2", put("e", "b")).outcome,
+                Outcome::DagPut { .. }
+            ));
+            // Another tenant has its own count.
+            let other = Command::PutDag {
+                tenant: "u".into(),
+                spec: spec("x"),
+                expected_version: None,
+            };
+            assert!(matches!(o("u", other).outcome, Outcome::DagPut { .. }));
+        }
+    }
+
+    #[test]
+    fn from_protocol_5_old_versions_go_except_those_unfinished_runs_execute() {
+        let versions = |kv: &MemKv| -> Vec<u64> {
+            let prefix = keys::prefix(&[b"t", b"d"]);
+            kv.scan_prefix(Table::DagVersions, &prefix)
+                .unwrap()
+                .iter()
+                .filter_map(|(k, _)| version_of_key(&prefix, k))
+                .collect()
+        };
+        for protocol in [4, 5] {
+            let mut kv = at_protocol(protocol);
+            let mut n = 0;
+            let mut new_version = |kv: &mut MemKv| {
+                n += 1;
+                let mut s = spec("d");
+                s.owner = Some(format!("owner-{n}"));
+                let put = Command::PutDag {
+                    tenant: "t".into(),
+                    spec: s,
+                    expected_version: None,
+                };
+                let o = apply(kv, &with_quota(req(&format!("v{n}"), n, put), QUOTA)).unwrap();
+                assert!(matches!(o.outcome, Outcome::DagPut { .. }), "{o:?}");
+            };
+            new_version(&mut kv);
+            // A run of version 1 is still running while versions 2, 3 and 4 are written.
+            let o = apply(&mut kv, &req("run", 10, trigger("t", "d", 0, 10))).unwrap();
+            assert!(matches!(o.outcome, Outcome::RunTriggered { .. }), "{o:?}");
+            for _ in 0..3 {
+                new_version(&mut kv);
+            }
+            if protocol < 5 {
+                assert_eq!(versions(&kv), vec![1, 2, 3, 4], "protocol 4 keeps all");
+                continue;
+            }
+            assert_eq!(versions(&kv), vec![1, 3, 4], "version 1 is in use");
+            let cancel = Command::CancelRun {
+                tenant: "t".into(),
+                run_id: "run_1".into(),
+            };
+            apply(&mut kv, &req("c", 20, cancel)).unwrap();
+            // Pausing writes a version too.
+            let pause = Command::SetPaused {
+                tenant: "t".into(),
+                dag_id: "d".into(),
+                paused: true,
+            };
+            apply(&mut kv, &with_quota(req("pause", 21, pause), QUOTA)).unwrap();
+            assert_eq!(versions(&kv), vec![4, 5]);
+            // The finished run's version is gone: a retry says so instead of failing apply.
+            let retry = Command::RetryRun {
+                tenant: "t".into(),
+                run_id: "run_1".into(),
+            };
+            match apply(&mut kv, &req("retry", 22, retry)).unwrap().outcome {
+                Outcome::InvalidState { message } => {
+                    assert!(message.contains("max_dag_versions"), "{message}")
+                }
+                o => panic!("{o:?}"),
+            }
         }
     }
 
