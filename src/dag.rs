@@ -18,8 +18,12 @@ pub const MAX_ID_LEN: usize = 128;
 /// What [`check_id`] accepts, as a JSON Schema (ECMA-262) pattern: 1-128 of
 /// `[A-Za-z0-9_.-]`, but not `.` or `..`. The length is also given as `maxLength`.
 pub const ID_PATTERN: &str = r"^([A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}|\.[A-Za-z0-9_-][A-Za-z0-9_.-]{0,126}|\.\.[A-Za-z0-9_.-]{1,126})$";
-/// What [`parse_duration`] accepts: `30s`, `5m`, `1h30m`, `250ms`, `2d`.
-pub const DURATION_PATTERN: &str = r"^\s*([0-9]+(ms|s|m|h|d))+\s*$";
+/// What [`parse_duration`] accepts: `30s`, `5m`, `1h30m`, `250ms`, `2d`; numbers of up to
+/// 9 digits, in at most [`MAX_DURATION_LEN`] characters (so no accepted duration
+/// overflows: the schema's bounds are the parser's).
+pub const DURATION_PATTERN: &str = r"^\s*([0-9]{1,9}(ms|s|m|h|d))+\s*$";
+/// Longest duration, in characters.
+pub const MAX_DURATION_LEN: usize = 64;
 /// Longest `owner`, in characters.
 pub const MAX_OWNER_CHARS: usize = 256;
 /// Longest URL of an http task or a webhook.
@@ -69,6 +73,7 @@ pub struct DagInput {
     pub catchup: Option<bool>,
     /// Runs of this DAG in flight at once.
     #[serde(default)]
+    #[serde(deserialize_with = "whole")]
     #[schema(minimum = 1, maximum = 10000, default = 16)]
     pub max_active_runs: Option<u32>,
     /// A run not finished this long after its window closed misses its SLA.
@@ -96,7 +101,7 @@ pub struct DagInput {
     #[schema(max_items = 1000)]
     pub tasks: Vec<TaskInput>,
     /// Optimistic concurrency: the version this update is based on (0 = create only).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole")]
     #[schema(minimum = 0)]
     pub version: Option<u64>,
 }
@@ -131,7 +136,7 @@ pub struct TaskInput {
     #[serde(default)]
     pub body: Option<String>,
     /// http: the status (100-599) that counts as success (default: any 2xx).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole")]
     #[schema(maximum = 65535)]
     pub expect_status: Option<u16>,
     /// Ids of tasks of this DAG that must be done first.
@@ -139,7 +144,7 @@ pub struct TaskInput {
     #[schema(schema_with = crate::api::schema::id_list)]
     pub depends_on: Vec<String>,
     /// Attempts after the first failure.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole")]
     #[schema(minimum = 0, maximum = 100, default = 0)]
     pub retries: Option<u32>,
     /// Wait before a retry (default 10s).
@@ -160,8 +165,41 @@ pub struct TaskInput {
     pub timeout: Option<String>,
 }
 
+/// serde: an optional whole number, which JSON may spell `16` or `16.0` (JSON Schema's
+/// `integer` admits both, so a schema-valid body may hold either). A fraction, a negative
+/// number or one out of the field's range is refused.
+fn whole<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    use serde::de::Error as _;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let whole = n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| f as u64)
+    });
+    let Some(v) = whole else {
+        return Err(D::Error::custom(format!(
+            "{n} is not a whole number from 0"
+        )));
+    };
+    T::try_from(v)
+        .map_err(|_| D::Error::custom(format!("{n} is out of range")))
+        .map(Some)
+}
+
 /// Parse `90s`, `5m`, `1h30m`, `250ms`, `2d` into milliseconds.
 pub fn parse_duration(field: &str, s: &str) -> Result<u64, Error> {
+    if s.chars().count() > MAX_DURATION_LEN {
+        return err(
+            field,
+            format!("a duration has at most {MAX_DURATION_LEN} characters"),
+        );
+    }
     let s = s.trim();
     if s.is_empty() {
         return err(field, "empty duration; write e.g. 30s, 5m, 1h30m");
@@ -175,6 +213,9 @@ pub fn parse_duration(field: &str, s: &str) -> Result<u64, Error> {
                 field,
                 format!("'{s}' is not a duration; write e.g. 30s, 5m, 1h30m"),
             );
+        }
+        if digits > 9 {
+            return err(field, format!("'{s}' has a number of more than 9 digits"));
         }
         let n: u64 = rest[..digits].parse().map_err(|_| Error {
             field: field.into(),
@@ -550,11 +591,42 @@ mod tests {
     }
 
     #[test]
+    fn whole_numbers_may_be_written_as_integral_floats() {
+        let dag = |v: serde_json::Value| serde_json::from_value::<DagInput>(v);
+        let d = dag(serde_json::json!({"dag_id": "d", "max_active_runs": 16.0,
+            "tasks": [{"task_id": "t", "kind": "noop", "retries": 2.0}]}))
+        .unwrap();
+        assert_eq!((d.max_active_runs, d.tasks[0].retries), (Some(16), Some(2)));
+        for bad in [
+            serde_json::json!(16.5),
+            serde_json::json!(-1),
+            serde_json::json!(-1.0),
+            serde_json::json!(4294967296u64),
+            serde_json::json!("16"),
+        ] {
+            let e = dag(serde_json::json!({"dag_id": "d", "max_active_runs": bad})).unwrap_err();
+            assert!(!e.to_string().is_empty());
+        }
+    }
+
+    #[test]
     fn durations_parse() {
         assert_eq!(parse_duration("f", "1h30m").unwrap(), 5_400_000);
         assert_eq!(parse_duration("f", "250ms").unwrap(), 250);
         assert!(parse_duration("f", "5 minutes").is_err());
         assert!(parse_duration("f", "").is_err());
+        // The schema's bounds are the parser's: 9 digits a number, 64 characters in all.
+        assert_eq!(
+            parse_duration("f", "999999999d").unwrap(),
+            86_399_999_913_600_000
+        );
+        assert!(parse_duration("f", "1000000000s").is_err());
+        assert!(parse_duration("f", &"1s".repeat(33)).is_err());
+        let longest = "999999999d".repeat(6);
+        assert_eq!(
+            parse_duration("f", &longest).unwrap(),
+            6 * 86_399_999_913_600_000
+        );
     }
 
     #[test]

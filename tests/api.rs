@@ -264,6 +264,22 @@ async fn spec_examples_and_every_error_code() {
         )
         .await;
     assert_error(s, &v, StatusCode::CONFLICT, "version_conflict");
+    // A body `version` and an If-Match that disagree: which one was meant is unknown.
+    let (s, v, _) = c
+        .request(
+            1,
+            Method::POST,
+            &format!("{BASE}/dags"),
+            Some(&t),
+            Some(&json!({"dag_id":"sales_gdp","owner":"x","version":1})),
+            &[("if-match", "2")],
+        )
+        .await;
+    assert_error(s, &v, StatusCode::BAD_REQUEST, "invalid_request");
+    assert!(
+        v["message"].as_str().unwrap_or("").contains("disagree"),
+        "{v}"
+    );
     let (s, _, _) = c
         .request(
             1,

@@ -195,8 +195,9 @@ each update adds one. `version` in the body (or `If-Match`) makes the update con
             body = DagAck, example = json!({"dag_id": "sales_gdp", "status": "active", "version": 1})),
         (status = 400, description = "Malformed JSON, or a definition that does not validate: a bad id, \
 a cron expression whose fields are out of range, an end_date not after start_date, a dependency on an unknown \
-task, a cycle, a timeout of 0, an `If-Match` that is not a version number; or a tenant quota \
-(`limits.min_schedule_interval_ms`, `limits.max_dags_per_tenant`). The message names the field.", body = ErrorBody),
+task, a cycle, a timeout of 0, an `If-Match` that is not a version number or that disagrees with `version` \
+in the body; or a tenant quota (`limits.min_schedule_interval_ms`, `limits.max_dags_per_tenant`). The message \
+names the field.", body = ErrorBody),
         (status = 403, description = "The token lacks `orchestrator:write`; or the DAG has a shell task and the \
 token lacks `orchestrator:shell` or the cluster runs without `executor.shell_enabled`.", body = ErrorBody),
         (status = 409, description = "`version_conflict`: the DAG is not at the version the update is based on; \
@@ -232,11 +233,19 @@ pub async fn submit(
         .if_match
         .map(|v| if_match_version(&v))
         .transpose()?;
+    let expected_version = match (input.version, if_match) {
+        (Some(body), Some(header)) if body != header => {
+            return Err(ApiError::InvalidRequest(format!(
+                "version {body} in the body and If-Match {header} disagree; send one of them"
+            )))
+        }
+        (body, header) => body.or(header),
+    };
     let paused = spec.paused;
     let cmd = Command::PutDag {
         tenant: p.tenant.clone(),
         spec,
-        expected_version: input.version.or(if_match),
+        expected_version,
     };
     let (outcome, replayed) =
         commit(&st, stamp(&st, &p, &headers, "POST /dags", &raw, cmd)).await?;

@@ -9,7 +9,9 @@ use utoipa::openapi::schema::{
 };
 use utoipa::openapi::RefOr;
 
-use crate::dag::{DURATION_PATTERN, ID_PATTERN, MAX_ID_LEN, MAX_TASKS, MAX_URL_LEN};
+use crate::dag::{
+    DURATION_PATTERN, ID_PATTERN, MAX_DURATION_LEN, MAX_ID_LEN, MAX_TASKS, MAX_URL_LEN,
+};
 
 /// Every IANA timezone name this build knows (the same table `parse_timezone` reads).
 pub fn timezone_names() -> impl Iterator<Item = &'static str> {
@@ -61,6 +63,7 @@ pub fn run_id() -> Object {
 pub fn duration() -> Object {
     string(true)
         .pattern(Some(DURATION_PATTERN))
+        .max_length(Some(MAX_DURATION_LEN))
         .description(Some(
             "a duration: numbers with units ms, s, m, h, d, e.g. 30s, 5m, 1h30m",
         ))
