@@ -926,6 +926,23 @@ async fn run_and_task_quotas_name_the_limit() {
     c.assert_no_panics();
 }
 
+async fn v_list(c: &Cluster, t: &str) -> Value {
+    c.get(1, "/runs?dag_id=slow&limit=100", t).await.1
+}
+
+/// The ids of the runs in `state` of a run list.
+fn v_runs(list: &Value, state: &str) -> Vec<String> {
+    list["runs"]
+        .as_array()
+        .map(|rs| {
+            rs.iter()
+                .filter(|r| r["state"] == state)
+                .filter_map(|r| r["run_id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Quotas hold under concurrent writes: apply counts each request against the writes
 /// before it (protocol 5), where a check before proposing let every concurrent request
 /// through.
@@ -961,6 +978,43 @@ async fn concurrent_writes_never_overshoot_a_quota() {
     let (_, v) = c.get(1, "/runs?dag_id=slow&limit=100", &t).await;
     let runs = v["runs"].as_array().map_or(0, Vec::len);
     assert_eq!((taken, runs), (4, 4), "1 running + 3 queued, no more: {v}");
+
+    // A refusal is "not now": the same X-Request-Id applies once there is room, and a
+    // retry of what was applied gets its answer back even while the quota is full.
+    let (runs_path, manual) = (
+        format!("{BASE}/runs"),
+        json!({"dag_id": "slow", "run_type": "manual"}),
+    );
+    let keyed = || {
+        c.request(
+            1,
+            reqwest::Method::POST,
+            &runs_path,
+            Some(&t),
+            Some(&manual),
+            &[("x-request-id", "retry-me")],
+        )
+    };
+    let (s, v, _) = keyed().await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    let queued = v_runs(&v_list(&c, &t).await, "queued");
+    let (s, v) = c
+        .post(1, &format!("/runs/{}/cancel", queued[0]), &t, &json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, first, _) = keyed().await;
+    assert_eq!(s, StatusCode::OK, "room again, same key: {first}");
+    let (s, again, h) = keyed().await;
+    assert_eq!(
+        s,
+        StatusCode::OK,
+        "a retry while the quota is full: {again}"
+    );
+    assert_eq!(again["run_id"], first["run_id"]);
+    assert_eq!(
+        h.get("idempotent-replayed").map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
 
     // Versions: five writes of one DAG keep the newest three.
     for owner in ["a", "b", "c", "d", "e"] {

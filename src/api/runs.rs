@@ -309,12 +309,7 @@ pub async fn trigger(
             ))
         }
     };
-    // Apply enforces the run quotas race-free; this check of the replica's counts only
-    // spares Raft a write it would refuse.
-    let quota = (&st.node.config().limits.for_tenant(&p.tenant)).into();
-    let usage = st.node.sm.tenant_counts().usage(&p.tenant, &input.dag_id);
-    crate::quota::check_new_run(usage, &p.tenant, &input.dag_id, &quota)
-        .map_err(|e| ApiError::QuotaExceeded(e.to_string()))?;
+    let windowless = window.start_ms == window.end_ms;
     let cmd = Command::TriggerRun {
         tenant: p.tenant.clone(),
         dag_id: input.dag_id.clone(),
@@ -323,6 +318,18 @@ pub async fn trigger(
     };
     let mut req = stamp(&st, &p, &headers, "POST /runs", &raw, cmd);
     req.proposed_at_ms = now;
+    // From protocol 5 apply enforces the run quotas race-free, and this check of the
+    // replica's counts only spares Raft a write apply would refuse. It is skipped where
+    // apply may answer without a new run: a keyed request (a retry of one that was
+    // applied gets its answer back) or a window (its run may exist). Below protocol 5 it
+    // is the only check.
+    let apply_checks = st.node.applied_protocol().is_ok_and(|v| v >= 5);
+    if !apply_checks || (windowless && req.idempotency.is_none()) {
+        let quota = (&st.node.config().limits.for_tenant(&p.tenant)).into();
+        let usage = st.node.sm.tenant_counts().usage(&p.tenant, &input.dag_id);
+        crate::quota::check_new_run(usage, &p.tenant, &input.dag_id, &quota)
+            .map_err(|e| ApiError::QuotaExceeded(e.to_string()))?;
+    }
     let (outcome, replayed) = commit(&st, req).await?;
     let Outcome::RunTriggered { run_id, state, .. } = outcome else {
         return Err(ApiError::Internal(format!(

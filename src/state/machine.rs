@@ -507,7 +507,10 @@ pub fn apply_request(
             req.request_id.as_bytes().to_vec(),
             &rec,
         );
-        if let Some(idem) = &req.idempotency {
+        // A quota refusal says "not now" (protocol 5): the client's key stays free, so a
+        // retry with it once there is room is applied, not answered with the refusal.
+        let keep_answer = !matches!(outcome, Outcome::QuotaExceeded { .. });
+        if let Some(idem) = req.idempotency.as_ref().filter(|_| keep_answer) {
             let rec = IdempotencyRecord {
                 fingerprint: idem.fingerprint.clone(),
                 outcome: outcome.clone(),
@@ -2162,6 +2165,27 @@ pub mod tests {
                 }
                 o => panic!("the third queued run was let in: {o:?}"),
             }
+            // The refused trigger's X-Request-Id stays free: the same key applies once
+            // there is room (a refusal is "not now", not the key's answer).
+            let mut keyed = with_quota(req("k1", 15, windowless()), QUOTA);
+            keyed.idempotency = Some(IdempotencyKey {
+                tenant: "t".into(),
+                key: "retry-me".into(),
+                fingerprint: "f".into(),
+            });
+            let o = apply(&mut kv, &keyed).unwrap();
+            assert!(refused(&o.outcome), "{o:?}");
+            let cancel = Command::CancelRun {
+                tenant: "t".into(),
+                run_id: "run_2".into(),
+            };
+            apply(&mut kv, &req("c0", 16, cancel)).unwrap();
+            keyed.request_id = "k2".into();
+            let o = apply(&mut kv, &keyed).unwrap();
+            assert!(
+                matches!(o.outcome, Outcome::RunTriggered { .. }) && !o.replayed,
+                "the retry with the same key is applied: {o:?}"
+            );
             // A refused window leaves the cursor where it was, and fires once there is room.
             let fire = Command::FireWindow {
                 tenant: "t".into(),
