@@ -1,7 +1,8 @@
 //! Model-based property test of the replicated state machine (issue 8, "Upgrades and
 //! determinism"): random logs over every command kind — DAG put/pause/delete, trigger,
 //! fire window, heartbeat, finish attempt, supervise, purge, cancel, retry, notification
-//! acks, protocol raise — plus membership entries, stale stamps and term changes, applied
+//! acks, protocol raises up to 5 (with tight tenant quotas on client requests and fired
+//! windows) — plus membership entries, stale stamps and term changes, applied
 //! on three replicas over real RocksDB:
 //!
 //! - A applies each entry as it comes;
@@ -21,7 +22,7 @@ use orchestrator::raft::db::Db;
 use orchestrator::raft::state_machine::StateMachineStore;
 use orchestrator::raft::types::{Entry, LogId, Member};
 use orchestrator::raft::NodeId;
-use orchestrator::state::command::{AttemptRef, AttemptResult, Retention};
+use orchestrator::state::command::{AttemptRef, AttemptResult, Quota, Retention};
 use orchestrator::state::model::{DagSpec, RunType, TaskKind, TaskSpec, Window};
 use orchestrator::state::{Batch, BatchResponse, Command, IdempotencyKey, Request};
 use proptest::prelude::*;
@@ -153,13 +154,25 @@ fn arb_command() -> impl Strategy<Value = Command> {
         1 => (0u8..6).prop_map(|r| Command::AckNotifications {
             keys: vec![format!("{}\0failure", run_id(r)), format!("{}\0success", run_id(r))],
         }),
-        1 => (1u64..4).prop_map(|term| Command::RaiseProtocol { term, version: 2 }),
+        1 => (1u64..4, 2u32..=5).prop_map(|(term, version)| Command::RaiseProtocol { term, version }),
     ]
+}
+
+/// Tight quotas (protocol 5 enforces them in apply), so refusals and dropped versions
+/// happen often: the counts they read must be the same on a replica that kept them as it
+/// applied and on one that rebuilt them from a snapshot.
+fn arb_quota() -> impl Strategy<Value = Quota> {
+    (1u64..3, 1u64..5, 1u64..4, 1u64..4).prop_map(|(dags, active, queued, kept)| Quota {
+        max_dags: dags,
+        max_active_runs: active,
+        max_queued_runs_per_dag: queued,
+        dag_versions_kept: kept,
+    })
 }
 
 fn arb_step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        30 => (arb_command(), 0u8..8, 0u8..4, -3i64..40).prop_map(|(command, rid, idem, dt)| {
+        30 => (arb_command(), 0u8..8, 0u8..4, -3i64..40, prop::option::of(arb_quota())).prop_map(|(command, rid, idem, dt, quota)| {
             // A few request ids repeat (retries); stamps mostly advance, some go back.
             Step::Request(Box::new(Request {
                 request_id: format!("r{rid}-{}", command_tag(&command)),
@@ -169,9 +182,9 @@ fn arb_step() -> impl Strategy<Value = Step> {
                     key: format!("k{idem}"),
                     fingerprint: command_tag(&command).into(),
                 }),
+                quota: quota.filter(|_| is_client(&command) || command_tag(&command) == "fire"),
                 command,
                 subject: None,
-                quota: None,
             }))
         }),
         1 => (1u8..4).prop_map(Step::Membership),
@@ -215,11 +228,29 @@ fn member(id: NodeId) -> Member {
     }
 }
 
-/// Turn steps into log entries: requests grouped 1-3 to an entry, terms rising now and
+/// Turn steps into log entries, after one that raises the protocol to `start`: requests
+/// grouped 1-3 to an entry, terms rising now and
 /// then (so fenced commands are sometimes stale), stamps as running sums of the deltas.
-fn entries(steps: &[Step], groups: &[u8], term_bumps: &[bool]) -> Vec<Entry> {
-    let mut out = Vec::new();
+fn entries(steps: &[Step], groups: &[u8], term_bumps: &[bool], start: u32) -> Vec<Entry> {
     let (mut term, mut clock, mut i, mut g) = (1u64, 1_000_000i64, 0usize, 0usize);
+    // The log starts at protocol `start` (1: no raise), so every protocol's apply runs long.
+    let raise = Request {
+        request_id: "start".into(),
+        proposed_at_ms: clock,
+        idempotency: None,
+        command: Command::RaiseProtocol {
+            term,
+            version: start,
+        },
+        subject: None,
+        quota: None,
+    };
+    let mut out = vec![Entry {
+        log_id: LogId::new(CommittedLeaderId::new(term, 1), 1),
+        payload: EntryPayload::Normal(Batch {
+            requests: if start > 1 { vec![raise] } else { Vec::new() },
+        }),
+    }];
     while i < steps.len() {
         if term_bumps.get(out.len()).copied().unwrap_or(false) {
             term += 1;
@@ -291,8 +322,9 @@ proptest! {
         splits in prop::collection::vec(1usize..6, 1..30),
         snapshot_at in prop::collection::vec(prop::bool::weighted(0.1), 0..90),
         lag_from in prop::collection::vec(prop::bool::weighted(0.1), 0..90),
+        start in 1u32..=5,
     ) {
-        let log = entries(&steps, &groups, &term_bumps);
+        let log = entries(&steps, &groups, &term_bumps, start);
         let rt = rt();
         let (mut a, mut b, mut c) = (replica(), replica(), replica());
         rt.block_on(async {
@@ -350,6 +382,14 @@ proptest! {
             let snap = b.sm.build_snapshot().await.expect("build snapshot B");
             d.sm.install_snapshot(&snap.meta, snap.snapshot).await.expect("install D");
             prop_assert_eq!(a.db.state_digest().expect("digest A"), d.db.state_digest().expect("digest D"));
+            // What each replica kept as it applied (the counts quotas read, the census)
+            // equals what a node counts afresh from the same state when it starts.
+            for (name, r) in [("A", &a), ("B", &b), ("C", &c), ("D", &d)] {
+                let fresh = StateMachineStore::new(r.db.clone()).expect("reopen");
+                let kept = r.sm.tenant_counts().clone();
+                prop_assert_eq!(&kept, &*fresh.tenant_counts(), "{} tenant counts", name);
+                prop_assert_eq!(r.sm.census(), fresh.census(), "{} census", name);
+            }
             Ok(())
         })?;
     }
