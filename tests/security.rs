@@ -926,6 +926,19 @@ async fn run_and_task_quotas_name_the_limit() {
     c.assert_no_panics();
 }
 
+/// How many of `answers` are 200; every other one must be `refused` naming `limit`.
+fn accepted_else_refused(
+    answers: &[(StatusCode, Value)],
+    refused: StatusCode,
+    limit: &str,
+) -> usize {
+    for (s, v) in answers.iter().filter(|(s, _)| *s != StatusCode::OK) {
+        assert_eq!(*s, refused, "{v}");
+        assert!(message(v).contains(limit), "{v}");
+    }
+    answers.iter().filter(|(s, _)| *s == StatusCode::OK).count()
+}
+
 async fn v_list(c: &Cluster, t: &str) -> Value {
     c.get(1, "/runs?dag_id=slow&limit=100", t).await.1
 }
@@ -968,13 +981,11 @@ async fn concurrent_writes_never_overshoot_a_quota() {
     assert_eq!(s, StatusCode::OK, "{v}");
     // 40 triggers at once: one runs and three queue; every other one is refused.
     let answers = futures::future::join_all((0..40).map(|_| trigger(&c, &t, "slow"))).await;
-    let taken = answers.iter().filter(|(s, _)| *s == StatusCode::OK).count();
-    for (s, v) in &answers {
-        if *s != StatusCode::OK {
-            assert_eq!(*s, StatusCode::TOO_MANY_REQUESTS, "{v}");
-            assert!(message(v).contains("limits.max_queued_runs_per_dag"), "{v}");
-        }
-    }
+    let taken = accepted_else_refused(
+        &answers,
+        StatusCode::TOO_MANY_REQUESTS,
+        "limits.max_queued_runs_per_dag",
+    );
     let (_, v) = c.get(1, "/runs?dag_id=slow&limit=100", &t).await;
     let runs = v["runs"].as_array().map_or(0, Vec::len);
     assert_eq!((taken, runs), (4, 4), "1 running + 3 queued, no more: {v}");
@@ -1041,13 +1052,11 @@ async fn concurrent_writes_never_overshoot_a_quota() {
         .map(|i| json!({"dag_id": format!("d{i}")}))
         .collect();
     let creates = futures::future::join_all(bodies.iter().map(|b| c.post(1, "/dags", &t, b))).await;
-    let created = creates.iter().filter(|(s, _)| *s == StatusCode::OK).count();
-    for (s, v) in &creates {
-        if *s != StatusCode::OK {
-            assert_eq!(*s, StatusCode::BAD_REQUEST, "{v}");
-            assert!(message(v).contains("limits.max_dags_per_tenant"), "{v}");
-        }
-    }
+    let created = accepted_else_refused(
+        &creates,
+        StatusCode::BAD_REQUEST,
+        "limits.max_dags_per_tenant",
+    );
     let (_, v) = c.get(1, "/dags?limit=100", &t).await;
     let live = v["dags"].as_array().map_or(0, Vec::len);
     assert_eq!((created, live), (3, 5), "{v}");

@@ -11,8 +11,7 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::census::RunView;
-use super::census::{DagView, TenantCounts, Usage};
+use super::census::{DagView, RunView, TenantCounts, Usage};
 use super::command::{
     AttemptRef, AttemptResult, Command, IdempotencyKey, Outcome, Quota, Request, Response,
 };
