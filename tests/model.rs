@@ -1,7 +1,7 @@
 //! Model-based property test of the replicated state machine (issue 8, "Upgrades and
 //! determinism"): random logs over every command kind — DAG put/pause/delete, trigger,
 //! fire window, heartbeat, finish attempt, supervise, purge, cancel, retry, notification
-//! acks, protocol raises up to 5 (with tight tenant quotas on client requests and fired
+//! acks, protocol raises up to the newest (with tight tenant quotas on client requests and fired
 //! windows) — plus membership entries, stale stamps and term changes, applied
 //! on three replicas over real RocksDB:
 //!
@@ -23,6 +23,7 @@ use orchestrator::raft::state_machine::StateMachineStore;
 use orchestrator::raft::types::{Entry, LogId, Member};
 use orchestrator::raft::NodeId;
 use orchestrator::state::command::{AttemptRef, AttemptResult, Quota, Retention};
+use orchestrator::state::machine::PROTOCOL_VERSION;
 use orchestrator::state::model::{DagSpec, RunType, TaskKind, TaskSpec, Window};
 use orchestrator::state::{Batch, BatchResponse, Command, IdempotencyKey, Request};
 use proptest::prelude::*;
@@ -154,7 +155,7 @@ fn arb_command() -> impl Strategy<Value = Command> {
         1 => (0u8..6).prop_map(|r| Command::AckNotifications {
             keys: vec![format!("{}\0failure", run_id(r)), format!("{}\0success", run_id(r))],
         }),
-        1 => (1u64..4, 2u32..=5).prop_map(|(term, version)| Command::RaiseProtocol { term, version }),
+        1 => (1u64..4, 2u32..=PROTOCOL_VERSION).prop_map(|(term, version)| Command::RaiseProtocol { term, version }),
     ]
 }
 
@@ -322,7 +323,7 @@ proptest! {
         splits in prop::collection::vec(1usize..6, 1..30),
         snapshot_at in prop::collection::vec(prop::bool::weighted(0.1), 0..90),
         lag_from in prop::collection::vec(prop::bool::weighted(0.1), 0..90),
-        start in 1u32..=5,
+        start in 1u32..=PROTOCOL_VERSION,
     ) {
         let log = entries(&steps, &groups, &term_bumps, start);
         let rt = rt();

@@ -970,7 +970,7 @@ async fn concurrent_writes_never_overshoot_a_quota() {
         ],
     )
     .await;
-    c.wait_protocol(5).await;
+    c.wait_protocol(6).await;
     let t = c.token(
         "acme",
         "orchestrator:read orchestrator:write orchestrator:shell",
@@ -1025,6 +1025,15 @@ async fn concurrent_writes_never_overshoot_a_quota() {
     assert_eq!(
         h.get("idempotent-replayed").map(|v| v.as_bytes()),
         Some(&b"true"[..])
+    );
+    // A retry queues a finished run again: with the queue full, it is refused too.
+    let (s, v) = c
+        .post(1, &format!("/runs/{}/retry", queued[0]), &t, &json!({}))
+        .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert!(
+        message(&v).contains("limits.max_queued_runs_per_dag"),
+        "{v}"
     );
 
     // Versions: five writes of one DAG keep the newest three.

@@ -125,6 +125,30 @@ impl Db {
         Ok(out)
     }
 
+    /// The keys of `table` under `prefix` that sort below `end`, in key order: a range
+    /// read that stops at `end` and copies no value.
+    pub fn keys_below(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        end: &[u8],
+    ) -> Result<Vec<Vec<u8>>, DbError> {
+        let cf = self.cf(table.name())?;
+        let mut out = Vec::new();
+        // A raw iterator: keys are read without copying their values.
+        let mut it = self.inner.raw_iterator_cf(cf);
+        it.seek(prefix);
+        while let Some(k) = it.key() {
+            if !k.starts_with(prefix) || k >= end {
+                break;
+            }
+            out.push(k.to_vec());
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
+    }
+
     /// Up to `limit` entries of `table` under `prefix` in descending key order, from
     /// `before` (exclusive) down.
     pub fn scan_prefix_rev(

@@ -125,6 +125,26 @@ impl Kv for Overlay<'_> {
         }
         self.writes.insert((table, key), None);
     }
+    fn keys_below(&self, table: Table, prefix: &[u8], end: &[u8]) -> Result<Vec<Vec<u8>>, KvError> {
+        if end <= prefix {
+            return Ok(Vec::new());
+        }
+        let mut merged: std::collections::BTreeSet<Vec<u8>> = self
+            .db
+            .keys_below(table, prefix, end)?
+            .into_iter()
+            .collect();
+        for ((_, k), v) in self
+            .writes
+            .range((table, prefix.to_vec())..(table, end.to_vec()))
+        {
+            match v {
+                Some(_) => merged.insert(k.clone()),
+                None => merged.remove(k),
+            };
+        }
+        Ok(merged.into_iter().collect())
+    }
     fn supervision(&self, now: Millis) -> Result<Supervision, KvError> {
         if let Some(e) = &self.failed {
             return Err(KvError::Storage(e.to_string()));

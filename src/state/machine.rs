@@ -54,7 +54,9 @@ pub const MAX_LOST_RETRIES: u32 = 3;
 ///   window does not move the DAG's cursor), counted as of that request; writing a DAG
 ///   version drops the versions `dag_versions_kept` or more behind it that no unfinished
 ///   run executes.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// - 6: a retried run (`RetryRun`) counts against the run quotas like a new run: a retry
+///   beyond `max_active_runs` or `max_queued_runs_per_dag` is refused.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The replicated tables (one RocksDB column family each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -166,6 +168,17 @@ pub trait Kv {
     fn delete(&mut self, table: Table, key: Vec<u8>);
     /// Every entry whose key starts with `prefix`, in key order, pending writes included.
     fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, KvError>;
+    /// The keys under `prefix` that sort below `end`, in key order, pending writes
+    /// included. This default reads the whole prefix; the state machine's store reads
+    /// only the range.
+    fn keys_below(&self, table: Table, prefix: &[u8], end: &[u8]) -> Result<Vec<Vec<u8>>, KvError> {
+        Ok(self
+            .scan_prefix(table, prefix)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .take_while(|k| k.as_slice() < end)
+            .collect())
+    }
     /// What a supervise pass at `now` must look at ([`super::due`]), pending writes
     /// included. This default reads every active run; the state machine's store keeps the
     /// index as it writes and answers from it.
@@ -993,18 +1006,24 @@ fn put_version(
         return Ok(());
     };
     let prefix = keys::prefix(&[tenant.as_bytes(), dag_id.as_bytes()]);
-    let old: Vec<Vec<u8>> = kv
-        .scan_prefix(Table::DagVersions, &prefix)?
-        .into_iter()
-        .map(|(k, _)| k)
-        .take_while(|k| version_of_key(&prefix, k).is_some_and(|v| v <= last_dropped))
-        .collect();
+    // Only the range to drop is read: the versions an unfinished run still holds, and
+    // the one this write pushed out.
+    let old = kv.keys_below(
+        Table::DagVersions,
+        &prefix,
+        &keys::dag_version(tenant, dag_id, last_dropped.saturating_add(1)),
+    )?;
     if old.is_empty() {
         return Ok(());
     }
+    /// The one field of a stored run this needs (the rest is skipped, not built).
+    #[derive(serde::Deserialize)]
+    struct RunVersion {
+        dag_version: u64,
+    }
     let mut in_use = std::collections::BTreeSet::new();
     for (k, _) in kv.scan_prefix(Table::ActiveRuns, &prefix)? {
-        if let Some(run) = get_json::<Run>(kv, Table::Runs, keys::last_part(&k))? {
+        if let Some(run) = get_json::<RunVersion>(kv, Table::Runs, keys::last_part(&k))? {
             in_use.insert(run.dag_version);
         }
     }
@@ -1640,6 +1659,13 @@ fn retry_run(kv: &mut impl Kv, tenant: &str, run_id: &str, ctx: Ctx) -> Result<O
         return Ok(Outcome::InvalidState {
             message: format!("run '{run_id}' has no failed tasks to retry"),
         });
+    }
+    // A retried run is queued again: from protocol 6 it counts against the run quotas
+    // like a new one.
+    if ctx.protocol >= 6 {
+        if let Some(refused) = refuse_new_run(kv, tenant, &run.dag_id, None, ctx)? {
+            return Ok(refused);
+        }
     }
     kv.delete(
         Table::FinishedRuns,
