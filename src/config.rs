@@ -173,8 +173,16 @@ pub struct ExecutorConfig {
     pub shell_max_file_bytes: u64,
     /// Open files per process (RLIMIT_NOFILE).
     pub shell_max_open_files: u64,
-    /// Address space per process (RLIMIT_AS).
+    /// Address space per process (RLIMIT_AS); also the attempt's `memory.max` where it
+    /// has a cgroup with the memory controller.
     pub shell_max_memory_bytes: u64,
+    /// Run each shell attempt in a cgroup v2 of its own where the node can create one
+    /// (under its own cgroup): every process the attempt starts dies with it, even one
+    /// that left its process group; and with the controllers delegated,
+    /// `shell_max_processes` and `shell_max_memory_bytes` hold for the whole attempt
+    /// (`pids.max`, `memory.max`). Where it cannot, the node says so and uses process
+    /// groups alone.
+    pub shell_cgroups: bool,
     /// Networks (CIDR) `http` tasks and webhooks may reach although the egress policy
     /// refuses them by default (loopback, private, link-local, CGNAT, ULA, multicast and
     /// the cluster's own addresses). Default: none.
@@ -207,6 +215,7 @@ impl Default for ExecutorConfig {
             shell_max_file_bytes: 1 << 30,
             shell_max_open_files: 1024,
             shell_max_memory_bytes: 4 << 30,
+            shell_cgroups: true,
             http_allow: Vec::new(),
             webhook_secret: None,
         }

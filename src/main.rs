@@ -65,7 +65,11 @@ enum Cmd {
     },
     /// The node's fence keeper (started by `server`; reads its pipe on stdin).
     #[command(name = "fence-keeper", hide = true)]
-    FenceKeeper,
+    FenceKeeper {
+        /// The node's parent cgroup of its attempts: a killed group's cgroup dies too.
+        #[arg(long)]
+        cgroup_parent: Option<std::path::PathBuf>,
+    },
     /// Print a shell completion script, e.g. `orchestrator completions bash > ~/.local/share/bash-completion/completions/orchestrator`.
     Completions {
         #[arg(value_enum)]
@@ -174,9 +178,10 @@ fn main() -> ExitCode {
         command,
     } = Cli::parse();
     let command = command.unwrap_or(Cmd::Server(NodeFlags::default()));
-    if let Cmd::FenceKeeper = command {
+    if let Cmd::FenceKeeper { cgroup_parent } = command {
         // No runtime, no config: a loop on a pipe (orchestrator::executor::fencing).
-        let code = orchestrator::executor::fencing::serve_stdin();
+        let cgroups = cgroup_parent.map(orchestrator::executor::cgroup::Cgroups::at);
+        let code = orchestrator::executor::fencing::serve_stdin(cgroups);
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
     let result = (|| -> anyhow::Result<()> {
@@ -233,7 +238,7 @@ fn main() -> ExitCode {
                 let client = cli::Client::new(&flags)?;
                 rt.block_on(cli::cluster::run(&client, flags.output, command))?
             }
-            Cmd::FenceKeeper => {
+            Cmd::FenceKeeper { .. } => {
                 unreachable!("the fence keeper is dispatched before the runtime starts")
             }
             Cmd::Completions { shell } => {

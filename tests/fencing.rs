@@ -183,3 +183,161 @@ async fn a_stopped_node_s_tasks_die_before_the_task_moves() {
     assert_ne!(attempts[1]["node"], node, "{v}");
     c.assert_no_panics();
 }
+
+/// True while process `pid` lives (a zombie does not count).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .map(|i| s[i + 2..].starts_with(['Z', 'X', 'x']))
+        })
+        .is_some_and(|dead| !dead)
+}
+
+/// Whether a node here can give its attempts cgroups (a cgroup v2 mount it may write);
+/// where it cannot, the node runs them in process groups only, and says so.
+fn cgroups_available() -> bool {
+    let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let Some(mount) = mi.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        right
+            .starts_with("cgroup2 ")
+            .then(|| left.split_whitespace().nth(4))?
+    }) else {
+        return false;
+    };
+    let probe = Path::new(mount).join(format!("orchestrator-probe-{}", std::process::id()));
+    std::fs::create_dir(&probe).is_ok() && std::fs::remove_dir(&probe).is_ok()
+}
+
+/// Kills the escaped processes a failing test would otherwise leave behind.
+struct Reap(Vec<i32>);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            // SAFETY: kill(2) only sends a signal.
+            unsafe {
+                libc::kill(*pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// A shell task that starts a process outside its own process group (`setsid`) and
+/// writes that process's pid to `dir/NAME.pid`, then runs `then`.
+fn escaper(dag_id: &str, dir: &Path, name: &str, then: &str) -> Value {
+    let d = dir.display();
+    let cmd = format!(
+        "setsid sleep 120 </dev/null >/dev/null 2>&1 & echo $! > {d}/{name}.tmp && mv {d}/{name}.tmp {d}/{name}.pid; {then}"
+    );
+    json!({"dag_id": dag_id, "tasks": [{"task_id": "s", "kind": "shell", "command": cmd}]})
+}
+
+fn read_pid(dir: &Path, name: &str) -> Option<i32> {
+    std::fs::read_to_string(dir.join(format!("{name}.pid")))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// A process that leaves its attempt's process group still dies with the attempt: when
+/// the attempt ends on its own, when it is cancelled, and when its node is SIGKILLed
+/// (the fence keeper kills the attempt's cgroup).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_that_leave_their_group_die_with_their_attempt() {
+    if !cgroups_available() {
+        println!("skipped: no writable cgroup v2 here, so attempts have no cgroups");
+        return;
+    }
+    let mut c = Cluster::new(1, &[]);
+    c.start_all();
+    c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    let t = c.token("acme", ALL_SCOPES);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut reap = Reap(Vec::new());
+    let escaped = |name: &'static str| {
+        let dir = dir.path().to_path_buf();
+        wait_for(LONG, "the escaped process's pid", move || {
+            let pid = read_pid(&dir, name);
+            async move { pid }
+        })
+    };
+
+    // 1. The attempt ends (successfully) and leaves a daemon behind.
+    let (s, v) = c
+        .post(1, "/dags", &t, &escaper("ends", dir.path(), "ends", "true"))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let run = trigger(&c, 1, &t, "ends").await;
+    let pid = escaped("ends").await;
+    reap.0.push(pid);
+    wait_for(LONG, "the run to succeed", || async {
+        let (_, v) = c.get(1, &format!("/runs/{run}"), &t).await;
+        (v["state"] == "done").then_some(())
+    })
+    .await;
+    wait_for(
+        Duration::from_secs(5),
+        "the process a finished attempt left to die",
+        || async { (!alive(pid)).then_some(()) },
+    )
+    .await;
+
+    // 2. Cancelled while running.
+    let (s, v) = c
+        .post(
+            1,
+            "/dags",
+            &t,
+            &escaper("cancelled", dir.path(), "cancelled", "sleep 120"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let run = trigger(&c, 1, &t, "cancelled").await;
+    let pid = escaped("cancelled").await;
+    reap.0.push(pid);
+    assert!(alive(pid), "the escaped process {pid} runs");
+    let (s, v) = c
+        .post(1, &format!("/runs/{run}/cancel"), &t, &json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    wait_for(
+        Duration::from_secs(5),
+        "the process a cancelled attempt left to die",
+        || async { (!alive(pid)).then_some(()) },
+    )
+    .await;
+
+    // 3. The node is SIGKILLed while the attempt runs.
+    let (s, v) = c
+        .post(
+            1,
+            "/dags",
+            &t,
+            &escaper("orphaned", dir.path(), "orphaned", "sleep 120"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    trigger(&c, 1, &t, "orphaned").await;
+    let pid = escaped("orphaned").await;
+    reap.0.push(pid);
+    assert!(alive(pid), "the escaped process {pid} runs");
+    c.kill(1);
+    let killed = Instant::now();
+    wait_for(
+        Duration::from_secs(5),
+        "the process the attempt of a killed node left to die",
+        || async { (!alive(pid)).then_some(()) },
+    )
+    .await;
+    println!(
+        "node SIGKILLed: the process that left its attempt's group was gone after {:?}",
+        killed.elapsed()
+    );
+}

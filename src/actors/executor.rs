@@ -30,11 +30,13 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::{system_request, ProposerHandle, RegistryHandle};
 use crate::config::{Config, ExecutorConfig};
+use crate::executor::cgroup::Cgroups;
 use crate::executor::egress::Egress;
 use crate::executor::fencing::{AttemptFence, KeeperLink};
 use crate::executor::sandbox::ShellPolicy;
 use crate::executor::{self, AttemptSpec};
 use crate::raft::RaftNode;
+use crate::state::census::RunView;
 use crate::state::command::{AttemptRef, AttemptResult};
 use crate::state::machine::keys;
 use crate::state::model::{DagSpec, Run, TaskState};
@@ -81,6 +83,10 @@ impl Executor {
         rt: tokio::runtime::Handle,
         config: &Config,
     ) -> Self {
+        let mut shell = ShellPolicy::from_config(config);
+        if shell.enabled && config.executor.shell_cgroups {
+            shell.cgroups = Cgroups::setup(&config.data_dir);
+        }
         Executor {
             node,
             proposer,
@@ -92,10 +98,10 @@ impl Executor {
             incarnation: hex::encode(rand::random::<[u8; 8]>()),
             ready: false,
             running: HashMap::new(),
-            keeper: Arc::new(KeeperLink::spawn()),
+            keeper: Arc::new(KeeperLink::spawn(shell.cgroups.as_ref())),
             // `http_allow` was parsed when the config was validated.
             egress: Arc::new(Egress::from_config(config).unwrap_or_default()),
-            shell: Arc::new(ShellPolicy::from_config(config)),
+            shell: Arc::new(shell),
         }
     }
 
@@ -181,13 +187,19 @@ impl Executor {
     /// when a heartbeat that renewed it is applied here, and the leader never expires a
     /// lease before it, so a deadline taken from it holds whether or not the leader has
     /// meanwhile given the task away.
+    /// Read every [`FENCE_CHECK_EVERY`] for each running attempt, so it decodes only the
+    /// run's task states and leases ([`RunView`]), not the whole run.
     fn applied_lease(&self, run_id: &str, task_id: &str, attempt: u32) -> Option<i64> {
-        let run: Run = match self.node.db.get_json(Table::Runs.name(), run_id.as_bytes()) {
-            Ok(r) => r?,
+        let bytes = match self.node.db.get(Table::Runs.name(), run_id.as_bytes()) {
+            Ok(bytes) => bytes?,
             Err(e) => {
                 warn!(node = self.node.id, run_id = %run_id, error = %e, "cannot read the run of an assignment");
                 return None;
             }
+        };
+        let Some(run) = RunView::decode(&bytes) else {
+            warn!(node = self.node.id, run_id = %run_id, "cannot decode the run of an assignment");
+            return None;
         };
         let inst = run.tasks.get(task_id)?;
         if inst.attempt != attempt || inst.state != TaskState::Running {
@@ -458,10 +470,13 @@ impl Actor for Executor {
                         node = self.node.id,
                         pgid, "killing a process group left by a previous run of this node"
                     );
-                    executor::kill_group(pgid);
+                    executor::kill_group(pgid, self.shell.cgroups.as_ref());
                 }
                 let _ = std::fs::remove_file(e.path());
             }
+        }
+        if let Some(c) = &self.shell.cgroups {
+            c.sweep(&self.data_dir);
         }
         // Announce this incarnation and wait until it is applied here before running work.
         let proposer = self.proposer.clone();

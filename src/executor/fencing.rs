@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
+use super::cgroup::Cgroups;
 use super::kill_group;
 
 /// Deadline moves smaller than this are not sent to the keeper (they are clock noise).
@@ -107,9 +108,10 @@ fn say(what: &str) {
     let _ = writeln!(std::io::stderr(), "fence keeper: {what}");
 }
 
-/// The keeper process's main loop: read the protocol from stdin, kill groups at their
-/// deadlines, kill all of them when stdin closes. Returns the process exit code.
-pub fn serve_stdin() -> i32 {
+/// The keeper process's main loop: read the protocol from stdin, kill groups (and their
+/// attempts' cgroups under `cgroups`) at their deadlines, kill all of them when stdin
+/// closes. Returns the process exit code.
+pub fn serve_stdin(cgroups: Option<Cgroups>) -> i32 {
     // Not stopped or ended by what is sent to the node's terminal or process group:
     // a keeper stopped together with its node would fence nothing.
     for sig in [
@@ -151,7 +153,7 @@ pub fn serve_stdin() -> i32 {
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 let left = keeper.drain();
                 for p in &left {
-                    kill_group(*p);
+                    kill_group(*p, cgroups.as_ref());
                 }
                 if !left.is_empty() {
                     say(&format!(
@@ -159,11 +161,14 @@ pub fn serve_stdin() -> i32 {
                         left.len()
                     ));
                 }
+                if let Some(c) = &cgroups {
+                    c.remove_all();
+                }
                 return 0;
             }
         }
         for p in keeper.due(Instant::now()) {
-            kill_group(p);
+            kill_group(p, cgroups.as_ref());
             say(&format!(
                 "killed process group {p}: its lease was not renewed in time"
             ));
@@ -181,12 +186,16 @@ pub struct KeeperLink {
 impl KeeperLink {
     /// Start this node's keeper (the running binary, `fence-keeper`). When it cannot be
     /// started the node still fences attempts itself, and says so.
-    pub fn spawn() -> KeeperLink {
+    pub fn spawn(cgroups: Option<&Cgroups>) -> KeeperLink {
         use std::os::unix::process::CommandExt;
+        let mut command = Command::new("/proc/self/exe");
+        command.arg(KEEPER_SUBCOMMAND);
+        if let Some(c) = cgroups {
+            command.arg("--cgroup-parent").arg(c.parent());
+        }
         // Its own process group: a signal to the node's group (`kill -STOP -PGID`, a
         // terminal's Ctrl-Z) does not reach it.
-        let started = Command::new("/proc/self/exe")
-            .arg(KEEPER_SUBCOMMAND)
+        let started = command
             .process_group(0)
             .env_clear()
             .stdin(Stdio::piped())

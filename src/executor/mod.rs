@@ -1,8 +1,8 @@
 //! Running one task attempt: `shell` (`/bin/sh -c` in its own process group, only when
 //! the node's [`sandbox::ShellPolicy`] enables it, with a cleared environment, rlimits,
 //! optionally another user, a working dir per attempt outside the data dir, identity and
-//! window in the environment and in `{{ }}` templates, killed as a group on timeout or
-//! cancel), `http` (method, URL, headers, body, expected status, all templated; through
+//! window in the environment and in `{{ }}` templates, killed as a group — and, where
+//! the node can create one, as a whole [`cgroup`] — on timeout, cancel or its end), `http` (method, URL, headers, body, expected status, all templated; through
 //! the node's [`egress::Egress`] policy, the answer read only up to the log cap) and `noop`. Output goes to a per-attempt log file with a size
 //! cap. Nothing here knows Raft: the executor actor reports the [`AttemptResult`].
 
@@ -14,6 +14,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
+pub mod cgroup;
 pub mod egress;
 pub mod fencing;
 pub mod sandbox;
@@ -264,12 +265,16 @@ async fn prepare_work_dir(work: &Path, identity: Option<(u32, u32)>) -> std::io:
     Ok(())
 }
 
-/// Kill a whole process group.
-pub fn kill_group(pgid: i32) {
+/// Kill a whole process group, and its attempt's cgroup (every process it started,
+/// in the group or not) when the node has them.
+pub fn kill_group(pgid: i32, cgroups: Option<&cgroup::Cgroups>) {
     if pgid > 0 {
         // SAFETY: killpg(2) only sends a signal; a stale pgid at worst hits nothing.
         unsafe {
             libc::killpg(pgid, libc::SIGKILL);
+        }
+        if let Some(c) = cgroups {
+            c.kill(pgid);
         }
     }
 }
@@ -329,9 +334,19 @@ async fn run_shell(
         .env_clear()
         .envs(sandbox::environment(vars, &work));
     let limits = a.shell.limits;
-    // SAFETY: the closure only makes async-signal-safe syscalls (see `sandbox::in_child`).
+    let cgroups = a.shell.cgroups.as_ref();
+    let join = cgroups.map(|c| c.for_child(limits.processes, limits.memory_bytes));
+    // SAFETY: the closure only makes async-signal-safe syscalls (see `sandbox::in_child`
+    // and `cgroup::ChildCgroup::join`), and joins its cgroup while still the node's user.
+    // A failed join is not the attempt's failure: it runs in its process group only (the
+    // parent says so below).
     unsafe {
-        command.pre_exec(move || sandbox::in_child(limits, identity));
+        command.pre_exec(move || {
+            if let Some(j) = &join {
+                let _ = j.join();
+            }
+            sandbox::in_child(limits, identity)
+        });
     }
     // Stopped (cancelled, lease lost) while being prepared: never start the process.
     if a.fence.expired() || !matches!(cancel.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
@@ -351,6 +366,11 @@ async fn run_shell(
     };
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
     on_pgid(pgid);
+    if let Some(c) = cgroups.filter(|c| !c.has_group(pgid)) {
+        tracing::warn!(run_id = %a.run.run_id, task_id = %a.task.task_id, attempt = a.attempt, pgid,
+                       parent = %c.parent().display(),
+                       "the attempt could not join a cgroup of its own: it runs in its process group only");
+    }
     let log = std::sync::Arc::new(tokio::sync::Mutex::new((file, 0u64)));
     let mut pumps = Vec::new();
     if let Some(out) = child.stdout.take() {
@@ -378,18 +398,23 @@ async fn run_shell(
             Err(e) => AttemptResult::Failed { exit_code: None, error: format!("wait failed: {e}") },
         },
         _ = limit => {
-            kill_group(pgid);
+            kill_group(pgid, cgroups);
             let _ = child.wait().await;
             AttemptResult::TimedOut { error: format!("timed out after {} ms; process group killed", timeout.map_or(0, |t| t.as_millis())) }
         }
         _ = cancel => {
-            kill_group(pgid);
+            kill_group(pgid, cgroups);
             let _ = child.wait().await;
             AttemptResult::Failed { exit_code: None, error: "cancelled; process group killed".into() }
         }
     };
-    // Grandchildren may still hold the pipes open: do not wait for them forever.
-    kill_group(pgid);
+    // Nothing the attempt started outlives it (with a cgroup, not even a process that
+    // left the group); grandchildren may still hold the pipes open: do not wait for them
+    // forever.
+    kill_group(pgid, cgroups);
+    if let Some(c) = cgroups {
+        c.release(pgid).await;
+    }
     for p in pumps {
         let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
     }

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::cgroup::Cgroups;
 use crate::config::Config;
 
 /// The environment's `PATH` for an attempt; nothing of the node's own environment passes.
@@ -40,6 +41,8 @@ pub struct ShellPolicy {
     pub work_root: PathBuf,
     pub default_timeout: Duration,
     pub limits: Limits,
+    /// Where attempts get their cgroups (set by the executor where it can create them).
+    pub cgroups: Option<Cgroups>,
 }
 
 impl ShellPolicy {
@@ -56,6 +59,7 @@ impl ShellPolicy {
                 open_files: e.shell_max_open_files,
                 memory_bytes: e.shell_max_memory_bytes,
             },
+            cgroups: None,
         }
     }
 
@@ -206,6 +210,7 @@ mod tests {
             work_root: PathBuf::from("/tmp"),
             default_timeout: Duration::from_secs(1),
             limits: Limits::default(),
+            cgroups: None,
         };
         let err = p.identity().unwrap_err().to_string();
         assert!(err.contains("no-such-user-orchestrator"), "{err}");

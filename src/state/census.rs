@@ -103,6 +103,9 @@ pub struct TaskView {
 pub struct AttemptView {
     pub attempt: u32,
     pub lease_until_ms: Millis,
+    /// The node running it (the executor's fence reads its own attempts' leases).
+    #[serde(default)]
+    pub node: crate::raft::NodeId,
 }
 
 impl RunView {

@@ -191,6 +191,7 @@ mod tests {
                 .map(|l| AttemptView {
                     attempt: 1,
                     lease_until_ms: l,
+                    node: 0,
                 })
                 .into_iter()
                 .collect(),
