@@ -10,8 +10,11 @@ Workloads (each bounded in time; medians over repeats, every repeat's p99 shown)
   chain40    a 40-task noop chain: trigger -> done, as the client sees it
   chain40sh  the same chain of shell `true` tasks
   fan40      1 -> 40 -> 1 noop
+  backlog    chain40 beside thousands of queued runs that have nothing due
   firelag    N DAGs firing every 5 s: fire lag (window end -> run created) and window end
              -> run done, leader RSS and CPU
+  catchup    one DAG catches up a backlog of one-second windows while 20 others fire
+             every second: catch-up time and the others' fire lag meanwhile
   failover   leader SIGKILL under load -> first acknowledged write through a survivor
 
 Run through scripts/bench.sh (which builds the release binary); --quick is the seconds-
@@ -62,6 +65,8 @@ class Bench:
             # Backfills of a paused DAG queue runs; the bench makes hundreds of thousands.
             "ORCHESTRATOR_LIMITS__MAX_QUEUED_RUNS_PER_DAG": "100000000",
             "ORCHESTRATOR_LIMITS__MAX_ACTIVE_RUNS_PER_TENANT": "100000000",
+            # `catchup` fires a backlog of thousands of windows, not the newest 100.
+            "ORCHESTRATOR_SCHEDULER__MAX_CATCHUP": "100000",
         })
         self.token = None
 
@@ -346,6 +351,54 @@ def firelag_workload(b, args):
             "leader_cores": round((cpu1 - cpu0) / seconds, 2)}
 
 
+def list_runs(b, node, query):
+    """Every run a `/runs` query lists, through all its pages."""
+    out, cursor = [], None
+    for _ in range(10000):
+        v = b.must("GET", node, f"/runs?{query}&limit=500" + (f"&cursor={cursor}" if cursor else ""))
+        out.extend(v["runs"])
+        cursor = v.get("next_cursor")
+        if not cursor:
+            return out
+    return out
+
+
+def catchup_workload(b, args):
+    """One DAG catches up `--catchup-windows` one-second windows while 20 others fire
+    every second: how long the catch-up takes, and the others' fire lag meanwhile (one
+    DAG's backlog must not hold back the rest)."""
+    n = args.catchup_windows
+    for i in range(20):
+        b.must("POST", 1 + i % 3, "/dags", {"dag_id": f"cb_{i}", "schedule": "* * * * * *",
+                                            "tasks": [{"task_id": "a", "kind": "noop"}]})
+    time.sleep(3)
+    start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - n))
+    t0 = now_ms()
+    b.must("POST", 1, "/dags", {"dag_id": "cu", "schedule": "* * * * * *", "catchup": True,
+                                "start_date": start, "tasks": [{"task_id": "a", "kind": "noop"}]})
+    leader = b.leader()
+    fired = 0
+    while now_ms() - t0 < 300000:
+        # Windows from the start up to the DAG's creation: the backlog to catch up.
+        fired = sum(1 for r in list_runs(b, leader, "dag_id=cu")
+                    if parse_ts(r["window"]["to"]) <= t0)
+        if fired >= n - 1:
+            break
+        time.sleep(0.5)
+    t1 = now_ms()
+    time.sleep(2)
+    lag = []
+    for i in range(20):
+        for r in list_runs(b, leader, f"dag_id=cb_{i}&run_type=scheduled"):
+            end = parse_ts(r["window"]["to"])
+            if t0 <= end <= t1:
+                lag.append(parse_ts(r["created_at"]) - end)
+    pct = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(len(xs) * p))] if xs else None
+    return {"windows": n, "fired": fired, "catchup_ms": round(t1 - t0),
+            "others_fire_lag_ms": {"p50": pct(lag, 0.5), "p99": pct(lag, 0.99),
+                                   "max": max(lag) if lag else None, "windows": len(lag)}}
+
+
 # ---------------------------------------------------------------------------------------
 # Failover: writes at ~100/s, SIGKILL the leader, first acknowledged write after it.
 
@@ -410,6 +463,11 @@ def table(results, m):
                         f" p99 {r['fire_lag_ms']['p99']:.0f} ms; window -> done p99 {r['done_ms']['p99'] or 0:.0f} ms"
                         f" ({r['done_ms']['not_done']} not done) | {r['runs']} runs; leader RSS {r['leader_peak_rss_mb']} MB,"
                         f" {r['leader_cores']} cores |")
+        elif name == "catchup":
+            o = r["others_fire_lag_ms"]
+            rows.append(f"| {label}: {r['fired']}/{r['windows']} one-second windows | caught up in {r['catchup_ms']} ms;"
+                        f" 20 other DAGs' fire lag meanwhile p50 {o['p50'] or 0:.0f} ms, p99 {o['p99'] or 0:.0f} ms,"
+                        f" max {o['max'] or 0:.0f} ms | {o['windows']} windows of the others |")
         elif name == "failover":
             rows.append(f"| {label} | median {r['median_ms']:.0f} ms, max {r['max_ms']:.0f} ms | {r['all_ms']} |")
         else:
@@ -417,7 +475,8 @@ def table(results, m):
     return "\n".join(rows)
 
 
-WORKLOADS = ["dags", "backfill", "get", "chain40", "chain40sh", "fan40", "backlog", "firelag", "failover"]
+WORKLOADS = ["dags", "backfill", "get", "chain40", "chain40sh", "fan40", "backlog", "firelag", "catchup",
+             "failover"]
 
 
 def main():
@@ -433,6 +492,7 @@ def main():
     ap.add_argument("--fire-dags", type=int, default=1000)
     ap.add_argument("--fire-seconds", type=int, default=60)
     ap.add_argument("--failover-trials", type=int, default=5)
+    ap.add_argument("--catchup-windows", type=int, default=1000)
     ap.add_argument("--backlog", type=int, default=5000, help="runs queued in `backlog`")
     ap.add_argument("--api-base", type=int, default=8280)
     ap.add_argument("--peer-base", type=int, default=9280)
@@ -440,7 +500,7 @@ def main():
     if args.quick:
         args.repeats, args.duration, args.connections = 1, 2, 12
         args.shape_repeats, args.fire_dags, args.fire_seconds, args.failover_trials = 1, 20, 12, 1
-        args.backlog = 100
+        args.backlog, args.catchup_windows = 100, 100
     b = Bench(args)
     results = {}
     try:
@@ -461,6 +521,8 @@ def main():
                     results[name] = backlog_workload(b, args)
                 elif name == "firelag":
                     results[name] = firelag_workload(b, args)
+                elif name == "catchup":
+                    results[name] = catchup_workload(b, args)
                 elif name == "failover":
                     results[name] = failover_workload(b, args)
                 else:

@@ -10,8 +10,12 @@
 //! cron parse of every DAG: within a term the scheduler remembers each DAG's parsed plan
 //! (until its stored value changes) and the time before which it has nothing due (until
 //! this leader fires it; no one else moves its cursor in this term).
+//!
+//! A pass does not wait for what it proposes. Each DAG's due windows fire one after
+//! another in a task of their own, and later passes leave that DAG alone until its chain
+//! ends; so a DAG catching up a hundred windows delays no other DAG's next window.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,9 +48,12 @@ pub struct Scheduler {
     rt: tokio::runtime::Handle,
     config: SchedulerConfig,
     gate: LeaderGate,
+    /// A pass (the scan and the spawning of its chains) is running.
     busy: bool,
     stats: Arc<Stats>,
     memory: Arc<Mutex<Memory>>,
+    /// The DAGs (by their `Dags` key) whose windows are being proposed.
+    in_flight: Arc<Mutex<HashSet<Vec<u8>>>>,
 }
 
 /// What the scheduler knows of one DAG, in the term it learnt it.
@@ -90,6 +97,8 @@ impl Plan {
 
 /// One DAG's due windows, oldest first, each with the request that fires it.
 struct DagFires {
+    /// The DAG's key in the `Dags` table.
+    key: Vec<u8>,
     dag_id: String,
     windows: Vec<(Window, Request)>,
 }
@@ -124,6 +133,7 @@ impl Scheduler {
             busy: false,
             stats,
             memory: Arc::default(),
+            in_flight: Arc::default(),
         }
     }
 
@@ -139,6 +149,7 @@ impl Scheduler {
             self.config.clone(),
             self.stats.clone(),
             self.memory.clone(),
+            self.in_flight.clone(),
         ));
         ctx.spawn(
             async move {
@@ -152,7 +163,26 @@ impl Scheduler {
     }
 }
 
-/// One pass: propose every due window of every scheduled DAG.
+/// Takes a DAG out of the in-flight set when its chain ends, however it ends.
+struct InFlight {
+    set: Arc<Mutex<HashSet<Vec<u8>>>>,
+    key: Vec<u8>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        lock(&self.set).remove(&self.key);
+    }
+}
+
+/// The set's contents stay valid whatever a panicking holder left half done (inserts
+/// and removes of whole keys), so a poisoned lock is taken as it is.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One pass: start proposing the due windows of every scheduled DAG that is not still
+/// proposing earlier ones.
 async fn fire_due(
     node: RaftNode,
     proposer: ProposerHandle,
@@ -160,6 +190,7 @@ async fn fire_due(
     config: SchedulerConfig,
     stats: Arc<Stats>,
     memory: Arc<Mutex<Memory>>,
+    in_flight: Arc<Mutex<HashSet<Vec<u8>>>>,
 ) {
     // The voters' median clock: a leader whose own clock runs fast fires nothing early.
     if !node.clock_calibrated() {
@@ -173,21 +204,28 @@ async fn fire_due(
             return;
         }
     };
-    let fires = due_fires(&node, dags, now, term, &config, &memory);
+    let busy = lock(&in_flight).clone();
+    let fires = due_fires(&node, dags, &busy, now, term, &config, &memory);
     // DAGs fire side by side; one DAG's windows fire one after another, and a window not
-    // fired (a quota, an error) stops its DAG's later windows this pass. A later window
-    // applied first would move the cursor past the earlier one, which would never fire.
-    let chains = fires.into_iter().map(|dag| {
+    // fired (a quota, an error) stops its DAG's later windows until a later pass. A later
+    // window applied first would move the cursor past the earlier one, which would never
+    // fire.
+    for dag in fires {
+        lock(&in_flight).insert(dag.key.clone());
+        let guard = InFlight {
+            set: in_flight.clone(),
+            key: dag.key,
+        };
         let (proposer, node, stats) = (proposer.clone(), node.clone(), stats.clone());
-        async move {
+        tokio::spawn(async move {
+            let _guard = guard;
             for (window, req) in dag.windows {
                 if !fire_one(&proposer, &node, &stats, &dag.dag_id, window, req, term).await {
                     break;
                 }
             }
-        }
-    });
-    futures::future::join_all(chains).await;
+        });
+    }
 }
 
 /// Propose one window; whether it fired (or had fired before).
@@ -237,13 +275,14 @@ async fn fire_one(
 fn due_fires(
     node: &RaftNode,
     dags: Vec<(Vec<u8>, Vec<u8>)>,
+    in_flight: &HashSet<Vec<u8>>,
     now: Millis,
     term: u64,
     config: &SchedulerConfig,
     memory: &Mutex<Memory>,
 ) -> Vec<DagFires> {
     let mut fires = Vec::new();
-    let mut memory = memory.lock().unwrap_or_else(|p| p.into_inner());
+    let mut memory = lock(memory);
     if memory.term != term {
         // Another leader may have moved cursors since: learn everything again.
         *memory = Memory {
@@ -255,6 +294,10 @@ fn due_fires(
     for (k, v) in dags {
         let fp = fingerprint(&v);
         seen.insert(k.clone());
+        if in_flight.contains(&k) {
+            // Its cursor is still moving: decided again once its chain has ended.
+            continue;
+        }
         let known = memory.dags.entry(k).or_insert_with(|| Known {
             fingerprint: !fp,
             plan: None,
@@ -276,6 +319,7 @@ fn due_fires(
         if now < known.quiet_until {
             continue;
         }
+        // The same key as the DAG's in `Dags`.
         let ckey = keys::dag(&plan.tenant, &plan.dag_id);
         let cursor = match node.db.get(Table::Cursors.name(), &ckey) {
             Ok(c) => c.and_then(|b| keys::from_ordered_i64(&b)),
@@ -316,8 +360,16 @@ fn due_fires(
         if let Err(exceeded) =
             crate::quota::check_new_run(usage, &plan.tenant, &plan.dag_id, &quota)
         {
-            debug!(tenant = %plan.tenant, dag_id = %plan.dag_id, reason = %exceeded, "windows held back by a quota");
-            continue;
+            // A window that already has its run (a backfill made it) creates nothing:
+            // firing it only moves the cursor, which a quota never holds back.
+            let first_has_run = due.first().is_some_and(|w| {
+                let key = keys::window(&plan.tenant, &plan.dag_id, w);
+                matches!(node.db.get(Table::Windows.name(), &key), Ok(Some(_)))
+            });
+            if !first_has_run {
+                debug!(tenant = %plan.tenant, dag_id = %plan.dag_id, reason = %exceeded, "windows held back by a quota");
+                continue;
+            }
         }
         let windows = due
             .into_iter()
@@ -333,6 +385,7 @@ fn due_fires(
             })
             .collect();
         fires.push(DagFires {
+            key: ckey,
             dag_id: plan.dag_id.clone(),
             windows,
         });
