@@ -21,7 +21,9 @@ pub const ID_PATTERN: &str = r"^([A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}|\.[A-Za-z0-9
 /// What [`parse_duration`] accepts: `30s`, `5m`, `1h30m`, `250ms`, `2d`; numbers of up to
 /// 9 digits, in at most [`MAX_DURATION_LEN`] characters (so no accepted duration
 /// overflows: the schema's bounds are the parser's).
-pub const DURATION_PATTERN: &str = r"^\s*([0-9]{1,9}(ms|s|m|h|d))+\s*$";
+/// Spaces, tabs and line breaks may surround it: only these, as ECMA-262's `\s` and
+/// Rust's `trim` disagree on the rest of Unicode's white space.
+pub const DURATION_PATTERN: &str = r"^[ \t\r\n]*([0-9]{1,9}(ms|s|m|h|d))+[ \t\r\n]*$";
 /// Longest duration, in characters.
 pub const MAX_DURATION_LEN: usize = 64;
 /// Longest `owner`, in characters.
@@ -200,7 +202,7 @@ pub fn parse_duration(field: &str, s: &str) -> Result<u64, Error> {
             format!("a duration has at most {MAX_DURATION_LEN} characters"),
         );
     }
-    let s = s.trim();
+    let s = s.trim_matches([' ', '\t', '\r', '\n']);
     if s.is_empty() {
         return err(field, "empty duration; write e.g. 30s, 5m, 1h30m");
     }
@@ -304,7 +306,23 @@ fn check_url(field: &str, url: &str) -> Result<(), Error> {
     {
         return err(field, format!("'{url}' must be an http:// or https:// URL"));
     }
-    Ok(())
+    // A templated URL (`{{ }}`, rendered per attempt) is parsed when it runs; here it
+    // must at least name a host.
+    if url.contains("{{") {
+        let authority = url.split_once("://").map_or("", |(_, rest)| {
+            rest.split(['/', '?', '#']).next().unwrap_or("")
+        });
+        return if authority.is_empty() {
+            err(field, format!("'{url}' names no host"))
+        } else {
+            Ok(())
+        };
+    }
+    match reqwest::Url::parse(url) {
+        Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) => Ok(()),
+        Ok(_) => err(field, format!("'{url}' names no host")),
+        Err(e) => err(field, format!("'{url}' is not a usable URL: {e}")),
+    }
 }
 
 fn task_kind(prefix: &str, t: &TaskInput) -> Result<TaskKind, Error> {
@@ -584,6 +602,29 @@ mod tests {
         }
         let e = input(serde_json::json!({"dag_id":"d","tasks":[{"task_id":"a","kind":"noop"},{"task_id":"a","kind":"noop"}]})).unwrap_err();
         assert!(e.contains("used by two tasks"), "{e}");
+        for bad in [
+            "https://",
+            "http://:80/x",
+            "https://exa mple.com",
+            "https://a:99999",
+        ] {
+            let e = input(serde_json::json!({"dag_id":"d","webhook":bad})).unwrap_err();
+            assert!(e.starts_with("webhook"), "{bad}: {e}");
+            let e = input(
+                serde_json::json!({"dag_id":"d","tasks":[{"task_id":"a","kind":"http","url":bad}]}),
+            )
+            .unwrap_err();
+            assert!(e.contains(".url"), "{bad}: {e}");
+        }
+        input(serde_json::json!({"dag_id":"d","webhook":"https://h.example:8443/p?q=1#f"}))
+            .unwrap();
+        // Templated: parsed when rendered; a host is still required.
+        let templated = "https://{{ dag_id }}.example/x?r={{ run_id }}";
+        input(serde_json::json!({"dag_id":"d","tasks":[{"task_id":"a","kind":"http","url":templated}]}))
+            .unwrap();
+        let e = input(serde_json::json!({"dag_id":"d","tasks":[{"task_id":"a","kind":"http","url":"https:///{{ run_id }}"}]}))
+            .unwrap_err();
+        assert!(e.contains("names no host"), "{e}");
         let e = input(serde_json::json!({"dag_id":"bad id!"})).unwrap_err();
         assert!(e.starts_with("dag_id"), "{e}");
         let e = input(serde_json::json!({"dag_id":"d","schedule":"0 2 * *"})).unwrap_err();
@@ -615,6 +656,11 @@ mod tests {
         assert_eq!(parse_duration("f", "250ms").unwrap(), 250);
         assert!(parse_duration("f", "5 minutes").is_err());
         assert!(parse_duration("f", "").is_err());
+        // White space around it: what the schema's pattern allows, and nothing else.
+        assert_eq!(parse_duration("f", " \t30s\r\n").unwrap(), 30_000);
+        for odd in ["\u{feff}30s", "30s\u{a0}", "\u{2028}30s", "\u{b}30s"] {
+            assert!(parse_duration("f", odd).is_err(), "{odd:?}");
+        }
         // The schema's bounds are the parser's: 9 digits a number, 64 characters in all.
         assert_eq!(
             parse_duration("f", "999999999d").unwrap(),

@@ -142,7 +142,8 @@ pub struct DagPath {
 #[into_params(parameter_in = Header)]
 pub struct SubmitHeaders {
     /// Optimistic concurrency: apply the update only if the DAG's version is this one
-    /// (as `version` in the body; the body's wins). An optionally quoted number.
+    /// (as `version` in the body; when both are sent they must agree). An optionally
+    /// quoted number.
     #[param(rename = "If-Match", value_type = String, required = false, pattern = r#"^"*[0-9]{1,19}"*$"#)]
     pub if_match: Option<String>,
 }
@@ -163,6 +164,11 @@ impl SubmitHeaders {
 /// The version an `If-Match` names: an optionally quoted run of 1 to 19 digits (what its
 /// schema pattern says; `+1` or 20 digits, which `u64::from_str` would take, are refused).
 fn if_match_version(v: &str) -> Result<u64, ApiError> {
+    if v.trim() == "*" {
+        return Err(ApiError::InvalidRequest(
+            "If-Match: * is not supported; send the DAG version the update is based on".into(),
+        ));
+    }
     let digits = v.trim_matches('"');
     if digits.is_empty() || digits.len() > 19 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(ApiError::InvalidRequest(
@@ -194,8 +200,8 @@ each update adds one. `version` in the body (or `If-Match`) makes the update con
         (status = 200, description = "Stored. A replay of an idempotent request says `Idempotent-Replayed: true`.",
             body = DagAck, example = json!({"dag_id": "sales_gdp", "status": "active", "version": 1})),
         (status = 400, description = "Malformed JSON, or a definition that does not validate: a bad id, \
-a cron expression whose fields are out of range, an end_date not after start_date, a dependency on an unknown \
-task, a cycle, a timeout of 0, an `If-Match` that is not a version number or that disagrees with `version` \
+a cron expression whose fields are out of range, an end_date not after start_date, two tasks with one \
+`task_id`, a dependency on an unknown task, a cycle, a timeout of 0, an `If-Match` that is not a version number or that disagrees with `version` \
 in the body; or a tenant quota (`limits.min_schedule_interval_ms`, `limits.max_dags_per_tenant`). The message \
 names the field.", body = ErrorBody),
         (status = 403, description = "The token lacks `orchestrator:write`; or the DAG has a shell task and the \

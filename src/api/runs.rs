@@ -209,7 +209,7 @@ pub struct AttemptPath {
     #[param(schema_with = super::schema::id)]
     pub task_id: String,
     /// The attempt number (1 for the first).
-    #[param(value_type = u32, minimum = 0, maximum = 4294967295_u64)]
+    #[param(value_type = u64, minimum = 0, maximum = 4294967295_u64)]
     pub attempt: String,
 }
 
@@ -625,8 +625,12 @@ Takes no body (one sent is ignored).",
     responses(
         (status = 200, description = "Queued again.", body = RetryAck),
         (status = 404, description = "No run with this id in the caller's tenant.", body = ErrorBody),
-        (status = 409, description = "`invalid_state`: the run is not finished, or has no failed task; \
-`idempotency_key_reused`: this `X-Request-Id` was used for another request.", body = ErrorBody),
+        (status = 409, description = "`invalid_state`: the run is not finished, has no failed task, or ran a \
+DAG version no longer kept (`limits.max_dag_versions`); `idempotency_key_reused`: this `X-Request-Id` was \
+used for another request.", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: the tenant's rate limit is spent; `quota_exceeded`: the \
+run, queued again, would go beyond `limits.max_queued_runs_per_dag` or `limits.max_active_runs_per_tenant` \
+(the message names it; retry once runs have started or finished).", body = ErrorBody),
     ),
     security(("bearer" = ["orchestrator:write"]))
 )]

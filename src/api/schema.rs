@@ -119,7 +119,9 @@ fn instant_of(nullable: bool, example: &str) -> RefOr<Schema> {
 /// An `http://` or `https://` URL of at most 2048 characters.
 pub fn url() -> Object {
     string(true)
-        .pattern(Some("^https?://"))
+        // A host is required. The server also refuses what does not parse as a URL; a
+        // templated one (`{{ }}`, spaces and all) is parsed when it is rendered.
+        .pattern(Some(r"^https?://[^/?#]+([/?#][\s\S]*)?$"))
         .max_length(Some(MAX_URL_LEN))
         .examples([serde_json::json!("https://example.com/hook")])
         .build()
