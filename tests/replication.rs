@@ -328,6 +328,20 @@ async fn every_node_wins_elections_when_leaders_keep_stopping() {
         *wins.entry(new).or_default() += 1;
         c.resume(old);
         c.wait_ready(LONG).await;
+        // Every candidate of the next round must start from the same footing: a resumed
+        // node that has not yet taken an append from the new leader holds its vote
+        // uncommitted, and openraft times an uncommitted vote's election without the
+        // leader lease, so it would win the next round every time (seen: {2: 8, 3: 8}).
+        wait_for(
+            LONG,
+            "the resumed node to follow the new leader",
+            || async {
+                let lag = c.status(new).await?["replication_lag"][old.to_string()].as_u64()?;
+                let follows = c.status(old).await?["leader"] == new;
+                (lag == 0 && follows).then_some(())
+            },
+        )
+        .await;
         if wins.len() == 3 {
             break;
         }
