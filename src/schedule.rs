@@ -49,21 +49,52 @@ fn normalise_dow(field: &str) -> Result<String, String> {
     Ok(out.join(","))
 }
 
+/// The `@` macros a schedule may be (in any case), and the 5-field form of each.
+pub const MACROS: &[(&str, &str)] = &[
+    ("@yearly", "0 0 1 1 *"),
+    ("@annually", "0 0 1 1 *"),
+    ("@monthly", "0 0 1 * *"),
+    ("@weekly", "0 0 * * 0"),
+    ("@daily", "0 0 * * *"),
+    ("@midnight", "0 0 * * *"),
+    ("@hourly", "0 * * * *"),
+];
+
+/// What a schedule looks like, for the API schema (ECMA-262, no flags): a macro in any
+/// case, or 5 or 6 fields of digits, names and `* ? / , -` separated by spaces or tabs.
+/// The fields' ranges are left to [`normalise`].
+pub fn pattern() -> String {
+    let any_case = |word: &str| -> String {
+        word.chars()
+            .map(|c| {
+                if c.is_ascii_alphabetic() {
+                    format!("[{}{}]", c.to_ascii_lowercase(), c.to_ascii_uppercase())
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect()
+    };
+    let macros: Vec<String> = MACROS.iter().map(|(m, _)| any_case(m)).collect();
+    let field = r"[0-9A-Za-z*?/,-]+";
+    format!(
+        r"^[ \t\r\n]*({}|{field}([ \t]+{field}){{4,5}})[ \t\r\n]*$",
+        macros.join("|")
+    )
+}
+
 /// Turn a user's schedule into the `cron` crate's 6-field (seconds-first) form.
 pub fn normalise(expr: &str) -> Result<String, String> {
     let expr = expr.trim();
-    let macro_form = match expr.to_ascii_lowercase().as_str() {
-        "@yearly" | "@annually" => Some("0 0 1 1 *"),
-        "@monthly" => Some("0 0 1 * *"),
-        "@weekly" => Some("0 0 * * 0"),
-        "@daily" | "@midnight" => Some("0 0 * * *"),
-        "@hourly" => Some("0 * * * *"),
-        m if m.starts_with('@') => {
+    let macro_form = if expr.starts_with('@') {
+        let Some((_, form)) = MACROS.iter().find(|(m, _)| m.eq_ignore_ascii_case(expr)) else {
             return Err(format!(
                 "unknown schedule macro '{expr}': use @yearly, @monthly, @weekly, @daily or @hourly"
-            ))
-        }
-        _ => None,
+            ));
+        };
+        Some(*form)
+    } else {
+        None
     };
     let expr = macro_form.unwrap_or(expr);
     let fields: Vec<&str> = expr.split_whitespace().collect();
@@ -227,6 +258,36 @@ mod tests {
         assert!(e.contains("has 4 fields, expected 5"), "{e}");
         assert!(normalise("0 9 * * 8").is_err());
         assert!(normalise("@sometimes").is_err());
+    }
+
+    #[test]
+    fn the_schema_pattern_takes_what_normalise_takes() {
+        let schema = serde_json::json!({"type": "string", "pattern": pattern()});
+        let v = jsonschema::validator_for(&schema).expect("the pattern compiles");
+        for ok in [
+            "0 2 * * *",
+            "@DAILY",
+            "@Midnight",
+            " */2 * * * * *\n",
+            "0 9 * * MON-FRI",
+            "0 0 1 JAN ?",
+        ] {
+            assert!(v.is_valid(&serde_json::json!(ok)), "{ok:?}");
+            normalise(ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        for bad in [
+            "@sometimes",
+            "0 2 * *",
+            "0 2 * * * * *",
+            "\u{feff}@daily",
+            "@daily\u{a0}",
+            "0 2 * * ;",
+        ] {
+            assert!(!v.is_valid(&serde_json::json!(bad)), "{bad:?}");
+        }
+        for (m, _) in MACROS {
+            assert!(v.is_valid(&serde_json::json!(m.to_uppercase())), "{m}");
+        }
     }
 
     #[test]

@@ -127,11 +127,12 @@ pub fn url() -> Object {
         .build()
 }
 
-/// A cron expression: 5 fields, 6 with seconds first, or an `@` macro. The fields'
-/// ranges are checked by the server (400 `invalid_request`).
+/// A cron expression: 5 fields, 6 with seconds first, or an `@` macro
+/// ([`crate::schedule::pattern`]). The fields' ranges are checked by the server (400
+/// `invalid_request`).
 pub fn cron() -> Object {
     string(true)
-        .pattern(Some(r"^\s*(@[A-Za-z]+|\S+(\s+\S+){4,5})\s*$"))
+        .pattern(Some(crate::schedule::pattern()))
         .examples([serde_json::json!("0 2 * * *")])
         .build()
 }
