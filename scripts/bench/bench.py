@@ -465,9 +465,10 @@ def table(results, m):
                         f" {r['leader_cores']} cores |")
         elif name == "catchup":
             o = r["others_fire_lag_ms"]
+            lag = (f"p50 {o['p50']:.0f} ms, p99 {o['p99']:.0f} ms, max {o['max']:.0f} ms" if o["windows"]
+                   else "none ended meanwhile")
             rows.append(f"| {label}: {r['fired']}/{r['windows']} one-second windows | caught up in {r['catchup_ms']} ms;"
-                        f" 20 other DAGs' fire lag meanwhile p50 {o['p50'] or 0:.0f} ms, p99 {o['p99'] or 0:.0f} ms,"
-                        f" max {o['max'] or 0:.0f} ms | {o['windows']} windows of the others |")
+                        f" 20 other DAGs' fire lag meanwhile {lag} | {o['windows']} windows of the others |")
         elif name == "failover":
             rows.append(f"| {label} | median {r['median_ms']:.0f} ms, max {r['max_ms']:.0f} ms | {r['all_ms']} |")
         else:
