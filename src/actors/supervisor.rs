@@ -287,7 +287,8 @@ impl Supervisor {
                             break;
                         }
                         Ok(r) => warn!(run_id = %n.run_id, status = r.status().as_u16(), attempt, "webhook refused"),
-                        Err(e) => warn!(run_id = %n.run_id, error = %e, attempt, "webhook failed"),
+                        // Without its URL: it may carry a token.
+                        Err(e) => warn!(run_id = %n.run_id, error = %e.without_url(), attempt, "webhook failed"),
                     }
                     tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
                 }

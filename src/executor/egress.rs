@@ -165,6 +165,19 @@ pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
     outer.finalize().into()
 }
 
+/// A URL's `scheme://host[:port]`, for logs and errors: its path and query may carry a
+/// token, which must reach no log line.
+pub fn origin(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => match (u.host_str(), u.port()) {
+            (Some(h), Some(p)) => format!("{}://{h}:{p}", u.scheme()),
+            (Some(h), None) => format!("{}://{h}", u.scheme()),
+            _ => "(a URL without a host)".into(),
+        },
+        Err(_) => "(not a URL)".into(),
+    }
+}
+
 /// The signature header value for a webhook body.
 pub fn signature(secret: &str, body: &[u8]) -> String {
     format!(
@@ -179,6 +192,16 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn only_a_url_s_origin_reaches_logs_and_errors() {
+        assert_eq!(
+            origin("https://h.example:8443/p/secret?token=abc#f"),
+            "https://h.example:8443"
+        );
+        assert_eq!(origin("http://h.example/hook?key=k"), "http://h.example");
+        assert_eq!(origin("not a url"), "(not a URL)");
     }
 
     #[test]

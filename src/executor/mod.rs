@@ -162,7 +162,7 @@ pub async fn run_attempt(
             let client = match a.egress.client_for(&url, limit).await {
                 Ok(c) => c,
                 Err(e) => {
-                    let error = format!("http {url}: {e}");
+                    let error = format!("http {}: {e}", egress::origin(&url));
                     write_log(&log_file, &error).await;
                     return AttemptResult::Failed {
                         exit_code: None,
@@ -179,12 +179,14 @@ pub async fn run_attempt(
             }
             let send = async {
                 match req.send().await {
+                    // The origin only, and the error without its URL: a path or query may
+                    // carry a token, and this error is logged and kept in the run.
                     Err(e) if e.is_timeout() => AttemptResult::TimedOut {
-                        error: format!("http {url}: timed out"),
+                        error: format!("http {}: timed out", egress::origin(&url)),
                     },
                     Err(e) => AttemptResult::Failed {
                         exit_code: None,
-                        error: format!("http {url}: {e}"),
+                        error: format!("http {}: {}", egress::origin(&url), e.without_url()),
                     },
                     Ok(mut resp) => {
                         let status = resp.status().as_u16();
@@ -210,7 +212,7 @@ pub async fn run_attempt(
                         } else {
                             AttemptResult::Failed {
                                 exit_code: None,
-                                error: format!("http {url}: status {status}"),
+                                error: format!("http {}: status {status}", egress::origin(&url)),
                             }
                         }
                     }
