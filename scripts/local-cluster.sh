@@ -72,7 +72,6 @@ start_node() {
     while :; do
       ORCHESTRATOR_AUTH__HS256_SECRET_FILE="$DIR/jwt.secret" \
       ORCHESTRATOR_EXECUTOR__SHELL_ENABLED="${ORCHESTRATOR_EXECUTOR__SHELL_ENABLED:-true}" \
-      ORCHESTRATOR_LIMITS__MIN_SCHEDULE_INTERVAL_MS="${ORCHESTRATOR_LIMITS__MIN_SCHEDULE_INTERVAL_MS:-1000}" \
         "$ORCHESTRATOR_BIN" server \
         --node-id "$n" --api-addr "$(api_addr "$n")" --peer-addr "$(peer_addr "$n")" \
         --data-dir "$DIR/node$n" --peers "$(peers_of "$n")" \

@@ -300,7 +300,7 @@ pub struct LimitsConfig {
     /// Live DAGs a tenant may have; creating one more is refused (400).
     pub max_dags_per_tenant: u64,
     /// The shortest interval between two fire times of a schedule; a schedule firing
-    /// more often is refused (400).
+    /// more often is refused (400). Default one minute.
     pub min_schedule_interval_ms: u64,
     /// Tasks in one DAG (400 beyond it; never more than 1000).
     pub max_tasks_per_dag: u64,
@@ -371,7 +371,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_dags_per_tenant: 1000,
-            min_schedule_interval_ms: 10_000,
+            min_schedule_interval_ms: 60_000,
             max_tasks_per_dag: crate::dag::MAX_TASKS as u64,
             max_queued_runs_per_dag: 500,
             max_active_runs_per_tenant: 2000,

@@ -62,6 +62,8 @@ class Bench:
             "ORCHESTRATOR_RATE_LIMIT__RPS": "1000000",
             "ORCHESTRATOR_RATE_LIMIT__BURST": "1000000",
             "ORCHESTRATOR_LIMITS__MAX_DAGS_PER_TENANT": "100000000",
+            # firelag fires every 5 s and catchup every second (the default allows a minute).
+            "ORCHESTRATOR_LIMITS__MIN_SCHEDULE_INTERVAL_MS": "1000",
             # Backfills of a paused DAG queue runs; the bench makes hundreds of thousands.
             "ORCHESTRATOR_LIMITS__MAX_QUEUED_RUNS_PER_DAG": "100000000",
             "ORCHESTRATOR_LIMITS__MAX_ACTIVE_RUNS_PER_TENANT": "100000000",

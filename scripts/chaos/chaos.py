@@ -272,7 +272,9 @@ class LocalBackend:
                         ORCHESTRATOR_RAFT__SNAPSHOT_AFTER_LOGS="300",
                         ORCHESTRATOR_RAFT__LOGS_KEPT_AFTER_SNAPSHOT="50",
                         ORCHESTRATOR_RATE_LIMIT__RPS="100000",
-                        ORCHESTRATOR_RATE_LIMIT__BURST="100000")
+                        ORCHESTRATOR_RATE_LIMIT__BURST="100000",
+                        # The workload schedules every second (the default allows a minute).
+                        ORCHESTRATOR_LIMITS__MIN_SCHEDULE_INTERVAL_MS="1000")
         self.workdir, self.api_base, self.peer_base = workdir, api_base, peer_base
         self.nodes = [1, 2, 3]
         self.scope = "process"  # or "node": signals reach the node's task children too
