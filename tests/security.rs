@@ -113,6 +113,14 @@ async fn a_shell_task_sees_no_secrets_and_cannot_read_the_data_dir() {
         &[
             ("ORCHESTRATOR_EXECUTOR__SHELL_USER", "nobody"),
             ("ORCHESTRATOR_EXECUTOR__SHELL_DEFAULT_TIMEOUT_MS", "20000"),
+            // Values no shell has by default, so each limit seen below is the node's.
+            ("ORCHESTRATOR_EXECUTOR__SHELL_MAX_OPEN_FILES", "333"),
+            ("ORCHESTRATOR_EXECUTOR__SHELL_MAX_FILE_BYTES", "12345678"),
+            (
+                "ORCHESTRATOR_EXECUTOR__SHELL_MAX_MEMORY_BYTES",
+                "2147483648",
+            ),
+            ("ORCHESTRATOR_EXECUTOR__SHELL_MAX_PROCESSES", "777"),
         ],
     )
     .await;
@@ -123,7 +131,7 @@ async fn a_shell_task_sees_no_secrets_and_cannot_read_the_data_dir() {
         "echo ENV; env; echo CWD=$(pwd); echo UID=$(id -u); \
          echo NODE_ENVIRON; cat /proc/$PPID/environ | tr '\\0' '\\n'; \
          echo DATA; ls {data} 2>&1; cat {data}/*.secret 2>&1; \
-         echo LIMITS; ulimit -n; exit 0"
+         echo LIMITS; cat /proc/self/limits; exit 0"
     );
     let (s, v) = c.post(1, "/dags", &t, &shell_dag("peek", &command)).await;
     assert_eq!(s, StatusCode::OK, "{v}");
@@ -162,7 +170,30 @@ async fn a_shell_task_sees_no_secrets_and_cannot_read_the_data_dir() {
         "{cwd} is in the data dir"
     );
     assert!(log.contains("UID=65534"), "{log}");
-    assert!(log.contains("LIMITS\n1024"), "{log}");
+    // The data dir (0700, the node's user) cannot even be listed.
+    let data_part = log.split("DATA\n").nth(1).unwrap_or("");
+    assert!(
+        data_part
+            .lines()
+            .next()
+            .is_some_and(|l| l.contains("Permission denied")),
+        "the task listed the data dir: {log}"
+    );
+    // Every configured rlimit, soft and hard (/proc/self/limits: name, soft, hard, unit).
+    let limits = log.split("LIMITS\n").nth(1).unwrap_or("");
+    for (name, value) in [
+        ("Max open files", "333"),
+        ("Max file size", "12345678"),
+        ("Max address space", "2147483648"),
+        ("Max processes", "777"),
+    ] {
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} line: {log}"));
+        let fields: Vec<&str> = line[name.len()..].split_whitespace().collect();
+        assert_eq!(&fields[..2], &[value, value], "{name}: {line}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
