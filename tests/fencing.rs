@@ -227,14 +227,14 @@ impl Drop for Reap {
     }
 }
 
-/// A shell task that starts a process outside its own process group (`setsid`) and
-/// writes that process's pid to `dir/NAME.pid`, then runs `then`.
-fn escaper(dag_id: &str, dir: &Path, name: &str, then: &str) -> Value {
+/// DAG `name`: a shell task that starts a process outside its own process group
+/// (`setsid`) and writes that process's pid to `dir/NAME.pid`, then runs `then`.
+fn escaper(name: &str, dir: &Path, then: &str) -> Value {
     let d = dir.display();
     let cmd = format!(
         "setsid sleep 120 </dev/null >/dev/null 2>&1 & echo $! > {d}/{name}.tmp && mv {d}/{name}.tmp {d}/{name}.pid; {then}"
     );
-    json!({"dag_id": dag_id, "tasks": [{"task_id": "s", "kind": "shell", "command": cmd}]})
+    json!({"dag_id": name, "tasks": [{"task_id": "s", "kind": "shell", "command": cmd}]})
 }
 
 fn read_pid(dir: &Path, name: &str) -> Option<i32> {
@@ -243,6 +243,36 @@ fn read_pid(dir: &Path, name: &str) -> Option<i32> {
         .trim()
         .parse()
         .ok()
+}
+
+/// Submit an [`escaper`] DAG `name` whose task then runs `then`, trigger it, and wait
+/// for the escaped process: the run id and that process's pid (left to `reap`).
+async fn start_escaper(
+    c: &Cluster,
+    t: &str,
+    dir: &Path,
+    reap: &mut Reap,
+    name: &str,
+    then: &str,
+) -> (String, i32) {
+    let (s, v) = c.post(1, "/dags", t, &escaper(name, dir, then)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let run = trigger(c, 1, t, name).await;
+    let pid = wait_for(LONG, "the escaped process's pid", || {
+        let pid = read_pid(dir, name);
+        async move { pid }
+    })
+    .await;
+    reap.0.push(pid);
+    (run, pid)
+}
+
+/// Wait up to 5 s for process `pid` to die.
+async fn dies(pid: i32, what: &str) {
+    wait_for(Duration::from_secs(5), what, || async {
+        (!alive(pid)).then_some(())
+    })
+    .await;
 }
 
 /// A process that leaves its attempt's process group still dies with the attempt: when
@@ -261,81 +291,31 @@ async fn processes_that_leave_their_group_die_with_their_attempt() {
     let t = c.token("acme", ALL_SCOPES);
     let dir = tempfile::tempdir().expect("temp dir");
     let mut reap = Reap(Vec::new());
-    let escaped = |name: &'static str| {
-        let dir = dir.path().to_path_buf();
-        wait_for(LONG, "the escaped process's pid", move || {
-            let pid = read_pid(&dir, name);
-            async move { pid }
-        })
-    };
 
     // 1. The attempt ends (successfully) and leaves a daemon behind.
-    let (s, v) = c
-        .post(1, "/dags", &t, &escaper("ends", dir.path(), "ends", "true"))
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    let run = trigger(&c, 1, &t, "ends").await;
-    let pid = escaped("ends").await;
-    reap.0.push(pid);
+    let (run, pid) = start_escaper(&c, &t, dir.path(), &mut reap, "ends", "true").await;
     wait_for(LONG, "the run to succeed", || async {
         let (_, v) = c.get(1, &format!("/runs/{run}"), &t).await;
         (v["state"] == "done").then_some(())
     })
     .await;
-    wait_for(
-        Duration::from_secs(5),
-        "the process a finished attempt left to die",
-        || async { (!alive(pid)).then_some(()) },
-    )
-    .await;
+    dies(pid, "the process a finished attempt left to die").await;
 
     // 2. Cancelled while running.
-    let (s, v) = c
-        .post(
-            1,
-            "/dags",
-            &t,
-            &escaper("cancelled", dir.path(), "cancelled", "sleep 120"),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    let run = trigger(&c, 1, &t, "cancelled").await;
-    let pid = escaped("cancelled").await;
-    reap.0.push(pid);
+    let (run, pid) = start_escaper(&c, &t, dir.path(), &mut reap, "cancelled", "sleep 120").await;
     assert!(alive(pid), "the escaped process {pid} runs");
     let (s, v) = c
         .post(1, &format!("/runs/{run}/cancel"), &t, &json!({}))
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    wait_for(
-        Duration::from_secs(5),
-        "the process a cancelled attempt left to die",
-        || async { (!alive(pid)).then_some(()) },
-    )
-    .await;
+    dies(pid, "the process a cancelled attempt left to die").await;
 
     // 3. The node is SIGKILLed while the attempt runs.
-    let (s, v) = c
-        .post(
-            1,
-            "/dags",
-            &t,
-            &escaper("orphaned", dir.path(), "orphaned", "sleep 120"),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    trigger(&c, 1, &t, "orphaned").await;
-    let pid = escaped("orphaned").await;
-    reap.0.push(pid);
+    let (_, pid) = start_escaper(&c, &t, dir.path(), &mut reap, "orphaned", "sleep 120").await;
     assert!(alive(pid), "the escaped process {pid} runs");
     c.kill(1);
     let killed = Instant::now();
-    wait_for(
-        Duration::from_secs(5),
-        "the process the attempt of a killed node left to die",
-        || async { (!alive(pid)).then_some(()) },
-    )
-    .await;
+    dies(pid, "the process the attempt of a killed node left to die").await;
     println!(
         "node SIGKILLed: the process that left its attempt's group was gone after {:?}",
         killed.elapsed()

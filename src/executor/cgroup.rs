@@ -190,10 +190,9 @@ impl Cgroups {
         }
     }
 
-    /// Kill what is left of group `pgid` and remove its cgroup once empty (waiting up to
-    /// two seconds for the kernel to reap it).
+    /// Remove group `pgid`'s cgroup once empty, after [`super::kill_group`] (waiting up
+    /// to two seconds for the kernel to reap what the kill left).
     pub async fn release(&self, pgid: i32) {
-        self.kill(pgid);
         let dir = self.group_dir(pgid);
         // Cgroups the attempt made inside its own (it may, as their owner) go first.
         for sub in subdirs(&dir) {
