@@ -17,6 +17,9 @@ case ":$PATH:" in
   *) echo "$bin_dir is not on your PATH; in the shell where you use the CLI, run: export PATH=\"$bin_dir:\$PATH\"" ;;
 esac
 # A development node runs shell tasks (for tokens with the orchestrator:shell scope);
-# production nodes leave executor.shell_enabled off unless they need it.
-ORCHESTRATOR_EXECUTOR__SHELL_ENABLED="${ORCHESTRATOR_EXECUTOR__SHELL_ENABLED:-true}" \
-  exec "$ORCHESTRATOR_BIN" server "$@"
+# scripts/shell-user.sh picks who runs them. Production nodes leave
+# executor.shell_enabled off, or run as root with a dedicated executor.shell_user
+# (docs/security.md).
+export ORCHESTRATOR_EXECUTOR__SHELL_ENABLED="${ORCHESTRATOR_EXECUTOR__SHELL_ENABLED:-true}"
+. scripts/shell-user.sh
+exec "$ORCHESTRATOR_BIN" server "$@"

@@ -50,12 +50,13 @@ peers_of() {
 
 # Shell tasks are gated behind executor.shell_enabled: enable them on the local cluster
 # (unless the caller chose). A binary from before the gate rejects the unknown key, so
-# ask the binary first.
+# ask the binary first. Then pick who runs them (scripts/shell-user.sh).
 enable_shell() {
-  [ -n "${ORCHESTRATOR_EXECUTOR__SHELL_ENABLED:-}" ] && return
-  if ORCHESTRATOR_EXECUTOR__SHELL_ENABLED=true "$ORCHESTRATOR_BIN" config print >/dev/null 2>&1; then
+  if [ -z "${ORCHESTRATOR_EXECUTOR__SHELL_ENABLED:-}" ]; then
+    ORCHESTRATOR_EXECUTOR__SHELL_ENABLED=true "$ORCHESTRATOR_BIN" config print >/dev/null 2>&1 || return 0
     export ORCHESTRATOR_EXECUTOR__SHELL_ENABLED=true
   fi
+  . scripts/shell-user.sh
 }
 
 start_node() {

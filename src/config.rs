@@ -159,6 +159,7 @@ pub struct ExecutorConfig {
     pub shell_enabled: bool,
     /// Run shell attempts as this unprivileged user (name or uid) when the node runs as
     /// root. The user must not be able to read the data dir.
+    #[serde(deserialize_with = "user_name_or_id")]
     pub shell_user: Option<String>,
     /// Where shell attempts get their working dirs; must be outside the data dir.
     /// Default: `<data_dir>-work` beside the data dir.
@@ -183,12 +184,45 @@ pub struct ExecutorConfig {
     /// (`pids.max`, `memory.max`). Where it cannot, the node says so and uses process
     /// groups alone.
     pub shell_cgroups: bool,
-    /// Networks (CIDR) `http` tasks and webhooks may reach although the egress policy
-    /// refuses them by default (loopback, private, link-local, CGNAT, ULA, multicast and
-    /// the cluster's own addresses). Default: none.
+    /// Networks (CIDR) every tenant's `http` tasks and webhooks may reach although the
+    /// egress policy refuses them by default (loopback, private, link-local, CGNAT, ULA,
+    /// multicast and the cluster's own addresses). Default: none. Prefer granting a
+    /// network to the tenant that needs it (`tenants.<tenant>.http_allow`).
     pub http_allow: Vec<String>,
     /// Webhooks carry `X-Orchestrator-Signature: sha256=<hex HMAC-SHA256 of the body>`
-    /// under this secret when set.
+    /// under this secret when set (unless their tenant has its own).
+    pub webhook_secret: Option<String>,
+    /// Per-tenant egress grants and webhook secrets.
+    pub tenants: std::collections::BTreeMap<String, TenantExecutor>,
+}
+
+/// A user given by name or by number (`shell_user = "nobody"` or `shell_user = 65534`;
+/// a number from the environment arrives as one).
+fn user_name_or_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NameOrId {
+        Name(String),
+        Id(u64),
+    }
+    Ok(Option::<NameOrId>::deserialize(d)?.map(|v| match v {
+        NameOrId::Name(name) => name,
+        NameOrId::Id(id) => id.to_string(),
+    }))
+}
+
+/// One tenant's executor settings (`executor.tenants.<tenant>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantExecutor {
+    /// Networks (CIDR) this tenant's `http` tasks and webhooks may reach, beyond
+    /// `executor.http_allow`. No other tenant gets them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub http_allow: Vec<String>,
+    /// This tenant's webhook signing secret, instead of `executor.webhook_secret`: a
+    /// receiver that knows it can check that a webhook came from this cluster for this
+    /// tenant, and cannot sign webhooks that another tenant's receivers would accept.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook_secret: Option<String>,
 }
 
@@ -196,6 +230,14 @@ impl ExecutorConfig {
     /// The self-fencing margin in milliseconds: as configured, or a fifth of the lease.
     pub fn fence_margin(&self) -> u64 {
         self.fence_margin_ms.unwrap_or(self.lease_ms / 5)
+    }
+
+    /// The secret `tenant`'s webhooks are signed with: its own, else the node-wide one.
+    pub fn webhook_secret_for(&self, tenant: &str) -> Option<&str> {
+        self.tenants
+            .get(tenant)
+            .and_then(|t| t.webhook_secret.as_deref())
+            .or(self.webhook_secret.as_deref())
     }
 }
 
@@ -218,6 +260,7 @@ impl Default for ExecutorConfig {
             shell_cgroups: true,
             http_allow: Vec::new(),
             webhook_secret: None,
+            tenants: Default::default(),
         }
     }
 }
@@ -288,6 +331,37 @@ impl Default for RateLimitConfig {
             burst: 10,
             gossip_ms: 50,
             tenants: Default::default(),
+        }
+    }
+}
+
+/// What a client may cost before it has authenticated (`src/admission.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionConfig {
+    /// Connections the API listener holds open at once; more are closed as they arrive.
+    pub max_api_connections: u32,
+    /// Connections one client address (an IPv4 address, an IPv6 /64) may hold open on
+    /// the API listener. Behind a reverse proxy every client shares its address: raise it.
+    pub max_connections_per_address: u32,
+    /// Connections the peer listener holds open at once.
+    pub max_peer_connections: u32,
+    /// Failed authentications (401) one client address may make per minute on average;
+    /// past `auth_failure_burst` of them its requests answer `429 rate_limited` before
+    /// their token is read, until the allowance refills.
+    pub auth_failures_per_minute: u32,
+    /// Failed authentications one address may make at once.
+    pub auth_failure_burst: u32,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        AdmissionConfig {
+            max_api_connections: 4096,
+            max_connections_per_address: 128,
+            max_peer_connections: 1024,
+            auth_failures_per_minute: 300,
+            auth_failure_burst: 50,
         }
     }
 }
@@ -429,7 +503,8 @@ pub struct Config {
     /// A file holding the cluster secret (instead of `cluster_secret`).
     pub cluster_secret_file: Option<PathBuf>,
     /// A local trial: accept the well-known placeholder secrets of the examples
-    /// (`...change-me...`). Never for a cluster anyone else can reach.
+    /// (`...change-me...`), and shell attempts that run as the node's own user (which can
+    /// read its data dir). Never for a cluster anyone else can reach.
     pub dev_mode: bool,
     /// This node forms the cluster on first start (only one node may say so). A node with
     /// no peers always bootstraps its own single-node cluster.
@@ -453,6 +528,7 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub retention: RetentionConfig,
     pub rate_limit: RateLimitConfig,
+    pub admission: AdmissionConfig,
     pub limits: LimitsConfig,
     pub tls: TlsConfig,
 }
@@ -489,6 +565,7 @@ impl Default for Config {
             scheduler: SchedulerConfig::default(),
             retention: RetentionConfig::default(),
             rate_limit: RateLimitConfig::default(),
+            admission: AdmissionConfig::default(),
             limits: LimitsConfig::default(),
             tls: TlsConfig::default(),
         }
@@ -621,11 +698,23 @@ impl Config {
             return bad("cluster_secret (16+ characters, the same on every node) is required when peers are configured".into());
         }
         if !self.dev_mode {
+            let tenant_secrets = self.executor.tenants.iter().map(|(tenant, t)| {
+                (
+                    format!("executor.tenants.{tenant}.webhook_secret"),
+                    &t.webhook_secret,
+                )
+            });
             for (name, value) in [
-                ("cluster_secret", &self.cluster_secret),
-                ("auth.hs256_secret", &self.auth.hs256_secret),
-                ("executor.webhook_secret", &self.executor.webhook_secret),
-            ] {
+                ("cluster_secret".to_string(), &self.cluster_secret),
+                ("auth.hs256_secret".to_string(), &self.auth.hs256_secret),
+                (
+                    "executor.webhook_secret".to_string(),
+                    &self.executor.webhook_secret,
+                ),
+            ]
+            .into_iter()
+            .chain(tenant_secrets)
+            {
                 if value.as_deref().is_some_and(is_placeholder) {
                     return bad(format!(
                         "{name} is an example's placeholder, known to anyone who read it: set a \
@@ -667,6 +756,15 @@ impl Config {
         if self.leader_wait_ms == 0 {
             return bad("leader_wait_ms must be > 0".into());
         }
+        let a = &self.admission;
+        if a.max_api_connections == 0
+            || a.max_connections_per_address == 0
+            || a.max_peer_connections == 0
+            || a.auth_failures_per_minute == 0
+            || a.auth_failure_burst == 0
+        {
+            return bad("every admission.* limit must be > 0".into());
+        }
         if self.header_read_timeout_ms == 0 {
             return bad("header_read_timeout_ms must be > 0".into());
         }
@@ -687,6 +785,11 @@ impl Config {
         }
         if let Err(err) = crate::cidr::parse_all(&e.http_allow) {
             return bad(format!("executor.http_allow: {err}"));
+        }
+        for (tenant, t) in &e.tenants {
+            if let Err(err) = crate::cidr::parse_all(&t.http_allow) {
+                return bad(format!("executor.tenants.{tenant}.http_allow: {err}"));
+            }
         }
         if e.shell_default_timeout_ms == 0 {
             return bad("executor.shell_default_timeout_ms must be > 0".into());
@@ -810,6 +913,11 @@ impl Config {
         }
         if c.executor.webhook_secret.is_some() {
             c.executor.webhook_secret = Some("<redacted>".into());
+        }
+        for t in c.executor.tenants.values_mut() {
+            if t.webhook_secret.is_some() {
+                t.webhook_secret = Some("<redacted>".into());
+            }
         }
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}"))
     }

@@ -13,6 +13,8 @@
 //! - [`dag`]: DAG definition input and validation. [`schedule`]: cron and timezones.
 //! - [`rate_limit`]: per-tenant limits shared across nodes by gossip. [`quota`]: per-tenant
 //!   run quotas counted from the replicated active-runs index.
+//! - [`admission`]: what a client may cost before it authenticates (connections per
+//!   listener and address, failed authentications per address).
 //! - [`config`]: layered configuration. [`server`]: running one node end to end.
 //! - [`cidr`]: IP networks, for the peer networks members must be in.
 //! - [`telemetry`]: the Prometheus metrics (names, buckets, recorder) and the log format.
@@ -22,6 +24,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod actors;
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod cidr;

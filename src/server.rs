@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::actors::{ActorSystem, Leadership};
+use crate::admission::{AuthFailures, ConnectionLimit};
 use crate::api::{self, ApiState};
 use crate::auth::{self, Verifier};
 use crate::config::{self, Config};
@@ -46,6 +47,8 @@ pub enum Error {
     RaftFatal(String),
     #[error(transparent)]
     Actors(#[from] crate::actors::system::StartError),
+    #[error("executor: {0}")]
+    Shell(#[from] crate::executor::sandbox::Error),
     #[error(transparent)]
     Metrics(#[from] crate::telemetry::metrics::InstallError),
 }
@@ -62,6 +65,21 @@ pub async fn run(
     // SAFETY: prctl(PR_SET_DUMPABLE) only changes this process's dumpable flag.
     unsafe {
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
+    // Shell attempts must not run as a user that can read what this node guards.
+    crate::executor::sandbox::ShellPolicy::from_config(&config).check_at_start(&config)?;
+    let files = raise_open_files_limit();
+    // Listeners' caps plus a reserve for RocksDB, logs and outgoing calls.
+    let a = &config.admission;
+    let wanted = u64::from(a.max_api_connections) + u64::from(a.max_peer_connections) + 1024;
+    if files < wanted {
+        warn!(
+            open_files = files,
+            wanted,
+            "the open-files limit is below the connection caps plus a reserve: under a flood \
+             accepting fails before the caps refuse; lower admission.max_*_connections or raise \
+             the node's hard limit (LimitNOFILE, ulimit -Hn)"
+        );
     }
     // Before Raft starts, so what it applies at start is recorded too.
     let metrics = crate::telemetry::metrics::install(config.node_id)?;
@@ -146,6 +164,10 @@ pub async fn run(
         actors: actors.clone(),
         verifier,
         limiter: limiter.clone(),
+        auth_failures: Arc::new(AuthFailures::new(
+            config.admission.auth_failures_per_minute,
+            config.admission.auth_failure_burst,
+        )),
         metrics,
     });
     let peer_router = peer_server::router(node.clone(), &secret, limiter);
@@ -157,12 +179,18 @@ pub async fn run(
         None => (None, None),
     };
     let header_timeout = std::time::Duration::from_millis(config.header_read_timeout_ms);
+    let a = &config.admission;
     let api_server = serve(
         api_listener,
         api_router,
         api_tls,
         api_handle.clone(),
         header_timeout,
+        ConnectionLimit::new(
+            "api",
+            a.max_api_connections,
+            Some(a.max_connections_per_address),
+        ),
     )?;
     let peer_server = serve(
         peer_listener,
@@ -170,6 +198,7 @@ pub async fn run(
         peer_tls,
         peer_handle.clone(),
         header_timeout,
+        ConnectionLimit::new("peer", a.max_peer_connections, None).only_from(peer_sources(&config)),
     )?;
     print!("{}", first_steps(&config));
     info!(node = config.node_id, api = %config.api_addr, peer = %config.peer_addr, "node started");
@@ -356,17 +385,74 @@ async fn tls_setup(config: &Config) -> Result<Option<NodeTls>, Error> {
     }))
 }
 
-/// Serve `router` on `listener`, over TLS when `tls` is set, until `handle` shuts it down.
+/// Where peer connections may come from: the peer networks, and every configured member's
+/// and this node's own addresses (a static peer may live outside `peer_networks`).
+fn peer_sources(config: &Config) -> Vec<crate::cidr::Cidr> {
+    // `peer_networks` was parsed when the config was validated.
+    let mut sources = crate::cidr::parse_all(&config.peer_networks).unwrap_or_default();
+    let addrs = [&config.api_addr, &config.peer_addr].into_iter().chain(
+        config
+            .peers
+            .iter()
+            .flat_map(|p| [&p.api_addr, &p.peer_addr]),
+    );
+    for addr in addrs {
+        if let Ok(a) = addr.parse::<std::net::SocketAddr>() {
+            if let Ok(host) = a.ip().to_string().parse() {
+                sources.push(host);
+            }
+        }
+    }
+    sources
+}
+
+/// Let the node hold as many files as its hard limit allows (many shells start it with a
+/// soft limit of 1024), so the listeners' connection caps (`admission.*`), not running out
+/// of descriptors, decide which connections are refused.
+fn raise_open_files_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid out pointer; setrlimit only changes this process's limit.
+    unsafe {
+        // An unlimited hard limit still stops at the kernel's nr_open (2^20 by default).
+        let ceiling = |max: libc::rlim_t| max.min(1 << 20);
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0
+            && lim.rlim_cur < ceiling(lim.rlim_max)
+        {
+            let wanted = libc::rlimit {
+                rlim_cur: ceiling(lim.rlim_max),
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+                lim.rlim_cur = wanted.rlim_cur;
+            } else {
+                warn!(
+                    soft = lim.rlim_cur,
+                    hard = lim.rlim_max,
+                    "cannot raise the open-files limit"
+                );
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+/// Serve `router` on `listener`, over TLS when `tls` is set, until `handle` shuts it down;
+/// connections beyond `limit` are closed as they arrive. Handlers see the client's address
+/// (`ConnectInfo<SocketAddr>`).
 fn serve(
     listener: TcpListener,
     router: axum::Router,
     tls: Option<RustlsConfig>,
     handle: axum_server::Handle<std::net::SocketAddr>,
     header_timeout: std::time::Duration,
+    limit: ConnectionLimit,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, Error> {
     let bind_err = |e: std::io::Error| Error::Tls(format!("cannot hand the listener over: {e}"));
     let std_listener = listener.into_std().map_err(bind_err)?;
-    let service = router.into_make_service();
+    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
     // Slowloris: a connection that does not finish its request headers in time is closed:
     // `first_request_timeout` bounds a new connection until its first request's headers
     // are in (it sends nothing at all, or dribbles them), `header_read_timeout` every
@@ -375,6 +461,7 @@ fn serve(
         Some(cfg) => {
             let mut server = axum_server::from_tcp_rustls(std_listener, cfg)
                 .map_err(bind_err)?
+                .map(|tls| tls.acceptor(limit))
                 .handle(handle)
                 .first_request_timeout(header_timeout);
             server
@@ -386,6 +473,7 @@ fn serve(
         None => {
             let mut server = axum_server::from_tcp(std_listener)
                 .map_err(bind_err)?
+                .acceptor(limit)
                 .handle(handle)
                 .first_request_timeout(header_timeout);
             server

@@ -111,6 +111,8 @@ async fn a_shell_task_sees_no_secrets_and_cannot_read_the_data_dir() {
     let c = up(
         1,
         &[
+            // As in production: no dev mode, attempts as a dedicated user.
+            ("ORCHESTRATOR_DEV_MODE", ""),
             ("ORCHESTRATOR_EXECUTOR__SHELL_USER", "nobody"),
             ("ORCHESTRATOR_EXECUTOR__SHELL_DEFAULT_TIMEOUT_MS", "20000"),
             // Values no shell has by default, so each limit seen below is the node's.
@@ -372,6 +374,278 @@ async fn connections_with_unfinished_headers_are_closed() {
     }
 }
 
+/// A TCP connection to `addr` from `source` (every 127/8 address is this machine).
+async fn connect_from(source: &str, addr: &str) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(format!("{source}:0").parse().expect("source address"))
+        .expect("bind the source address");
+    sock.connect(addr.parse().expect("address"))
+        .await
+        .expect("connect")
+}
+
+/// Whether the server ends `s` (EOF or reset) within `within`, the client having sent
+/// nothing.
+async fn closed_by_server(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, s.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// `GET path` over `s`, keeping the connection open: the response's status line ("" if
+/// there was none within 5 s). The answer proves the server admitted the connection.
+async fn get_over(s: &mut tokio::net::TcpStream, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return String::new();
+    }
+    // Read the head, then the body its Content-Length announces.
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&buf).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                if body.len() >= len {
+                    return;
+                }
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+    String::from_utf8_lossy(&buf)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The value of the metric line naming every one of `labels` (0 if there is none).
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|lb| l.contains(lb)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_caps_are_closed_as_they_arrive() {
+    let c = up(
+        1,
+        &[
+            // Idle connections stay open for the test's length unless a cap closes them.
+            ("ORCHESTRATOR_HEADER_READ_TIMEOUT_MS", "60000"),
+            ("ORCHESTRATOR_ADMISSION__MAX_CONNECTIONS_PER_ADDRESS", "3"),
+            ("ORCHESTRATOR_ADMISSION__MAX_PEER_CONNECTIONS", "2"),
+        ],
+    )
+    .await;
+    let api = format!("{}:{}", c.node(1).host, c.node(1).api_port);
+    let peer = c.peer_addr(1);
+    // The API: one client address holds three connections (each answered, so admitted,
+    // before the next is opened); its fourth is closed unread.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = connect_from("127.0.0.5", &api).await;
+        assert!(get_over(&mut s, "/healthz").await.contains("200"));
+        held.push(s);
+    }
+    let mut fourth = connect_from("127.0.0.5", &api).await;
+    assert!(
+        closed_by_server(&mut fourth, Duration::from_secs(5)).await,
+        "a fourth connection from one address was kept open"
+    );
+    // Another address is served meanwhile.
+    let mut other = connect_from("127.0.0.6", &api).await;
+    assert!(
+        get_over(&mut other, "/healthz").await.contains("200"),
+        "another address was refused"
+    );
+    // A held connection closes: its address may connect again.
+    drop(held.pop());
+    wait_for(
+        Duration::from_secs(10),
+        "a free place for the address",
+        || {
+            let api = api.clone();
+            async move {
+                let mut s = connect_from("127.0.0.5", &api).await;
+                get_over(&mut s, "/healthz")
+                    .await
+                    .contains("200")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    // The peer listener holds two connections in all, whatever their address (an unknown
+    // path answers 404 and keeps the connection).
+    let mut peers = Vec::new();
+    for source in ["127.0.0.5", "127.0.0.6"] {
+        let mut s = connect_from(source, &peer).await;
+        assert!(get_over(&mut s, "/nope").await.contains("404"));
+        peers.push(s);
+    }
+    let mut third = connect_from("127.0.0.7", &peer).await;
+    assert!(
+        closed_by_server(&mut third, Duration::from_secs(5)).await,
+        "a third peer connection was kept open"
+    );
+    assert!(
+        !closed_by_server(&mut peers[0], Duration::from_millis(300)).await,
+        "a held peer connection was closed"
+    );
+    let (_, text, _) = c
+        .request(1, reqwest::Method::GET, "/metrics", None, None, &[])
+        .await;
+    let text = text.as_str().unwrap_or_default().to_string();
+    let refused = "orchestrator_connections_refused_total";
+    assert!(
+        metric(
+            &text,
+            refused,
+            &["listener=\"api\"", "reason=\"address_full\""]
+        ) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            refused,
+            &["listener=\"peer\"", "reason=\"listener_full\""]
+        ) >= 1.0,
+        "{text}"
+    );
+
+    // A node whose peers live in 10/8 closes peer connections from anywhere else.
+    let far = up(1, &[("ORCHESTRATOR_PEER_NETWORKS", r#"["10.0.0.0/8"]"#)]).await;
+    let mut s = connect_from("127.0.0.5", &far.peer_addr(1)).await;
+    assert!(
+        closed_by_server(&mut s, Duration::from_secs(5)).await,
+        "a peer connection from outside the peer networks was kept open"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_that_keeps_failing_to_authenticate_is_refused_unread() {
+    // Three failures at once, then one a minute: the test never waits for a refill.
+    let c = up(
+        1,
+        &[
+            ("ORCHESTRATOR_ADMISSION__AUTH_FAILURES_PER_MINUTE", "1"),
+            ("ORCHESTRATOR_ADMISSION__AUTH_FAILURE_BURST", "3"),
+        ],
+    )
+    .await;
+    let good = c.token("acme", "orchestrator:read");
+    let from = |source: &str| {
+        reqwest::Client::builder()
+            .local_address(source.parse::<std::net::IpAddr>().expect("source"))
+            .build()
+            .expect("client")
+    };
+    let (attacker, bystander) = (from("127.0.0.5"), from("127.0.0.6"));
+    let url = format!("{}{BASE}/dags", c.api(1));
+    // Requests that authenticate cost nothing: more than the burst of them pass.
+    for _ in 0..5 {
+        let r = attacker
+            .get(&url)
+            .bearer_auth(&good)
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    for token in ["not-a-token", "x.y.z", &format!("{good}x")] {
+        let r = attacker
+            .get(&url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    }
+    // The next request from that address is refused before its token is read, a valid
+    // token included.
+    let r = attacker
+        .get(&url)
+        .bearer_auth(&good)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"], "rate_limited", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("failed authentications"),
+        "{body}"
+    );
+    // Another address is not affected.
+    let r = bystander
+        .get(&url)
+        .bearer_auth(&good)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), StatusCode::OK);
+    let (_, text, _) = c
+        .request(1, reqwest::Method::GET, "/metrics", None, None, &[])
+        .await;
+    let text = text.as_str().unwrap_or_default().to_string();
+    assert!(
+        metric(
+            &text,
+            "orchestrator_http_rate_limited_total",
+            &["limit=\"auth_failures\""]
+        ) >= 1.0,
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_a_schedule_fires_at_most_once_a_minute() {
+    // The harness lowers the limit for the other tests; here the node's default holds.
+    let c = up(1, &[("ORCHESTRATOR_LIMITS__MIN_SCHEDULE_INTERVAL_MS", "")]).await;
+    let t = c.token("acme", "orchestrator:read orchestrator:write");
+    let dag = |id: &str, schedule: &str| json!({"dag_id": id, "schedule": schedule, "tasks": [{"task_id": "t", "kind": "noop"}]});
+    for schedule in ["*/30 * * * * *", "* * * * * *"] {
+        let (s, v) = c.post(1, "/dags", &t, &dag("fast", schedule)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{schedule}: {v}");
+        let msg = v["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("limits.min_schedule_interval_ms allows at most one run every 60000 ms"),
+            "{msg}"
+        );
+    }
+    let (s, v) = c.post(1, "/dags", &t, &dag("minutely", "* * * * *")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenant_quotas_name_the_limit() {
     let c = up(
@@ -500,52 +774,136 @@ async fn hook_receiver() -> (
     (url, got)
 }
 
+/// A local server whose `/go` answers 302 to `to` and `/ok` answers 200, counting hits.
+async fn redirector(to: String) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let app = axum::Router::new()
+        .route(
+            "/go",
+            axum::routing::any(move || {
+                let (h, to) = (h.clone(), to.clone());
+                async move {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    (StatusCode::FOUND, [(reqwest::header::LOCATION, to)])
+                }
+            }),
+        )
+        .route("/ok", axum::routing::get(|| async { "ok" }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (base, hits)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn webhooks_obey_the_egress_policy_and_are_signed() {
-    let secret = "webhook-secret-for-the-test";
-    // Refused: loopback is not allowed on this node.
-    let (url, got) = hook_receiver().await;
+async fn webhooks_obey_the_egress_policy_per_tenant_and_are_signed_per_tenant() {
+    let (node_secret, acme_secret) = ("webhook-secret-of-the-node", "webhook-secret-of-acme");
+    // No network is open to every tenant; loopback is granted to acme and beta only, and
+    // acme signs with a secret of its own.
     let c = up(
         1,
         &[
             ("ORCHESTRATOR_EXECUTOR__HTTP_ALLOW", "[]"),
-            ("ORCHESTRATOR_EXECUTOR__WEBHOOK_SECRET", secret),
+            ("ORCHESTRATOR_EXECUTOR__WEBHOOK_SECRET", node_secret),
+            (
+                "ORCHESTRATOR_EXECUTOR__TENANTS__ACME__HTTP_ALLOW",
+                r#"["127.0.0.0/8"]"#,
+            ),
+            (
+                "ORCHESTRATOR_EXECUTOR__TENANTS__ACME__WEBHOOK_SECRET",
+                acme_secret,
+            ),
+            (
+                "ORCHESTRATOR_EXECUTOR__TENANTS__BETA__HTTP_ALLOW",
+                r#"["127.0.0.0/8"]"#,
+            ),
         ],
     )
     .await;
-    let t = c.token("acme", "orchestrator:read orchestrator:write");
-    let dag = json!({"dag_id": "w", "webhook": url, "tasks": [{"task_id": "t", "kind": "noop"}]});
-    let (s, v) = c.post(1, "/dags", &t, &dag).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    let run = run_to_end(&c, &t, "w").await;
-    assert_eq!(run["state"], "done", "{run}");
-    // Wait for the delivery to be refused (the node says so), then check nothing came.
-    wait_for(LONG, "the webhook to be refused", || async {
-        c.log(1)
-            .contains("webhook refused by the egress policy")
+    let scopes = "orchestrator:read orchestrator:write";
+    let (acme, beta, other) = (
+        c.token("acme", scopes),
+        c.token("beta", scopes),
+        c.token("other", scopes),
+    );
+    let hook_dag = |dag_id: &str, url: &str| json!({"dag_id": dag_id, "webhook": url, "tasks": [{"task_id": "t", "kind": "noop"}]});
+    let submit_and_run = |t: String, dag: Value| {
+        let c = &c;
+        async move {
+            let (s, v) = c.post(1, "/dags", &t, &dag).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            let run = run_to_end(c, &t, dag["dag_id"].as_str().unwrap()).await;
+            assert_eq!(run["state"], "done", "{run}");
+        }
+    };
+
+    // Another tenant's webhooks reach none of loopback, the peer port or the metadata
+    // address: refused before connecting.
+    let (url, got) = hook_receiver().await;
+    let peer = format!("http://{}/raft/append", c.peer_addr(1));
+    for (name, target) in [
+        ("loop", url.as_str()),
+        ("peer", peer.as_str()),
+        ("meta", "http://169.254.169.254/latest/meta-data/"),
+    ] {
+        submit_and_run(other.clone(), hook_dag(name, target)).await;
+    }
+    wait_for(LONG, "three webhooks refused", || async {
+        (c.log(1)
+            .matches("webhook refused by the egress policy")
+            .count()
+            >= 3)
             .then_some(())
     })
     .await;
     assert!(got.lock().unwrap().is_empty(), "a webhook reached loopback");
     assert!(!c.log(1).contains(&url), "the webhook URL was logged");
 
-    // Allowed (the harness allows loopback): delivered and signed.
+    // acme's webhook reaches its granted network, signed with acme's own secret.
     let (url, got) = hook_receiver().await;
-    let c = up(1, &[("ORCHESTRATOR_EXECUTOR__WEBHOOK_SECRET", secret)]).await;
-    let t = c.token("acme", "orchestrator:read orchestrator:write");
-    let dag = json!({"dag_id": "w", "webhook": url, "tasks": [{"task_id": "t", "kind": "noop"}]});
-    let (s, v) = c.post(1, "/dags", &t, &dag).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    run_to_end(&c, &t, "w").await;
-    let (sig, body) = wait_for(LONG, "the webhook", || async {
+    submit_and_run(acme.clone(), hook_dag("w", &url)).await;
+    let (sig, body) = wait_for(LONG, "acme's webhook", || async {
         got.lock().unwrap().first().cloned()
     })
     .await;
-    assert_eq!(
-        sig,
-        orchestrator::executor::egress::signature(secret, body.as_bytes()),
-        "{body}"
-    );
+    let sign = orchestrator::executor::egress::signature;
+    assert_eq!(sig, sign(acme_secret, body.as_bytes()), "{body}");
+    assert_ne!(sig, sign(node_secret, body.as_bytes()));
+    // beta has the grant but no secret of its own: the node's.
+    let (url, got) = hook_receiver().await;
+    submit_and_run(beta.clone(), hook_dag("w", &url)).await;
+    let (sig, body) = wait_for(LONG, "beta's webhook", || async {
+        got.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(sig, sign(node_secret, body.as_bytes()), "{body}");
+
+    // A redirect is not followed, even to an address acme may reach: its three tries
+    // each get the 302 and the target hears nothing.
+    let (url, got) = hook_receiver().await;
+    let (base, hits) = redirector(url).await;
+    submit_and_run(acme.clone(), hook_dag("redir", &format!("{base}/go"))).await;
+    // Given up: the three refused above and this one.
+    wait_for(LONG, "the redirecting webhook to be given up", || async {
+        (c.log(1).matches("webhook given up").count() >= 4).then_some(())
+    })
+    .await;
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert!(got.lock().unwrap().is_empty(), "a redirect was followed");
+
+    // http tasks follow the same grants: acme's reaches loopback, another tenant's not.
+    let fetch = json!({"dag_id": "fetch", "tasks": [{"task_id": "t", "kind": "http", "url": format!("{base}/ok")}]});
+    for (t, want) in [(&acme, "done"), (&other, "failed")] {
+        let (s, v) = c.post(1, "/dags", t, &fetch).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let (run, log) = run_and_log(&c, t, "fetch").await;
+        assert_eq!(run["state"], want, "{run} {log}");
+        if want == "failed" {
+            assert!(log.contains("egress policy"), "{log}");
+        }
+    }
 }
 
 /// Trigger a manual run and wait for it to finish (no log to fetch).
@@ -583,8 +941,9 @@ async fn the_data_dir_is_private_even_if_it_was_not() {
     assert_eq!(mode, 0o700, "data dir mode {mode:o}");
 }
 
-/// Run the binary with `args` and `env` until it exits or `timeout` passes (then it is
-/// killed): its exit status (None if it was still running), stdout and stderr.
+/// Run the binary with `args` and `env` until it exits, says it is ready to serve, or
+/// `timeout` passes (in the last two cases it is killed): its exit status (None if it was
+/// still running), stdout and stderr.
 fn run_binary(
     args: &[&str],
     env: &[(&str, &str)],
@@ -593,8 +952,13 @@ fn run_binary(
     let dir = tempfile::tempdir().expect("temp dir");
     let (out, err) = (dir.path().join("out"), dir.path().join("err"));
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"));
+    // Only what the test gives: nothing of the caller's ORCHESTRATOR_* settings.
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("ORCHESTRATOR_") {
+            cmd.env_remove(&name);
+        }
+    }
     cmd.args(args)
-        .env_remove("ORCHESTRATOR_CONFIG")
         .stdin(std::process::Stdio::null())
         .stdout(std::fs::File::create(&out).expect("stdout file"))
         .stderr(std::fs::File::create(&err).expect("stderr file"));
@@ -607,7 +971,8 @@ fn run_binary(
         if let Some(s) = child.try_wait().expect("wait") {
             break Some(s);
         }
-        if std::time::Instant::now() >= deadline {
+        let ready = std::fs::read_to_string(&out).is_ok_and(|o| o.contains("ready: API"));
+        if ready || std::time::Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
             break None;
@@ -692,6 +1057,65 @@ async fn no_secret_on_the_command_line() {
         !std::path::Path::new(&data).join("db").exists(),
         "the refused node opened its database"
     );
+}
+
+#[test]
+fn shell_attempts_that_could_read_the_node_are_refused_at_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data").display().to_string();
+    let (api, peer) = two_addrs();
+    let args = [
+        "server",
+        "--data-dir",
+        data.as_str(),
+        "--api-addr",
+        api.as_str(),
+        "--peer-addr",
+        peer.as_str(),
+    ];
+    let shell_on = ("ORCHESTRATOR_EXECUTOR__SHELL_ENABLED", "true");
+    // Shell on, no dedicated user: attempts would run as the node's user (root here, or
+    // whoever runs the suite) and could read its data dir: the node does not start.
+    let (status, _, err) = run_binary(&args, &[shell_on], Duration::from_secs(20));
+    let status = status.expect("a node whose shell attempts run as itself must exit");
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("executor.shell_user") && err.contains("dev_mode"),
+        "{err}"
+    );
+    assert!(
+        !std::path::Path::new(&data).join("db").exists(),
+        "the refused node opened its database"
+    );
+    // A shell_user that is the node's own uid is the same thing.
+    // SAFETY: geteuid(2) has no preconditions.
+    let me = unsafe { libc::geteuid() }.to_string();
+    let (status, _, err) = run_binary(
+        &args,
+        &[shell_on, ("ORCHESTRATOR_EXECUTOR__SHELL_USER", &me)],
+        Duration::from_secs(20),
+    );
+    assert!(status.is_some_and(|s| !s.success()), "{err}");
+    assert!(err.contains("shell tasks would run as"), "{err}");
+    // An explicit local trial runs them as the node's user; shell off needs nothing.
+    for env in [
+        vec![shell_on, ("ORCHESTRATOR_DEV_MODE", "true")],
+        vec![("ORCHESTRATOR_EXECUTOR__SHELL_ENABLED", "false")],
+    ] {
+        let (status, out, err) = run_binary(&args, &env, Duration::from_secs(20));
+        assert!(status.is_none(), "{env:?}: exited {status:?} {err}");
+        assert!(out.contains("ready: API"), "{env:?}: {out} {err}");
+    }
+    if me == "0" {
+        // As root with a dedicated user, as the threat model asks.
+        let (status, out, err) = run_binary(
+            &args,
+            &[shell_on, ("ORCHESTRATOR_EXECUTOR__SHELL_USER", "nobody")],
+            Duration::from_secs(20),
+        );
+        assert!(status.is_none(), "exited {status:?} {err}");
+        assert!(out.contains("ready: API"), "{out} {err}");
+    }
 }
 
 #[test]

@@ -69,6 +69,8 @@ class Bench:
             "ORCHESTRATOR_LIMITS__MAX_ACTIVE_RUNS_PER_TENANT": "100000000",
             # `catchup` fires a backlog of thousands of windows, not the newest 100.
             "ORCHESTRATOR_SCHEDULER__MAX_CATCHUP": "100000",
+            # Every load connection comes from 127.0.0.1.
+            "ORCHESTRATOR_ADMISSION__MAX_CONNECTIONS_PER_ADDRESS": "4096",
         })
         self.token = None
 

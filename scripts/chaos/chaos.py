@@ -274,7 +274,12 @@ class LocalBackend:
                         ORCHESTRATOR_RATE_LIMIT__RPS="100000",
                         ORCHESTRATOR_RATE_LIMIT__BURST="100000",
                         # The workload schedules every second (the default allows a minute).
-                        ORCHESTRATOR_LIMITS__MIN_SCHEDULE_INTERVAL_MS="1000")
+                        ORCHESTRATOR_LIMITS__MIN_SCHEDULE_INTERVAL_MS="1000",
+                        # Shell tasks append to the witness file as the suite's own user:
+                        # a local trial, which dev mode says.
+                        ORCHESTRATOR_DEV_MODE="true",
+                        # Every writer of the workload connects from one address.
+                        ORCHESTRATOR_ADMISSION__MAX_CONNECTIONS_PER_ADDRESS="4096")
         self.workdir, self.api_base, self.peer_base = workdir, api_base, peer_base
         self.nodes = [1, 2, 3]
         self.scope = "process"  # or "node": signals reach the node's task children too

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The issue-9 attacks against one fresh single node, printed as a before/after table.
 # Usage: scripts/security/attacks.sh BINARY API_PORT   (peer port = API_PORT + 1)
-# Run with ORCHESTRATOR_EXECUTOR__SHELL_ENABLED=true to see the shell-scope refusal.
+# Run with ORCHESTRATOR_EXECUTOR__SHELL_ENABLED=true and ORCHESTRATOR_EXECUTOR__SHELL_USER=nobody
+# (as root), or ORCHESTRATOR_DEV_MODE=true, to see the shell-scope refusal: with shell on and
+# neither, the node refuses to start.
 BIN=$1; P=$2; D=$(mktemp -d); DATA=$D/data
 API=http://127.0.0.1:$P/api/v1/runtime/orchestrator
 $BIN server --node-id 1 --api-addr 127.0.0.1:$P --peer-addr 127.0.0.1:$((P+1)) --data-dir $DATA >$D/node.log 2>&1 &

@@ -255,7 +255,11 @@ impl Supervisor {
                 continue;
             };
             let egress = self.egress.clone();
-            let secret = self.config.executor.webhook_secret.clone();
+            let secret = self
+                .config
+                .executor
+                .webhook_secret_for(&n.tenant)
+                .map(str::to_string);
             let proposer = self.proposer.clone();
             let delivering = self.delivering.clone();
             self.rt.spawn(async move {
@@ -267,7 +271,7 @@ impl Supervisor {
                 let mut delivered = false;
                 for attempt in 0..3u32 {
                     // Resolved and checked at every try, and sent to the checked address.
-                    let http = match egress.client_for(&n.url, Duration::from_secs(5)).await {
+                    let http = match egress.client_for(&n.tenant, &n.url, Duration::from_secs(5)).await {
                         Ok(c) => c,
                         Err(e) => {
                             warn!(run_id = %n.run_id, error = %e, "webhook refused by the egress policy");

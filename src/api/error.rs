@@ -35,8 +35,11 @@ pub enum ApiError {
     /// A per-tenant quota (`limits.*`) a new run would exceed.
     #[error("{0}")]
     QuotaExceeded(String),
-    #[error("rate limit exceeded; retry after {retry_after_secs} s")]
-    RateLimited { retry_after_secs: u64 },
+    #[error("{why}; retry after {retry_after_secs} s")]
+    RateLimited {
+        retry_after_secs: u64,
+        why: &'static str,
+    },
     #[error("{0}")]
     Internal(String),
     #[error("{0}")]
@@ -85,6 +88,7 @@ impl ApiError {
             ApiError::QuotaExceeded(m()),
             ApiError::RateLimited {
                 retry_after_secs: 1,
+                why: "rate limit exceeded",
             },
             ApiError::Internal(m()),
             ApiError::DependencyDown(m()),
@@ -142,7 +146,9 @@ impl IntoResponse for ApiError {
                     HeaderValue::from_static("Bearer realm=\"orchestrator\""),
                 );
             }
-            ApiError::RateLimited { retry_after_secs } => {
+            ApiError::RateLimited {
+                retry_after_secs, ..
+            } => {
                 if let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string()) {
                     resp.headers_mut().insert(header::RETRY_AFTER, v);
                 }

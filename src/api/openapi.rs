@@ -105,7 +105,9 @@ wrong issuer or audience, an unknown key id or algorithm.",
     (
         429,
         "RateLimited",
-        "The tenant's rate limit is spent (shared by all nodes); retry after `Retry-After` seconds.",
+        "The tenant's rate limit is spent (shared by all nodes; `RateLimit-*` headers say \
+         how it stands), or the caller's address made too many failed authentications (refused \
+         before its token is read; no `RateLimit-*` headers); retry after `Retry-After` seconds.",
     ),
     (
         500,

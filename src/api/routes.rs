@@ -3,14 +3,15 @@
 //! handlers share: caller verification, body decoding,
 //! stamping a request, committing it and mapping its outcome.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request as HttpRequest, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -28,6 +29,7 @@ use utoipa_axum::routes;
 use super::error::ApiError;
 use super::{cluster, dags, docs_ui, metrics, openapi, runs, ui, BASE};
 use crate::actors::Actors;
+use crate::admission::AuthFailures;
 use crate::auth::{Access, Principal, Verifier};
 use crate::raft::RaftNode;
 use crate::rate_limit::RateLimiter;
@@ -44,6 +46,8 @@ pub struct ApiState {
     pub actors: Actors,
     pub verifier: Arc<Verifier>,
     pub limiter: Arc<RateLimiter>,
+    /// Failed authentications per client address (refused unread past a burst).
+    pub auth_failures: Arc<AuthFailures>,
     /// Renders `/metrics` (the process's Prometheus recorder).
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
@@ -286,6 +290,22 @@ async fn authenticate(
     mut req: HttpRequest<axum::body::Body>,
     next: Next,
 ) -> Response {
+    // An address that keeps failing to authenticate is refused before its token is read.
+    let client = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    if let Some(ip) = client {
+        if let Err(wait) = st.auth_failures.check(ip, Instant::now()) {
+            ::metrics::counter!(crate::telemetry::metrics::HTTP_RATE_LIMITED, "limit" => "auth_failures")
+                .increment(1);
+            return ApiError::RateLimited {
+                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+                why: "too many failed authentications from this address",
+            }
+            .into_response();
+        }
+    }
     let auth = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -293,16 +313,23 @@ async fn authenticate(
         .map(str::to_string);
     let p = match st.verifier.verify_header(auth.as_deref()).await {
         Ok(p) => p,
-        Err(e) => return ApiError::from(e).into_response(),
+        Err(e) => {
+            if let Some(ip) = client {
+                st.auth_failures.failed(ip, Instant::now());
+            }
+            return ApiError::from(e).into_response();
+        }
     };
     let d = st.limiter.check(&p.tenant, st.node.clock.now_ms());
     let mut resp = if d.allowed {
         req.extensions_mut().insert(p);
         next.run(req).await
     } else {
-        ::metrics::counter!(crate::telemetry::metrics::HTTP_RATE_LIMITED).increment(1);
+        ::metrics::counter!(crate::telemetry::metrics::HTTP_RATE_LIMITED, "limit" => "tenant")
+            .increment(1);
         ApiError::RateLimited {
             retry_after_secs: d.reset_secs.max(1),
+            why: "rate limit exceeded",
         }
         .into_response()
     };

@@ -2,8 +2,9 @@
 //! address it resolves to is checked, and the request goes to the checked address
 //! (reqwest `resolve`), so a second DNS answer cannot swap in another. Loopback,
 //! link-local, private, CGNAT, ULA, multicast, unspecified and the cluster's own
-//! addresses are refused unless `executor.http_allow` lists them. No proxy variables are
-//! honoured and no redirect is followed. Webhook bodies are signed with HMAC-SHA256.
+//! addresses are refused unless `executor.http_allow` (every tenant) or
+//! `executor.tenants.<tenant>.http_allow` (that tenant only) lists them. No proxy variables
+//! are honoured and no redirect is followed. Webhook bodies are signed with HMAC-SHA256.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -26,7 +27,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("{host} resolves to {addr}, which the egress policy refuses (executor.http_allow)")]
+    #[error(
+        "{host} resolves to {addr}, which the egress policy refuses (executor.http_allow, \
+         executor.tenants.<tenant>.http_allow)"
+    )]
     Refused { host: String, addr: IpAddr },
     #[error("cannot build an HTTP client: {0}")]
     Client(String),
@@ -36,12 +40,19 @@ pub enum Error {
 #[derive(Debug, Clone, Default)]
 pub struct Egress {
     allow: Vec<Cidr>,
+    tenant_allow: std::collections::HashMap<String, Vec<Cidr>>,
     own: Vec<IpAddr>,
 }
 
 impl Egress {
     pub fn from_config(c: &Config) -> Result<Egress, cidr::ParseError> {
         let allow = cidr::parse_all(&c.executor.http_allow)?;
+        let tenant_allow = c
+            .executor
+            .tenants
+            .iter()
+            .map(|(tenant, t)| Ok((tenant.clone(), cidr::parse_all(&t.http_allow)?)))
+            .collect::<Result<_, cidr::ParseError>>()?;
         let mut own: Vec<IpAddr> = [&c.api_addr, &c.peer_addr]
             .into_iter()
             .chain(c.peers.iter().flat_map(|p| [&p.api_addr, &p.peer_addr]))
@@ -50,20 +61,36 @@ impl Egress {
             .collect();
         own.sort();
         own.dedup();
-        Ok(Egress { allow, own })
+        Ok(Egress {
+            allow,
+            tenant_allow,
+            own,
+        })
     }
 
-    /// Whether a connection to `ip` is allowed.
-    pub fn permits(&self, ip: IpAddr) -> bool {
+    /// Whether `tenant`'s tasks and webhooks may connect to `ip`. The cluster's own
+    /// addresses open only through the node-wide `http_allow`, never through a tenant's
+    /// grant (a tenant granted 10/8 still cannot call the nodes' ports inside it).
+    pub fn permits(&self, tenant: &str, ip: IpAddr) -> bool {
         if cidr::any_contains(&self.allow, ip) {
             return true;
         }
-        !self.own.contains(&ip) && !is_internal(ip)
+        if self.own.contains(&ip) {
+            return false;
+        }
+        let granted = self.tenant_allow.get(tenant).map(Vec::as_slice);
+        cidr::any_contains(granted.unwrap_or(&[]), ip) || !is_internal(ip)
     }
 
-    /// Resolve `url`'s host once, check every address, and return a client pinned to the
-    /// first one (no proxy, no redirects, `timeout` overall).
-    pub async fn client_for(&self, url: &str, timeout: Duration) -> Result<reqwest::Client, Error> {
+    /// Resolve `url`'s host once, check every address against what `tenant` may reach,
+    /// and return a client pinned to the first one (no proxy, no redirects, `timeout`
+    /// overall).
+    pub async fn client_for(
+        &self,
+        tenant: &str,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<reqwest::Client, Error> {
         let parsed = reqwest::Url::parse(url).map_err(|_| Error::BadUrl(url.to_string()))?;
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(Error::BadUrl(url.to_string()));
@@ -96,7 +123,7 @@ impl Egress {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
             });
         };
-        if let Some(bad) = addrs.iter().find(|a| !self.permits(a.ip())) {
+        if let Some(bad) = addrs.iter().find(|a| !self.permits(tenant, a.ip())) {
             return Err(Error::Refused {
                 host,
                 addr: bad.ip(),
@@ -224,10 +251,10 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
         ] {
-            assert!(!e.permits(ip(bad)), "{bad} must be refused");
+            assert!(!e.permits("t", ip(bad)), "{bad} must be refused");
         }
         for good in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "100.128.0.1"] {
-            assert!(e.permits(ip(good)), "{good} must be allowed");
+            assert!(e.permits("t", ip(good)), "{good} must be allowed");
         }
     }
 
@@ -239,12 +266,36 @@ mod tests {
             ..Config::default()
         };
         let e = Egress::from_config(&c).unwrap();
-        assert!(!e.permits(ip("203.0.113.5")), "the node itself");
+        assert!(!e.permits("t", ip("203.0.113.5")), "the node itself");
         let mut c = c;
         c.executor.http_allow = vec!["127.0.0.0/8".into()];
         let e = Egress::from_config(&c).unwrap();
-        assert!(e.permits(ip("127.0.0.1")));
-        assert!(!e.permits(ip("10.0.0.1")));
+        assert!(e.permits("t", ip("127.0.0.1")));
+        assert!(!e.permits("t", ip("10.0.0.1")));
+    }
+
+    #[test]
+    fn a_tenant_s_grant_opens_a_network_to_that_tenant_only() {
+        let mut c = Config {
+            api_addr: "10.20.0.9:8080".into(),
+            peer_addr: "10.20.0.9:9080".into(),
+            ..Config::default()
+        };
+        c.executor.tenants.insert(
+            "etl".into(),
+            crate::config::TenantExecutor {
+                http_allow: vec!["10.20.0.0/16".into()],
+                webhook_secret: None,
+            },
+        );
+        let e = Egress::from_config(&c).unwrap();
+        assert!(e.permits("etl", ip("10.20.3.4")));
+        assert!(!e.permits("etl", ip("10.21.0.1")), "outside the grant");
+        assert!(!e.permits("other", ip("10.20.3.4")), "another tenant");
+        assert!(
+            !e.permits("etl", ip("10.20.0.9")),
+            "the node itself, inside the grant"
+        );
     }
 
     #[tokio::test]
@@ -256,11 +307,14 @@ mod tests {
             "http://[::1]:80/",
             "http://localhost:1/",
         ] {
-            let err = e.client_for(url, Duration::from_secs(1)).await.unwrap_err();
+            let err = e
+                .client_for("t", url, Duration::from_secs(1))
+                .await
+                .unwrap_err();
             assert!(matches!(err, Error::Refused { .. }), "{url}: {err}");
         }
         assert!(matches!(
-            e.client_for("file:///etc/passwd", Duration::from_secs(1))
+            e.client_for("t", "file:///etc/passwd", Duration::from_secs(1))
                 .await
                 .unwrap_err(),
             Error::BadUrl(_)

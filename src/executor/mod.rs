@@ -159,7 +159,7 @@ pub async fn run_attempt(
             let method =
                 reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
             let limit = timeout.unwrap_or(DEFAULT_HTTP_TIMEOUT);
-            let client = match a.egress.client_for(&url, limit).await {
+            let client = match a.egress.client_for(&a.run.tenant, &url, limit).await {
                 Ok(c) => c,
                 Err(e) => {
                     let error = format!("http {}: {e}", egress::origin(&url));

@@ -22,6 +22,22 @@ pub enum Error {
          switch to it; run the node as root or unset executor.shell_user"
     )]
     CannotSwitch { user: String },
+    #[error(
+        "shell tasks would run as {who}, which can read this node's data dir, its secrets and \
+         every tenant's attempts: run the node as root with executor.shell_user set to a \
+         dedicated unprivileged user, turn shell tasks off (executor.shell_enabled = false), \
+         or for a local trial only set dev_mode = true (ORCHESTRATOR_DEV_MODE=true)"
+    )]
+    SharedIdentity { who: String },
+    #[error(
+        "executor.shell_user '{user}' could read {what} {path}: shell attempts must not reach \
+         the node's secrets; make it the node's own (mode 0600, or a 0700 directory)"
+    )]
+    SecretReachable {
+        user: String,
+        what: &'static str,
+        path: PathBuf,
+    },
 }
 
 /// Resource limits per attempt; 0 leaves the node's own limit.
@@ -63,6 +79,52 @@ impl ShellPolicy {
         }
     }
 
+    /// Refuse to start a node whose shell attempts could read what the node guards: with
+    /// shell on, an attempt must run as a user that is neither root nor the node's own,
+    /// and that user must not reach the data dir or a secret file kept elsewhere (dev
+    /// mode waives both for a local trial). A `shell_user` that does not exist or cannot
+    /// be switched to is refused in every mode.
+    pub fn check_at_start(&self, c: &Config) -> Result<(), Error> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let identity = self.identity()?;
+        if c.dev_mode {
+            return Ok(());
+        }
+        // SAFETY: geteuid(2) has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let (uid, gid) = match identity {
+            Some((0, _)) => return Err(Error::SharedIdentity { who: "root".into() }),
+            Some(id) => id,
+            None => {
+                let who = if me == 0 {
+                    "root".to_string()
+                } else {
+                    format!("the node's own user (uid {me})")
+                };
+                return Err(Error::SharedIdentity { who });
+            }
+        };
+        let guarded = [
+            ("the data dir", Some(&c.data_dir)),
+            ("cluster_secret_file", c.cluster_secret_file.as_ref()),
+            ("auth.hs256_secret_file", c.auth.hs256_secret_file.as_ref()),
+            ("tls.key_file", c.tls.key_file.as_ref()),
+        ];
+        for (what, path) in guarded {
+            let Some(path) = path else { continue };
+            if reachable_by(path, uid, gid) {
+                return Err(Error::SecretReachable {
+                    user: self.user.clone().unwrap_or_default(),
+                    what,
+                    path: path.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The uid and gid to switch to, or None to stay the node's user.
     pub fn identity(&self) -> Result<Option<(u32, u32)>, Error> {
         let Some(name) = &self.user else {
@@ -78,6 +140,37 @@ impl ShellPolicy {
             return Err(Error::CannotSwitch { user: name.clone() });
         }
         Ok(Some((uid, gid)))
+    }
+}
+
+/// Whether `uid`/`gid` could open `path` (read a file, list a directory): every directory
+/// above it searchable and the path itself readable by that user, by the mode bits of
+/// each (its supplementary groups aside). A path that does not exist yet is judged by
+/// what exists above it.
+fn reachable_by(path: &std::path::Path, uid: u32, gid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let may = |m: &std::fs::Metadata, bits: u32| {
+        let mode = m.mode();
+        if m.uid() == uid {
+            mode & (bits << 6) != 0
+        } else if m.gid() == gid {
+            mode & (bits << 3) != 0
+        } else {
+            mode & bits != 0
+        }
+    };
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    for dir in path.ancestors().skip(1) {
+        if let Ok(m) = std::fs::metadata(dir) {
+            if !may(&m, 0o1) {
+                return false;
+            }
+        }
+    }
+    match std::fs::metadata(&path) {
+        Ok(m) => may(&m, 0o4),
+        // Not there yet: created by the node (0700 dir, 0600 files).
+        Err(_) => false,
     }
 }
 
@@ -202,17 +295,104 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_missing_user_is_named() {
-        let p = ShellPolicy {
+    fn policy(user: Option<&str>) -> ShellPolicy {
+        ShellPolicy {
             enabled: true,
-            user: Some("no-such-user-orchestrator".into()),
+            user: user.map(str::to_string),
             work_root: PathBuf::from("/tmp"),
             default_timeout: Duration::from_secs(1),
             limits: Limits::default(),
             cgroups: None,
+        }
+    }
+
+    #[test]
+    fn shell_as_the_nodes_own_user_or_root_is_refused_outside_dev_mode() {
+        // SAFETY: geteuid(2) has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let (prod, dev) = (
+            Config::default(),
+            Config {
+                dev_mode: true,
+                ..Config::default()
+            },
+        );
+        let err = policy(None).check_at_start(&prod).unwrap_err().to_string();
+        let who = if root {
+            "run as root"
+        } else {
+            "the node's own user"
         };
-        let err = p.identity().unwrap_err().to_string();
+        assert!(err.contains(who) && err.contains("dev_mode"), "{err}");
+        policy(None)
+            .check_at_start(&dev)
+            .expect("dev mode waives it");
+        let off = ShellPolicy {
+            enabled: false,
+            ..policy(None)
+        };
+        off.check_at_start(&prod).expect("shell off needs no user");
+        if root {
+            let err = policy(Some("0"))
+                .check_at_start(&prod)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("run as root,"), "{err}");
+            // A data dir the node will create (0700) under one nobody can search.
+            let dir = tempfile::tempdir().unwrap();
+            let data = dir.path().join("data");
+            let open = |p: &std::path::Path, mode: u32| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+            };
+            open(dir.path(), 0o755);
+            let with = |secret: Option<PathBuf>| Config {
+                data_dir: data.clone(),
+                cluster_secret_file: secret,
+                ..Config::default()
+            };
+            policy(Some("nobody"))
+                .check_at_start(&with(None))
+                .expect("a dedicated user is what the check asks for");
+            // A secret file outside the data dir that nobody could read is refused.
+            let secret = dir.path().join("cluster.secret");
+            std::fs::write(&secret, "s").unwrap();
+            open(&secret, 0o644);
+            let err = policy(Some("nobody"))
+                .check_at_start(&with(Some(secret.clone())))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("cluster_secret_file"), "{err}");
+            open(&secret, 0o600);
+            policy(Some("nobody"))
+                .check_at_start(&with(Some(secret.clone())))
+                .expect("a 0600 secret of the node's");
+            // A readable file behind a directory nobody cannot enter is out of its reach.
+            open(&secret, 0o644);
+            open(dir.path(), 0o700);
+            policy(Some("nobody"))
+                .check_at_start(&with(Some(secret)))
+                .expect("a readable file in a directory nobody cannot enter");
+        } else {
+            let err = policy(Some("nobody"))
+                .check_at_start(&dev)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("cannot switch"), "{err}");
+        }
+        let err = policy(Some("no-such-user-orchestrator"))
+            .check_at_start(&dev)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_user_is_named() {
+        let err = policy(Some("no-such-user-orchestrator"))
+            .identity()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no-such-user-orchestrator"), "{err}");
     }
 }

@@ -37,6 +37,7 @@ pub const NODE_READY: &str = "orchestrator_node_ready";
 pub const HTTP_DURATION: &str = "orchestrator_http_request_duration_seconds";
 pub const HTTP_RESPONSES: &str = "orchestrator_http_responses_total";
 pub const HTTP_RATE_LIMITED: &str = "orchestrator_http_rate_limited_total";
+pub const CONNECTIONS_REFUSED: &str = "orchestrator_connections_refused_total";
 
 // Scheduler (the leader that fired).
 pub const WINDOWS_FIRED: &str = "orchestrator_scheduler_windows_fired_total";
@@ -130,8 +131,20 @@ pub async fn upkeep(handle: PrometheusHandle, mut stop: tokio::sync::watch::Rece
 /// Event counters exist from the start at 0 (a dashboard's `rate()` and an alert's
 /// `increase()` then see a series before the first event).
 fn register_counters() {
-    for name in [HTTP_RATE_LIMITED, WINDOWS_FIRED, LEASES_LOST, TASK_RETRIES] {
+    for name in [WINDOWS_FIRED, LEASES_LOST, TASK_RETRIES] {
         metrics::counter!(name).increment(0);
+    }
+    for limit in ["tenant", "auth_failures"] {
+        metrics::counter!(HTTP_RATE_LIMITED, "limit" => limit).increment(0);
+    }
+    for (listener, reason) in [
+        ("api", "listener_full"),
+        ("api", "address_full"),
+        ("peer", "listener_full"),
+        ("peer", "foreign_address"),
+    ] {
+        metrics::counter!(CONNECTIONS_REFUSED, "listener" => listener, "reason" => reason)
+            .increment(0);
     }
     for kind in ["built", "installed"] {
         metrics::counter!(RAFT_SNAPSHOTS, "kind" => kind).increment(0);
@@ -184,7 +197,14 @@ fn describe() {
     describe_counter!(HTTP_RESPONSES, "HTTP responses by status class.");
     describe_counter!(
         HTTP_RATE_LIMITED,
-        "Requests refused with 429 by the tenant rate limit."
+        "Requests refused with 429 by a rate limit: `limit` is `tenant` (the tenant's \
+         request rate) or `auth_failures` (failed authentications from the address)."
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections closed as they arrived, by listener (`api`, `peer`) and reason \
+         (`listener_full`, `address_full`, `foreign_address`: not from the peer networks, \
+         `no_peer_address`)."
     );
     describe_counter!(WINDOWS_FIRED, "Windows this node fired as leader.");
     describe_histogram!(

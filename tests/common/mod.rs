@@ -103,7 +103,8 @@ where
 }
 
 impl Cluster {
-    /// Prepare (not start) `n` nodes; `env` adds `ORCHESTRATOR_*` settings to every node.
+    /// Prepare (not start) `n` nodes; `env` adds `ORCHESTRATOR_*` settings to every node
+    /// (an empty value takes away the harness's setting of that name).
     pub fn new(n: u64, env: &[(&str, &str)]) -> Cluster {
         let tmp = tempfile::tempdir().expect("temp dir");
         let tls = env.iter().any(|(k, _)| k.starts_with("ORCHESTRATOR_TLS__"));
@@ -155,6 +156,9 @@ impl Cluster {
                 "ORCHESTRATOR_EXECUTOR__SHELL_ENABLED".to_string(),
                 "true".to_string(),
             ),
+            // A local trial: shell attempts run as the suite's user (outside dev mode a
+            // node refuses that; tests/security.rs checks the refusal and the sandbox).
+            ("ORCHESTRATOR_DEV_MODE".to_string(), "true".to_string()),
             (
                 "ORCHESTRATOR_LIMITS__MIN_SCHEDULE_INTERVAL_MS".to_string(),
                 "1000".to_string(),
@@ -165,7 +169,14 @@ impl Cluster {
                 r#"["127.0.0.0/8"]"#.to_string(),
             ),
         ];
-        all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        // A test's setting replaces the harness's; an empty value removes it (the node's
+        // own default then holds).
+        for (k, v) in env {
+            all_env.retain(|(name, _)| name != k);
+            if !v.is_empty() {
+                all_env.push((k.to_string(), v.to_string()));
+            }
+        }
         // Trust the cluster's CA (or its self-signed certificate) when it serves TLS.
         let tls_cert = ["ORCHESTRATOR_TLS__CA_FILE", "ORCHESTRATOR_TLS__CERT_FILE"]
             .iter()
