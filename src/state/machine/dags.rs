@@ -1,0 +1,147 @@
+//! DAGs in apply: writing a definition (and its version), the live DAG a command names,
+//! and the spec a run executes.
+
+use super::*;
+
+pub(super) fn live_dag(kv: &impl Kv, tenant: &str, dag_id: &str) -> Result<Option<Dag>, KvError> {
+    Ok(get_json::<Dag>(kv, Table::Dags, &keys::dag(tenant, dag_id))?.filter(|d| !d.deleted))
+}
+
+pub(super) fn put_dag(
+    kv: &mut impl Kv,
+    tenant: &str,
+    spec: &DagSpec,
+    expected_version: Option<u64>,
+    subject: Option<&str>,
+    ctx: Ctx,
+) -> Result<Outcome, KvError> {
+    let now = ctx.now;
+    let key = keys::dag(tenant, &spec.dag_id);
+    let existing = get_json::<Dag>(kv, Table::Dags, &key)?;
+    let current = existing.as_ref().map_or(0, |d| d.version);
+    if let Some(expected) = expected_version {
+        if expected != current {
+            return Ok(Outcome::VersionConflict { expected, current });
+        }
+    }
+    if let Some(d) = &existing {
+        if !d.deleted && d.spec == *spec {
+            return Ok(Outcome::DagPut {
+                dag_id: spec.dag_id.clone(),
+                version: d.version,
+                changed: false,
+            });
+        }
+    }
+    if existing.as_ref().is_none_or(|d| d.deleted) {
+        if let Some(q) = &ctx.quota {
+            let usage = kv.usage(tenant, &spec.dag_id)?;
+            if let Err(e) = crate::quota::check_new_dag(usage, tenant, q) {
+                return Ok(Outcome::QuotaExceeded {
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+    let version = current + 1;
+    let dag = Dag {
+        tenant: tenant.to_string(),
+        version,
+        spec: spec.clone(),
+        // A re-created DAG starts over from now (protocol 2): its schedule must not
+        // reach back to the first incarnation's creation.
+        created_ms: existing
+            .as_ref()
+            .filter(|d| !(d.deleted && ctx.protocol >= 2))
+            .map_or(now, |d| d.created_ms),
+        updated_ms: now,
+        deleted: false,
+        // Who created it: kept across updates; a re-created DAG starts over.
+        created_by: match existing.as_ref().filter(|d| !d.deleted) {
+            Some(d) => d.created_by.clone(),
+            None => subject.map(str::to_string),
+        },
+        updated_by: subject.map(str::to_string),
+    };
+    put_json(kv, Table::Dags, key, &dag);
+    put_version(kv, tenant, &spec.dag_id, version, spec, ctx)?;
+    Ok(Outcome::DagPut {
+        dag_id: spec.dag_id.clone(),
+        version,
+        changed: true,
+    })
+}
+
+/// Store version `version` of a DAG. From protocol 5, with a quota, drop the versions
+/// `dag_versions_kept` or more behind it, except those an unfinished run executes (they
+/// go with a later write once their runs have finished).
+pub(super) fn put_version(
+    kv: &mut impl Kv,
+    tenant: &str,
+    dag_id: &str,
+    version: u64,
+    spec: &DagSpec,
+    ctx: Ctx,
+) -> Result<(), KvError> {
+    put_json(
+        kv,
+        Table::DagVersions,
+        keys::dag_version(tenant, dag_id, version),
+        spec,
+    );
+    let Some(q) = &ctx.quota else {
+        return Ok(());
+    };
+    let Some(last_dropped) = version.checked_sub(q.dag_versions_kept.max(1)) else {
+        return Ok(());
+    };
+    let prefix = keys::prefix(&[tenant.as_bytes(), dag_id.as_bytes()]);
+    // Only the range to drop is read: the versions an unfinished run still holds, and
+    // the one this write pushed out.
+    let old = kv.keys_below(
+        Table::DagVersions,
+        &prefix,
+        &keys::dag_version(tenant, dag_id, last_dropped.saturating_add(1)),
+    )?;
+    if old.is_empty() {
+        return Ok(());
+    }
+    /// The one field of a stored run this needs (the rest is skipped, not built).
+    #[derive(serde::Deserialize)]
+    struct RunVersion {
+        dag_version: u64,
+    }
+    let mut in_use = std::collections::BTreeSet::new();
+    for (k, _) in kv.scan_prefix(Table::ActiveRuns, &prefix)? {
+        if let Some(run) = get_json::<RunVersion>(kv, Table::Runs, keys::last_part(&k))? {
+            in_use.insert(run.dag_version);
+        }
+    }
+    for k in old {
+        if version_of_key(&prefix, &k).is_some_and(|v| !in_use.contains(&v)) {
+            kv.delete(Table::DagVersions, k);
+        }
+    }
+    Ok(())
+}
+
+/// The version in a `DagVersions` key under `prefix` (the DAG's `tenant \0 dag_id \0`).
+pub fn version_of_key(prefix: &[u8], key: &[u8]) -> Option<u64> {
+    let rest = key.strip_prefix(prefix)?;
+    Some(u64::from_be_bytes(rest.try_into().ok()?))
+}
+
+/// The DAG definition a run executes (the version it started with).
+pub(super) fn run_spec(kv: &impl Kv, run: &Run) -> Result<DagSpec, KvError> {
+    get_json::<DagSpec>(
+        kv,
+        Table::DagVersions,
+        &keys::dag_version(&run.tenant, &run.dag_id, run.dag_version),
+    )?
+    .ok_or_else(|| {
+        KvError::Storage(format!(
+            "run {} refers to missing dag version {}",
+            run.run_id, run.dag_version
+        ))
+    })
+}

@@ -1,0 +1,444 @@
+//! Attempts in apply: which live node with free slots gets a ready task (with each
+//! tenant's fair share), queued runs starting, attempts finishing, failing or losing
+//! their lease, and the periodic supervise pass that catches up on time.
+
+use super::*;
+
+/// Live nodes with free slots, as the state machine knows them.
+pub(super) struct NodePool {
+    nodes: Vec<(NodeId, NodeInfo)>,
+    /// Protocol ≥ 3: placements respect each tenant's share of the slots.
+    fair_share_on: bool,
+    /// Loaded at the first placement that could happen (a ready task and a free slot),
+    /// so applies that place nothing never pay for counting.
+    fair: Option<FairShare>,
+}
+
+/// Who holds the executor slots, and how many one tenant may hold while others wait.
+pub(super) struct FairShare {
+    /// Attempts assigned per tenant (on any node, live or not).
+    running: std::collections::BTreeMap<String, u32>,
+    /// `floor(live slots / tenants with running runs)`, at least 1.
+    share: u32,
+    /// Whether placements stop at the share (the supervise pass lifts it to fill).
+    enforce: bool,
+    /// Runs that had ready tasks left when their tenant reached its share.
+    held: Vec<String>,
+}
+
+impl FairShare {
+    fn load(kv: &impl Kv, live_slots: u32) -> Result<FairShare, KvError> {
+        let mut running = std::collections::BTreeMap::new();
+        let mut tenant_of = std::collections::BTreeMap::<String, String>::new();
+        for (k, _) in kv.scan_prefix(Table::Assignments, b"")? {
+            // `node(8 bytes) \0 run_id \0 task_id`
+            let Some(rest) = k.get(9..) else { continue };
+            let Some(sep) = rest.iter().position(|b| *b == 0) else {
+                continue;
+            };
+            let run_id = String::from_utf8_lossy(&rest[..sep]).into_owned();
+            let tenant = match tenant_of.get(&run_id) {
+                Some(t) => t.clone(),
+                None => {
+                    let Some(run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else {
+                        continue;
+                    };
+                    tenant_of.insert(run_id, run.tenant.clone());
+                    run.tenant
+                }
+            };
+            *running.entry(tenant).or_insert(0u32) += 1;
+        }
+        let tenants = (kv.working_tenants()?.len() as u32).max(1);
+        Ok(FairShare {
+            running,
+            share: (live_slots / tenants).max(1),
+            enforce: true,
+            held: Vec::new(),
+        })
+    }
+
+    fn at_share(&self, tenant: &str) -> bool {
+        self.enforce && self.running.get(tenant).copied().unwrap_or(0) >= self.share
+    }
+}
+
+impl NodePool {
+    fn load(kv: &impl Kv, ctx: Ctx) -> Result<NodePool, KvError> {
+        let mut nodes = Vec::new();
+        for (k, v) in kv.scan_prefix(Table::Nodes, b"")? {
+            let Ok(arr) = <[u8; 8]>::try_from(k.as_slice()) else {
+                continue;
+            };
+            let info: NodeInfo = decode(Table::Nodes, &v)?;
+            if ctx.now.saturating_sub(info.last_seen_ms) <= NODE_TTL_MS {
+                nodes.push((u64::from_be_bytes(arr), info));
+            }
+        }
+        Ok(NodePool {
+            nodes,
+            fair_share_on: ctx.protocol >= 3,
+            fair: None,
+        })
+    }
+
+    /// The live node with the most free slots (lowest id on ties), preferring not `avoid`.
+    fn pick(&self, avoid: Option<NodeId>) -> Option<NodeId> {
+        let free = |i: &NodeInfo| i.slots.saturating_sub(i.running);
+        let best = |skip: Option<NodeId>| {
+            self.nodes
+                .iter()
+                .filter(|(id, i)| free(i) > 0 && Some(*id) != skip)
+                .max_by(|a, b| free(&a.1).cmp(&free(&b.1)).then(b.0.cmp(&a.0)))
+                .map(|(id, _)| *id)
+        };
+        best(avoid).or_else(|| best(None))
+    }
+
+    /// Use one of `node`'s slots; returns the lease its attempts get.
+    fn take(&mut self, kv: &mut impl Kv, node: NodeId) -> u64 {
+        match self.nodes.iter_mut().find(|(id, _)| *id == node) {
+            Some((_, info)) => {
+                info.running += 1;
+                put_json(kv, Table::Nodes, keys::node(node), info);
+                info.lease_ms
+            }
+            None => DEFAULT_LEASE_MS,
+        }
+    }
+}
+
+/// Drop an attempt's assignment and give its slot back.
+pub(super) fn release(
+    kv: &mut impl Kv,
+    node: NodeId,
+    run_id: &str,
+    task_id: &str,
+) -> Result<(), KvError> {
+    let akey = keys::assignment(node, run_id, task_id);
+    if kv.get(Table::Assignments, &akey)?.is_none() {
+        return Ok(());
+    }
+    kv.delete(Table::Assignments, akey);
+    let nkey = keys::node(node);
+    if let Some(mut info) = get_json::<NodeInfo>(kv, Table::Nodes, &nkey)? {
+        info.running = info.running.saturating_sub(1);
+        put_json(kv, Table::Nodes, nkey, &info);
+    }
+    Ok(())
+}
+
+/// Assign the run's ready tasks to live nodes with free slots. Returns how many.
+pub(super) fn assign_ready(
+    kv: &mut impl Kv,
+    run: &mut Run,
+    pool: &mut NodePool,
+    ctx: Ctx,
+) -> Result<u32, KvError> {
+    if run.state != RunState::Running {
+        return Ok(0);
+    }
+    let mut n = 0;
+    for task_id in progress::ready_tasks(run, ctx.now) {
+        let Some(inst) = run.tasks.get_mut(&task_id) else {
+            continue;
+        };
+        if pool.fair_share_on && pool.fair.is_none() && pool.pick(None).is_some() {
+            let live_slots = pool.nodes.iter().map(|(_, i)| i.slots).sum();
+            pool.fair = Some(FairShare::load(kv, live_slots)?);
+        }
+        if let Some(fair) = pool.fair.as_mut() {
+            if fair.at_share(&run.tenant) {
+                fair.held.push(run.run_id.clone());
+                break;
+            }
+        }
+        let avoid = inst.attempts.last().map(|a| a.node);
+        let Some(node) = pool.pick(avoid) else { break };
+        let lease_ms = pool.take(kv, node);
+        if let Some(fair) = pool.fair.as_mut() {
+            *fair.running.entry(run.tenant.clone()).or_insert(0) += 1;
+        }
+        inst.attempt += 1;
+        inst.state = TaskState::Running;
+        inst.next_try_ms = None;
+        inst.attempts.push(Attempt {
+            attempt: inst.attempt,
+            node,
+            state: TaskState::Running,
+            started_ms: ctx.now,
+            ended_ms: None,
+            lease_until_ms: ctx.now.saturating_add(lease_ms as i64),
+            exit_code: None,
+            error: None,
+        });
+        kv.put(
+            Table::Assignments,
+            keys::assignment(node, &run.run_id, &task_id),
+            inst.attempt.to_be_bytes().to_vec(),
+        );
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// The lease an executor announces unless configured otherwise (and the lease of a node
+/// that never said).
+pub const DEFAULT_LEASE_MS: u64 = 10_000;
+
+/// Start queued runs of a DAG (oldest window first) while fewer than
+/// `max_active_runs` are running, and assign their first tasks.
+pub(super) fn start_queued_runs(
+    kv: &mut impl Kv,
+    tenant: &str,
+    dag_id: &str,
+    max_active: u32,
+    ctx: Ctx,
+) -> Result<(), KvError> {
+    let entries = kv.scan_prefix(
+        Table::ActiveRuns,
+        &keys::prefix(&[tenant.as_bytes(), dag_id.as_bytes()]),
+    )?;
+    let mut running = 0u32;
+    let mut queued: Vec<(Millis, Millis, String)> = Vec::new();
+    for (k, v) in entries {
+        let e: ActiveEntry = decode(Table::ActiveRuns, &v)?;
+        let run_id = String::from_utf8_lossy(keys::last_part(&k)).into_owned();
+        match e.state {
+            RunState::Running => running += 1,
+            RunState::Queued => queued.push((e.window_start_ms, e.created_ms, run_id)),
+            _ => {}
+        }
+    }
+    if queued.is_empty() || running >= max_active {
+        return Ok(());
+    }
+    queued.sort();
+    let mut pool = NodePool::load(kv, ctx)?;
+    for (_, _, run_id) in queued.into_iter().take((max_active - running) as usize) {
+        let Some(mut run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else {
+            continue;
+        };
+        let before = run.state;
+        run.state = RunState::Running;
+        run.started_ms = Some(ctx.now);
+        let spec = run_spec(kv, &run)?;
+        progress::advance(&mut run, &spec, ctx.now);
+        assign_ready(kv, &mut run, &mut pool, ctx)?;
+        save_run(kv, &mut run, Some(before), ctx)?;
+    }
+    Ok(())
+}
+
+/// Record an attempt's failure (or loss) and decide: retry later, retry now, or fail.
+pub(super) fn fail_attempt(
+    inst: &mut TaskInstance,
+    spec: &DagSpec,
+    task_id: &str,
+    result: &AttemptResult,
+    now: Millis,
+) {
+    let (state, exit_code, error) = match result {
+        AttemptResult::Success { exit_code } => (TaskState::Done, *exit_code, None),
+        AttemptResult::Failed { exit_code, error } => {
+            (TaskState::Failed, *exit_code, Some(error.clone()))
+        }
+        AttemptResult::TimedOut { error } => (TaskState::Failed, None, Some(error.clone())),
+        AttemptResult::Lost { error } => (TaskState::Failed, None, Some(error.clone())),
+    };
+    let current = inst.attempt;
+    if let Some(a) = inst.attempts.iter_mut().find(|a| a.attempt == current) {
+        a.state = state;
+        a.ended_ms = Some(now);
+        a.exit_code = exit_code;
+        a.error = error;
+    }
+    if state == TaskState::Done {
+        inst.state = TaskState::Done;
+        return;
+    }
+    let task = spec.tasks.iter().find(|t| t.task_id == task_id);
+    let lost = matches!(result, AttemptResult::Lost { .. });
+    if lost && inst.lost < MAX_LOST_RETRIES {
+        inst.lost += 1;
+        inst.state = TaskState::Retrying;
+        inst.next_try_ms = Some(now);
+        return;
+    }
+    let retries_used = current
+        .saturating_sub(inst.retry_base)
+        .saturating_sub(inst.lost);
+    match task {
+        Some(t) if retries_used <= t.retries => {
+            inst.state = TaskState::Retrying;
+            inst.next_try_ms =
+                Some(now.saturating_add(progress::retry_delay_ms(t, retries_used) as i64));
+        }
+        _ => inst.state = TaskState::Failed,
+    }
+}
+
+pub(super) fn finish_attempt(
+    kv: &mut impl Kv,
+    a: &AttemptRef,
+    node: NodeId,
+    result: &AttemptResult,
+    ctx: Ctx,
+) -> Result<Outcome, KvError> {
+    let Some(mut run) = get_json::<Run>(kv, Table::Runs, a.run_id.as_bytes())? else {
+        return Ok(Outcome::StaleAttempt { current: 0 });
+    };
+    let Some(inst) = run.tasks.get(&a.task_id) else {
+        return Ok(Outcome::StaleAttempt { current: 0 });
+    };
+    let on_node = inst
+        .attempts
+        .iter()
+        .any(|x| x.attempt == a.attempt && x.node == node);
+    if inst.attempt != a.attempt || inst.state != TaskState::Running || !on_node {
+        return Ok(Outcome::StaleAttempt {
+            current: inst.attempt,
+        });
+    }
+    let spec = run_spec(kv, &run)?;
+    let before = run.state;
+    release(kv, node, &a.run_id, &a.task_id)?;
+    let Some(inst) = run.tasks.get_mut(&a.task_id) else {
+        unreachable!("task {} was found above", a.task_id)
+    };
+    fail_attempt(inst, &spec, &a.task_id, result, ctx.now);
+    let task_state = inst.state;
+    progress::advance(&mut run, &spec, ctx.now);
+    let mut pool = NodePool::load(kv, ctx)?;
+    assign_ready(kv, &mut run, &mut pool, ctx)?;
+    save_run(kv, &mut run, Some(before), ctx)?;
+    if run.state.is_finished() {
+        start_queued_runs(kv, &run.tenant, &run.dag_id, spec.max_active_runs, ctx)?;
+    }
+    Ok(Outcome::AttemptFinished {
+        run_id: a.run_id.clone(),
+        task_id: a.task_id.clone(),
+        task_state,
+    })
+}
+
+/// The leader's periodic pass over every unfinished run.
+/// One pass over the runs that are due ([`crate::state::due`]): expire leases, place ready
+/// tasks and retries, mark missed SLAs, then start queued runs where a place is free.
+/// Runs that are not due would come out of it unchanged, so it leaves them unread.
+pub(super) fn supervise(kv: &mut impl Kv, ctx: Ctx) -> Result<Outcome, KvError> {
+    let due = kv.supervision(ctx.now)?;
+    let mut pool = NodePool::load(kv, ctx)?;
+    let mut assigned = 0;
+    let mut expired = 0;
+    // DAGs with a run that stopped running in this pass.
+    let mut freed = std::collections::BTreeSet::new();
+    for run_id in due.runs {
+        let Some(mut run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else {
+            continue;
+        };
+        if run.state != RunState::Running {
+            // Still queued behind `max_active_runs` past its deadline: a miss too.
+            if ctx.protocol >= 2 && mark_sla_missed(kv, &mut run, ctx.now)? {
+                let state = run.state;
+                save_run(kv, &mut run, Some(state), ctx)?;
+            }
+            continue;
+        }
+        let before = run.state;
+        let spec = run_spec(kv, &run)?;
+        let mut changed = false;
+        // Expire leases: the node stopped renewing (dead, paused or cut off).
+        let ids: Vec<String> = run.tasks.keys().cloned().collect();
+        for task_id in ids {
+            let Some(inst) = run.tasks.get(&task_id) else {
+                continue;
+            };
+            if inst.state != TaskState::Running {
+                continue;
+            }
+            let Some(att) = inst.attempts.iter().find(|x| x.attempt == inst.attempt) else {
+                continue;
+            };
+            if att.lease_until_ms >= ctx.now {
+                continue;
+            }
+            let node = att.node;
+            if ctx.protocol >= 2 {
+                // A new leader's clock may be ahead of its predecessor's: a lease expires
+                // only after a full lease of this term's own clock, so a node that stopped
+                // its attempts a margin before its lease ran out (executor self-fencing)
+                // has done so before the task can go elsewhere.
+                let lease_ms = get_json::<NodeInfo>(kv, Table::Nodes, &keys::node(node))?
+                    .map_or(DEFAULT_LEASE_MS, |i| i.lease_ms);
+                if ctx.now < ctx.term_started_ms.saturating_add(lease_ms as i64) {
+                    continue;
+                }
+            }
+            tracing::info!(run_id = %run_id, task_id = %task_id, attempt = att.attempt, node,
+                           lease_until_ms = att.lease_until_ms, cluster_now_ms = ctx.now,
+                           term = ctx.entry_term, term_started_ms = ctx.term_started_ms,
+                           protocol = ctx.protocol, "lease expired");
+            release(kv, node, &run_id, &task_id)?;
+            let Some(inst) = run.tasks.get_mut(&task_id) else {
+                continue;
+            };
+            let err = format!("lease expired: node {node} stopped renewing it");
+            fail_attempt(
+                inst,
+                &spec,
+                &task_id,
+                &AttemptResult::Lost { error: err },
+                ctx.now,
+            );
+            next_counter(kv, counters::ATTEMPTS_LOST)?;
+            expired += 1;
+            changed = true;
+        }
+        if mark_sla_missed(kv, &mut run, ctx.now)? {
+            changed = true;
+        }
+        progress::advance(&mut run, &spec, ctx.now);
+        let n = assign_ready(kv, &mut run, &mut pool, ctx)?;
+        assigned += n;
+        if run.state != before {
+            freed.insert((run.tenant.clone(), run.dag_id.clone()));
+        }
+        if changed || n > 0 || run.state != before {
+            save_run(kv, &mut run, Some(before), ctx)?;
+        }
+    }
+    // Every tenant has had its share; the slots still free go to whoever has work.
+    let held = match pool.fair.as_mut() {
+        Some(fair) => {
+            fair.enforce = false;
+            std::mem::take(&mut fair.held)
+        }
+        None => Vec::new(),
+    };
+    let mut filled = std::collections::BTreeSet::new();
+    for run_id in held {
+        if !filled.insert(run_id.clone()) {
+            continue;
+        }
+        let Some(mut run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else {
+            continue;
+        };
+        let before = run.state;
+        let n = assign_ready(kv, &mut run, &mut pool, ctx)?;
+        if n > 0 {
+            assigned += n;
+            save_run(kv, &mut run, Some(before), ctx)?;
+        }
+    }
+    // A DAG has a free place if it had one when the pass began, or if one of its runs
+    // stopped running in this pass (nothing else changes how many run during a pass).
+    for ((tenant, dag_id), load) in due.queued_dags {
+        let max = get_json::<Dag>(kv, Table::Dags, &keys::dag(&tenant, &dag_id))?
+            .map_or(u32::MAX, |d| d.spec.max_active_runs);
+        if load.running < max || freed.contains(&(tenant.clone(), dag_id.clone())) {
+            start_queued_runs(kv, &tenant, &dag_id, max, ctx)?;
+        }
+    }
+    Ok(Outcome::Supervised { assigned, expired })
+}
