@@ -224,6 +224,14 @@ pub struct TenantExecutor {
     /// tenant, and cannot sign webhooks that another tenant's receivers would accept.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook_secret: Option<String>,
+    /// Run this tenant's shell attempts as this user (name or uid) instead of
+    /// `executor.shell_user`, so they cannot read or signal another tenant's. Held to the
+    /// same rules: not root, not the node's user, no reach into the data dir or secrets.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "user_name_or_id"
+    )]
+    pub shell_user: Option<String>,
 }
 
 impl ExecutorConfig {

@@ -107,6 +107,63 @@ async fn shell_tasks_need_the_shell_scope_and_an_enabled_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tenant_s_shell_attempts_can_run_as_a_user_of_its_own() {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipped: switching users needs root");
+        return;
+    }
+    let c = up(
+        1,
+        &[
+            ("ORCHESTRATOR_DEV_MODE", ""),
+            ("ORCHESTRATOR_EXECUTOR__SHELL_USER", "nobody"),
+            // A uid without a passwd entry is a user all the same.
+            ("ORCHESTRATOR_EXECUTOR__TENANTS__BETA__SHELL_USER", "54321"),
+        ],
+    )
+    .await;
+    let scopes = "orchestrator:read orchestrator:write orchestrator:shell";
+    let (acme, beta) = (c.token("acme", scopes), c.token("beta", scopes));
+    // acme (the node-wide user) leaves a file in its working dir.
+    let dag = shell_dag(
+        "keep",
+        "id -u; echo acme-private > $HOME/mine; echo HOME=$HOME",
+    );
+    let (s, v) = c.post(1, "/dags", &acme, &dag).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (run, log) = run_and_log(&c, &acme, "keep").await;
+    assert_eq!(run["state"], "done", "{run} {log}");
+    let uid = |log: &str| log.lines().next().unwrap_or_default().trim().to_string();
+    let nobody = uid(&log);
+    let home = log
+        .lines()
+        .find_map(|l| l.strip_prefix("HOME="))
+        .expect("acme's working dir")
+        .to_string();
+    // beta runs as its own uid and cannot read what acme's attempt left.
+    let dag = shell_dag(
+        "peek",
+        &format!("id -u; cat {home}/mine 2>&1; ls {home} 2>&1; exit 0"),
+    );
+    let (s, v) = c.post(1, "/dags", &beta, &dag).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (run, log) = run_and_log(&c, &beta, "peek").await;
+    assert_eq!(run["state"], "done", "{run} {log}");
+    assert_eq!(uid(&log), "54321", "{log}");
+    assert_ne!(nobody, "54321");
+    assert!(
+        !log.contains("acme-private"),
+        "beta read acme's file: {log}"
+    );
+    assert_eq!(
+        log.matches("Permission denied").count(),
+        2,
+        "beta reached acme's working dir: {log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shell_task_sees_no_secrets_and_cannot_read_the_data_dir() {
     let c = up(
         1,

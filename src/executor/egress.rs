@@ -285,7 +285,7 @@ mod tests {
             "etl".into(),
             crate::config::TenantExecutor {
                 http_allow: vec!["10.20.0.0/16".into()],
-                webhook_secret: None,
+                ..Default::default()
             },
         );
         let e = Egress::from_config(&c).unwrap();

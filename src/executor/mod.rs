@@ -290,7 +290,7 @@ async fn run_shell(
     mut cancel: oneshot::Receiver<()>,
     on_pgid: impl FnOnce(i32),
 ) -> AttemptResult {
-    let identity = match a.shell.identity() {
+    let identity = match a.shell.identity_for(&a.run.tenant) {
         Ok(i) => i,
         Err(e) => {
             return AttemptResult::Failed {

@@ -53,7 +53,10 @@ pub struct Limits {
 #[derive(Debug, Clone)]
 pub struct ShellPolicy {
     pub enabled: bool,
+    /// Who runs attempts of tenants without a user of their own.
     pub user: Option<String>,
+    /// Tenants whose attempts run as a user of their own.
+    pub tenant_users: std::collections::BTreeMap<String, String>,
     pub work_root: PathBuf,
     pub default_timeout: Duration,
     pub limits: Limits,
@@ -67,6 +70,11 @@ impl ShellPolicy {
         ShellPolicy {
             enabled: e.shell_enabled,
             user: e.shell_user.clone(),
+            tenant_users: e
+                .tenants
+                .iter()
+                .filter_map(|(t, s)| Some((t.clone(), s.shell_user.clone()?)))
+                .collect(),
             work_root: c.shell_work_dir(),
             default_timeout: Duration::from_millis(e.shell_default_timeout_ms),
             limits: Limits {
@@ -84,63 +92,83 @@ impl ShellPolicy {
     /// and that user must not reach the data dir or a secret file kept elsewhere (dev
     /// mode waives both for a local trial). A `shell_user` that does not exist or cannot
     /// be switched to is refused in every mode.
+    /// Each tenant's own `shell_user` is held to the same rules.
     pub fn check_at_start(&self, c: &Config) -> Result<(), Error> {
         if !self.enabled {
             return Ok(());
         }
-        let identity = self.identity()?;
-        if c.dev_mode {
-            return Ok(());
-        }
-        // SAFETY: geteuid(2) has no preconditions.
-        let me = unsafe { libc::geteuid() };
-        let (uid, gid) = match identity {
-            Some((0, _)) => return Err(Error::SharedIdentity { who: "root".into() }),
-            Some(id) => id,
-            None => {
-                let who = if me == 0 {
-                    "root".to_string()
-                } else {
-                    format!("the node's own user (uid {me})")
-                };
-                return Err(Error::SharedIdentity { who });
-            }
-        };
-        let guarded = [
-            ("the data dir", Some(&c.data_dir)),
-            ("cluster_secret_file", c.cluster_secret_file.as_ref()),
-            ("auth.hs256_secret_file", c.auth.hs256_secret_file.as_ref()),
-            ("tls.key_file", c.tls.key_file.as_ref()),
-        ];
-        for (what, path) in guarded {
-            let Some(path) = path else { continue };
-            if reachable_by(path, uid, gid) {
-                return Err(Error::SecretReachable {
-                    user: self.user.clone().unwrap_or_default(),
-                    what,
-                    path: path.clone(),
-                });
+        let users = std::iter::once(self.user.as_ref()).chain(self.tenant_users.values().map(Some));
+        for user in users {
+            let identity = identity_of(user)?;
+            if !c.dev_mode {
+                check_identity(identity, user, c)?;
             }
         }
         Ok(())
     }
 
-    /// The uid and gid to switch to, or None to stay the node's user.
-    pub fn identity(&self) -> Result<Option<(u32, u32)>, Error> {
-        let Some(name) = &self.user else {
-            return Ok(None);
-        };
-        let (uid, gid) = lookup_user(name).ok_or_else(|| Error::UnknownUser(name.clone()))?;
-        // SAFETY: geteuid(2) has no preconditions.
-        let me = unsafe { libc::geteuid() };
-        if me == uid {
-            return Ok(None);
-        }
-        if me != 0 {
-            return Err(Error::CannotSwitch { user: name.clone() });
-        }
-        Ok(Some((uid, gid)))
+    /// The uid and gid to switch to for `tenant`'s attempts (its own user, else the
+    /// node-wide one), or None to stay the node's user.
+    pub fn identity_for(&self, tenant: &str) -> Result<Option<(u32, u32)>, Error> {
+        identity_of(self.tenant_users.get(tenant).or(self.user.as_ref()))
     }
+}
+
+/// Refuse `identity` (of `user`) for shell attempts: root, the node's own user, or a user
+/// that can reach the data dir or a secret file.
+fn check_identity(
+    identity: Option<(u32, u32)>,
+    user: Option<&String>,
+    c: &Config,
+) -> Result<(), Error> {
+    // SAFETY: geteuid(2) has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let (uid, gid) = match identity {
+        Some((0, _)) => return Err(Error::SharedIdentity { who: "root".into() }),
+        Some(id) => id,
+        None => {
+            let who = if me == 0 {
+                "root".to_string()
+            } else {
+                format!("the node's own user (uid {me})")
+            };
+            return Err(Error::SharedIdentity { who });
+        }
+    };
+    let guarded = [
+        ("the data dir", Some(&c.data_dir)),
+        ("cluster_secret_file", c.cluster_secret_file.as_ref()),
+        ("auth.hs256_secret_file", c.auth.hs256_secret_file.as_ref()),
+        ("tls.key_file", c.tls.key_file.as_ref()),
+    ];
+    for (what, path) in guarded {
+        let Some(path) = path else { continue };
+        if reachable_by(path, uid, gid) {
+            return Err(Error::SecretReachable {
+                user: user.cloned().unwrap_or_default(),
+                what,
+                path: path.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The uid and gid of `user`, or None to stay the node's user (no user, or the node's).
+fn identity_of(user: Option<&String>) -> Result<Option<(u32, u32)>, Error> {
+    let Some(name) = user else {
+        return Ok(None);
+    };
+    let (uid, gid) = lookup_user(name).ok_or_else(|| Error::UnknownUser(name.clone()))?;
+    // SAFETY: geteuid(2) has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if me == uid {
+        return Ok(None);
+    }
+    if me != 0 {
+        return Err(Error::CannotSwitch { user: name.clone() });
+    }
+    Ok(Some((uid, gid)))
 }
 
 /// Whether `uid`/`gid` could open `path` (read a file, list a directory): every directory
@@ -299,6 +327,7 @@ mod tests {
         ShellPolicy {
             enabled: true,
             user: user.map(str::to_string),
+            tenant_users: Default::default(),
             work_root: PathBuf::from("/tmp"),
             default_timeout: Duration::from_secs(1),
             limits: Limits::default(),
@@ -354,6 +383,30 @@ mod tests {
             policy(Some("nobody"))
                 .check_at_start(&with(None))
                 .expect("a dedicated user is what the check asks for");
+            // A tenant's own user: used for its attempts, and held to the same rules.
+            let mut per_tenant = policy(Some("nobody"));
+            per_tenant
+                .tenant_users
+                .insert("beta".into(), "54321".into());
+            assert_eq!(
+                per_tenant.identity_for("beta").unwrap(),
+                Some((54321, 54321))
+            );
+            assert_eq!(
+                per_tenant.identity_for("acme").unwrap(),
+                lookup_user("nobody")
+            );
+            per_tenant
+                .check_at_start(&with(None))
+                .expect("both dedicated");
+            per_tenant
+                .tenant_users
+                .insert("gamma".into(), "root".into());
+            let err = per_tenant
+                .check_at_start(&with(None))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("run as root,"), "{err}");
             // A secret file outside the data dir that nobody could read is refused.
             let secret = dir.path().join("cluster.secret");
             std::fs::write(&secret, "s").unwrap();
@@ -390,7 +443,7 @@ mod tests {
     #[test]
     fn a_missing_user_is_named() {
         let err = policy(Some("no-such-user-orchestrator"))
-            .identity()
+            .identity_for("t")
             .unwrap_err()
             .to_string();
         assert!(err.contains("no-such-user-orchestrator"), "{err}");
