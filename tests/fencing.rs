@@ -94,6 +94,60 @@ async fn a_sigkilled_node_takes_its_tasks_with_it() {
     println!("node SIGKILLed: its task's process group was gone after {gone:?}");
 }
 
+/// The pid of node `node_pid`'s fence keeper (its child running `fence-keeper`).
+fn keeper_of(node_pid: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let keeper = String::from_utf8_lossy(&cmdline).contains("fence-keeper");
+        (keeper && f.get(1)? == &node_pid.to_string() && !matches!(f[0], "Z" | "X")).then_some(pid)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_keeper_is_replaced_and_told_what_runs() {
+    // Process groups alone: with cgroups a keeper kills its whole cgroup tree when its
+    // node dies, which would hide a replacement that was never told the task's group.
+    let mut c = Cluster::new(1, &[("ORCHESTRATOR_EXECUTOR__SHELL_CGROUPS", "false")]);
+    c.start_all();
+    c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    let t = c.token("acme", ALL_SCOPES);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (s, v) = c.post(1, "/dags", &t, &sleeper("sleepy", dir.path())).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    trigger(&c, 1, &t, "sleepy").await;
+    let pgid = wait_for(LONG, "the task to start", || async {
+        read_pgid(dir.path(), 1)
+    })
+    .await;
+    // Someone kills the keeper while the task runs.
+    let node = c.pid(1).expect("node pid");
+    let first = keeper_of(node).expect("the node's keeper");
+    // SAFETY: kill(2) only sends a signal.
+    unsafe {
+        libc::kill(first as i32, libc::SIGKILL);
+    }
+    let second = wait_for(Duration::from_secs(10), "a new keeper", || async {
+        keeper_of(node).filter(|k| *k != first)
+    })
+    .await;
+    println!("keeper {first} killed; keeper {second} took over");
+    // The new keeper was told about the running task: it dies with the node.
+    c.kill(1);
+    let killed = Instant::now();
+    let gone = wait_for(
+        Duration::from_secs(5),
+        "the task's process group to die with its node (the new keeper must hold it)",
+        || async { (!group_alive(pgid)).then(|| killed.elapsed()) },
+    )
+    .await;
+    println!("node SIGKILLed: its task's process group was gone after {gone:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_node_s_tasks_die_before_the_task_moves() {
     // A short lease so the test is quick (the fence deadline is 2 s before it), with

@@ -524,6 +524,8 @@ impl Actor for Executor {
             if act.ready {
                 act.refresh_fences();
             }
+            // A keeper that died is replaced, and told what it must hold.
+            act.keeper.check();
         });
     }
 }

@@ -176,22 +176,37 @@ pub fn serve_stdin(cgroups: Option<Cgroups>) -> i32 {
     }
 }
 
-/// The node's end of the pipe to its keeper.
+/// The node's end of the pipe to its keeper. It remembers what it handed the keeper, so
+/// a keeper that died (killed by someone, OOM) is replaced and told it all again: at the
+/// next message to it, or at the executor's next fence check, whichever comes first.
 pub struct KeeperLink {
-    stdin: Mutex<Option<ChildStdin>>,
-    // Kept so the keeper is not reaped by anyone else; it exits when `stdin` closes.
-    _child: Option<Child>,
+    inner: Mutex<Link>,
 }
 
-impl KeeperLink {
-    /// Start this node's keeper (the running binary, `fence-keeper`). When it cannot be
-    /// started the node still fences attempts itself, and says so.
-    pub fn spawn(cgroups: Option<&Cgroups>) -> KeeperLink {
+/// The node's side of its keeper: the pipe, the process, and what the keeper holds.
+struct Link {
+    /// Whether this node runs a keeper at all (not for `none()`).
+    wanted: bool,
+    cgroup_parent: Option<std::path::PathBuf>,
+    stdin: Option<ChildStdin>,
+    child: Option<Child>,
+    /// Every process group the keeper holds, with its deadline.
+    groups: HashMap<i32, Instant>,
+    /// When a keeper was last started: a replacement waits a second after it, so a keeper
+    /// that cannot live is not restarted in a loop.
+    started: Option<Instant>,
+    /// A start failed (said once).
+    failed: bool,
+}
+
+impl Link {
+    fn start(&mut self) {
         use std::os::unix::process::CommandExt;
+        self.started = Some(Instant::now());
         let mut command = Command::new("/proc/self/exe");
         command.arg(KEEPER_SUBCOMMAND);
-        if let Some(c) = cgroups {
-            command.arg("--cgroup-parent").arg(c.parent());
+        if let Some(p) = &self.cgroup_parent {
+            command.arg("--cgroup-parent").arg(p);
         }
         // Its own process group: a signal to the node's group (`kill -STOP -PGID`, a
         // terminal's Ctrl-Z) does not reach it.
@@ -203,46 +218,148 @@ impl KeeperLink {
             .stderr(Stdio::inherit())
             .spawn();
         match started {
-            Ok(mut child) => KeeperLink {
-                stdin: Mutex::new(child.stdin.take()),
-                _child: Some(child),
-            },
-            Err(e) => {
-                warn!(error = %e, "cannot start the fence keeper: attempts of this node will not be stopped if the node process is killed or stopped");
-                KeeperLink::none()
+            Ok(mut child) => {
+                self.stdin = child.stdin.take();
+                self.child = Some(child);
             }
+            Err(e) => {
+                if !self.failed {
+                    warn!(error = %e, "cannot start the fence keeper: attempts of this node will not be stopped if the node process is killed or stopped");
+                }
+                self.failed = true;
+            }
+        }
+    }
+
+    /// Whether the keeper is gone (its pipe broke, or it exited).
+    fn gone(&mut self) -> bool {
+        self.stdin.is_none()
+            || self
+                .child
+                .as_mut()
+                .is_none_or(|c| !matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Start a new keeper in place of a gone one and hand it every group it must hold.
+    fn replace(&mut self) {
+        if !self.wanted
+            || self
+                .started
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.stdin = None;
+        if let Some(mut old) = self.child.take() {
+            // Reap it (it is gone, or its pipe is): no zombie is left behind.
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        self.start();
+        let now = Instant::now();
+        let lines: Vec<String> = self
+            .groups
+            .iter()
+            .map(|(p, d)| set_line(*p, d.saturating_duration_since(now)))
+            .collect();
+        for line in &lines {
+            if !self.write(line) {
+                return;
+            }
+        }
+        if self.stdin.is_some() {
+            warn!(
+                attempts = lines.len(),
+                "the fence keeper was gone: started a new one and handed it this node's attempts"
+            );
+        }
+    }
+
+    fn write(&mut self, line: &str) -> bool {
+        let Some(pipe) = self.stdin.as_mut() else {
+            return false;
+        };
+        // One short line is far below PIPE_BUF: the write is atomic and does not block
+        // while the keeper keeps reading.
+        if pipe.write_all(line.as_bytes()).is_ok() {
+            return true;
+        }
+        self.stdin = None;
+        false
+    }
+
+    /// Tell the keeper `line`, replacing it first if it is gone.
+    fn send(&mut self, line: &str) {
+        if !self.write(line) && self.wanted {
+            // `groups` already says what this line said: the replacement is told it.
+            self.replace();
+        }
+    }
+}
+
+fn set_line(pgid: i32, left: Duration) -> String {
+    format!("set {pgid} {}\n", left.as_millis())
+}
+
+impl KeeperLink {
+    /// Start this node's keeper (the running binary, `fence-keeper`). When it cannot be
+    /// started the node still fences attempts itself, and says so.
+    pub fn spawn(cgroups: Option<&Cgroups>) -> KeeperLink {
+        let mut k = Link {
+            wanted: true,
+            cgroup_parent: cgroups.map(|c| c.parent().to_path_buf()),
+            stdin: None,
+            child: None,
+            groups: Default::default(),
+            started: None,
+            failed: false,
+        };
+        k.start();
+        KeeperLink {
+            inner: Mutex::new(k),
         }
     }
 
     /// A link to no keeper (unit tests; a node that could not start one).
     pub fn none() -> KeeperLink {
         KeeperLink {
-            stdin: Mutex::new(None),
-            _child: None,
+            inner: Mutex::new(Link {
+                wanted: false,
+                cgroup_parent: None,
+                stdin: None,
+                child: None,
+                groups: Default::default(),
+                started: None,
+                failed: false,
+            }),
         }
     }
 
-    fn send(&self, line: String) {
-        let mut guard = self.stdin.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(pipe) = guard.as_mut() {
-            // One short line is far below PIPE_BUF: the write is atomic and does not
-            // block while the keeper keeps reading.
-            if let Err(e) = pipe.write_all(line.as_bytes()) {
-                warn!(error = %e, "the fence keeper is gone: attempts of this node will not be stopped if the node process is killed or stopped");
-                *guard = None;
-            }
+    fn lock(&self) -> std::sync::MutexGuard<'_, Link> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replace the keeper if it is gone (the executor calls this with every fence check).
+    pub fn check(&self) {
+        let mut k = self.lock();
+        if k.wanted && k.gone() {
+            k.replace();
         }
     }
 
     fn set(&self, pgid: i32, deadline: Instant) {
-        let ms = deadline
-            .saturating_duration_since(Instant::now())
-            .as_millis();
-        self.send(format!("set {pgid} {ms}\n"));
+        let mut k = self.lock();
+        k.groups.insert(pgid, deadline);
+        k.send(&set_line(
+            pgid,
+            deadline.saturating_duration_since(Instant::now()),
+        ));
     }
 
     fn del(&self, pgid: i32) {
-        self.send(format!("del {pgid}\n"));
+        let mut k = self.lock();
+        k.groups.remove(&pgid);
+        k.send(&format!("del {pgid}\n"));
     }
 }
 
