@@ -66,9 +66,10 @@ async fn trigger(c: &Cluster, via: u64, t: &str, dag_id: &str) -> String {
     v["run_id"].as_str().expect("run_id").to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sigkilled_node_takes_its_tasks_with_it() {
-    let mut c = Cluster::new(1, &[]);
+/// A single node (with `env`) running a `sleeper` task: the node, the task's dir and its
+/// process group.
+async fn node_running_a_sleeper(env: &[(&str, &str)]) -> (Cluster, tempfile::TempDir, i32) {
+    let mut c = Cluster::new(1, env);
     c.start_all();
     c.wait_leader(LONG).await;
     c.wait_ready(LONG).await;
@@ -82,6 +83,12 @@ async fn a_sigkilled_node_takes_its_tasks_with_it() {
     })
     .await;
     assert!(group_alive(pgid), "the task's group {pgid} runs");
+    (c, dir, pgid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_node_takes_its_tasks_with_it() {
+    let (mut c, _dir, pgid) = node_running_a_sleeper(&[]).await;
 
     c.kill(1);
     let killed = Instant::now();
@@ -111,19 +118,8 @@ fn keeper_of(node_pid: u32) -> Option<u32> {
 async fn a_killed_keeper_is_replaced_and_told_what_runs() {
     // Process groups alone: with cgroups a keeper kills its whole cgroup tree when its
     // node dies, which would hide a replacement that was never told the task's group.
-    let mut c = Cluster::new(1, &[("ORCHESTRATOR_EXECUTOR__SHELL_CGROUPS", "false")]);
-    c.start_all();
-    c.wait_leader(LONG).await;
-    c.wait_ready(LONG).await;
-    let t = c.token("acme", ALL_SCOPES);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (s, v) = c.post(1, "/dags", &t, &sleeper("sleepy", dir.path())).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    trigger(&c, 1, &t, "sleepy").await;
-    let pgid = wait_for(LONG, "the task to start", || async {
-        read_pgid(dir.path(), 1)
-    })
-    .await;
+    let (mut c, _dir, pgid) =
+        node_running_a_sleeper(&[("ORCHESTRATOR_EXECUTOR__SHELL_CGROUPS", "false")]).await;
     // Someone kills the keeper while the task runs.
     let node = c.pid(1).expect("node pid");
     let first = keeper_of(node).expect("the node's keeper");
