@@ -17,14 +17,21 @@
 //! busy node the two legs differ by most of it; so, as NTP's clock filter does, a node
 //! keeps each voter's last [`FILTER_SAMPLES`] samples and reads the one with the shortest
 //! round trip. Chaos Run 6 ran with the newest sample instead, under load: two nodes'
-//! readings could differ by up to 500 ms, most of the 600 ms fence margin. A node with no samples yet (just started, or alone) reads
-//! its own clock; leader work that acts on time waits for [`ClusterClock::calibrated`].
+//! readings could differ by up to 500 ms, most of the 600 ms fence margin. A node with no
+//! samples yet (just started, or alone) reads its own clock; leader work that acts on
+//! time waits for [`ClusterClock::calibrated`].
+//!
+//! A sample bounds the true offset to within half its round trip of what it measured, so
+//! two samples of one voter whose bounds do not meet cannot both be right: a clock (the
+//! voter's or this node's) was stepped between them. A new sample then drops every older
+//! one it contradicts, and the reading follows the step at once instead of keeping a
+//! pre-step sample for up to [`FILTER_SAMPLES`] rounds.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::NodeId;
 
@@ -40,6 +47,9 @@ const MAX_SAMPLE_RTT: Duration = Duration::from_millis(500);
 /// gives the offset (16 s of samples at [`SAMPLE_EVERY`], in which clocks drift by
 /// microseconds).
 pub const FILTER_SAMPLES: usize = 8;
+/// What two consistent samples may still disagree by beyond their round trips: both are
+/// read in whole milliseconds, and clocks drift by microseconds over the filter's span.
+const STEP_SLACK_MS: u64 = 2;
 
 /// A peer's answer to a clock sample (`/cluster/clock`).
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -140,6 +150,19 @@ impl ClusterClock {
         }
         let mut samples = self.samples();
         let kept = samples.entry(peer).or_default();
+        let before = kept.len();
+        kept.retain(|s| {
+            let bound = (s.rtt + rtt).as_millis() as u64 / 2 + STEP_SLACK_MS;
+            s.offset_ms.abs_diff(offset_ms) <= bound
+        });
+        if kept.len() < before {
+            info!(
+                peer,
+                offset_ms,
+                dropped = before - kept.len(),
+                "a clock was stepped: dropped the voter's earlier samples that contradict the new one"
+            );
+        }
         kept.push_back(Sample {
             offset_ms,
             rtt,
@@ -178,6 +201,19 @@ mod tests {
         assert_eq!(median_correction(&[60_000, -6_000]), 0);
         // This node is 6 s slow; one peer a minute fast, one right.
         assert_eq!(median_correction(&[66_000, 6_000]), 6_000);
+    }
+
+    #[test]
+    fn a_stepped_clock_is_followed_at_once() {
+        let c = ClusterClock::new(1, 500);
+        c.record(2, 4_998, Duration::from_millis(4), 5_000);
+        // Within the bounds of the first: kept, and the precise one still counts.
+        c.record(2, 10_000, Duration::from_millis(40), 10_030);
+        assert_eq!(c.offsets_ms().get(&2), Some(&0));
+        // The peer's clock is stepped 10 s ahead: no round trip explains that, so the
+        // samples from before the step go and the new offset counts now.
+        c.record(2, 20_000, Duration::from_millis(300), 30_150);
+        assert_eq!(c.offsets_ms().get(&2), Some(&10_000));
     }
 
     #[test]
