@@ -354,6 +354,9 @@ pub struct AdmissionConfig {
     pub max_connections_per_address: u32,
     /// Connections the peer listener holds open at once.
     pub max_peer_connections: u32,
+    /// Connections one address may hold open on the peer listener (a peer pools a few per
+    /// node; a host inside `peer_networks` that is no member cannot take them all).
+    pub max_peer_connections_per_address: u32,
     /// Failed authentications (401) one client address may make per minute on average;
     /// past `auth_failure_burst` of them its requests answer `429 rate_limited` before
     /// their token is read, until the allowance refills.
@@ -368,6 +371,7 @@ impl Default for AdmissionConfig {
             max_api_connections: 4096,
             max_connections_per_address: 128,
             max_peer_connections: 1024,
+            max_peer_connections_per_address: 256,
             auth_failures_per_minute: 300,
             auth_failure_burst: 50,
         }
@@ -768,6 +772,7 @@ impl Config {
         if a.max_api_connections == 0
             || a.max_connections_per_address == 0
             || a.max_peer_connections == 0
+            || a.max_peer_connections_per_address == 0
             || a.auth_failures_per_minute == 0
             || a.auth_failure_burst == 0
         {

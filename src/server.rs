@@ -58,6 +58,8 @@ pub async fn run(
     mut config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    // Before any child starts: what the node's launcher left open goes no further.
+    close_inherited_on_exec();
     // The data dir holds every tenant's state and the node's secrets: the node's user only.
     config::private_dir(&config.data_dir)?;
     // Other processes of the node's user (shell tasks without a `shell_user`) cannot read
@@ -198,7 +200,12 @@ pub async fn run(
         peer_tls,
         peer_handle.clone(),
         header_timeout,
-        ConnectionLimit::new("peer", a.max_peer_connections, None).only_from(peer_sources(&config)),
+        ConnectionLimit::new(
+            "peer",
+            a.max_peer_connections,
+            Some(a.max_peer_connections_per_address),
+        )
+        .only_from(peer_sources(&config)),
     )?;
     print!("{}", first_steps(&config));
     info!(node = config.node_id, api = %config.api_addr, peer = %config.peer_addr, "node started");
@@ -377,12 +384,43 @@ async fn tls_setup(config: &Config) -> Result<Option<NodeTls>, Error> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, private)
         .map_err(|e| tls_err("peer TLS certificate", &e))?;
-    peer.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP/1.1 only, as both listeners serve (see `serve`).
+    peer.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut api_inner = (*api.get_inner()).clone();
+    api_inner.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let api = RustlsConfig::from_config(std::sync::Arc::new(api_inner));
     Ok(Some(NodeTls {
         api,
         peer_server: RustlsConfig::from_config(std::sync::Arc::new(peer)),
         peer_client: PeerTls { ca, identity },
     }))
+}
+
+/// Mark every descriptor this process inherited beyond stdin, stdout and stderr
+/// close-on-exec, so no child (shell attempts, the fence keeper) gets it: a launcher's
+/// `exec 9<secret` or a service manager's leftovers would otherwise reach every shell
+/// task, whatever user it runs as. What the node opens itself is close-on-exec already
+/// (Rust's std and RocksDB open everything so).
+fn close_inherited_on_exec() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        warn!("cannot list this process's descriptors; inherited ones stay open to children");
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: F_GETFD/F_SETFD only read and set a descriptor's flags; a descriptor
+        // that closed meanwhile (the directory's own) fails harmlessly.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
 }
 
 /// Where peer connections may come from: the peer networks, and every configured member's
@@ -456,12 +494,16 @@ fn serve(
     // Slowloris: a connection that does not finish its request headers in time is closed:
     // `first_request_timeout` bounds a new connection until its first request's headers
     // are in (it sends nothing at all, or dribbles them), `header_read_timeout` every
-    // request's headers once they have started.
+    // request's headers once they have started, and an idle keep-alive connection's next.
+    // HTTP/1.1 only: an HTTP/2 connection that has sent one request has no such bound and
+    // could hold its place under the connection caps for ever; nothing here needs HTTP/2
+    // (peers and the CLI speak HTTP/1.1, browsers fall back to it).
     Ok(match tls {
         Some(cfg) => {
             let mut server = axum_server::from_tcp_rustls(std_listener, cfg)
                 .map_err(bind_err)?
                 .map(|tls| tls.acceptor(limit))
+                .http1_only()
                 .handle(handle)
                 .first_request_timeout(header_timeout);
             server
@@ -474,6 +516,7 @@ fn serve(
             let mut server = axum_server::from_tcp(std_listener)
                 .map_err(bind_err)?
                 .acceptor(limit)
+                .http1_only()
                 .handle(handle)
                 .first_request_timeout(header_timeout);
             server

@@ -141,10 +141,25 @@ async fn each_tenant_s_shell_attempts_can_run_as_a_user_of_its_own() {
         .find_map(|l| l.strip_prefix("HOME="))
         .expect("acme's working dir")
         .to_string();
-    // beta runs as its own uid and cannot read what acme's attempt left.
+    // beta runs as its own uid and cannot read what acme's attempt left, nor list the
+    // working dirs' root or a run's dir (which would tell it others' run and task ids).
+    let root = std::path::Path::new(&home)
+        .ancestors()
+        .nth(3)
+        .expect("the working dirs' root")
+        .display()
+        .to_string();
+    let run_dir = std::path::Path::new(&home)
+        .ancestors()
+        .nth(2)
+        .expect("acme's run dir")
+        .display()
+        .to_string();
     let dag = shell_dag(
         "peek",
-        &format!("id -u; cat {home}/mine 2>&1; ls {home} 2>&1; exit 0"),
+        &format!(
+            "id -u; cat {home}/mine 2>&1; ls {home} 2>&1; ls {root} 2>&1; ls {run_dir} 2>&1; exit 0"
+        ),
     );
     let (s, v) = c.post(1, "/dags", &beta, &dag).await;
     assert_eq!(s, StatusCode::OK, "{v}");
@@ -158,9 +173,37 @@ async fn each_tenant_s_shell_attempts_can_run_as_a_user_of_its_own() {
     );
     assert_eq!(
         log.matches("Permission denied").count(),
-        2,
-        "beta reached acme's working dir: {log}"
+        4,
+        "beta reached acme's working dir, or listed the dirs above it: {log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptors_the_node_inherited_do_not_reach_shell_tasks() {
+    let mut c = Cluster::new(1, &[]);
+    // The node's launcher left the cluster secret's file open as fd 9.
+    let secret_file = c.secret_file.clone();
+    c.leak_fd9(&secret_file);
+    c.start_all();
+    c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    let t = c.admin_token();
+    let (s, v) = c
+        .post(
+            1,
+            "/dags",
+            &t,
+            &shell_dag("fd", "cat <&9 2>&1; ls /proc/self/fd; exit 0"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (run, log) = run_and_log(&c, &t, "fd").await;
+    assert_eq!(run["state"], "done", "{run} {log}");
+    assert!(
+        !log.contains(c.secret.as_str()),
+        "fd 9 reached the task: {log}"
+    );
+    assert!(log.contains("Bad file descriptor"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -398,6 +441,22 @@ async fn the_peer_port_refuses_an_unauthenticated_body_without_reading_it() {
         after < before + 20 * 1024,
         "RSS grew from {before} to {after} KiB"
     );
+    // A flood of refused calls costs no disk: refusals are logged once per 10 s.
+    let http = reqwest::Client::new();
+    for _ in 0..200 {
+        let r = http
+            .post(format!("http://{}/raft/vote", c.peer_addr(1)))
+            .body("{}")
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    }
+    let lines = c.log(1).matches("missing or wrong cluster secret").count();
+    assert!(
+        (1..=3).contains(&lines),
+        "{lines} log lines for 201 refused calls"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -427,6 +486,25 @@ async fn connections_with_unfinished_headers_are_closed() {
         assert!(
             started.elapsed() >= Duration::from_millis(900),
             "{addr}: closed early"
+        );
+    }
+    // HTTP/2 (prior knowledge, as h2c): the preface, empty SETTINGS and one finished
+    // request (HEADERS: GET / on stream 1, HPACK static entries and `:authority: x`).
+    // An HTTP/2 connection that has made a request is bounded by no header timeout:
+    // served, it would hold its place for ever; the listeners speak HTTP/1.1 only.
+    let mut h2: Vec<u8> = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    h2.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    let block = [0x82, 0x86, 0x84, 0x41, 0x01, b'x'];
+    h2.extend_from_slice(&[0, 0, block.len() as u8, 1, 0x05, 0, 0, 0, 1]);
+    h2.extend_from_slice(&block);
+    for addr in [&api, &peer] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(&h2).await.expect("h2 request");
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(
+            r.is_ok(),
+            "{addr}: an HTTP/2 connection is still open after 5 s"
         );
     }
 }
@@ -662,6 +740,15 @@ async fn an_address_that_keeps_failing_to_authenticate_is_refused_unread() {
             .contains("failed authentications"),
         "{body}"
     );
+    // An X-Request-Id is bounded (it would be kept a day): a long one is refused.
+    let r = bystander
+        .get(&url)
+        .bearer_auth(&good)
+        .header("x-request-id", "k".repeat(201))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     // Another address is not affected.
     let r = bystander
         .get(&url)
@@ -825,7 +912,8 @@ async fn hook_receiver() -> (
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // Not 127.0.0.1: that is an address of this host, which no tenant grant opens.
+    let listener = tokio::net::TcpListener::bind("127.0.0.9:0").await.unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (url, got)
@@ -848,7 +936,8 @@ async fn redirector(to: String) -> (String, std::sync::Arc<std::sync::atomic::At
             }),
         )
         .route("/ok", axum::routing::get(|| async { "ok" }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // Not 127.0.0.1: that is an address of this host, which no tenant grant opens.
+    let listener = tokio::net::TcpListener::bind("127.0.0.9:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (base, hits)
@@ -950,15 +1039,28 @@ async fn webhooks_obey_the_egress_policy_per_tenant_and_are_signed_per_tenant() 
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 3);
     assert!(got.lock().unwrap().is_empty(), "a redirect was followed");
 
-    // http tasks follow the same grants: acme's reaches loopback, another tenant's not.
-    let fetch = json!({"dag_id": "fetch", "tasks": [{"task_id": "t", "kind": "http", "url": format!("{base}/ok")}]});
-    for (t, want) in [(&acme, "done"), (&other, "failed")] {
+    // http tasks follow the same grants: acme's reaches loopback, another tenant's not;
+    // and no grant opens the node's own addresses or this host's (127.0.0.1).
+    let own_api = format!("http://{}:{}/healthz", c.node(1).host, c.node(1).api_port);
+    let host_addr = format!("http://127.0.0.1:{}/healthz", c.node(1).api_port);
+    for (t, url, want) in [
+        (&acme, format!("{base}/ok"), "done"),
+        (&other, format!("{base}/ok"), "failed"),
+        (&acme, own_api, "failed"),
+        (&acme, host_addr, "failed"),
+    ] {
+        let fetch =
+            json!({"dag_id": "fetch", "tasks": [{"task_id": "t", "kind": "http", "url": url}]});
         let (s, v) = c.post(1, "/dags", t, &fetch).await;
         assert_eq!(s, StatusCode::OK, "{v}");
         let (run, log) = run_and_log(&c, t, "fetch").await;
-        assert_eq!(run["state"], want, "{run} {log}");
+        assert_eq!(run["state"], want, "{url}: {run} {log}");
         if want == "failed" {
-            assert!(log.contains("egress policy"), "{log}");
+            assert!(log.contains("egress policy"), "{url}: {log}");
+            assert!(
+                !log.contains("resolves to 127"),
+                "the refused address is named: {log}"
+            );
         }
     }
 }

@@ -122,15 +122,19 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
+/// The longest `X-Request-Id` accepted.
+const MAX_REQUEST_ID: usize = 200;
+
 /// Echo (or mint) `X-Request-Id` on every response, turn axum's plain-text rejections
 /// (oversized body and the like) into JSON errors, and time the request for the metrics
 /// (labelled by the route template the router matched, see [`tag_route`]).
 async fn request_id_and_errors(req: HttpRequest<axum::body::Body>, next: Next) -> Response {
-    let id = req
-        .headers()
-        .get(REQUEST_ID)
+    let given = req.headers().get(REQUEST_ID);
+    // A request id is kept (24 h, with the answer it dedups): a bounded one only.
+    let too_long = given.is_some_and(|v| v.len() > MAX_REQUEST_ID);
+    let id = given
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 200)
+        .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID)
         .map(str::to_string)
         .unwrap_or_else(|| format!("req-{}", hex::encode(rand::random::<[u8; 8]>())));
     let method = req.method().clone();
@@ -148,6 +152,10 @@ async fn request_id_and_errors(req: HttpRequest<axum::body::Body>, next: Next) -
     let mut resp = match declared {
         Some(n) if n > MAX_BODY_BYTES as u64 => ApiError::PayloadTooLarge(format!(
             "request body of {n} bytes exceeds {MAX_BODY_BYTES} bytes"
+        ))
+        .into_response(),
+        _ if too_long => ApiError::InvalidRequest(format!(
+            "X-Request-Id is longer than {MAX_REQUEST_ID} bytes"
         ))
         .into_response(),
         _ => next.run(req).instrument(span).await,

@@ -27,8 +27,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Which address was refused is not said: the message reaches the tenant (the attempt's
+    /// log), and would map the internal names it can resolve.
     #[error(
-        "{host} resolves to {addr}, which the egress policy refuses (executor.http_allow, \
+        "{host} resolves to an address the egress policy refuses (executor.http_allow, \
          executor.tenants.<tenant>.http_allow)"
     )]
     Refused { host: String, addr: IpAddr },
@@ -41,7 +43,9 @@ pub enum Error {
 pub struct Egress {
     allow: Vec<Cidr>,
     tenant_allow: std::collections::HashMap<String, Vec<Cidr>>,
-    own: Vec<IpAddr>,
+    /// The cluster's own addresses: every member's configured ones, this host's
+    /// interface addresses, and all of loopback when a listener binds a wildcard.
+    own: Vec<Cidr>,
 }
 
 impl Egress {
@@ -53,14 +57,37 @@ impl Egress {
             .iter()
             .map(|(tenant, t)| Ok((tenant.clone(), cidr::parse_all(&t.http_allow)?)))
             .collect::<Result<_, cidr::ParseError>>()?;
-        let mut own: Vec<IpAddr> = [&c.api_addr, &c.peer_addr]
+        let configured: Vec<IpAddr> = [&c.api_addr, &c.peer_addr]
             .into_iter()
             .chain(c.peers.iter().flat_map(|p| [&p.api_addr, &p.peer_addr]))
             .filter_map(|a| a.parse::<SocketAddr>().ok())
             .map(|a| a.ip())
             .collect();
-        own.sort();
-        own.dedup();
+        // A node listening on 0.0.0.0 or :: answers on every address of its host, loopback
+        // (all of 127/8) included; the host's addresses reach its other services too.
+        let wildcard = [&c.api_addr, &c.peer_addr]
+            .iter()
+            .filter_map(|a| a.parse::<SocketAddr>().ok())
+            .any(|a| a.ip().is_unspecified());
+        let interfaces = if_addrs::get_if_addrs()
+            .map(|ifs| ifs.into_iter().map(|i| i.ip()).collect::<Vec<_>>())
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot list this host's addresses for the egress policy; refusing only the configured ones");
+                Vec::new()
+            });
+        let mut own: Vec<Cidr> = configured
+            .into_iter()
+            .chain(interfaces)
+            .filter(|ip| !ip.is_unspecified())
+            .filter_map(|ip| ip.to_string().parse().ok())
+            .collect();
+        if wildcard {
+            own.extend(
+                ["127.0.0.0/8", "::1/128"]
+                    .iter()
+                    .filter_map(|n| n.parse::<Cidr>().ok()),
+            );
+        }
         Ok(Egress {
             allow,
             tenant_allow,
@@ -75,7 +102,7 @@ impl Egress {
         if cidr::any_contains(&self.allow, ip) {
             return true;
         }
-        if self.own.contains(&ip) {
+        if cidr::any_contains(&self.own, ip) {
             return false;
         }
         let granted = self.tenant_allow.get(tenant).map(Vec::as_slice);
@@ -161,17 +188,33 @@ fn is_internal_v4(a: Ipv4Addr) -> bool {
         || a.is_broadcast()
         || o[0] == 0
         || (o[0] == 100 && (o[1] & 0xc0) == 64) // CGNAT 100.64/10
+        || (o[0] == 192 && o[1] == 0 && (o[2] == 0 || o[2] == 2)) // IETF 192.0.0/24, TEST-NET-1
+        || (o[0] == 198 && (o[1] & 0xfe) == 18) // benchmarking 198.18/15
+        || (o[0] == 198 && o[1] == 51 && o[2] == 100) // TEST-NET-2
+        || (o[0] == 203 && o[1] == 0 && o[2] == 113) // TEST-NET-3
         || o[0] >= 240
 }
 
 fn is_internal_v6(a: Ipv6Addr) -> bool {
     let s = a.segments();
+    // Forms that carry an IPv4 address inside: judged by it.
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+    if s[..6] == [0; 6] && !a.is_loopback() && !a.is_unspecified() {
+        return is_internal_v4(v4(s[6], s[7])); // IPv4-compatible ::a.b.c.d
+    }
+    if s[0] == 0x2002 {
+        return is_internal_v4(v4(s[1], s[2])); // 6to4 2002:aabb:ccdd::/48
+    }
     a.is_loopback()
         || a.is_unspecified()
         || a.is_multicast()
         || (s[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
+        || (s[0] & 0xffc0) == 0xfec0 // site-local fec0::/10 (deprecated, still routed inside)
         || (s[0] & 0xfe00) == 0xfc00 // ULA fc00::/7
-        || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64 64:ff9b::/96 can reach IPv4 inside
+        || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64 64:ff9b::/96 and 64:ff9b:1::/48
+        || (s[0] == 0x2001 && s[1] == 0) // Teredo 2001::/32 tunnels to IPv4
+        || (s[0] == 0x2001 && s[1] == 0xdb8) // documentation 2001:db8::/32
+        || (s[0] == 0x0100 && s[1..4] == [0, 0, 0]) // discard-only 100::/64
 }
 
 /// HMAC-SHA256 (RFC 2104) of `msg` under `key`.
@@ -250,10 +293,30 @@ mod tests {
             "::",
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
+            "::127.0.0.1",
+            "::a9fe:a9fe",
+            "2002:7f00:1::",
+            "2002:a00:1::1",
+            "2001::1",
+            "2001:db8::1",
+            "fec0::1",
+            "64:ff9b:1::1",
+            "192.0.0.1",
+            "192.0.2.2",
+            "198.18.0.1",
+            "198.51.100.1",
+            "203.0.113.9",
         ] {
             assert!(!e.permits("t", ip(bad)), "{bad} must be refused");
         }
-        for good in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "100.128.0.1"] {
+        for good in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "2606:4700::1111",
+            "100.128.0.1",
+            "2002:808:808::1",
+            "198.20.0.1",
+        ] {
             assert!(e.permits("t", ip(good)), "{good} must be allowed");
         }
     }
@@ -261,12 +324,13 @@ mod tests {
     #[test]
     fn http_allow_opens_ranges_and_own_addresses_are_refused() {
         let c = Config {
-            api_addr: "203.0.113.5:8080".into(),
-            peer_addr: "203.0.113.5:9080".into(),
+            api_addr: "1.2.3.4:8080".into(),
+            peer_addr: "1.2.3.4:9080".into(),
             ..Config::default()
         };
         let e = Egress::from_config(&c).unwrap();
-        assert!(!e.permits("t", ip("203.0.113.5")), "the node itself");
+        assert!(e.permits("t", ip("1.2.3.5")), "a public address");
+        assert!(!e.permits("t", ip("1.2.3.4")), "the node itself");
         let mut c = c;
         c.executor.http_allow = vec!["127.0.0.0/8".into()];
         let e = Egress::from_config(&c).unwrap();
@@ -296,6 +360,35 @@ mod tests {
             !e.permits("etl", ip("10.20.0.9")),
             "the node itself, inside the grant"
         );
+    }
+
+    #[test]
+    fn the_host_s_own_addresses_and_a_wildcard_node_s_loopback_stay_closed_to_grants() {
+        let grant = |api: &str| {
+            let mut c = Config {
+                api_addr: api.into(),
+                ..Config::default()
+            };
+            c.executor.tenants.insert(
+                "t".into(),
+                crate::config::TenantExecutor {
+                    http_allow: vec!["0.0.0.0/0".into(), "::/0".into()],
+                    ..Default::default()
+                },
+            );
+            Egress::from_config(&c).unwrap()
+        };
+        // Every address of this host, whatever the node binds.
+        let e = grant("127.0.0.1:8080");
+        for addr in if_addrs::get_if_addrs().unwrap() {
+            assert!(!e.permits("t", addr.ip()), "{} is this host's", addr.ip());
+        }
+        assert!(e.permits("t", ip("127.0.0.2")), "granted, and not the node");
+        // Bound to 0.0.0.0, the node answers on all of loopback.
+        let e = grant("0.0.0.0:8080");
+        assert!(!e.permits("t", ip("127.0.0.2")));
+        assert!(!e.permits("t", ip("::1")));
+        assert!(e.permits("t", ip("10.1.2.3")), "granted, not this host");
     }
 
     #[tokio::test]

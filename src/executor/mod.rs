@@ -257,9 +257,22 @@ pub fn remove_older_than(roots: &[PathBuf], keep: Duration) -> usize {
 }
 
 /// Create an attempt's working dir, private to the user the attempt runs as.
-async fn prepare_work_dir(work: &Path, identity: Option<(u32, u32)>) -> std::io::Result<()> {
+/// Create an attempt's working dir (`root/run/task/attempt`), its own user's alone
+/// (0700). The dirs above it are 0711: an attempt can pass through them to its own, but
+/// no attempt can list them, so none learns the run and task ids of others.
+async fn prepare_work_dir(
+    root: &Path,
+    work: &Path,
+    identity: Option<(u32, u32)>,
+) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     tokio::fs::create_dir_all(work).await?;
+    for dir in work.ancestors().skip(1) {
+        if !dir.starts_with(root) {
+            break;
+        }
+        tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).await?;
+    }
     tokio::fs::set_permissions(work, std::fs::Permissions::from_mode(0o700)).await?;
     if let Some((uid, gid)) = identity {
         std::os::unix::fs::chown(work, Some(uid), Some(gid))?;
@@ -305,7 +318,7 @@ async fn run_shell(
         .join(&a.run.run_id)
         .join(&a.task.task_id)
         .join(a.attempt.to_string());
-    if let Err(e) = prepare_work_dir(&work, identity).await {
+    if let Err(e) = prepare_work_dir(&a.shell.work_root, &work, identity).await {
         return AttemptResult::Failed {
             exit_code: None,
             error: format!("cannot create working dir {}: {e}", work.display()),

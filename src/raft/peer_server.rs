@@ -25,12 +25,41 @@ struct PeerState {
     node: RaftNode,
     secret: std::sync::Arc<str>,
     limiter: std::sync::Arc<RateLimiter>,
+    /// Refused callers are logged at most once per [`REFUSALS_LOGGED_EVERY`]: anyone who
+    /// reaches the port could otherwise fill the disk with log lines.
+    refusals: std::sync::Arc<Refusals>,
+}
+
+const REFUSALS_LOGGED_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Refused peer calls since the last one logged. By hand: a counter and a time, which no
+/// log-throttling crate makes simpler.
+#[derive(Default)]
+struct Refusals {
+    since_logged: std::sync::atomic::AtomicU64,
+    logged_at: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Refusals {
+    /// Count a refusal; Some(refusals since the last line) when this one is to be logged.
+    fn count(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let n = self.since_logged.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut at = self.logged_at.lock().unwrap_or_else(|p| p.into_inner());
+        if at.is_some_and(|t| t.elapsed() < REFUSALS_LOGGED_EVERY) {
+            return None;
+        }
+        *at = Some(std::time::Instant::now());
+        self.since_logged.store(0, Ordering::Relaxed);
+        Some(n)
+    }
 }
 
 /// The peer router for `node`, accepting only calls that carry `secret`.
 pub fn router(node: RaftNode, secret: &str, limiter: std::sync::Arc<RateLimiter>) -> Router {
     let state = PeerState {
         node,
+        refusals: Default::default(),
         secret: secret.into(),
         limiter,
     };
@@ -96,10 +125,12 @@ fn check_caller(st: &PeerState, headers: &HeaderMap) -> Result<(), Response> {
                 == 0
     });
     if !ok {
-        warn!(
-            node = st.node.id,
-            "peer call with a missing or wrong cluster secret"
-        );
+        if let Some(refused) = st.refusals.count() {
+            warn!(
+                node = st.node.id,
+                refused, "peer calls with a missing or wrong cluster secret (logged once per 10 s)"
+            );
+        }
         return Err(reject(
             StatusCode::UNAUTHORIZED,
             "wrong or missing cluster secret".into(),
@@ -110,11 +141,14 @@ fn check_caller(st: &PeerState, headers: &HeaderMap) -> Result<(), Response> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if target != Some(st.node.id) {
-        warn!(
-            node = st.node.id,
-            ?target,
-            "peer call addressed to another node"
-        );
+        if let Some(refused) = st.refusals.count() {
+            warn!(
+                node = st.node.id,
+                ?target,
+                refused,
+                "peer calls addressed to another node (logged once per 10 s)"
+            );
+        }
         return Err(reject(
             StatusCode::MISDIRECTED_REQUEST,
             format!("this is node {}, not {:?}", st.node.id, target),

@@ -141,6 +141,7 @@ fn register_counters() {
         ("api", "listener_full"),
         ("api", "address_full"),
         ("peer", "listener_full"),
+        ("peer", "address_full"),
         ("peer", "foreign_address"),
     ] {
         metrics::counter!(CONNECTIONS_REFUSED, "listener" => listener, "reason" => reason)

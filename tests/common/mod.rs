@@ -43,6 +43,8 @@ pub struct Cluster {
     pub http: reqwest::Client,
     /// `https` when the cluster serves TLS.
     pub scheme: &'static str,
+    /// A file every node is started with open as fd 9 (see [`Cluster::leak_fd9`]).
+    leaked_fd9: Option<PathBuf>,
 }
 
 /// The loopback block `127.a.b` of a new cluster: `a` from the process id, `b` counting
@@ -213,7 +215,14 @@ impl Cluster {
             env: all_env,
             http: http.build().expect("http client"),
             scheme: if tls_cert.is_some() { "https" } else { "http" },
+            leaked_fd9: None,
         }
+    }
+
+    /// Start every node with `path` open as fd 9, not close-on-exec, as a careless
+    /// launcher (a shell's `exec 9<file`) would.
+    pub fn leak_fd9(&mut self, path: &std::path::Path) {
+        self.leaked_fd9 = Some(path.to_path_buf());
     }
 
     pub fn node(&self, id: u64) -> &Node {
@@ -286,7 +295,22 @@ impl Cluster {
         for (k, v) in self.env.iter().chain(&self.node(id).env) {
             cmd.env(k, v);
         }
+        let leaked = self.leaked_fd9.as_ref().map(|p| {
+            let f = std::fs::File::open(p).expect("the file to leak");
+            let raw = std::os::fd::AsRawFd::as_raw_fd(&f);
+            // SAFETY: dup2(2) is async-signal-safe; `f` outlives the spawn.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::dup2(raw, 9) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            f
+        });
         let child = cmd.spawn().expect("spawn orchestrator");
+        drop(leaked);
         self.node_mut(id).child = Some(child);
     }
 
