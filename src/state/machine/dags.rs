@@ -95,14 +95,22 @@ pub(super) fn put_version(
     let Some(last_dropped) = version.checked_sub(q.dag_versions_kept.max(1)) else {
         return Ok(());
     };
+    drop_versions(kv, tenant, dag_id, Some(last_dropped.saturating_add(1)))
+}
+
+/// Drop the DAG's versions below `below` (all of them when None), except those an
+/// unfinished run still executes.
+pub(super) fn drop_versions(
+    kv: &mut impl Kv,
+    tenant: &str,
+    dag_id: &str,
+    below: Option<u64>,
+) -> Result<(), KvError> {
     let prefix = keys::prefix(&[tenant.as_bytes(), dag_id.as_bytes()]);
-    // Only the range to drop is read: the versions an unfinished run still holds, and
-    // the one this write pushed out.
-    let old = kv.keys_below(
-        Table::DagVersions,
-        &prefix,
-        &keys::dag_version(tenant, dag_id, last_dropped.saturating_add(1)),
-    )?;
+    // Only the keys of the range to drop are read (no version reaches u64::MAX), and the
+    // versions unfinished runs still hold.
+    let end = keys::dag_version(tenant, dag_id, below.unwrap_or(u64::MAX));
+    let old = kv.keys_below(Table::DagVersions, &prefix, &end)?;
     if old.is_empty() {
         return Ok(());
     }

@@ -79,7 +79,11 @@ pub const MAX_LOST_RETRIES: u32 = 3;
 ///   run executes.
 /// - 6: a retried run (`RetryRun`) counts against the run quotas like a new run: a retry
 ///   beyond `max_active_runs` or `max_queued_runs_per_dag` is refused.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// - 7: deleting a DAG drops its versions that no unfinished run executes, and its
+///   record keeps no tasks, webhook or owner: a tenant that creates and deletes DAGs no
+///   longer grows the state without bound. A finished run of a deleted DAG cannot be
+///   retried (its version is gone).
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// What apply knows about the entry it is applying.
 #[derive(Debug, Clone, Copy)]
@@ -333,6 +337,15 @@ fn apply_command(
             dag.updated_ms = ctx.now;
             if subject.is_some() {
                 dag.updated_by = subject.map(str::to_string);
+            }
+            if ctx.protocol >= 7 {
+                // What a deleted DAG keeps is a small tombstone (its record, for the
+                // version count and the creation rules; the fired-window watermark lives
+                // in `Cursors`): not its tasks, nor versions no unfinished run executes.
+                drop_versions(kv, tenant, dag_id, None)?;
+                dag.spec.tasks.clear();
+                dag.spec.webhook = None;
+                dag.spec.owner = None;
             }
             put_json(kv, Table::Dags, keys::dag(tenant, dag_id), &dag);
             if ctx.protocol < 2 {

@@ -464,6 +464,83 @@ fn from_protocol_5_old_versions_go_except_those_unfinished_runs_execute() {
     }
 }
 
+#[test]
+fn from_protocol_7_a_deleted_dag_keeps_only_what_unfinished_runs_need() {
+    let versions = |kv: &MemKv, dag: &str| -> Vec<u64> {
+        let prefix = keys::prefix(&[b"t", dag.as_bytes()]);
+        kv.scan_prefix(Table::DagVersions, &prefix)
+            .unwrap()
+            .iter()
+            .filter_map(|(k, _)| version_of_key(&prefix, k))
+            .collect()
+    };
+    let tombstone = |kv: &MemKv, dag: &str| -> Dag {
+        get_json::<Dag>(kv, Table::Dags, &keys::dag("t", dag))
+            .unwrap()
+            .expect("the deleted DAG's record")
+    };
+    let delete = |dag: &str| Command::DeleteDag {
+        tenant: "t".into(),
+        dag_id: dag.into(),
+    };
+    for protocol in [6, 7] {
+        let mut kv = at_protocol(protocol);
+        // "idle": three versions, no run. "busy": two versions, a run of version 1 left
+        // unfinished.
+        for (i, dag) in ["idle", "idle", "idle", "busy"].iter().enumerate() {
+            let mut s = spec(dag);
+            s.owner = Some(format!("owner-{i}"));
+            s.webhook = Some("https://hooks.example/x".into());
+            let write = Command::PutDag {
+                tenant: "t".into(),
+                spec: s,
+                expected_version: None,
+            };
+            apply(&mut kv, &req(&format!("p{i}"), i as i64, write)).unwrap();
+        }
+        let o = apply(&mut kv, &req("run", 10, trigger("t", "busy", 0, 10))).unwrap();
+        assert!(matches!(o.outcome, Outcome::RunTriggered { .. }), "{o:?}");
+        let mut s = spec("busy");
+        s.owner = Some("second".into());
+        let second = Command::PutDag {
+            tenant: "t".into(),
+            spec: s,
+            expected_version: None,
+        };
+        apply(&mut kv, &req("p-busy-2", 11, second)).unwrap();
+        apply(&mut kv, &req("d1", 12, delete("idle"))).unwrap();
+        apply(&mut kv, &req("d2", 13, delete("busy"))).unwrap();
+        if protocol < 7 {
+            assert_eq!(versions(&kv, "idle"), vec![1, 2, 3], "protocol 6 keeps all");
+            assert!(!tombstone(&kv, "idle").spec.tasks.is_empty());
+            continue;
+        }
+        assert_eq!(versions(&kv, "idle"), Vec::<u64>::new());
+        assert_eq!(
+            versions(&kv, "busy"),
+            vec![1],
+            "the unfinished run's version stays"
+        );
+        for dag in ["idle", "busy"] {
+            let t = tombstone(&kv, dag);
+            assert!(t.deleted);
+            assert!(t.spec.tasks.is_empty() && t.spec.webhook.is_none() && t.spec.owner.is_none());
+        }
+        // The unfinished run still runs its version to the end.
+        let run = get_json::<Run>(&kv, Table::Runs, b"run_1")
+            .unwrap()
+            .expect("run");
+        assert_eq!(run.dag_version, 1);
+        assert_eq!(run_spec(&kv, &run).unwrap().tasks.len(), 1);
+        // Re-created, the DAG goes on from the next version number.
+        let o = apply(&mut kv, &req("again", 20, put("t", "idle", None))).unwrap();
+        assert!(
+            matches!(&o.outcome, Outcome::DagPut { version: 4, .. }),
+            "{o:?}"
+        );
+    }
+}
+
 fn chain_spec(dag_id: &str, n: usize, retries: u32) -> DagSpec {
     let mut s = spec(dag_id);
     s.sla_ms = None;
