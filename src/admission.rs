@@ -66,6 +66,9 @@ pub struct ConnectionLimit {
     /// Networks a connection must come from (the peer listener: the peer networks and
     /// the configured peers); None: any.
     sources: Option<Arc<Vec<Cidr>>>,
+    /// Addresses the per-address cap does not hold (the configured members, which pool
+    /// many connections to each other and may share one address).
+    exempt: Arc<Vec<IpAddr>>,
 }
 
 impl ConnectionLimit {
@@ -76,7 +79,14 @@ impl ConnectionLimit {
             total: Arc::new(Semaphore::new(total as usize)),
             per_address: per_address.map(|max| (max, Arc::default())),
             sources: None,
+            exempt: Arc::default(),
         }
+    }
+
+    /// Connections from `addrs` count towards the total only.
+    pub fn exempt(mut self, addrs: Vec<IpAddr>) -> Self {
+        self.exempt = Arc::new(addrs);
+        self
     }
 
     /// Only connections from `sources` (anything else is closed as it arrives).
@@ -97,13 +107,18 @@ impl ConnectionLimit {
             .clone()
             .try_acquire_owned()
             .map_err(|_| "listener_full")?;
-        let Some((max, counts)) = &self.per_address else {
+        let ip = stream.peer_addr().map_err(|_| "no_peer_address")?.ip();
+        let Some((max, counts)) = self
+            .per_address
+            .as_ref()
+            .filter(|_| !self.exempt.contains(&ip))
+        else {
             return Ok(Place {
                 _permit: permit,
                 address: None,
             });
         };
-        let key = ClientKey::of(stream.peer_addr().map_err(|_| "no_peer_address")?.ip());
+        let key = ClientKey::of(ip);
         let mut held = counts.lock().unwrap_or_else(PoisonError::into_inner);
         let n = held.entry(key).or_insert(0);
         if *n >= *max {

@@ -205,7 +205,8 @@ pub async fn run(
             a.max_peer_connections,
             Some(a.max_peer_connections_per_address),
         )
-        .only_from(peer_sources(&config)),
+        .only_from(peer_sources(&config))
+        .exempt(member_addresses(&config)),
     )?;
     print!("{}", first_steps(&config));
     info!(node = config.node_id, api = %config.api_addr, peer = %config.peer_addr, "node started");
@@ -428,20 +429,27 @@ fn close_inherited_on_exec() {
 fn peer_sources(config: &Config) -> Vec<crate::cidr::Cidr> {
     // `peer_networks` was parsed when the config was validated.
     let mut sources = crate::cidr::parse_all(&config.peer_networks).unwrap_or_default();
-    let addrs = [&config.api_addr, &config.peer_addr].into_iter().chain(
-        config
-            .peers
-            .iter()
-            .flat_map(|p| [&p.api_addr, &p.peer_addr]),
-    );
-    for addr in addrs {
-        if let Ok(a) = addr.parse::<std::net::SocketAddr>() {
-            if let Ok(host) = a.ip().to_string().parse() {
-                sources.push(host);
-            }
+    for ip in member_addresses(config) {
+        if let Ok(host) = ip.to_string().parse() {
+            sources.push(host);
         }
     }
     sources
+}
+
+/// The addresses of this node and of the configured members.
+fn member_addresses(config: &Config) -> Vec<std::net::IpAddr> {
+    [&config.api_addr, &config.peer_addr]
+        .into_iter()
+        .chain(
+            config
+                .peers
+                .iter()
+                .flat_map(|p| [&p.api_addr, &p.peer_addr]),
+        )
+        .filter_map(|a| a.parse::<std::net::SocketAddr>().ok())
+        .map(|a| a.ip())
+        .collect()
 }
 
 /// Let the node hold as many files as its hard limit allows (many shells start it with a

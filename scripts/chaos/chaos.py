@@ -79,7 +79,8 @@ RESOLUTION_MS = 10  # of the witness's start/end stamps (/proc/uptime)
 # at once on waking). No lease can do better: only the resource can refuse a stale
 # attempt, by its attempt number (the fencing token every task gets). So an overlap with
 # a frozen part and at most this much execution with neither frozen is that documented
-# bound, counted apart; more execution, or an overlap with nothing frozen, is a violation.
+# bound, counted apart when the successor started while the old attempt was frozen; more
+# execution, or any other overlap, is a violation.
 FREEZE_EXEC_BOUND_MS = 250  # the 200 ms fence check, the kill, one 20 ms witness poll
 
 
@@ -240,7 +241,10 @@ class Witness:
                     ov = min(a[1], c[1]) - max(a[0], c[0])
                     if ov > 0:
                         ex = meet(subtract((a[0], a[1]), a[5]), subtract((c[0], c[1]), c[5]))
+                        # Whether the later attempt started while the earlier one was frozen.
+                        started_frozen = any(fa <= c[0] <= fc for fa, fc in a[5])
                         out.append({"run": run, "task": task, "ms": round(ov / 1e6, 1), "exec_ms": round(ex / 1e6, 1),
+                                    "started_frozen": started_frozen,
                                     "a": {"attempt": a[2], "pid": a[3], "ended": a[4]},
                                     "b": {"attempt": c[2], "pid": c[3], "ended": c[4]}})
         return out
@@ -1147,7 +1151,7 @@ def check(b, token, w, history, fault_window, witness=None):
         allovs = Witness.overlaps(iv)
         ovs = [o for o in allovs if o["ms"] > RESOLUTION_MS]
         figures["overlaps_within_resolution"] = len(allovs) - len(ovs)
-        frozen = [o for o in ovs if o["exec_ms"] < o["ms"] and o["exec_ms"] <= FREEZE_EXEC_BOUND_MS]
+        frozen = [o for o in ovs if o["started_frozen"] and o["exec_ms"] <= FREEZE_EXEC_BOUND_MS]
         ovs = [o for o in ovs if o not in frozen]
         figures["freeze_overlaps"] = len(frozen)
         figures["max_freeze_exec_ms"] = max((o["exec_ms"] for o in frozen), default=0)

@@ -99,6 +99,9 @@ impl Egress {
     /// addresses open only through the node-wide `http_allow`, never through a tenant's
     /// grant (a tenant granted 10/8 still cannot call the nodes' ports inside it).
     pub fn permits(&self, tenant: &str, ip: IpAddr) -> bool {
+        // An IPv6 form that carries an IPv4 address is judged as that address everywhere
+        // (grants, own addresses, internal ranges): `::/0` must not open a host's IPv4.
+        let ip = embedded_v4(ip).map_or(ip, IpAddr::V4);
         if cidr::any_contains(&self.allow, ip) {
             return true;
         }
@@ -164,6 +167,25 @@ impl Egress {
             builder = builder.resolve(&host, first);
         }
         builder.build().map_err(|e| Error::Client(e.to_string()))
+    }
+}
+
+/// The IPv4 address an IPv6 address carries: IPv4-mapped (`::ffff:a.b.c.d`),
+/// IPv4-translated (`::ffff:0:a.b.c.d`), IPv4-compatible (`::a.b.c.d`), 6to4
+/// (`2002:aabb:ccdd::/48`) and NAT64 (`64:ff9b::/96`).
+fn embedded_v4(ip: IpAddr) -> Option<Ipv4Addr> {
+    let IpAddr::V6(a) = ip else { return None };
+    let s = a.segments();
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+    if let Some(m) = a.to_ipv4_mapped() {
+        return Some(m);
+    }
+    match s {
+        [0, 0, 0, 0, 0xffff, 0, hi, lo] => Some(v4(hi, lo)),
+        [0, 0, 0, 0, 0, 0, hi, lo] if !a.is_loopback() && !a.is_unspecified() => Some(v4(hi, lo)),
+        [0x2002, hi, lo, ..] => Some(v4(hi, lo)),
+        [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => Some(v4(hi, lo)),
+        _ => None,
     }
 }
 
@@ -336,6 +358,33 @@ mod tests {
         let e = Egress::from_config(&c).unwrap();
         assert!(e.permits("t", ip("127.0.0.1")));
         assert!(!e.permits("t", ip("10.0.0.1")));
+    }
+
+    #[test]
+    fn embedded_ipv4_is_judged_as_ipv4_even_under_a_grant_of_all_ipv6() {
+        let mut c = Config::default();
+        c.executor.tenants.insert(
+            "t".into(),
+            crate::config::TenantExecutor {
+                http_allow: vec!["::/0".into()],
+                ..Default::default()
+            },
+        );
+        let e = Egress::from_config(&c).unwrap();
+        for bad in [
+            "::10.0.0.5",
+            "::ffff:0:a00:5",
+            "2002:a00:5::1",
+            "64:ff9b::a00:5",
+            "::ffff:169.254.169.254",
+        ] {
+            assert!(!e.permits("t", ip(bad)), "{bad}");
+        }
+        assert!(e.permits("t", ip("2606:4700::1111")));
+        assert!(
+            e.permits("t", ip("64:ff9b::808:808")),
+            "a public IPv4 through NAT64"
+        );
     }
 
     #[test]

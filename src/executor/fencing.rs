@@ -177,8 +177,9 @@ pub fn serve_stdin(cgroups: Option<Cgroups>) -> i32 {
 }
 
 /// The node's end of the pipe to its keeper. It remembers what it handed the keeper, so
-/// a keeper that died (killed by someone, OOM) is replaced and told it all again: at the
-/// next message to it, or at the executor's next fence check, whichever comes first.
+/// a keeper that died (killed by someone, OOM), or stopped reading until its pipe filled,
+/// is replaced and told it all again: at the next message to it, or at the executor's
+/// next fence check, whichever comes first.
 pub struct KeeperLink {
     inner: Mutex<Link>,
 }
@@ -197,6 +198,8 @@ struct Link {
     started: Option<Instant>,
     /// A start failed (said once).
     failed: bool,
+    /// A write to the keeper failed: it exited, or stopped reading until its pipe filled.
+    broken: bool,
 }
 
 impl Link {
@@ -220,6 +223,20 @@ impl Link {
         match started {
             Ok(mut child) => {
                 self.stdin = child.stdin.take();
+                if let Some(pipe) = &self.stdin {
+                    // A keeper that is alive but not reading (stopped, wedged) must not
+                    // block the executor once the pipe is full: a write that would block
+                    // fails instead, and the keeper is replaced.
+                    use std::os::fd::AsRawFd;
+                    let fd = pipe.as_raw_fd();
+                    // SAFETY: F_GETFL/F_SETFL only read and set the pipe's status flags.
+                    unsafe {
+                        let flags = libc::fcntl(fd, libc::F_GETFL);
+                        if flags >= 0 {
+                            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+                        }
+                    }
+                }
                 self.child = Some(child);
             }
             Err(e) => {
@@ -233,7 +250,8 @@ impl Link {
 
     /// Whether the keeper is gone (its pipe broke, or it exited).
     fn gone(&mut self) -> bool {
-        self.stdin.is_none()
+        self.broken
+            || self.stdin.is_none()
             || self
                 .child
                 .as_mut()
@@ -249,12 +267,14 @@ impl Link {
         {
             return;
         }
-        self.stdin = None;
         if let Some(mut old) = self.child.take() {
-            // Reap it (it is gone, or its pipe is): no zombie is left behind.
+            // Killed before its pipe closes (a keeper that sees its pipe close kills every
+            // attempt), and reaped: no zombie is left behind.
             let _ = old.kill();
             let _ = old.wait();
         }
+        self.stdin = None;
+        self.broken = false;
         self.start();
         let now = Instant::now();
         let lines: Vec<String> = self
@@ -279,12 +299,15 @@ impl Link {
         let Some(pipe) = self.stdin.as_mut() else {
             return false;
         };
-        // One short line is far below PIPE_BUF: the write is atomic and does not block
-        // while the keeper keeps reading.
+        // One short line is far below PIPE_BUF: the write is atomic (all or nothing on a
+        // non-blocking pipe). A full pipe (the keeper stopped reading) or a broken one
+        // (it exited) means this keeper holds nothing any more.
         if pipe.write_all(line.as_bytes()).is_ok() {
             return true;
         }
-        self.stdin = None;
+        // The pipe stays open until the keeper is killed: a keeper that sees it close
+        // takes the node for dead and kills every attempt.
+        self.broken = true;
         false
     }
 
@@ -313,6 +336,7 @@ impl KeeperLink {
             groups: Default::default(),
             started: None,
             failed: false,
+            broken: false,
         };
         k.start();
         KeeperLink {
@@ -331,6 +355,7 @@ impl KeeperLink {
                 groups: Default::default(),
                 started: None,
                 failed: false,
+                broken: false,
             }),
         }
     }

@@ -256,10 +256,10 @@ pub fn remove_older_than(roots: &[PathBuf], keep: Duration) -> usize {
     removed
 }
 
-/// Create an attempt's working dir, private to the user the attempt runs as.
 /// Create an attempt's working dir (`root/run/task/attempt`), its own user's alone
-/// (0700). The dirs above it are 0711: an attempt can pass through them to its own, but
-/// no attempt can list them, so none learns the run and task ids of others.
+/// (0700). The run and task dirs above it are 0711, and so is the root when the node
+/// owns it and it is no shared sticky directory (`/tmp`): an attempt can pass through
+/// them to its own, but cannot list them, so it learns no other run's or task's id.
 async fn prepare_work_dir(
     root: &Path,
     work: &Path,
@@ -270,6 +270,15 @@ async fn prepare_work_dir(
     for dir in work.ancestors().skip(1) {
         if !dir.starts_with(root) {
             break;
+        }
+        if dir == root {
+            use std::os::unix::fs::MetadataExt;
+            let meta = tokio::fs::metadata(dir).await?;
+            // SAFETY: geteuid(2) has no preconditions.
+            let mine = meta.uid() == unsafe { libc::geteuid() };
+            if !mine || meta.mode() & 0o1000 != 0 {
+                break;
+            }
         }
         tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).await?;
     }

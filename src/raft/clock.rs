@@ -47,9 +47,11 @@ const MAX_SAMPLE_RTT: Duration = Duration::from_millis(500);
 /// gives the offset (16 s of samples at [`SAMPLE_EVERY`], in which clocks drift by
 /// microseconds).
 pub const FILTER_SAMPLES: usize = 8;
-/// What two consistent samples may still disagree by beyond their round trips: both are
-/// read in whole milliseconds, and clocks drift by microseconds over the filter's span.
-const STEP_SLACK_MS: u64 = 2;
+/// What two consistent samples may still disagree by beyond their round trips: each
+/// offset comes from two wall clocks read in whole milliseconds and a halved round trip
+/// truncated to one (up to 3 ms of rounding between two samples), and clocks drift by
+/// microseconds over the filter's span. A step worth following is far larger.
+const STEP_SLACK_MS: u64 = 5;
 
 /// A peer's answer to a clock sample (`/cluster/clock`).
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]

@@ -298,10 +298,15 @@ impl Cluster {
         let leaked = self.leaked_fd9.as_ref().map(|p| {
             let f = std::fs::File::open(p).expect("the file to leak");
             let raw = std::os::fd::AsRawFd::as_raw_fd(&f);
-            // SAFETY: dup2(2) is async-signal-safe; `f` outlives the spawn.
+            // SAFETY: dup2(2) and fcntl(2) are async-signal-safe; `f` outlives the spawn.
             unsafe {
                 std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
                     if libc::dup2(raw, 9) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // dup2 onto itself (the file got fd 9 here) keeps close-on-exec: clear it.
+                    let flags = libc::fcntl(9, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(9, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())

@@ -79,10 +79,10 @@ pub const MAX_LOST_RETRIES: u32 = 3;
 ///   run executes.
 /// - 6: a retried run (`RetryRun`) counts against the run quotas like a new run: a retry
 ///   beyond `max_active_runs` or `max_queued_runs_per_dag` is refused.
-/// - 7: deleting a DAG drops its versions that no unfinished run executes, and its
-///   record keeps no tasks, webhook or owner: a tenant that creates and deletes DAGs no
-///   longer grows the state without bound. A finished run of a deleted DAG cannot be
-///   retried (its version is gone).
+/// - 7: deleting a DAG drops its versions that no unfinished run executes (the last of
+///   those runs to finish drops the rest), and its record keeps no tasks, webhook or
+///   owner: a tenant that creates and deletes DAGs no longer grows the state without
+///   bound. A finished run of a deleted DAG cannot be retried.
 pub const PROTOCOL_VERSION: u32 = 7;
 
 /// What apply knows about the entry it is applying.

@@ -75,6 +75,11 @@ pub(super) fn save_run(
                 };
                 notify(kv, run, event)?;
             }
+            if ctx.protocol >= 7 && dag_deleted(kv, &run.tenant, &run.dag_id)? {
+                // A deleted DAG's versions stay only while unfinished runs execute them:
+                // the last of those to finish takes them along.
+                drop_versions(kv, &run.tenant, &run.dag_id, None)?;
+            }
         }
     } else {
         let entry = ActiveEntry {
@@ -86,6 +91,18 @@ pub(super) fn save_run(
     }
     put_json(kv, Table::Runs, run.run_id.as_bytes().to_vec(), run);
     Ok(())
+}
+
+/// Whether the DAG's record says it was deleted (only that field is decoded).
+fn dag_deleted(kv: &impl Kv, tenant: &str, dag_id: &str) -> Result<bool, KvError> {
+    #[derive(serde::Deserialize)]
+    struct Deleted {
+        deleted: bool,
+    }
+    Ok(
+        get_json::<Deleted>(kv, Table::Dags, &keys::dag(tenant, dag_id))?
+            .is_some_and(|d| d.deleted),
+    )
 }
 
 /// Mark the run's SLA missed if its deadline is before `at` (once; counted and notified).
@@ -274,8 +291,9 @@ pub(super) fn cancel_run(
     }
     run.state = RunState::Cancelled;
     run.ended_ms = Some(ctx.now);
-    save_run(kv, &mut run, Some(before), ctx)?;
+    // Read before the save: the last run of a deleted DAG takes its version along.
     let spec = run_spec(kv, &run)?;
+    save_run(kv, &mut run, Some(before), ctx)?;
     start_queued_runs(kv, tenant, &run.dag_id, spec.max_active_runs, ctx)?;
     Ok(Outcome::RunCancelled {
         run_id: run_id.to_string(),
@@ -301,6 +319,15 @@ pub(super) fn retry_run(
                 run.state
             )
             .to_lowercase(),
+        });
+    }
+    if ctx.protocol >= 7 && dag_deleted(kv, &run.tenant, &run.dag_id)? {
+        return Ok(Outcome::InvalidState {
+            message: format!(
+                "run '{run_id}' belongs to dag '{}', which was deleted; create the dag again \
+                 and trigger a new run",
+                run.dag_id
+            ),
         });
     }
     // A finished run's version may have been dropped (`dag_versions_kept`): nothing to

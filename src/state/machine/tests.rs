@@ -532,6 +532,21 @@ fn from_protocol_7_a_deleted_dag_keeps_only_what_unfinished_runs_need() {
             .expect("run");
         assert_eq!(run.dag_version, 1);
         assert_eq!(run_spec(&kv, &run).unwrap().tasks.len(), 1);
+        // When that run finishes, the version goes with it; the run cannot be retried.
+        let cancel = Command::CancelRun {
+            tenant: "t".into(),
+            run_id: "run_1".into(),
+        };
+        apply(&mut kv, &req("c", 15, cancel)).unwrap();
+        assert_eq!(versions(&kv, "busy"), Vec::<u64>::new());
+        let retry = Command::RetryRun {
+            tenant: "t".into(),
+            run_id: "run_1".into(),
+        };
+        match apply(&mut kv, &req("retry", 16, retry)).unwrap().outcome {
+            Outcome::InvalidState { message } => assert!(message.contains("deleted"), "{message}"),
+            o => panic!("{o:?}"),
+        }
         // Re-created, the DAG goes on from the next version number.
         let o = apply(&mut kv, &req("again", 20, put("t", "idle", None))).unwrap();
         assert!(
