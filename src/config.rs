@@ -399,6 +399,9 @@ pub struct LimitsConfig {
     /// Versions of one DAG kept: writing a new version drops the oldest ones beyond it,
     /// except those an unfinished run still executes (from protocol 5).
     pub max_dag_versions: u64,
+    /// The longest `timeout` a task may declare (400 beyond it): how long one attempt
+    /// can hold an executor slot.
+    pub max_task_timeout_ms: u64,
     /// Per-tenant overrides of the quotas above.
     pub tenants: std::collections::BTreeMap<String, TenantLimits>,
 }
@@ -419,6 +422,8 @@ pub struct TenantLimits {
     pub max_active_runs_per_tenant: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_dag_versions: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_task_timeout_ms: Option<u64>,
 }
 
 /// The quotas that hold for one tenant.
@@ -430,6 +435,7 @@ pub struct Quotas {
     pub max_queued_runs_per_dag: u64,
     pub max_active_runs_per_tenant: u64,
     pub max_dag_versions: u64,
+    pub max_task_timeout_ms: u64,
 }
 
 impl LimitsConfig {
@@ -449,6 +455,7 @@ impl LimitsConfig {
                 .max_active_runs_per_tenant
                 .unwrap_or(self.max_active_runs_per_tenant),
             max_dag_versions: o.max_dag_versions.unwrap_or(self.max_dag_versions),
+            max_task_timeout_ms: o.max_task_timeout_ms.unwrap_or(self.max_task_timeout_ms),
         }
     }
 }
@@ -462,6 +469,7 @@ impl Default for LimitsConfig {
             max_queued_runs_per_dag: 500,
             max_active_runs_per_tenant: 2000,
             max_dag_versions: 100,
+            max_task_timeout_ms: 86_400_000,
             tenants: Default::default(),
         }
     }
@@ -843,10 +851,12 @@ impl Config {
                 || q.max_queued_runs_per_dag == 0
                 || q.max_active_runs_per_tenant == 0
                 || q.max_dag_versions == 0
+                || q.max_task_timeout_ms == 0
             {
                 return bad(format!(
                     "{scope}: max_dags_per_tenant, max_tasks_per_dag, max_queued_runs_per_dag, \
-                     max_active_runs_per_tenant and max_dag_versions must be > 0"
+                     max_active_runs_per_tenant, max_dag_versions and max_task_timeout_ms must \
+                     be > 0"
                 ));
             }
         }

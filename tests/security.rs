@@ -788,6 +788,17 @@ async fn by_default_a_schedule_fires_at_most_once_a_minute() {
     }
     let (s, v) = c.post(1, "/dags", &t, &dag("minutely", "* * * * *")).await;
     assert_eq!(s, StatusCode::OK, "{v}");
+    // And a task holds an executor slot for a day at most.
+    let timed = |timeout: &str| json!({"dag_id": "long", "tasks": [{"task_id": "t", "kind": "noop", "timeout": timeout}]});
+    let (s, v) = c.post(1, "/dags", &t, &timed("25h")).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let msg = v["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("limits.max_task_timeout_ms allows 86400000 ms"),
+        "{msg}"
+    );
+    let (s, v) = c.post(1, "/dags", &t, &timed("24h")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -277,6 +277,17 @@ pub async fn submit(
 /// enforces it race-free ([`crate::quota`]).
 fn check_limits(st: &ApiState, tenant: &str, spec: &DagSpec) -> Result<(), ApiError> {
     let limits = st.node.config().limits.for_tenant(tenant);
+    if let Some(t) = spec.tasks.iter().find(|t| {
+        t.timeout_ms
+            .is_some_and(|ms| ms > limits.max_task_timeout_ms)
+    }) {
+        return Err(ApiError::InvalidRequest(format!(
+            "tasks: task '{}' has a timeout of {} ms; limits.max_task_timeout_ms allows {} ms",
+            t.task_id,
+            t.timeout_ms.unwrap_or_default(),
+            limits.max_task_timeout_ms
+        )));
+    }
     if spec.tasks.len() as u64 > limits.max_tasks_per_dag {
         return Err(ApiError::InvalidRequest(format!(
             "tasks: has {} tasks; limits.max_tasks_per_dag allows {}",
