@@ -191,12 +191,9 @@ fn embedded_v4(ip: IpAddr) -> Option<Ipv4Addr> {
 
 /// Addresses that are not the public internet.
 pub fn is_internal(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(a) => is_internal_v4(a),
-        IpAddr::V6(a) => match a.to_ipv4_mapped() {
-            Some(v4) => is_internal_v4(v4),
-            None => is_internal_v6(a),
-        },
+    match (embedded_v4(ip), ip) {
+        (Some(v4), _) | (None, IpAddr::V4(v4)) => is_internal_v4(v4),
+        (None, IpAddr::V6(a)) => is_internal_v6(a),
     }
 }
 
@@ -218,15 +215,8 @@ fn is_internal_v4(a: Ipv4Addr) -> bool {
 }
 
 fn is_internal_v6(a: Ipv6Addr) -> bool {
+    // Forms that carry an IPv4 address were judged by it already (`embedded_v4`).
     let s = a.segments();
-    // Forms that carry an IPv4 address inside: judged by it.
-    let v4 = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
-    if s[..6] == [0; 6] && !a.is_loopback() && !a.is_unspecified() {
-        return is_internal_v4(v4(s[6], s[7])); // IPv4-compatible ::a.b.c.d
-    }
-    if s[0] == 0x2002 {
-        return is_internal_v4(v4(s[1], s[2])); // 6to4 2002:aabb:ccdd::/48
-    }
     a.is_loopback()
         || a.is_unspecified()
         || a.is_multicast()

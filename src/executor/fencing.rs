@@ -203,6 +203,19 @@ struct Link {
 }
 
 impl Link {
+    fn new(wanted: bool, cgroup_parent: Option<std::path::PathBuf>) -> Link {
+        Link {
+            wanted,
+            cgroup_parent,
+            stdin: None,
+            child: None,
+            groups: HashMap::new(),
+            started: None,
+            failed: false,
+            broken: false,
+        }
+    }
+
     fn start(&mut self) {
         use std::os::unix::process::CommandExt;
         self.started = Some(Instant::now());
@@ -328,35 +341,17 @@ impl KeeperLink {
     /// Start this node's keeper (the running binary, `fence-keeper`). When it cannot be
     /// started the node still fences attempts itself, and says so.
     pub fn spawn(cgroups: Option<&Cgroups>) -> KeeperLink {
-        let mut k = Link {
-            wanted: true,
-            cgroup_parent: cgroups.map(|c| c.parent().to_path_buf()),
-            stdin: None,
-            child: None,
-            groups: Default::default(),
-            started: None,
-            failed: false,
-            broken: false,
-        };
+        let mut k = Link::new(true, cgroups.map(|c| c.parent().to_path_buf()));
         k.start();
         KeeperLink {
             inner: Mutex::new(k),
         }
     }
 
-    /// A link to no keeper (unit tests; a node that could not start one).
+    /// A link to no keeper (unit tests).
     pub fn none() -> KeeperLink {
         KeeperLink {
-            inner: Mutex::new(Link {
-                wanted: false,
-                cgroup_parent: None,
-                stdin: None,
-                child: None,
-                groups: Default::default(),
-                started: None,
-                failed: false,
-                broken: false,
-            }),
+            inner: Mutex::new(Link::new(false, None)),
         }
     }
 

@@ -400,16 +400,19 @@ fn from_protocol_5_apply_holds_each_quota_counting_the_writes_before_it() {
     }
 }
 
+/// The versions of tenant `t`'s DAG `dag` kept in the state.
+fn stored_versions(kv: &MemKv, dag: &str) -> Vec<u64> {
+    let prefix = keys::prefix(&[b"t", dag.as_bytes()]);
+    kv.scan_prefix(Table::DagVersions, &prefix)
+        .unwrap()
+        .iter()
+        .filter_map(|(k, _)| version_of_key(&prefix, k))
+        .collect()
+}
+
 #[test]
 fn from_protocol_5_old_versions_go_except_those_unfinished_runs_execute() {
-    let versions = |kv: &MemKv| -> Vec<u64> {
-        let prefix = keys::prefix(&[b"t", b"d"]);
-        kv.scan_prefix(Table::DagVersions, &prefix)
-            .unwrap()
-            .iter()
-            .filter_map(|(k, _)| version_of_key(&prefix, k))
-            .collect()
-    };
+    let versions = |kv: &MemKv| stored_versions(kv, "d");
     for protocol in [4, 5] {
         let mut kv = at_protocol(protocol);
         let mut n = 0;
@@ -466,14 +469,6 @@ fn from_protocol_5_old_versions_go_except_those_unfinished_runs_execute() {
 
 #[test]
 fn from_protocol_7_a_deleted_dag_keeps_only_what_unfinished_runs_need() {
-    let versions = |kv: &MemKv, dag: &str| -> Vec<u64> {
-        let prefix = keys::prefix(&[b"t", dag.as_bytes()]);
-        kv.scan_prefix(Table::DagVersions, &prefix)
-            .unwrap()
-            .iter()
-            .filter_map(|(k, _)| version_of_key(&prefix, k))
-            .collect()
-    };
     let tombstone = |kv: &MemKv, dag: &str| -> Dag {
         get_json::<Dag>(kv, Table::Dags, &keys::dag("t", dag))
             .unwrap()
@@ -511,13 +506,17 @@ fn from_protocol_7_a_deleted_dag_keeps_only_what_unfinished_runs_need() {
         apply(&mut kv, &req("d1", 12, delete("idle"))).unwrap();
         apply(&mut kv, &req("d2", 13, delete("busy"))).unwrap();
         if protocol < 7 {
-            assert_eq!(versions(&kv, "idle"), vec![1, 2, 3], "protocol 6 keeps all");
+            assert_eq!(
+                stored_versions(&kv, "idle"),
+                vec![1, 2, 3],
+                "protocol 6 keeps all"
+            );
             assert!(!tombstone(&kv, "idle").spec.tasks.is_empty());
             continue;
         }
-        assert_eq!(versions(&kv, "idle"), Vec::<u64>::new());
+        assert_eq!(stored_versions(&kv, "idle"), Vec::<u64>::new());
         assert_eq!(
-            versions(&kv, "busy"),
+            stored_versions(&kv, "busy"),
             vec![1],
             "the unfinished run's version stays"
         );
@@ -538,7 +537,7 @@ fn from_protocol_7_a_deleted_dag_keeps_only_what_unfinished_runs_need() {
             run_id: "run_1".into(),
         };
         apply(&mut kv, &req("c", 15, cancel)).unwrap();
-        assert_eq!(versions(&kv, "busy"), Vec::<u64>::new());
+        assert_eq!(stored_versions(&kv, "busy"), Vec::<u64>::new());
         let retry = Command::RetryRun {
             tenant: "t".into(),
             run_id: "run_1".into(),
