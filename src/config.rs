@@ -190,6 +190,7 @@ pub struct ExecutorConfig {
     /// network to the tenant that needs it (`tenants.<tenant>.http_allow`).
     pub http_allow: Vec<String>,
     /// Webhooks carry `X-Orchestrator-Signature: sha256=<hex HMAC-SHA256 of the body>`
+    /// and `X-Orchestrator-Signature-Timed` (of `"<X-Orchestrator-Timestamp>.<body>"`)
     /// under this secret when set (unless their tenant has its own).
     pub webhook_secret: Option<String>,
     /// Per-tenant egress grants and webhook secrets.
@@ -402,6 +403,11 @@ pub struct LimitsConfig {
     /// The longest `timeout` a task may declare (400 beyond it): how long one attempt
     /// can hold an executor slot.
     pub max_task_timeout_ms: u64,
+    /// The share of the live executor slots (percent, 1-100) one tenant's attempts may
+    /// hold while another tenant has a DAG (from protocol 8): the rest stays free for the
+    /// others, since an attempt is never taken back once it runs. A tenant alone on the
+    /// cluster may use every slot.
+    pub max_slot_share_percent: u64,
     /// Per-tenant overrides of the quotas above.
     pub tenants: std::collections::BTreeMap<String, TenantLimits>,
 }
@@ -424,6 +430,8 @@ pub struct TenantLimits {
     pub max_dag_versions: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_task_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_slot_share_percent: Option<u64>,
 }
 
 /// The quotas that hold for one tenant.
@@ -436,6 +444,7 @@ pub struct Quotas {
     pub max_active_runs_per_tenant: u64,
     pub max_dag_versions: u64,
     pub max_task_timeout_ms: u64,
+    pub max_slot_share_percent: u64,
 }
 
 impl LimitsConfig {
@@ -456,6 +465,9 @@ impl LimitsConfig {
                 .unwrap_or(self.max_active_runs_per_tenant),
             max_dag_versions: o.max_dag_versions.unwrap_or(self.max_dag_versions),
             max_task_timeout_ms: o.max_task_timeout_ms.unwrap_or(self.max_task_timeout_ms),
+            max_slot_share_percent: o
+                .max_slot_share_percent
+                .unwrap_or(self.max_slot_share_percent),
         }
     }
 }
@@ -470,6 +482,7 @@ impl Default for LimitsConfig {
             max_active_runs_per_tenant: 2000,
             max_dag_versions: 100,
             max_task_timeout_ms: 86_400_000,
+            max_slot_share_percent: 75,
             tenants: Default::default(),
         }
     }
@@ -857,6 +870,12 @@ impl Config {
                     "{scope}: max_dags_per_tenant, max_tasks_per_dag, max_queued_runs_per_dag, \
                      max_active_runs_per_tenant, max_dag_versions and max_task_timeout_ms must \
                      be > 0"
+                ));
+            }
+            if !(1..=100).contains(&q.max_slot_share_percent) {
+                return bad(format!(
+                    "{scope}: max_slot_share_percent must be between 1 and 100, got {}",
+                    q.max_slot_share_percent
                 ));
             }
         }

@@ -52,6 +52,7 @@ impl From<&Quotas> for Quota {
             max_active_runs: q.max_active_runs_per_tenant,
             max_queued_runs_per_dag: q.max_queued_runs_per_dag,
             dag_versions_kept: q.max_dag_versions,
+            slot_share_percent: Some(q.max_slot_share_percent.clamp(1, 100) as u32),
         }
     }
 }
@@ -96,6 +97,7 @@ mod tests {
         max_active_runs: 3,
         max_queued_runs_per_dag: 1,
         dag_versions_kept: 10,
+        slot_share_percent: None,
     };
 
     #[test]

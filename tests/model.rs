@@ -163,11 +163,15 @@ fn arb_command() -> impl Strategy<Value = Command> {
 /// happen often: the counts they read must be the same on a replica that kept them as it
 /// applied and on one that rebuilt them from a snapshot.
 fn arb_quota() -> impl Strategy<Value = Quota> {
-    (1u64..3, 1u64..5, 1u64..4, 1u64..4).prop_map(|(dags, active, queued, kept)| Quota {
-        max_dags: dags,
-        max_active_runs: active,
-        max_queued_runs_per_dag: queued,
-        dag_versions_kept: kept,
+    let share = prop_oneof![Just(None), (1u32..=100).prop_map(Some)];
+    (1u64..3, 1u64..5, 1u64..4, 1u64..4, share).prop_map(|(dags, active, queued, kept, share)| {
+        Quota {
+            max_dags: dags,
+            max_active_runs: active,
+            max_queued_runs_per_dag: queued,
+            dag_versions_kept: kept,
+            slot_share_percent: share,
+        }
     })
 }
 

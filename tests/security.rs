@@ -904,7 +904,7 @@ async fn http_tasks_cannot_reach_internal_addresses_or_follow_redirects() {
 /// A local receiver recording each webhook's signature header and body.
 async fn hook_receiver() -> (
     String,
-    std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>,
 ) {
     let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let g = got.clone();
@@ -913,12 +913,20 @@ async fn hook_receiver() -> (
         axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
             let g = g.clone();
             async move {
-                let sig = headers
-                    .get("x-orchestrator-signature")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_string();
-                g.lock().unwrap().push((sig, body));
+                let header = |name: &str| {
+                    headers
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string()
+                };
+                let sig = header("x-orchestrator-signature");
+                let timed = format!(
+                    "{} {}",
+                    header("x-orchestrator-timestamp"),
+                    header("x-orchestrator-signature-timed")
+                );
+                g.lock().unwrap().push((sig, body, timed));
                 "ok"
             }
         }),
@@ -1021,17 +1029,27 @@ async fn webhooks_obey_the_egress_policy_per_tenant_and_are_signed_per_tenant() 
     // acme's webhook reaches its granted network, signed with acme's own secret.
     let (url, got) = hook_receiver().await;
     submit_and_run(acme.clone(), hook_dag("w", &url)).await;
-    let (sig, body) = wait_for(LONG, "acme's webhook", || async {
+    let (sig, body, timed) = wait_for(LONG, "acme's webhook", || async {
         got.lock().unwrap().first().cloned()
     })
     .await;
     let sign = orchestrator::executor::egress::signature;
     assert_eq!(sig, sign(acme_secret, body.as_bytes()), "{body}");
     assert_ne!(sig, sign(node_secret, body.as_bytes()));
+    // The timed signature covers when it was sent: a receiver can refuse a replay.
+    let (ts, timed_sig) = timed.split_once(' ').expect("timestamp and signature");
+    let sent: u64 = ts.parse().expect("a Unix time");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    assert!(now.abs_diff(sent) < 120, "sent at {sent}, now {now}");
+    let timed_sign = orchestrator::executor::egress::timed_signature;
+    assert_eq!(timed_sig, timed_sign(acme_secret, sent, body.as_bytes()));
     // beta has the grant but no secret of its own: the node's.
     let (url, got) = hook_receiver().await;
     submit_and_run(beta.clone(), hook_dag("w", &url)).await;
-    let (sig, body) = wait_for(LONG, "beta's webhook", || async {
+    let (sig, body, _) = wait_for(LONG, "beta's webhook", || async {
         got.lock().unwrap().first().cloned()
     })
     .await;
@@ -1699,7 +1717,15 @@ async fn concurrent_writes_never_overshoot_a_quota() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_cannot_hold_every_executor_slot() {
-    let c = up(1, &[("ORCHESTRATOR_EXECUTOR__SLOTS", "2")]).await;
+    // The fair share alone (the cap below is lifted): freed slots go to the tenant waiting.
+    let c = up(
+        1,
+        &[
+            ("ORCHESTRATOR_EXECUTOR__SLOTS", "2"),
+            ("ORCHESTRATOR_LIMITS__MAX_SLOT_SHARE_PERCENT", "100"),
+        ],
+    )
+    .await;
     c.wait_protocol(3).await;
     let scope = "orchestrator:read orchestrator:write orchestrator:shell";
     let (hog, other) = (c.token("hog", scope), c.token("other", scope));
@@ -1746,6 +1772,67 @@ async fn a_tenant_cannot_hold_every_executor_slot() {
         hog_left >= 2,
         "the other tenant waited for the hog: {other_done} {hog_now}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_s_long_tasks_leave_slots_for_the_others() {
+    // Four slots, half of them per tenant while another tenant has a DAG.
+    let c = up(
+        1,
+        &[
+            ("ORCHESTRATOR_EXECUTOR__SLOTS", "4"),
+            ("ORCHESTRATOR_LIMITS__MAX_SLOT_SHARE_PERCENT", "50"),
+        ],
+    )
+    .await;
+    c.wait_protocol(8).await;
+    let scope = "orchestrator:read orchestrator:write orchestrator:shell";
+    let (hog, other) = (c.token("hog", scope), c.token("other", scope));
+    let one =
+        json!({"dag_id": "one", "tasks": [{"task_id": "t", "kind": "shell", "command": "true"}]});
+    let (s, v) = c.post(1, "/dags", &other, &one).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // The hog's run: six parallel tasks that hold a slot for two minutes each.
+    let tasks: Vec<Value> = (0..6)
+        .map(|i| json!({"task_id": format!("t{i}"), "kind": "shell", "command": "sleep 120"}))
+        .collect();
+    let (s, v) = c
+        .post(1, "/dags", &hog, &json!({"dag_id": "wide", "tasks": tasks}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = trigger(&c, &hog, "wide").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let hog_run = v["run_id"].as_str().expect("run_id").to_string();
+    let running = |v: &Value| {
+        v["tasks"]
+            .as_object()
+            .map_or(0, |t| t.values().filter(|s| *s == "running").count())
+    };
+    wait_for(LONG, "the hog to hold its two slots", || async {
+        let (_, v) = c.get(1, &format!("/runs/{hog_run}"), &hog).await;
+        (running(&v) >= 2).then_some(())
+    })
+    .await;
+    // Without the cap the hog holds all four slots for two minutes and the other
+    // tenant's run waits that long; with it, the run finishes at once.
+    let (s, v) = trigger(&c, &other, "one").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let other_run = v["run_id"].as_str().expect("run_id").to_string();
+    wait_for(LONG, "the other tenant's run to finish", || async {
+        let (_, v) = c.get(1, &format!("/runs/{other_run}"), &other).await;
+        (v["state"] == "done").then_some(())
+    })
+    .await;
+    let (_, hog_now) = c.get(1, &format!("/runs/{hog_run}"), &hog).await;
+    assert_eq!(
+        running(&hog_now),
+        2,
+        "the hog holds more than its cap: {hog_now}"
+    );
+    let (s, v) = c
+        .post(1, &format!("/runs/{hog_run}/cancel"), &hog, &json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -373,6 +373,7 @@ fn protocol_5_batches(t: i64) -> Vec<(u64, Vec<Request>)> {
         max_active_runs: 100,
         max_queued_runs_per_dag: 10,
         dag_versions_kept: 1,
+        slot_share_percent: None,
     };
     let mut seq = 0u64;
     let mut req = |now: i64, command: Command| {

@@ -283,7 +283,17 @@ impl Supervisor {
                         .header(reqwest::header::CONTENT_TYPE, "application/json")
                         .body(body.clone());
                     if let Some(s) = &secret {
-                        req = req.header(egress::SIGNATURE_HEADER, egress::signature(s, body.as_bytes()));
+                        // Stamped at each try: a receiver refuses what is too old.
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs());
+                        req = req
+                            .header(egress::SIGNATURE_HEADER, egress::signature(s, body.as_bytes()))
+                            .header(egress::TIMESTAMP_HEADER, now.to_string())
+                            .header(
+                                egress::TIMED_SIGNATURE_HEADER,
+                                egress::timed_signature(s, now, body.as_bytes()),
+                            );
                     }
                     match req.send().await {
                         Ok(r) if r.status().is_success() => {

@@ -16,6 +16,12 @@ use crate::config::Config;
 
 /// The header carrying a webhook's signature: `sha256=<hex of HMAC-SHA256(body)>`.
 pub const SIGNATURE_HEADER: &str = "X-Orchestrator-Signature";
+/// When the webhook was sent (Unix seconds), covered by [`TIMED_SIGNATURE_HEADER`].
+pub const TIMESTAMP_HEADER: &str = "X-Orchestrator-Timestamp";
+/// `sha256=<hex of HMAC-SHA256("<timestamp>.<body>")>`: a receiver that checks it and
+/// refuses old timestamps (five minutes is customary) cannot be fed a replayed webhook
+/// beyond that window; within it, the body's `run_id` and `event` deduplicate.
+pub const TIMED_SIGNATURE_HEADER: &str = "X-Orchestrator-Signature-Timed";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -268,9 +274,24 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
     )
 }
 
+/// The [`TIMED_SIGNATURE_HEADER`] value for a webhook body sent at `unix_secs`.
+pub fn timed_signature(secret: &str, unix_secs: u64, body: &[u8]) -> String {
+    let mut signed = format!("{unix_secs}.").into_bytes();
+    signed.extend_from_slice(body);
+    signature(secret, &signed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_timed_signature_covers_the_time_and_the_body() {
+        let s = timed_signature("k", 1_700_000_000, b"{}");
+        assert_eq!(s, signature("k", b"1700000000.{}"));
+        assert_ne!(s, timed_signature("k", 1_700_000_001, b"{}"));
+        assert_ne!(s, timed_signature("k", 1_700_000_000, b"{ }"));
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

@@ -154,6 +154,24 @@ impl Kv for Overlay<'_> {
     fn working_tenants(&self) -> Result<std::collections::BTreeSet<String>, KvError> {
         Ok(self.due.working_tenants())
     }
+    fn attempts_by_tenant(&self) -> Result<std::collections::BTreeMap<String, u32>, KvError> {
+        if let Some(e) = &self.failed {
+            return Err(KvError::Storage(e.to_string()));
+        }
+        Ok(self.due.attempts_by_tenant())
+    }
+    fn waiting_runs(&self, limit: usize) -> Result<Vec<String>, KvError> {
+        if let Some(e) = &self.failed {
+            return Err(KvError::Storage(e.to_string()));
+        }
+        Ok(self.due.waiting(limit))
+    }
+    fn dag_tenants(&self) -> Result<std::collections::BTreeSet<String>, KvError> {
+        if let Some(e) = &self.failed {
+            return Err(KvError::Storage(e.to_string()));
+        }
+        Ok(lock(self.tenants).dag_tenants_with(&self.tenant_changes))
+    }
     fn usage(&self, tenant: &str, dag_id: &str) -> Result<Usage, KvError> {
         if let Some(e) = &self.failed {
             return Err(KvError::Storage(e.to_string()));

@@ -265,6 +265,19 @@ impl TenantCounts {
         }
     }
 
+    /// Tenants with live DAGs by these counts plus the changes in `delta`.
+    pub fn dag_tenants_with(&self, delta: &TenantCounts) -> std::collections::BTreeSet<String> {
+        self.dags
+            .keys()
+            .chain(delta.dags.keys())
+            .filter(|t| {
+                self.dags.get(*t).copied().unwrap_or(0) + delta.dags.get(*t).copied().unwrap_or(0)
+                    > 0
+            })
+            .cloned()
+            .collect()
+    }
+
     /// What `tenant` (and its DAG `dag_id`) holds.
     pub fn usage(&self, tenant: &str, dag_id: &str) -> Usage {
         self.usage_with(&TenantCounts::default(), tenant, dag_id)

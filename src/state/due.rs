@@ -92,6 +92,9 @@ pub struct DueIndex {
     loads: BTreeMap<(String, String), Load>,
     /// Running runs per tenant (tenants with none are absent).
     running: BTreeMap<String, u32>,
+    /// Tasks in `running` per tenant, over every stored run: the attempts the tenant
+    /// holds executor slots with (a task runs exactly while it has an assignment).
+    attempts: BTreeMap<String, u32>,
 }
 
 impl DueIndex {
@@ -116,6 +119,22 @@ impl DueIndex {
     }
 
     fn count(&mut self, r: &RunView, add: bool) {
+        let attempts = r
+            .tasks
+            .values()
+            .filter(|t| t.state == TaskState::Running)
+            .count() as u32;
+        if attempts > 0 {
+            let n = self.attempts.entry(r.tenant.clone()).or_default();
+            *n = if add {
+                *n + attempts
+            } else {
+                n.saturating_sub(attempts)
+            };
+            if *n == 0 {
+                self.attempts.remove(&r.tenant);
+            }
+        }
         if !matches!(r.state, RunState::Queued | RunState::Running) {
             return;
         }
@@ -165,6 +184,21 @@ impl DueIndex {
                 .map(|(k, l)| (k.clone(), *l))
                 .collect(),
         }
+    }
+
+    /// Up to `limit` runs due whatever the clock (ready tasks waiting for a slot, or
+    /// nothing in flight), in the order of [`DueIndex::supervision`].
+    pub fn waiting(&self, limit: usize) -> Vec<String> {
+        self.due
+            .range(..(NOW.saturating_add(1), Vec::new(), String::new()))
+            .take(limit)
+            .map(|(_, _, id)| id.clone())
+            .collect()
+    }
+
+    /// Running attempts per tenant (tenants with none are absent).
+    pub fn attempts_by_tenant(&self) -> BTreeMap<String, u32> {
+        self.attempts.clone()
     }
 
     /// Tenants with running runs.

@@ -172,6 +172,7 @@ mod tests {
                 .collect::<BTreeMap<_, _>>(),
             counted: false,
             triggered_by: None,
+            slot_share_percent: None,
         }
     }
 

@@ -83,7 +83,17 @@ pub const MAX_LOST_RETRIES: u32 = 3;
 ///   those runs to finish drops the rest), and its record keeps no tasks, webhook or
 ///   owner: a tenant that creates and deletes DAGs no longer grows the state without
 ///   bound. A finished run of a deleted DAG cannot be retried.
-pub const PROTOCOL_VERSION: u32 = 7;
+/// - 8: a cap on one tenant's share of the slots: a run keeps the `slot_share_percent`
+///   of the quota it was created (or retried) with, and while another tenant has a live
+///   DAG no placement (the supervise pass's fill included) gives the run's tenant an
+///   attempt beyond `max(1, floor(live slots × percent / 100))` held. The fair share is
+///   work-conserving and never takes a running attempt back, so without a cap one
+///   tenant's long tasks could hold every slot until they end. A finished attempt's
+///   apply hands the slot it freed to a run waiting for one at once (in the supervise
+///   pass's order, within the share and the caps) instead of leaving it idle until the
+///   next pass; and the fair share counts each tenant's running tasks from the due index
+///   instead of decoding the run of every assignment.
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// What apply knows about the entry it is applying.
 #[derive(Debug, Clone, Copy)]
@@ -541,14 +551,24 @@ fn heartbeat(
     info.incarnation = incarnation.to_string();
     info.last_seen_ms = info.last_seen_ms.max(ctx.now);
     put_json(kv, Table::Nodes, nkey, &info);
+    // Each run is read and written once however many of its attempts the node renews
+    // (the same state as renewing them one by one: a renewal only raises a lease).
+    let mut by_run: std::collections::BTreeMap<&str, Vec<&AttemptRef>> = Default::default();
     for a in running {
-        let Some(mut run) = get_json::<Run>(kv, Table::Runs, a.run_id.as_bytes())? else {
+        by_run.entry(a.run_id.as_str()).or_default().push(a);
+    }
+    for (run_id, attempts) in by_run {
+        let Some(mut run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else {
             continue;
         };
-        let Some(inst) = run.tasks.get_mut(&a.task_id) else {
-            continue;
-        };
-        if inst.attempt == a.attempt && inst.state == TaskState::Running {
+        let mut renewed = false;
+        for a in attempts {
+            let Some(inst) = run.tasks.get_mut(&a.task_id) else {
+                continue;
+            };
+            if inst.attempt != a.attempt || inst.state != TaskState::Running {
+                continue;
+            }
             if let Some(att) = inst
                 .attempts
                 .iter_mut()
@@ -557,8 +577,11 @@ fn heartbeat(
                 att.lease_until_ms = att
                     .lease_until_ms
                     .max(ctx.now.saturating_add(lease_ms as i64));
-                save_run(kv, &mut run, None, ctx)?;
+                renewed = true;
             }
+        }
+        if renewed {
+            save_run(kv, &mut run, None, ctx)?;
         }
     }
     Ok(Outcome::Done)

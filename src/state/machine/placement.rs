@@ -24,43 +24,102 @@ pub(super) struct FairShare {
     enforce: bool,
     /// Runs that had ready tasks left when their tenant reached its share.
     held: Vec<String>,
+    /// Protocol ≥ 8: the live slots and the tenants with live DAGs, for the cap a run
+    /// carries (`Run::slot_share_percent`), which holds in the fill too.
+    cap: Option<(u32, std::collections::BTreeSet<String>)>,
 }
 
 impl FairShare {
-    fn load(kv: &impl Kv, live_slots: u32) -> Result<FairShare, KvError> {
-        let mut running = std::collections::BTreeMap::new();
-        let mut tenant_of = std::collections::BTreeMap::<String, String>::new();
-        for (k, _) in kv.scan_prefix(Table::Assignments, b"")? {
-            // `node(8 bytes) \0 run_id \0 task_id`
-            let Some(rest) = k.get(9..) else { continue };
-            let Some(sep) = rest.iter().position(|b| *b == 0) else {
-                continue;
+    /// Loaded while placing `run`'s tasks: `run` may differ from its stored version.
+    fn load(kv: &impl Kv, live_slots: u32, run: &Run, ctx: Ctx) -> Result<FairShare, KvError> {
+        let running = if ctx.protocol >= 8 {
+            // Kept as runs are written: a lookup, not a decode of every running run. The
+            // index knows `run` as stored; an attempt of it may have ended or expired
+            // since (its assignment is already gone), so count its tasks as they are now.
+            let mut running = kv.attempts_by_tenant()?;
+            let count = |tasks: &mut dyn Iterator<Item = TaskState>| {
+                tasks.filter(|s| *s == TaskState::Running).count() as u32
             };
-            let run_id = String::from_utf8_lossy(&rest[..sep]).into_owned();
-            let tenant = match tenant_of.get(&run_id) {
-                Some(t) => t.clone(),
-                None => {
-                    let Some(run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else {
-                        continue;
-                    };
-                    tenant_of.insert(run_id, run.tenant.clone());
-                    run.tenant
-                }
-            };
-            *running.entry(tenant).or_insert(0u32) += 1;
-        }
+            let stored = kv
+                .get(Table::Runs, run.run_id.as_bytes())?
+                .and_then(|b| RunView::decode(&b))
+                .map_or(0, |v| count(&mut v.tasks.values().map(|t| t.state)));
+            let now = count(&mut run.tasks.values().map(|t| t.state));
+            let held = running.entry(run.tenant.clone()).or_insert(0);
+            *held = (*held + now).saturating_sub(stored);
+            running.retain(|_, n| *n > 0);
+            // Every unit and property test checks that the counts are the assignments'.
+            #[cfg(test)]
+            assert_eq!(
+                running,
+                count_assignments(kv)?,
+                "running tasks = assignments"
+            );
+            running
+        } else {
+            count_assignments(kv)?
+        };
         let tenants = (kv.working_tenants()?.len() as u32).max(1);
         Ok(FairShare {
             running,
             share: (live_slots / tenants).max(1),
             enforce: true,
             held: Vec::new(),
+            cap: if ctx.protocol >= 8 {
+                Some((live_slots, kv.dag_tenants()?))
+            } else {
+                None
+            },
         })
     }
 
-    fn at_share(&self, tenant: &str) -> bool {
-        self.enforce && self.running.get(tenant).copied().unwrap_or(0) >= self.share
+    /// Whether `tenant` may get no more slots now for a run carrying `share_percent`: it
+    /// holds its fair share while that is enforced, or the run's cap while another tenant
+    /// has a DAG.
+    fn holds_back(&self, tenant: &str, share_percent: Option<u32>) -> bool {
+        let held = self.running.get(tenant).copied().unwrap_or(0);
+        if self.enforce && held >= self.share {
+            return true;
+        }
+        match (&self.cap, share_percent) {
+            (Some((live_slots, dag_tenants)), Some(percent)) if percent < 100 => {
+                dag_tenants.iter().any(|t| t != tenant) && held >= slot_cap(*live_slots, percent)
+            }
+            _ => false,
+        }
     }
+}
+
+/// Attempts assigned per tenant, counted from the assignments (before protocol 8).
+fn count_assignments(kv: &impl Kv) -> Result<std::collections::BTreeMap<String, u32>, KvError> {
+    let mut running = std::collections::BTreeMap::new();
+    let mut tenant_of = std::collections::BTreeMap::<String, String>::new();
+    for (k, _) in kv.scan_prefix(Table::Assignments, b"")? {
+        // `node(8 bytes) \0 run_id \0 task_id`
+        let Some(rest) = k.get(9..) else { continue };
+        let Some(sep) = rest.iter().position(|b| *b == 0) else {
+            continue;
+        };
+        let run_id = String::from_utf8_lossy(&rest[..sep]).into_owned();
+        let tenant = match tenant_of.get(&run_id) {
+            Some(t) => t.clone(),
+            None => {
+                let Some(run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else {
+                    continue;
+                };
+                tenant_of.insert(run_id, run.tenant.clone());
+                run.tenant
+            }
+        };
+        *running.entry(tenant).or_insert(0u32) += 1;
+    }
+    Ok(running)
+}
+
+/// The attempts one tenant may hold under a `percent` share of `live_slots`: rounded
+/// down, at least one.
+fn slot_cap(live_slots: u32, percent: u32) -> u32 {
+    (u64::from(live_slots) * u64::from(percent.min(100)) / 100).max(1) as u32
 }
 
 impl NodePool {
@@ -140,19 +199,19 @@ pub(super) fn assign_ready(
     }
     let mut n = 0;
     for task_id in progress::ready_tasks(run, ctx.now) {
-        let Some(inst) = run.tasks.get_mut(&task_id) else {
-            continue;
-        };
         if pool.fair_share_on && pool.fair.is_none() && pool.pick(None).is_some() {
             let live_slots = pool.nodes.iter().map(|(_, i)| i.slots).sum();
-            pool.fair = Some(FairShare::load(kv, live_slots)?);
+            pool.fair = Some(FairShare::load(kv, live_slots, run, ctx)?);
         }
         if let Some(fair) = pool.fair.as_mut() {
-            if fair.at_share(&run.tenant) {
+            if fair.holds_back(&run.tenant, run.slot_share_percent) {
                 fair.held.push(run.run_id.clone());
                 break;
             }
         }
+        let Some(inst) = run.tasks.get_mut(&task_id) else {
+            continue;
+        };
         let avoid = inst.attempts.last().map(|a| a.node);
         let Some(node) = pool.pick(avoid) else { break };
         let lease_ms = pool.take(kv, node);
@@ -315,11 +374,43 @@ pub(super) fn finish_attempt(
     if run.state.is_finished() {
         start_queued_runs(kv, &run.tenant, &run.dag_id, spec.max_active_runs, ctx)?;
     }
+    if ctx.protocol >= 8 {
+        hand_on_free_slots(kv, ctx)?;
+    }
     Ok(Outcome::AttemptFinished {
         run_id: a.run_id.clone(),
         task_id: a.task_id.clone(),
         task_state,
     })
+}
+
+/// Waiting runs a finished attempt's apply looks at, at most (a bound on its cost when
+/// the runs first in line cannot take a slot, e.g. held at their tenant's share).
+const HAND_ON_SCAN: usize = 32;
+
+/// Protocol ≥ 8: a slot an attempt's end left free goes at once to a run waiting for one
+/// (ready tasks, in the supervise pass's order, within the fair share and the caps),
+/// instead of staying idle until the next supervise pass (up to `scheduler.supervise_ms`
+/// later). What the pass would place first is placed here first, so the pass's fill only
+/// meets what this left.
+fn hand_on_free_slots(kv: &mut impl Kv, ctx: Ctx) -> Result<(), KvError> {
+    let mut pool = NodePool::load(kv, ctx)?;
+    if pool.pick(None).is_none() {
+        return Ok(());
+    }
+    for run_id in kv.waiting_runs(HAND_ON_SCAN)? {
+        if pool.pick(None).is_none() {
+            break;
+        }
+        let Some(mut run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else {
+            continue;
+        };
+        let before = run.state;
+        if assign_ready(kv, &mut run, &mut pool, ctx)? > 0 {
+            save_run(kv, &mut run, Some(before), ctx)?;
+        }
+    }
+    Ok(())
 }
 
 /// The leader's periodic pass over every unfinished run.

@@ -31,6 +31,14 @@ pub(super) fn refuse_new_run(
         }))
 }
 
+/// The share of the slots a run created (or retried) by this request may hold for its
+/// tenant (protocol ≥ 8, from the request's quota).
+fn slot_share(ctx: Ctx) -> Option<u32> {
+    ctx.quota
+        .filter(|_| ctx.protocol >= 8)
+        .and_then(|q| q.slot_share_percent)
+}
+
 /// Persist a run and keep its indexes true: active-runs while unfinished, finished-runs
 /// and the webhook notification when it has just finished.
 pub(super) fn save_run(
@@ -221,6 +229,7 @@ pub(super) fn create_run(
             .collect(),
         counted: false,
         triggered_by: subject.map(str::to_string),
+        slot_share_percent: slot_share(ctx),
     };
     if dedup == Dedup::ByWindow {
         kv.put(Table::Windows, wkey, run_id.as_bytes().to_vec());
@@ -378,6 +387,9 @@ pub(super) fn retry_run(
     kv.delete(Table::Notifications, keys::notification(run_id, "failure"));
     run.state = RunState::Queued;
     run.ended_ms = None;
+    if ctx.protocol >= 8 {
+        run.slot_share_percent = slot_share(ctx);
+    }
     if ctx.protocol >= 2 {
         next_counter(kv, counters::RUNS_RETRIED)?;
     }

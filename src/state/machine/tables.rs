@@ -137,6 +137,14 @@ pub trait Kv {
         }
         Ok(index.supervision(now))
     }
+    /// Up to `limit` runs with ready tasks waiting for a slot (or nothing in flight), in
+    /// the supervise pass's order, pending writes included. This default reads every
+    /// active run; the state machine's store answers from its due index.
+    fn waiting_runs(&self, limit: usize) -> Result<Vec<String>, KvError> {
+        let mut runs = self.supervision(Millis::MIN)?.runs;
+        runs.truncate(limit);
+        Ok(runs)
+    }
     /// What `tenant` holds against its quotas (and `dag_id`'s queued runs), pending
     /// writes included. This default reads the tenant's DAGs and unfinished runs; the
     /// state machine's store answers from counts it keeps as it writes.
@@ -151,6 +159,26 @@ pub trait Kv {
             }
         }
         Ok(counts.usage(tenant, dag_id))
+    }
+    /// Running attempts per tenant, pending writes included (for the fair share of slots,
+    /// protocol ≥ 8). This default reads every run; the state machine's store answers
+    /// from its due index.
+    fn attempts_by_tenant(&self) -> Result<std::collections::BTreeMap<String, u32>, KvError> {
+        let mut index = DueIndex::default();
+        for (_, v) in self.scan_prefix(Table::Runs, b"")? {
+            index.run_change(None, RunView::decode(&v).as_ref());
+        }
+        Ok(index.attempts_by_tenant())
+    }
+    /// Tenants with live DAGs, pending writes included (for the cap on a tenant's share
+    /// of the slots). This default reads every DAG; the state machine's store answers from
+    /// the counts it keeps as it writes.
+    fn dag_tenants(&self) -> Result<std::collections::BTreeSet<String>, KvError> {
+        let mut counts = TenantCounts::default();
+        for (_, v) in self.scan_prefix(Table::Dags, b"")? {
+            counts.dag_change(None, DagView::decode(&v).as_ref());
+        }
+        Ok(counts.dag_tenants_with(&TenantCounts::default()))
     }
     /// Tenants with running runs (for the fair share of slots). This default reads every
     /// active run's entry; the state machine's store answers from its due index.

@@ -279,6 +279,7 @@ const QUOTA: Quota = Quota {
     max_active_runs: 100,
     max_queued_runs_per_dag: 2,
     dag_versions_kept: 2,
+    slot_share_percent: None,
 };
 
 #[test]
@@ -1338,6 +1339,22 @@ impl Kv for FullScanKv {
         sup.queued_dags = dags.into_iter().map(|k| (k, always)).collect();
         Ok(sup)
     }
+    /// Every active run, in key order, that is due whatever the clock, judged from the
+    /// run itself rather than from an index.
+    fn waiting_runs(&self, limit: usize) -> Result<Vec<String>, KvError> {
+        let mut runs = Vec::new();
+        for (k, _) in self.0.scan_prefix(Table::ActiveRuns, b"")? {
+            let Some(bytes) = self.0.get(Table::Runs, keys::last_part(&k))? else {
+                continue;
+            };
+            let view = crate::state::census::RunView::decode(&bytes);
+            if view.as_ref().and_then(crate::state::due::due_at) == Some(Millis::MIN) {
+                runs.push(String::from_utf8_lossy(keys::last_part(&k)).into_owned());
+            }
+        }
+        runs.truncate(limit);
+        Ok(runs)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -1504,6 +1521,104 @@ proptest::proptest! {
             let b = apply_request(&mut all, &r, 1).unwrap();
             proptest::prop_assert_eq!(&a, &b, "op {} {:?}", n, op);
             proptest::prop_assert!(due == all.0, "state differs after op {} {:?}", n, op);
+            // A task runs exactly while it has an assignment: the fair share counts
+            // running tasks from protocol 8 and assignments before.
+            let running: u32 = due.attempts_by_tenant().unwrap().values().sum();
+            let assigned = due.scan_prefix(Table::Assignments, b"").unwrap().len();
+            proptest::prop_assert_eq!(running as usize, assigned, "after op {} {:?}", n, op);
         }
+    }
+}
+
+/// Two nodes of two slots; tenant `a` triggers a ten-task wide run with `quota`, while
+/// tenant `b` has a DAG (or not); the leader's supervise pass then fills the slots.
+/// Returns how many of `a`'s tasks run.
+fn hog_slots(protocol: u32, other_has_dag: bool, percent: Option<u32>) -> usize {
+    let mut kv = at_protocol(protocol);
+    apply(&mut kv, &heartbeat(1, 1)).unwrap();
+    apply(&mut kv, &heartbeat(2, 1)).unwrap();
+    let put_wide = Command::PutDag {
+        tenant: "a".into(),
+        spec: wide_spec("wide"),
+        expected_version: None,
+    };
+    apply(&mut kv, &req("pa", 2, put_wide)).unwrap();
+    if other_has_dag {
+        apply(&mut kv, &req("pb", 2, put("b", "d", None))).unwrap();
+    }
+    let quota = Quota {
+        slot_share_percent: percent,
+        ..QUOTA
+    };
+    let r = apply(
+        &mut kv,
+        &with_quota(req("t", 3, trigger("a", "wide", 0, 10)), quota),
+    );
+    let Outcome::RunTriggered { run_id, .. } = r.unwrap().outcome else {
+        panic!("not triggered")
+    };
+    apply(&mut kv, &req("s", 4, Command::Supervise { term: 1 })).unwrap();
+    running_tasks(&kv, &run_id)
+}
+
+#[test]
+fn from_protocol_8_a_tenant_holds_at_most_its_cap_of_the_slots_while_others_have_dags() {
+    // 4 live slots, a 50 % cap: two attempts, the fill of the supervise pass included.
+    assert_eq!(hog_slots(8, true, Some(50)), 2);
+    // Rounded down, never below one.
+    assert_eq!(hog_slots(8, true, Some(60)), 2);
+    assert_eq!(hog_slots(8, true, Some(1)), 1);
+    // Alone on the cluster, a tenant uses every slot; so does a 100 % cap.
+    assert_eq!(hog_slots(8, false, Some(50)), 4);
+    assert_eq!(hog_slots(8, true, Some(100)), 4);
+    // Before protocol 8 (and for runs created without the cap) nothing changes.
+    assert_eq!(hog_slots(7, true, Some(50)), 4);
+    assert_eq!(hog_slots(8, true, None), 4);
+}
+
+#[test]
+fn from_protocol_8_a_finished_attempt_hands_its_slot_to_a_waiting_run() {
+    for protocol in [7, 8] {
+        let mut kv = at_protocol(protocol);
+        let hb = Command::Heartbeat {
+            node: 1,
+            incarnation: "i1".into(),
+            slots: 1,
+            running: vec![],
+            lease_ms: 10_000,
+        };
+        apply(&mut kv, &req("hb", 1, hb)).unwrap();
+        for dag in ["a", "b"] {
+            apply(&mut kv, &req(&format!("p{dag}"), 2, put("t", dag, None))).unwrap();
+        }
+        let mut ids = Vec::new();
+        for (n, dag) in ["a", "b"].into_iter().enumerate() {
+            let r = apply(
+                &mut kv,
+                &req(&format!("t{dag}"), 3, trigger("t", dag, 0, 10)),
+            );
+            let Outcome::RunTriggered { run_id, .. } = r.unwrap().outcome else {
+                panic!("not triggered")
+            };
+            // The first run takes the only slot; the second waits for it.
+            assert_eq!(running_tasks(&kv, &run_id), 1 - n, "protocol {protocol}");
+            ids.push(run_id);
+        }
+        let out = finish(&mut kv, 4, &ids[0], "extract", 1, 1, true);
+        assert!(matches!(out, Outcome::AttemptFinished { .. }), "{out:?}");
+        // Before protocol 8 the freed slot stayed idle until the next supervise pass.
+        let expected = usize::from(protocol >= 8);
+        assert_eq!(running_tasks(&kv, &ids[1]), expected, "protocol {protocol}");
+        let held: Vec<_> = kv
+            .scan_prefix(Table::Assignments, b"")
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            held.len(),
+            expected,
+            "protocol {protocol}: one assignment per attempt"
+        );
     }
 }
