@@ -26,6 +26,10 @@ pub const ID_PATTERN: &str = r"^([A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}|\.[A-Za-z0-9
 pub const DURATION_PATTERN: &str = r"^[ \t\r\n]*([0-9]{1,9}(ms|s|m|h|d))+[ \t\r\n]*$";
 /// Longest duration, in characters.
 pub const MAX_DURATION_LEN: usize = 64;
+/// The longest duration a DAG may declare (`sla`, a task's `timeout`, `retry_delay`,
+/// `max_retry_delay`): a year and a day. Deadlines and retry times derived from them stay within what RFC 3339 writes
+/// (four-digit years), and none of them means anything longer.
+pub const MAX_DAG_DURATION_MS: u64 = 366 * 86_400_000;
 /// Longest `owner`, in characters.
 pub const MAX_OWNER_CHARS: usize = 256;
 /// Longest URL of an http task or a webhook.
@@ -251,6 +255,18 @@ pub fn parse_duration(field: &str, s: &str) -> Result<u64, Error> {
     Ok(total)
 }
 
+/// [`parse_duration`], at most [`MAX_DAG_DURATION_MS`].
+fn bounded_duration(field: &str, s: &str) -> Result<u64, Error> {
+    let ms = parse_duration(field, s)?;
+    if ms > MAX_DAG_DURATION_MS {
+        return err(
+            field,
+            format!("'{s}' is longer than a year and a day (366d)"),
+        );
+    }
+    Ok(ms)
+}
+
 /// Parse a date (`2025-10-01`, midnight in `tz`) or an RFC 3339 instant into epoch ms.
 pub fn parse_instant(field: &str, s: &str, tz: &str) -> Result<i64, Error> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
@@ -420,7 +436,7 @@ pub fn validate(input: &DagInput) -> Result<DagSpec, Error> {
     let sla_ms = input
         .sla
         .as_deref()
-        .map(|s| parse_duration("sla", s))
+        .map(|s| bounded_duration("sla", s))
         .transpose()?;
     let start_date_ms = input
         .start_date
@@ -463,7 +479,7 @@ pub fn validate(input: &DagInput) -> Result<DagSpec, Error> {
         let kind = task_kind(&prefix, t)?;
         let dur = |name: &str, v: &Option<String>| -> Result<Option<u64>, Error> {
             v.as_deref()
-                .map(|s| parse_duration(&format!("{prefix}.{name}"), s))
+                .map(|s| bounded_duration(&format!("{prefix}.{name}"), s))
                 .transpose()
         };
         let retries = t.retries.unwrap_or(0);
@@ -673,6 +689,19 @@ mod tests {
             parse_duration("f", &longest).unwrap(),
             6 * 86_399_999_913_600_000
         );
+    }
+
+    #[test]
+    fn a_dag_s_durations_are_at_most_a_year_and_a_day() {
+        let with = |sla: &str, delay: &str| {
+            input(serde_json::json!({"dag_id": "d", "sla": sla, "tasks": [
+                {"task_id": "t", "kind": "noop", "retry_delay": delay}]}))
+        };
+        assert!(with("366d", "366d").is_ok());
+        let e = with("366d1ms", "1s").unwrap_err().to_string();
+        assert!(e.contains("sla") && e.contains("366d"), "{e}");
+        let e = with("1h", "999999999d").unwrap_err().to_string();
+        assert!(e.contains("retry_delay"), "{e}");
     }
 
     #[test]

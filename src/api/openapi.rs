@@ -270,6 +270,16 @@ fn complete_operation(under_base: bool, method: &str, op: &mut Value) {
     let Some(responses) = op["responses"].as_object_mut() else {
         return;
     };
+    if under_base && !responses.contains_key("400") {
+        // Every operation under the base refuses an `X-Request-Id` beyond its bound.
+        responses.insert(
+            "400".into(),
+            json!({
+                "description": "`invalid_request`: `X-Request-Id` is longer than 200 bytes.",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+            }),
+        );
+    }
     for (status, resp) in responses.iter_mut() {
         let code: u16 = status.parse().unwrap_or(0);
         // Narrow error bodies (not `/readyz`'s 503, which is its readiness report).

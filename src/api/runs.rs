@@ -612,20 +612,21 @@ pub async fn cancel(
     .await
 }
 
-/// `POST /runs/{run_id}/retry`: re-run failed and upstream-failed tasks as new attempts.
+/// `POST /runs/{run_id}/retry`: re-run failed, upstream-failed and cancelled tasks as new
+/// attempts.
 #[utoipa::path(
     post,
     path = "/runs/{run_id}/retry",
     tag = "runs",
     operation_id = "retry_run",
-    summary = "Retry a finished run's failed tasks",
-    description = "Failed and upstream-failed tasks run again as new attempts; the run is queued again. \
-Takes no body (one sent is ignored).",
+    summary = "Retry a finished run's failed or cancelled tasks",
+    description = "Failed, upstream-failed and cancelled tasks run again as new attempts (so a cancelled run \
+can be resumed); tasks that finished stay done; the run is queued again. Takes no body (one sent is ignored).",
     params(RunPath),
     responses(
         (status = 200, description = "Queued again.", body = RetryAck),
         (status = 404, description = "No run with this id in the caller's tenant.", body = ErrorBody),
-        (status = 409, description = "`invalid_state`: the run is not finished, has no failed task, or ran a \
+        (status = 409, description = "`invalid_state`: the run is not finished, has no failed or cancelled task, or ran a \
 DAG version no longer kept (`limits.max_dag_versions`); `idempotency_key_reused`: this `X-Request-Id` was \
 used for another request.", body = ErrorBody),
         (status = 429, description = "`rate_limited`: the tenant's rate limit is spent; `quota_exceeded`: the \

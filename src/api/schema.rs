@@ -65,7 +65,8 @@ pub fn duration() -> Object {
         .pattern(Some(DURATION_PATTERN))
         .max_length(Some(MAX_DURATION_LEN))
         .description(Some(
-            "a duration: numbers with units ms, s, m, h, d, e.g. 30s, 5m, 1h30m",
+            "a duration: numbers with units ms, s, m, h, d, e.g. 30s, 5m, 1h30m; at most \
+             366d (400 beyond)",
         ))
         .examples([serde_json::json!("1h30m")])
         .build()
