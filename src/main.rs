@@ -172,21 +172,7 @@ fn parse_ttl(s: &str) -> anyhow::Result<u64> {
         .map_err(|e| anyhow::anyhow!(e))
 }
 
-/// glibc gives threads that allocate at the same time arenas of their own (up to eight
-/// per core) and seldom returns their free memory to the system; with the runtime's,
-/// actix's and RocksDB's threads a node's resident memory grew far beyond what it held.
-/// Two arenas keep allocation uncontended on the cores we run on. (No crate sets this;
-/// replacing the allocator would be the alternative.)
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tuning; called before any thread starts.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
 fn main() -> ExitCode {
-    limit_malloc_arenas();
     let Cli {
         client: flags,
         command,
