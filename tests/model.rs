@@ -23,7 +23,7 @@ use orchestrator::raft::state_machine::StateMachineStore;
 use orchestrator::raft::types::{Entry, LogId, Member};
 use orchestrator::raft::NodeId;
 use orchestrator::state::command::{AttemptRef, AttemptResult, Quota, Retention};
-use orchestrator::state::machine::PROTOCOL_VERSION;
+use orchestrator::state::machine::{Table, PROTOCOL_VERSION};
 use orchestrator::state::model::{DagSpec, RunType, TaskKind, TaskSpec, Window};
 use orchestrator::state::{Batch, BatchResponse, Command, IdempotencyKey, Request};
 use proptest::prelude::*;
@@ -394,6 +394,15 @@ proptest! {
                 let kept = r.sm.tenant_counts().clone();
                 prop_assert_eq!(&kept, &*fresh.tenant_counts(), "{} tenant counts", name);
                 prop_assert_eq!(r.sm.census(), fresh.census(), "{} census", name);
+                // The running tasks the fair share counts (protocol 8) are the assignments.
+                let running = r.sm.running_attempts();
+                prop_assert_eq!(&running, &fresh.running_attempts(), "{} running tasks", name);
+                let assigned = r
+                    .db
+                    .scan_prefix(Table::Assignments, b"", None, usize::MAX)
+                    .expect("scan assignments")
+                    .len();
+                prop_assert_eq!(running.values().sum::<u32>() as usize, assigned, "{} assignments", name);
             }
             Ok(())
         })?;

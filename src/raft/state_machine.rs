@@ -166,11 +166,11 @@ impl Kv for Overlay<'_> {
         }
         Ok(self.due.waiting(limit))
     }
-    fn dag_tenants(&self) -> Result<std::collections::BTreeSet<String>, KvError> {
+    fn present_tenants(&self) -> Result<std::collections::BTreeSet<String>, KvError> {
         if let Some(e) = &self.failed {
             return Err(KvError::Storage(e.to_string()));
         }
-        Ok(lock(self.tenants).dag_tenants_with(&self.tenant_changes))
+        Ok(lock(self.tenants).present_tenants_with(&self.tenant_changes))
     }
     fn usage(&self, tenant: &str, dag_id: &str) -> Result<Usage, KvError> {
         if let Some(e) = &self.failed {
@@ -246,6 +246,12 @@ impl StateMachineStore {
             tenants: Arc::new(Mutex::new(all.tenants)),
             due: Arc::new(Mutex::new(all.due)),
         })
+    }
+
+    /// Running tasks per tenant as the due index keeps them (the fair share reads them
+    /// from protocol 8).
+    pub fn running_attempts(&self) -> std::collections::BTreeMap<String, u32> {
+        lock(&self.due).attempts_by_tenant()
     }
 
     /// What the tenant quotas read (kept incrementally; a lookup, not a scan).

@@ -265,15 +265,16 @@ impl TenantCounts {
         }
     }
 
-    /// Tenants with live DAGs by these counts plus the changes in `delta`.
-    pub fn dag_tenants_with(&self, delta: &TenantCounts) -> std::collections::BTreeSet<String> {
-        self.dags
-            .keys()
-            .chain(delta.dags.keys())
-            .filter(|t| {
-                self.dags.get(*t).copied().unwrap_or(0) + delta.dags.get(*t).copied().unwrap_or(0)
-                    > 0
-            })
+    /// Tenants with live DAGs or unfinished runs by these counts plus the changes in
+    /// `delta` (a tenant whose DAG was deleted still has the runs it left).
+    pub fn present_tenants_with(&self, delta: &TenantCounts) -> std::collections::BTreeSet<String> {
+        let has = |mine: &HashMap<String, i64>, theirs: &HashMap<String, i64>, t: &String| {
+            mine.get(t).copied().unwrap_or(0) + theirs.get(t).copied().unwrap_or(0) > 0
+        };
+        let dags = self.dags.keys().chain(delta.dags.keys());
+        let runs = self.active.keys().chain(delta.active.keys());
+        dags.filter(|t| has(&self.dags, &delta.dags, t))
+            .chain(runs.filter(|t| has(&self.active, &delta.active, t)))
             .cloned()
             .collect()
     }

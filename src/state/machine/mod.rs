@@ -85,13 +85,14 @@ pub const MAX_LOST_RETRIES: u32 = 3;
 ///   bound. A finished run of a deleted DAG cannot be retried.
 /// - 8: a cap on one tenant's share of the slots: a run keeps the `slot_share_percent`
 ///   of the quota it was created (or retried) with, and while another tenant has a live
-///   DAG no placement (the supervise pass's fill included) gives the run's tenant an
+///   DAG or an unfinished run no placement (the supervise pass's fill included) gives the run's tenant an
 ///   attempt beyond `max(1, floor(live slots × percent / 100))` held. The fair share is
 ///   work-conserving and never takes a running attempt back, so without a cap one
-///   tenant's long tasks could hold every slot until they end. A finished attempt's
-///   apply hands the slot it freed to a run waiting for one at once (in the supervise
-///   pass's order, within the share and the caps) instead of leaving it idle until the
-///   next pass; and the fair share counts each tenant's running tasks from the due index
+///   tenant's long tasks could hold every slot until they end. "Another tenant" is one
+///   with a live DAG or an unfinished run. A finished attempt's apply (and a restarted
+///   node's heartbeat, for its lost attempts) hands free slots at once to runs waiting for
+///   one (in the supervise pass's order, within the share and the caps) instead of
+///   leaving them idle until the next pass; and the fair share counts each tenant's running tasks from the due index
 ///   instead of decoding the run of every assignment.
 pub const PROTOCOL_VERSION: u32 = 8;
 
@@ -506,7 +507,8 @@ fn heartbeat(
 ) -> Result<Outcome, KvError> {
     let nkey = keys::node(node);
     let known = get_json::<NodeInfo>(kv, Table::Nodes, &nkey)?;
-    if known.as_ref().is_some_and(|k| k.incarnation != incarnation) {
+    let restarted = known.as_ref().is_some_and(|k| k.incarnation != incarnation);
+    if restarted {
         // The node restarted: whatever it was running died with it.
         let lost: Vec<(String, String)> = kv
             .scan_prefix(Table::Assignments, &keys::prefix(&[&node.to_be_bytes()]))?
@@ -535,7 +537,7 @@ fn heartbeat(
             let err = AttemptResult::Lost {
                 error: format!("node {node} restarted while running it"),
             };
-            finish_attempt(kv, &a, node, &err, ctx)?;
+            end_attempt(kv, &a, node, &err, ctx)?;
             next_counter(kv, counters::ATTEMPTS_LOST)?;
         }
     }
@@ -583,6 +585,11 @@ fn heartbeat(
         if renewed {
             save_run(kv, &mut run, None, ctx)?;
         }
+    }
+    if restarted && ctx.protocol >= 8 {
+        // The slots its lost attempts held, handed on once the node's new record (its
+        // slots, its lease) is written.
+        hand_on_free_slots(kv, ctx)?;
     }
     Ok(Outcome::Done)
 }

@@ -24,8 +24,8 @@ pub(super) struct FairShare {
     enforce: bool,
     /// Runs that had ready tasks left when their tenant reached its share.
     held: Vec<String>,
-    /// Protocol ≥ 8: the live slots and the tenants with live DAGs, for the cap a run
-    /// carries (`Run::slot_share_percent`), which holds in the fill too.
+    /// Protocol ≥ 8: the live slots and the tenants with live DAGs or unfinished runs,
+    /// for the cap a run carries (`Run::slot_share_percent`), which holds in the fill too.
     cap: Option<(u32, std::collections::BTreeSet<String>)>,
 }
 
@@ -66,7 +66,7 @@ impl FairShare {
             enforce: true,
             held: Vec::new(),
             cap: if ctx.protocol >= 8 {
-                Some((live_slots, kv.dag_tenants()?))
+                Some((live_slots, kv.present_tenants()?))
             } else {
                 None
             },
@@ -75,15 +75,15 @@ impl FairShare {
 
     /// Whether `tenant` may get no more slots now for a run carrying `share_percent`: it
     /// holds its fair share while that is enforced, or the run's cap while another tenant
-    /// has a DAG.
+    /// has a DAG or an unfinished run.
     fn holds_back(&self, tenant: &str, share_percent: Option<u32>) -> bool {
         let held = self.running.get(tenant).copied().unwrap_or(0);
         if self.enforce && held >= self.share {
             return true;
         }
         match (&self.cap, share_percent) {
-            (Some((live_slots, dag_tenants)), Some(percent)) if percent < 100 => {
-                dag_tenants.iter().any(|t| t != tenant) && held >= slot_cap(*live_slots, percent)
+            (Some((live_slots, present)), Some(percent)) if percent < 100 => {
+                present.iter().any(|t| t != tenant) && held >= slot_cap(*live_slots, percent)
             }
             _ => false,
         }
@@ -337,7 +337,24 @@ pub(super) fn fail_attempt(
     }
 }
 
+/// An attempt's end as its node reports it; from protocol 8 the slot it freed goes to a
+/// waiting run at once.
 pub(super) fn finish_attempt(
+    kv: &mut impl Kv,
+    a: &AttemptRef,
+    node: NodeId,
+    result: &AttemptResult,
+    ctx: Ctx,
+) -> Result<Outcome, KvError> {
+    let outcome = end_attempt(kv, a, node, result, ctx)?;
+    if ctx.protocol >= 8 && matches!(outcome, Outcome::AttemptFinished { .. }) {
+        hand_on_free_slots(kv, ctx)?;
+    }
+    Ok(outcome)
+}
+
+/// Record an attempt's end, place its run's next tasks and start its DAG's queued runs.
+pub(super) fn end_attempt(
     kv: &mut impl Kv,
     a: &AttemptRef,
     node: NodeId,
@@ -374,9 +391,6 @@ pub(super) fn finish_attempt(
     if run.state.is_finished() {
         start_queued_runs(kv, &run.tenant, &run.dag_id, spec.max_active_runs, ctx)?;
     }
-    if ctx.protocol >= 8 {
-        hand_on_free_slots(kv, ctx)?;
-    }
     Ok(Outcome::AttemptFinished {
         run_id: a.run_id.clone(),
         task_id: a.task_id.clone(),
@@ -388,12 +402,12 @@ pub(super) fn finish_attempt(
 /// the runs first in line cannot take a slot, e.g. held at their tenant's share).
 const HAND_ON_SCAN: usize = 32;
 
-/// Protocol ≥ 8: a slot an attempt's end left free goes at once to a run waiting for one
-/// (ready tasks, in the supervise pass's order, within the fair share and the caps),
-/// instead of staying idle until the next supervise pass (up to `scheduler.supervise_ms`
-/// later). What the pass would place first is placed here first, so the pass's fill only
-/// meets what this left.
-fn hand_on_free_slots(kv: &mut impl Kv, ctx: Ctx) -> Result<(), KvError> {
+/// Protocol ≥ 8: slots free after an attempt's end go at once to runs waiting for one
+/// (runs with ready tasks and nothing else due, in the supervise pass's order, within the
+/// fair share and the caps), instead of staying idle until the next supervise pass (up
+/// to `scheduler.supervise_ms` later). A run whose only ready task is a retry whose time
+/// has come waits for the pass, as before.
+pub(super) fn hand_on_free_slots(kv: &mut impl Kv, ctx: Ctx) -> Result<(), KvError> {
     let mut pool = NodePool::load(kv, ctx)?;
     if pool.pick(None).is_none() {
         return Ok(());

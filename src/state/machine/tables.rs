@@ -170,15 +170,20 @@ pub trait Kv {
         }
         Ok(index.attempts_by_tenant())
     }
-    /// Tenants with live DAGs, pending writes included (for the cap on a tenant's share
-    /// of the slots). This default reads every DAG; the state machine's store answers from
-    /// the counts it keeps as it writes.
-    fn dag_tenants(&self) -> Result<std::collections::BTreeSet<String>, KvError> {
+    /// Tenants with live DAGs or unfinished runs, pending writes included (for the cap
+    /// on a tenant's share of the slots). This default reads every DAG and active run;
+    /// the state machine's store answers from the counts it keeps as it writes.
+    fn present_tenants(&self) -> Result<std::collections::BTreeSet<String>, KvError> {
         let mut counts = TenantCounts::default();
         for (_, v) in self.scan_prefix(Table::Dags, b"")? {
             counts.dag_change(None, DagView::decode(&v).as_ref());
         }
-        Ok(counts.dag_tenants_with(&TenantCounts::default()))
+        for (k, _) in self.scan_prefix(Table::ActiveRuns, b"")? {
+            if let Some(bytes) = self.get(Table::Runs, keys::last_part(&k))? {
+                counts.run_change(None, RunView::decode(&bytes).as_ref());
+            }
+        }
+        Ok(counts.present_tenants_with(&TenantCounts::default()))
     }
     /// Tenants with running runs (for the fair share of slots). This default reads every
     /// active run's entry; the state machine's store answers from its due index.

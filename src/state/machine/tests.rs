@@ -1622,3 +1622,39 @@ fn from_protocol_8_a_finished_attempt_hands_its_slot_to_a_waiting_run() {
         );
     }
 }
+
+#[test]
+fn from_protocol_8_a_tenant_with_runs_left_but_no_dag_still_counts_as_another_tenant() {
+    let mut kv = at_protocol(8);
+    for node in [1, 2] {
+        apply(&mut kv, &heartbeat(node, 1)).unwrap();
+    }
+    // Tenant `b` triggers a run, then deletes its only DAG: the run stays unfinished.
+    apply(&mut kv, &req("pb", 2, put("b", "d", None))).unwrap();
+    apply(&mut kv, &req("tb", 2, trigger("b", "d", 0, 10))).unwrap();
+    let delete = Command::DeleteDag {
+        tenant: "b".into(),
+        dag_id: "d".into(),
+    };
+    apply(&mut kv, &req("db", 2, delete)).unwrap();
+    let put_wide = Command::PutDag {
+        tenant: "a".into(),
+        spec: wide_spec("wide"),
+        expected_version: None,
+    };
+    apply(&mut kv, &req("pa", 3, put_wide)).unwrap();
+    let quota = Quota {
+        slot_share_percent: Some(50),
+        ..QUOTA
+    };
+    let r = apply(
+        &mut kv,
+        &with_quota(req("ta", 3, trigger("a", "wide", 0, 10)), quota),
+    );
+    let Outcome::RunTriggered { run_id, .. } = r.unwrap().outcome else {
+        panic!("not triggered")
+    };
+    apply(&mut kv, &req("s", 4, Command::Supervise { term: 1 })).unwrap();
+    // Four slots, `b`'s run holds one: `a` gets its cap of two, not the three left.
+    assert_eq!(running_tasks(&kv, &run_id), 2);
+}
