@@ -404,9 +404,9 @@ pub struct LimitsConfig {
     /// can hold an executor slot.
     pub max_task_timeout_ms: u64,
     /// The share of the live executor slots (percent, 1-100) one tenant's attempts may
-    /// hold while another tenant has a DAG or an unfinished run (from protocol 8): the rest stays free for the
-    /// others, since an attempt is never taken back once it runs. A tenant alone on the
-    /// cluster may use every slot.
+    /// hold while another tenant has a DAG or an unfinished run (from protocol 8): the
+    /// rest stays free for the others, since an attempt is never taken back once it runs.
+    /// A tenant alone on the cluster may use every slot.
     pub max_slot_share_percent: u64,
     /// Per-tenant overrides of the quotas above.
     pub tenants: std::collections::BTreeMap<String, TenantLimits>,

@@ -59,8 +59,8 @@ pub struct Quota {
     /// that no unfinished run uses.
     pub dag_versions_kept: u64,
     /// The share of the live executor slots (percent) the tenant's attempts may hold
-    /// while another tenant has a DAG or an unfinished run (from protocol 8; absent: every slot). A run keeps
-    /// the value it was created (or retried) with.
+    /// while another tenant has a DAG or an unfinished run (from protocol 8; absent:
+    /// every slot). A run keeps the value it was created (or retried) with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot_share_percent: Option<u32>,
 }

@@ -207,8 +207,8 @@ pub struct Run {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub triggered_by: Option<String>,
     /// The share of the live executor slots (percent) its tenant's attempts may hold
-    /// while another tenant has a DAG or an unfinished run (protocol 8: from the quota of the request that
-    /// created or retried it; absent: every slot).
+    /// while another tenant has a DAG or an unfinished run (protocol 8: from the quota of
+    /// the request that created or retried it; absent: every slot).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot_share_percent: Option<u32>,
 }

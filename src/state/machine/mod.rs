@@ -85,15 +85,15 @@ pub const MAX_LOST_RETRIES: u32 = 3;
 ///   bound. A finished run of a deleted DAG cannot be retried.
 /// - 8: a cap on one tenant's share of the slots: a run keeps the `slot_share_percent`
 ///   of the quota it was created (or retried) with, and while another tenant has a live
-///   DAG or an unfinished run no placement (the supervise pass's fill included) gives the run's tenant an
-///   attempt beyond `max(1, floor(live slots × percent / 100))` held. The fair share is
-///   work-conserving and never takes a running attempt back, so without a cap one
-///   tenant's long tasks could hold every slot until they end. "Another tenant" is one
-///   with a live DAG or an unfinished run. A finished attempt's apply (and a restarted
-///   node's heartbeat, for its lost attempts) hands free slots at once to runs waiting for
-///   one (in the supervise pass's order, within the share and the caps) instead of
-///   leaving them idle until the next pass; and the fair share counts each tenant's running tasks from the due index
-///   instead of decoding the run of every assignment.
+///   DAG or an unfinished run, no placement (the supervise pass's fill included) gives
+///   the run's tenant an attempt beyond `max(1, floor(live slots × percent / 100))` held.
+///   The fair share is work-conserving and never takes a running attempt back, so
+///   without a cap one tenant's long tasks could hold every slot until they end. A
+///   finished attempt's apply (and a restarted node's heartbeat, for its lost attempts)
+///   hands free slots at once to runs waiting for one (in the supervise pass's order,
+///   within the share and the caps) instead of leaving them idle until the next pass;
+///   and the fair share counts each tenant's running tasks from the due index instead
+///   of decoding the run of every assignment.
 pub const PROTOCOL_VERSION: u32 = 8;
 
 /// What apply knows about the entry it is applying.

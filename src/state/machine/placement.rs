@@ -37,14 +37,11 @@ impl FairShare {
             // index knows `run` as stored; an attempt of it may have ended or expired
             // since (its assignment is already gone), so count its tasks as they are now.
             let mut running = kv.attempts_by_tenant()?;
-            let count = |tasks: &mut dyn Iterator<Item = TaskState>| {
-                tasks.filter(|s| *s == TaskState::Running).count() as u32
-            };
             let stored = kv
                 .get(Table::Runs, run.run_id.as_bytes())?
                 .and_then(|b| RunView::decode(&b))
-                .map_or(0, |v| count(&mut v.tasks.values().map(|t| t.state)));
-            let now = count(&mut run.tasks.values().map(|t| t.state));
+                .map_or(0, |v| running_tasks(v.tasks.values().map(|t| t.state)));
+            let now = running_tasks(run.tasks.values().map(|t| t.state));
             let held = running.entry(run.tenant.clone()).or_insert(0);
             *held = (*held + now).saturating_sub(stored);
             running.retain(|_, n| *n > 0);
@@ -88,6 +85,11 @@ impl FairShare {
             _ => false,
         }
     }
+}
+
+/// How many of these task states are `running`.
+fn running_tasks(states: impl Iterator<Item = TaskState>) -> u32 {
+    states.filter(|s| *s == TaskState::Running).count() as u32
 }
 
 /// Attempts assigned per tenant, counted from the assignments (before protocol 8).

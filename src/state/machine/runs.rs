@@ -387,9 +387,7 @@ pub(super) fn retry_run(
     kv.delete(Table::Notifications, keys::notification(run_id, "failure"));
     run.state = RunState::Queued;
     run.ended_ms = None;
-    if ctx.protocol >= 8 {
-        run.slot_share_percent = slot_share(ctx);
-    }
+    run.slot_share_percent = slot_share(ctx);
     if ctx.protocol >= 2 {
         next_counter(kv, counters::RUNS_RETRIED)?;
     }

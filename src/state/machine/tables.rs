@@ -149,15 +149,7 @@ pub trait Kv {
     /// writes included. This default reads the tenant's DAGs and unfinished runs; the
     /// state machine's store answers from counts it keeps as it writes.
     fn usage(&self, tenant: &str, dag_id: &str) -> Result<Usage, KvError> {
-        let mut counts = TenantCounts::default();
-        for (_, v) in self.scan_prefix(Table::Dags, &keys::prefix(&[tenant.as_bytes()]))? {
-            counts.dag_change(None, DagView::decode(&v).as_ref());
-        }
-        for (k, _) in self.scan_prefix(Table::ActiveRuns, &keys::prefix(&[tenant.as_bytes()]))? {
-            if let Some(bytes) = self.get(Table::Runs, keys::last_part(&k))? {
-                counts.run_change(None, RunView::decode(&bytes).as_ref());
-            }
-        }
+        let counts = scanned_tenant_counts(self, &keys::prefix(&[tenant.as_bytes()]))?;
         Ok(counts.usage(tenant, dag_id))
     }
     /// Running attempts per tenant, pending writes included (for the fair share of slots,
@@ -174,15 +166,7 @@ pub trait Kv {
     /// on a tenant's share of the slots). This default reads every DAG and active run;
     /// the state machine's store answers from the counts it keeps as it writes.
     fn present_tenants(&self) -> Result<std::collections::BTreeSet<String>, KvError> {
-        let mut counts = TenantCounts::default();
-        for (_, v) in self.scan_prefix(Table::Dags, b"")? {
-            counts.dag_change(None, DagView::decode(&v).as_ref());
-        }
-        for (k, _) in self.scan_prefix(Table::ActiveRuns, b"")? {
-            if let Some(bytes) = self.get(Table::Runs, keys::last_part(&k))? {
-                counts.run_change(None, RunView::decode(&bytes).as_ref());
-            }
-        }
+        let counts = scanned_tenant_counts(self, b"")?;
         Ok(counts.present_tenants_with(&TenantCounts::default()))
     }
     /// Tenants with running runs (for the fair share of slots). This default reads every
@@ -198,6 +182,21 @@ pub trait Kv {
         }
         Ok(working)
     }
+}
+
+/// The tenant counts of the DAGs and unfinished runs whose keys start with `prefix`
+/// (a tenant's, or every one), counted by a scan: what the store keeps incrementally.
+fn scanned_tenant_counts<K: Kv + ?Sized>(kv: &K, prefix: &[u8]) -> Result<TenantCounts, KvError> {
+    let mut counts = TenantCounts::default();
+    for (_, v) in kv.scan_prefix(Table::Dags, prefix)? {
+        counts.dag_change(None, DagView::decode(&v).as_ref());
+    }
+    for (k, _) in kv.scan_prefix(Table::ActiveRuns, prefix)? {
+        if let Some(bytes) = kv.get(Table::Runs, keys::last_part(&k))? {
+            counts.run_change(None, RunView::decode(&bytes).as_ref());
+        }
+    }
+    Ok(counts)
 }
 
 /// A stored answer to an idempotency key.
