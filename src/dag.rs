@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, NaiveDate, TimeZone};
 use petgraph::graph::DiGraph;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::schedule::{parse_timezone, Schedule};
@@ -52,7 +52,7 @@ fn err<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, Err
 
 /// A DAG as submitted to `POST /dags`. Unknown fields are rejected by name. The schema
 /// attributes are the OpenAPI document's description of what [`validate`] accepts.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"dag_id": "sales_gdp", "schedule": "0 2 * * *", "owner": "team-data"}))]
 pub struct DagInput {
@@ -62,59 +62,63 @@ pub struct DagInput {
     /// A 5-field cron expression (`0 2 * * *`), 6 fields with seconds first, or a macro
     /// (`@yearly`, `@annually`, `@monthly`, `@weekly`, `@daily`, `@midnight`, `@hourly`),
     /// read in `timezone`. Without one the DAG only runs when triggered.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = crate::api::schema::cron)]
     pub schedule: Option<String>,
     /// The IANA timezone the schedule and dates are read in.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = crate::api::schema::timezone)]
     pub timezone: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_length = 256)]
     pub owner: Option<String>,
     /// Fire the windows missed while the DAG was paused or before it existed (from
     /// `start_date`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(default = false)]
     pub catchup: Option<bool>,
     /// Runs of this DAG in flight at once.
     #[serde(default)]
-    #[serde(deserialize_with = "whole")]
+    #[serde(skip_serializing_if = "Option::is_none", deserialize_with = "whole")]
     #[schema(minimum = 1, maximum = 10000, default = 16)]
     pub max_active_runs: Option<u32>,
     /// A run not finished this long after its window closed misses its SLA.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = crate::api::schema::duration)]
     pub sla: Option<String>,
     /// Create the DAG paused (its schedule does not fire).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(default = false)]
     pub paused: Option<bool>,
     /// First window to schedule: a date (midnight in `timezone`) or an RFC 3339 time.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = crate::api::schema::instant)]
     pub start_date: Option<String>,
     /// No window after this (must be after `start_date`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = crate::api::schema::instant_end)]
     pub end_date: Option<String>,
     /// Called (POST, JSON) when a run finishes or misses its SLA.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = crate::api::schema::url)]
     pub webhook: Option<String>,
     /// The tasks, their kinds and dependencies (acyclic; ids unique).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schema(max_items = 1000)]
     pub tasks: Vec<TaskInput>,
     /// Optimistic concurrency: the version this update is based on (0 = create only).
-    #[serde(default, deserialize_with = "whole")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole"
+    )]
     #[schema(minimum = 0)]
     pub version: Option<u64>,
 }
 
 /// A task as submitted. Which fields a kind takes (`command` for shell, `url` for http,
 /// neither for noop) is stated in the OpenAPI document by `crate::api::openapi`.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskInput {
     /// Unique in the DAG.
@@ -125,48 +129,56 @@ pub struct TaskInput {
     #[schema(schema_with = crate::api::schema::task_kind)]
     pub kind: String,
     /// shell: the command; `{{ run_id }}`, `{{ window_start }}`, ... are templated.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(pattern = r"\S")]
     pub command: Option<String>,
     /// http: the method, in any case (default GET).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
     /// http: the URL to call.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = crate::api::schema::url)]
     pub url: Option<String>,
     /// http: request headers.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
     /// http: the request body.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
     /// http: the status (100-599) that counts as success (default: any 2xx).
-    #[serde(default, deserialize_with = "whole")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole"
+    )]
     #[schema(maximum = 65535)]
     pub expect_status: Option<u16>,
     /// Ids of tasks of this DAG that must be done first.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schema(schema_with = crate::api::schema::id_list)]
     pub depends_on: Vec<String>,
     /// Attempts after the first failure.
-    #[serde(default, deserialize_with = "whole")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole"
+    )]
     #[schema(minimum = 0, maximum = 100, default = 0)]
     pub retries: Option<u32>,
     /// Wait before a retry (default 10s).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = crate::api::schema::duration)]
     pub retry_delay: Option<String>,
     /// Double the delay at each retry, up to `max_retry_delay`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(default = false)]
     pub retry_exponential: Option<bool>,
     /// Longest delay between retries (default 1h).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = crate::api::schema::duration)]
     pub max_retry_delay: Option<String>,
     /// Kill an attempt after this long (more than 0).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = crate::api::schema::duration)]
     pub timeout: Option<String>,
 }
@@ -576,6 +588,122 @@ fn check_graph(tasks: &[TaskSpec]) -> Result<(), Error> {
     err("tasks", "dependencies form a cycle")
 }
 
+impl DagInput {
+    /// A stored definition as a DAG file would say it: `POST /dags`'s field names,
+    /// durations as `1h30m`, dates as RFC 3339 in the DAG's timezone, a task's kind
+    /// fields beside its id, and nothing that only repeats a default. [`validate`] of the
+    /// result gives `spec` back, so two definitions differ here exactly when they differ
+    /// (`dag apply` diffs this form).
+    pub fn from_spec(spec: &DagSpec) -> DagInput {
+        let tz = parse_timezone(&spec.timezone).ok();
+        let instant = |ms: i64| Some(instant_text(ms, tz));
+        DagInput {
+            dag_id: spec.dag_id.clone(),
+            schedule: spec.schedule.clone(),
+            timezone: (spec.timezone != "UTC").then(|| spec.timezone.clone()),
+            owner: spec.owner.clone(),
+            catchup: spec.catchup.then_some(true),
+            max_active_runs: (spec.max_active_runs != 16).then_some(spec.max_active_runs),
+            sla: spec.sla_ms.map(format_duration),
+            paused: spec.paused.then_some(true),
+            start_date: spec.start_date_ms.and_then(instant),
+            end_date: spec.end_date_ms.and_then(instant),
+            webhook: spec.webhook.clone(),
+            tasks: spec.tasks.iter().map(TaskInput::from_spec).collect(),
+            version: None,
+        }
+    }
+}
+
+impl TaskInput {
+    fn from_spec(t: &TaskSpec) -> TaskInput {
+        let mut out = TaskInput {
+            task_id: t.task_id.clone(),
+            kind: String::new(),
+            command: None,
+            method: None,
+            url: None,
+            headers: BTreeMap::new(),
+            body: None,
+            expect_status: None,
+            depends_on: t.depends_on.clone(),
+            retries: (t.retries != 0).then_some(t.retries),
+            retry_delay: (t.retry_delay_ms != 10_000).then(|| format_duration(t.retry_delay_ms)),
+            retry_exponential: t.retry_exponential.then_some(true),
+            max_retry_delay: (t.max_retry_delay_ms != 3_600_000)
+                .then(|| format_duration(t.max_retry_delay_ms)),
+            timeout: t.timeout_ms.map(format_duration),
+        };
+        match &t.kind {
+            TaskKind::Shell { command } => {
+                out.kind = "shell".into();
+                out.command = Some(command.clone());
+            }
+            TaskKind::Http {
+                method,
+                url,
+                headers,
+                body,
+                expect_status,
+            } => {
+                out.kind = "http".into();
+                out.method = (method != "GET").then(|| method.clone());
+                out.url = Some(url.clone());
+                out.headers = headers.clone();
+                out.body = body.clone();
+                out.expect_status = *expect_status;
+            }
+            TaskKind::Noop => out.kind = "noop".into(),
+        }
+        out
+    }
+}
+
+/// `ms` as RFC 3339 that reads back as exactly `ms`: in the DAG's timezone where that
+/// can say it (RFC 3339 offsets are whole minutes, local mean times before standard
+/// time are not), else in UTC, else (a year past 9999 in UTC) at the farthest offset.
+fn instant_text(ms: i64, tz: Option<chrono_tz::Tz>) -> String {
+    use chrono::{FixedOffset, SecondsFormat, Utc};
+    let Some(t) = Utc.timestamp_millis_opt(ms).single() else {
+        return ms.to_string();
+    };
+    let exact = |s: String| {
+        DateTime::parse_from_rfc3339(&s)
+            .is_ok_and(|p| p.timestamp_millis() == ms)
+            .then_some(s)
+    };
+    let far = |secs| FixedOffset::east_opt(secs).map(|o| t.with_timezone(&o));
+    tz.and_then(|tz| exact(t.with_timezone(&tz).to_rfc3339()))
+        .or_else(|| exact(t.to_rfc3339_opts(SecondsFormat::AutoSi, true)))
+        .or_else(|| far(-86_340).and_then(|t| exact(t.to_rfc3339())))
+        .or_else(|| far(86_340).and_then(|t| exact(t.to_rfc3339())))
+        .unwrap_or_else(|| t.to_rfc3339())
+}
+
+/// Milliseconds as [`parse_duration`] reads them, largest units first: `1h30m`, `250ms`,
+/// `0s`.
+pub fn format_duration(ms: u64) -> String {
+    const UNITS: [(u64, &str); 5] = [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1_000, "s"),
+        (1, "ms"),
+    ];
+    if ms == 0 {
+        return "0s".into();
+    }
+    let mut rest = ms;
+    let mut out = String::new();
+    for (size, unit) in UNITS {
+        if rest >= size {
+            out.push_str(&format!("{}{unit}", rest / size));
+            rest %= size;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -583,6 +711,79 @@ mod tests {
     fn input(json: serde_json::Value) -> Result<DagSpec, String> {
         let i: DagInput = serde_json::from_value(json).map_err(|e| e.to_string())?;
         validate(&i).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn file_form_of_a_spec_reads_back_as_the_same_spec() {
+        let full = serde_json::json!({
+            "dag_id": "etl", "schedule": "0 2 * * *", "timezone": "Europe/Paris",
+            "owner": "team", "catchup": true, "max_active_runs": 3, "sla": "90m",
+            "paused": true, "start_date": "2025-10-01", "end_date": "2026-01-01T10:00:00Z",
+            "webhook": "https://hooks.example.com/x",
+            "tasks": [
+                {"task_id": "a", "kind": "shell", "command": "echo hi", "retries": 2,
+                 "retry_delay": "1500ms", "retry_exponential": true,
+                 "max_retry_delay": "2h", "timeout": "1d2h3m4s5ms"},
+                {"task_id": "b", "kind": "http", "method": "post",
+                 "url": "https://api.example.com/", "headers": {"X-A": "1"},
+                 "body": "{}", "expect_status": 201, "depends_on": ["a"]},
+                {"task_id": "c", "kind": "noop", "depends_on": ["a", "b"]}
+            ]
+        });
+        for body in [
+            full,
+            serde_json::json!({"dag_id": "d", "tasks": [{"task_id": "x", "kind": "noop"}]}),
+        ] {
+            let spec = input(body).unwrap();
+            let form = serde_json::to_value(DagInput::from_spec(&spec)).unwrap();
+            let again = input(form.clone()).unwrap();
+            assert_eq!(again, spec, "{form}");
+            // File names only: nothing of the stored form leaks into what people read.
+            let text = form.to_string();
+            for stored in ["_ms\"", "null", "{\"kind\":{"] {
+                assert!(!text.contains(stored), "{stored} in {text}");
+            }
+        }
+        let spec = input(
+            serde_json::json!({"dag_id": "d", "start_date": "2025-10-01",
+            "timezone": "Europe/Paris", "tasks": [{"task_id": "x", "kind": "shell",
+            "command": "true", "timeout": "90m"}]}),
+        )
+        .unwrap();
+        let form = serde_json::to_value(DagInput::from_spec(&spec)).unwrap();
+        assert_eq!(form["start_date"], "2025-10-01T00:00:00+02:00");
+        // Dates RFC 3339 cannot say in the DAG's timezone (an offset of seconds, local
+        // mean time) or in UTC (a year past 9999) still read back as themselves.
+        for (tz, start, end) in [
+            ("Europe/Paris", "1900-01-01", "1900-01-02T00:00:00.250Z"),
+            ("UTC", "2025-01-01", "9999-12-31T23:00:00-05:00"),
+        ] {
+            let spec = input(serde_json::json!({"dag_id": "d", "timezone": tz,
+                "start_date": start, "end_date": end}))
+            .unwrap();
+            let form = serde_json::to_value(DagInput::from_spec(&spec)).unwrap();
+            assert_eq!(input(form.clone()).unwrap(), spec, "{form}");
+        }
+        assert_eq!(form["tasks"][0]["timeout"], "1h30m");
+        assert!(form["tasks"][0].get("retries").is_none(), "{form}");
+    }
+
+    #[test]
+    fn durations_format_as_they_parse() {
+        for ms in [
+            0,
+            1,
+            999,
+            1_000,
+            61_000,
+            5_400_000,
+            86_400_001,
+            MAX_DAG_DURATION_MS,
+        ] {
+            assert_eq!(parse_duration("f", &format_duration(ms)).unwrap(), ms);
+        }
+        assert_eq!(format_duration(5_400_000), "1h30m");
+        assert_eq!(format_duration(250), "250ms");
     }
 
     #[test]

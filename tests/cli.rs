@@ -94,7 +94,8 @@ async fn applying_the_examples_dir_creates_then_is_unchanged_then_diffs_an_updat
     let tmp = tempfile::tempdir().expect("temp dir");
     let text = std::fs::read_to_string(Path::new(examples).join("daily-etl.yaml"))
         .expect("the example")
-        .replace("owner: team-data", "owner: team-platform");
+        .replace("owner: team-data", "owner: team-platform")
+        .replace("timeout: 30s", "timeout: 90m");
     let file = write(tmp.path(), "daily-etl.yaml", &text);
     let update = cli(&c, &["dag", "apply", "-f", &file]).await;
     assert_eq!(update.status.code(), Some(0));
@@ -104,6 +105,14 @@ async fn applying_the_examples_dir_creates_then_is_unchanged_then_diffs_an_updat
         out.contains("-owner: team-data") && out.contains("+owner: team-platform"),
         "{out}"
     );
+    // In the words of a DAG file, not of the stored definition.
+    assert!(
+        out.contains("-  timeout: 30s") && out.contains("+  timeout: 1h30m"),
+        "{out}"
+    );
+    for stored in ["timeout_ms", "retry_delay_ms", "null", "kind: {", "kind:\n"] {
+        assert!(!out.contains(stored), "{stored:?} in {out}");
+    }
 
     // Both versions, newest first, and the first one's definition.
     let versions = stdout(&cli(&c, &["dag", "versions", "daily_etl"]).await);

@@ -264,7 +264,11 @@ impl Executor {
             .collect();
         for k in stale {
             if let Some(mut r) = self.running.remove(&k) {
-                if r.ended {
+                // Already over here (its task drops the receiver when the attempt ends,
+                // before reporting): the assignment went away because its own result was
+                // committed, which can apply before the task tells this actor it ended.
+                let finished = r.cancel.as_ref().is_none_or(|c| c.is_closed());
+                if r.ended || finished {
                     continue;
                 }
                 info!(node = self.node.id, run_id = %k.0, task_id = %k.1, attempt = r.attempt, "attempt no longer assigned here; stopping it");
@@ -355,6 +359,9 @@ impl Executor {
         let span = tracing::info_span!("attempt", run_id = %run_id, task_id = %task_id, attempt, dag_id = tracing::field::Empty);
         self.rt.spawn(async move {
             let started = Instant::now();
+            // Dropped once the attempt is over, whichever way: the actor reads a closed
+            // channel as "already ended here" (see `reconcile`).
+            let mut cancel = Some(cancel);
             let result = if fence.expired() {
                 AttemptResult::Lost { error: String::new() }
             } else { match load(&node, &registry, &run_id).await {
@@ -364,6 +371,7 @@ impl Executor {
                         let a = AttemptSpec { run: &run, task, attempt, data_dir: &data_dir, log_cap, egress: &egress, shell: &shell, fence: &fence };
                         let pg_dir = data_dir.join("executor").join("pgids");
                         let mut pg_file = None;
+                        let cancel = cancel.take().expect("the cancel receiver is taken once, here");
                         let r = executor::run_attempt(a, cancel, |pgid| {
                             // The keeper kills the group at its deadline if this node
                             // cannot; the file lets a restart kill what a crash left.
@@ -386,6 +394,7 @@ impl Executor {
                 },
                 Err(e) => AttemptResult::Failed { exit_code: None, error: e },
             } };
+            drop(cancel);
             // Stopped by a fence (this actor's, or the keeper's kill at the deadline):
             // lost, not failed. A success just past the deadline still stands — the
             // leader gives the task away only after the margin.

@@ -14,6 +14,7 @@ use similar::{ChangeTag, TextDiff};
 
 use super::client::{Client, Failure};
 use super::output::{self, text, Format};
+use orchestrator::dag::DagInput;
 use orchestrator::state::model::DagSpec;
 
 #[derive(Subcommand, Debug)]
@@ -121,7 +122,7 @@ fn load(path: &Path) -> anyhow::Result<Local> {
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let body =
         parse(path, &raw).with_context(|| format!("{}: not a valid DAG file", path.display()))?;
-    let input: orchestrator::dag::DagInput = serde_json::from_value(body.clone())
+    let input: DagInput = serde_json::from_value(body.clone())
         .with_context(|| format!("{}: invalid DAG", path.display()))?;
     let spec = orchestrator::dag::validate(&input)
         .with_context(|| format!("{}: invalid DAG", path.display()))?;
@@ -203,10 +204,10 @@ async fn apply(client: &Client, format: Format, path: &Path, dry_run: bool) -> a
     Ok(())
 }
 
-/// A unified diff of two definitions, rendered as YAML.
+/// A unified diff of two definitions, each rendered as a YAML DAG file.
 fn unified_diff(old: &DagSpec, new: &DagSpec) -> anyhow::Result<String> {
-    let old = serde_yaml_ng::to_string(old)?;
-    let new = serde_yaml_ng::to_string(new)?;
+    let old = serde_yaml_ng::to_string(&DagInput::from_spec(old))?;
+    let new = serde_yaml_ng::to_string(&DagInput::from_spec(new))?;
     Ok(TextDiff::from_lines(&old, &new)
         .unified_diff()
         .context_radius(3)

@@ -36,8 +36,9 @@ pub enum Error {
     /// Which address was refused is not said: the message reaches the tenant (the attempt's
     /// log), and would map the internal names it can resolve.
     #[error(
-        "{host} resolves to an address the egress policy refuses (executor.http_allow, \
-         executor.tenants.<tenant>.http_allow)"
+        "{host} resolves to an address the egress policy refuses; an operator can open it \
+         with executor.http_allow (every tenant) or, unless it is one of the cluster's own \
+         addresses, executor.tenants.<tenant>.http_allow (one tenant)"
     )]
     Refused { host: String, addr: IpAddr },
     #[error("cannot build an HTTP client: {0}")]

@@ -1,10 +1,11 @@
-//! The node's log: `pretty` lines for people or `json` objects for log pipelines, on
-//! stderr, filtered by `log_level` (or `RUST_LOG`). Every line carries the node id (a
-//! background task has no span to inherit it from, so the formatter adds it), and the
-//! fields of the spans it happens in: `request_id` for API requests, `run_id`, `dag_id`,
-//! `task_id` and `attempt` for an attempt's execution.
+//! The node's log: `pretty` lines for people (coloured only on a terminal) or `json`
+//! objects for log pipelines, on stderr, filtered by `log_level` (or `RUST_LOG`). Every
+//! line carries the node id (a background task has no span to inherit it from, so the
+//! formatter adds it), and the fields of the spans it happens in: `request_id` for API
+//! requests, `run_id`, `dag_id`, `task_id` and `attempt` for an attempt's execution.
 
 use std::fmt;
+use std::io::IsTerminal;
 
 use tracing::{Event, Subscriber};
 use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields, Writer};
@@ -20,7 +21,10 @@ pub fn init(level: &str, format: LogFormat, node: u64) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},openraft=warn")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal: a log redirected to a file or a pipe
+        // keeps plain text (and `NO_COLOR` turns it off everywhere).
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none());
     let _ = match format {
         LogFormat::Pretty => builder.with_timer(NodeTimer { node }).try_init(),
         LogFormat::Json => builder
