@@ -5,7 +5,10 @@
 //! digest) and every table of that state (`tables.json`). The v2 log raises the protocol
 //! from 1 to 2 and exercises every command kind; the v5 log goes on from it, raises to 5
 //! and exercises what protocols 3 to 5 added (the caller's subject, manual runs without a
-//! window, quotas refused and DAG versions dropped in apply). Future binaries must:
+//! window, quotas refused and DAG versions dropped in apply); the v8 log goes on from
+//! that, raises to 8 and exercises what protocols 6 to 8 added (a retry counted against
+//! the run quota, a deleted DAG's tombstone, a tenant's share of the slots, a freed slot
+//! handed on, a restarted node's attempts lost and placed again). Future binaries must:
 //!
 //! - decode every entry, and applying the log to an empty state machine must give exactly
 //!   the recorded digest (behaviour changes only ever start at a later protocol raise, and
@@ -35,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The protocol versions with a fixture folder; the last is what `write_fixtures` writes.
-const VERSIONS: [&str; 2] = ["v2", "v5"];
+const VERSIONS: [&str; 3] = ["v2", "v5", "v8"];
 
 fn dir(version: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -333,8 +336,11 @@ fn scenario(version: &str) -> Vec<Entry> {
         (2, vec![req(t0 + 2_900, put("audit", false), None)]),
     ];
     let mut batches = batches;
-    if version == "v5" {
+    if version == "v5" || version == "v8" {
         batches.extend(protocol_5_batches(t0 + 3_000));
+    }
+    if version == "v8" {
+        batches.extend(protocol_8_batches(t0 + 4_000));
     }
     let member = |id: u64| Member {
         api_addr: format!("10.0.0.{id}:8080"),
@@ -430,6 +436,157 @@ fn protocol_5_batches(t: i64) -> Vec<(u64, Vec<Request>)> {
         (3, vec![req(t + 20, manual()), req(t + 20, manual())]),
         (3, vec![req(t + 30, update("team-finance"))]),
         (3, vec![req(t + 40, update("team-ops"))]),
+    ]
+}
+
+/// After the v5 scenario: the raise to 8, then a second tenant whose two runs of four
+/// parallel tasks meet a 50 % slot share of the two nodes' eight slots (placed by a
+/// supervise pass, one handed on when an attempt finishes), a retry counted against the
+/// run quota, a DAG deleted while a run still executes it, a queued run cancelled, and a
+/// restarted node whose lost attempts are placed again.
+fn protocol_8_batches(t: i64) -> Vec<(u64, Vec<Request>)> {
+    let quota = Quota {
+        max_dags: 10,
+        max_active_runs: 100,
+        max_queued_runs_per_dag: 10,
+        dag_versions_kept: 2,
+        slot_share_percent: Some(50),
+    };
+    let mut seq = 0u64;
+    let mut req = |now: i64, subject: Option<&str>, command: Command| {
+        seq += 1;
+        Request {
+            request_id: format!("req-8-{seq:04}"),
+            proposed_at_ms: now,
+            idempotency: None,
+            command,
+            subject: subject.map(str::to_string),
+            quota: subject.map(|_| quota),
+        }
+    };
+    let hb = |node: u64, incarnation: &str, running: Vec<AttemptRef>| Command::Heartbeat {
+        node,
+        incarnation: incarnation.into(),
+        slots: 4,
+        running,
+        lease_ms: 10_000,
+    };
+    let attempt = |run: &str, task: &str| AttemptRef {
+        run_id: run.into(),
+        task_id: task.into(),
+        attempt: 1,
+    };
+    let mut wide = spec("ingest", false);
+    wide.max_active_runs = 4;
+    wide.tasks = ["a", "b", "c", "d"]
+        .iter()
+        .map(|id| TaskSpec {
+            task_id: id.to_string(),
+            depends_on: Vec::new(),
+            ..wide.tasks[0].clone()
+        })
+        .collect();
+    let manual = || Command::TriggerRun {
+        tenant: "globex".into(),
+        dag_id: "ingest".into(),
+        run_type: RunType::Manual,
+        window: Window {
+            start_ms: t + 20,
+            end_ms: t + 20,
+        },
+    };
+    let bob = Some("bob@globex");
+    let alice = Some("alice@acme");
+    vec![
+        (
+            4,
+            vec![req(
+                t,
+                None,
+                Command::RaiseProtocol {
+                    term: 4,
+                    version: 8,
+                },
+            )],
+        ),
+        (
+            4,
+            vec![
+                req(
+                    t + 10,
+                    None,
+                    hb(1, "inc-1", vec![attempt("run_3", "extract")]),
+                ),
+                req(
+                    t + 10,
+                    None,
+                    hb(2, "inc-2", vec![attempt("run_2", "extract")]),
+                ),
+            ],
+        ),
+        (
+            4,
+            vec![req(
+                t + 15,
+                bob,
+                Command::PutDag {
+                    tenant: "globex".into(),
+                    spec: wide,
+                    expected_version: None,
+                },
+            )],
+        ),
+        (
+            4,
+            vec![req(t + 20, bob, manual()), req(t + 20, bob, manual())],
+        ),
+        (4, vec![req(t + 30, None, Command::Supervise { term: 4 })]),
+        (
+            4,
+            vec![req(
+                t + 40,
+                None,
+                Command::FinishAttempt {
+                    attempt: attempt("run_6", "a"),
+                    node: 1,
+                    result: AttemptResult::Success { exit_code: None },
+                },
+            )],
+        ),
+        (
+            4,
+            vec![req(
+                t + 50,
+                alice,
+                Command::RetryRun {
+                    tenant: "acme".into(),
+                    run_id: "run_1".into(),
+                },
+            )],
+        ),
+        (
+            4,
+            vec![req(
+                t + 60,
+                alice,
+                Command::DeleteDag {
+                    tenant: "acme".into(),
+                    dag_id: "audit".into(),
+                },
+            )],
+        ),
+        (
+            4,
+            vec![req(
+                t + 65,
+                alice,
+                Command::CancelRun {
+                    tenant: "acme".into(),
+                    run_id: "run_5".into(),
+                },
+            )],
+        ),
+        (4, vec![req(t + 70, None, hb(2, "inc-2-restarted", vec![]))]),
     ]
 }
 
@@ -582,6 +739,73 @@ fn the_v5_log_records_what_protocols_3_to_5_added() {
         vec![1, 3],
         "version 2 dropped; version 1 kept while the manual runs execute it"
     );
+}
+
+/// What the v8 log shows of protocols 6 to 8, read from its recorded tables.
+#[test]
+fn the_v8_log_records_what_protocols_6_to_8_added() {
+    let tables: Tables = load("v8", "tables.json");
+    let rows = |t: Table| tables.get(t.name()).cloned().unwrap_or_default();
+    let runs: BTreeMap<String, Value> = rows(Table::Runs)
+        .into_iter()
+        .map(|(_, v)| (v["run_id"].as_str().unwrap_or_default().to_string(), v))
+        .collect();
+    // Assignments: key = node (8 bytes be) 0 run_id 0 task_id, value = attempt.
+    let assigned: Vec<(u64, String, String, u32)> = rows(Table::Assignments)
+        .into_iter()
+        .map(|(k, v)| {
+            let key = hex::decode(k).expect("hex key");
+            let node = u64::from_be_bytes(key[..8].try_into().expect("node id"));
+            let mut parts = key[9..].split(|b| *b == 0);
+            let mut text = || String::from_utf8(parts.next().unwrap_or_default().to_vec()).unwrap();
+            let (run, task) = (text(), text());
+            let attempt = u32::from_str_radix(v.as_str().unwrap_or_default(), 16).unwrap();
+            (node, run, task, attempt)
+        })
+        .collect();
+    let tenant_of = |run: &str| runs[run]["tenant"].as_str().unwrap_or_default().to_string();
+    let globex = assigned
+        .iter()
+        .filter(|a| tenant_of(&a.1) == "globex")
+        .count();
+    // Protocol 8: two nodes of 4 slots, a 50 % share: globex holds 4 though 2 slots are
+    // free and 3 of its tasks wait.
+    assert_eq!(globex, 4, "{assigned:?}");
+    assert_eq!(assigned.len(), 6, "{assigned:?}");
+    let waiting = runs["run_7"]["tasks"]
+        .as_object()
+        .expect("tasks")
+        .values()
+        .filter(|t| t["state"] == "queued")
+        .count();
+    assert_eq!(waiting, 3);
+    // The slot run_6's `a` freed on node 1 went to run_7's `a` when the finish applied
+    // (the restart of node 2, later, emptied the other node).
+    assert!(
+        assigned.contains(&(1, "run_7".into(), "a".into(), 1)),
+        "{assigned:?}"
+    );
+    // The restarted node's attempts were lost and placed again (attempt 2).
+    for task in ["b", "d"] {
+        assert!(
+            assigned
+                .iter()
+                .any(|a| a.1 == "run_6" && a.2 == task && a.3 == 2),
+            "{assigned:?}"
+        );
+    }
+    // Runs keep the share they were created (or retried) with; older runs have none.
+    assert_eq!(runs["run_6"]["slot_share_percent"], 50);
+    assert_eq!(runs["run_1"]["slot_share_percent"], 50, "the retry set it");
+    assert!(runs["run_3"].get("slot_share_percent").is_none());
+    // Protocol 7: a deleted DAG keeps a tombstone without its tasks.
+    let audit = rows(Table::Dags)
+        .into_iter()
+        .map(|(_, v)| v)
+        .find(|d| d["spec"]["dag_id"] == "audit")
+        .expect("audit's record");
+    assert_eq!(audit["deleted"], true);
+    assert_eq!(audit["spec"]["tasks"], serde_json::json!([]));
 }
 
 /// Writes the fixtures of this version (run only when adding a new version's folder).
