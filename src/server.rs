@@ -172,7 +172,12 @@ pub async fn run(
         )),
         metrics,
     });
-    let peer_router = peer_server::router(node.clone(), &secret, limiter);
+    let peer_router = peer_server::router(
+        node.clone(),
+        Arc::new(actors.proposer.clone()),
+        &secret,
+        limiter,
+    );
 
     let api_handle = axum_server::Handle::new();
     let peer_handle = axum_server::Handle::new();
@@ -235,7 +240,9 @@ pub async fn run(
         "shutting down: no new requests; finishing in-flight ones"
     );
     let _ = stop_tx.send(true);
-    // The API drains first; peers keep being answered until raft is shut down.
+    // The API drains first; peers keep being answered until raft is shut down (forwarded
+    // writes only until the actors stop: their proposer is gone, and the forwarders retry
+    // at the next leader).
     api_handle.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
     if let Ok(Err(e)) = api_server.await {
         warn!(error = %e, "api server ended with an error");

@@ -35,6 +35,17 @@ pub enum Error {
     Membership(String),
 }
 
+/// Where the peer server hands the batches other nodes forward to this one: the node's
+/// proposer, so that on the leader they join its own next entry (one append and one
+/// fsync for the writes of every node) instead of each becoming an entry of its own.
+pub trait ForwardedWrites: Send + Sync + 'static {
+    /// Commit `batch` in this node's next entry; `NotLeader` when this node does not lead.
+    fn propose_forwarded(
+        &self,
+        batch: Batch,
+    ) -> futures::future::BoxFuture<'static, Result<BatchResponse, Error>>;
+}
+
 /// How long a node being added may take to answer on its peer address.
 const NEW_MEMBER_ANSWERS_WITHIN: Duration = Duration::from_secs(5);
 /// How long a new node may take to catch up before it is made a voter.
@@ -326,18 +337,11 @@ impl RaftNode {
     }
 
     /// Commit `batch` (on the leader, or forwarded to it once), retrying with the same
-    /// request ids until `leader_wait` runs out. `forwarded` marks a batch that already
-    /// took its one hop: it is never forwarded again.
-    pub async fn propose(&self, batch: Batch, forwarded: bool) -> Result<BatchResponse, Error> {
-        self.propose_by(batch, forwarded, Instant::now() + self.leader_wait)
-            .await
-    }
-
-    /// [`Self::propose`] with the caller's own deadline (a request that already waited in
-    /// a queue has less than `leader_wait` left).
+    /// request ids until `deadline`. `forwarded` marks a batch that already took its one
+    /// hop: it is never forwarded again.
     pub async fn propose_by(
         &self,
-        batch: Batch,
+        batch: &Batch,
         forwarded: bool,
         deadline: Instant,
     ) -> Result<BatchResponse, Error> {
@@ -354,7 +358,7 @@ impl RaftNode {
                 // wait for the quorum (or a new leader) until the deadline.
                 None
             } else {
-                let write = self.raft.client_write(self.stamped(&batch));
+                let write = self.raft.client_write(self.stamped(batch));
                 let proposed = Instant::now();
                 match tokio::time::timeout(self.remaining(deadline), write).await {
                     // The entry may still commit later; its request ids make a retry safe.
@@ -387,7 +391,7 @@ impl RaftNode {
                             leader,
                             &member.peer_addr,
                             "/cluster/propose",
-                            &batch,
+                            batch,
                             self.remaining(deadline),
                         )
                         .await;

@@ -16,13 +16,15 @@ use serde::Serialize;
 use tracing::warn;
 
 use super::network::{HEADER_SECRET, HEADER_TARGET};
-use super::node::{LogRequest, MembershipOp, RaftNode};
+use super::node::{ForwardedWrites, LogRequest, MembershipOp, RaftNode};
 use crate::rate_limit::{RateLimiter, Report};
 use crate::state::Batch;
 
 #[derive(Clone)]
 struct PeerState {
     node: RaftNode,
+    /// Where forwarded writes go: the node's proposer.
+    forwarded: std::sync::Arc<dyn ForwardedWrites>,
     secret: std::sync::Arc<str>,
     limiter: std::sync::Arc<RateLimiter>,
     /// Refused callers are logged at most once per [`REFUSALS_LOGGED_EVERY`]: anyone who
@@ -55,10 +57,17 @@ impl Refusals {
     }
 }
 
-/// The peer router for `node`, accepting only calls that carry `secret`.
-pub fn router(node: RaftNode, secret: &str, limiter: std::sync::Arc<RateLimiter>) -> Router {
+/// The peer router for `node`, accepting only calls that carry `secret`; forwarded
+/// writes go to `forwarded`.
+pub fn router(
+    node: RaftNode,
+    forwarded: std::sync::Arc<dyn ForwardedWrites>,
+    secret: &str,
+    limiter: std::sync::Arc<RateLimiter>,
+) -> Router {
     let state = PeerState {
         node,
+        forwarded,
         refusals: Default::default(),
         secret: secret.into(),
         limiter,
@@ -184,7 +193,7 @@ async fn snapshot(State(st): State<PeerState>, body: Bytes) -> Response {
 
 async fn propose(State(st): State<PeerState>, body: Bytes) -> Response {
     match admit::<Batch>(&body) {
-        Ok(batch) => reply(st.node.propose(batch, true).await),
+        Ok(batch) => reply(st.forwarded.propose_forwarded(batch).await),
         Err(r) => r,
     }
 }
