@@ -48,7 +48,7 @@ enum Cmd {
         #[command(subcommand)]
         command: ConfigCmd,
     },
-    /// DAGs: apply DAG files (YAML, JSON, TOML), list, get, pause, unpause, delete.
+    /// DAGs: apply DAG files (YAML, JSON, TOML), list, get, versions, pause, unpause, delete.
     Dag {
         #[command(subcommand)]
         command: cli::dag::DagCmd,
@@ -183,6 +183,15 @@ fn main() -> ExitCode {
         let cgroups = cgroup_parent.map(orchestrator::executor::cgroup::Cgroups::at);
         let code = orchestrator::executor::fencing::serve_stdin(cgroups);
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
+    if !matches!(command, Cmd::Server(_)) {
+        // A client command piped into `head` ends quietly when the pipe closes, as Unix
+        // tools do, instead of panicking in println!. Rust ignores SIGPIPE for every
+        // program; only the server needs that (a peer closing a socket is an error there).
+        // SAFETY: restoring a signal's default disposition at start, before any thread.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
     }
     let result = (|| -> anyhow::Result<()> {
         let rt = tokio::runtime::Builder::new_multi_thread()

@@ -334,6 +334,22 @@ async fn completions_generate_for_each_shell() {
             "{shell}"
         );
     }
+    // Piped into a reader that stops early (`| head -1`): ends quietly, as Unix tools
+    // do, not with a panic about a broken pipe.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        .args(["completions", "bash"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut first = [0u8; 16];
+    std::io::Read::read_exact(&mut stdout, &mut first).expect("some output");
+    drop(stdout);
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_ne!(out.status.code(), Some(101), "{err}");
 }
 
 /// First minutes: a node started as `scripts/dev-server.sh` starts it (no settings but

@@ -419,7 +419,12 @@ impl Executor {
             metrics::counter!(telemetry::ATTEMPTS, "result" => outcome).increment(1);
             metrics::histogram!(telemetry::ATTEMPT_SECONDS, "result" => outcome)
                 .record(started.elapsed().as_secs_f64());
-            info!(node = node.id, run_id = %run_id, task_id = %task_id, attempt, result = ?result, "attempt ended");
+            // The span carries the run, task, attempt and DAG; a failure is a warning.
+            match &result {
+                AttemptResult::Success { exit_code } => info!(outcome, exit_code = *exit_code, "attempt ended"),
+                AttemptResult::Failed { exit_code, error } => warn!(outcome, exit_code = *exit_code, error = %error, "attempt ended"),
+                AttemptResult::TimedOut { error } | AttemptResult::Lost { error } => warn!(outcome, error = %error, "attempt ended"),
+            }
             let finish = Command::FinishAttempt {
                 attempt: AttemptRef { run_id: run_id.clone(), task_id: task_id.clone(), attempt },
                 node: node.id,

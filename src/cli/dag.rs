@@ -180,6 +180,7 @@ async fn apply(client: &Client, format: Format, path: &Path, dry_run: bool) -> a
         if format == Format::Table {
             let version = match &version {
                 Value::Null => String::new(),
+                v if action.starts_with("would") => format!(" (current version {v})"),
                 v => format!(" (version {v})"),
             };
             println!(

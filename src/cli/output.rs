@@ -35,6 +35,11 @@ pub fn table(header: &[&str]) -> Table {
     if !colour() {
         t.force_no_tty();
     }
+    // A terminal that reports no width (`script`, some `docker exec -t` and CI runners)
+    // would get a column per character: lay the table out as if off a terminal.
+    if t.width().is_some_and(|w| w < 20) {
+        t.set_content_arrangement(ContentArrangement::Disabled);
+    }
     t
 }
 

@@ -202,20 +202,20 @@ fn print_run(r: &Value) {
     println!("{}", task_table(r));
 }
 
+/// Tasks in the order they ran (never-started tasks last), then by name: `d` is the
+/// task's entry in a run's `task_details`.
+fn ran_order(id: &str, d: &Value) -> (String, String) {
+    let first = d["attempts"][0]["started_at"].as_str().unwrap_or("~");
+    (first.to_string(), id.to_string())
+}
+
 fn task_table(r: &Value) -> comfy_table::Table {
     let mut t = output::table(&[
         "TASK", "STATE", "ATTEMPT", "NODE", "STARTED", "DURATION", "ERROR",
     ]);
     if let Some(details) = r["task_details"].as_object() {
-        // In the order they ran (never-started tasks last), then by name.
         let mut details: Vec<(&String, &Value)> = details.iter().collect();
-        details.sort_by_key(|(id, d)| {
-            let first = d["attempts"][0]["started_at"]
-                .as_str()
-                .unwrap_or("~")
-                .to_string();
-            (first, (*id).clone())
-        });
+        details.sort_by_key(|(id, d)| ran_order(id, d));
         for (id, d) in details {
             let last = d["attempts"]
                 .as_array()
@@ -224,7 +224,10 @@ fn task_table(r: &Value) -> comfy_table::Table {
                 .unwrap_or(Value::Null);
             let duration = last["duration_ms"]
                 .as_i64()
-                .map(|ms| format!("{:.1} s", ms as f64 / 1000.0))
+                .map(|ms| match ms {
+                    0..1000 => format!("{ms} ms"),
+                    _ => format!("{:.1} s", ms as f64 / 1000.0),
+                })
                 .unwrap_or_else(|| "-".into());
             t.add_row(vec![
                 Cell::new(id),
@@ -264,6 +267,7 @@ async fn watch(client: &Client, format: Format, run_id: &str) -> anyhow::Result<
         let tasks = r["tasks"].as_object().cloned().unwrap_or_default();
         bar.set_length(tasks.len() as u64);
         let mut ended = 0;
+        let mut changed = Vec::new();
         for (task, state) in &tasks {
             let state = text(state);
             if matches!(
@@ -273,10 +277,15 @@ async fn watch(client: &Client, format: Format, run_id: &str) -> anyhow::Result<
                 ended += 1;
             }
             if seen.get(task) != Some(&state) {
-                if format == Format::Table {
-                    bar.suspend(|| println!("{task:<24} {}", output::state(&state)));
-                }
-                seen.insert(task.clone(), state);
+                seen.insert(task.clone(), state.clone());
+                changed.push((ran_order(task, &r["task_details"][task]), task, state));
+            }
+        }
+        // What changed since the last poll, in the order the tasks ran.
+        changed.sort();
+        if format == Format::Table {
+            for (_, task, state) in changed {
+                bar.suspend(|| println!("{task:<24} {}", output::state(&state)));
             }
         }
         bar.set_position(ended);
