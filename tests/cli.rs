@@ -114,6 +114,26 @@ async fn applying_the_examples_dir_creates_then_is_unchanged_then_diffs_an_updat
         assert!(!out.contains(stored), "{stored:?} in {out}");
     }
 
+    // `dag get --file` prints a DAG file that applies back unchanged, in YAML or JSON.
+    for (name, args) in [
+        ("back.yaml", vec!["dag", "get", "daily_etl", "--file"]),
+        (
+            "back.json",
+            vec!["--output", "json", "dag", "get", "daily_etl", "--file"],
+        ),
+    ] {
+        let got = cli(&c, &args).await;
+        assert_eq!(got.status.code(), Some(0), "{}", stderr(&got));
+        assert!(!stdout(&got).contains("timeout_ms"), "{}", stdout(&got));
+        let back = write(tmp.path(), name, &stdout(&got));
+        let again = cli(&c, &["dag", "apply", "-f", &back]).await;
+        assert!(
+            stdout(&again).contains("daily_etl: unchanged (version 2)"),
+            "{}",
+            stdout(&again)
+        );
+    }
+
     // Both versions, newest first, and the first one's definition.
     let versions = stdout(&cli(&c, &["dag", "versions", "daily_etl"]).await);
     let rows: Vec<&str> = versions.lines().filter(|l| l.contains("team-")).collect();
@@ -287,6 +307,16 @@ async fn trigger_wait_and_watch_exit_with_the_runs_outcome() {
     assert!(
         table.contains("quick") && table.contains("broken"),
         "{table}"
+    );
+    // A DAG that does not exist is an error, not an empty list.
+    let typo = cli(&c, &["run", "list", "--dag", "brokne"]).await;
+    assert_eq!(typo.status.code(), Some(3), "{}", stdout(&typo));
+    assert!(stderr(&typo).contains("not_found"), "{}", stderr(&typo));
+    // The DAG list says when each fires next and how its last run went.
+    let dags = stdout(&cli(&c, &["dag", "list"]).await);
+    assert!(
+        dags.contains("NEXT WINDOW") && dags.contains("LAST RUN") && dags.contains("failed"),
+        "{dags}"
     );
     c.assert_no_panics();
 }

@@ -31,7 +31,13 @@ pub enum DagCmd {
     /// DAGs of your tenant.
     List,
     /// One DAG: definition, version, next scheduled windows.
-    Get { dag_id: String },
+    Get {
+        dag_id: String,
+        /// Print its definition as a DAG file (YAML; JSON with --output json) that
+        /// `dag apply` takes back unchanged.
+        #[arg(long)]
+        file: bool,
+    },
     /// A DAG's versions, newest first; with --version, that version's definition.
     Versions {
         dag_id: String,
@@ -51,9 +57,19 @@ pub async fn run(client: &Client, format: Format, cmd: DagCmd) -> anyhow::Result
     match cmd {
         DagCmd::Apply { file, dry_run } => apply(client, format, &file, dry_run).await,
         DagCmd::List => list(client, format).await,
-        DagCmd::Get { dag_id } => {
+        DagCmd::Get { dag_id, file } => {
             let v = client.get(&format!("/dags/{dag_id}"), &[]).await?;
-            output::emit(format, &v, print_dag)
+            if !file {
+                return output::emit(format, &v, print_dag);
+            }
+            let spec: DagSpec = serde_json::from_value(v["definition"].clone())
+                .context("the API answered a definition this client cannot read")?;
+            let form = DagInput::from_spec(&spec);
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&form)?),
+                Format::Yaml | Format::Table => print!("{}", serde_yaml_ng::to_string(&form)?),
+            }
+            Ok(())
         }
         DagCmd::Versions { dag_id, version } => versions(client, format, &dag_id, version).await,
         DagCmd::Pause { dag_id } => status_change(client, format, &dag_id, "pause").await,
@@ -255,17 +271,33 @@ async fn list(client: &Client, format: Format) -> anyhow::Result<()> {
     let dags = all_pages(client, "/dags", "dags").await?;
     output::emit(format, &Value::Array(dags), |v| {
         let mut t = output::table(&[
-            "DAG", "STATUS", "VERSION", "SCHEDULE", "TASKS", "OWNER", "UPDATED",
+            "DAG",
+            "STATUS",
+            "SCHEDULE",
+            "NEXT WINDOW",
+            "LAST RUN",
+            "TASKS",
+            "OWNER",
+            "VERSION",
         ]);
         for d in v.as_array().into_iter().flatten() {
+            let last = &d["last_run"];
+            let last_state = match last["state"].as_str() {
+                Some(s) => output::labelled_state_cell(
+                    s,
+                    &format!("{s} {}", output::ago(&last["created_at"])),
+                ),
+                None => Cell::new("-"),
+            };
             t.add_row(vec![
                 Cell::new(text(&d["dag_id"])),
                 output::state_cell(&text(&d["status"])),
-                Cell::new(text(&d["version"])),
                 Cell::new(text(&d["schedule"])),
+                Cell::new(output::ago(&d["next_fire_time"])),
+                last_state,
                 Cell::new(text(&d["tasks"])),
                 Cell::new(text(&d["owner"])),
-                Cell::new(output::ago(&d["updated_at"])),
+                Cell::new(text(&d["version"])),
             ]);
         }
         println!("{t}");

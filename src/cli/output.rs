@@ -62,8 +62,13 @@ pub fn state(s: &str) -> String {
 /// A state as a table cell, coloured like [`state`] (the table drops colour off a TTY,
 /// and measures the cell without escape codes).
 pub fn state_cell(s: &str) -> Cell {
-    let cell = Cell::new(s);
-    match colour_of(s) {
+    labelled_state_cell(s, s)
+}
+
+/// A cell saying `label`, coloured as `state` is.
+pub fn labelled_state_cell(state: &str, label: &str) -> Cell {
+    let cell = Cell::new(label);
+    match colour_of(state) {
         Some("32") => cell.fg(Color::Green),
         Some("31") => cell.fg(Color::Red),
         Some("33") => cell.fg(Color::Yellow),

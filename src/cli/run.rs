@@ -146,14 +146,19 @@ async fn list(
     limit: usize,
 ) -> anyhow::Result<()> {
     let mut q = vec![("limit", limit.clamp(1, 500).to_string())];
-    if let Some(d) = dag {
-        q.push(("dag_id", d));
+    if let Some(d) = &dag {
+        q.push(("dag_id", d.clone()));
     }
     if let Some(s) = state {
         q.push(("state", s));
     }
     let v = client.get("/runs", &q).await?;
     let runs = v["runs"].clone();
+    // No runs of a DAG that does not exist is a typo, not an empty list: say so (the
+    // API's 404). A deleted DAG's runs stay listed, so this asks only when there are none.
+    if let (Some(d), true) = (&dag, runs.as_array().is_some_and(Vec::is_empty)) {
+        client.get(&format!("/dags/{d}"), &[]).await?;
+    }
     output::emit(format, &runs, |runs| {
         let mut t = output::table(&["RUN", "DAG", "STATE", "TYPE", "WINDOW", "CREATED", "ENDED"]);
         for r in runs.as_array().into_iter().flatten() {
