@@ -596,7 +596,7 @@ impl DagInput {
     /// (`dag apply` diffs this form).
     pub fn from_spec(spec: &DagSpec) -> DagInput {
         let tz = parse_timezone(&spec.timezone).ok();
-        let instant = |ms: i64| Some(instant_text(ms, tz));
+        let instant = |ms: i64| instant_text(ms, tz);
         DagInput {
             dag_id: spec.dag_id.clone(),
             schedule: spec.schedule.clone(),
@@ -606,8 +606,8 @@ impl DagInput {
             max_active_runs: (spec.max_active_runs != 16).then_some(spec.max_active_runs),
             sla: spec.sla_ms.map(format_duration),
             paused: spec.paused.then_some(true),
-            start_date: spec.start_date_ms.and_then(instant),
-            end_date: spec.end_date_ms.and_then(instant),
+            start_date: spec.start_date_ms.map(instant),
+            end_date: spec.end_date_ms.map(instant),
             webhook: spec.webhook.clone(),
             tasks: spec.tasks.iter().map(TaskInput::from_spec).collect(),
             version: None,

@@ -91,6 +91,25 @@ fn spec(dag_id: &str, webhook: bool) -> DagSpec {
     }
 }
 
+/// A heartbeat of `node` (4 slots, a 10 s lease) reporting `running`.
+fn heartbeat(node: u64, incarnation: &str, running: Vec<AttemptRef>) -> Command {
+    Command::Heartbeat {
+        node,
+        incarnation: incarnation.into(),
+        slots: 4,
+        running,
+        lease_ms: 10_000,
+    }
+}
+
+fn attempt(run: &str, task: &str, n: u32) -> AttemptRef {
+    AttemptRef {
+        run_id: run.into(),
+        task_id: task.into(),
+        attempt: n,
+    }
+}
+
 /// The scenario of `version`: protocol-1 traffic, the raise to 2, then protocol-2 traffic
 /// that leaves something in every table; for v5, then the raise to 5 and its traffic.
 fn scenario(version: &str) -> Vec<Entry> {
@@ -114,18 +133,7 @@ fn scenario(version: &str) -> Vec<Entry> {
         start_ms: d * 86_400_000,
         end_ms: (d + 1) * 86_400_000,
     };
-    let hb = |node: u64, running: Vec<AttemptRef>| Command::Heartbeat {
-        node,
-        incarnation: format!("inc-{node}"),
-        slots: 4,
-        running,
-        lease_ms: 10_000,
-    };
-    let attempt = |run: &str, task: &str, n: u32| AttemptRef {
-        run_id: run.into(),
-        task_id: task.into(),
-        attempt: n,
-    };
+    let hb = |node: u64, running: Vec<AttemptRef>| heartbeat(node, &format!("inc-{node}"), running);
     let put = |d: &str, hook: bool| Command::PutDag {
         tenant: "acme".into(),
         spec: spec(d, hook),
@@ -464,18 +472,8 @@ fn protocol_8_batches(t: i64) -> Vec<(u64, Vec<Request>)> {
             quota: subject.map(|_| quota),
         }
     };
-    let hb = |node: u64, incarnation: &str, running: Vec<AttemptRef>| Command::Heartbeat {
-        node,
-        incarnation: incarnation.into(),
-        slots: 4,
-        running,
-        lease_ms: 10_000,
-    };
-    let attempt = |run: &str, task: &str| AttemptRef {
-        run_id: run.into(),
-        task_id: task.into(),
-        attempt: 1,
-    };
+    let hb = heartbeat;
+    let attempt = |run: &str, task: &str| attempt(run, task, 1);
     let mut wide = spec("ingest", false);
     wide.max_active_runs = 4;
     wide.tasks = ["a", "b", "c", "d"]
