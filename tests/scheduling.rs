@@ -287,7 +287,12 @@ async fn retries_timeouts_upstream_failure_http_tasks_and_retry_run() {
     let (srv, _) = test_server().await;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display();
+    // Accepts connections (the kernel's backlog) and never answers: a request times out.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
     submit(&c, &t, json!({"dag_id": "mix", "tasks": [
+        {"task_id": "quiet", "kind": "noop"},
+        {"task_id": "http_silent", "kind": "http", "url": format!("http://{silent_addr}/"), "timeout": "500ms"},
         {"task_id": "flaky", "kind": "shell", "retries": 2, "retry_delay": "200ms", "retry_exponential": true,
          "command": format!("if [ -f {d}/marker ]; then echo second try; else touch {d}/marker; exit 3; fi")},
         {"task_id": "slow", "kind": "shell", "timeout": "700ms",
@@ -321,6 +326,7 @@ async fn retries_timeouts_upstream_failure_http_tasks_and_retry_run() {
     assert_eq!(task("http_ok"), "done");
     assert_eq!(task("http_bad"), "failed");
     assert_eq!(task("env"), "done");
+    assert_eq!(task("http_silent"), "failed");
     // Every attempt runs exactly once: wait until no node runs anything, then count.
     wait_for(LONG, "all executors idle", || async {
         (c.status(1).await?["executor"]["running"] == 0).then_some(())
@@ -360,12 +366,28 @@ async fn retries_timeouts_upstream_failure_http_tasks_and_retry_run() {
         log.contains(&format!("{run}/env env attempt=1 window=")),
         "{log}"
     );
+    // A noop's log is empty, not missing; an http request that got no answer logs why.
+    let log_of = |task: &'static str| {
+        let (c, t, run) = (&c, &t, &run);
+        async move {
+            let path = format!("{BASE}/runs/{run}/tasks/{task}/attempts/1/log");
+            let (s, log, _) = c
+                .request(1, reqwest::Method::GET, &path, Some(t.as_str()), None, &[])
+                .await;
+            (s, log.as_str().unwrap_or_default().to_string())
+        }
+    };
+    assert_eq!(log_of("quiet").await, (StatusCode::OK, String::new()));
+    let (s, log) = log_of("http_silent").await;
+    assert_eq!(s, StatusCode::OK, "{log}");
+    assert!(log.contains("timed out"), "{log}");
+    drop(silent);
     // Retry re-runs the failed and upstream-failed tasks as new attempts.
     let (s, r) = c
         .post(1, &format!("/runs/{run}/retry"), &t, &json!({}))
         .await;
     assert_eq!(s, StatusCode::OK, "{r}");
-    assert_eq!(r["retried_tasks"], 3);
+    assert_eq!(r["retried_tasks"], 4);
     let v = wait_finished(&c, 1, &t, &run).await;
     assert_eq!(v["task_details"]["slow"]["attempt"], 2, "{v}");
     assert_eq!(

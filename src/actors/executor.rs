@@ -33,6 +33,7 @@ use crate::config::{Config, ExecutorConfig};
 use crate::executor::cgroup::Cgroups;
 use crate::executor::egress::Egress;
 use crate::executor::fencing::{AttemptFence, KeeperLink};
+use crate::executor::leftovers::GroupRecords;
 use crate::executor::sandbox::ShellPolicy;
 use crate::executor::{self, AttemptSpec};
 use crate::raft::RaftNode;
@@ -369,7 +370,7 @@ impl Executor {
                     Some(task) => {
                         tracing::Span::current().record("dag_id", run.dag_id.as_str());
                         let a = AttemptSpec { run: &run, task, attempt, data_dir: &data_dir, log_cap, egress: &egress, shell: &shell, fence: &fence };
-                        let pg_dir = data_dir.join("executor").join("pgids");
+                        let records = GroupRecords::new(&data_dir);
                         let mut pg_file = None;
                         let cancel = cancel.take().expect("the cancel receiver is taken once, here");
                         let r = executor::run_attempt(a, cancel, |pgid| {
@@ -378,10 +379,7 @@ impl Executor {
                             fence.spawned(pgid, &keeper);
                             debug!(pgid, deadline_in_ms = fence.deadline().saturating_duration_since(Instant::now()).as_millis() as u64,
                                    "attempt process started");
-                            let f = pg_dir.join(pgid.to_string());
-                            if std::fs::create_dir_all(&pg_dir).and_then(|_| std::fs::write(&f, b"")).is_ok() {
-                                pg_file = Some(f);
-                            }
+                            pg_file = records.record(pgid);
                         })
                         .await;
                         fence.exited(&keeper);
@@ -475,20 +473,9 @@ impl Actor for Executor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        // A crash leaves no one to stop the process groups it started: stop them now.
-        let pg_dir = self.data_dir.join("executor").join("pgids");
-        if let Ok(entries) = std::fs::read_dir(&pg_dir) {
-            for e in entries.flatten() {
-                if let Some(pgid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) {
-                    warn!(
-                        node = self.node.id,
-                        pgid, "killing a process group left by a previous run of this node"
-                    );
-                    executor::kill_group(pgid, self.shell.cgroups.as_ref());
-                }
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
+        // A crash can leave process groups running past the keeper (a keeper killed with
+        // its node): stop those that are still this node's.
+        GroupRecords::new(&self.data_dir).kill_leftovers(self.node.id, self.shell.cgroups.as_ref());
         if let Some(c) = &self.shell.cgroups {
             c.sweep(&self.data_dir);
         }

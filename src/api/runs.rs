@@ -19,7 +19,7 @@ use super::routes::{
 use crate::auth::{Access, Principal};
 use crate::dag;
 use crate::state::machine::keys;
-use crate::state::model::{Run, RunState, RunType, TaskState, Window};
+use crate::state::model::{DagSpec, Run, RunState, RunType, TaskKind, TaskState, Window};
 use crate::state::{Command, Outcome, Table};
 
 /// A run to trigger. A backfill needs `from` and `to`; a manual run may give both or
@@ -672,14 +672,15 @@ pub async fn retry(
     tag = "runs",
     operation_id = "get_attempt_log",
     summary = "An attempt's output",
-    description = "The attempt's stdout and stderr as text, read from the node that ran it (any node answers).",
+    description = "The attempt's stdout and stderr as text, read from the node that ran it (any node answers). \
+A noop task's log is empty; an http task's holds the status line and the answer's start, or the error.",
     params(AttemptPath),
     responses(
         (status = 200, description = "The output.", body = String, content_type = "text/plain; charset=utf-8",
             example = "extracting 2025-10-01 .. 2025-10-04\n3 files, 1204 rows\n"),
         (status = 400, description = "`attempt` is not a number.", body = ErrorBody),
         (status = 404, description = "No such run in the caller's tenant, no such task or attempt, or no log \
-kept for it (no output, or purged).", body = ErrorBody),
+kept for it (purged by retention, or its node lost its data).", body = ErrorBody),
     ),
     security(("bearer" = ["orchestrator:read"]))
 )]
@@ -705,17 +706,31 @@ pub async fn attempt_log(
         .ok_or_else(|| {
             ApiError::NotFound(format!("attempt {attempt} of task '{task_id}' not found"))
         })?;
-    let text = st
+    // A noop task writes nothing, so its (empty) log is known without asking its node.
+    let noop = st
         .node
-        .attempt_log(node, &run_id, &task_id, attempt)
-        .await
-        .map_err(|e| {
-            ApiError::DependencyDown(format!("node {node} holding the log is unreachable: {e}"))
-        })?
-        .ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "no log kept for attempt {attempt} of '{task_id}' (no output, or purged)"
-            ))
-        })?;
+        .db
+        .get_json::<DagSpec>(
+            Table::DagVersions.name(),
+            &keys::dag_version(&p.tenant, &run.dag_id, run.dag_version),
+        )?
+        .and_then(|spec| spec.tasks.into_iter().find(|t| t.task_id == task_id))
+        .is_some_and(|t| matches!(t.kind, TaskKind::Noop));
+    let text = if noop {
+        String::new()
+    } else {
+        st.node
+            .attempt_log(node, &run_id, &task_id, attempt)
+            .await
+            .map_err(|e| {
+                ApiError::DependencyDown(format!("node {node} holding the log is unreachable: {e}"))
+            })?
+            .ok_or_else(|| {
+                ApiError::NotFound(format!(
+                    "no log kept for attempt {attempt} of '{task_id}' (purged, or its node lost \
+                     its data)"
+                ))
+            })?
+    };
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }

@@ -267,6 +267,10 @@ async fn watch(client: &Client, format: Format, run_id: &str) -> anyhow::Result<
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    // The clock and spinner move between polls too (drawn only on a terminal).
+    if format == Format::Table {
+        bar.enable_steady_tick(Duration::from_millis(200));
+    }
     let run = loop {
         let r = client.get(&path, &[]).await?;
         let tasks = r["tasks"].as_object().cloned().unwrap_or_default();
@@ -286,16 +290,19 @@ async fn watch(client: &Client, format: Format, run_id: &str) -> anyhow::Result<
                 changed.push((ran_order(task, &r["task_details"][task]), task, state));
             }
         }
-        // What changed since the last poll, in the order the tasks ran.
-        changed.sort();
-        if format == Format::Table {
-            for (_, task, state) in changed {
-                bar.suspend(|| println!("{task:<24} {}", output::state(&state)));
-            }
-        }
+        // The bar first: printing redraws it below the new lines, so it never trails them.
         bar.set_position(ended);
         let state = text(&r["state"]);
         bar.set_message(state.clone());
+        // What changed since the last poll, in the order the tasks ran.
+        changed.sort();
+        if format == Format::Table {
+            bar.suspend(|| {
+                for (_, task, state) in changed {
+                    println!("{task:<24} {}", output::state(&state));
+                }
+            });
+        }
         if finished(&state) {
             break r;
         }

@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 pub mod cgroup;
 pub mod egress;
 pub mod fencing;
+pub mod leftovers;
 pub mod sandbox;
 
 use crate::state::command::AttemptResult;
@@ -180,14 +181,21 @@ pub async fn run_attempt(
             let send = async {
                 match req.send().await {
                     // The origin only, and the error without its URL: a path or query may
-                    // carry a token, and this error is logged and kept in the run.
-                    Err(e) if e.is_timeout() => AttemptResult::TimedOut {
-                        error: format!("http {}: timed out", egress::origin(&url)),
-                    },
-                    Err(e) => AttemptResult::Failed {
-                        exit_code: None,
-                        error: format!("http {}: {}", egress::origin(&url), e.without_url()),
-                    },
+                    // carry a token, and this error is logged and kept in the run. The log
+                    // holds it too, as it holds every other failure's.
+                    Err(e) if e.is_timeout() => {
+                        let error = format!("http {}: timed out", egress::origin(&url));
+                        write_log(&log_file, &error).await;
+                        AttemptResult::TimedOut { error }
+                    }
+                    Err(e) => {
+                        let error = format!("http {}: {}", egress::origin(&url), e.without_url());
+                        write_log(&log_file, &error).await;
+                        AttemptResult::Failed {
+                            exit_code: None,
+                            error,
+                        }
+                    }
                     Ok(mut resp) => {
                         let status = resp.status().as_u16();
                         // Read only up to the log cap: a huge answer is never buffered.
