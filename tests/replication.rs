@@ -512,6 +512,58 @@ async fn a_node_that_does_not_answer_is_never_made_a_voter() {
         "{v}"
     );
 
+    // Whoever listens at the address given answers like a node, as node 4, but cannot
+    // prove it holds the cluster secret: refused, and it was never sent the secret.
+    let stranger = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let stranger_addr = stranger.local_addr().expect("its address").to_string();
+    let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let answer = json!({"node_id": 4, "peer_addr": stranger_addr, "initialized": false,
+                        "protocol_supported": 8, "proof": "00".repeat(32)})
+    .to_string();
+    let listening = {
+        let heard = heard.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            loop {
+                let Ok((mut conn, _)) = stranger.accept().await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 64 << 10];
+                let n = conn.read(&mut buf).await.unwrap_or(0);
+                heard.lock().unwrap().extend_from_slice(&buf[..n]);
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+                     connection: close\r\n\r\n{answer}",
+                    answer.len()
+                );
+                let _ = conn.write_all(reply.as_bytes()).await;
+            }
+        })
+    };
+    let at_stranger = json!({"node_id": 4, "api_addr": stranger_addr, "peer_addr": stranger_addr});
+    let (s, v) = c.post(1, "/cluster/members", &admin, &at_stranger).await;
+    listening.abort();
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot prove it holds this cluster's secret")),
+        "{v}"
+    );
+    let heard = String::from_utf8_lossy(&heard.lock().unwrap()).to_string();
+    assert!(
+        heard.contains("POST /cluster/hello"),
+        "it was asked: {heard}"
+    );
+    assert!(
+        !heard.contains(&c.secret) && !heard.to_lowercase().contains("x-cluster-secret"),
+        "the cluster secret went to whoever listens at the address: {heard}"
+    );
+    let status = c.status(1).await.expect("status");
+    assert_eq!(status["voters"], json!([1]), "{status}");
+
     // Node 1 at other addresses: refused; at its own: already done.
     let me = json!({"node_id": 1, "api_addr": c.api(1).trim_start_matches("http://"), "peer_addr": c.peer_addr(1)});
     let (s, v) = c.post(1, "/cluster/members", &admin, &me).await;
@@ -546,4 +598,68 @@ async fn a_node_that_does_not_answer_is_never_made_a_voter() {
     assert_eq!(status["voters"], json!([1]), "{status}");
     put_dag(&c, 1, &t, "still-writable-2").await;
     c.assert_no_panics();
+}
+
+/// A fresh cluster's leader raises the replicated protocol before it commits anything
+/// else: writes sent from the moment the API listens never apply under version 1's rules
+/// (read back from the node's own Raft log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_cluster_commits_no_write_before_its_first_protocol_raise() {
+    use openraft::storage::RaftLogStorage;
+    use openraft::{EntryPayload, RaftLogReader};
+    use orchestrator::raft::db::Db;
+    use orchestrator::raft::log_store::LogStore;
+    use orchestrator::state::Command;
+
+    let mut c = Cluster::new(1, &[]);
+    let t = c.token("acme", ALL_SCOPES);
+    c.start_all();
+    // Write from the first moment the API answers until one write commits.
+    let deadline = Instant::now() + LONG;
+    let mut tries = 0;
+    let url = format!("{}{BASE}/dags", c.api(1));
+    loop {
+        tries += 1;
+        let sent = c
+            .http
+            .post(&url)
+            .bearer_auth(&t)
+            .json(&dag_body(&format!("d{tries}")))
+            .send()
+            .await;
+        // Refused connections until the node listens, then 503s until it leads.
+        if sent.is_ok_and(|r| r.status() == StatusCode::OK) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no write committed in {LONG:?}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    c.terminate(1);
+
+    let db = Db::open(&c.node(1).dir.join("data").join("db")).expect("open the node's db");
+    let mut log = LogStore::new(db);
+    let entries = log
+        .get_log_reader()
+        .await
+        .try_get_log_entries(0..u64::MAX)
+        .await
+        .expect("read the log");
+    // Where in the log (entry, and place in its batch) the first such command applied.
+    let first = |is: fn(&Command) -> bool| {
+        entries.iter().find_map(|e| match &e.payload {
+            EntryPayload::Normal(b) => b
+                .requests
+                .iter()
+                .position(|r| is(&r.command))
+                .map(|at| (e.log_id.index, at)),
+            _ => None,
+        })
+    };
+    let raise = first(|c| matches!(c, Command::RaiseProtocol { .. })).expect("a raise");
+    let write = first(|c| matches!(c, Command::PutDag { .. })).expect("a dag written");
+    assert!(
+        raise < write,
+        "the first write (entry, place) {write:?} applied before the raise {raise:?}, \
+         after {tries} tries"
+    );
 }

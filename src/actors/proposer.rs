@@ -10,16 +10,24 @@
 //! queued is answered `NoLeader` without being proposed, and a batch is proposed with
 //! the earliest deadline among its requests. So no request waits longer than
 //! `leader_wait` for Raft, however many batches are ahead of it.
+//!
+//! A fresh cluster's replicated protocol is version 1 until its leader raises it. A new
+//! leader whose cluster has never raised its protocol therefore raises it before it
+//! commits anything else ([`FIRST_RAISE_HOLD`]): a fresh cluster's first writes apply
+//! under its newest protocol, not under version 1's rules.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
 
+use super::system_request;
 use crate::raft::node::{Error, ForwardedWrites};
 use crate::raft::RaftNode;
-use crate::state::{Batch, BatchResponse, Request, Response};
+use crate::state::machine::PROTOCOL_VERSION;
+use crate::state::{Batch, BatchResponse, Command, Outcome, Request, Response};
 
 const MAX_BATCH: usize = 512;
 /// Batches in flight at once. One: a node's writes then wait for the entry before them,
@@ -30,6 +38,89 @@ const MAX_BATCH: usize = 512;
 /// joined this queue (2,449-2,638/s, 0.5-0.7 s). Chains on a fresh cluster took the same
 /// time with one, two or three (docs/performance.md, optimisation 9).
 const MAX_IN_FLIGHT: usize = 1;
+
+/// How long a new leader of a cluster that has never raised its protocol holds other
+/// writes while it raises it (asking every voter, then one commit; milliseconds on a
+/// healthy cluster). A voter that does not answer makes the raise wait (it counts as
+/// version 1), so past this the writes go out at the protocol the cluster has.
+const FIRST_RAISE_HOLD: Duration = Duration::from_millis(500);
+
+/// Raise the replicated protocol to this binary's version once every voter supports it
+/// (a rolling upgrade finishes before any replica applies the new behaviour). Run by the
+/// proposer, one at a time: first thing when a leader finds its cluster never raised,
+/// and every second at the supervisor's request.
+pub async fn raise_protocol(node: &RaftNode, proposer: &ProposerHandle, term: u64) {
+    let current = match node.applied_protocol() {
+        Ok(p) => p,
+        Err(e) => return warn!(error = %e, "cannot read the protocol version"),
+    };
+    if current >= PROTOCOL_VERSION {
+        return;
+    }
+    let supported = node.voters_support().await;
+    if supported <= current {
+        // Every second while a voter is behind (or `raft.max_protocol` holds it): debug.
+        debug!(
+            current,
+            supported, "protocol stays: not every voter supports a newer one"
+        );
+        return;
+    }
+    let version = supported.min(PROTOCOL_VERSION);
+    match proposer
+        .propose(system_request(Command::RaiseProtocol { term, version }))
+        .await
+    {
+        Ok(r) if matches!(r.outcome, Outcome::ProtocolRaised { .. }) => {
+            info!(from = current, to = version, "replicated protocol raised")
+        }
+        Ok(r) => info!(outcome = ?r.outcome, "protocol raise not applied"),
+        Err(e) => warn!(error = %e, "protocol raise not committed"),
+    }
+}
+
+/// Where a leader stands with its term's first protocol raise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FirstRaise {
+    /// Nothing to hold in this term: the protocol was raised before, or the raise ended
+    /// (committed or not), or the hold ran out.
+    Settled { term: u64 },
+    /// Raising since `since`: only the raise goes out.
+    Raising { term: u64, since: Instant },
+}
+
+/// Whether a leader in `term` holds writes back for the first raise, given where it stands
+/// (`None`: nothing yet this process) and, when that does not settle it, the protocol its
+/// cluster has applied (`None`: unreadable, so nothing is held). Returns the new standing
+/// and whether a raise must be started now.
+fn first_raise(
+    standing: Option<FirstRaise>,
+    term: u64,
+    now: Instant,
+    applied: impl FnOnce() -> Option<u32>,
+) -> (FirstRaise, bool) {
+    match standing {
+        Some(s @ FirstRaise::Settled { term: t }) if t == term => (s, false),
+        Some(FirstRaise::Raising { term: t, since }) if t == term => {
+            if now.duration_since(since) < FIRST_RAISE_HOLD {
+                (FirstRaise::Raising { term, since }, false)
+            } else {
+                (FirstRaise::Settled { term }, false)
+            }
+        }
+        _ => match applied() {
+            Some(1) => (FirstRaise::Raising { term, since: now }, true),
+            _ => (FirstRaise::Settled { term }, false),
+        },
+    }
+}
+
+fn is_raise(w: &Waiting) -> bool {
+    !w.requests.is_empty()
+        && w.requests
+            .iter()
+            .all(|r| matches!(r.command, Command::RaiseProtocol { .. }))
+}
 
 /// Who waits for a part of a batch's answer: one of this node's requests, or a batch
 /// another node forwarded to this one (answered as a whole, and never forwarded again).
@@ -80,6 +171,10 @@ pub struct Proposer {
     queue: VecDeque<Waiting>,
     /// Batches proposed and not yet answered (at most [`MAX_IN_FLIGHT`]).
     in_flight: usize,
+    /// This leader's first protocol raise (`None` before it first led).
+    first_raise: Option<FirstRaise>,
+    /// A protocol check (and raise) is in flight: one at a time, whoever asks.
+    raising: bool,
 }
 
 impl Proposer {
@@ -89,15 +184,55 @@ impl Proposer {
             rt,
             queue: VecDeque::new(),
             in_flight: 0,
+            first_raise: None,
+            raising: false,
         }
     }
 
-    /// Ok while this node leads with its quorum; else the `NotLeader` a forwarder gets.
-    fn leading(&self) -> Result<(), Error> {
+    /// Check (and raise) the replicated protocol for `term` unless a check is in flight;
+    /// when it ends, the term's hold for its first raise ends too.
+    fn check_protocol(&mut self, ctx: &mut Context<Self>, term: u64) {
+        if self.raising {
+            return;
+        }
+        self.raising = true;
+        let node = self.node.clone();
+        let proposer = ProposerHandle::new(ctx.address(), self.node.leader_wait());
+        let raise = self.rt.spawn(async move {
+            raise_protocol(&node, &proposer, term).await;
+        });
+        ctx.spawn(raise.into_actor(self).map(move |_, act, ctx| {
+            act.raising = false;
+            if matches!(act.first_raise, Some(FirstRaise::Raising { term: t, .. }) if t == term) {
+                act.first_raise = Some(FirstRaise::Settled { term });
+            }
+            act.flush(ctx);
+        }));
+    }
+
+    /// Whether writes other than the protocol raise wait now (this node leads in `term`).
+    /// Starts the term's first raise when the cluster has never raised its protocol.
+    fn holding(&mut self, ctx: &mut Context<Self>, term: u64) -> bool {
+        let node = self.node.clone();
+        let (standing, start) = first_raise(self.first_raise, term, Instant::now(), || {
+            node.applied_protocol().ok()
+        });
+        self.first_raise = Some(standing);
+        if start {
+            // A check already in flight (the supervisor's) ends this hold just as well.
+            self.check_protocol(ctx, term);
+            ctx.run_later(FIRST_RAISE_HOLD, |act, ctx| act.flush(ctx));
+        }
+        matches!(standing, FirstRaise::Raising { .. })
+    }
+
+    /// This node's term while it leads with its quorum; else the `NotLeader` a forwarder
+    /// gets.
+    fn leading(&self) -> Result<u64, Error> {
         let metrics = self.node.raft.metrics();
         let m = metrics.borrow();
         if m.state == openraft::ServerState::Leader && self.node.has_quorum(&m) {
-            return Ok(());
+            return Ok(m.current_term);
         }
         Err(Error::NotLeader {
             leader: m.current_leader.filter(|l| *l != self.node.id),
@@ -125,6 +260,34 @@ impl Proposer {
             }
         }
         self.queue = kept;
+        if let Ok(term) = leading {
+            if self.holding(ctx, term) {
+                // Only the raise goes out; the rest waits for it, or for the hold's end.
+                while self.in_flight < MAX_IN_FLIGHT {
+                    let Some(w) = self
+                        .queue
+                        .iter()
+                        .position(is_raise)
+                        .and_then(|i| self.queue.remove(i))
+                    else {
+                        return;
+                    };
+                    let part = Part {
+                        n: w.requests.len(),
+                        waiter: w.waiter,
+                        deadline: w.deadline,
+                    };
+                    self.launch(
+                        ctx,
+                        Batch {
+                            requests: w.requests,
+                        },
+                        vec![part],
+                    );
+                }
+                return;
+            }
+        }
         while self.in_flight < MAX_IN_FLIGHT {
             let Some((batch, parts)) = take_batch(&mut self.queue) else {
                 return;
@@ -269,6 +432,22 @@ impl Handler<Waiting> for Proposer {
     }
 }
 
+/// Check the replicated protocol now (the supervisor's periodic check, as leader of
+/// `term`); ignored while a check is in flight.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct CheckProtocol {
+    term: u64,
+}
+
+impl Handler<CheckProtocol> for Proposer {
+    type Result = ();
+
+    fn handle(&mut self, m: CheckProtocol, ctx: &mut Context<Self>) {
+        self.check_protocol(ctx, m.term);
+    }
+}
+
 /// Cheap handle to the proposer.
 #[derive(Clone)]
 pub struct ProposerHandle {
@@ -279,6 +458,12 @@ pub struct ProposerHandle {
 impl ProposerHandle {
     pub(super) fn new(addr: Addr<Proposer>, leader_wait: Duration) -> Self {
         ProposerHandle { addr, leader_wait }
+    }
+
+    /// Check the replicated protocol and raise it when every voter supports a newer one
+    /// ([`raise_protocol`]), as the leader of `term`; nothing while a check is in flight.
+    pub fn check_protocol(&self, term: u64) {
+        self.addr.do_send(CheckProtocol { term });
     }
 
     /// Commit one request through Raft and return its response, or `NoLeader` once
@@ -334,8 +519,6 @@ impl ForwardedWrites for ProposerHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::command::Outcome;
-    use crate::state::Command;
 
     fn request(id: &str) -> Request {
         Request {
@@ -458,5 +641,62 @@ mod tests {
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].requests[0].request_id, "1");
         assert!(matches!(again[0].waiter, Waiter::Local(_)));
+    }
+
+    #[test]
+    fn a_leader_of_a_never_raised_cluster_holds_writes_for_its_first_raise_only() {
+        let t0 = Instant::now();
+        let unread = || -> Option<u32> { panic!("the applied protocol is read once a term") };
+        // Never raised: start the raise and hold.
+        let (raising, start) = first_raise(None, 3, t0, || Some(1));
+        assert_eq!(raising, FirstRaise::Raising { term: 3, since: t0 });
+        assert!(start);
+        // Within the hold: hold on, start nothing more.
+        let ms = Duration::from_millis;
+        assert_eq!(
+            first_raise(Some(raising), 3, t0 + ms(100), unread),
+            (raising, false)
+        );
+        // The hold runs out: writes go.
+        let settled = FirstRaise::Settled { term: 3 };
+        assert_eq!(
+            first_raise(Some(raising), 3, t0 + FIRST_RAISE_HOLD, unread),
+            (settled, false)
+        );
+        assert_eq!(
+            first_raise(Some(settled), 3, t0 + ms(900), unread),
+            (settled, false)
+        );
+        // A new term looks again: a raised cluster holds nothing, nor an unreadable one.
+        let next = FirstRaise::Settled { term: 4 };
+        assert_eq!(first_raise(Some(settled), 4, t0, || Some(8)), (next, false));
+        assert_eq!(first_raise(Some(raising), 4, t0, || None), (next, false));
+        // A new term of a cluster still at 1 (the last leader's raise never committed).
+        assert_eq!(
+            first_raise(Some(settled), 5, t0, || Some(1)),
+            (FirstRaise::Raising { term: 5, since: t0 }, true)
+        );
+    }
+
+    #[test]
+    fn only_a_raise_alone_passes_the_hold() {
+        let raise = |id: &str| Request {
+            command: Command::RaiseProtocol {
+                term: 1,
+                version: 8,
+            },
+            ..request(id)
+        };
+        let (mut w, _rx) = local("1");
+        assert!(!is_raise(&w));
+        w.requests = vec![raise("2")];
+        assert!(is_raise(&w));
+        w.requests.push(request("3"));
+        assert!(
+            !is_raise(&w),
+            "a raise batched with a write holds the write back"
+        );
+        w.requests.clear();
+        assert!(!is_raise(&w));
     }
 }

@@ -6,7 +6,6 @@
 //! acknowledges them; every `retention.purge_every_ms` it proposes a `Purge`.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,9 +17,8 @@ use crate::config::Config;
 use crate::executor::egress::{self, Egress};
 use crate::raft::RaftNode;
 use crate::state::command::Retention;
-use crate::state::machine::PROTOCOL_VERSION;
 use crate::state::model::{NodeInfo, Notification};
-use crate::state::{Command, Outcome, Table};
+use crate::state::{Command, Table};
 
 /// How often a serving leader checks whether the cluster can move to a newer protocol
 /// (a local read once it is at this binary's version). A fresh cluster starts at version 1
@@ -61,37 +59,6 @@ pub fn may_supervise(protocol: u32, serving_for: Duration, longest_lease: Durati
     protocol >= 2 || serving_for >= longest_lease
 }
 
-/// Raise the replicated protocol to this binary's version once every voter supports it
-/// (a rolling upgrade finishes before any replica applies the new behaviour).
-async fn raise_protocol(node: &RaftNode, proposer: &ProposerHandle, term: u64) {
-    let Some(current) = applied_protocol(node) else {
-        return;
-    };
-    if current >= PROTOCOL_VERSION {
-        return;
-    }
-    let supported = node.voters_support().await;
-    if supported <= current {
-        // Every second while a voter is behind (or `raft.max_protocol` holds it): debug.
-        debug!(
-            current,
-            supported, "protocol stays: not every voter supports a newer one"
-        );
-        return;
-    }
-    let version = supported.min(PROTOCOL_VERSION);
-    match proposer
-        .propose(system_request(Command::RaiseProtocol { term, version }))
-        .await
-    {
-        Ok(r) if matches!(r.outcome, Outcome::ProtocolRaised { .. }) => {
-            info!(from = current, to = version, "replicated protocol raised")
-        }
-        Ok(r) => info!(outcome = ?r.outcome, "protocol raise not applied"),
-        Err(e) => warn!(error = %e, "protocol raise not committed"),
-    }
-}
-
 pub struct Supervisor {
     node: RaftNode,
     proposer: ProposerHandle,
@@ -105,9 +72,6 @@ pub struct Supervisor {
     /// When this node began serving as leader in `serving_term`.
     serving_since: Instant,
     serving_term: u64,
-    /// A protocol check is in flight (it asks every voter, which can take a timeout
-    /// when one is down, so it runs beside the supervise pass, not in it).
-    raising: Arc<AtomicBool>,
     delivering: Arc<Mutex<HashSet<String>>>,
     egress: Arc<Egress>,
 }
@@ -133,7 +97,6 @@ impl Supervisor {
             last_protocol_check: Instant::now() - PROTOCOL_CHECK_EVERY,
             serving_since: Instant::now(),
             serving_term: 0,
-            raising: Arc::new(AtomicBool::new(false)),
             delivering: Arc::new(Mutex::new(HashSet::new())),
             egress,
         }
@@ -151,15 +114,11 @@ impl Supervisor {
         let node = self.node.clone();
         let proposer = self.proposer.clone();
         // Not behind the pass: a previous term's pass may still be waiting for a commit.
-        if self.last_protocol_check.elapsed() >= PROTOCOL_CHECK_EVERY
-            && !self.raising.swap(true, Ordering::AcqRel)
-        {
+        // The proposer runs one check at a time (it asks every voter, which can take a
+        // timeout when one is down, so it runs beside the pass, not in it).
+        if self.last_protocol_check.elapsed() >= PROTOCOL_CHECK_EVERY {
             self.last_protocol_check = Instant::now();
-            let (node, proposer, raising) = (node.clone(), proposer.clone(), self.raising.clone());
-            self.rt.spawn(async move {
-                raise_protocol(&node, &proposer, term).await;
-                raising.store(false, Ordering::Release);
-            });
+            proposer.check_protocol(term);
         }
         if self.busy {
             return;
@@ -369,6 +328,7 @@ impl SupervisorHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::machine::PROTOCOL_VERSION;
 
     #[test]
     fn at_protocol_1_a_new_leader_expires_nothing_within_a_lease_of_its_term() {

@@ -241,7 +241,8 @@ pub struct SnapshotReport {
     tag = "cluster",
     operation_id = "add_member",
     summary = "Add a node (operators)",
-    description = "Checks that the node answers on its peer address as `node_id`, belongs to no cluster \
+    description = "Checks that the node answers on its peer address as `node_id`, proves it holds the \
+cluster secret (without being sent it), advertises that peer address, belongs to no cluster \
 and applies the cluster's protocol; adds it as a learner, waits (up to 45 s) until it has caught up, then makes \
 it a voter. A node that does not catch up is removed again: it never becomes a voter the quorum would need. \
 Adding a voter again at the same addresses changes nothing. Answers the cluster status after the change.",
@@ -251,7 +252,8 @@ Adding a voter again at the same addresses changes nothing. Answers the cluster 
 the change.", body = Status),
         (status = 400, description = "Malformed JSON, an unknown field, an address that is not `IP:port` or is \
 outside `peer_networks`; or a change the cluster refuses: the node does not answer at `peer_addr` within 5 s, \
-answers as another node, already belongs to a cluster, runs a binary older than the cluster's protocol, did not \
+answers as another node, cannot prove it holds the cluster secret, advertises another peer address, already \
+belongs to a cluster, runs a binary older than the cluster's protocol, did not \
 catch up, or `node_id` is a member at other addresses.", body = ErrorBody),
         (status = 403, description = "Not an operator.", body = ErrorBody),
     ),

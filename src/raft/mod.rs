@@ -5,6 +5,7 @@
 
 pub mod clock;
 pub mod db;
+pub mod hello;
 pub mod log_store;
 pub mod network;
 pub mod node;

@@ -1,6 +1,6 @@
 //! Peer RPC client: openraft's network over HTTP to the peers' peer address.
-//! One pooled `reqwest::Client` per peer; every call carries the cluster secret and the
-//! target's node id and is bounded by openraft's RPC timeout. Connection failures are
+//! One pooled `reqwest::Client` per peer; every call carries the cluster secret (but the
+//! join probe, [`super::hello`]) and the target's node id and is bounded by openraft's RPC timeout. Connection failures are
 //! reported as `Unreachable` so openraft backs off instead of hammering a dead peer.
 
 use std::collections::HashMap;
@@ -106,6 +106,11 @@ impl PeerClients {
             .clone()
     }
 
+    /// The cluster secret (to check a join probe's proof with, never to send).
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+
     /// POST `body` as JSON to `path` on the peer and decode the JSON answer.
     pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
@@ -115,12 +120,40 @@ impl PeerClients {
         body: &Req,
         timeout: Duration,
     ) -> Result<Resp, PeerError> {
+        self.post(target, peer_addr, path, body, timeout, true)
+            .await
+    }
+
+    /// As [`Self::call`], but without the cluster secret: for a node not yet known to be
+    /// a member ([`super::hello`]).
+    pub async fn call_without_secret<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        target: NodeId,
+        peer_addr: &str,
+        path: &str,
+        body: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, PeerError> {
+        self.post(target, peer_addr, path, body, timeout, false)
+            .await
+    }
+
+    async fn post<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        target: NodeId,
+        peer_addr: &str,
+        path: &str,
+        body: &Req,
+        timeout: Duration,
+        with_secret: bool,
+    ) -> Result<Resp, PeerError> {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let url = format!("{scheme}://{peer_addr}{path}");
-        let resp = self
-            .client(target)
-            .post(&url)
-            .header(HEADER_SECRET, &*self.secret)
+        let mut req = self.client(target).post(&url);
+        if with_secret {
+            req = req.header(HEADER_SECRET, &*self.secret);
+        }
+        let resp = req
             .header(HEADER_TARGET, target.to_string())
             .header(HEADER_SOURCE, self.node_id.to_string())
             .timeout(timeout)

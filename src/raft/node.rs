@@ -641,21 +641,27 @@ impl RaftNode {
         Ok(self.status().await)
     }
 
-    /// Before a node joins: it answers on its peer address as `node_id`, belongs to no
-    /// cluster yet, and its binary applies the cluster's protocol. A typo in an address
-    /// or an unstarted node is refused here instead of becoming a voter the quorum needs.
+    /// Before a node joins: it answers on its peer address as `node_id`, proves it holds
+    /// the cluster secret without being sent it ([`super::hello`]), advertises that
+    /// address, belongs to no cluster yet, and its binary applies the cluster's protocol.
+    /// A typo in an address or an unstarted node is refused here instead of becoming a
+    /// voter the quorum needs, and whoever listens at a wrong address learns nothing.
     async fn check_new_member(&self, node_id: NodeId, member: &Member) -> Result<(), String> {
         let at = &member.peer_addr;
+        let nonce = super::hello::nonce();
+        let probe = super::hello::HelloRequest {
+            nonce: nonce.clone(),
+        };
         // A node started a moment ago may not listen yet: it gets a few seconds.
         let until = Instant::now() + NEW_MEMBER_ANSWERS_WITHIN;
-        let s: Status = loop {
+        let s: super::hello::Hello = loop {
             // Every call ends by `until`: the node answers within the bound, all calls told.
             let left = until
                 .saturating_duration_since(Instant::now())
                 .clamp(Duration::from_millis(100), self.rpc_timeout);
             match self
                 .peers
-                .call(node_id, at, "/cluster/status", &(), left)
+                .call_without_secret(node_id, at, "/cluster/hello", &probe, left)
                 .await
             {
                 Ok(s) => break s,
@@ -665,7 +671,13 @@ impl RaftNode {
                 Err(super::network::PeerError::Refused { message, .. }) => {
                     return Err(format!(
                         "the node at {at} answers but refused the call ({message}): it is \
-                         not node {node_id}, or it runs with another cluster secret"
+                         not node {node_id}"
+                    ))
+                }
+                Err(super::network::PeerError::NoRoute { .. }) => {
+                    return Err(format!(
+                        "the node at {at} does not serve the join probe: it is not an \
+                         orchestrator node, or its binary is older than the cluster's"
                     ))
                 }
                 Err(e) => {
@@ -680,6 +692,19 @@ impl RaftNode {
             return Err(format!(
                 "the node at {at} is node {}, not {node_id}",
                 s.node_id
+            ));
+        }
+        if !super::hello::verify(self.peers.secret(), &nonce, &s) {
+            return Err(format!(
+                "the node at {at} cannot prove it holds this cluster's secret: it runs with \
+                 another one, or it is not an orchestrator node"
+            ));
+        }
+        if s.peer_addr != *at {
+            return Err(format!(
+                "node {node_id} advertises peer address {} (its peer_addr setting), not {at}: \
+                 add it with the address it advertises",
+                s.peer_addr
             ));
         }
         if s.initialized {
@@ -959,35 +984,36 @@ impl RaftNode {
             .map_or(newest, |p| p.min(newest))
     }
 
-    /// The newest protocol every voter supports (asked of each; an unreachable voter
-    /// counts as version 1, so a raise waits for it).
+    /// The newest protocol every voter supports (asked of all at once; an unreachable
+    /// voter counts as version 1, so a raise waits for it).
     pub async fn voters_support(&self) -> u32 {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership().clone();
-        let mut min = self.protocol_offered();
-        for id in membership.voter_ids() {
-            if id == self.id {
-                continue;
-            }
-            let Some(member) = membership.get_node(&id) else {
-                return 1;
-            };
-            let res: Result<Status, _> = self
-                .peers
-                .call(
-                    id,
-                    &member.peer_addr,
-                    "/cluster/status",
-                    &(),
-                    self.rpc_timeout,
-                )
-                .await;
-            match res {
-                Ok(s) => min = min.min(s.protocol_supported),
-                Err(_) => return 1,
-            }
-        }
-        min
+        let asked = membership
+            .voter_ids()
+            .filter(|id| *id != self.id)
+            .map(|id| {
+                let member = membership.get_node(&id).cloned();
+                async move {
+                    let member = member?;
+                    let res: Result<Status, _> = self
+                        .peers
+                        .call(
+                            id,
+                            &member.peer_addr,
+                            "/cluster/status",
+                            &(),
+                            self.rpc_timeout,
+                        )
+                        .await;
+                    res.ok().map(|s| s.protocol_supported)
+                }
+            });
+        futures::future::join_all(asked)
+            .await
+            .into_iter()
+            .try_fold(self.protocol_offered(), |min, v| v.map(|v| min.min(v)))
+            .unwrap_or(1)
     }
 
     pub fn is_serving_leader(&self, m: &super::types::RaftMetrics) -> bool {

@@ -1,8 +1,9 @@
 //! The peer listener: Raft RPCs (`/raft/*`) and node-to-node calls (`/cluster/*`:
 //! forwarded writes, read index, membership, status, clock). Served on the peer address only;
 //! rate-limit gossip; every request must carry the cluster secret and this node's id
-//! (checked before its body is read), and a malformed body is answered with an error,
-//! never a crash.
+//! (checked before its body is read; the join probe `/cluster/hello` proves the secret
+//! instead of asking for it), and a malformed body is answered with an error, never a
+//! crash.
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -87,6 +88,11 @@ pub fn router(
         // The caller is checked before any body is read: an unauthenticated request
         // costs its headers and nothing more.
         .route_layer(middleware::from_fn_with_state(state.clone(), gate))
+        // The join probe needs no secret (its answer proves the secret instead).
+        .route(
+            "/cluster/hello",
+            post(hello).layer(DefaultBodyLimit::max(1024)),
+        )
         .with_state(state)
 }
 
@@ -217,6 +223,43 @@ async fn status(State(st): State<PeerState>, body: Bytes) -> Response {
         Ok(()) => reply(st.node.status().await),
         Err(r) => r,
     }
+}
+
+/// The join probe ([`super::hello`]): who this node is, with a proof that it holds the
+/// cluster secret, to a caller that need not hold it. Addressed to this node's id like
+/// every peer call.
+async fn hello(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
+    let target = headers
+        .get(HEADER_TARGET)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if target != Some(st.node.id) {
+        return reject(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!("this is node {}, not {:?}", st.node.id, target),
+        );
+    }
+    let req = match admit::<super::hello::HelloRequest>(&body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    if req.nonce.len() < 32 || req.nonce.len() > super::hello::MAX_NONCE_LEN {
+        return reject(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "a nonce has 32 to {} characters",
+                super::hello::MAX_NONCE_LEN
+            ),
+        );
+    }
+    let peer_addr = st.node.self_member().peer_addr;
+    reply(super::hello::Hello {
+        node_id: st.node.id,
+        proof: super::hello::prove(&st.secret, &req.nonce, st.node.id, &peer_addr),
+        peer_addr,
+        initialized: st.node.raft.is_initialized().await.unwrap_or(true),
+        protocol_supported: st.node.protocol_offered(),
+    })
 }
 
 /// This node's wall clock, read first thing: the clock sample ([`super::clock`]) wants
