@@ -94,7 +94,13 @@ pub const MAX_LOST_RETRIES: u32 = 3;
 ///   within the share and the caps) instead of leaving them idle until the next pass;
 ///   and the fair share counts each tenant's running tasks from the due index instead
 ///   of decoding the run of every assignment.
-pub const PROTOCOL_VERSION: u32 = 8;
+/// - 9: the cap also bounds the tenants together: while a tenant with a live DAG or an
+///   unfinished run holds no slot, a tenant that already holds one gets another only
+///   while all tenants' attempts together stay below the run's cap of the slots. The
+///   rest is a reserve that any tenant holding none may take a slot from, so several
+///   tenants' long tasks can no longer fill every slot between them (each was within its
+///   own cap) and leave a further tenant nothing until they end.
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// What apply knows about the entry it is applying.
 #[derive(Debug, Clone, Copy)]

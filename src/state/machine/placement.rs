@@ -27,6 +27,9 @@ pub(super) struct FairShare {
     /// Protocol ≥ 8: the live slots and the tenants with live DAGs or unfinished runs,
     /// for the cap a run carries (`Run::slot_share_percent`), which holds in the fill too.
     cap: Option<(u32, std::collections::BTreeSet<String>)>,
+    /// Protocol ≥ 9: the cap bounds the tenants holding slots together while a present
+    /// tenant holds none (its reserve).
+    reserve: bool,
 }
 
 impl FairShare {
@@ -67,23 +70,36 @@ impl FairShare {
             } else {
                 None
             },
+            reserve: ctx.protocol >= 9,
         })
     }
 
     /// Whether `tenant` may get no more slots now for a run carrying `share_percent`: it
     /// holds its fair share while that is enforced, or the run's cap while another tenant
-    /// has a DAG or an unfinished run.
+    /// has a DAG or an unfinished run; or (protocol 9) it holds a slot already, a present
+    /// tenant holds none, and all tenants together hold the cap: the rest is kept for
+    /// the tenants holding none.
     fn holds_back(&self, tenant: &str, share_percent: Option<u32>) -> bool {
         let held = self.running.get(tenant).copied().unwrap_or(0);
         if self.enforce && held >= self.share {
             return true;
         }
-        match (&self.cap, share_percent) {
-            (Some((live_slots, present)), Some(percent)) if percent < 100 => {
-                present.iter().any(|t| t != tenant) && held >= slot_cap(*live_slots, percent)
-            }
-            _ => false,
+        let (Some((live_slots, present)), Some(percent)) = (&self.cap, share_percent) else {
+            return false;
+        };
+        if percent >= 100 || !present.iter().any(|t| t != tenant) {
+            return false;
         }
+        let cap = slot_cap(*live_slots, percent);
+        if held >= cap {
+            return true;
+        }
+        self.reserve
+            && held > 0
+            && self.running.values().sum::<u32>() >= cap
+            && present
+                .iter()
+                .any(|t| t != tenant && self.running.get(t).is_none_or(|n| *n == 0))
     }
 }
 

@@ -1576,6 +1576,59 @@ fn from_protocol_8_a_tenant_holds_at_most_its_cap_of_the_slots_while_others_have
     assert_eq!(hog_slots(8, true, None), 4);
 }
 
+/// Tenants `a` and `b` each run a wide DAG under a 50 % cap of 4 slots while tenant `c`
+/// has a DAG; then `c` triggers a one-task run. The attempts each holds after a supervise
+/// pass, and then after `c`'s trigger.
+fn three_tenants_slots(protocol: u32) -> ([usize; 2], [usize; 3]) {
+    let mut kv = at_protocol(protocol);
+    apply(&mut kv, &heartbeat(1, 1)).unwrap();
+    apply(&mut kv, &heartbeat(2, 1)).unwrap();
+    let quota = Quota {
+        slot_share_percent: Some(50),
+        ..QUOTA
+    };
+    let mut runs = Vec::new();
+    for tenant in ["a", "b"] {
+        let put_wide = Command::PutDag {
+            tenant: tenant.into(),
+            spec: wide_spec("wide"),
+            expected_version: None,
+        };
+        apply(&mut kv, &req(&format!("p{tenant}"), 2, put_wide)).unwrap();
+    }
+    apply(&mut kv, &req("pc", 2, put("c", "d", None))).unwrap();
+    for tenant in ["a", "b"] {
+        let t = with_quota(
+            req(&format!("t{tenant}"), 3, trigger(tenant, "wide", 0, 10)),
+            quota,
+        );
+        let Outcome::RunTriggered { run_id, .. } = apply(&mut kv, &t).unwrap().outcome else {
+            panic!("not triggered")
+        };
+        runs.push(run_id);
+    }
+    apply(&mut kv, &req("s", 4, Command::Supervise { term: 1 })).unwrap();
+    let before = [running_tasks(&kv, &runs[0]), running_tasks(&kv, &runs[1])];
+    let t = with_quota(req("tc", 5, trigger("c", "d", 0, 10)), quota);
+    let Outcome::RunTriggered { run_id, .. } = apply(&mut kv, &t).unwrap().outcome else {
+        panic!("not triggered")
+    };
+    runs.push(run_id);
+    apply(&mut kv, &req("s2", 6, Command::Supervise { term: 1 })).unwrap();
+    let after = [0, 1, 2].map(|i| running_tasks(&kv, &runs[i]));
+    (before, after)
+}
+
+#[test]
+fn from_protocol_9_tenants_together_leave_a_slot_for_a_tenant_that_holds_none() {
+    // Each within its own cap (2 of 4), `a` and `b` used to fill every slot between them:
+    // `c`'s run waited for their tasks to end.
+    assert_eq!(three_tenants_slots(8), ([2, 2], [2, 2, 0]));
+    // From protocol 9 the tenants holding slots stop at the cap together while `c` holds
+    // none; `b`'s first slot came from the reserve, and `c` takes the slot left at once.
+    assert_eq!(three_tenants_slots(9), ([2, 1], [2, 1, 1]));
+}
+
 #[test]
 fn from_protocol_8_a_finished_attempt_hands_its_slot_to_a_waiting_run() {
     for protocol in [7, 8] {
