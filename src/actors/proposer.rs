@@ -54,7 +54,7 @@ pub async fn raise_protocol(node: &RaftNode, proposer: &ProposerHandle, term: u6
         Ok(p) => p,
         Err(e) => return warn!(error = %e, "cannot read the protocol version"),
     };
-    if current >= PROTOCOL_VERSION {
+    if current >= PROTOCOL_VERSION || node.protocol_offered() <= current {
         return;
     }
     let supported = node.voters_support().await;
@@ -175,6 +175,10 @@ pub struct Proposer {
     first_raise: Option<FirstRaise>,
     /// A protocol check (and raise) is in flight: one at a time, whoever asks.
     raising: bool,
+    /// A term whose check was asked for while another ran: it starts when that ends.
+    check_next: Option<u64>,
+    /// The term this node leads in, as of the last flush (`None`: not leading).
+    leading_term: Option<u64>,
 }
 
 impl Proposer {
@@ -186,6 +190,8 @@ impl Proposer {
             in_flight: 0,
             first_raise: None,
             raising: false,
+            check_next: None,
+            leading_term: None,
         }
     }
 
@@ -193,6 +199,8 @@ impl Proposer {
     /// when it ends, the term's hold for its first raise ends too.
     fn check_protocol(&mut self, ctx: &mut Context<Self>, term: u64) {
         if self.raising {
+            // An older term's check may wait on a voter that is down: this one follows.
+            self.check_next = Some(term);
             return;
         }
         self.raising = true;
@@ -206,6 +214,9 @@ impl Proposer {
             if matches!(act.first_raise, Some(FirstRaise::Raising { term: t, .. }) if t == term) {
                 act.first_raise = Some(FirstRaise::Settled { term });
             }
+            if let Some(next) = act.check_next.take().filter(|t| *t != term) {
+                act.check_protocol(ctx, next);
+            }
             act.flush(ctx);
         }));
     }
@@ -214,8 +225,11 @@ impl Proposer {
     /// Starts the term's first raise when the cluster has never raised its protocol.
     fn holding(&mut self, ctx: &mut Context<Self>, term: u64) -> bool {
         let node = self.node.clone();
+        // Nothing to raise to (`raft.max_protocol` holds the cluster) reads as settled.
         let (standing, start) = first_raise(self.first_raise, term, Instant::now(), || {
-            node.applied_protocol().ok()
+            node.applied_protocol()
+                .ok()
+                .filter(|p| node.protocol_offered() > *p)
         });
         self.first_raise = Some(standing);
         if start {
@@ -260,6 +274,7 @@ impl Proposer {
             }
         }
         self.queue = kept;
+        self.leading_term = leading.as_ref().ok().copied();
         if let Ok(term) = leading {
             if self.holding(ctx, term) {
                 // Only the raise goes out; the rest waits for it, or for the hold's end.
@@ -309,8 +324,13 @@ impl Proposer {
             .iter()
             .any(|p| matches!(p.waiter, Waiter::Forwarded(_)));
         let node = self.node.clone();
+        // Launched by a leader past its hold, or by a follower (which hands the batch
+        // back should it lead before the batch commits: the hold applies then).
+        let let_go_in = self.leading_term;
         let job = self.rt.spawn(async move {
-            let result = node.propose_by(&batch, forwarded, deadline).await;
+            let result = node
+                .propose_by(&batch, forwarded, let_go_in, deadline)
+                .await;
             (batch, result)
         });
         self.in_flight += 1;

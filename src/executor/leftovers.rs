@@ -35,13 +35,30 @@ fn boot_id() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-/// When process `pid` started, in clock ticks since boot (`None`: no such process).
-fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+/// The process that holds a pid now, as `/proc` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    /// No process has the pid.
+    Absent,
+    /// A process started at this many clock ticks after boot has it.
+    StartedAt(u64),
+    /// `/proc` would not say (no permission, `hidepid`, an unexpected format).
+    Unknown,
+}
+
+/// Who holds `pid` now. Only "no such file" means no process: any other failure to read
+/// is [`Holder::Unknown`], which kills nothing.
+fn holder(pid: i32) -> Holder {
+    let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Holder::Absent,
+        Err(_) => return Holder::Unknown,
+    };
     // Field 2 (the command) is in parentheses and may hold spaces or ')': count fields
     // after its last ')'. Field 3 comes first there, so field 22 is the 20th.
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(19)?.parse().ok()
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(19)?.parse().ok())
+        .map_or(Holder::Unknown, Holder::StartedAt)
 }
 
 /// Whether a recorded group is still this node's to kill.
@@ -53,13 +70,12 @@ enum Verdict {
     Rebooted,
     /// Another process holds the pid now: the group is gone.
     Reused,
-    /// The record lacks the boot id or the start time.
+    /// The record lacks the boot id or the start time, or `/proc` would not say.
     Unverifiable,
 }
 
-/// Judge `record` (its file's text) by the boot id now and the start time of the process
-/// that holds the pgid's number now (`None`: no process does).
-fn judge(record: &str, boot_now: Option<&str>, leader_now: Option<u64>) -> Verdict {
+/// Judge `record` (its file's text) by the boot id now and who holds the pgid's number.
+fn judge(record: &str, boot_now: Option<&str>, holder: Holder) -> Verdict {
     let mut parts = record.split_whitespace();
     let (Some(boot), Some(start), None) = (parts.next(), parts.next(), parts.next()) else {
         return Verdict::Unverifiable;
@@ -67,11 +83,12 @@ fn judge(record: &str, boot_now: Option<&str>, leader_now: Option<u64>) -> Verdi
     let Ok(start) = start.parse::<u64>() else {
         return Verdict::Unverifiable;
     };
-    match (boot_now, leader_now) {
+    match (boot_now, holder) {
         (None, _) => Verdict::Unverifiable,
         (Some(now), _) if now != boot => Verdict::Rebooted,
-        (Some(_), Some(s)) if s != start => Verdict::Reused,
-        (Some(_), _) => Verdict::Ours,
+        (Some(_), Holder::Unknown) => Verdict::Unverifiable,
+        (Some(_), Holder::StartedAt(s)) if s != start => Verdict::Reused,
+        (Some(_), Holder::StartedAt(_) | Holder::Absent) => Verdict::Ours,
     }
 }
 
@@ -92,7 +109,12 @@ impl GroupRecords {
     /// attempt is over; `None` when it could not be written (a crash then leaves the
     /// group to the keeper alone).
     pub fn record(&self, pgid: i32) -> Option<PathBuf> {
-        let (Some(boot), Some(start)) = (boot_id(), start_time(pgid)) else {
+        let (Some(boot), Holder::StartedAt(start)) = (boot_id(), holder(pgid)) else {
+            warn!(
+                pgid,
+                "cannot record an attempt's process group (no boot id, or /proc hides its \
+                 leader): a crash of this node leaves it to the fence keeper alone"
+            );
             return None;
         };
         let file = self.dir.join(pgid.to_string());
@@ -118,7 +140,7 @@ impl GroupRecords {
                 .filter(|p| *p > 1);
             if let Some(pgid) = pgid {
                 let record = std::fs::read_to_string(e.path()).unwrap_or_default();
-                match judge(&record, boot.as_deref(), start_time(pgid)) {
+                match judge(&record, boot.as_deref(), holder(pgid)) {
                     Verdict::Ours => {
                         warn!(
                             node,
@@ -147,34 +169,37 @@ mod tests {
 
     #[test]
     fn a_group_is_ours_only_while_its_record_still_names_it() {
+        use Holder::{Absent, StartedAt, Unknown};
         let b = Some("boot-a");
-        assert_eq!(judge("boot-a 1234\n", b, Some(1234)), Verdict::Ours);
+        let rec = "boot-a 1234\n";
+        assert_eq!(judge(rec, b, StartedAt(1234)), Verdict::Ours);
         // The leader exited; members keep the pid number allocated.
-        assert_eq!(judge("boot-a 1234\n", b, None), Verdict::Ours);
-        assert_eq!(judge("boot-a 1234\n", b, Some(99_999)), Verdict::Reused);
+        assert_eq!(judge(rec, b, Absent), Verdict::Ours);
+        assert_eq!(judge(rec, b, StartedAt(99_999)), Verdict::Reused);
         assert_eq!(
-            judge("boot-a 1234\n", Some("boot-b"), Some(1234)),
+            judge(rec, Some("boot-b"), StartedAt(1234)),
             Verdict::Rebooted
         );
-        assert_eq!(
-            judge("boot-a 1234\n", Some("boot-b"), None),
-            Verdict::Rebooted
-        );
+        assert_eq!(judge(rec, Some("boot-b"), Absent), Verdict::Rebooted);
+        // /proc would not say: nothing is killed on a guess.
+        assert_eq!(judge(rec, b, Unknown), Verdict::Unverifiable);
         for unverifiable in ["", "boot-a", "boot-a x", "boot-a 1 2", "\n"] {
             assert_eq!(
-                judge(unverifiable, b, None),
+                judge(unverifiable, b, Absent),
                 Verdict::Unverifiable,
                 "{unverifiable:?}"
             );
         }
-        assert_eq!(judge("boot-a 1234", None, None), Verdict::Unverifiable);
+        assert_eq!(judge("boot-a 1234", None, Absent), Verdict::Unverifiable);
     }
 
     #[test]
     fn start_times_are_read_from_proc_past_an_awkward_command_name() {
         let me = std::process::id() as i32;
-        let start = start_time(me).expect("this process has a start time");
-        assert_eq!(start_time(me), Some(start), "stable");
+        let Holder::StartedAt(start) = holder(me) else {
+            panic!("this process has a start time")
+        };
+        assert_eq!(holder(me), Holder::StartedAt(start), "stable");
         // The command name (here "odd ) name (x") is the executable's file name.
         let dir = tempfile::tempdir().expect("a temp dir");
         let odd = dir.path().join("odd ) name (x");
@@ -186,11 +211,19 @@ mod tests {
         let pid = child.id() as i32;
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         assert!(stat.contains("(odd ) name (x)"), "{stat}");
-        let theirs = start_time(pid).expect("the child has a start time");
+        let Holder::StartedAt(theirs) = holder(pid) else {
+            panic!("the child has a start time")
+        };
         assert!(theirs >= start, "a child starts after its parent");
         let _ = child.kill();
         let _ = child.wait();
-        assert_eq!(start_time(pid), None, "a reaped child has no start time");
+        // Gone (or, on a busy machine, its pid already another process's).
+        assert_ne!(
+            holder(pid),
+            Holder::StartedAt(theirs),
+            "a reaped child is gone"
+        );
+        assert_eq!(holder(-5), Holder::Absent, "no such process");
         assert!(boot_id().is_some());
     }
 
@@ -215,7 +248,10 @@ mod tests {
         // The pid of a group that ended, now held by another process: its start time
         // differs from the record's. And a record that lacks the facts.
         let pid = reused.id() as i32;
-        let then = start_time(pid).expect("running") - 1;
+        let Holder::StartedAt(now) = holder(pid) else {
+            panic!("running")
+        };
+        let then = now - 1;
         let boot = boot_id().expect("a boot id");
         std::fs::write(
             records.dir.join(pid.to_string()),

@@ -11,7 +11,10 @@
 //! elsewhere and pass its answer off as its own), before it adds the node.
 //!
 //! The proof is domain-separated (a fixed prefix, NUL-separated fields), so answering
-//! hellos signs nothing that any other check here accepts.
+//! hellos signs nothing that any other check here accepts. Only a node that belongs to
+//! no cluster answers with a proof (a member cannot be added anyway): the secret of a
+//! running cluster is never exposed to offline guessing through this path, only a node's
+//! while it waits to join, which is why the secret must be long and random.
 
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +55,21 @@ pub fn nonce() -> String {
 /// The proof a node holding `secret` gives for `nonce`.
 pub fn prove(secret: &str, nonce: &str, node_id: NodeId, peer_addr: &str) -> String {
     hex::encode(mac(secret, nonce, node_id, peer_addr))
+}
+
+/// Whether the address a node advertises is the one it was added at: equal as socket
+/// addresses (so `[::1]:9090` and `[0:0:0:0:0:0:0:1]:9090` agree), or as text when
+/// either is a host name. A node that listens on every address (`0.0.0.0`, `::`) is
+/// reached at one of them: its port must match.
+pub fn same_address(advertised: &str, given: &str) -> bool {
+    match (
+        advertised.parse::<std::net::SocketAddr>(),
+        given.parse::<std::net::SocketAddr>(),
+    ) {
+        (Ok(a), Ok(b)) if a.ip().is_unspecified() => a.port() == b.port(),
+        (Ok(a), Ok(b)) => a == b,
+        _ => advertised == given,
+    }
 }
 
 /// Whether `hello` answers `nonce` with a proof made with `secret` (constant time).
@@ -99,5 +117,19 @@ mod tests {
         let mut h = hello("s3cret", &n);
         h.peer_addr = "10.0.0.66:9090".into();
         assert!(!verify("s3cret", &n, &h));
+    }
+
+    #[test]
+    fn addresses_compare_as_socket_addresses() {
+        assert!(same_address("[::1]:9090", "[0:0:0:0:0:0:0:1]:9090"));
+        assert!(same_address("10.0.0.4:9090", "10.0.0.4:9090"));
+        assert!(!same_address("10.0.0.4:9090", "10.0.0.4:9091"));
+        assert!(!same_address("10.0.0.4:9090", "10.0.0.5:9090"));
+        assert!(same_address("node4:9090", "node4:9090"));
+        assert!(!same_address("node4:9090", "10.0.0.4:9090"));
+        // A node listening on every address is reached at one of them.
+        assert!(same_address("0.0.0.0:9090", "10.0.0.4:9090"));
+        assert!(same_address("[::]:9090", "10.0.0.4:9090"));
+        assert!(!same_address("0.0.0.0:9091", "10.0.0.4:9090"));
     }
 }

@@ -338,11 +338,15 @@ impl RaftNode {
 
     /// Commit `batch` (on the leader, or forwarded to it once), retrying with the same
     /// request ids until `deadline`. `forwarded` marks a batch that already took its one
-    /// hop: it is never forwarded again.
+    /// hop: it is never forwarded again. `let_go_in` is the term in which this node, as
+    /// leader, let the batch go (its proposer holds writes at a term's start, see
+    /// `actors::proposer`): a batch that finds this node leading in another term is handed
+    /// back (`NotLeader` naming this node) rather than written past that hold.
     pub async fn propose_by(
         &self,
         batch: &Batch,
         forwarded: bool,
+        let_go_in: Option<u64>,
         deadline: Instant,
     ) -> Result<BatchResponse, Error> {
         let no_leader = || Error::NoLeader {
@@ -357,6 +361,10 @@ impl RaftNode {
                 // client_write would wait for a commit that cannot come: do not propose,
                 // wait for the quorum (or a new leader) until the deadline.
                 None
+            } else if m.state == ServerState::Leader && let_go_in != Some(m.current_term) {
+                return Err(Error::NotLeader {
+                    leader: Some(self.id),
+                });
             } else {
                 let write = self.raft.client_write(self.stamped(batch));
                 let proposed = Instant::now();
@@ -694,23 +702,24 @@ impl RaftNode {
                 s.node_id
             ));
         }
+        // A member proves nothing (it cannot join another cluster): refused either way.
+        if s.initialized {
+            return Err(format!(
+                "node {node_id} at {at} already belongs to a cluster (a removed node must have \
+                 its data dir wiped before it is added again)"
+            ));
+        }
         if !super::hello::verify(self.peers.secret(), &nonce, &s) {
             return Err(format!(
                 "the node at {at} cannot prove it holds this cluster's secret: it runs with \
                  another one, or it is not an orchestrator node"
             ));
         }
-        if s.peer_addr != *at {
+        if !super::hello::same_address(&s.peer_addr, at) {
             return Err(format!(
                 "node {node_id} advertises peer address {} (its peer_addr setting), not {at}: \
                  add it with the address it advertises",
                 s.peer_addr
-            ));
-        }
-        if s.initialized {
-            return Err(format!(
-                "node {node_id} at {at} already belongs to a cluster (a removed node must have \
-                 its data dir wiped before it is added again)"
             ));
         }
         let protocol = self

@@ -14,7 +14,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::network::{HEADER_SECRET, HEADER_TARGET};
 use super::node::{ForwardedWrites, LogRequest, MembershipOp, RaftNode};
@@ -31,12 +31,14 @@ struct PeerState {
     /// Refused callers are logged at most once per [`REFUSALS_LOGGED_EVERY`]: anyone who
     /// reaches the port could otherwise fill the disk with log lines.
     refusals: std::sync::Arc<Refusals>,
+    /// Join probes answered, logged the same way.
+    hellos: std::sync::Arc<Refusals>,
 }
 
 const REFUSALS_LOGGED_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Refused peer calls since the last one logged. By hand: a counter and a time, which no
-/// log-throttling crate makes simpler.
+/// Refused (or, for join probes, answered) peer calls since the last one logged. By
+/// hand: a counter and a time, which no log-throttling crate makes simpler.
 #[derive(Default)]
 struct Refusals {
     since_logged: std::sync::atomic::AtomicU64,
@@ -70,6 +72,7 @@ pub fn router(
         node,
         forwarded,
         refusals: Default::default(),
+        hellos: Default::default(),
         secret: secret.into(),
         limiter,
     };
@@ -252,12 +255,31 @@ async fn hello(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> 
             ),
         );
     }
+    // From the metrics, not through Raft's core: anyone may send this. A node that
+    // belongs to a cluster cannot join another, so it proves nothing: only a node waiting
+    // to be added answers with a proof, and a member's secret is never exposed to
+    // offline guessing through this path.
+    let initialized = {
+        let m = st.node.raft.metrics().borrow().clone();
+        m.last_log_index.is_some() || m.vote != openraft::Vote::default()
+    };
     let peer_addr = st.node.self_member().peer_addr;
+    if let Some(answered) = st.hellos.count() {
+        info!(
+            node = st.node.id,
+            answered, initialized, "answered join probes (logged once per 10 s)"
+        );
+    }
+    let proof = if initialized {
+        String::new()
+    } else {
+        super::hello::prove(&st.secret, &req.nonce, st.node.id, &peer_addr)
+    };
     reply(super::hello::Hello {
         node_id: st.node.id,
-        proof: super::hello::prove(&st.secret, &req.nonce, st.node.id, &peer_addr),
+        proof,
         peer_addr,
-        initialized: st.node.raft.is_initialized().await.unwrap_or(true),
+        initialized,
         protocol_supported: st.node.protocol_offered(),
     })
 }
