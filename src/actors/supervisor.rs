@@ -17,8 +17,9 @@ use crate::config::Config;
 use crate::executor::egress::{self, Egress};
 use crate::raft::RaftNode;
 use crate::state::command::Retention;
+use crate::state::machine::PURGE_CHUNK;
 use crate::state::model::{NodeInfo, Notification};
-use crate::state::{Command, Table};
+use crate::state::{Command, Outcome, Table};
 
 /// How often a serving leader checks whether the cluster can move to a newer protocol
 /// (a local read once it is at this binary's version). A fresh cluster starts at version 1
@@ -173,19 +174,32 @@ impl Supervisor {
                     warn!(error = %e, "supervise proposal failed");
                 }
             }
+            let mut purge_full = false;
             if let Some(cmd) = purge {
                 match proposer.propose(system_request(cmd)).await {
-                    Ok(r) => info!(outcome = ?r.outcome, "history purged"),
+                    Ok(r) => {
+                        if let Outcome::Purged { runs, records } = r.outcome {
+                            purge_full =
+                                runs as usize >= PURGE_CHUNK || records as usize >= PURGE_CHUNK;
+                        }
+                        info!(outcome = ?r.outcome, more = purge_full, "history purged")
+                    }
                     Err(e) => warn!(error = %e, "purge proposal failed"),
                 }
             }
+            purge_full
         });
+        let every = Duration::from_millis(self.config.retention.purge_every_ms);
         ctx.spawn(
-            async move {
-                let _ = job.await;
-            }
-            .into_actor(self)
-            .map(|_, act, _| act.busy = false),
+            async move { job.await.unwrap_or(false) }
+                .into_actor(self)
+                .map(move |purge_full, act, _| {
+                    act.busy = false;
+                    // A purge that stopped at its chunk goes on at the next tick.
+                    if purge_full {
+                        act.last_purge = Instant::now() - every;
+                    }
+                }),
         );
     }
 

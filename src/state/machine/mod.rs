@@ -40,6 +40,7 @@ pub use dags::version_of_key;
 use dags::*;
 pub use placement::DEFAULT_LEASE_MS;
 use placement::*;
+pub use retention::PURGE_CHUNK;
 use retention::*;
 pub use runs::counters;
 use runs::*;
@@ -100,7 +101,13 @@ pub const MAX_LOST_RETRIES: u32 = 3;
 ///   rest is a reserve that any tenant holding none may take a slot from, so several
 ///   tenants' long tasks can no longer fill every slot between them (each was within its
 ///   own cap) and leave a further tenant nothing until they end.
-pub const PROTOCOL_VERSION: u32 = 9;
+/// - 10: request and idempotency records are indexed by creation time, so the purge
+///   reads only the records past the retention instead of decoding every record in one
+///   apply; records from before the raise are found by the old full scan until a purge
+///   has passed the raise's time. A purge removes at most [`PURGE_CHUNK`] runs and as
+///   many records of each kind (the leader purges again at once while a purge is full),
+///   so no single apply stalls every write behind a large backlog.
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// What apply knows about the entry it is applying.
 #[derive(Debug, Clone, Copy)]
@@ -206,6 +213,17 @@ pub fn apply_request(
             req.request_id.as_bytes().to_vec(),
             &rec,
         );
+        // From protocol 10 each record is indexed by its time: the purge reads only
+        // what is due, not every record (a record is written once: a retry is answered
+        // from it above).
+        let indexed = ctx.protocol >= 10;
+        if indexed {
+            kv.put(
+                Table::Requests,
+                keys::record_by_time(ctx.now, req.request_id.as_bytes()),
+                Vec::new(),
+            );
+        }
         // A quota refusal says "not now" (protocol 5): the client's key stays free, so a
         // retry with it once there is room is applied, not answered with the refusal.
         let keep_answer = !matches!(outcome, Outcome::QuotaExceeded { .. });
@@ -215,12 +233,15 @@ pub fn apply_request(
                 outcome: outcome.clone(),
                 created_ms: ctx.now,
             };
-            put_json(
-                kv,
-                Table::Idempotency,
-                keys::idempotency(&idem.tenant, &idem.key),
-                &rec,
-            );
+            let key = keys::idempotency(&idem.tenant, &idem.key);
+            if indexed {
+                kv.put(
+                    Table::Idempotency,
+                    keys::record_by_time(ctx.now, &key),
+                    Vec::new(),
+                );
+            }
+            put_json(kv, Table::Idempotency, key, &rec);
         }
     }
     Ok(Response {
@@ -472,8 +493,9 @@ fn apply_command(
                     kv,
                     ctx.now.saturating_sub(k.runs_ms as i64),
                     ctx.now.saturating_sub(k.records_ms as i64),
+                    ctx.protocol,
                 ),
-                None => purge(kv, *before_ms, *records_before_ms),
+                None => purge(kv, *before_ms, *records_before_ms, ctx.protocol),
             }
         }
         Command::RaiseProtocol { term, version } => {
@@ -494,6 +516,15 @@ fn apply_command(
                     clock::PROTOCOL.to_vec(),
                     u64::from(*version).to_be_bytes().to_vec(),
                 );
+                if ctx.protocol < 10 && *version >= 10 {
+                    // Records from before have no time index: the purge scans for them
+                    // until they are all past the retention.
+                    kv.put(
+                        Table::Counters,
+                        clock::RECORDS_INDEXED_FROM.to_vec(),
+                        keys::ordered_i64(ctx.now).to_vec(),
+                    );
+                }
             }
             Ok(Outcome::ProtocolRaised {
                 version: (*version).max(ctx.protocol),

@@ -31,9 +31,13 @@ pub enum Table {
     Cursors,
     /// `run_id \0 event` → [`Notification`]
     Notifications,
-    /// `tenant \0 key` → [`IdempotencyRecord`]
+    /// `tenant \0 key` → [`IdempotencyRecord`]; from protocol 10 also, by creation
+    /// time for the purge, `\0 created(ordered i64) tenant \0 key` → empty
+    /// ([`keys::record_by_time`]; a tenant never starts with NUL)
     Idempotency,
-    /// `request_id` → [`RequestRecord`] (a retried write is answered, not re-applied)
+    /// `request_id` → [`RequestRecord`] (a retried write is answered, not re-applied);
+    /// from protocol 10 also `\0 created(ordered i64) request_id` → empty (request ids
+    /// are hex)
     Requests,
     /// counter name → be u64
     Counters,
@@ -230,6 +234,25 @@ pub mod keys {
         k
     }
 
+    /// A record's entry in its table's time index (protocol 10): NUL, then its creation
+    /// time, then the record's own key. Record keys never start with NUL, so the index
+    /// sorts before every record and in time order.
+    pub fn record_by_time(created_ms: i64, record_key: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(9 + record_key.len());
+        k.push(0);
+        k.extend_from_slice(&ordered_i64(created_ms));
+        k.extend_from_slice(record_key);
+        k
+    }
+
+    /// The time and record key of a time-index entry ([`record_by_time`]).
+    pub fn record_of_time_entry(entry: &[u8]) -> Option<(i64, &[u8])> {
+        if entry.first() != Some(&0) {
+            return None;
+        }
+        Some((from_ordered_i64(entry.get(1..9)?)?, entry.get(9..)?))
+    }
+
     /// `parts` joined, with a trailing separator: the prefix of everything below them.
     pub fn prefix(parts: &[&[u8]]) -> Vec<u8> {
         let mut k = join(parts);
@@ -391,4 +414,7 @@ pub mod clock {
     pub const TERM: &[u8] = b"clock_term";
     /// Cluster time when that term's first request was applied (ordered i64 ms).
     pub const TERM_STARTED: &[u8] = b"clock_term_started_ms";
+    /// Cluster time of the raise to protocol 10 (ordered i64 ms): records created before
+    /// it have no time-index entry. Dropped once a purge has removed them all.
+    pub const RECORDS_INDEXED_FROM: &[u8] = b"records_indexed_from_ms";
 }

@@ -1711,3 +1711,156 @@ fn from_protocol_8_a_tenant_with_runs_left_but_no_dag_still_counts_as_another_te
     // Four slots, `b`'s run holds one: `a` gets its cap of two, not the three left.
     assert_eq!(running_tasks(&kv, &run_id), 2);
 }
+
+/// A client write that leaves a request record (and, with `key`, an idempotency record)
+/// at cluster time `now`.
+fn recorded_write(id: &str, now: Millis, key: Option<&str>) -> Request {
+    let mut r = req(
+        id,
+        now,
+        Command::SetPaused {
+            tenant: "t".into(),
+            dag_id: "none".into(),
+            paused: true,
+        },
+    );
+    r.idempotency = key.map(|k| IdempotencyKey {
+        tenant: "t".into(),
+        key: k.into(),
+        fingerprint: "f".into(),
+    });
+    r
+}
+
+fn purge_records_before(id: &str, now: Millis, before: Millis) -> Request {
+    let purge = Command::Purge {
+        term: 1,
+        before_ms: i64::MIN,
+        records_before_ms: before,
+        keep: None,
+    };
+    req(id, now, purge)
+}
+
+/// The request and idempotency records left (index entries not counted).
+fn records_left(kv: &MemKv) -> Vec<String> {
+    [Table::Requests, Table::Idempotency]
+        .into_iter()
+        .flat_map(|t| kv.scan_prefix(t, b"").unwrap())
+        .filter(|(k, _)| k.first() != Some(&0))
+        .map(|(k, _)| String::from_utf8_lossy(&k).replace('\0', "/"))
+        .collect()
+}
+
+#[test]
+fn from_protocol_10_the_purge_finds_records_by_time_and_old_ones_by_a_scan_until_gone() {
+    let mut kv = at_protocol(9);
+    apply(&mut kv, &recorded_write("old", 100, Some("k-old"))).unwrap();
+    let raise = Command::RaiseProtocol {
+        term: 1,
+        version: 10,
+    };
+    apply(&mut kv, &req("r10", 200, raise)).unwrap();
+    apply(&mut kv, &recorded_write("new", 300, Some("k-new"))).unwrap();
+    apply(&mut kv, &recorded_write("newer", 400, None)).unwrap();
+    let index = |kv: &MemKv| kv.keys_below(Table::Requests, &[0], &[1]).unwrap().len();
+    assert_eq!(index(&kv), 2, "records from protocol 10 are indexed");
+    // A cutoff before the raise: the records from before go (found by the full scan).
+    let o = apply(&mut kv, &purge_records_before("g1", 500, 150)).unwrap();
+    assert_eq!(
+        o.outcome,
+        Outcome::Purged {
+            runs: 0,
+            records: 2
+        }
+    );
+    assert_eq!(records_left(&kv), ["new", "newer", "t/k-new"]);
+    // Past the raise: indexed records go by their index, and the scan is done for good.
+    let o = apply(&mut kv, &purge_records_before("g2", 600, 350)).unwrap();
+    assert_eq!(
+        o.outcome,
+        Outcome::Purged {
+            runs: 0,
+            records: 2
+        }
+    );
+    assert_eq!(records_left(&kv), ["newer"]);
+    assert_eq!(index(&kv), 1, "newer's entry is left");
+    assert!(read_i64(&kv, clock::RECORDS_INDEXED_FROM)
+        .unwrap()
+        .is_none());
+    // With the scan done, a record without an index entry is no longer read at all.
+    let unindexed = RequestRecord {
+        outcome: Outcome::Done,
+        created_ms: 1,
+    };
+    put_json(&mut kv, Table::Requests, b"unindexed".to_vec(), &unindexed);
+    let o = apply(&mut kv, &purge_records_before("g3", 700, 550)).unwrap();
+    assert_eq!(
+        o.outcome,
+        Outcome::Purged {
+            runs: 0,
+            records: 1
+        }
+    );
+    assert_eq!(records_left(&kv), ["unindexed"]);
+    assert_eq!(index(&kv), 0);
+}
+
+#[test]
+fn from_protocol_10_an_index_entry_removes_only_the_record_it_indexed() {
+    let mut kv = at_protocol(10);
+    apply(&mut kv, &recorded_write("w", 300, Some("k"))).unwrap();
+    // An entry left from an earlier record under the same key (removed by the scan while
+    // the cluster moved to 10): it goes, the newer record stays.
+    let key = keys::idempotency("t", "k");
+    kv.put(
+        Table::Idempotency,
+        keys::record_by_time(100, &key),
+        Vec::new(),
+    );
+    let o = apply(&mut kv, &purge_records_before("g", 400, 200)).unwrap();
+    assert_eq!(
+        o.outcome,
+        Outcome::Purged {
+            runs: 0,
+            records: 0
+        }
+    );
+    assert!(kv.get(Table::Idempotency, &key).unwrap().is_some());
+    assert_eq!(
+        kv.keys_below(Table::Idempotency, &[0], &[1]).unwrap().len(),
+        1
+    );
+}
+
+#[test]
+fn from_protocol_10_one_purge_removes_at_most_a_chunk_of_each() {
+    for protocol in [9, 10] {
+        let mut kv = at_protocol(protocol);
+        // Past the raise's time: nothing from before 10 is left to scan for.
+        apply(&mut kv, &purge_records_before("g0", 1, 1)).unwrap();
+        let n = PURGE_CHUNK + 3;
+        for i in 0..n {
+            apply(
+                &mut kv,
+                &recorded_write(&format!("w{i:05}"), 10 + i as i64, None),
+            )
+            .unwrap();
+        }
+        let o = apply(&mut kv, &purge_records_before("g", 100_000, 50_000)).unwrap();
+        let first = if protocol >= 10 { PURGE_CHUNK } else { n };
+        let purged = |records: usize| Outcome::Purged {
+            runs: 0,
+            records: records as u32,
+        };
+        assert_eq!(o.outcome, purged(first), "protocol {protocol}");
+        if protocol >= 10 {
+            assert_eq!(records_left(&kv), ["w05000", "w05001", "w05002"]);
+            let o = apply(&mut kv, &purge_records_before("g2", 100_001, 50_000)).unwrap();
+            assert_eq!(o.outcome, purged(3));
+            assert_eq!(kv.keys_below(Table::Requests, &[0], &[1]).unwrap().len(), 0);
+        }
+        assert!(records_left(&kv).is_empty());
+    }
+}
