@@ -17,7 +17,6 @@ use crate::config::Config;
 use crate::executor::egress::{self, Egress};
 use crate::raft::RaftNode;
 use crate::state::command::Retention;
-use crate::state::machine::PURGE_CHUNK;
 use crate::state::model::{NodeInfo, Notification};
 use crate::state::{Command, Outcome, Table};
 
@@ -178,11 +177,8 @@ impl Supervisor {
             if let Some(cmd) = purge {
                 match proposer.propose(system_request(cmd)).await {
                     Ok(r) => {
-                        if let Outcome::Purged { runs, records } = r.outcome {
-                            purge_full =
-                                runs as usize >= PURGE_CHUNK || records as usize >= PURGE_CHUNK;
-                        }
-                        info!(outcome = ?r.outcome, more = purge_full, "history purged")
+                        purge_full = matches!(r.outcome, Outcome::Purged { more: true, .. });
+                        info!(outcome = ?r.outcome, "history purged")
                     }
                     Err(e) => warn!(error = %e, "purge proposal failed"),
                 }

@@ -42,7 +42,9 @@ enum Holder {
     Absent,
     /// A process started at this many clock ticks after boot has it.
     StartedAt(u64),
-    /// `/proc` would not say (no permission, `hidepid`, an unexpected format).
+    /// `/proc` would not say (no permission, an unexpected format). Under `hidepid=2` a
+    /// hidden process reads as absent instead, but then its group was never recorded:
+    /// recording needs the leader's start time.
     Unknown,
 }
 

@@ -149,6 +149,7 @@ impl Db {
         table: Table,
         prefix: &[u8],
         end: &[u8],
+        limit: usize,
     ) -> Result<Vec<Vec<u8>>, DbError> {
         let cf = self.cf(table.name())?;
         let mut out = Vec::new();
@@ -156,7 +157,7 @@ impl Db {
         let mut it = self.inner.raw_iterator_cf(cf);
         it.seek(prefix);
         while let Some(k) = it.key() {
-            if !k.starts_with(prefix) || k >= end {
+            if !k.starts_with(prefix) || k >= end || out.len() >= limit {
                 break;
             }
             out.push(k.to_vec());

@@ -59,14 +59,15 @@ pub fn prove(secret: &str, nonce: &str, node_id: NodeId, peer_addr: &str) -> Str
 
 /// Whether the address a node advertises is the one it was added at: equal as socket
 /// addresses (so `[::1]:9090` and `[0:0:0:0:0:0:0:1]:9090` agree), or as text when
-/// either is a host name. A node that listens on every address (`0.0.0.0`, `::`) is
-/// reached at one of them: its port must match.
+/// either is a host name. A node that advertises every address (`0.0.0.0`, `::`) names
+/// none: accepting it by port would let a listener anywhere on that port pass off a
+/// real node's proof as its own, so it never matches.
 pub fn same_address(advertised: &str, given: &str) -> bool {
     match (
         advertised.parse::<std::net::SocketAddr>(),
         given.parse::<std::net::SocketAddr>(),
     ) {
-        (Ok(a), Ok(b)) if a.ip().is_unspecified() => a.port() == b.port(),
+        (Ok(a), Ok(_)) if a.ip().is_unspecified() => false,
         (Ok(a), Ok(b)) => a == b,
         _ => advertised == given,
     }
@@ -127,9 +128,9 @@ mod tests {
         assert!(!same_address("10.0.0.4:9090", "10.0.0.5:9090"));
         assert!(same_address("node4:9090", "node4:9090"));
         assert!(!same_address("node4:9090", "10.0.0.4:9090"));
-        // A node listening on every address is reached at one of them.
-        assert!(same_address("0.0.0.0:9090", "10.0.0.4:9090"));
-        assert!(same_address("[::]:9090", "10.0.0.4:9090"));
-        assert!(!same_address("0.0.0.0:9091", "10.0.0.4:9090"));
+        // A node that advertises every address names none.
+        assert!(!same_address("0.0.0.0:9090", "10.0.0.4:9090"));
+        assert!(!same_address("[::]:9090", "10.0.0.4:9090"));
+        assert!(!same_address("0.0.0.0:9090", "0.0.0.0:9090"));
     }
 }

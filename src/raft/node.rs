@@ -718,7 +718,8 @@ impl RaftNode {
         if !super::hello::same_address(&s.peer_addr, at) {
             return Err(format!(
                 "node {node_id} advertises peer address {} (its peer_addr setting), not {at}: \
-                 add it with the address it advertises",
+                 add it with the address it advertises (which must be one address, not \
+                 0.0.0.0 or ::)",
                 s.peer_addr
             ));
         }

@@ -259,10 +259,12 @@ async fn hello(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> 
     // belongs to a cluster cannot join another, so it proves nothing: only a node waiting
     // to be added answers with a proof, and a member's secret is never exposed to
     // offline guessing through this path.
+    // Metrics start empty until Raft's core first reports: a node that looks
+    // uninitialized is asked through the core too (cheap for a node waiting to join).
     let initialized = {
         let m = st.node.raft.metrics().borrow().clone();
         m.last_log_index.is_some() || m.vote != openraft::Vote::default()
-    };
+    } || st.node.raft.is_initialized().await.unwrap_or(true);
     let peer_addr = st.node.self_member().peer_addr;
     if let Some(answered) = st.hellos.count() {
         info!(

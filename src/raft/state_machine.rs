@@ -125,25 +125,35 @@ impl Kv for Overlay<'_> {
         }
         self.writes.insert((table, key), None);
     }
-    fn keys_below(&self, table: Table, prefix: &[u8], end: &[u8]) -> Result<Vec<Vec<u8>>, KvError> {
+    fn keys_below(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, KvError> {
         if end <= prefix {
             return Ok(Vec::new());
         }
+        let pending = self
+            .writes
+            .range((table, prefix.to_vec())..(table, end.to_vec()));
+        // The first `limit` keys after the pending writes: read as many more stored keys
+        // as this batch deleted in the range, so the answer never depends on how the
+        // writes were split into batches (every replica applies the same keys).
+        let deleted = pending.clone().filter(|(_, v)| v.is_none()).count();
         let mut merged: std::collections::BTreeSet<Vec<u8>> = self
             .db
-            .keys_below(table, prefix, end)?
+            .keys_below(table, prefix, end, limit.saturating_add(deleted))?
             .into_iter()
             .collect();
-        for ((_, k), v) in self
-            .writes
-            .range((table, prefix.to_vec())..(table, end.to_vec()))
-        {
+        for ((_, k), v) in pending {
             match v {
                 Some(_) => merged.insert(k.clone()),
                 None => merged.remove(k),
             };
         }
-        Ok(merged.into_iter().collect())
+        Ok(merged.into_iter().take(limit).collect())
     }
     fn supervision(&self, now: Millis) -> Result<Supervision, KvError> {
         if let Some(e) = &self.failed {
@@ -635,5 +645,55 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             })
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The overlay's first `limit` keys are those of the stored keys with this batch's
+    /// writes applied, however many of the first stored keys the batch deleted: every
+    /// replica purges the same chunk whatever its batches were.
+    #[test]
+    fn keys_below_stops_at_its_limit_after_the_pending_writes() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let db = Db::open(dir.path()).expect("open");
+        let cf = db.cf(Table::Requests.name()).expect("the requests table");
+        let mut batch = WriteBatch::default();
+        for k in ["a", "b", "c", "d", "e", "f"] {
+            batch.put_cf(cf, k, b"");
+        }
+        db.write(batch, false).expect("write");
+        let (mut due, tenants) = (DueIndex::default(), Mutex::new(TenantCounts::default()));
+        let mut overlay = Overlay {
+            db: &db,
+            writes: BTreeMap::new(),
+            due: &mut due,
+            tenants: &tenants,
+            tenant_changes: TenantCounts::default(),
+            runs: BTreeMap::new(),
+            failed: None,
+        };
+        let keys = |o: &Overlay, limit| -> Vec<String> {
+            o.keys_below(Table::Requests, b"", b"z", limit)
+                .expect("keys")
+                .into_iter()
+                .map(|k| String::from_utf8_lossy(&k).into_owned())
+                .collect()
+        };
+        assert_eq!(keys(&overlay, 2), ["a", "b"]);
+        overlay.delete(Table::Requests, b"a".to_vec());
+        overlay.delete(Table::Requests, b"b".to_vec());
+        overlay.delete(Table::Requests, b"d".to_vec());
+        overlay.put(Table::Requests, b"bb".to_vec(), Vec::new());
+        assert_eq!(keys(&overlay, 3), ["bb", "c", "e"]);
+        assert_eq!(keys(&overlay, 1), ["bb"]);
+        assert_eq!(keys(&overlay, usize::MAX), ["bb", "c", "e", "f"]);
+        // Below `end` only.
+        let below_d: Vec<Vec<u8>> = overlay
+            .keys_below(Table::Requests, b"", b"d", 10)
+            .expect("keys");
+        assert_eq!(below_d, [b"bb".to_vec(), b"c".to_vec()]);
     }
 }

@@ -252,6 +252,10 @@ pub enum Outcome {
     Purged {
         runs: u32,
         records: u32,
+        /// A chunk ran out before everything due was read (protocol ≥ 10): the leader
+        /// purges again at its next pass.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        more: bool,
     },
     /// A window at or below the DAG's fired-window watermark whose run is gone (purged,
     /// or the DAG was deleted and re-created): it fired once and never fires again.

@@ -110,7 +110,7 @@ pub(super) fn drop_versions(
     // Only the keys of the range to drop are read (no version reaches u64::MAX), and the
     // versions unfinished runs still hold.
     let end = keys::dag_version(tenant, dag_id, below.unwrap_or(u64::MAX));
-    let old = kv.keys_below(Table::DagVersions, &prefix, &end)?;
+    let old = kv.keys_below(Table::DagVersions, &prefix, &end, usize::MAX)?;
     if old.is_empty() {
         return Ok(());
     }

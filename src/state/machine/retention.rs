@@ -1,12 +1,13 @@
 //! The retention purge in apply: finished runs, request and idempotency records past
 //! their age. Runs are found by end time (`FinishedRuns`), and from protocol 10 records by
 //! their time index ([`keys::record_by_time`]), so a purge reads only what is due; from
-//! protocol 10 it also stops at [`PURGE_CHUNK`] of each kind.
+//! protocol 10 it also reads and removes at most [`PURGE_CHUNK`] of each kind.
 
 use super::*;
 
-/// The most runs, and the most records of each table, one purge removes (protocol ≥ 10).
-/// A purge that stops there says so by its counts, and the leader purges again at once.
+/// The most runs, and the most index entries of each record table, one purge reads and
+/// removes (protocol ≥ 10). A purge that stops there says so (`more`), and the leader
+/// purges again at its next pass.
 pub const PURGE_CHUNK: usize = 5_000;
 
 pub(super) fn purge(
@@ -20,10 +21,17 @@ pub(super) fn purge(
     } else {
         usize::MAX
     };
+    let mut more = false;
     let mut runs = 0;
-    // Only the keys below the cutoff: `ended` leads the key.
-    let due = kv.keys_below(Table::FinishedRuns, b"", &keys::ordered_i64(before_ms))?;
-    for k in due.into_iter().take(chunk) {
+    // Only the keys below the cutoff (`ended` leads the key), and at most a chunk.
+    let due = kv.keys_below(
+        Table::FinishedRuns,
+        b"",
+        &keys::ordered_i64(before_ms),
+        chunk,
+    )?;
+    more |= due.len() >= chunk;
+    for k in due {
         let run_id = String::from_utf8_lossy(&k[9.min(k.len())..]).into_owned();
         kv.delete(Table::FinishedRuns, k);
         let Some(run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else {
@@ -47,34 +55,47 @@ pub(super) fn purge(
         }
         runs += 1;
     }
+    if protocol < 10 {
+        let records = purge_unindexed_records(kv, records_before_ms, Millis::MAX, false)?;
+        return Ok(Outcome::Purged {
+            runs,
+            records,
+            more,
+        });
+    }
     let mut records = 0;
-    if protocol >= 10 {
-        let end = keys::record_by_time(records_before_ms, b"");
-        for table in [Table::Requests, Table::Idempotency] {
-            for entry in kv.keys_below(table, &[0], &end)?.into_iter().take(chunk) {
-                // The record goes only if it is the one indexed: a record the full scan
-                // removed (beyond a chunk, during the change to 10) may have been written
-                // again under its key since, with an entry of its own.
-                if let Some((at, record)) = keys::record_of_time_entry(&entry) {
-                    if created_ms(kv, table, record)? == Some(at) {
-                        kv.delete(table, record.to_vec());
-                        records += 1;
-                    }
+    let end = keys::record_by_time(records_before_ms, b"");
+    for table in [Table::Requests, Table::Idempotency] {
+        let entries = kv.keys_below(table, &[0], &end, chunk)?;
+        more |= entries.len() >= chunk;
+        for entry in entries {
+            // The record goes only if it is the one indexed: one created at the raise to
+            // 10, removed by the scan below, may have been written again since under its
+            // key, with an entry of its own.
+            if let Some((at, record)) = keys::record_of_time_entry(&entry) {
+                if created_ms(kv, table, record)? == Some(at) {
+                    kv.delete(table, record.to_vec());
+                    records += 1;
                 }
-                kv.delete(table, entry);
             }
-        }
-        // Records from before the raise to 10 have no index entry: scan for them until a
-        // purge's cutoff has passed the raise (then none is left).
-        let Some(indexed_from) = read_i64(kv, clock::RECORDS_INDEXED_FROM)? else {
-            return Ok(Outcome::Purged { runs, records });
-        };
-        if records_before_ms >= indexed_from {
-            kv.delete(Table::Counters, clock::RECORDS_INDEXED_FROM.to_vec());
+            kv.delete(table, entry);
         }
     }
-    records += purge_unindexed_records(kv, records_before_ms)?;
-    Ok(Outcome::Purged { runs, records })
+    // Records from before the raise to 10 have no index entry: scan for them (and only
+    // them: created up to the raise) until a purge's cutoff has passed the raise, after
+    // which none is left. A record created at the raise's own time may be indexed (it
+    // followed the raise in its batch): the scan may take it first, leaving its entry.
+    if let Some(indexed_from) = read_i64(kv, clock::RECORDS_INDEXED_FROM)? {
+        if records_before_ms > indexed_from {
+            kv.delete(Table::Counters, clock::RECORDS_INDEXED_FROM.to_vec());
+        }
+        records += purge_unindexed_records(kv, records_before_ms, indexed_from, true)?;
+    }
+    Ok(Outcome::Purged {
+        runs,
+        records,
+        more,
+    })
 }
 
 /// When the record under `key` was created (`None`: no record there).
@@ -85,26 +106,33 @@ fn created_ms(kv: &impl Kv, table: Table, key: &[u8]) -> Result<Option<Millis>, 
     })
 }
 
-/// Decode every record and delete those created before `before_ms` (what every purge
-/// did before protocol 10). Time-index entries are skipped: they are not records.
-fn purge_unindexed_records(kv: &mut impl Kv, before_ms: Millis) -> Result<u32, KvError> {
+/// Decode every record and delete those created before `before_ms` and at or before
+/// `up_to_ms` (what every purge did before protocol 10, with no upper bound). From
+/// protocol 10 (`indexed`) the time-index entries are skipped: they are not records.
+fn purge_unindexed_records(
+    kv: &mut impl Kv,
+    before_ms: Millis,
+    up_to_ms: Millis,
+    indexed: bool,
+) -> Result<u32, KvError> {
     let mut records = 0;
+    let due = |created: Millis| created < before_ms && created <= up_to_ms;
     for (k, v) in kv.scan_prefix(Table::Requests, b"")? {
-        if k.first() == Some(&0) {
+        if indexed && k.first() == Some(&0) {
             continue;
         }
         let r: RequestRecord = decode(Table::Requests, &v)?;
-        if r.created_ms < before_ms {
+        if due(r.created_ms) {
             kv.delete(Table::Requests, k);
             records += 1;
         }
     }
     for (k, v) in kv.scan_prefix(Table::Idempotency, b"")? {
-        if k.first() == Some(&0) {
+        if indexed && k.first() == Some(&0) {
             continue;
         }
         let r: IdempotencyRecord = decode(Table::Idempotency, &v)?;
-        if r.created_ms < before_ms {
+        if due(r.created_ms) {
             kv.delete(Table::Idempotency, k);
             records += 1;
         }

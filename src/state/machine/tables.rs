@@ -118,15 +118,22 @@ pub trait Kv {
     fn delete(&mut self, table: Table, key: Vec<u8>);
     /// Every entry whose key starts with `prefix`, in key order, pending writes included.
     fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, KvError>;
-    /// The keys under `prefix` that sort below `end`, in key order, pending writes
-    /// included. This default reads the whole prefix; the state machine's store reads
-    /// only the range.
-    fn keys_below(&self, table: Table, prefix: &[u8], end: &[u8]) -> Result<Vec<Vec<u8>>, KvError> {
+    /// The first `limit` keys under `prefix` that sort below `end`, in key order,
+    /// pending writes included. This default reads the whole prefix; the state machine's
+    /// store reads only what it returns (and as many keys as the batch deleted there).
+    fn keys_below(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, KvError> {
         Ok(self
             .scan_prefix(table, prefix)?
             .into_iter()
             .map(|(k, _)| k)
             .take_while(|k| k.as_slice() < end)
+            .take(limit)
             .collect())
     }
     /// What a supervise pass at `now` must look at ([`crate::state::due`]), pending writes

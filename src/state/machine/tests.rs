@@ -1209,7 +1209,8 @@ fn purge_cutoffs_come_from_the_cluster_clock() {
         o,
         Outcome::Purged {
             runs: 0,
-            records: 0
+            records: 0,
+            more: false
         },
         "nothing early"
     );
@@ -1763,7 +1764,11 @@ fn from_protocol_10_the_purge_finds_records_by_time_and_old_ones_by_a_scan_until
     apply(&mut kv, &req("r10", 200, raise)).unwrap();
     apply(&mut kv, &recorded_write("new", 300, Some("k-new"))).unwrap();
     apply(&mut kv, &recorded_write("newer", 400, None)).unwrap();
-    let index = |kv: &MemKv| kv.keys_below(Table::Requests, &[0], &[1]).unwrap().len();
+    let index = |kv: &MemKv| {
+        kv.keys_below(Table::Requests, &[0], &[1], usize::MAX)
+            .unwrap()
+            .len()
+    };
     assert_eq!(index(&kv), 2, "records from protocol 10 are indexed");
     // A cutoff before the raise: the records from before go (found by the full scan).
     let o = apply(&mut kv, &purge_records_before("g1", 500, 150)).unwrap();
@@ -1771,7 +1776,8 @@ fn from_protocol_10_the_purge_finds_records_by_time_and_old_ones_by_a_scan_until
         o.outcome,
         Outcome::Purged {
             runs: 0,
-            records: 2
+            records: 2,
+            more: false
         }
     );
     assert_eq!(records_left(&kv), ["new", "newer", "t/k-new"]);
@@ -1781,7 +1787,8 @@ fn from_protocol_10_the_purge_finds_records_by_time_and_old_ones_by_a_scan_until
         o.outcome,
         Outcome::Purged {
             runs: 0,
-            records: 2
+            records: 2,
+            more: false
         }
     );
     assert_eq!(records_left(&kv), ["newer"]);
@@ -1800,7 +1807,8 @@ fn from_protocol_10_the_purge_finds_records_by_time_and_old_ones_by_a_scan_until
         o.outcome,
         Outcome::Purged {
             runs: 0,
-            records: 1
+            records: 1,
+            more: false
         }
     );
     assert_eq!(records_left(&kv), ["unindexed"]);
@@ -1824,12 +1832,15 @@ fn from_protocol_10_an_index_entry_removes_only_the_record_it_indexed() {
         o.outcome,
         Outcome::Purged {
             runs: 0,
-            records: 0
+            records: 0,
+            more: false
         }
     );
     assert!(kv.get(Table::Idempotency, &key).unwrap().is_some());
     assert_eq!(
-        kv.keys_below(Table::Idempotency, &[0], &[1]).unwrap().len(),
+        kv.keys_below(Table::Idempotency, &[0], &[1], usize::MAX)
+            .unwrap()
+            .len(),
         1
     );
 }
@@ -1849,18 +1860,73 @@ fn from_protocol_10_one_purge_removes_at_most_a_chunk_of_each() {
             .unwrap();
         }
         let o = apply(&mut kv, &purge_records_before("g", 100_000, 50_000)).unwrap();
-        let first = if protocol >= 10 { PURGE_CHUNK } else { n };
-        let purged = |records: usize| Outcome::Purged {
+        let purged = |records: usize, more| Outcome::Purged {
             runs: 0,
             records: records as u32,
+            more,
         };
-        assert_eq!(o.outcome, purged(first), "protocol {protocol}");
-        if protocol >= 10 {
+        if protocol < 10 {
+            assert_eq!(
+                o.outcome,
+                purged(n, false),
+                "protocol {protocol}: all at once"
+            );
+        } else {
+            assert_eq!(
+                o.outcome,
+                purged(PURGE_CHUNK, true),
+                "a chunk, and more to do"
+            );
             assert_eq!(records_left(&kv), ["w05000", "w05001", "w05002"]);
             let o = apply(&mut kv, &purge_records_before("g2", 100_001, 50_000)).unwrap();
-            assert_eq!(o.outcome, purged(3));
-            assert_eq!(kv.keys_below(Table::Requests, &[0], &[1]).unwrap().len(), 0);
+            assert_eq!(o.outcome, purged(3, false));
+            assert_eq!(
+                kv.keys_below(Table::Requests, &[0], &[1], usize::MAX)
+                    .unwrap()
+                    .len(),
+                0
+            );
         }
         assert!(records_left(&kv).is_empty());
     }
+}
+
+#[test]
+fn from_protocol_10_records_written_at_the_raise_s_own_time_are_purged_too() {
+    let mut kv = at_protocol(9);
+    // In the raise's batch (one stamp), before it: no index entry; after it: indexed.
+    apply(&mut kv, &recorded_write("with-raise", 200, None)).unwrap();
+    let raise = Command::RaiseProtocol {
+        term: 1,
+        version: 10,
+    };
+    apply(&mut kv, &req("r10", 200, raise)).unwrap();
+    apply(&mut kv, &recorded_write("after-raise", 200, None)).unwrap();
+    let nothing = Outcome::Purged {
+        runs: 0,
+        records: 0,
+        more: false,
+    };
+    // A cutoff at the raise's time removes neither (not older), and the scan goes on.
+    let o = apply(&mut kv, &purge_records_before("g1", 300, 200)).unwrap();
+    assert_eq!(o.outcome, nothing);
+    assert!(read_i64(&kv, clock::RECORDS_INDEXED_FROM)
+        .unwrap()
+        .is_some());
+    // Past it: both go, the one without an entry in the scan's last pass.
+    let o = apply(&mut kv, &purge_records_before("g2", 400, 201)).unwrap();
+    let both = Outcome::Purged {
+        runs: 0,
+        records: 2,
+        more: false,
+    };
+    assert_eq!(o.outcome, both);
+    assert!(records_left(&kv).is_empty(), "{:?}", records_left(&kv));
+    assert!(read_i64(&kv, clock::RECORDS_INDEXED_FROM)
+        .unwrap()
+        .is_none());
+    assert!(kv
+        .keys_below(Table::Requests, &[0], &[1], usize::MAX)
+        .unwrap()
+        .is_empty());
 }
