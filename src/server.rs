@@ -215,6 +215,19 @@ pub async fn run(
     )?;
     print!("{}", first_steps(&config));
     info!(node = config.node_id, api = %config.api_addr, peer = %config.peer_addr, "node started");
+    if config
+        .peer_addr
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().to_canonical().is_unspecified())
+    {
+        warn!(
+            node = config.node_id,
+            peer = %config.peer_addr,
+            "peer_addr listens on every address, so it names none the other nodes can reach: \
+             this node cannot be added to a cluster through the API (set peer_addr to its own \
+             address)"
+        );
+    }
 
     // Stop on the signal, or when Raft stops on a fatal error: then this node cannot
     // serve, and the process exits so its supervisor restarts it from its disk.

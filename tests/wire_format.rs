@@ -611,6 +611,12 @@ fn decode(table: Table, key: &[u8], v: &[u8]) -> Value {
         Table::ActiveRuns => json::<ActiveEntry>(table, key, v),
         Table::Nodes => json::<NodeInfo>(table, key, v),
         Table::Notifications => json::<Notification>(table, key, v),
+        // From protocol 10 these tables also hold their records' time index: a key
+        // starting with NUL, an empty value.
+        Table::Idempotency | Table::Requests if key.first() == Some(&0) => {
+            assert!(v.is_empty(), "{table:?} time-index values are empty");
+            Value::String(String::new())
+        }
         Table::Idempotency => json::<IdempotencyRecord>(table, key, v),
         Table::Requests => json::<RequestRecord>(table, key, v),
         Table::RunsByDag | Table::RunsByTenant | Table::FinishedRuns => {

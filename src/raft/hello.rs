@@ -67,7 +67,7 @@ pub fn same_address(advertised: &str, given: &str) -> bool {
         advertised.parse::<std::net::SocketAddr>(),
         given.parse::<std::net::SocketAddr>(),
     ) {
-        (Ok(a), Ok(_)) if a.ip().is_unspecified() => false,
+        (Ok(a), Ok(_)) if a.ip().to_canonical().is_unspecified() => false,
         (Ok(a), Ok(b)) => a == b,
         _ => advertised == given,
     }
@@ -132,5 +132,6 @@ mod tests {
         assert!(!same_address("0.0.0.0:9090", "10.0.0.4:9090"));
         assert!(!same_address("[::]:9090", "10.0.0.4:9090"));
         assert!(!same_address("0.0.0.0:9090", "0.0.0.0:9090"));
+        assert!(!same_address("[::ffff:0.0.0.0]:9090", "10.0.0.4:9090"));
     }
 }

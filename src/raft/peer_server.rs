@@ -255,16 +255,22 @@ async fn hello(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> 
             ),
         );
     }
-    // From the metrics, not through Raft's core: anyone may send this. A node that
-    // belongs to a cluster cannot join another, so it proves nothing: only a node waiting
-    // to be added answers with a proof, and a member's secret is never exposed to
-    // offline guessing through this path.
-    // Metrics start empty until Raft's core first reports: a node that looks
-    // uninitialized is asked through the core too (cheap for a node waiting to join).
+    // A node that belongs to a cluster cannot join another, so it proves nothing: only a
+    // node waiting to be added answers with a proof, and a member's secret is never
+    // exposed to offline guessing through this path. Anyone may send this, so a member
+    // is recognised from its metrics, without a trip through Raft's core; metrics are
+    // empty until the core first reports, so a node that looks uninitialized is asked
+    // through the core too (cheap for a node waiting to join; no answer counts as
+    // initialized).
     let initialized = {
         let m = st.node.raft.metrics().borrow().clone();
         m.last_log_index.is_some() || m.vote != openraft::Vote::default()
-    } || st.node.raft.is_initialized().await.unwrap_or(true);
+    } || tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        st.node.raft.is_initialized(),
+    )
+    .await
+    .map_or(true, |r| r.unwrap_or(true));
     let peer_addr = st.node.self_member().peer_addr;
     if let Some(answered) = st.hellos.count() {
         info!(

@@ -135,6 +135,10 @@ impl Kv for Overlay<'_> {
         if end <= prefix {
             return Ok(Vec::new());
         }
+        debug_assert!(
+            prefix.is_empty() || end.starts_with(prefix),
+            "keys_below's end lies under its prefix (the pending writes are not filtered)"
+        );
         let pending = self
             .writes
             .range((table, prefix.to_vec())..(table, end.to_vec()));
