@@ -406,7 +406,9 @@ pub struct LimitsConfig {
     /// The share of the live executor slots (percent, 1-100) one tenant's attempts may
     /// hold while another tenant has a DAG or an unfinished run (from protocol 8): the
     /// rest stays free for the others, since an attempt is never taken back once it runs.
-    /// A tenant alone on the cluster may use every slot.
+    /// From protocol 9 the tenants that hold slots also stop at it together while a
+    /// tenant with a DAG or an unfinished run holds none. A tenant alone on the cluster
+    /// may use every slot.
     pub max_slot_share_percent: u64,
     /// Per-tenant overrides of the quotas above.
     pub tenants: std::collections::BTreeMap<String, TenantLimits>,

@@ -12,9 +12,10 @@
 //! `leader_wait` for Raft, however many batches are ahead of it.
 //!
 //! A fresh cluster's replicated protocol is version 1 until its leader raises it. A new
-//! leader whose cluster has never raised its protocol therefore raises it before it
-//! commits anything else ([`FIRST_RAISE_HOLD`]): a fresh cluster's first writes apply
-//! under its newest protocol, not under version 1's rules.
+//! leader whose cluster has never raised its protocol therefore raises it (to the newest
+//! its voters share) before it commits anything else, holding other writes for at most
+//! [`FIRST_RAISE_HOLD`]: a fresh cluster's first writes apply under that version, not
+//! under version 1's rules, unless a voter does not answer within the hold.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};

@@ -3,7 +3,9 @@
 //! `scheduler.supervise_ms` it proposes a term-fenced `Supervise` (expired leases, due
 //! retries, SLA misses, queued runs waiting for a slot) while runs are active; every
 //! second it delivers pending webhooks (bounded retries, never blocking a tick) and
-//! acknowledges them; every `retention.purge_every_ms` it proposes a `Purge`.
+//! acknowledges them; every `retention.purge_every_ms` it proposes a `Purge` (again at
+//! the next tick while a purge reports more to do); and every second it asks the
+//! proposer to check whether the replicated protocol can be raised.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

@@ -252,7 +252,8 @@ Adding a voter again at the same addresses changes nothing. Answers the cluster 
 the change.", body = Status),
         (status = 400, description = "Malformed JSON, an unknown field, an address that is not `IP:port` or is \
 outside `peer_networks`; or a change the cluster refuses: the node does not answer at `peer_addr` within 5 s, \
-answers as another node, cannot prove it holds the cluster secret, advertises another peer address, already \
+answers as another node, cannot prove it holds the cluster secret, advertises another peer address (or \
+`0.0.0.0`/`::`), does not serve the join probe (not an orchestrator node, or an older binary), already \
 belongs to a cluster, runs a binary older than the cluster's protocol, did not \
 catch up, or `node_id` is a member at other addresses.", body = ErrorBody),
         (status = 403, description = "Not an operator.", body = ErrorBody),

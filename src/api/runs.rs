@@ -680,7 +680,8 @@ A noop task's log is empty; an http task's holds the status line and the answer'
             example = "extracting 2025-10-01 .. 2025-10-04\n3 files, 1204 rows\n"),
         (status = 400, description = "`attempt` is not a number.", body = ErrorBody),
         (status = 404, description = "No such run in the caller's tenant, no such task or attempt, or no log \
-kept for it (purged by retention, or its node lost its data).", body = ErrorBody),
+kept for it: none yet (an http request still waiting for its answer, or an attempt not started), \
+purged by retention, or its node lost its data.", body = ErrorBody),
     ),
     security(("bearer" = ["orchestrator:read"]))
 )]
@@ -727,8 +728,8 @@ pub async fn attempt_log(
             })?
             .ok_or_else(|| {
                 ApiError::NotFound(format!(
-                    "no log kept for attempt {attempt} of '{task_id}' (purged, or its node lost \
-                     its data)"
+                    "no log kept for attempt {attempt} of '{task_id}' (none yet, purged, or its \
+                     node lost its data)"
                 ))
             })?
     };

@@ -228,7 +228,10 @@ pub async fn run_attempt(
             };
             tokio::select! {
                 r = send => r,
-                _ = cancel => AttemptResult::Failed { exit_code: None, error: "cancelled".into() },
+                _ = cancel => {
+                    write_log(&log_file, "cancelled").await;
+                    AttemptResult::Failed { exit_code: None, error: "cancelled".into() }
+                }
             }
         }
     }

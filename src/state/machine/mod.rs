@@ -104,9 +104,10 @@ pub const MAX_LOST_RETRIES: u32 = 3;
 /// - 10: request and idempotency records are indexed by creation time, so the purge
 ///   reads only the records past the retention instead of decoding every record in one
 ///   apply; records from before the raise are found by the old full scan until a purge
-///   has passed the raise's time. A purge reads and removes at most [`PURGE_CHUNK`] runs
-///   and index entries of each kind and says when there is more (the leader purges
-///   again at its next pass), so no single apply stalls every write behind a backlog.
+///   has passed the raise's time (until then every purge still decodes every record, as
+///   before). A purge reads and removes at most [`PURGE_CHUNK`] runs and index entries
+///   of each kind and says when there is more (the leader purges again at its next
+///   pass), so, once past that day, no single apply stalls every write behind a backlog.
 pub const PROTOCOL_VERSION: u32 = 10;
 
 /// What apply knows about the entry it is applying.
