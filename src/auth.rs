@@ -84,16 +84,21 @@ pub enum Access {
 }
 
 impl Principal {
-    /// Admin implies write, write implies read.
-    pub fn require(&self, access: Access) -> Result<(), Error> {
+    /// Whether the token's scopes grant `access`: admin implies write, write implies
+    /// read; shell is implied by nothing.
+    pub fn allows(&self, access: Access) -> bool {
         let has = |s: &str| self.scopes.iter().any(|x| x == s);
-        let ok = match access {
+        match access {
             Access::Read => has(SCOPE_READ) || has(SCOPE_WRITE) || has(SCOPE_ADMIN),
             Access::Write => has(SCOPE_WRITE) || has(SCOPE_ADMIN),
             Access::Admin => has(SCOPE_ADMIN),
             Access::Shell => has(SCOPE_SHELL),
-        };
-        if ok {
+        }
+    }
+
+    /// `access`, or the scope it needs as the error.
+    pub fn require(&self, access: Access) -> Result<(), Error> {
+        if self.allows(access) {
             Ok(())
         } else {
             Err(Error::MissingScope {

@@ -608,6 +608,9 @@ impl Default for Config {
 }
 
 /// `ORCHESTRATOR_*` variables that are not server config keys.
+/// The shortest cluster secret a node accepts (characters), as for the HS256 key.
+pub const MIN_CLUSTER_SECRET_LEN: usize = 32;
+
 const CLIENT_ENV: [&str; 5] = ["CONFIG", "TOKEN", "API", "OUTPUT", "CA_FILE"];
 
 impl Config {
@@ -729,8 +732,24 @@ impl Config {
                 ));
             }
         }
-        if !self.peers.is_empty() && self.cluster_secret.as_deref().unwrap_or("").len() < 16 {
-            return bad("cluster_secret (16+ characters, the same on every node) is required when peers are configured".into());
+        // A node waiting to be joined proves the secret to whoever probes it
+        // (`/cluster/hello`), so a short one could be guessed offline from one answer:
+        // the floor is the HS256 key's.
+        match self.cluster_secret.as_deref() {
+            Some(s) if s.len() < MIN_CLUSTER_SECRET_LEN => {
+                return bad(format!(
+                    "cluster_secret has {} characters; it needs at least {MIN_CLUSTER_SECRET_LEN}, \
+                     random (e.g. `head -c 32 /dev/urandom | xxd -p -c 64`), the same on every node",
+                    s.len()
+                ))
+            }
+            None if !self.peers.is_empty() => {
+                return bad(format!(
+                    "cluster_secret ({MIN_CLUSTER_SECRET_LEN}+ random characters, the same on every \
+                     node) is required when peers are configured"
+                ))
+            }
+            _ => {}
         }
         if !self.dev_mode {
             let tenant_secrets = self.executor.tenants.iter().map(|(tenant, t)| {
@@ -1246,8 +1265,18 @@ mod tests {
         let err = Config::load(None, vec![], &flags).unwrap_err().to_string();
         assert!(err.contains("cluster_secret"), "{err}");
         let mut flags = flags;
-        flags.push(("cluster_secret".into(), "0123456789abcdef0".into()));
+        flags.push(("cluster_secret".into(), "0123456789abcdef0".repeat(2)));
         let c = Config::load(None, vec![], &flags).unwrap();
         assert_eq!(c.peers[0].peer_addr, "127.0.0.1:9082");
+    }
+
+    #[test]
+    fn a_short_cluster_secret_is_refused_with_or_without_peers() {
+        // 31 characters: a node waiting to join (no peers) would prove it to a prober.
+        let short = vec![("cluster_secret".to_string(), "x".repeat(31))];
+        let err = Config::load(None, vec![], &short).unwrap_err().to_string();
+        assert!(err.contains("at least 32"), "{err}");
+        let long = vec![("cluster_secret".to_string(), "x".repeat(32))];
+        Config::load(None, vec![], &long).unwrap();
     }
 }

@@ -54,7 +54,17 @@ fn spec(dag_id: &str, variant: u8) -> DagSpec {
         start_date_ms: None,
         end_date_ms: None,
         webhook: (variant == 2).then(|| "http://127.0.0.1:1/hook".to_string()),
-        tasks: vec![task("a", &[]), task("b", &["a"])],
+        tasks: vec![task("a", &[]), {
+            // Variant 1's second task runs a command: from protocol 11 it needs the
+            // request's shell scope and its version records the grant.
+            let mut b = task("b", &["a"]);
+            if variant == 1 {
+                b.kind = TaskKind::Shell {
+                    command: "true".into(),
+                };
+            }
+            b
+        }],
     }
 }
 
@@ -190,6 +200,8 @@ fn arb_step() -> impl Strategy<Value = Step> {
                 quota: quota.filter(|_| is_client(&command) || command_tag(&command) == "fire"),
                 command,
                 subject: None,
+                // Some client writes come without the shell scope.
+                shell_scope: rid % 3 != 0,
             }))
         }),
         1 => (1u8..4).prop_map(Step::Membership),
@@ -249,6 +261,7 @@ fn entries(steps: &[Step], groups: &[u8], term_bumps: &[bool], start: u32) -> Ve
         },
         subject: None,
         quota: None,
+        shell_scope: false,
     };
     let mut out = vec![Entry {
         log_id: LogId::new(CommittedLeaderId::new(term, 1), 1),

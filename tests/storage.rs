@@ -168,6 +168,7 @@ fn arb_request() -> impl Strategy<Value = Request> {
                     command,
                     subject: None,
                     quota: None,
+                    shell_scope: false,
                 }
             },
         )
@@ -225,6 +226,7 @@ fn snapshot_install_replaces_the_whole_state() {
             },
             subject: None,
             quota: None,
+            shell_scope: false,
         };
         sm1.apply(vec![entry(
             1,

@@ -127,6 +127,7 @@ fn scenario(version: &str) -> Vec<Entry> {
             command,
             subject: None,
             quota: None,
+            shell_scope: false,
         }
     };
     let w = |d: i64| Window {
@@ -399,6 +400,7 @@ fn protocol_5_batches(t: i64) -> Vec<(u64, Vec<Request>)> {
             command,
             subject: Some("alice@acme".into()),
             quota: Some(quota),
+            shell_scope: false,
         }
     };
     let manual = || Command::TriggerRun {
@@ -470,6 +472,7 @@ fn protocol_8_batches(t: i64) -> Vec<(u64, Vec<Request>)> {
             command,
             subject: subject.map(str::to_string),
             quota: subject.map(|_| quota),
+            shell_scope: false,
         }
     };
     let hb = heartbeat;

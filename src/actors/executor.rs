@@ -366,10 +366,10 @@ impl Executor {
             let result = if fence.expired() {
                 AttemptResult::Lost { error: String::new() }
             } else { match load(&node, &registry, &run_id).await {
-                Ok((run, spec)) => match spec.tasks.iter().find(|t| t.task_id == task_id) {
+                Ok((run, spec, shell_granted)) => match spec.tasks.iter().find(|t| t.task_id == task_id) {
                     Some(task) => {
                         tracing::Span::current().record("dag_id", run.dag_id.as_str());
-                        let a = AttemptSpec { run: &run, task, attempt, data_dir: &data_dir, log_cap, egress: &egress, shell: &shell, fence: &fence };
+                        let a = AttemptSpec { run: &run, task, attempt, data_dir: &data_dir, log_cap, egress: &egress, shell: &shell, shell_granted, fence: &fence };
                         let records = GroupRecords::new(&data_dir);
                         let mut pg_file = None;
                         let cancel = cancel.take().expect("the cancel receiver is taken once, here");
@@ -450,23 +450,28 @@ impl Executor {
     }
 }
 
-/// The run and the DAG version it executes.
+/// The run, the DAG version it executes, and whether that version may run shell tasks:
+/// from protocol 11 only with the grant apply recorded for a writer holding
+/// `orchestrator:shell` (the protocol is read first: the raise grants the older versions
+/// in the same write, so a version read after it has its grant).
 async fn load(
     node: &RaftNode,
     registry: &RegistryHandle,
     run_id: &str,
-) -> Result<(Run, DagSpec), String> {
+) -> Result<(Run, DagSpec, bool), String> {
+    let granted_by_protocol = node.applied_protocol()? < 11;
     let run: Run = node
         .db
         .get_json(Table::Runs.name(), run_id.as_bytes())
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("run {run_id} not found"))?;
-    let spec = registry
+    let stored = registry
         .dag_version(&run.tenant, &run.dag_id, run.dag_version)
         .await
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("dag version {} of run {run_id} not found", run.dag_version))?;
-    Ok((run, spec))
+    let shell_granted = granted_by_protocol || stored.shell_grant.is_some();
+    Ok((run, stored.spec, shell_granted))
 }
 
 impl Actor for Executor {

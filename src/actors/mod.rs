@@ -96,5 +96,6 @@ pub fn system_request(command: crate::state::Command) -> crate::state::Request {
         command,
         subject: None,
         quota: None,
+        shell_scope: false,
     }
 }

@@ -549,6 +549,7 @@ mod tests {
             command: Command::Supervise { term: 1 },
             subject: None,
             quota: None,
+            shell_scope: false,
         }
     }
 

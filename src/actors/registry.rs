@@ -6,7 +6,7 @@ use actix::prelude::*;
 
 use crate::raft::db::{Db, DbError};
 use crate::state::machine::keys;
-use crate::state::model::{Dag, DagSpec};
+use crate::state::model::{Dag, StoredVersion};
 use crate::state::Table;
 
 #[derive(Message)]
@@ -17,7 +17,7 @@ struct Lookup {
 }
 
 #[derive(Message)]
-#[rtype(result = "Result<Option<DagSpec>, DbError>")]
+#[rtype(result = "Result<Option<StoredVersion>, DbError>")]
 struct LookupVersion {
     tenant: String,
     dag_id: String,
@@ -49,7 +49,7 @@ impl Handler<Lookup> for Registry {
 }
 
 impl Handler<LookupVersion> for Registry {
-    type Result = Result<Option<DagSpec>, DbError>;
+    type Result = Result<Option<StoredVersion>, DbError>;
     fn handle(&mut self, m: LookupVersion, _: &mut Context<Self>) -> Self::Result {
         self.db.get_json(
             Table::DagVersions.name(),
@@ -89,13 +89,14 @@ impl RegistryHandle {
             .map_err(|_| Error::Stopped)??)
     }
 
-    /// A DAG as it was at `version` (runs keep the version they started with).
+    /// A DAG as it was at `version` (runs keep the version they started with), with the
+    /// grant to run its shell tasks.
     pub async fn dag_version(
         &self,
         tenant: &str,
         dag_id: &str,
         version: u64,
-    ) -> Result<Option<DagSpec>, Error> {
+    ) -> Result<Option<StoredVersion>, Error> {
         Ok(self
             .addr
             .send(LookupVersion {

@@ -409,6 +409,7 @@ pub(super) fn stamp(
         command,
         subject: Some(p.subject.clone()),
         quota: Some((&st.node.config().limits.for_tenant(&p.tenant)).into()),
+        shell_scope: p.allows(Access::Shell),
     }
 }
 
@@ -419,6 +420,7 @@ pub(super) async fn commit(st: &ApiState, req: Request) -> Result<(Outcome, bool
     let resp = st.actors.proposer.propose(req).await?;
     match resp.outcome {
         Outcome::NotFound { what } => Err(ApiError::NotFound(format!("{what} not found"))),
+        Outcome::Forbidden { message } => Err(ApiError::Forbidden(message)),
         Outcome::VersionConflict { expected, current } => Err(ApiError::VersionConflict(format!(
             "expected version {expected} but the current version is {current}"
         ))),

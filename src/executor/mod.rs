@@ -119,6 +119,9 @@ pub struct AttemptSpec<'a> {
     pub log_cap: u64,
     pub egress: &'a egress::Egress,
     pub shell: &'a sandbox::ShellPolicy,
+    /// The version's shell tasks were granted to their writer (`orchestrator:shell`,
+    /// recorded by apply from protocol 11): without it no command is run.
+    pub shell_granted: bool,
     /// Checked again just before a process starts: past it, nothing is spawned.
     pub fence: &'a fencing::AttemptFence,
 }
@@ -136,9 +139,17 @@ pub async fn run_attempt(
     match &a.task.kind {
         TaskKind::Noop => AttemptResult::Success { exit_code: None },
         TaskKind::Shell { command } => {
-            // Checked again here: the node that accepted the DAG may not be this one.
-            if !a.shell.enabled {
-                let error = sandbox::Error::Disabled.to_string();
+            // Checked again here: the node that accepted the DAG may not be this one, and
+            // the grant is read from the replicated version, not from the API's check.
+            let refused = if !a.shell.enabled {
+                Some(sandbox::Error::Disabled)
+            } else if !a.shell_granted {
+                Some(sandbox::Error::NotGranted)
+            } else {
+                None
+            };
+            if let Some(refused) = refused {
+                let error = refused.to_string();
                 write_log(&log_file, &error).await;
                 return AttemptResult::Failed {
                     exit_code: None,
@@ -470,6 +481,89 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(remove_older_than(&roots, Duration::from_millis(1)), 2);
         assert!(!dir.path().join("logs/run_1").exists());
+    }
+
+    #[tokio::test]
+    async fn a_shell_task_whose_version_records_no_grant_runs_nothing() {
+        use crate::state::model::{RunState, RunType, Window};
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::config::Config {
+            data_dir: dir.path().join("data"),
+            ..Default::default()
+        };
+        config.executor.shell_enabled = true;
+        let shell = sandbox::ShellPolicy::from_config(&config);
+        let egress = egress::Egress::from_config(&config).unwrap();
+        let run = Run {
+            run_id: "run_1".into(),
+            tenant: "t".into(),
+            dag_id: "d".into(),
+            dag_version: 1,
+            run_type: RunType::Manual,
+            window: Window {
+                start_ms: 0,
+                end_ms: 0,
+            },
+            state: RunState::Running,
+            created_ms: 0,
+            started_ms: Some(0),
+            ended_ms: None,
+            sla_deadline_ms: None,
+            sla_missed: false,
+            tasks: Default::default(),
+            counted: false,
+            triggered_by: None,
+            slot_share_percent: None,
+        };
+        let marker = dir.path().join("ran");
+        let task = TaskSpec {
+            task_id: "t".into(),
+            kind: TaskKind::Shell {
+                command: format!("touch {}", marker.display()),
+            },
+            depends_on: vec![],
+            retries: 0,
+            retry_delay_ms: 0,
+            retry_exponential: false,
+            max_retry_delay_ms: 0,
+            timeout_ms: Some(10_000),
+        };
+        let fence = fencing::AttemptFence::new(
+            std::time::Instant::now() + Duration::from_secs(60),
+            i64::MAX,
+        );
+        let attempt = |granted: bool, attempt: u32| {
+            let (_keep, cancel) = oneshot::channel();
+            let a = AttemptSpec {
+                run: &run,
+                task: &task,
+                attempt,
+                data_dir: &config.data_dir,
+                log_cap: 4096,
+                egress: &egress,
+                shell: &shell,
+                shell_granted: granted,
+                fence: &fence,
+            };
+            async move {
+                let r = run_attempt(a, cancel, |_| {}).await;
+                drop(_keep);
+                r
+            }
+        };
+        let refused = attempt(false, 1).await;
+        let AttemptResult::Failed { error, .. } = &refused else {
+            panic!("an ungranted shell task must fail, got {refused:?}");
+        };
+        assert!(error.contains("orchestrator:shell"), "{error}");
+        assert!(!marker.exists(), "the ungranted command ran");
+        let log = std::fs::read_to_string(log_path(&config.data_dir, "run_1", "t", 1)).unwrap();
+        assert!(log.contains("records no grant"), "{log}");
+        // The same attempt with the grant runs (the refusal above is the check's, not
+        // the harness's).
+        let ran = attempt(true, 2).await;
+        assert!(matches!(ran, AttemptResult::Success { .. }), "{ran:?}");
+        assert!(marker.exists());
     }
 
     #[test]

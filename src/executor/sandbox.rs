@@ -15,6 +15,11 @@ const SAFE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin
 pub enum Error {
     #[error("shell tasks are disabled on this node (executor.shell_enabled = false)")]
     Disabled,
+    #[error(
+        "refused: this DAG version records no grant of its shell tasks (its writer must hold \
+         the orchestrator:shell scope); apply the DAG again with such a token"
+    )]
+    NotGranted,
     #[error("executor.shell_user '{0}' does not exist on this node")]
     UnknownUser(String),
     #[error(

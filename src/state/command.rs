@@ -42,6 +42,11 @@ pub struct Request {
     /// overshoot a quota between a check and the write.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<Quota>,
+    /// The caller held `orchestrator:shell` (client commands only). From protocol 11
+    /// apply refuses a DAG with a shell task without it ([`Outcome::Forbidden`]) and
+    /// records the grant on the version.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shell_scope: bool,
 }
 
 /// The quotas apply enforces (from protocol 5): the ones a concurrent write could
@@ -197,6 +202,11 @@ pub enum Outcome {
     },
     NotFound {
         what: String,
+    },
+    /// The caller lacks a capability the command needs (protocol 11: a shell task
+    /// without `orchestrator:shell`).
+    Forbidden {
+        message: String,
     },
     VersionConflict {
         expected: u64,

@@ -59,6 +59,37 @@ pub enum TaskKind {
     Noop,
 }
 
+/// A DAG version as stored in `DagVersions`: the definition and, from protocol 11 for a
+/// version with a shell task, the grant that lets the nodes run it. A version without a
+/// grant is stored as the bare [`DagSpec`] (the same bytes as before protocol 11), so
+/// readers that need only the definition read a `DagSpec`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredVersion {
+    #[serde(flatten)]
+    pub spec: DagSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell_grant: Option<ShellGrant>,
+}
+
+impl StoredVersion {
+    /// Whether any task of the version runs a command.
+    pub fn has_shell(spec: &DagSpec) -> bool {
+        spec.tasks
+            .iter()
+            .any(|t| matches!(t.kind, TaskKind::Shell { .. }))
+    }
+}
+
+/// Who was allowed to define a version's shell tasks. Apply records it from protocol 11
+/// only when the writer held `orchestrator:shell`; the executor runs a shell task only
+/// when its version has one (see `executor::sandbox`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShellGrant {
+    /// The writer's token subject; `None` for a version stored before protocol 11, when
+    /// the API alone checked the scope (the raise to 11 records that on each of them).
+    pub by: Option<String>,
+}
+
 /// A stored DAG: the current definition plus bookkeeping.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Dag {

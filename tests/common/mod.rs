@@ -192,7 +192,7 @@ impl Cluster {
             );
         }
         // Per cluster, so two test clusters can never talk to each other.
-        let secret = format!("test-secret-{}", hex_id());
+        let secret = format!("test-secret-{}{}", hex_id(), hex_id());
         let secret_file = tmp.path().join("cluster.secret");
         {
             use std::io::Write;

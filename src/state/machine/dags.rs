@@ -24,6 +24,14 @@ pub(super) fn put_dag(
             return Ok(Outcome::VersionConflict { expected, current });
         }
     }
+    // From protocol 11 apply, not only the API, holds the shell capability: a request
+    // from a node that did not check it (or a caller that lost it) writes nothing.
+    let shell = ctx.protocol >= 11 && StoredVersion::has_shell(spec);
+    if shell && !ctx.shell_scope {
+        return Ok(Outcome::Forbidden {
+            message: "a DAG with a shell task needs the orchestrator:shell scope".into(),
+        });
+    }
     if let Some(d) = &existing {
         if !d.deleted && d.spec == *spec {
             return Ok(Outcome::DagPut {
@@ -64,7 +72,10 @@ pub(super) fn put_dag(
         updated_by: subject.map(str::to_string),
     };
     put_json(kv, Table::Dags, key, &dag);
-    put_version(kv, tenant, &spec.dag_id, version, spec, ctx)?;
+    let grant = shell.then(|| ShellGrant {
+        by: subject.map(str::to_string),
+    });
+    put_version(kv, tenant, &spec.dag_id, version, spec, grant, ctx)?;
     Ok(Outcome::DagPut {
         dag_id: spec.dag_id.clone(),
         version,
@@ -72,7 +83,8 @@ pub(super) fn put_dag(
     })
 }
 
-/// Store version `version` of a DAG. From protocol 5, with a quota, drop the versions
+/// Store version `version` of a DAG, with the grant to run its shell tasks if it has
+/// one (protocol 11). From protocol 5, with a quota, drop the versions
 /// `dag_versions_kept` or more behind it, except those an unfinished run executes (they
 /// go with a later write once their runs have finished).
 pub(super) fn put_version(
@@ -81,14 +93,21 @@ pub(super) fn put_version(
     dag_id: &str,
     version: u64,
     spec: &DagSpec,
+    shell_grant: Option<ShellGrant>,
     ctx: Ctx,
 ) -> Result<(), KvError> {
-    put_json(
-        kv,
-        Table::DagVersions,
-        keys::dag_version(tenant, dag_id, version),
-        spec,
-    );
+    let key = keys::dag_version(tenant, dag_id, version);
+    match shell_grant {
+        // Without a grant the value is the bare spec, as before protocol 11.
+        None => put_json(kv, Table::DagVersions, key, spec),
+        Some(grant) => {
+            let stored = StoredVersion {
+                spec: spec.clone(),
+                shell_grant: Some(grant),
+            };
+            put_json(kv, Table::DagVersions, key, &stored)
+        }
+    }
     let Some(q) = &ctx.quota else {
         return Ok(());
     };
@@ -128,6 +147,38 @@ pub(super) fn drop_versions(
     for k in old {
         if version_of_key(&prefix, &k).is_some_and(|v| !in_use.contains(&v)) {
             kv.delete(Table::DagVersions, k);
+        }
+    }
+    Ok(())
+}
+
+/// Version `version` of a DAG as stored, with its shell grant.
+pub(super) fn stored_version(
+    kv: &impl Kv,
+    tenant: &str,
+    dag_id: &str,
+    version: u64,
+) -> Result<Option<StoredVersion>, KvError> {
+    get_json(
+        kv,
+        Table::DagVersions,
+        &keys::dag_version(tenant, dag_id, version),
+    )
+}
+
+/// The raise to protocol 11: every stored version with a shell task was admitted by the
+/// API's scope check alone; record that as its grant, so the executor can refuse any
+/// shell version without one from then on. Reads every stored version once (they are
+/// few: `dag_versions_kept` per DAG at most, plus those unfinished runs hold).
+pub(super) fn grant_shell_versions_from_before(kv: &mut impl Kv) -> Result<(), KvError> {
+    for (key, value) in kv.scan_prefix(Table::DagVersions, &[])? {
+        let stored: StoredVersion = decode(Table::DagVersions, &value)?;
+        if stored.shell_grant.is_none() && StoredVersion::has_shell(&stored.spec) {
+            let granted = StoredVersion {
+                shell_grant: Some(ShellGrant { by: None }),
+                ..stored
+            };
+            put_json(kv, Table::DagVersions, key, &granted);
         }
     }
     Ok(())

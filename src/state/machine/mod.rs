@@ -23,7 +23,7 @@ use super::command::{
 use super::due::{DueIndex, Supervision};
 use super::model::{
     ActiveEntry, Attempt, Dag, DagSpec, Millis, NodeInfo, Notification, Run, RunState, RunType,
-    TaskInstance, TaskState, Window,
+    ShellGrant, StoredVersion, TaskInstance, TaskState, Window,
 };
 use super::progress;
 use crate::raft::NodeId;
@@ -108,7 +108,13 @@ pub const MAX_LOST_RETRIES: u32 = 3;
 ///   before). A purge reads and removes at most [`PURGE_CHUNK`] runs and index entries
 ///   of each kind and says when there is more (the leader purges again at its next
 ///   pass), so, once past that day, no single apply stalls every write behind a backlog.
-pub const PROTOCOL_VERSION: u32 = 10;
+/// - 11: a DAG with a shell task is refused in apply ([`Outcome::Forbidden`]) unless its
+///   request says the caller held `orchestrator:shell`, and its version records that
+///   grant ([`crate::state::model::ShellGrant`]; a pause or unpause carries it to the
+///   new version). The raise records a grant on every stored version with a shell task
+///   (the API alone checked those), so from then on every shell version the executor
+///   runs has one, and the executor refuses one without.
+pub const PROTOCOL_VERSION: u32 = 11;
 
 /// What apply knows about the entry it is applying.
 #[derive(Debug, Clone, Copy)]
@@ -121,6 +127,8 @@ struct Ctx {
     term_started_ms: Millis,
     /// The tenant quota apply enforces (protocol ≥ 5, when the request carries one).
     quota: Option<Quota>,
+    /// The caller held `orchestrator:shell` ([`Request::shell_scope`]).
+    shell_scope: bool,
 }
 
 /// The replicated protocol version (1 when never raised).
@@ -139,6 +147,7 @@ fn context(kv: &mut impl Kv, req: &Request, entry_term: u64) -> Result<Ctx, KvEr
             protocol,
             term_started_ms: Millis::MIN,
             quota: None,
+            shell_scope: req.shell_scope,
         });
     }
     let previous = read_i64(kv, clock::CLUSTER_TIME)?;
@@ -172,6 +181,7 @@ fn context(kv: &mut impl Kv, req: &Request, entry_term: u64) -> Result<Ctx, KvEr
         protocol,
         term_started_ms,
         quota: req.quota.filter(|_| protocol >= 5),
+        shell_scope: req.shell_scope,
     })
 }
 
@@ -357,7 +367,13 @@ fn apply_command(
                 if subject.is_some() {
                     dag.updated_by = subject.map(str::to_string);
                 }
-                put_version(kv, tenant, dag_id, dag.version, &dag.spec, ctx)?;
+                // The tasks are the previous version's: so is the grant to run them.
+                let grant = if ctx.protocol >= 11 {
+                    stored_version(kv, tenant, dag_id, dag.version - 1)?.and_then(|v| v.shell_grant)
+                } else {
+                    None
+                };
+                put_version(kv, tenant, dag_id, dag.version, &dag.spec, grant, ctx)?;
                 put_json(kv, Table::Dags, keys::dag(tenant, dag_id), &dag);
             }
             Ok(Outcome::DagPaused {
@@ -525,6 +541,9 @@ fn apply_command(
                         clock::RECORDS_INDEXED_FROM.to_vec(),
                         keys::ordered_i64(ctx.now).to_vec(),
                     );
+                }
+                if ctx.protocol < 11 && *version >= 11 {
+                    grant_shell_versions_from_before(kv)?;
                 }
             }
             Ok(Outcome::ProtocolRaised {

@@ -9,7 +9,8 @@ use super::*;
 pub enum Table {
     /// `tenant \0 dag_id` → [`Dag`]
     Dags,
-    /// `tenant \0 dag_id \0 version(be u64)` → [`DagSpec`]
+    /// `tenant \0 dag_id \0 version(be u64)` → [`DagSpec`], or from protocol 11 for a
+    /// version with a shell task a [`StoredVersion`] (the spec and its shell grant)
     DagVersions,
     /// `run_id` → [`Run`]
     Runs,

@@ -68,6 +68,7 @@ pub fn req(id: &str, now: Millis, command: Command) -> Request {
         command,
         subject: None,
         quota: None,
+        shell_scope: false,
     }
 }
 
@@ -188,6 +189,7 @@ fn idempotency_key_replays_or_rejects() {
         command: trigger("t", "d", start, start + 1),
         subject: None,
         quota: None,
+        shell_scope: false,
     };
     let first = apply(&mut kv, &with_key("x1", "f1", 0)).unwrap();
     let replay = apply(&mut kv, &with_key("x2", "f1", 0)).unwrap();
@@ -1929,4 +1931,108 @@ fn from_protocol_10_records_written_at_the_raise_s_own_time_are_purged_too() {
         .keys_below(Table::Requests, &[0], &[1], usize::MAX)
         .unwrap()
         .is_empty());
+}
+
+/// A DAG whose only task runs a command.
+fn shell_spec(dag: &str) -> DagSpec {
+    let mut s = spec(dag);
+    s.tasks[0].kind = TaskKind::Shell {
+        command: "true".into(),
+    };
+    s
+}
+
+fn stored(kv: &MemKv, dag: &str, version: u64) -> StoredVersion {
+    get_json(
+        kv,
+        Table::DagVersions,
+        &keys::dag_version("t", dag, version),
+    )
+    .unwrap()
+    .expect("the version is stored")
+}
+
+#[test]
+fn from_protocol_11_a_shell_dag_needs_the_scope_in_apply_and_its_versions_carry_the_grant() {
+    let put_shell = |id: &str, dag: &str, scope: bool, subject: &str| Request {
+        shell_scope: scope,
+        subject: Some(subject.into()),
+        ..req(
+            id,
+            1,
+            Command::PutDag {
+                tenant: "t".into(),
+                spec: shell_spec(dag),
+                expected_version: None,
+            },
+        )
+    };
+    // At protocol 10 apply trusts the API's check: stored as the bare spec, no grant.
+    let mut kv = at_protocol(10);
+    let r = apply(&mut kv, &put_shell("old", "old", false, "mallory")).unwrap();
+    assert!(
+        matches!(r.outcome, Outcome::DagPut { version: 1, .. }),
+        "{r:?}"
+    );
+    let bare = kv
+        .get(Table::DagVersions, &keys::dag_version("t", "old", 1))
+        .unwrap()
+        .unwrap();
+    assert_eq!(bare, serde_json::to_vec(&shell_spec("old")).unwrap());
+    apply(&mut kv, &req("noop", 2, put("t", "plain", None))).unwrap();
+
+    // The raise grants the shell versions stored before it, and only those.
+    let raise = Command::RaiseProtocol {
+        term: 1,
+        version: 11,
+    };
+    apply(&mut kv, &req("raise11", 3, raise)).unwrap();
+    assert_eq!(
+        stored(&kv, "old", 1).shell_grant,
+        Some(ShellGrant { by: None })
+    );
+    assert_eq!(stored(&kv, "plain", 1).shell_grant, None);
+
+    // Without the scope a shell DAG is refused in apply: nothing is written, not even
+    // an unchanged version of an existing one.
+    let before = kv.0.clone();
+    for (id, dag) in [("new", "new"), ("same", "old")] {
+        let r = apply(&mut kv, &put_shell(id, dag, false, "mallory")).unwrap();
+        assert!(matches!(r.outcome, Outcome::Forbidden { .. }), "{r:?}");
+    }
+    let changed: Vec<_> =
+        kv.0.keys()
+            .filter(|k| {
+                before.get(*k) != kv.0.get(*k) && k.0 != Table::Requests && k.0 != Table::Counters
+            })
+            .collect();
+    assert!(changed.is_empty(), "a refused write changed {changed:?}");
+
+    // With it, the version records who was granted it.
+    let r = apply(&mut kv, &put_shell("granted", "new", true, "alice")).unwrap();
+    assert!(
+        matches!(r.outcome, Outcome::DagPut { version: 1, .. }),
+        "{r:?}"
+    );
+    let granted = Some(ShellGrant {
+        by: Some("alice".into()),
+    });
+    assert_eq!(stored(&kv, "new", 1).shell_grant, granted);
+    // A DAG without shell tasks stays the bare spec, whoever writes it.
+    apply(&mut kv, &req("plain2", 4, put("t", "plain2", None))).unwrap();
+    assert_eq!(stored(&kv, "plain2", 1).shell_grant, None);
+
+    // Pausing (by anyone with write) makes a version with the same tasks and grant.
+    let pause = Command::SetPaused {
+        tenant: "t".into(),
+        dag_id: "new".into(),
+        paused: true,
+    };
+    let r = apply(&mut kv, &req("pause", 5, pause)).unwrap();
+    assert!(
+        matches!(r.outcome, Outcome::DagPaused { version: 2, .. }),
+        "{r:?}"
+    );
+    assert_eq!(stored(&kv, "new", 2).shell_grant, granted);
+    assert!(stored(&kv, "new", 2).spec.paused);
 }
