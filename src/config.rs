@@ -607,10 +607,14 @@ impl Default for Config {
     }
 }
 
-/// `ORCHESTRATOR_*` variables that are not server config keys.
-/// The shortest cluster secret a node accepts (characters), as for the HS256 key.
+/// The shortest cluster secret a node proves on the join probe (bytes), as for the
+/// HS256 key: a node with a shorter one gives no proof and warns at start.
 pub const MIN_CLUSTER_SECRET_LEN: usize = 32;
 
+/// The shortest cluster secret a node starts with (bytes).
+pub const MIN_CLUSTER_SECRET_BYTES_ACCEPTED: usize = 16;
+
+/// `ORCHESTRATOR_*` variables that are not server config keys.
 const CLIENT_ENV: [&str; 5] = ["CONFIG", "TOKEN", "API", "OUTPUT", "CA_FILE"];
 
 impl Config {
@@ -732,14 +736,17 @@ impl Config {
                 ));
             }
         }
-        // A node waiting to be joined proves the secret to whoever probes it
-        // (`/cluster/hello`), so a short one could be guessed offline from one answer:
-        // the floor is the HS256 key's.
+        // Below 16 characters a node refuses to start. A node waiting to be joined proves
+        // the secret to whoever probes it (`/cluster/hello`), so one shorter than
+        // MIN_CLUSTER_SECRET_LEN, which one answer would let a prober guess offline, gives
+        // no proof (such a node joins through configured peers only) and the node warns
+        // at start. Not refused: clusters set up with 16+ characters upgrade node by node.
         match self.cluster_secret.as_deref() {
-            Some(s) if s.len() < MIN_CLUSTER_SECRET_LEN => {
+            Some(s) if s.len() < MIN_CLUSTER_SECRET_BYTES_ACCEPTED => {
                 return bad(format!(
-                    "cluster_secret has {} characters; it needs at least {MIN_CLUSTER_SECRET_LEN}, \
-                     random (e.g. `head -c 32 /dev/urandom | xxd -p -c 64`), the same on every node",
+                    "cluster_secret has {} bytes; it needs at least \
+                     {MIN_CLUSTER_SECRET_BYTES_ACCEPTED} (better {MIN_CLUSTER_SECRET_LEN}+, random: \
+                     e.g. `head -c 32 /dev/urandom | xxd -p -c 64`), the same on every node",
                     s.len()
                 ))
             }
@@ -1265,18 +1272,26 @@ mod tests {
         let err = Config::load(None, vec![], &flags).unwrap_err().to_string();
         assert!(err.contains("cluster_secret"), "{err}");
         let mut flags = flags;
-        flags.push(("cluster_secret".into(), "0123456789abcdef0".repeat(2)));
+        flags.push(("cluster_secret".into(), "0123456789abcdef0".into()));
         let c = Config::load(None, vec![], &flags).unwrap();
         assert_eq!(c.peers[0].peer_addr, "127.0.0.1:9082");
     }
 
     #[test]
-    fn a_short_cluster_secret_is_refused_with_or_without_peers() {
-        // 31 characters: a node waiting to join (no peers) would prove it to a prober.
-        let short = vec![("cluster_secret".to_string(), "x".repeat(31))];
+    fn a_cluster_secret_under_16_bytes_is_refused_with_or_without_peers() {
+        let short = vec![("cluster_secret".to_string(), "x".repeat(15))];
         let err = Config::load(None, vec![], &short).unwrap_err().to_string();
-        assert!(err.contains("at least 32"), "{err}");
-        let long = vec![("cluster_secret".to_string(), "x".repeat(32))];
-        Config::load(None, vec![], &long).unwrap();
+        assert!(err.contains("at least 16"), "{err}");
+        let mut with_peers = short.clone();
+        with_peers.push((
+            "peers".to_string(),
+            "2=127.0.0.1:8082/127.0.0.1:9082".to_string(),
+        ));
+        let err = Config::load(None, vec![], &with_peers)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at least 16"), "{err}");
+        let enough = vec![("cluster_secret".to_string(), "x".repeat(16))];
+        Config::load(None, vec![], &enough).unwrap();
     }
 }

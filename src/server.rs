@@ -86,6 +86,15 @@ pub async fn run(
     // Before Raft starts, so what it applies at start is recorded too.
     let metrics = crate::telemetry::metrics::install(config.node_id)?;
     let secret = config.resolve_cluster_secret()?;
+    if secret.len() < crate::config::MIN_CLUSTER_SECRET_LEN {
+        warn!(
+            bytes = secret.len(),
+            wanted = crate::config::MIN_CLUSTER_SECRET_LEN,
+            "the cluster secret is short: this node gives no proof on the join probe, so it \
+             cannot be added through POST /cluster/members (configured peers still work); set \
+             a random one of 32+ bytes on every node (e.g. `head -c 32 /dev/urandom | xxd -p -c 64`)"
+        );
+    }
     let jwt_secret = config.resolve_hs256_secret()?;
     // Refuse a weak token setup before anything else starts.
     let verifier = Arc::new(Verifier::from_config(&config.auth, &jwt_secret)?);

@@ -174,6 +174,17 @@ impl Kv for Overlay<'_> {
         }
         Ok(self.due.attempts_by_tenant())
     }
+    fn queued_runs(
+        &self,
+        tenant: &str,
+        dag_id: &str,
+        limit: usize,
+    ) -> Result<(crate::state::due::Load, Vec<String>), KvError> {
+        if let Some(e) = &self.failed {
+            return Err(KvError::Storage(e.to_string()));
+        }
+        Ok(self.due.queue(tenant, dag_id, limit))
+    }
     fn waiting_runs(&self, limit: usize) -> Result<Vec<String>, KvError> {
         if let Some(e) = &self.failed {
             return Err(KvError::Storage(e.to_string()));

@@ -78,6 +78,9 @@ pub struct RunView {
     pub dag_id: String,
     pub state: RunState,
     pub created_ms: Millis,
+    /// Where its window starts (queued runs start oldest window first).
+    #[serde(default)]
+    pub window: Option<super::model::Window>,
     #[serde(default)]
     pub ended_ms: Option<Millis>,
     #[serde(default)]
@@ -320,6 +323,7 @@ mod tests {
             dag_id: "d".into(),
             state,
             created_ms: 1_000,
+            window: None,
             ended_ms: state.is_finished().then_some(4_500),
             sla_deadline_ms: None,
             sla_missed: false,

@@ -20,7 +20,7 @@ use super::census::{DagView, RunView, TenantCounts, Usage};
 use super::command::{
     AttemptRef, AttemptResult, Command, IdempotencyKey, Outcome, Quota, Request, Response,
 };
-use super::due::{DueIndex, Supervision};
+use super::due::{DueIndex, Load, Supervision};
 use super::model::{
     ActiveEntry, Attempt, Dag, DagSpec, Millis, NodeInfo, Notification, Run, RunState, RunType,
     ShellGrant, StoredVersion, TaskInstance, TaskState, Window,
@@ -237,7 +237,12 @@ pub fn apply_request(
         }
         // A quota refusal says "not now" (protocol 5): the client's key stays free, so a
         // retry with it once there is room is applied, not answered with the refusal.
-        let keep_answer = !matches!(outcome, Outcome::QuotaExceeded { .. });
+        // Nor does a refusal of a capability (protocol 11): a caller that gets the scope
+        // may retry with the same key.
+        let keep_answer = !matches!(
+            outcome,
+            Outcome::QuotaExceeded { .. } | Outcome::Forbidden { .. }
+        );
         if let Some(idem) = req.idempotency.as_ref().filter(|_| keep_answer) {
             let rec = IdempotencyRecord {
                 fingerprint: idem.fingerprint.clone(),

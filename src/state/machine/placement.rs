@@ -272,27 +272,14 @@ pub(super) fn start_queued_runs(
     max_active: u32,
     ctx: Ctx,
 ) -> Result<(), KvError> {
-    let entries = kv.scan_prefix(
-        Table::ActiveRuns,
-        &keys::prefix(&[tenant.as_bytes(), dag_id.as_bytes()]),
-    )?;
-    let mut running = 0u32;
-    let mut queued: Vec<(Millis, Millis, String)> = Vec::new();
-    for (k, v) in entries {
-        let e: ActiveEntry = decode(Table::ActiveRuns, &v)?;
-        let run_id = String::from_utf8_lossy(keys::last_part(&k)).into_owned();
-        match e.state {
-            RunState::Running => running += 1,
-            RunState::Queued => queued.push((e.window_start_ms, e.created_ms, run_id)),
-            _ => {}
-        }
-    }
-    if queued.is_empty() || running >= max_active {
+    // The load first (a lookup in the store): a DAG at its limit reads no run.
+    let (load, _) = kv.queued_runs(tenant, dag_id, 0)?;
+    if load.queued == 0 || load.running >= max_active {
         return Ok(());
     }
-    queued.sort();
+    let (_, queued) = kv.queued_runs(tenant, dag_id, (max_active - load.running) as usize)?;
     let mut pool = NodePool::load(kv, ctx)?;
-    for (_, _, run_id) in queued.into_iter().take((max_active - running) as usize) {
+    for run_id in queued {
         let Some(mut run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else {
             continue;
         };

@@ -149,6 +149,42 @@ pub trait Kv {
         }
         Ok(index.supervision(now))
     }
+    /// A DAG's queued and running runs, and its first `limit` queued runs in the order
+    /// they start (oldest window, then oldest creation, then run id), pending writes
+    /// included. This default reads the DAG's active runs; the state machine's store
+    /// answers from its due index.
+    fn queued_runs(
+        &self,
+        tenant: &str,
+        dag_id: &str,
+        limit: usize,
+    ) -> Result<(Load, Vec<String>), KvError> {
+        let entries = self.scan_prefix(
+            Table::ActiveRuns,
+            &keys::prefix(&[tenant.as_bytes(), dag_id.as_bytes()]),
+        )?;
+        let mut load = Load::default();
+        let mut queued: Vec<(Millis, Millis, String)> = Vec::new();
+        for (k, v) in entries {
+            let e: ActiveEntry = decode(Table::ActiveRuns, &v)?;
+            let run_id = String::from_utf8_lossy(keys::last_part(&k)).into_owned();
+            match e.state {
+                RunState::Running => load.running += 1,
+                RunState::Queued => {
+                    load.queued += 1;
+                    queued.push((e.window_start_ms, e.created_ms, run_id));
+                }
+                _ => {}
+            }
+        }
+        queued.sort();
+        let next = queued
+            .into_iter()
+            .take(limit)
+            .map(|(_, _, id)| id)
+            .collect();
+        Ok((load, next))
+    }
     /// Up to `limit` runs with ready tasks waiting for a slot (or nothing in flight), in
     /// the supervise pass's order, pending writes included. This default reads every
     /// active run; the state machine's store answers from its due index.
