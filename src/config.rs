@@ -736,7 +736,7 @@ impl Config {
                 ));
             }
         }
-        // Below 16 characters a node refuses to start. A node waiting to be joined proves
+        // Below 16 bytes a node refuses to start. A node waiting to be joined proves
         // the secret to whoever probes it (`/cluster/hello`), so one shorter than
         // MIN_CLUSTER_SECRET_LEN, which one answer would let a prober guess offline, gives
         // no proof (such a node joins through configured peers only) and the node warns

@@ -485,7 +485,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_shell_task_whose_version_records_no_grant_runs_nothing() {
-        use crate::state::model::{RunState, RunType, Window};
         let dir = tempfile::tempdir().unwrap();
         let mut config = crate::config::Config {
             data_dir: dir.path().join("data"),
@@ -494,40 +493,13 @@ mod tests {
         config.executor.shell_enabled = true;
         let shell = sandbox::ShellPolicy::from_config(&config);
         let egress = egress::Egress::from_config(&config).unwrap();
-        let run = Run {
-            run_id: "run_1".into(),
-            tenant: "t".into(),
-            dag_id: "d".into(),
-            dag_version: 1,
-            run_type: RunType::Manual,
-            window: Window {
-                start_ms: 0,
-                end_ms: 0,
-            },
-            state: RunState::Running,
-            created_ms: 0,
-            started_ms: Some(0),
-            ended_ms: None,
-            sla_deadline_ms: None,
-            sla_missed: false,
-            tasks: Default::default(),
-            counted: false,
-            triggered_by: None,
-            slot_share_percent: None,
-        };
         let marker = dir.path().join("ran");
-        let task = TaskSpec {
-            task_id: "t".into(),
-            kind: TaskKind::Shell {
-                command: format!("touch {}", marker.display()),
-            },
-            depends_on: vec![],
-            retries: 0,
-            retry_delay_ms: 0,
-            retry_exponential: false,
-            max_retry_delay_ms: 0,
-            timeout_ms: Some(10_000),
+        let mut spec = crate::state::machine::tests::spec("d");
+        spec.tasks[0].kind = TaskKind::Shell {
+            command: format!("touch {}", marker.display()),
         };
+        let run = crate::state::progress::tests::run_of(&spec);
+        let task = spec.tasks[0].clone();
         let fence = fencing::AttemptFence::new(
             std::time::Instant::now() + Duration::from_secs(60),
             i64::MAX,
@@ -557,7 +529,9 @@ mod tests {
         };
         assert!(error.contains("orchestrator:shell"), "{error}");
         assert!(!marker.exists(), "the ungranted command ran");
-        let log = std::fs::read_to_string(log_path(&config.data_dir, "run_1", "t", 1)).unwrap();
+        let log =
+            std::fs::read_to_string(log_path(&config.data_dir, &run.run_id, &task.task_id, 1))
+                .unwrap();
         assert!(log.contains("records no grant"), "{log}");
         // The same attempt with the grant runs (the refusal above is the check's, not
         // the harness's).

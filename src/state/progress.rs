@@ -112,7 +112,7 @@ pub fn ready_tasks(run: &Run, now: Millis) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
@@ -148,7 +148,8 @@ mod tests {
         }
     }
 
-    fn run_of(spec: &DagSpec) -> Run {
+    /// A running run of `spec` with every task pending (also used by the executor's tests).
+    pub(crate) fn run_of(spec: &DagSpec) -> Run {
         Run {
             run_id: "run_1".into(),
             tenant: "t".into(),

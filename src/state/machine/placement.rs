@@ -272,12 +272,11 @@ pub(super) fn start_queued_runs(
     max_active: u32,
     ctx: Ctx,
 ) -> Result<(), KvError> {
-    // The load first (a lookup in the store): a DAG at its limit reads no run.
-    let (load, _) = kv.queued_runs(tenant, dag_id, 0)?;
-    if load.queued == 0 || load.running >= max_active {
+    let (load, mut queued) = kv.queued_runs(tenant, dag_id, max_active as usize)?;
+    if queued.is_empty() || load.running >= max_active {
         return Ok(());
     }
-    let (_, queued) = kv.queued_runs(tenant, dag_id, (max_active - load.running) as usize)?;
+    queued.truncate((max_active - load.running) as usize);
     let mut pool = NodePool::load(kv, ctx)?;
     for run_id in queued {
         let Some(mut run) = get_json::<Run>(kv, Table::Runs, run_id.as_bytes())? else {
