@@ -1679,8 +1679,23 @@ async fn concurrent_writes_never_overshoot_a_quota() {
         "{v}"
     );
 
-    // Versions: five writes of one DAG keep the newest three.
-    for owner in ["a", "b", "c", "d", "e"] {
+    // Versions: five writes of one DAG keep the newest three. The first has a noop task
+    // and a run: its log is still found (empty) once its version is gone.
+    let (s, v) = c
+        .post(
+            1,
+            "/dags",
+            &t,
+            &json!({"dag_id": "v", "owner": "a", "tasks": [{"task_id": "t", "kind": "noop"}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (noop_run, log) = run_and_log(&c, &t, "v").await;
+    assert_eq!(
+        (noop_run["state"].as_str(), log.as_str()),
+        (Some("done"), "")
+    );
+    for owner in ["b", "c", "d", "e"] {
         let (s, v) = c
             .post(1, "/dags", &t, &json!({"dag_id": "v", "owner": owner}))
             .await;
@@ -1698,6 +1713,21 @@ async fn concurrent_writes_never_overshoot_a_quota() {
     let (s, v) = c.get(1, "/dags/v/versions/1", &t).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
     assert!(message(&v).contains("limits.max_dag_versions"), "{v}");
+    let (s, log) = c
+        .get(
+            1,
+            &format!(
+                "/runs/{}/tasks/t/attempts/1/log",
+                noop_run["run_id"].as_str().unwrap_or_default()
+            ),
+            &t,
+        )
+        .await;
+    assert_eq!(
+        (s, log),
+        (StatusCode::OK, json!("")),
+        "a pruned version's noop log"
+    );
 
     // DAGs: with two live, 20 concurrent creates make exactly three more.
     let bodies: Vec<Value> = (0..20)

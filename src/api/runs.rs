@@ -707,7 +707,8 @@ pub async fn attempt_log(
         .ok_or_else(|| {
             ApiError::NotFound(format!("attempt {attempt} of task '{task_id}' not found"))
         })?;
-    // A noop task writes nothing, so its (empty) log is known without asking its node.
+    // A noop task's log is empty: known without asking its node while its DAG version is
+    // kept, and read from the (empty) file its node wrote once the version is gone.
     let noop = st
         .node
         .db

@@ -137,7 +137,12 @@ pub async fn run_attempt(
     let log_file = log_path(a.data_dir, &a.run.run_id, &a.task.task_id, a.attempt);
     let timeout = a.task.timeout_ms.map(Duration::from_millis);
     match &a.task.kind {
-        TaskKind::Noop => AttemptResult::Success { exit_code: None },
+        TaskKind::Noop => {
+            // An empty log, so the attempt's log is found on its node like any other
+            // kind's, even once its DAG version (which says the task is a noop) is gone.
+            write_log(&log_file, "").await;
+            AttemptResult::Success { exit_code: None }
+        }
         TaskKind::Shell { command } => {
             // Checked again here: the node that accepted the DAG may not be this one, and
             // the grant is read from the replicated version, not from the API's check.
