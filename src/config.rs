@@ -168,8 +168,9 @@ pub struct ExecutorConfig {
     pub shell_default_timeout_ms: u64,
     /// rlimits applied to each shell attempt (0 = leave the node's limit).
     /// Processes of the attempt's user (RLIMIT_NPROC; counts all of that user's
-    /// processes, so it is meant for a dedicated `shell_user`).
-    pub shell_max_processes: u64,
+    /// processes and threads, so it is meant for a dedicated `shell_user`). Unset: 1024
+    /// for an attempt run as a `shell_user`, none for one run as the node's own user.
+    pub shell_max_processes: Option<u64>,
     /// Largest file an attempt may write (RLIMIT_FSIZE).
     pub shell_max_file_bytes: u64,
     /// Open files per process (RLIMIT_NOFILE).
@@ -262,7 +263,7 @@ impl Default for ExecutorConfig {
             shell_user: None,
             shell_work_dir: None,
             shell_default_timeout_ms: 3_600_000,
-            shell_max_processes: 0,
+            shell_max_processes: None,
             shell_max_file_bytes: 1 << 30,
             shell_max_open_files: 1024,
             shell_max_memory_bytes: 4 << 30,
@@ -742,19 +743,12 @@ impl Config {
         // no proof (such a node joins through configured peers only) and the node warns
         // at start. Not refused: clusters set up with 16+ characters upgrade node by node.
         match self.cluster_secret.as_deref() {
-            Some(s) if s.len() < MIN_CLUSTER_SECRET_BYTES_ACCEPTED => {
-                return bad(format!(
-                    "cluster_secret has {} bytes; it needs at least \
-                     {MIN_CLUSTER_SECRET_BYTES_ACCEPTED} (better {MIN_CLUSTER_SECRET_LEN}+, random: \
-                     e.g. `head -c 32 /dev/urandom | xxd -p -c 64`), the same on every node",
-                    s.len()
-                ))
-            }
+            Some(s) => check_cluster_secret(s, "cluster_secret")?,
             None if !self.peers.is_empty() => {
                 return bad(format!(
-                    "cluster_secret ({MIN_CLUSTER_SECRET_LEN}+ random characters, the same on every \
+                "cluster_secret ({MIN_CLUSTER_SECRET_LEN}+ random characters, the same on every \
                      node) is required when peers are configured"
-                ))
+            ))
             }
             _ => {}
         }
@@ -950,7 +944,10 @@ impl Config {
         if let Some(s) = &self.cluster_secret {
             return Ok(s.clone());
         }
-        let s = read_or_create_secret(&self.data_dir.join("cluster.secret"))?;
+        let path = self.data_dir.join("cluster.secret");
+        let s = read_or_create_secret(&path)?;
+        // One generated here has 64 characters; one edited by hand is held to the floor.
+        check_cluster_secret(&s, &path.display().to_string())?;
         self.cluster_secret = Some(s.clone());
         Ok(s)
     }
@@ -1022,6 +1019,20 @@ pub fn private_dir(dir: &Path) -> Result<(), Error> {
 
 /// A secret kept in a file readable by the node's user only (0600; an existing file with
 /// wider modes is narrowed), created with a random value when missing.
+/// Refuse a cluster secret (named `what` in the error) below
+/// [`MIN_CLUSTER_SECRET_BYTES_ACCEPTED`].
+fn check_cluster_secret(secret: &str, what: &str) -> Result<(), Error> {
+    if secret.len() >= MIN_CLUSTER_SECRET_BYTES_ACCEPTED {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "{what} holds a cluster secret of {} bytes; it needs at least \
+         {MIN_CLUSTER_SECRET_BYTES_ACCEPTED} (better {MIN_CLUSTER_SECRET_LEN}+, random: \
+         e.g. `head -c 32 /dev/urandom | xxd -p -c 64`), the same on every node",
+        secret.len()
+    )))
+}
+
 fn read_or_create_secret(path: &Path) -> Result<String, Error> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -1226,7 +1237,7 @@ mod tests {
         std::fs::create_dir_all(&data).unwrap();
         std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
         // An old world-readable secret is narrowed, a new one created private.
-        std::fs::write(data.join("cluster.secret"), "old-secret").unwrap();
+        std::fs::write(data.join("cluster.secret"), "an-old-cluster-secret").unwrap();
         std::fs::set_permissions(
             data.join("cluster.secret"),
             std::fs::Permissions::from_mode(0o644),
@@ -1237,7 +1248,7 @@ mod tests {
             ..Config::default()
         };
         private_dir(&data).unwrap();
-        assert_eq!(c.resolve_cluster_secret().unwrap(), "old-secret");
+        assert_eq!(c.resolve_cluster_secret().unwrap(), "an-old-cluster-secret");
         c.resolve_hs256_secret().unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&data), 0o700);
@@ -1293,5 +1304,19 @@ mod tests {
         assert!(err.contains("at least 16"), "{err}");
         let enough = vec![("cluster_secret".to_string(), "x".repeat(16))];
         Config::load(None, vec![], &enough).unwrap();
+        // The same floor for a secret kept in the data dir (edited there by hand).
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        std::fs::write(dir.path().join("cluster.secret"), "x".repeat(15)).unwrap();
+        let err = c.resolve_cluster_secret().unwrap_err().to_string();
+        assert!(
+            err.contains("cluster.secret") && err.contains("at least 16"),
+            "{err}"
+        );
+        std::fs::write(dir.path().join("cluster.secret"), "x".repeat(16)).unwrap();
+        assert_eq!(c.resolve_cluster_secret().unwrap(), "x".repeat(16));
     }
 }

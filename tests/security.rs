@@ -128,12 +128,18 @@ async fn each_tenant_s_shell_attempts_can_run_as_a_user_of_its_own() {
     // acme (the node-wide user) leaves a file in its working dir.
     let dag = shell_dag(
         "keep",
-        "id -u; echo acme-private > $HOME/mine; echo HOME=$HOME",
+        "id -u; echo acme-private > $HOME/mine; echo HOME=$HOME; grep '^Max processes' /proc/self/limits",
     );
     let (s, v) = c.post(1, "/dags", &acme, &dag).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let (run, log) = run_and_log(&c, &acme, "keep").await;
     assert_eq!(run["state"], "done", "{run} {log}");
+    // Run as a user of its own with no process limit configured: a fork bomb is bounded.
+    let nproc = log
+        .lines()
+        .find_map(|l| l.strip_prefix("Max processes"))
+        .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>());
+    assert_eq!(nproc, Some(vec!["1024", "1024"]), "{log}");
     let uid = |log: &str| log.lines().next().unwrap_or_default().trim().to_string();
     let nobody = uid(&log);
     let home = log
@@ -488,6 +494,30 @@ async fn connections_with_unfinished_headers_are_closed() {
             "{addr}: closed early"
         );
     }
+    // The join probe needs no secret: a body that never finishes is answered (408) and
+    // the connection closed within the same bound, not held while it trickles in.
+    let mut s = tokio::net::TcpStream::connect(&peer)
+        .await
+        .expect("connect");
+    s.write_all(
+        b"POST /cluster/hello HTTP/1.1\r\nHost: x\r\nx-target-node: 1\r\n\
+          content-type: application/json\r\ncontent-length: 200\r\n\r\n{\"nonce\":",
+    )
+    .await
+    .expect("headers and the body's start");
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(
+        r.is_ok(),
+        "an unfinished probe body is still held after 5 s"
+    );
+    let answer = String::from_utf8_lossy(&buf);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed early"
+    );
     // HTTP/2 (prior knowledge, as h2c): the preface, empty SETTINGS and one finished
     // request (HEADERS: GET / on stream 1, HPACK static entries and `:authority: x`).
     // An HTTP/2 connection that has made a request is bounded by no header timeout:

@@ -386,7 +386,8 @@ async fn run_shell(
         .envs(sandbox::environment(vars, &work));
     let limits = a.shell.limits;
     let cgroups = a.shell.cgroups.as_ref();
-    let join = cgroups.map(|c| c.for_child(limits.processes, limits.memory_bytes));
+    let join =
+        cgroups.map(|c| c.for_child(limits.processes(identity.is_some()), limits.memory_bytes));
     // SAFETY: the closure only makes async-signal-safe syscalls (see `sandbox::in_child`
     // and `cgroup::ChildCgroup::join`), and joins its cgroup while still the node's user.
     // A failed join is not the attempt's failure: it runs in its process group only (the

@@ -48,10 +48,32 @@ pub enum Error {
 /// Resource limits per attempt; 0 leaves the node's own limit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Limits {
-    pub processes: u64,
+    /// As configured; `None` is [`Limits::processes`]'s default.
+    pub processes: Option<u64>,
     pub file_bytes: u64,
     pub open_files: u64,
     pub memory_bytes: u64,
+}
+
+/// The process limit of an attempt run as a user of its own when none is configured:
+/// bounds a fork bomb far below the machine's limit, far above what a task of one slot
+/// starts.
+pub const DEFAULT_MAX_PROCESSES: u64 = 1024;
+
+impl Limits {
+    /// The process limit (RLIMIT_NPROC, and `pids.max` where the attempt has a cgroup)
+    /// of an attempt run as another user (`as_other_user`) or as the node's own. As
+    /// configured, else [`DEFAULT_MAX_PROCESSES`] for another user and none for the
+    /// node's own: RLIMIT_NPROC counts every process and thread of the user, so for the
+    /// node's own user (dev mode) it would count the node's threads and whatever else
+    /// that user runs.
+    pub fn processes(&self, as_other_user: bool) -> u64 {
+        match self.processes {
+            Some(n) => n,
+            None if as_other_user => DEFAULT_MAX_PROCESSES,
+            None => 0,
+        }
+    }
 }
 
 /// This node's shell policy, from its configuration.
@@ -285,7 +307,7 @@ fn lower(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result<()>
 /// Runs in the child after fork, before exec: rlimits, then drop to `identity`.
 /// Only async-signal-safe calls.
 pub fn in_child(limits: Limits, identity: Option<(u32, u32)>) -> std::io::Result<()> {
-    lower(libc::RLIMIT_NPROC, limits.processes)?;
+    lower(libc::RLIMIT_NPROC, limits.processes(identity.is_some()))?;
     lower(libc::RLIMIT_FSIZE, limits.file_bytes)?;
     lower(libc::RLIMIT_NOFILE, limits.open_files)?;
     lower(libc::RLIMIT_AS, limits.memory_bytes)?;
@@ -338,6 +360,31 @@ mod tests {
             limits: Limits::default(),
             cgroups: None,
         }
+    }
+
+    #[test]
+    fn processes_are_bounded_by_default_only_for_another_user() {
+        let default = Limits::default();
+        assert_eq!(default.processes(true), DEFAULT_MAX_PROCESSES);
+        assert_eq!(
+            default.processes(false),
+            0,
+            "the node's own user: left alone"
+        );
+        let set = Limits {
+            processes: Some(77),
+            ..Limits::default()
+        };
+        assert_eq!((set.processes(true), set.processes(false)), (77, 77));
+        let off = Limits {
+            processes: Some(0),
+            ..Limits::default()
+        };
+        assert_eq!(
+            off.processes(true),
+            0,
+            "0 leaves the node's limit, as configured"
+        );
     }
 
     #[test]

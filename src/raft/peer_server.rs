@@ -94,7 +94,9 @@ pub fn router(
         // The join probe needs no secret (its answer proves the secret instead).
         .route(
             "/cluster/hello",
-            post(hello).layer(DefaultBodyLimit::max(1024)),
+            post(hello)
+                .layer(DefaultBodyLimit::max(1024))
+                .layer(middleware::from_fn_with_state(state.clone(), bounded_probe)),
         )
         .with_state(state)
 }
@@ -114,6 +116,29 @@ async fn gate(State(st): State<PeerState>, req: Request, next: Next) -> Response
         Err(r) => {
             // Not reading the body: the connection is closed rather than drained.
             let mut r = r;
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
+    }
+}
+
+/// The join probe is the one call anyone may send: it gets as long for its (at most
+/// 1 KiB) body and answer as a connection gets for its headers. Without this bound a
+/// body trickled a byte a minute held a connection for hours, and enough of them filled
+/// the listener's connection cap. Not reading the rest, the connection is closed.
+async fn bounded_probe(State(st): State<PeerState>, req: Request, next: Next) -> Response {
+    let bound = std::time::Duration::from_millis(st.node.config().header_read_timeout_ms);
+    match tokio::time::timeout(bound, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => {
+            let mut r = reject(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the join probe did not arrive within {} ms",
+                    bound.as_millis()
+                ),
+            );
             r.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             r
