@@ -8,7 +8,12 @@
 //! window, quotas refused and DAG versions dropped in apply); the v8 log goes on from
 //! that, raises to 8 and exercises what protocols 6 to 8 added (a retry counted against
 //! the run quota, a deleted DAG's tombstone, a tenant's share of the slots, a freed slot
-//! handed on, a restarted node's attempts lost and placed again). Future binaries must:
+//! handed on, a restarted node's attempts lost and placed again); the v11 log goes on
+//! from that and exercises what protocols 9 to 11 added (a shell DAG stored before the
+//! raise and granted by it, a shell DAG granted to its writer's subject and the grant
+//! carried by a pause, one refused without the scope whose key stays free, request and
+//! idempotency records indexed by time and a purge that reads the index, placement with
+//! the reserve). Future binaries must:
 //!
 //! - decode every entry, and applying the log to an empty state machine must give exactly
 //!   the recorded digest (behaviour changes only ever start at a later protocol raise, and
@@ -31,14 +36,15 @@ use orchestrator::raft::types::{Entry, LogId, Member, SnapshotMeta};
 use orchestrator::state::command::{AttemptRef, AttemptResult, Quota, Retention};
 use orchestrator::state::machine::{IdempotencyRecord, RequestRecord};
 use orchestrator::state::model::{
-    ActiveEntry, Dag, DagSpec, NodeInfo, Notification, Run, RunType, TaskKind, TaskSpec, Window,
+    ActiveEntry, Dag, DagSpec, NodeInfo, Notification, Run, RunType, StoredVersion, TaskKind,
+    TaskSpec, Window,
 };
 use orchestrator::state::{Batch, Command, IdempotencyKey, Request, Table};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The protocol versions with a fixture folder; the last is what `write_fixtures` writes.
-const VERSIONS: [&str; 3] = ["v2", "v5", "v8"];
+const VERSIONS: [&str; 4] = ["v2", "v5", "v8", "v11"];
 
 fn dir(version: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -345,11 +351,17 @@ fn scenario(version: &str) -> Vec<Entry> {
         (2, vec![req(t0 + 2_900, put("audit", false), None)]),
     ];
     let mut batches = batches;
-    if version == "v5" || version == "v8" {
+    let protocol: u32 = version[1..]
+        .parse()
+        .expect("a fixture version is v<number>");
+    if protocol >= 5 {
         batches.extend(protocol_5_batches(t0 + 3_000));
     }
-    if version == "v8" {
+    if protocol >= 8 {
         batches.extend(protocol_8_batches(t0 + 4_000));
+    }
+    if protocol >= 11 {
+        batches.extend(protocol_11_batches(t0 + 5_000));
     }
     let member = |id: u64| Member {
         api_addr: format!("10.0.0.{id}:8080"),
@@ -591,6 +603,125 @@ fn protocol_8_batches(t: i64) -> Vec<(u64, Vec<Request>)> {
     ]
 }
 
+/// After the v8 scenario: a shell DAG stored at protocol 8 (no capability in apply yet),
+/// the raise to 11 (which grants it, by nobody), a shell DAG from a writer holding
+/// `orchestrator:shell` under an idempotency key (granted to its subject, the record
+/// indexed by time), one from a writer without it under another key (refused, the key
+/// left free), a pause carrying the grant to the next version, a run of the granted DAG
+/// placed by a supervise pass, and a purge past the first records that reads the time
+/// index.
+fn protocol_11_batches(t: i64) -> Vec<(u64, Vec<Request>)> {
+    let quota = Quota {
+        max_dags: 10,
+        max_active_runs: 100,
+        max_queued_runs_per_dag: 10,
+        dag_versions_kept: 2,
+        slot_share_percent: Some(50),
+    };
+    let mut seq = 0u64;
+    let mut req = |now: i64, shell_scope: bool, idem: Option<&str>, command: Command| {
+        seq += 1;
+        Request {
+            request_id: format!("req-11-{seq:04}"),
+            proposed_at_ms: now,
+            idempotency: idem.map(|k| IdempotencyKey {
+                tenant: "acme".into(),
+                key: k.into(),
+                fingerprint: format!("fp-{k}"),
+            }),
+            command,
+            subject: Some("carol@acme".into()),
+            quota: Some(quota),
+            shell_scope,
+        }
+    };
+    let shell = |dag_id: &str| {
+        let mut s = spec(dag_id, false);
+        s.schedule = None;
+        s.tasks[1].kind = TaskKind::Shell {
+            command: "echo {{ run_id }}".into(),
+        };
+        Command::PutDag {
+            tenant: "acme".into(),
+            spec: s,
+            expected_version: None,
+        }
+    };
+    vec![
+        (5, vec![req(t, false, None, shell("legacy"))]),
+        (
+            5,
+            vec![req(
+                t + 10,
+                false,
+                None,
+                Command::RaiseProtocol {
+                    term: 5,
+                    version: 11,
+                },
+            )],
+        ),
+        (
+            5,
+            vec![
+                req(t + 20, true, Some("k-granted"), shell("granted")),
+                req(t + 20, false, Some("k-refused"), shell("refused")),
+            ],
+        ),
+        (
+            5,
+            vec![req(
+                t + 30,
+                false,
+                None,
+                Command::SetPaused {
+                    tenant: "acme".into(),
+                    dag_id: "granted".into(),
+                    paused: true,
+                },
+            )],
+        ),
+        (
+            5,
+            vec![req(
+                t + 40,
+                false,
+                None,
+                Command::TriggerRun {
+                    tenant: "acme".into(),
+                    dag_id: "granted".into(),
+                    run_type: RunType::Manual,
+                    window: Window {
+                        start_ms: t + 40,
+                        end_ms: t + 40,
+                    },
+                },
+            )],
+        ),
+        (
+            5,
+            vec![req(t + 50, false, None, Command::Supervise { term: 5 })],
+        ),
+        (
+            5,
+            vec![req(
+                t + 60,
+                false,
+                None,
+                Command::Purge {
+                    term: 5,
+                    before_ms: t - 86_400_000,
+                    records_before_ms: t + 15,
+                    keep: Some(Retention {
+                        runs_ms: 86_400_000,
+                        records_ms: 45,
+                    }),
+                },
+            )],
+        ),
+    ]
+}
+
 fn fresh() -> (tempfile::TempDir, Db, StateMachineStore) {
     let dir = tempfile::tempdir().expect("temp dir");
     let db = Db::open(dir.path()).expect("open db");
@@ -609,7 +740,7 @@ fn decode(table: Table, key: &[u8], v: &[u8]) -> Value {
     }
     match table {
         Table::Dags => json::<Dag>(table, key, v),
-        Table::DagVersions => json::<DagSpec>(table, key, v),
+        Table::DagVersions => json::<StoredVersion>(table, key, v),
         Table::Runs => json::<Run>(table, key, v),
         Table::ActiveRuns => json::<ActiveEntry>(table, key, v),
         Table::Nodes => json::<NodeInfo>(table, key, v),
@@ -813,6 +944,68 @@ fn the_v8_log_records_what_protocols_6_to_8_added() {
         .expect("audit's record");
     assert_eq!(audit["deleted"], true);
     assert_eq!(audit["spec"]["tasks"], serde_json::json!([]));
+}
+
+/// What the v11 log shows of protocols 9 to 11, read from its recorded tables.
+#[test]
+fn the_v11_log_records_what_protocols_9_to_11_added() {
+    let tables: Tables = load("v11", "tables.json");
+    let rows = |t: Table| tables.get(t.name()).cloned().unwrap_or_default();
+    let text_key =
+        |k: &str| String::from_utf8_lossy(&hex::decode(k).expect("hex key")).into_owned();
+    // Protocol 11: every shell version carries a grant: by nobody for the one stored
+    // before the raise, by the writer for the one written with the scope, carried to
+    // the version its pause made; the one written without the scope was never stored.
+    let grants: BTreeMap<(String, u64), Value> = rows(Table::DagVersions)
+        .into_iter()
+        .filter(|(_, v)| {
+            ["legacy", "granted", "refused"].contains(&v["dag_id"].as_str().unwrap_or(""))
+        })
+        .map(|(k, v)| {
+            let key = hex::decode(&k).expect("hex key");
+            let version = u64::from_be_bytes(key[key.len() - 8..].try_into().expect("version"));
+            let dag = v["dag_id"].as_str().unwrap_or_default().to_string();
+            ((dag, version), v["shell_grant"].clone())
+        })
+        .collect();
+    let by = |who: Option<&str>| serde_json::json!({ "by": who });
+    let expected: BTreeMap<(String, u64), Value> = [
+        (("granted".to_string(), 1), by(Some("carol@acme"))),
+        (("granted".to_string(), 2), by(Some("carol@acme"))),
+        (("legacy".to_string(), 1), by(None)),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(grants, expected);
+    let requests = rows(Table::Requests);
+    assert!(
+        requests
+            .iter()
+            .any(|(_, v)| v["outcome"]["outcome"] == "forbidden"),
+        "the shell DAG without the scope refused: {requests:?}"
+    );
+    let keys: Vec<String> = rows(Table::Idempotency)
+        .iter()
+        .map(|(k, _)| text_key(k))
+        .collect();
+    assert!(keys.iter().any(|k| k.ends_with("k-granted")), "{keys:?}");
+    assert!(
+        !keys.iter().any(|k| k.contains("k-refused")),
+        "a refused capability keeps no answer under its key: {keys:?}"
+    );
+    // Protocol 10: records indexed by time, and the purge past the raise removed every
+    // record created before its cutoff (t + 15), indexed or not.
+    let cutoff = 1_764_000_005_015i64;
+    let (index, records): (Vec<_>, Vec<_>) =
+        requests.iter().partition(|(k, _)| k.starts_with("00"));
+    assert!(!index.is_empty() && !records.is_empty());
+    for (k, v) in &records {
+        assert!(
+            v["created_ms"].as_i64().is_some_and(|c| c >= cutoff),
+            "request {} outlived the purge: {v}",
+            text_key(k)
+        );
+    }
 }
 
 /// Writes the fixtures of this version (run only when adding a new version's folder).
