@@ -1,5 +1,5 @@
 //! Replicated core (issue 2): real three-node clusters of `orchestrator` processes.
-//! Writes through any node, leader SIGKILL and restart, whole-cluster crash, a wiped node
+//! Writes through any node (read at once on the others), leader SIGKILL and restart, whole-cluster crash, a wiped node
 //! rejoining through a snapshot, a paused minority, no quorum, elections that every node
 //! can win, and bad peer calls.
 
@@ -61,6 +61,25 @@ async fn writes_through_any_node_are_read_on_all_others() {
             assert!(v["tasks"]["extract"].is_string(), "{v}");
         }
     }
+    // Many at once: each write, once acknowledged, is read at once on the two other
+    // nodes, whose reads share their requests for the leader's read index.
+    let each = (0..30u64).map(|i| {
+        let (c, t) = (&c, &t);
+        async move {
+            let dag = format!("many{i}");
+            let via = i % 3 + 1;
+            put_dag(c, via, t, &dag).await;
+            for read_on in (1..=3).filter(|n| *n != via) {
+                let (s, v) = c.get(read_on, &format!("/dags/{dag}"), t).await;
+                assert_eq!(
+                    s,
+                    StatusCode::OK,
+                    "node {read_on} reading {dag} written via {via}: {v}"
+                );
+            }
+        }
+    });
+    futures::future::join_all(each).await;
     c.wait_converged(LONG).await;
     c.assert_no_panics();
 }

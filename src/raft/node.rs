@@ -125,7 +125,12 @@ pub struct RaftNode {
     rpc_timeout: Duration,
     config: Arc<Config>,
     metrics_seen: MetricsSeen,
+    /// The leader's confirmations of its read index, shared by the reads that wait for
+    /// the same round.
     read_rounds: ReadRounds<Result<Option<u64>, Error>>,
+    /// A follower's requests for the leader's read index, likewise shared: one peer call
+    /// per round answers every barrier that joined it, not one call per read.
+    forwarded_rounds: ReadRounds<Result<Option<u64>, Error>>,
 }
 
 /// One confirmation of leadership with a quorum: the read index a linearizable read may
@@ -144,6 +149,35 @@ async fn confirm_read_index(raft: Raft, leader_wait: Duration) -> Result<Option<
         }),
         Ok(Err(RaftError::Fatal(e))) => Err(Error::Stopped(e.to_string())),
     }
+}
+
+/// One request (from a follower) for the read index of the leader it knows, which
+/// confirms it with a quorum. `NotLeader` when this node knows of no other leader.
+async fn leaders_read_index(
+    raft: Raft,
+    peers: PeerClients,
+    id: NodeId,
+    leader_wait: Duration,
+) -> Result<Option<u64>, Error> {
+    let (leader, member) = {
+        let m = raft.metrics().borrow().clone();
+        let leader = m.current_leader.filter(|l| *l != id);
+        let member = leader.and_then(|l| m.membership_config.membership().get_node(&l).cloned());
+        (leader, member)
+    };
+    let (Some(l), Some(member)) = (leader, member) else {
+        return Err(Error::NotLeader { leader });
+    };
+    let answer: Result<Result<Option<u64>, Error>, _> = peers
+        .call(
+            l,
+            &member.peer_addr,
+            "/cluster/read-index",
+            &(),
+            leader_wait,
+        )
+        .await;
+    answer.map_err(|_| Error::NotLeader { leader: Some(l) })?
 }
 
 /// When this node last saw openraft publish metrics it can trust. openraft computes
@@ -243,10 +277,17 @@ impl RaftNode {
             let raft = raft.clone();
             ReadRounds::new(move || confirm_read_index(raft.clone(), leader_wait))
         };
+        let forwarded_rounds = {
+            let (raft, peers, id) = (raft.clone(), peers.clone(), config.node_id);
+            ReadRounds::new(move || {
+                leaders_read_index(raft.clone(), peers.clone(), id, leader_wait)
+            })
+        };
         Ok(RaftNode {
             id: config.node_id,
             metrics_seen,
             read_rounds,
+            forwarded_rounds,
             raft,
             db,
             sm,
@@ -497,21 +538,23 @@ impl RaftNode {
             let attempt = async {
                 let index = match self.read_index().await {
                     Ok(i) => i,
+                    // A round that starts after this call asks the leader: its index is
+                    // at least the commit index when this read began.
                     Err(Error::NotLeader { leader: Some(l) }) if l != self.id => {
-                        let member = self
-                            .leader_member(l)
-                            .ok_or(Error::NotLeader { leader: Some(l) })?;
-                        let res: Result<Result<Option<u64>, Error>, _> = self
-                            .peers
-                            .call(
-                                l,
-                                &member.peer_addr,
-                                "/cluster/read-index",
-                                &(),
-                                self.remaining(deadline),
-                            )
-                            .await;
-                        res.map_err(|_| Error::NotLeader { leader: Some(l) })??
+                        match tokio::time::timeout(
+                            self.remaining(deadline),
+                            self.forwarded_rounds.join(),
+                        )
+                        .await
+                        {
+                            Ok(Some(answer)) => answer?,
+                            Ok(None) => {
+                                return Err(Error::Stopped(
+                                    "the forwarded read-index driver stopped".into(),
+                                ))
+                            }
+                            Err(_) => return Err(Error::NotLeader { leader: Some(l) }),
+                        }
                     }
                     Err(e) => return Err(e),
                 };
