@@ -102,6 +102,11 @@ async fn shell_tasks_need_the_shell_scope_and_an_enabled_node() {
             .contains("shell_enabled"),
         "{v}"
     );
+    // Dev mode with shell on and no shell_user runs attempts as the node: allowed for a
+    // trial, with a warning; with shell off there is nothing to warn about.
+    let warning = "dev mode with shell tasks on";
+    assert!(c.log(1).contains(warning), "{}", c.log(1));
+    assert!(!off.log(1).contains(warning), "{}", off.log(1));
     c.assert_no_panics();
     off.assert_no_panics();
 }

@@ -117,8 +117,8 @@ impl ShellPolicy {
     /// Refuse to start a node whose shell attempts could read what the node guards: with
     /// shell on, an attempt must run as a user that is neither root nor the node's own,
     /// and that user must not reach the data dir or a secret file kept elsewhere (dev
-    /// mode waives both for a local trial). A `shell_user` that does not exist or cannot
-    /// be switched to is refused in every mode.
+    /// mode waives both for a local trial, with a warning at start). A `shell_user` that
+    /// does not exist or cannot be switched to is refused in every mode.
     /// Each tenant's own `shell_user` is held to the same rules.
     pub fn check_at_start(&self, c: &Config) -> Result<(), Error> {
         if !self.enabled {
@@ -127,8 +127,17 @@ impl ShellPolicy {
         let users = std::iter::once(self.user.as_ref()).chain(self.tenant_users.values().map(Some));
         for user in users {
             let identity = identity_of(user)?;
-            if !c.dev_mode {
-                check_identity(identity, user, c)?;
+            if let Err(e) = check_identity(identity, user, c) {
+                if !c.dev_mode {
+                    return Err(e);
+                }
+                // Allowed for a local trial, but never silently.
+                tracing::warn!(
+                    reason = %e,
+                    "dev mode with shell tasks on: attempts can read what this node guards \
+                     (its data dir and secrets); set executor.shell_user before anyone else \
+                     can submit a DAG"
+                );
             }
         }
         Ok(())
