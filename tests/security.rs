@@ -130,15 +130,29 @@ async fn each_tenant_s_shell_attempts_can_run_as_a_user_of_its_own() {
     .await;
     let scopes = "orchestrator:read orchestrator:write orchestrator:shell";
     let (acme, beta) = (c.token("acme", scopes), c.token("beta", scopes));
-    // acme (the node-wide user) leaves a file in its working dir.
+    // acme (the node-wide user) leaves a file in its working dir and runs on.
     let dag = shell_dag(
         "keep",
-        "id -u; echo acme-private > $HOME/mine; echo HOME=$HOME; grep '^Max processes' /proc/self/limits",
+        "id -u; echo acme-private > $HOME/mine; echo HOME=$HOME; \
+         grep '^Max processes' /proc/self/limits; sleep 120",
     );
     let (s, v) = c.post(1, "/dags", &acme, &dag).await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    let (run, log) = run_and_log(&c, &acme, "keep").await;
-    assert_eq!(run["state"], "done", "{run} {log}");
+    let (s, v) = trigger(&c, &acme, "keep").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let acme_run = v["run_id"].as_str().expect("run_id").to_string();
+    let log = wait_for(LONG, "acme's attempt to print its limits", || async {
+        let (s, log) = c
+            .get(
+                1,
+                &format!("/runs/{acme_run}/tasks/t/attempts/1/log"),
+                &acme,
+            )
+            .await;
+        let log = log.as_str().unwrap_or_default().to_string();
+        (s == StatusCode::OK && log.contains("Max processes")).then_some(log)
+    })
+    .await;
     // Run as a user of its own with no process limit configured: a fork bomb is bounded.
     let nproc = log
         .lines()
@@ -187,6 +201,16 @@ async fn each_tenant_s_shell_attempts_can_run_as_a_user_of_its_own() {
         4,
         "beta reached acme's working dir, or listed the dirs above it: {log}"
     );
+    // An attempt's working dir goes with it: what it wrote does not fill the disk.
+    assert!(std::path::Path::new(&home).join("mine").exists());
+    let (s, v) = c
+        .post(1, &format!("/runs/{acme_run}/cancel"), &acme, &json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    wait_for(LONG, "acme's working dir to be removed", || async {
+        (!std::path::Path::new(&home).exists()).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -470,6 +470,12 @@ async fn run_shell(
     for p in pumps {
         let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
     }
+    // The working dir is the attempt's scratch space (its log is kept apart): it goes
+    // with the attempt, so what attempts write cannot pile up on the node's disk.
+    if let Err(e) = tokio::fs::remove_dir_all(&work).await {
+        tracing::debug!(run_id = %a.run.run_id, task_id = %a.task.task_id, attempt = a.attempt,
+               error = %e, "working dir not removed; the retention sweep will");
+    }
     result
 }
 
