@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
-scripts/prereqs.sh
+scripts/prereqs.sh --build
 command -v busybox >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static >/dev/null; }
 cargo build --bin orchestrator
 # The compose cluster's secrets: random, private, generated once (never a placeholder),

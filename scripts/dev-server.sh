@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
-scripts/prereqs.sh
+scripts/prereqs.sh --build
 cargo build --bin orchestrator
 bin_dir="${CARGO_HOME:-$HOME/.cargo}/bin"
 mkdir -p "$bin_dir"

@@ -32,11 +32,16 @@ ensure_secrets() {
   chmod 600 "$DIR/cluster.secret" "$DIR/jwt.secret"
 }
 
+# This checkout's binary, built if anything changed (the target dir is shared between
+# clones: a binary that merely exists may be another checkout's). ORCH_BIN names a
+# binary to run as it is.
 ensure_binary() {
-  if [ ! -x "$ORCHESTRATOR_BIN" ] || [ -n "${REBUILD:-}" ]; then
-    scripts/prereqs.sh
-    cargo build --bin orchestrator >&2
+  if [ -n "${ORCH_BIN:-}" ]; then
+    [ -x "$ORCHESTRATOR_BIN" ] || { echo "ORCH_BIN=$ORCH_BIN is not an executable" >&2; exit 1; }
+    return
   fi
+  scripts/prereqs.sh --build
+  cargo build --bin orchestrator >&2
 }
 
 peers_of() {

@@ -4,7 +4,11 @@
 # (partitions), libfaketime (clock-skew tests), Chromium with its WebDriver (the web UI
 # test, tests/ui.rs) and wrk (the benchmark suite's load generator, scripts/bench.sh).
 # Idempotent and quiet when everything is there.
+# `--build`: only what building and running a server need (libclang, a C++ compiler,
+# curl), for the dev server and the local cluster.
 set -euo pipefail
+build_only=false
+[ "${1:-}" = "--build" ] && build_only=true
 
 # What clang-sys (bindgen's loader) really opens: `libclang.so`, `libclang-N.so`,
 # `libclang.so.N` or `libclang-N.so.N`, in LIBCLANG_PATH, the llvm dirs or the linker's
@@ -30,6 +34,7 @@ missing=()
 have_libclang || missing+=(libclang-dev)
 command -v c++ >/dev/null 2>&1 || missing+=(g++)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+if ! $build_only; then
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 # The clock-skew tests preload libfaketime into a node (the library, not the wrapper).
@@ -40,6 +45,7 @@ chromedriver --version >/dev/null 2>&1 || missing+=(chromium-driver)
 chromium --headless=new --no-sandbox --version >/dev/null 2>&1 || missing+=(chromium)
 # (`wrk -v` prints its version and exits 1.)
 { wrk -v 2>&1 || true; } | grep -q '^wrk ' || missing+=(wrk)
+fi
 
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then

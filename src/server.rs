@@ -598,10 +598,61 @@ pub fn first_steps(config: &Config) -> String {
         let ca = std::path::absolute(ca).unwrap_or_else(|_| ca.clone());
         out.push_str(&format!("  export ORCHESTRATOR_CA_FILE={}\n", ca.display()));
     }
+    // `orchestrator token` signs with the secret this node checks: from the same file
+    // when the node reads one, else the one generated in its data dir. Issuer and
+    // audience, when set, go along (they are not secrets).
+    let mut settings = String::new();
+    for (name, value) in [
+        ("ORCHESTRATOR_AUTH__ISSUER", config.auth.issuer.as_deref()),
+        (
+            "ORCHESTRATOR_AUTH__AUDIENCE",
+            config.auth.audience.as_deref(),
+        ),
+    ] {
+        if let Some(v) = value {
+            settings.push_str(&format!("{name}='{v}' "));
+        }
+    }
+    let source = match &config.auth.hs256_secret_file {
+        Some(f) => {
+            let f = std::path::absolute(f).unwrap_or_else(|_| f.clone());
+            settings.push_str(&format!(
+                "ORCHESTRATOR_AUTH__HS256_SECRET_FILE={} ",
+                f.display()
+            ));
+            String::new()
+        }
+        None => format!("--data-dir {} ", data_dir.display()),
+    };
     out.push_str(&format!(
-        "  export ORCHESTRATOR_TOKEN=$(orchestrator token --data-dir {} --tenant ops --scope \"orchestrator:read orchestrator:write orchestrator:admin orchestrator:shell\")\n",
-        data_dir.display()
+        "  export ORCHESTRATOR_TOKEN=$({settings}orchestrator token {source}--tenant ops --scope \"orchestrator:read orchestrator:write orchestrator:admin orchestrator:shell\")\n"
     ));
     out.push_str("  orchestrator cluster status\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_printed_token_command_signs_with_the_secret_the_node_reads() {
+        let generated = first_steps(&Config::default());
+        assert!(
+            generated.contains("orchestrator token --data-dir /"),
+            "{generated}"
+        );
+        let mut c = Config::default();
+        c.auth.hs256_secret_file = Some(std::path::PathBuf::from("/etc/orchestrator/jwt.secret"));
+        c.auth.issuer = Some("https://issuer.example".into());
+        let from_file = first_steps(&c);
+        assert!(
+            from_file.contains(
+                "$(ORCHESTRATOR_AUTH__ISSUER='https://issuer.example' \
+                 ORCHESTRATOR_AUTH__HS256_SECRET_FILE=/etc/orchestrator/jwt.secret \
+                 orchestrator token --tenant ops"
+            ),
+            "{from_file}"
+        );
+    }
 }

@@ -300,6 +300,22 @@ async fn trigger_wait_and_watch_exit_with_the_runs_outcome() {
 
     let got = json(&cli(&c, &["run", "get", &run_id, "--output", "json"]).await);
     assert_eq!(got["state"], "failed");
+    // Retry says how many tasks it queued again (the API's count).
+    let retry = cli(&c, &["run", "retry", &run_id]).await;
+    assert_eq!(retry.status.code(), Some(0), "{}", stderr(&retry));
+    assert!(
+        stdout(&retry).contains(&format!("run {run_id}"))
+            && stdout(&retry).contains("1 task retried"),
+        "{}",
+        stdout(&retry)
+    );
+    let watch = cli(&c, &["run", "watch", &run_id]).await;
+    assert_eq!(
+        watch.status.code(),
+        Some(5),
+        "the retry fails again: {}",
+        stderr(&watch)
+    );
     let runs = cli(&c, &["run", "list", "--dag", "broken", "--output", "yaml"]).await;
     let runs: Value = serde_yaml_ng::from_slice(&runs.stdout).expect("stdout is YAML");
     assert_eq!(runs[0]["run_id"].as_str(), Some(run_id.as_str()));

@@ -113,18 +113,14 @@ pub async fn run(client: &Client, format: Format, cmd: RunCmd) -> anyhow::Result
             let v = client
                 .post(&format!("/runs/{run_id}/retry"), &json!({}))
                 .await?;
+            // The API answers with how many tasks it queued again (`retried_tasks`).
             output::emit(format, &v, |v| {
-                let tasks: Vec<String> = v["retried_tasks"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(text)
-                    .collect();
+                let n = v["retried_tasks"].as_u64().unwrap_or(0);
                 println!(
-                    "run {} {} (retrying: {})",
+                    "run {} {} ({n} task{} retried)",
                     text(&v["run_id"]),
                     output::state(&text(&v["state"])),
-                    tasks.join(", ")
+                    if n == 1 { "" } else { "s" }
                 )
             })
         }

@@ -102,7 +102,10 @@ impl ShellPolicy {
                 .iter()
                 .filter_map(|(t, s)| Some((t.clone(), s.shell_user.clone()?)))
                 .collect(),
-            work_root: c.shell_work_dir(),
+            // Absolute: it becomes the attempt's HOME and working dir, and a relative
+            // data dir (the dev server's `./orchestrator-data`) made a relative HOME.
+            work_root: std::path::absolute(c.shell_work_dir())
+                .unwrap_or_else(|_| c.shell_work_dir()),
             default_timeout: Duration::from_millis(e.shell_default_timeout_ms),
             limits: Limits {
                 processes: e.shell_max_processes,
@@ -369,6 +372,21 @@ mod tests {
             limits: Limits::default(),
             cgroups: None,
         }
+    }
+
+    #[test]
+    fn the_work_root_is_absolute_even_beside_a_relative_data_dir() {
+        let c = Config {
+            data_dir: PathBuf::from("orchestrator-data"),
+            ..Config::default()
+        };
+        let root = ShellPolicy::from_config(&c).work_root;
+        assert!(root.is_absolute(), "{}", root.display());
+        assert!(
+            root.ends_with("orchestrator-data-work"),
+            "{}",
+            root.display()
+        );
     }
 
     #[test]
