@@ -32,16 +32,19 @@ ensure_secrets() {
   chmod 600 "$DIR/cluster.secret" "$DIR/jwt.secret"
 }
 
-# This checkout's binary, built if anything changed (the target dir is shared between
-# clones: a binary that merely exists may be another checkout's). ORCH_BIN names a
-# binary to run as it is.
+# The binary to run. `up` builds this checkout's (cargo rebuilds what changed: the target
+# dir is shared between clones, so a binary that merely exists may be another
+# checkout's); `start` and `token` use it as `up` left it, building only if it is
+# missing. ORCH_BIN names a binary to run as it is.
 ensure_binary() {
   if [ -n "${ORCH_BIN:-}" ]; then
     [ -x "$ORCHESTRATOR_BIN" ] || { echo "ORCH_BIN=$ORCH_BIN is not an executable" >&2; exit 1; }
     return
   fi
-  scripts/prereqs.sh --build
-  cargo build --bin orchestrator >&2
+  if [ "${1:-}" = fresh ] || [ ! -x "$ORCHESTRATOR_BIN" ]; then
+    scripts/prereqs.sh --build
+    cargo build --bin orchestrator >&2
+  fi
 }
 
 peers_of() {
@@ -132,7 +135,7 @@ cmd=${1:-}
 shift || true
 case "$cmd" in
   up)
-    ensure_binary
+    ensure_binary fresh
     for n in "${NODES[@]}"; do start_node "$n"; done
     l=$(wait_leader 90)
     echo "leader: node $l"

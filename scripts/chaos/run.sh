@@ -8,4 +8,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/env.sh
 if [ ! -x "$ORCHESTRATOR_BIN" ]; then scripts/prereqs.sh; cargo build --bin orchestrator; fi
+# The clusters run this binary as it is (in the suite: the one `cargo test` built).
+export ORCH_BIN="$ORCHESTRATOR_BIN"
 exec python3 scripts/chaos/chaos.py "$@"
