@@ -16,8 +16,13 @@
 //! depending on a service manager (a container or a systemd unit kills the whole cgroup,
 //! but a node started by hand has neither).
 //!
-//! The pipe protocol is one line per change: `set PGID MS` (kill the group `MS` ms from
-//! now unless set again) and `del PGID` (the group ended; forget it). The keeper ignores
+//! The pipe protocol is one line per change: `set PGID AT` (kill the group at `AT`,
+//! nanoseconds of CLOCK_MONOTONIC, unless set again) and `del PGID` (the group ended;
+//! forget it). The deadline is absolute: a line written just before the machine froze
+//! and read after the thaw keeps the deadline it was written with (a relative one was
+//! counted from its reading, so it outlived the freeze). The keeper runs at a raised
+//! priority where it may (as root), so that after a thaw on a busy machine it runs before
+//! the attempts it is to kill. The keeper ignores
 //! SIGINT, SIGTERM, SIGHUP, SIGQUIT and the terminal stop signals, and runs in its own
 //! process group: it ends when its pipe closes.
 //!
@@ -40,6 +45,9 @@ use super::kill_group;
 /// Deadline moves smaller than this are not sent to the keeper (they are clock noise).
 const KEEPER_STEP: Duration = Duration::from_millis(50);
 
+/// The keeper's nice value where it may raise its priority.
+const KEEPER_NICE: libc::c_int = -10;
+
 /// The hidden subcommand that runs the keeper.
 pub const KEEPER_SUBCOMMAND: &str = "fence-keeper";
 
@@ -54,8 +62,9 @@ pub struct Keeper {
 pub struct BadLine(String);
 
 impl Keeper {
-    /// Apply one protocol line received at `now`.
-    pub fn apply(&mut self, line: &str, now: Instant) -> Result<(), BadLine> {
+    /// Apply one protocol line received at `now`, which is `now_ns` on the protocol's
+    /// clock ([`mono_ns`]).
+    pub fn apply(&mut self, line: &str, now: Instant, now_ns: u64) -> Result<(), BadLine> {
         let bad = || BadLine(line.to_string());
         let mut parts = line.split_ascii_whitespace();
         let verb = parts.next().ok_or_else(bad)?;
@@ -65,9 +74,11 @@ impl Keeper {
             .filter(|p| *p > 0)
             .ok_or_else(bad)?;
         match (verb, parts.next(), parts.next()) {
-            ("set", Some(ms), None) => {
-                let ms: u64 = ms.parse().map_err(|_| bad())?;
-                self.deadlines.insert(pgid, now + Duration::from_millis(ms));
+            ("set", Some(at), None) => {
+                let at: u64 = at.parse().map_err(|_| bad())?;
+                // Passed already (written before a freeze, read after it): due now.
+                let left = Duration::from_nanos(at.saturating_sub(now_ns));
+                self.deadlines.insert(pgid, now + left);
             }
             ("del", None, None) => {
                 self.deadlines.remove(&pgid);
@@ -102,10 +113,36 @@ impl Keeper {
     }
 }
 
-/// A line on the keeper's stderr (the node's log), after the kill it reports: a closed
-/// stderr must never stop the keeper (`eprintln!` would panic on it).
+/// A line on the keeper's stderr (the node's log), after the kill it reports, stamped
+/// like the node's own lines: a closed stderr must never stop the keeper (`eprintln!`
+/// would panic on it).
 fn say(what: &str) {
-    let _ = writeln!(std::io::stderr(), "fence keeper: {what}");
+    let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let _ = writeln!(std::io::stderr(), "{at} fence keeper: {what}");
+}
+
+/// The protocol's clock: CLOCK_MONOTONIC in nanoseconds, one clock for the node and its
+/// keeper (one machine). By hand: `Instant` reads the same clock but cannot be written on
+/// a line.
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// `deadline` on the protocol's clock.
+fn stamp_of(deadline: Instant) -> u64 {
+    let (now, now_ns) = (Instant::now(), mono_ns());
+    match deadline.checked_duration_since(now) {
+        Some(left) => now_ns.saturating_add(left.as_nanos() as u64),
+        None => now_ns.saturating_sub(now.duration_since(deadline).as_nanos() as u64),
+    }
 }
 
 /// The keeper process's main loop: read the protocol from stdin, kill groups (and their
@@ -138,6 +175,12 @@ pub fn serve_stdin(cgroups: Option<Cgroups>) -> i32 {
             }
         }
     });
+    // Ahead of the attempts after a thaw on a busy machine (it sleeps otherwise). Only
+    // root may raise it; elsewhere it stays at the node's priority.
+    // SAFETY: setpriority(2) on this process has no memory effects.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, KEEPER_NICE);
+    }
     let mut keeper = Keeper::default();
     loop {
         let wait = keeper.next().map_or(Duration::from_secs(3600), |d| {
@@ -145,7 +188,7 @@ pub fn serve_stdin(cgroups: Option<Cgroups>) -> i32 {
         });
         match rx.recv_timeout(wait) {
             Ok(line) => {
-                if let Err(e) = keeper.apply(&line, Instant::now()) {
+                if let Err(e) = keeper.apply(&line, Instant::now(), mono_ns()) {
                     say(&e.to_string());
                 }
             }
@@ -289,12 +332,7 @@ impl Link {
         self.stdin = None;
         self.broken = false;
         self.start();
-        let now = Instant::now();
-        let lines: Vec<String> = self
-            .groups
-            .iter()
-            .map(|(p, d)| set_line(*p, d.saturating_duration_since(now)))
-            .collect();
+        let lines: Vec<String> = self.groups.iter().map(|(p, d)| set_line(*p, *d)).collect();
         for line in &lines {
             if !self.write(line) {
                 return;
@@ -333,8 +371,8 @@ impl Link {
     }
 }
 
-fn set_line(pgid: i32, left: Duration) -> String {
-    format!("set {pgid} {}\n", left.as_millis())
+fn set_line(pgid: i32, deadline: Instant) -> String {
+    format!("set {pgid} {}\n", stamp_of(deadline))
 }
 
 impl KeeperLink {
@@ -370,10 +408,7 @@ impl KeeperLink {
     fn set(&self, pgid: i32, deadline: Instant) {
         let mut k = self.lock();
         k.groups.insert(pgid, deadline);
-        k.send(&set_line(
-            pgid,
-            deadline.saturating_duration_since(Instant::now()),
-        ));
+        k.send(&set_line(pgid, deadline));
     }
 
     fn del(&self, pgid: i32) {
@@ -486,33 +521,70 @@ impl AttemptFence {
 mod tests {
     use super::*;
 
+    /// A point of the protocol's clock for the tests, and `set` lines against it.
+    const NS0: u64 = 1_000_000_000_000;
+    fn ms(n: u64) -> u64 {
+        n * 1_000_000
+    }
+    fn set(pgid: i32, at_ms: u64) -> String {
+        format!("set {pgid} {}", NS0 + ms(at_ms))
+    }
+
     #[test]
     fn groups_are_due_at_their_deadline_and_a_set_moves_it() {
         let t0 = Instant::now();
         let mut k = Keeper::default();
-        k.apply("set 100 1000", t0).unwrap();
-        k.apply("set 200 3000", t0).unwrap();
+        k.apply(&set(100, 1000), t0, NS0).unwrap();
+        k.apply(&set(200, 3000), t0, NS0).unwrap();
         assert_eq!(k.next(), Some(t0 + Duration::from_millis(1000)));
         assert!(k.due(t0 + Duration::from_millis(999)).is_empty());
         // Renewed before it ran out: not due at its old deadline.
-        k.apply("set 100 2500", t0 + Duration::from_millis(900))
-            .unwrap();
+        let t900 = t0 + Duration::from_millis(900);
+        k.apply(&set(100, 3400), t900, NS0 + ms(900)).unwrap();
         assert!(k.due(t0 + Duration::from_millis(1500)).is_empty());
         assert_eq!(k.due(t0 + Duration::from_millis(3100)), vec![200]);
         assert_eq!(k.next(), Some(t0 + Duration::from_millis(3400)));
         assert_eq!(k.due(t0 + Duration::from_millis(3400)), vec![100]);
         assert_eq!(k.due(t0 + Duration::from_millis(3400)), Vec::<i32>::new());
-        k.apply("set 300 10", t0).unwrap();
+        k.apply(&set(300, 10), t0, NS0).unwrap();
         assert_eq!(k.drain(), vec![300]);
         assert_eq!(k.next(), None);
+    }
+
+    #[test]
+    fn a_line_read_after_a_freeze_keeps_the_deadline_it_was_written_with() {
+        // Written with 100 ms left; the machine froze for 5 s before the keeper read it.
+        let thawed = Instant::now();
+        let mut k = Keeper::default();
+        k.apply(&set(9, 100), thawed, NS0 + ms(5000)).unwrap();
+        assert_eq!(
+            k.due(thawed),
+            vec![9],
+            "due at the thaw, not 100 ms after it"
+        );
+    }
+
+    #[test]
+    fn stamps_and_the_keepers_reading_agree_on_one_clock() {
+        let deadline = Instant::now() + Duration::from_millis(700);
+        let line = set_line(5, deadline);
+        let mut k = Keeper::default();
+        k.apply(line.trim(), Instant::now(), mono_ns()).unwrap();
+        let read = k.next().expect("held");
+        let skew = if read > deadline {
+            read - deadline
+        } else {
+            deadline - read
+        };
+        assert!(skew < Duration::from_millis(5), "{skew:?}");
     }
 
     #[test]
     fn a_deleted_group_is_never_killed() {
         let t0 = Instant::now();
         let mut k = Keeper::default();
-        k.apply("set 7 10", t0).unwrap();
-        k.apply("del 7", t0).unwrap();
+        k.apply(&set(7, 10), t0, NS0).unwrap();
+        k.apply("del 7", t0, NS0).unwrap();
         assert!(k.due(t0 + Duration::from_secs(60)).is_empty());
         assert!(k.drain().is_empty());
     }
@@ -533,7 +605,7 @@ mod tests {
             "del 5 6",
             "kill 5",
         ] {
-            assert!(k.apply(line, t0).is_err(), "{line:?} accepted");
+            assert!(k.apply(line, t0, NS0).is_err(), "{line:?} accepted");
         }
         assert_eq!(k.next(), None);
     }
