@@ -350,6 +350,23 @@ async fn cluster_status_is_a_table_of_nodes() {
     );
     let v = json(&cli(&c, &["cluster", "status", "-o", "json"]).await);
     assert_eq!(v["nodes"][0]["health"], "ready");
+    // A snapshot says what it did in a line; as JSON it is the API's answer.
+    let out = cli_at(&c.api(1), Some(&c.admin_token()), &["cluster", "snapshot"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("snapshot at log index "),
+        "{}",
+        stdout(&out)
+    );
+    let v = json(
+        &cli_at(
+            &c.api(1),
+            Some(&c.admin_token()),
+            &["cluster", "snapshot", "-o", "json"],
+        )
+        .await,
+    );
+    assert!(v["log_size_bytes_after"].is_u64(), "{v}");
 }
 
 #[tokio::test]

@@ -53,12 +53,24 @@ pub async fn run(client: &Client, format: Format, cmd: ClusterCmd) -> anyhow::Re
                 )
                 .await?
         }
-        ClusterCmd::Snapshot => client.post("/cluster/snapshot", &json!({})).await?,
+        ClusterCmd::Snapshot => {
+            let v = client.post("/cluster/snapshot", &json!({})).await?;
+            return output::emit(format, &v, |v| {
+                println!(
+                    "snapshot at log index {}: log {} → {} bytes",
+                    text(&v["snapshot_index"]),
+                    text(&v["log_size_bytes_before"]),
+                    text(&v["log_size_bytes_after"])
+                )
+            });
+        }
     };
-    output::emit(format, &v, |v| match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
-        Err(_) => println!("{v}"),
-    })
+    // A membership change answers the cluster's status after it: shown as `status` is
+    // (a table of nodes, or the answer itself as JSON or YAML).
+    match format {
+        Format::Table => status(client, format).await,
+        _ => output::emit(format, &v, |_| {}),
+    }
 }
 
 async fn status(client: &Client, format: Format) -> anyhow::Result<()> {
