@@ -746,9 +746,9 @@ impl Config {
             Some(s) => check_cluster_secret(s, "cluster_secret")?,
             None if !self.peers.is_empty() => {
                 return bad(format!(
-                "cluster_secret ({MIN_CLUSTER_SECRET_LEN}+ random characters, the same on every \
-                     node) is required when peers are configured"
-            ))
+                    "cluster_secret ({MIN_CLUSTER_SECRET_LEN}+ random characters, the same on \
+                     every node) is required when peers are configured"
+                ))
             }
             _ => {}
         }
@@ -1017,8 +1017,6 @@ pub fn private_dir(dir: &Path) -> Result<(), Error> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)
 }
 
-/// A secret kept in a file readable by the node's user only (0600; an existing file with
-/// wider modes is narrowed), created with a random value when missing.
 /// Refuse a cluster secret (named `what` in the error) below
 /// [`MIN_CLUSTER_SECRET_BYTES_ACCEPTED`].
 fn check_cluster_secret(secret: &str, what: &str) -> Result<(), Error> {
@@ -1033,6 +1031,8 @@ fn check_cluster_secret(secret: &str, what: &str) -> Result<(), Error> {
     )))
 }
 
+/// A secret kept in a file readable by the node's user only (0600; an existing file with
+/// wider modes is narrowed), created with a random value when missing.
 fn read_or_create_secret(path: &Path) -> Result<String, Error> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};

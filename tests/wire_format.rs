@@ -108,6 +108,15 @@ fn heartbeat(node: u64, incarnation: &str, running: Vec<AttemptRef>) -> Command 
     }
 }
 
+/// The idempotency key `k` of tenant acme, as a request carries it.
+fn acme_key(k: &str) -> IdempotencyKey {
+    IdempotencyKey {
+        tenant: "acme".into(),
+        key: k.into(),
+        fingerprint: format!("fp-{k}"),
+    }
+}
+
 fn attempt(run: &str, task: &str, n: u32) -> AttemptRef {
     AttemptRef {
         run_id: run.into(),
@@ -125,11 +134,7 @@ fn scenario(version: &str) -> Vec<Entry> {
         Request {
             request_id: format!("req-{seq:04}"),
             proposed_at_ms: now,
-            idempotency: idem.map(|k| IdempotencyKey {
-                tenant: "acme".into(),
-                key: k.into(),
-                fingerprint: format!("fp-{k}"),
-            }),
+            idempotency: idem.map(acme_key),
             command,
             subject: None,
             quota: None,
@@ -624,11 +629,7 @@ fn protocol_11_batches(t: i64) -> Vec<(u64, Vec<Request>)> {
         Request {
             request_id: format!("req-11-{seq:04}"),
             proposed_at_ms: now,
-            idempotency: idem.map(|k| IdempotencyKey {
-                tenant: "acme".into(),
-                key: k.into(),
-                fingerprint: format!("fp-{k}"),
-            }),
+            idempotency: idem.map(acme_key),
             command,
             subject: Some("carol@acme".into()),
             quota: Some(quota),

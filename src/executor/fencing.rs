@@ -22,9 +22,9 @@
 //! and read after the thaw keeps the deadline it was written with (a relative one was
 //! counted from its reading, so it outlived the freeze). The keeper runs at a raised
 //! priority where it may (as root), so that after a thaw on a busy machine it runs before
-//! the attempts it is to kill. The keeper ignores
-//! SIGINT, SIGTERM, SIGHUP, SIGQUIT and the terminal stop signals, and runs in its own
-//! process group: it ends when its pipe closes.
+//! the attempts it is to kill. It ignores SIGINT, SIGTERM, SIGHUP, SIGQUIT and the
+//! terminal stop signals, and runs in its own process group: it ends when its pipe
+//! closes.
 //!
 //! What it cannot cover: a whole machine (or container) frozen together with the keeper —
 //! tasks then resume with it, and the keeper kills them on waking, within milliseconds;
