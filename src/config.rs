@@ -185,6 +185,21 @@ pub struct ExecutorConfig {
     /// (`pids.max`, `memory.max`). Where it cannot, the node says so and uses process
     /// groups alone.
     pub shell_cgroups: bool,
+    /// Run each shell attempt that runs as a `shell_user` in namespaces of its own: the
+    /// node's filesystem read-only, one tmpfs of `shell_max_disk_bytes` for all it
+    /// writes, a `/proc` of its own processes, and no network unless `shell_network`
+    /// says so (see `executor::isolation`). Needs a root node with CAP_SYS_ADMIN on
+    /// Linux 5.12 or later; a node that cannot isolate refuses to start until this is
+    /// set to false.
+    pub shell_isolation: bool,
+    /// The network of isolated shell attempts: `none` (their own namespace with only
+    /// its loopback: no node service, peer, metadata or outside address) or `host`
+    /// (the node's network, beyond the egress policy). Per tenant:
+    /// `tenants.<tenant>.shell_network`.
+    pub shell_network: ShellNetwork,
+    /// The scratch space of an isolated shell attempt (its working dir, `/tmp`,
+    /// `/var/tmp` and `/dev/shm` together, a tmpfs); 0 means the 1 GiB default.
+    pub shell_max_disk_bytes: u64,
     /// Networks (CIDR) every tenant's `http` tasks and webhooks may reach although the
     /// egress policy refuses them by default (loopback, private, link-local, CGNAT, ULA,
     /// multicast and the cluster's own addresses). Default: none. Prefer granting a
@@ -234,6 +249,21 @@ pub struct TenantExecutor {
         deserialize_with = "user_name_or_id"
     )]
     pub shell_user: Option<String>,
+    /// This tenant's isolated shell attempts get this network instead of
+    /// `executor.shell_network`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shell_network: Option<ShellNetwork>,
+}
+
+/// Which network an isolated shell attempt has (`executor.shell_network`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ShellNetwork {
+    /// A network namespace of its own holding only its loopback.
+    #[default]
+    None,
+    /// The node's network.
+    Host,
 }
 
 impl ExecutorConfig {
@@ -268,6 +298,9 @@ impl Default for ExecutorConfig {
             shell_max_open_files: 1024,
             shell_max_memory_bytes: 4 << 30,
             shell_cgroups: true,
+            shell_isolation: true,
+            shell_network: ShellNetwork::None,
+            shell_max_disk_bytes: crate::executor::isolation::DEFAULT_MAX_DISK_BYTES,
             http_allow: Vec::new(),
             webhook_secret: None,
             tenants: Default::default(),

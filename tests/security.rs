@@ -19,6 +19,22 @@ async fn up(n: u64, env: &[(&str, &str)]) -> Cluster {
     c
 }
 
+/// One node with shell on as in production (no dev mode, attempts as `nobody`) and
+/// `env`; None (the test skips) where the suite does not run as root.
+async fn up_with_shell_user(env: &[(&str, &str)]) -> Option<Cluster> {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipped: switching users needs root");
+        return None;
+    }
+    let mut all = vec![
+        ("ORCHESTRATOR_DEV_MODE", ""),
+        ("ORCHESTRATOR_EXECUTOR__SHELL_USER", "nobody"),
+    ];
+    all.extend_from_slice(env);
+    Some(up(1, &all).await)
+}
+
 fn shell_dag(dag_id: &str, command: &str) -> Value {
     json!({"dag_id": dag_id, "tasks": [{"task_id": "t", "kind": "shell", "command": command}]})
 }
@@ -113,21 +129,14 @@ async fn shell_tasks_need_the_shell_scope_and_an_enabled_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_tenant_s_shell_attempts_can_run_as_a_user_of_its_own() {
-    // SAFETY: geteuid(2) has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        println!("skipped: switching users needs root");
+    let Some(c) = up_with_shell_user(&[
+        // A uid without a passwd entry is a user all the same.
+        ("ORCHESTRATOR_EXECUTOR__TENANTS__BETA__SHELL_USER", "54321"),
+    ])
+    .await
+    else {
         return;
-    }
-    let c = up(
-        1,
-        &[
-            ("ORCHESTRATOR_DEV_MODE", ""),
-            ("ORCHESTRATOR_EXECUTOR__SHELL_USER", "nobody"),
-            // A uid without a passwd entry is a user all the same.
-            ("ORCHESTRATOR_EXECUTOR__TENANTS__BETA__SHELL_USER", "54321"),
-        ],
-    )
-    .await;
+    };
     let scopes = "orchestrator:read orchestrator:write orchestrator:shell";
     let (acme, beta) = (c.token("acme", scopes), c.token("beta", scopes));
     // acme (the node-wide user) leaves a file in its working dir and runs on.
@@ -167,7 +176,8 @@ async fn each_tenant_s_shell_attempts_can_run_as_a_user_of_its_own() {
         .expect("acme's working dir")
         .to_string();
     // beta runs as its own uid and cannot read what acme's attempt left, nor list the
-    // working dirs' root or a run's dir (which would tell it others' run and task ids).
+    // working dirs' root or a run's dir (which would tell it others' run and task ids):
+    // they are not in its view at all (its own tmpfs), or not listable.
     let root = std::path::Path::new(&home)
         .ancestors()
         .nth(3)
@@ -197,12 +207,17 @@ async fn each_tenant_s_shell_attempts_can_run_as_a_user_of_its_own() {
         "beta read acme's file: {log}"
     );
     assert_eq!(
-        log.matches("Permission denied").count(),
+        log.matches("Permission denied").count() + log.matches("No such file").count(),
         4,
         "beta reached acme's working dir, or listed the dirs above it: {log}"
     );
-    // An attempt's working dir goes with it: what it wrote does not fill the disk.
-    assert!(std::path::Path::new(&home).join("mine").exists());
+    // What an attempt writes stays in its own tmpfs, off the node's disk; its working
+    // dir (the mount point) goes with it.
+    assert!(std::path::Path::new(&home).exists());
+    assert!(
+        !std::path::Path::new(&home).join("mine").exists(),
+        "acme's file reached the node's disk"
+    );
     let (s, v) = c
         .post(1, &format!("/runs/{acme_run}/cancel"), &acme, &json!({}))
         .await;
@@ -211,6 +226,83 @@ async fn each_tenant_s_shell_attempts_can_run_as_a_user_of_its_own() {
         (!std::path::Path::new(&home).exists()).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_shell_attempts_see_no_network_no_node_and_have_bounded_space() {
+    let Some(c) = up_with_shell_user(&[
+        ("ORCHESTRATOR_EXECUTOR__SHELL_MAX_DISK_BYTES", "4000000"),
+        // beta may use the node's network; acme (the default) may not.
+        (
+            "ORCHESTRATOR_EXECUTOR__TENANTS__BETA__SHELL_NETWORK",
+            "host",
+        ),
+    ])
+    .await
+    else {
+        return;
+    };
+    let scopes = "orchestrator:read orchestrator:write orchestrator:shell";
+    let (acme, beta) = (c.token("acme", scopes), c.token("beta", scopes));
+    let health = format!("http://{}:{}/healthz", c.node(1).host, c.node(1).api_port);
+    let marker = format!("orchestrator-isolation-{}", std::process::id());
+    let command = format!(
+        "echo PID=$$; echo NET; cat /proc/net/dev; \
+         echo CURL; curl -sS -m 5 {health} 2>&1; echo curl-rc=$?; \
+         echo ROFS; touch /usr/{marker} 2>&1; \
+         echo hello > /tmp/{marker} && echo tmp-ok; \
+         head -c 8000000 /dev/zero 2>&1 > $HOME/big; echo disk-rc=$?; \
+         echo PROCS=$(ls /proc | grep -c '^[0-9]'); grep NoNewPrivs /proc/self/status; exit 0"
+    );
+    for t in [&acme, &beta] {
+        let (s, v) = c.post(1, "/dags", t, &shell_dag("look", &command)).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    let (run, log) = run_and_log(&c, &acme, "look").await;
+    assert_eq!(run["state"], "done", "{run} {log}");
+    // Alone in its PID namespace: the shell is PID 2 (under the namespace's init) and
+    // sees only its own processes (not the node, not another attempt of the same user).
+    assert!(log.contains("PID=2\n"), "{log}");
+    let procs: u32 = log
+        .lines()
+        .find_map(|l| l.strip_prefix("PROCS="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no PROCS line: {log}"));
+    assert!(procs <= 5, "saw {procs} processes: {log}");
+    // No network but its own loopback: the node's API (on its loopback address) is out
+    // of reach.
+    let net = log
+        .split("NET\n")
+        .nth(1)
+        .and_then(|s| s.split("CURL\n").next());
+    let interfaces: Vec<&str> = net
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(':').map(|(name, _)| name.trim()))
+        .collect();
+    assert_eq!(interfaces, ["lo"], "{log}");
+    assert!(
+        !log.contains("\"status\":\"ok\""),
+        "reached the node's API: {log}"
+    );
+    assert!(!log.contains("curl-rc=0"), "{log}");
+    // The node's filesystem is read-only; its own /tmp is writable and private; its
+    // scratch space is bounded as configured; no new privileges.
+    assert!(log.contains("Read-only file system"), "{log}");
+    assert!(log.contains("tmp-ok"), "{log}");
+    assert!(
+        !std::path::Path::new("/tmp").join(&marker).exists(),
+        "the attempt's /tmp is the node's"
+    );
+    assert!(log.contains("No space left on device"), "{log}");
+    assert!(log.contains("NoNewPrivs:\t1"), "{log}");
+    // beta's attempts may use the node's network (tenants.beta.shell_network = host).
+    let (run, log) = run_and_log(&c, &beta, "look").await;
+    assert_eq!(run["state"], "done", "{run} {log}");
+    assert!(log.contains("\"status\":\"ok\""), "{log}");
+    assert!(log.contains("curl-rc=0"), "{log}");
+    assert!(log.contains("Read-only file system"), "{log}");
+    c.assert_no_panics();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,7 +405,7 @@ async fn a_shell_task_sees_no_secrets_and_cannot_read_the_data_dir() {
         data_part
             .lines()
             .next()
-            .is_some_and(|l| l.contains("Permission denied")),
+            .is_some_and(|l| l.contains("Permission denied") || l.contains("No such file")),
         "the task listed the data dir: {log}"
     );
     // Every configured rlimit, soft and hard (/proc/self/limits: name, soft, hard, unit).

@@ -1,10 +1,14 @@
 //! Running one task attempt: `shell` (`/bin/sh -c` in its own process group, only when
 //! the node's [`sandbox::ShellPolicy`] enables it, with a cleared environment, rlimits,
 //! optionally another user, a working dir per attempt outside the data dir, identity and
-//! window in the environment and in `{{ }}` templates, killed as a group — and, where
-//! the node can create one, as a whole [`cgroup`] — on timeout, cancel or its end), `http` (method, URL, headers, body, expected status, all templated; through
-//! the node's [`egress::Egress`] policy, the answer read only up to the log cap) and `noop`. Output goes to a per-attempt log file with a size
-//! cap. Nothing here knows Raft: the executor actor reports the [`AttemptResult`].
+//! window in the environment and in `{{ }}` templates, when run as another user in the
+//! namespaces of [`isolation`] (no network, a read-only node, one bounded tmpfs, its own
+//! `/proc`), killed as a group — and, where the node can create one, as a whole
+//! [`cgroup`] — on timeout, cancel or its end), `http` (method, URL, headers, body,
+//! expected status, all templated; through the node's [`egress::Egress`] policy, the
+//! answer read only up to the log cap) and `noop`. Output goes to a per-attempt log file
+//! with a size cap. Nothing here knows Raft: the executor actor reports the
+//! [`AttemptResult`].
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -17,6 +21,7 @@ use tokio::sync::oneshot;
 pub mod cgroup;
 pub mod egress;
 pub mod fencing;
+pub mod isolation;
 pub mod leftovers;
 pub mod sandbox;
 
@@ -372,6 +377,15 @@ async fn run_shell(
             }
         }
     };
+    let isolation = match a.shell.isolation_for(&a.run.tenant, &work, identity) {
+        Ok(i) => i,
+        Err(e) => {
+            return AttemptResult::Failed {
+                exit_code: None,
+                error: format!("cannot isolate the attempt in {}: {e}", work.display()),
+            }
+        }
+    };
     let mut command = tokio::process::Command::new("/bin/sh");
     command
         .arg("-c")
@@ -388,14 +402,18 @@ async fn run_shell(
     let cgroups = a.shell.cgroups.as_ref();
     let join =
         cgroups.map(|c| c.for_child(limits.processes(identity.is_some()), limits.memory_bytes));
-    // SAFETY: the closure only makes async-signal-safe syscalls (see `sandbox::in_child`
-    // and `cgroup::ChildCgroup::join`), and joins its cgroup while still the node's user.
+    // SAFETY: the closure only makes async-signal-safe syscalls (see `sandbox::in_child`,
+    // `isolation::Isolation::enter` and `cgroup::ChildCgroup::join`), and joins its
+    // cgroup and enters its namespaces while still the node's user.
     // A failed join is not the attempt's failure: it runs in its process group only (the
     // parent says so below).
     unsafe {
         command.pre_exec(move || {
             if let Some(j) = &join {
                 let _ = j.join();
+            }
+            if let Some(i) = &isolation {
+                i.enter()?;
             }
             sandbox::in_child(limits, identity)
         });

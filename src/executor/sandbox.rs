@@ -1,12 +1,14 @@
 //! What a shell attempt may use: whether shell runs at all on this node, the user it runs
-//! as, the working-dir root outside the data dir, a cleared environment and rlimits
-//! applied in the child between fork and exec.
+//! as, the working-dir root outside the data dir, a cleared environment, rlimits and
+//! no new privileges applied in the child between fork and exec, and (for an attempt
+//! run as another user) the namespaces of [`super::isolation`].
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use super::cgroup::Cgroups;
-use crate::config::Config;
+use super::isolation::{self, Isolation};
+use crate::config::{Config, ShellNetwork};
 
 /// The environment's `PATH` for an attempt; nothing of the node's own environment passes.
 const SAFE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -43,6 +45,12 @@ pub enum Error {
         what: &'static str,
         path: PathBuf,
     },
+    #[error(
+        "shell attempts cannot be isolated on this node ({reason}): run the node as root \
+         with CAP_SYS_ADMIN on Linux 5.12 or later, or set executor.shell_isolation = false \
+         (attempts then share the node's network and may write wherever their user can)"
+    )]
+    CannotIsolate { reason: String },
 }
 
 /// Resource limits per attempt; 0 leaves the node's own limit.
@@ -53,6 +61,8 @@ pub struct Limits {
     pub file_bytes: u64,
     pub open_files: u64,
     pub memory_bytes: u64,
+    /// Scratch space of an isolated attempt (its tmpfs).
+    pub disk_bytes: u64,
 }
 
 /// The process limit of an attempt run as a user of its own when none is configured:
@@ -87,6 +97,11 @@ pub struct ShellPolicy {
     pub work_root: PathBuf,
     pub default_timeout: Duration,
     pub limits: Limits,
+    /// Whether attempts run as another user get namespaces of their own.
+    pub isolation: bool,
+    /// Their network, unless their tenant has its own setting.
+    pub network: ShellNetwork,
+    pub tenant_networks: std::collections::BTreeMap<String, ShellNetwork>,
     /// Where attempts get their cgroups (set by the executor where it can create them).
     pub cgroups: Option<Cgroups>,
 }
@@ -112,7 +127,15 @@ impl ShellPolicy {
                 file_bytes: e.shell_max_file_bytes,
                 open_files: e.shell_max_open_files,
                 memory_bytes: e.shell_max_memory_bytes,
+                disk_bytes: e.shell_max_disk_bytes,
             },
+            isolation: e.shell_isolation,
+            network: e.shell_network,
+            tenant_networks: e
+                .tenants
+                .iter()
+                .filter_map(|(t, s)| Some((t.clone(), s.shell_network?)))
+                .collect(),
             cgroups: None,
         }
     }
@@ -128,8 +151,18 @@ impl ShellPolicy {
             return Ok(());
         }
         let users = std::iter::once(self.user.as_ref()).chain(self.tenant_users.values().map(Some));
+        let private_network = self.network == ShellNetwork::None
+            || self
+                .tenant_networks
+                .values()
+                .any(|n| *n == ShellNetwork::None);
         for user in users {
             let identity = identity_of(user)?;
+            if let (true, Some((uid, gid))) = (self.isolation, identity) {
+                isolation::probe(uid, gid, private_network).map_err(|e| Error::CannotIsolate {
+                    reason: e.to_string(),
+                })?;
+            }
             if let Err(e) = check_identity(identity, user, c) {
                 if !c.dev_mode {
                     return Err(e);
@@ -150,6 +183,28 @@ impl ShellPolicy {
     /// node-wide one), or None to stay the node's user.
     pub fn identity_for(&self, tenant: &str) -> Result<Option<(u32, u32)>, Error> {
         identity_of(self.tenant_users.get(tenant).or(self.user.as_ref()))
+    }
+
+    /// The namespaces of `tenant`'s attempt in working dir `work` run as `identity`:
+    /// none when it runs as the node's own user or isolation is off.
+    pub fn isolation_for(
+        &self,
+        tenant: &str,
+        work: &std::path::Path,
+        identity: Option<(u32, u32)>,
+    ) -> std::io::Result<Option<Isolation>> {
+        let Some((uid, gid)) = identity.filter(|_| self.isolation) else {
+            return Ok(None);
+        };
+        let network = self.tenant_networks.get(tenant).unwrap_or(&self.network);
+        Isolation::new(
+            work,
+            uid,
+            gid,
+            self.limits.disk_bytes,
+            *network == ShellNetwork::None,
+        )
+        .map(Some)
     }
 }
 
@@ -316,8 +371,9 @@ fn lower(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result<()>
     Ok(())
 }
 
-/// Runs in the child after fork, before exec: rlimits, then drop to `identity`.
-/// Only async-signal-safe calls.
+/// Runs in the child after fork, before exec (and after [`Isolation::enter`]): rlimits,
+/// then drop to `identity` for good: no setuid program or file capability can raise the
+/// attempt's privileges again. Only async-signal-safe calls.
 pub fn in_child(limits: Limits, identity: Option<(u32, u32)>) -> std::io::Result<()> {
     lower(libc::RLIMIT_NPROC, limits.processes(identity.is_some()))?;
     lower(libc::RLIMIT_FSIZE, limits.file_bytes)?;
@@ -331,6 +387,9 @@ pub fn in_child(limits: Limits, identity: Option<(u32, u32)>) -> std::io::Result
                 || libc::setgid(gid) != 0
                 || libc::setuid(uid) != 0
             {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
         }
@@ -370,6 +429,9 @@ mod tests {
             work_root: PathBuf::from("/tmp"),
             default_timeout: Duration::from_secs(1),
             limits: Limits::default(),
+            isolation: false,
+            network: ShellNetwork::None,
+            tenant_networks: Default::default(),
             cgroups: None,
         }
     }
