@@ -318,6 +318,28 @@ fn dashboard_and_alert_exprs() -> Vec<(String, String)> {
 async fn metrics_have_histograms_consistent_raft_gauges_and_back_the_dashboard() {
     let mut c = Cluster::new(3, FAST);
     up(&mut c).await;
+    // Before any run, every node already exports its histograms (a dashboard's quantile
+    // and an alert see a series from the start, on followers too).
+    for id in 1..=3 {
+        let s = scrape(&c, id).await;
+        for (name, labels) in [
+            ("orchestrator_scheduler_fire_lag_seconds_count", vec![]),
+            ("orchestrator_raft_commit_seconds_count", vec![]),
+            (
+                "orchestrator_task_attempt_duration_seconds_count",
+                vec![("result", "failed")],
+            ),
+            (
+                "orchestrator_run_duration_seconds_count",
+                vec![("state", "cancelled")],
+            ),
+        ] {
+            assert!(
+                s.value(name, &labels).is_some(),
+                "node {id}: no {name} {labels:?}"
+            );
+        }
+    }
     let t = c.token("acme", ALL_SCOPES);
     // A scheduled DAG (fire lag) and a manual one whose run finishes (run and attempt
     // durations).

@@ -111,6 +111,7 @@ pub fn install(node: u64) -> Result<PrometheusHandle, InstallError> {
         Ok(()) => {
             describe();
             register_counters();
+            register_histograms();
             let _ = HANDLE.set(handle.clone());
             Ok(handle)
         }
@@ -149,6 +150,21 @@ fn register_counters() {
     }
     for kind in ["built", "installed"] {
         metrics::counter!(RAFT_SNAPSHOTS, "kind" => kind).increment(0);
+    }
+}
+
+/// Histograms exist from the start with no observations, on every node: a fire lag
+/// only a leader records, an attempt result that has not happened yet.
+fn register_histograms() {
+    for name in [FIRE_LAG_SECONDS, RAFT_COMMIT_SECONDS, RAFT_APPLY_BATCH] {
+        let _ = metrics::histogram!(name);
+    }
+    for result in ["success", "failed", "timed_out", "lost"] {
+        let _ = metrics::histogram!(ATTEMPT_SECONDS, "result" => result);
+        metrics::counter!(ATTEMPTS, "result" => result).increment(0);
+    }
+    for state in ["done", "failed", "cancelled"] {
+        let _ = metrics::histogram!(RUN_SECONDS, "state" => state);
     }
 }
 
