@@ -257,6 +257,78 @@ fn snapshot_install_replaces_the_whole_state() {
 }
 
 #[test]
+fn snapshots_are_files_and_one_kept_the_old_way_becomes_one_at_start() {
+    use orchestrator::raft::db::CF_SNAPSHOT;
+    use tokio::io::AsyncReadExt;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path()).unwrap();
+    let mut sm = StateMachineStore::new(db.clone()).unwrap();
+    let snapshot_files = || -> Vec<String> {
+        std::fs::read_dir(dir.path().join("snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let read = |mut s: Box<tokio::fs::File>| {
+        rt.block_on(async move {
+            let mut v = Vec::new();
+            s.read_to_end(&mut v).await.unwrap();
+            v
+        })
+    };
+    let meta = rt.block_on(async {
+        let put = |d: &str| Request {
+            request_id: format!("r-{d}"),
+            proposed_at_ms: 5,
+            idempotency: None,
+            command: Command::PutDag {
+                tenant: "a".into(),
+                spec: spec(d, "o"),
+                expected_version: None,
+            },
+            subject: None,
+            quota: None,
+            shell_scope: false,
+        };
+        sm.apply(vec![entry(1, 1, vec![put("d1")])]).await.unwrap();
+        sm.build_snapshot().await.unwrap();
+        sm.apply(vec![entry(1, 2, vec![put("d2")])]).await.unwrap();
+        sm.build_snapshot().await.unwrap().meta
+    });
+    // One file: the older snapshot went when the newer one became current.
+    assert_eq!(snapshot_files().len(), 1, "{:?}", snapshot_files());
+    let current = rt.block_on(sm.get_current_snapshot()).unwrap().unwrap();
+    assert_eq!(current.meta, meta);
+    let data = read(current.snapshot);
+    let dags = orchestrator::raft::state_machine::parse_snapshot(&data)
+        .unwrap()
+        .into_iter()
+        .filter(|(t, _, _)| *t == Table::Dags)
+        .count();
+    assert_eq!(dags, 2, "both DAGs");
+    // A node of an earlier release kept its snapshot whole in RocksDB.
+    drop(sm);
+    for f in snapshot_files() {
+        std::fs::remove_file(dir.path().join("snapshots").join(f)).unwrap();
+    }
+    let cf = db.cf(CF_SNAPSHOT).unwrap();
+    let old_meta = serde_json::to_vec(&serde_json::json!({ "meta": meta })).unwrap();
+    db.raw().put_cf(cf, b"meta", old_meta).unwrap();
+    db.raw().put_cf(cf, b"data", &data).unwrap();
+    let mut sm = StateMachineStore::new(db.clone()).unwrap();
+    assert_eq!(snapshot_files().len(), 1, "moved into a file");
+    assert_eq!(
+        db.raw().get_cf(cf, b"data").unwrap(),
+        None,
+        "and out of RocksDB"
+    );
+    let current = rt.block_on(sm.get_current_snapshot()).unwrap().unwrap();
+    assert_eq!(current.meta, meta);
+    assert_eq!(read(current.snapshot), data);
+}
+
+#[test]
 fn corrupt_snapshots_are_rejected() {
     use orchestrator::raft::state_machine::parse_snapshot;
     assert!(parse_snapshot(b"nope").is_err());

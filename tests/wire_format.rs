@@ -824,7 +824,9 @@ fn every_recorded_snapshot_installs_and_every_table_decodes() {
         let data = hex::decode(&snap.data_hex).expect("snapshot data is hex");
         let (_d, db, mut sm) = fresh();
         rt().block_on(async {
-            sm.install_snapshot(&snap.meta, Box::new(std::io::Cursor::new(data)))
+            let mut file = tempfile::tempfile().expect("a temp file");
+            std::io::Write::write_all(&mut file, &data).expect("write the snapshot");
+            sm.install_snapshot(&snap.meta, Box::new(tokio::fs::File::from_std(file)))
                 .await
                 .expect("the snapshot installs")
         });
@@ -1021,11 +1023,17 @@ fn write_fixtures() {
     );
     let log = scenario(version);
     let (_d, db, mut sm) = fresh();
-    let snap = rt().block_on(async {
+    let (snap, data) = rt().block_on(async {
+        use tokio::io::AsyncReadExt;
         sm.apply(log.clone()).await.expect("scenario applies");
-        sm.build_snapshot().await.expect("snapshot")
+        let mut snap = sm.build_snapshot().await.expect("snapshot");
+        let mut data = Vec::new();
+        snap.snapshot
+            .read_to_end(&mut data)
+            .await
+            .expect("read the snapshot");
+        (snap, data)
     });
-    let data = (*snap.snapshot).into_inner();
     let fixture = SnapshotFixture {
         meta: snap.meta,
         data_hex: hex::encode(data),

@@ -11,6 +11,7 @@ pub mod network;
 pub mod node;
 pub mod peer_server;
 pub mod read_rounds;
+pub mod snapshot_store;
 pub mod state_machine;
 pub mod types;
 

@@ -1,14 +1,13 @@
 //! openraft's state machine over RocksDB. `apply` runs [`crate::state::apply_request`]
 //! for every request of every entry through an overlay with read-your-writes, then writes
 //! the changed keys, `last_applied` and the membership in one atomic batch.
-//! Snapshots are built from a RocksDB point-in-time view while apply continues;
-//! installing one replaces every replicated table.
+//! Snapshots are streamed from a RocksDB point-in-time view into a file while apply
+//! continues ([`super::snapshot_store`]); installing one replaces every replicated table.
 //! It also keeps the run/task census ([`crate::state::census`]) and the due index of the
 //! supervise pass ([`crate::state::due`]) true as it writes runs, and records the apply batch size, run durations, task retries and snapshots as
 //! metrics.
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -19,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::db::{Db, CF_SM_META, CF_SNAPSHOT};
+use super::snapshot_store::{SnapshotFiles, SnapshotReader};
 use super::types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
@@ -31,8 +31,8 @@ use crate::telemetry::metrics as m;
 const KEY_LAST_APPLIED: &[u8] = b"last_applied";
 const KEY_MEMBERSHIP: &[u8] = b"membership";
 const KEY_SNAPSHOT_META: &[u8] = b"meta";
+/// Where snapshots were kept whole before they were files: read once at start and moved.
 const KEY_SNAPSHOT_DATA: &[u8] = b"data";
-const SNAPSHOT_MAGIC: &[u8] = b"ORCSNAP1";
 
 fn sm_read_err(e: impl std::error::Error + Send + Sync + 'static) -> StorageError {
     StorageIOError::read_state_machine(&e).into()
@@ -227,16 +227,20 @@ impl Kv for Overlay<'_> {
     }
 }
 
-/// The stored snapshot: its metadata (JSON) and its data (our binary format).
+/// The current snapshot: its metadata and the file that holds its data (absent in
+/// what nodes stored before snapshots were files: the data was `KEY_SNAPSHOT_DATA`).
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshotMeta {
     meta: SnapshotMeta,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    file: Option<String>,
 }
 
 /// openraft's state machine handle. Cheap to clone: all state is in RocksDB.
 #[derive(Clone)]
 pub struct StateMachineStore {
     db: Db,
+    snapshots: SnapshotFiles,
     snapshot_seq: Arc<AtomicU64>,
     applied_tx: Arc<watch::Sender<u64>>,
     census: Arc<Mutex<Counts>>,
@@ -259,12 +263,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl StateMachineStore {
-    /// Open over `db`; counts and indexes the stored runs once.
+    /// Open over `db`; counts and indexes the stored runs once, and tidies the
+    /// snapshot files (moving a snapshot kept the old way into one).
     pub fn new(db: Db) -> Result<Self, StorageError> {
         let (tx, _) = watch::channel(0);
         let all = Self::count_all(&db)?;
+        let snapshots = SnapshotFiles::open(db.raw().path()).map_err(snap_err)?;
+        let current = Self::current_snapshot_file(&db, &snapshots)?;
+        snapshots.remove_all_but(current.as_deref(), true);
         Ok(StateMachineStore {
             db,
+            snapshots,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             applied_tx: Arc::new(tx),
             census: Arc::new(Mutex::new(all.counts)),
@@ -455,10 +464,43 @@ impl StateMachineStore {
         Ok(responses)
     }
 
-    /// Serialise every replicated table from one point-in-time view.
-    fn build_snapshot_blob(
+    /// The file of the current snapshot, if there is one. A snapshot stored whole in
+    /// RocksDB (before snapshots were files) becomes a file here, once.
+    fn current_snapshot_file(
         db: &Db,
-    ) -> Result<(Option<LogId>, StoredMembership, Vec<u8>), StorageError> {
+        files: &SnapshotFiles,
+    ) -> Result<Option<String>, StorageError> {
+        let stored: Option<StoredSnapshotMeta> = db
+            .get_json(CF_SNAPSHOT, KEY_SNAPSHOT_META)
+            .map_err(snap_err)?;
+        let Some(mut stored) = stored else {
+            return Ok(None);
+        };
+        if stored.file.is_some() {
+            return Ok(stored.file);
+        }
+        let data = db
+            .get(CF_SNAPSHOT, KEY_SNAPSHOT_DATA)
+            .map_err(snap_err)?
+            .unwrap_or_default();
+        let name = SnapshotFiles::new_name(stored.meta.last_log_id.map(|l| l.index));
+        files.write_from(&name, data.as_slice()).map_err(snap_err)?;
+        stored.file = Some(name);
+        let cf = db.cf(CF_SNAPSHOT).map_err(snap_err)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf, KEY_SNAPSHOT_META, to_json(&stored));
+        batch.delete_cf(cf, KEY_SNAPSHOT_DATA);
+        db.write(batch, true).map_err(snap_err)?;
+        Ok(stored.file)
+    }
+
+    /// Stream every replicated table from one point-in-time view into snapshot file
+    /// `name`.
+    fn write_snapshot_file(
+        db: &Db,
+        files: &SnapshotFiles,
+        seq: u64,
+    ) -> Result<(SnapshotMeta, String), StorageError> {
         // Everything this snapshot covers must survive a crash: the log behind it may be
         // purged as soon as it exists.
         db.raw().flush_wal(true).map_err(snap_err)?;
@@ -475,72 +517,59 @@ impl StateMachineStore {
             Some(b) => serde_json::from_slice(&b).map_err(snap_err)?,
             None => StoredMembership::default(),
         };
-        let mut blob = SNAPSHOT_MAGIC.to_vec();
-        for table in Table::ALL {
-            let cf = db.cf(table.name()).map_err(snap_err)?;
-            for item in snap.iterator_cf(cf, IteratorMode::Start) {
-                let (k, v) = item.map_err(snap_err)?;
-                blob.push(table.index());
-                blob.extend_from_slice(&(k.len() as u32).to_be_bytes());
-                blob.extend_from_slice(&k);
-                blob.extend_from_slice(&(v.len() as u32).to_be_bytes());
-                blob.extend_from_slice(&v);
-            }
-        }
-        Ok((last, membership, blob))
+        let name = SnapshotFiles::new_name(last.map(|l| l.index));
+        files
+            .write(&name, |w| {
+                for table in Table::ALL {
+                    let cf = db.cf(table.name()).map_err(std::io::Error::other)?;
+                    for item in snap.iterator_cf(cf, IteratorMode::Start) {
+                        let (k, v) = item.map_err(std::io::Error::other)?;
+                        w.record(table, &k, &v)?;
+                    }
+                }
+                Ok(())
+            })
+            .map_err(snap_err)?;
+        let snapshot_id = match last {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, seq),
+            None => format!("none-{seq}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: last,
+            last_membership: membership,
+            snapshot_id,
+        };
+        Ok((meta, name))
     }
 
+    /// Make snapshot file `name` the current snapshot (its file is durable already),
+    /// in `batch`.
     fn store_snapshot(
         db: &Db,
         meta: &SnapshotMeta,
-        data: &[u8],
+        name: &str,
         batch: &mut WriteBatch,
     ) -> Result<(), StorageError> {
         let cf = db.cf(CF_SNAPSHOT).map_err(snap_err)?;
-        batch.put_cf(
-            cf,
-            KEY_SNAPSHOT_META,
-            to_json(&StoredSnapshotMeta { meta: meta.clone() }),
-        );
-        batch.put_cf(cf, KEY_SNAPSHOT_DATA, data);
+        let stored = StoredSnapshotMeta {
+            meta: meta.clone(),
+            file: Some(name.to_string()),
+        };
+        batch.put_cf(cf, KEY_SNAPSHOT_META, to_json(&stored));
+        batch.delete_cf(cf, KEY_SNAPSHOT_DATA);
         Ok(())
     }
-}
 
-/// `(table, key, value)` records of a snapshot.
-pub type Records = Vec<(Table, Vec<u8>, Vec<u8>)>;
-
-/// Parse a snapshot blob into records, rejecting anything malformed.
-pub fn parse_snapshot(data: &[u8]) -> Result<Records, String> {
-    let rest = data
-        .strip_prefix(SNAPSHOT_MAGIC)
-        .ok_or("snapshot does not start with the expected magic bytes")?;
-    let mut out = Vec::new();
-    let mut pos = 0usize;
-    let take = |pos: &mut usize, n: usize| -> Result<&[u8], String> {
-        let end = pos
-            .checked_add(n)
-            .filter(|e| *e <= rest.len())
-            .ok_or_else(|| format!("snapshot truncated at byte {pos}"))?;
-        let s = &rest[*pos..end];
-        *pos = end;
-        Ok(s)
-    };
-    let take_len = |pos: &mut usize| -> Result<usize, String> {
-        let b = take(pos, 4)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
-    };
-    while pos < rest.len() {
-        let t = take(&mut pos, 1)?[0];
-        let table = Table::from_index(t).ok_or_else(|| format!("unknown table index {t}"))?;
-        let klen = take_len(&mut pos)?;
-        let key = take(&mut pos, klen)?.to_vec();
-        let vlen = take_len(&mut pos)?;
-        let value = take(&mut pos, vlen)?.to_vec();
-        out.push((table, key, value));
+    /// Open snapshot file `name` for openraft (which reads it to send it).
+    fn open_snapshot(files: &SnapshotFiles, name: &str) -> Result<SnapshotData, StorageError> {
+        let file = std::fs::File::open(files.path(name)).map_err(snap_err)?;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
     }
-    Ok(out)
 }
+
+type SnapshotData = Box<tokio::fs::File>;
+
+pub use super::snapshot_store::parse_snapshot;
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = Self;
@@ -570,25 +599,34 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<SnapshotData, StorageError> {
+        let file = self.snapshots.receiving().map_err(snap_err)?;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: SnapshotData,
     ) -> Result<(), StorageError> {
         let meta = meta.clone();
-        let data = snapshot.into_inner();
+        let mut received = snapshot.into_std().await;
         let idx = meta.last_log_id.map(|l| l.index);
+        let files = self.snapshots.clone();
         self.blocking(move |db| {
-            let records = parse_snapshot(&data).map_err(|e| {
+            let bad = |e: String| {
                 StorageError::from(StorageIOError::read_snapshot(
                     Some(meta.signature()),
                     &std::io::Error::other(e),
                 ))
-            })?;
+            };
+            // Kept as the current snapshot (for followers that need it next), then read
+            // from there, record by record.
+            use std::io::Seek;
+            received.rewind().map_err(snap_err)?;
+            let name = SnapshotFiles::new_name(idx);
+            files.write_from(&name, &mut received).map_err(snap_err)?;
+            let file = std::fs::File::open(files.path(&name)).map_err(snap_err)?;
             let mut batch = WriteBatch::default();
             // Replace the whole state machine: delete what the snapshot lacks.
             for table in Table::ALL {
@@ -598,14 +636,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     batch.delete_cf(cf, k);
                 }
             }
-            for (table, k, v) in records {
+            for record in SnapshotReader::new(file).map_err(bad)? {
+                let (table, k, v) = record.map_err(bad)?;
                 batch.put_cf(db.cf(table.name()).map_err(snap_err)?, k, v);
             }
             let meta_cf = db.cf(CF_SM_META).map_err(snap_err)?;
             batch.put_cf(meta_cf, KEY_LAST_APPLIED, to_json(&meta.last_log_id));
             batch.put_cf(meta_cf, KEY_MEMBERSHIP, to_json(&meta.last_membership));
-            Self::store_snapshot(db, &meta, &data, &mut batch)?;
+            Self::store_snapshot(db, &meta, &name, &mut batch)?;
+            let _commit = files.commit_lock();
             db.write(batch, true).map_err(snap_err)?;
+            files.remove_all_but(Some(&name), false);
             Self::count_all(db)
         })
         .await
@@ -618,18 +659,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        self.blocking(|db| {
-            let meta: Option<StoredSnapshotMeta> = db
+        let files = self.snapshots.clone();
+        self.blocking(move |db| {
+            let stored: Option<StoredSnapshotMeta> = db
                 .get_json(CF_SNAPSHOT, KEY_SNAPSHOT_META)
                 .map_err(snap_err)?;
-            let Some(meta) = meta else { return Ok(None) };
-            let data = db
-                .get(CF_SNAPSHOT, KEY_SNAPSHOT_DATA)
-                .map_err(snap_err)?
-                .unwrap_or_default();
+            let Some(StoredSnapshotMeta {
+                meta,
+                file: Some(name),
+            }) = stored
+            else {
+                return Ok(None);
+            };
             Ok(Some(Snapshot {
-                meta: meta.meta,
-                snapshot: Box::new(Cursor::new(data)),
+                meta,
+                snapshot: Self::open_snapshot(&files, &name)?,
             }))
         })
         .await
@@ -639,25 +683,27 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        let files = self.snapshots.clone();
         self.blocking(move |db| {
-            let (last, membership, blob) = Self::build_snapshot_blob(db)?;
-            let snapshot_id = match last {
-                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, seq),
-                None => format!("none-{seq}"),
-            };
-            let meta = SnapshotMeta {
-                last_log_id: last,
-                last_membership: membership,
-                snapshot_id,
-            };
-            let mut batch = WriteBatch::default();
-            Self::store_snapshot(db, &meta, &blob, &mut batch)?;
-            db.write(batch, true).map_err(snap_err)?;
+            let (meta, name) = Self::write_snapshot_file(db, &files, seq)?;
+            let snapshot = Self::open_snapshot(&files, &name)?;
+            let _commit = files.commit_lock();
+            // A snapshot installed while this one was built is newer: it stays current.
+            let current: Option<StoredSnapshotMeta> = db
+                .get_json(CF_SNAPSHOT, KEY_SNAPSHOT_META)
+                .map_err(snap_err)?;
+            // (openraft still gets this one, through the open handle).
+            match current.filter(|c| c.meta.last_log_id > meta.last_log_id) {
+                Some(newer) => files.remove_all_but(newer.file.as_deref(), false),
+                None => {
+                    let mut batch = WriteBatch::default();
+                    Self::store_snapshot(db, &meta, &name, &mut batch)?;
+                    db.write(batch, true).map_err(snap_err)?;
+                    files.remove_all_but(Some(&name), false);
+                }
+            }
             metrics::counter!(m::RAFT_SNAPSHOTS, "kind" => "built").increment(1);
-            Ok(Snapshot {
-                meta,
-                snapshot: Box::new(Cursor::new(blob)),
-            })
+            Ok(Snapshot { meta, snapshot })
         })
         .await
     }

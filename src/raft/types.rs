@@ -1,8 +1,6 @@
 //! The openraft type configuration: what a log entry carries (`Batch`), what applying it
 //! returns (`BatchResponse`) and how cluster members are addressed (`Member`).
 
-use std::io::Cursor;
-
 use serde::{Deserialize, Serialize};
 
 use crate::state::{Batch, BatchResponse};
@@ -31,7 +29,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = Member,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

@@ -1,0 +1,271 @@
+//! The snapshot format and where a node keeps its snapshots: files under
+//! `<db dir>/snapshots/`, written and read as streams, so a snapshot is never whole in
+//! memory, nor one value in RocksDB (where it went through the WAL and a memtable, and
+//! came back whole for every follower it was sent to).
+//!
+//! Format (the replicated protocol's, unchanged since protocol 1; fixtures in
+//! `tests/fixtures/protocol`): the magic bytes `ORCSNAP1`, then records of
+//! `table index (u8) | key length (u32 BE) | key | value length (u32 BE) | value`.
+//!
+//! Files: `<last index, 20 digits>-<nanos>.snap` is a snapshot (the current one is
+//! named in RocksDB, next to its metadata, and only after the file is durable);
+//! `*.part` one being written. A snapshot being received is an unnamed file until it is
+//! installed. Older snapshots go once a newer one is committed; whatever the metadata
+//! does not name goes at start. Building and installing may run at once (openraft
+//! builds in a task of its own): [`SnapshotFiles::commit_lock`] orders their commits.
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::state::Table;
+
+pub const MAGIC: &[u8] = b"ORCSNAP1";
+
+/// One record: which table, its key, its value.
+pub type Record = (Table, Vec<u8>, Vec<u8>);
+
+/// The directory of a node's snapshot files.
+#[derive(Debug, Clone)]
+pub struct SnapshotFiles {
+    dir: PathBuf,
+    commit: std::sync::Arc<std::sync::Mutex<()>>,
+}
+
+impl SnapshotFiles {
+    /// The snapshot directory beside the database's files (created, 0700).
+    pub fn open(db_dir: &Path) -> io::Result<SnapshotFiles> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = db_dir.join("snapshots");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
+        Ok(SnapshotFiles {
+            dir,
+            commit: Default::default(),
+        })
+    }
+
+    /// Held while a snapshot becomes the current one and older files go.
+    pub fn commit_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.commit.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A fresh name for a snapshot up to log index `index`.
+    pub fn new_name(index: Option<u64>) -> String {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("{:020}-{nanos}.snap", index.unwrap_or(0))
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Write snapshot `name` through `fill` (records after the magic bytes), durably:
+    /// a `.part` file, synced, renamed, and the directory synced.
+    pub fn write(
+        &self,
+        name: &str,
+        fill: impl FnOnce(&mut SnapshotWriter<'_>) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let part = self.dir.join(format!("{name}.part"));
+        let mut out = BufWriter::with_capacity(1 << 20, File::create(&part)?);
+        out.write_all(MAGIC)?;
+        fill(&mut SnapshotWriter { out: &mut out })?;
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&part, self.dir.join(name))?;
+        File::open(&self.dir)?.sync_all()
+    }
+
+    /// Copy a received snapshot (any readable stream) into snapshot `name`, durably.
+    pub fn write_from(&self, name: &str, mut from: impl Read) -> io::Result<()> {
+        let part = self.dir.join(format!("{name}.part"));
+        let mut out = BufWriter::with_capacity(1 << 20, File::create(&part)?);
+        io::copy(&mut from, &mut out)?;
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&part, self.dir.join(name))?;
+        File::open(&self.dir)?.sync_all()
+    }
+
+    /// A new unnamed file to receive a snapshot into (read and write; gone when
+    /// closed).
+    pub fn receiving(&self) -> io::Result<File> {
+        tempfile::tempfile_in(&self.dir)
+    }
+
+    /// Remove the snapshots older than `keep` (with `everything`, at start, also every
+    /// other file: what a crash left half written). An open handle (a snapshot being
+    /// sent) still reads a removed file to its end.
+    pub fn remove_all_but(&self, keep: Option<&str>, everything: bool) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if Some(name.as_str()) != keep && (everything || name.ends_with(".snap")) {
+                if let Err(err) = std::fs::remove_file(e.path()) {
+                    tracing::warn!(file = %e.path().display(), error = %err,
+                                   "cannot remove an old snapshot file");
+                }
+            }
+        }
+    }
+}
+
+/// Writes records of a snapshot.
+pub struct SnapshotWriter<'a> {
+    out: &'a mut dyn Write,
+}
+
+impl SnapshotWriter<'_> {
+    pub fn record(&mut self, table: Table, key: &[u8], value: &[u8]) -> io::Result<()> {
+        let len = |n: usize| {
+            u32::try_from(n)
+                .map(u32::to_be_bytes)
+                .map_err(|_| io::Error::other("a key or value over 4 GiB"))
+        };
+        self.out.write_all(&[table.index()])?;
+        self.out.write_all(&len(key.len())?)?;
+        self.out.write_all(key)?;
+        self.out.write_all(&len(value.len())?)?;
+        self.out.write_all(value)
+    }
+}
+
+/// Reads the records of a snapshot from a stream, refusing anything malformed.
+pub struct SnapshotReader<R: Read> {
+    input: BufReader<R>,
+    /// Bytes read so far (for messages).
+    pos: u64,
+}
+
+impl<R: Read> SnapshotReader<R> {
+    /// Check the magic bytes; the records follow.
+    pub fn new(input: R) -> Result<Self, String> {
+        let mut r = SnapshotReader {
+            input: BufReader::with_capacity(1 << 20, input),
+            pos: 0,
+        };
+        let mut magic = [0u8; 8];
+        r.exact(&mut magic)
+            .ok()
+            .filter(|_| magic[..] == *MAGIC)
+            .ok_or("snapshot does not start with the expected magic bytes")?;
+        Ok(r)
+    }
+
+    fn exact(&mut self, buf: &mut [u8]) -> Result<(), String> {
+        self.input.read_exact(buf).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => format!("snapshot truncated at byte {}", self.pos),
+            _ => format!("cannot read the snapshot at byte {}: {e}", self.pos),
+        })?;
+        self.pos += buf.len() as u64;
+        Ok(())
+    }
+
+    fn bytes(&mut self) -> Result<Vec<u8>, String> {
+        let mut len = [0u8; 4];
+        self.exact(&mut len)?;
+        let len = u32::from_be_bytes(len) as usize;
+        // Read what is there, growing as it comes: a length field is not trusted to
+        // size an allocation.
+        let mut out = Vec::new();
+        let got = (&mut self.input)
+            .take(len as u64)
+            .read_to_end(&mut out)
+            .map_err(|e| format!("cannot read the snapshot at byte {}: {e}", self.pos))?;
+        if got < len {
+            return Err(format!(
+                "snapshot truncated at byte {}",
+                self.pos + got as u64
+            ));
+        }
+        self.pos += len as u64;
+        Ok(out)
+    }
+
+    fn next_record(&mut self) -> Result<Option<Record>, String> {
+        let mut t = [0u8; 1];
+        match self.input.read(&mut t) {
+            Ok(0) => return Ok(None),
+            Ok(_) => self.pos += 1,
+            Err(e) => return Err(format!("cannot read the snapshot: {e}")),
+        }
+        let table =
+            Table::from_index(t[0]).ok_or_else(|| format!("unknown table index {}", t[0]))?;
+        let key = self.bytes()?;
+        let value = self.bytes()?;
+        Ok(Some((table, key, value)))
+    }
+}
+
+impl<R: Read> Iterator for SnapshotReader<R> {
+    type Item = Result<Record, String>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_record().transpose()
+    }
+}
+
+/// Parse a whole snapshot held in memory (tests and fixtures).
+pub fn parse_snapshot(data: &[u8]) -> Result<Vec<Record>, String> {
+    SnapshotReader::new(data)?.collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_written_are_read_back_and_damage_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = SnapshotFiles::open(dir.path()).unwrap();
+        let name = SnapshotFiles::new_name(Some(7));
+        files
+            .write(&name, |w| {
+                w.record(Table::ALL[0], b"k1", b"v1")?;
+                w.record(Table::ALL[1], b"", &[9u8; 3000])
+            })
+            .unwrap();
+        let data = std::fs::read(files.path(&name)).unwrap();
+        let records = parse_snapshot(&data).unwrap();
+        assert_eq!(
+            records,
+            [
+                (Table::ALL[0], b"k1".to_vec(), b"v1".to_vec()),
+                (Table::ALL[1], Vec::new(), vec![9u8; 3000])
+            ]
+        );
+        let err = parse_snapshot(&data[..data.len() - 1]).unwrap_err();
+        assert!(err.contains("truncated"), "{err}");
+        // A length field far beyond the data is a truncation, not an allocation.
+        let mut huge = MAGIC.to_vec();
+        huge.extend_from_slice(&[Table::ALL[0].index(), 0xff, 0xff, 0xff, 0xff]);
+        assert!(parse_snapshot(&huge).unwrap_err().contains("truncated"));
+        // Only the named snapshot stays.
+        let other = SnapshotFiles::new_name(Some(8));
+        files.write(&other, |_| Ok(())).unwrap();
+        drop(files.receiving().unwrap());
+        let part = files.path("x.snap.part");
+        std::fs::write(&part, b"half").unwrap();
+        let left = || -> Vec<String> {
+            let mut names: Vec<String> = std::fs::read_dir(dir.path().join("snapshots"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        // While running, a snapshot being written by another task is left alone.
+        files.remove_all_but(Some(&other), false);
+        assert_eq!(left(), [other.clone(), "x.snap.part".to_string()]);
+        // At start, nothing is being written.
+        files.remove_all_but(Some(&other), true);
+        assert_eq!(left(), [other]);
+    }
+}
