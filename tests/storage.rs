@@ -257,7 +257,7 @@ fn snapshot_install_replaces_the_whole_state() {
 }
 
 #[test]
-fn snapshots_are_files_and_one_kept_the_old_way_becomes_one_at_start() {
+fn snapshots_are_files_and_one_kept_the_old_way_becomes_one_at_start_and_a_lost_one_is_forgotten() {
     use orchestrator::raft::db::CF_SNAPSHOT;
     use tokio::io::AsyncReadExt;
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -326,6 +326,15 @@ fn snapshots_are_files_and_one_kept_the_old_way_becomes_one_at_start() {
     let current = rt.block_on(sm.get_current_snapshot()).unwrap().unwrap();
     assert_eq!(current.meta, meta);
     assert_eq!(read(current.snapshot), data);
+    // A file that went missing does not stop the node from starting: the snapshot is
+    // forgotten (openraft builds another where it needs one).
+    drop(sm);
+    for f in snapshot_files() {
+        std::fs::remove_file(dir.path().join("snapshots").join(f)).unwrap();
+    }
+    let mut sm = StateMachineStore::new(db.clone()).expect("starts without the file");
+    assert!(rt.block_on(sm.get_current_snapshot()).unwrap().is_none());
+    assert_eq!(db.raw().get_cf(cf, b"meta").unwrap(), None);
 }
 
 #[test]

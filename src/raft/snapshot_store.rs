@@ -7,12 +7,14 @@
 //! `tests/fixtures/protocol`): the magic bytes `ORCSNAP1`, then records of
 //! `table index (u8) | key length (u32 BE) | key | value length (u32 BE) | value`.
 //!
-//! Files: `<last index, 20 digits>-<nanos>.snap` is a snapshot (the current one is
-//! named in RocksDB, next to its metadata, and only after the file is durable);
-//! `*.part` one being written. A snapshot being received is an unnamed file until it is
-//! installed. Older snapshots go once a newer one is committed; whatever the metadata
-//! does not name goes at start. Building and installing may run at once (openraft
-//! builds in a task of its own): [`SnapshotFiles::commit_lock`] orders their commits.
+//! Files: `<last index>-<nanos>.snap` (both 20 digits, so names sort by index) is a
+//! snapshot (the current one is named in RocksDB, next to its metadata, and only after
+//! the file is durable); `*.part` one being written. A snapshot being received is an
+//! unnamed file until it is installed. Building and installing may run at once (openraft
+//! builds in a task of its own), so a commit removes only the snapshots that sort
+//! before the one it commits: one being installed (newer than anything a build can
+//! cover) or being built stays. [`SnapshotFiles::commit_lock`] orders commits and the
+//! reads of the current snapshot; whatever the metadata does not name goes at start.
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -57,7 +59,7 @@ impl SnapshotFiles {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        format!("{:020}-{nanos}.snap", index.unwrap_or(0))
+        format!("{:020}-{nanos:020}.snap", index.unwrap_or(0))
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -65,31 +67,45 @@ impl SnapshotFiles {
     }
 
     /// Write snapshot `name` through `fill` (records after the magic bytes), durably:
-    /// a `.part` file, synced, renamed, and the directory synced.
+    /// a `.part` file, synced, renamed, and the directory synced. Returns the file,
+    /// open for reading from its start.
     pub fn write(
         &self,
         name: &str,
         fill: impl FnOnce(&mut SnapshotWriter<'_>) -> io::Result<()>,
-    ) -> io::Result<()> {
-        let part = self.dir.join(format!("{name}.part"));
-        let mut out = BufWriter::with_capacity(1 << 20, File::create(&part)?);
-        out.write_all(MAGIC)?;
-        fill(&mut SnapshotWriter { out: &mut out })?;
-        let file = out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        std::fs::rename(&part, self.dir.join(name))?;
-        File::open(&self.dir)?.sync_all()
+    ) -> io::Result<File> {
+        self.write_through(name, |out| {
+            out.write_all(MAGIC)?;
+            fill(&mut SnapshotWriter { out })
+        })
     }
 
     /// Copy a received snapshot (any readable stream) into snapshot `name`, durably.
-    pub fn write_from(&self, name: &str, mut from: impl Read) -> io::Result<()> {
+    /// Returns the file, open for reading from its start.
+    pub fn write_from(&self, name: &str, mut from: impl Read) -> io::Result<File> {
+        self.write_through(name, |out| io::copy(&mut from, out).map(|_| ()))
+    }
+
+    fn write_through(
+        &self,
+        name: &str,
+        fill: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
+    ) -> io::Result<File> {
+        use std::io::Seek;
         let part = self.dir.join(format!("{name}.part"));
-        let mut out = BufWriter::with_capacity(1 << 20, File::create(&part)?);
-        io::copy(&mut from, &mut out)?;
-        let file = out.into_inner().map_err(|e| e.into_error())?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&part)?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        fill(&mut out)?;
+        let mut file = out.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         std::fs::rename(&part, self.dir.join(name))?;
-        File::open(&self.dir)?.sync_all()
+        File::open(&self.dir)?.sync_all()?;
+        file.rewind()?;
+        Ok(file)
     }
 
     /// A new unnamed file to receive a snapshot into (read and write; gone when
@@ -98,16 +114,25 @@ impl SnapshotFiles {
         tempfile::tempfile_in(&self.dir)
     }
 
-    /// Remove the snapshots older than `keep` (with `everything`, at start, also every
-    /// other file: what a crash left half written). An open handle (a snapshot being
-    /// sent) still reads a removed file to its end.
-    pub fn remove_all_but(&self, keep: Option<&str>, everything: bool) {
+    /// Remove the snapshots that sort before `keep` (the one just committed): never
+    /// one still being built or installed, which sorts after it. An open handle (a
+    /// snapshot being sent) still reads a removed file to its end.
+    pub fn remove_older_than(&self, keep: &str) {
+        self.remove(|name| name.ends_with(".snap") && name < keep);
+    }
+
+    /// At start, when nothing is being written: remove every file but `keep` (what a
+    /// crash left half written included).
+    pub fn remove_all_but(&self, keep: Option<&str>) {
+        self.remove(|name| Some(name) != keep);
+    }
+
+    fn remove(&self, doomed: impl Fn(&str) -> bool) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
         for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if Some(name.as_str()) != keep && (everything || name.ends_with(".snap")) {
+            if doomed(&e.file_name().to_string_lossy()) {
                 if let Err(err) = std::fs::remove_file(e.path()) {
                     tracing::warn!(file = %e.path().display(), error = %err,
                                    "cannot remove an old snapshot file");
@@ -226,13 +251,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let files = SnapshotFiles::open(dir.path()).unwrap();
         let name = SnapshotFiles::new_name(Some(7));
-        files
+        let mut written = files
             .write(&name, |w| {
                 w.record(Table::ALL[0], b"k1", b"v1")?;
                 w.record(Table::ALL[1], b"", &[9u8; 3000])
             })
             .unwrap();
-        let data = std::fs::read(files.path(&name)).unwrap();
+        let mut data = Vec::new();
+        written.read_to_end(&mut data).unwrap();
+        assert_eq!(data, std::fs::read(files.path(&name)).unwrap());
         let records = parse_snapshot(&data).unwrap();
         assert_eq!(
             records,
@@ -247,9 +274,12 @@ mod tests {
         let mut huge = MAGIC.to_vec();
         huge.extend_from_slice(&[Table::ALL[0].index(), 0xff, 0xff, 0xff, 0xff]);
         assert!(parse_snapshot(&huge).unwrap_err().contains("truncated"));
-        // Only the named snapshot stays.
-        let other = SnapshotFiles::new_name(Some(8));
+        // Names sort by index (then time), whatever the number of digits.
+        let other = SnapshotFiles::new_name(Some(10));
+        assert!(name < other && SnapshotFiles::new_name(Some(9)) < other);
         files.write(&other, |_| Ok(())).unwrap();
+        let newer = SnapshotFiles::new_name(Some(11));
+        files.write(&newer, |_| Ok(())).unwrap();
         drop(files.receiving().unwrap());
         let part = files.path("x.snap.part");
         std::fs::write(&part, b"half").unwrap();
@@ -261,11 +291,15 @@ mod tests {
             names.sort();
             names
         };
-        // While running, a snapshot being written by another task is left alone.
-        files.remove_all_but(Some(&other), false);
-        assert_eq!(left(), [other.clone(), "x.snap.part".to_string()]);
+        // While running, a commit removes only older snapshots: a newer one (being
+        // installed) and one being written stay.
+        files.remove_older_than(&other);
+        assert_eq!(
+            left(),
+            [other.clone(), newer.clone(), "x.snap.part".to_string()]
+        );
         // At start, nothing is being written.
-        files.remove_all_but(Some(&other), true);
+        files.remove_all_but(Some(&other));
         assert_eq!(left(), [other]);
     }
 }

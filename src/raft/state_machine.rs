@@ -270,7 +270,7 @@ impl StateMachineStore {
         let all = Self::count_all(&db)?;
         let snapshots = SnapshotFiles::open(db.raw().path()).map_err(snap_err)?;
         let current = Self::current_snapshot_file(&db, &snapshots)?;
-        snapshots.remove_all_but(current.as_deref(), true);
+        snapshots.remove_all_but(current.as_deref());
         Ok(StateMachineStore {
             db,
             snapshots,
@@ -465,7 +465,10 @@ impl StateMachineStore {
     }
 
     /// The file of the current snapshot, if there is one. A snapshot stored whole in
-    /// RocksDB (before snapshots were files) becomes a file here, once.
+    /// RocksDB (before snapshots were files) becomes a file here, once. Metadata that
+    /// names no readable snapshot (a lost file, an empty legacy value) is dropped with a
+    /// warning: openraft then builds a new snapshot from the state, where it needs one,
+    /// instead of the node failing every start on it.
     fn current_snapshot_file(
         db: &Db,
         files: &SnapshotFiles,
@@ -476,31 +479,47 @@ impl StateMachineStore {
         let Some(mut stored) = stored else {
             return Ok(None);
         };
-        if stored.file.is_some() {
-            return Ok(stored.file);
-        }
-        let data = db
-            .get(CF_SNAPSHOT, KEY_SNAPSHOT_DATA)
-            .map_err(snap_err)?
-            .unwrap_or_default();
-        let name = SnapshotFiles::new_name(stored.meta.last_log_id.map(|l| l.index));
-        files.write_from(&name, data.as_slice()).map_err(snap_err)?;
-        stored.file = Some(name);
         let cf = db.cf(CF_SNAPSHOT).map_err(snap_err)?;
         let mut batch = WriteBatch::default();
-        batch.put_cf(cf, KEY_SNAPSHOT_META, to_json(&stored));
+        let readable = |f: std::fs::File| SnapshotReader::new(f).is_ok();
+        match &stored.file {
+            Some(name) => {
+                if std::fs::File::open(files.path(name)).is_ok_and(readable) {
+                    return Ok(stored.file);
+                }
+                tracing::warn!(file = %files.path(name).display(),
+                               "the current snapshot's file is missing or damaged: forgetting it");
+            }
+            None => {
+                let data = db
+                    .get(CF_SNAPSHOT, KEY_SNAPSHOT_DATA)
+                    .map_err(snap_err)?
+                    .unwrap_or_default();
+                if SnapshotReader::new(data.as_slice()).is_ok() {
+                    let name = SnapshotFiles::new_name(stored.meta.last_log_id.map(|l| l.index));
+                    files.write_from(&name, data.as_slice()).map_err(snap_err)?;
+                    stored.file = Some(name);
+                    batch.put_cf(cf, KEY_SNAPSHOT_META, to_json(&stored));
+                    batch.delete_cf(cf, KEY_SNAPSHOT_DATA);
+                    db.write(batch, true).map_err(snap_err)?;
+                    return Ok(stored.file);
+                }
+                tracing::warn!("the stored snapshot is empty or damaged: forgetting it");
+            }
+        }
+        batch.delete_cf(cf, KEY_SNAPSHOT_META);
         batch.delete_cf(cf, KEY_SNAPSHOT_DATA);
         db.write(batch, true).map_err(snap_err)?;
-        Ok(stored.file)
+        Ok(None)
     }
 
-    /// Stream every replicated table from one point-in-time view into snapshot file
-    /// `name`.
+    /// Stream every replicated table from one point-in-time view into a new snapshot
+    /// file; its metadata, name and open handle.
     fn write_snapshot_file(
         db: &Db,
         files: &SnapshotFiles,
         seq: u64,
-    ) -> Result<(SnapshotMeta, String), StorageError> {
+    ) -> Result<(SnapshotMeta, String, std::fs::File), StorageError> {
         // Everything this snapshot covers must survive a crash: the log behind it may be
         // purged as soon as it exists.
         db.raw().flush_wal(true).map_err(snap_err)?;
@@ -518,7 +537,7 @@ impl StateMachineStore {
             None => StoredMembership::default(),
         };
         let name = SnapshotFiles::new_name(last.map(|l| l.index));
-        files
+        let file = files
             .write(&name, |w| {
                 for table in Table::ALL {
                     let cf = db.cf(table.name()).map_err(std::io::Error::other)?;
@@ -539,7 +558,7 @@ impl StateMachineStore {
             last_membership: membership,
             snapshot_id,
         };
-        Ok((meta, name))
+        Ok((meta, name, file))
     }
 
     /// Make snapshot file `name` the current snapshot (its file is durable already),
@@ -560,10 +579,9 @@ impl StateMachineStore {
         Ok(())
     }
 
-    /// Open snapshot file `name` for openraft (which reads it to send it).
-    fn open_snapshot(files: &SnapshotFiles, name: &str) -> Result<SnapshotData, StorageError> {
-        let file = std::fs::File::open(files.path(name)).map_err(snap_err)?;
-        Ok(Box::new(tokio::fs::File::from_std(file)))
+    /// A snapshot file for openraft (which reads it to send it).
+    fn snapshot_data(file: std::fs::File) -> SnapshotData {
+        Box::new(tokio::fs::File::from_std(file))
     }
 }
 
@@ -625,8 +643,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             use std::io::Seek;
             received.rewind().map_err(snap_err)?;
             let name = SnapshotFiles::new_name(idx);
-            files.write_from(&name, &mut received).map_err(snap_err)?;
-            let file = std::fs::File::open(files.path(&name)).map_err(snap_err)?;
+            let file = files.write_from(&name, &mut received).map_err(snap_err)?;
             let mut batch = WriteBatch::default();
             // Replace the whole state machine: delete what the snapshot lacks.
             for table in Table::ALL {
@@ -646,7 +663,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             Self::store_snapshot(db, &meta, &name, &mut batch)?;
             let _commit = files.commit_lock();
             db.write(batch, true).map_err(snap_err)?;
-            files.remove_all_but(Some(&name), false);
+            files.remove_older_than(&name);
             Self::count_all(db)
         })
         .await
@@ -661,6 +678,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
         let files = self.snapshots.clone();
         self.blocking(move |db| {
+            // No commit may remove the file between reading its name and opening it.
+            let _commit = files.commit_lock();
             let stored: Option<StoredSnapshotMeta> = db
                 .get_json(CF_SNAPSHOT, KEY_SNAPSHOT_META)
                 .map_err(snap_err)?;
@@ -671,9 +690,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             else {
                 return Ok(None);
             };
+            let file = std::fs::File::open(files.path(&name)).map_err(snap_err)?;
             Ok(Some(Snapshot {
                 meta,
-                snapshot: Self::open_snapshot(&files, &name)?,
+                snapshot: Self::snapshot_data(file),
             }))
         })
         .await
@@ -685,25 +705,25 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
         let files = self.snapshots.clone();
         self.blocking(move |db| {
-            let (meta, name) = Self::write_snapshot_file(db, &files, seq)?;
-            let snapshot = Self::open_snapshot(&files, &name)?;
+            let (meta, name, file) = Self::write_snapshot_file(db, &files, seq)?;
             let _commit = files.commit_lock();
             // A snapshot installed while this one was built is newer: it stays current.
             let current: Option<StoredSnapshotMeta> = db
                 .get_json(CF_SNAPSHOT, KEY_SNAPSHOT_META)
                 .map_err(snap_err)?;
-            // (openraft still gets this one, through the open handle).
-            match current.filter(|c| c.meta.last_log_id > meta.last_log_id) {
-                Some(newer) => files.remove_all_but(newer.file.as_deref(), false),
-                None => {
-                    let mut batch = WriteBatch::default();
-                    Self::store_snapshot(db, &meta, &name, &mut batch)?;
-                    db.write(batch, true).map_err(snap_err)?;
-                    files.remove_all_but(Some(&name), false);
-                }
+            // (openraft still gets this one, through the open handle; its file sorts
+            // before the newer one's and goes with the next commit or start).
+            if current.is_none_or(|c| c.meta.last_log_id <= meta.last_log_id) {
+                let mut batch = WriteBatch::default();
+                Self::store_snapshot(db, &meta, &name, &mut batch)?;
+                db.write(batch, true).map_err(snap_err)?;
+                files.remove_older_than(&name);
             }
             metrics::counter!(m::RAFT_SNAPSHOTS, "kind" => "built").increment(1);
-            Ok(Snapshot { meta, snapshot })
+            Ok(Snapshot {
+                meta,
+                snapshot: Self::snapshot_data(file),
+            })
         })
         .await
     }
