@@ -173,6 +173,11 @@ fn parse_ttl(s: &str) -> anyhow::Result<u64> {
 }
 
 fn main() -> ExitCode {
+    // Exec'd above an isolated shell attempt: reap it and nothing else (no runtime, no
+    // configuration, no logging).
+    if let Some(child) = orchestrator::executor::isolation::reaper_of(std::env::args_os()) {
+        orchestrator::executor::isolation::reap(child);
+    }
     let Cli {
         client: flags,
         command,

@@ -1,12 +1,17 @@
 //! The private view of the node a shell attempt gets when it runs as another user:
-//! namespaces of its own (mount, PID, IPC, UTS, and network unless its tenant may use
-//! the node's), the node's filesystem read-only and without setuid, one tmpfs of
+//! namespaces of its own (mount, PID, IPC, UTS; a network namespace of its tenant's
+//! unless the tenant may use the node's), the node's filesystem read-only and without
+//! setuid, one tmpfs of
 //! `executor.shell_max_disk_bytes` for everything it may write (`/tmp`, `/var/tmp`,
 //! `/dev/shm` and its working dir), and a `/proc` that shows its own processes only.
 //!
 //! What that buys, beyond the user switch and rlimits of [`super::sandbox`]:
 //! - no network (no loopback services of the node, no peer port, no cloud metadata, no
-//!   private ranges: the egress policy of `http` tasks cannot be bypassed by `curl`);
+//!   private ranges: the egress policy of `http` tasks cannot be bypassed by `curl`):
+//!   a namespace with only a loopback, one per tenant ([`Networks`]), made once and
+//!   joined by each of its attempts (making one per attempt cost ~3 ms of every spawn),
+//!   so a tenant's attempts share a loopback and abstract Unix sockets with each other,
+//!   never with another tenant's or the node;
 //! - a disk bound for the whole attempt (a tmpfs, charged to its cgroup's memory where it
 //!   has one) instead of RLIMIT_FSIZE's per-file bound, and nothing left on the node's
 //!   disk when it ends (the namespace, and its tmpfs, go with its last process);
@@ -21,17 +26,24 @@
 //! is PID 1 of the new PID namespace: it sets up the mounts and forks the shell (PID 2,
 //! which goes on to exec), then reaps orphans until the shell ends. The shell is not
 //! PID 1, so signals it sends itself (`kill $$`) work as anywhere else. The two
-//! processes above the shell each close every descriptor they hold (the node hears of
-//! the exec and sees output from the shell alone), wait, and end as the shell did: its
+//! processes above the shell each exec this binary as a reaper ([`REAPER_ARG`],
+//! [`reap`]): a fork of the node would otherwise keep the node's whole memory (its
+//! secrets included) shared copy-on-write for as long as the attempt runs, and make
+//! every page the node writes meanwhile a copy. The reaper closes every descriptor it
+//! holds (the node hears of the exec and sees output from the shell alone), waits, and
+//! ends as the shell did: its
 //! exit code, or for a death by signal N exit code 128 + N, as shells report it (a
 //! namespace's init cannot die of a signal it sends itself).
 //! All three stay in the attempt's process group and cgroup: a kill of the group kills
 //! them all.
 
+use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 /// The scratch space an attempt may fill when none is configured: 1 GiB.
 pub const DEFAULT_MAX_DISK_BYTES: u64 = 1 << 30;
@@ -39,7 +51,8 @@ pub const DEFAULT_MAX_DISK_BYTES: u64 = 1 << 30;
 /// Everything the child needs, prepared before fork (nothing is allocated after it).
 #[derive(Debug)]
 pub struct Isolation {
-    private_network: bool,
+    /// The network namespace to join (None: the node's).
+    network: Option<Arc<OwnedFd>>,
     /// `size=…,mode=1777` for the tmpfs mounted on `/tmp`.
     tmpfs_options: CString,
     /// The directories from below `/tmp` (or `/var/tmp`, `/dev/shm`) down to the working
@@ -52,6 +65,11 @@ pub struct Isolation {
     bind_home: bool,
     uid: u32,
     gid: u32,
+    /// Whether the processes above the shell exec this binary as [`reap`]ers (always,
+    /// but in this module's unit tests, whose binary is the test harness).
+    exec_reaper: bool,
+    /// Whether `/var/run` is a directory of its own, not the usual link to `/run`.
+    var_run: bool,
 }
 
 const TMP: &CStr = c"/tmp";
@@ -70,13 +88,14 @@ fn cstring(p: &Path) -> io::Result<CString> {
 
 impl Isolation {
     /// The isolation of an attempt run as `uid`/`gid` in working dir `work` (absolute),
-    /// with at most `disk_bytes` of scratch space (0: [`DEFAULT_MAX_DISK_BYTES`]).
+    /// with at most `disk_bytes` of scratch space (0: [`DEFAULT_MAX_DISK_BYTES`]), in
+    /// network namespace `network` (None: the node's network).
     pub fn new(
         work: &Path,
         uid: u32,
         gid: u32,
         disk_bytes: u64,
-        private_network: bool,
+        network: Option<Arc<OwnedFd>>,
     ) -> io::Result<Isolation> {
         let size = if disk_bytes == 0 {
             DEFAULT_MAX_DISK_BYTES
@@ -98,7 +117,7 @@ impl Isolation {
             }
         }
         Ok(Isolation {
-            private_network,
+            network,
             tmpfs_options: CString::new(format!("size={size},mode=1777"))
                 .map_err(|_| io::Error::other("tmpfs options"))?,
             bind_home: work_chain.is_empty(),
@@ -106,6 +125,8 @@ impl Isolation {
             work: cstring(work)?,
             uid,
             gid,
+            exec_reaper: !cfg!(test),
+            var_run: std::fs::symlink_metadata("/var/run").is_ok_and(|m| m.is_dir()),
         })
     }
 
@@ -113,23 +134,21 @@ impl Isolation {
     /// exec, as root, before the user switch; only async-signal-safe calls. Returns in
     /// the process that goes on to exec the shell; the one in between never returns.
     pub fn enter(&self) -> io::Result<()> {
-        let mut flags =
+        let flags =
             libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
-        if self.private_network {
-            flags |= libc::CLONE_NEWNET;
+        // SAFETY: setns(2) with a namespace descriptor held open by `self`, unshare(2):
+        // plain syscalls in the single-threaded child.
+        if let Some(net) = &self.network {
+            check(unsafe { libc::setns(net.as_raw_fd(), libc::CLONE_NEWNET) })?;
         }
-        // SAFETY: unshare(2) and fork(2) after fork: plain syscalls, one thread.
         check(unsafe { libc::unshare(flags) })?;
-        fork_and_relay()?;
+        fork_and_relay(self.exec_reaper)?;
         // PID 1 of the attempt's namespace from here. Its parent goes only by being
         // killed with the group, which kills this process too; belt and braces:
         // SAFETY: prctl(2) with plain integer arguments.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
         self.mount_view()?;
-        if self.private_network {
-            loopback_up()?;
-        }
-        fork_and_relay()?;
+        fork_and_relay(self.exec_reaper)?;
         // The shell, PID 2.
         // SAFETY: chdir(2) with a valid C string.
         check(unsafe { libc::chdir(self.work.as_ptr()) })
@@ -181,6 +200,29 @@ impl Isolation {
         // SAFETY: chown(2)/chmod(2) with a valid C string.
         check(unsafe { libc::chown(self.work.as_ptr(), self.uid, self.gid) })?;
         check(unsafe { libc::chmod(self.work.as_ptr(), 0o700) })?;
+        // Without network, no host service's Unix socket either (they live under /run:
+        // DNS resolvers, D-Bus, the journal): an empty, read-only /run. With the node's
+        // network the attempt keeps them (and the resolver configuration under /run).
+        if self.network.is_some() {
+            let runs: &[&CStr] = if self.var_run {
+                &[c"/run", c"/var/run"]
+            } else {
+                &[c"/run"]
+            };
+            for run in runs {
+                mount(
+                    Some(c"tmpfs"),
+                    run,
+                    Some(c"tmpfs"),
+                    libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    Some(c"size=4k,mode=755"),
+                )
+                .or_else(|e| match e.raw_os_error() {
+                    Some(libc::ENOENT) => Ok(()),
+                    _ => Err(e),
+                })?;
+            }
+        }
         // A /proc of this PID namespace: the attempt's own processes only.
         mount(
             Some(c"proc"),
@@ -192,23 +234,64 @@ impl Isolation {
     }
 }
 
-/// Fork; return in the child, and in the parent [`relay`] for good.
-fn fork_and_relay() -> io::Result<()> {
+/// Fork; return in the child, and in the parent become the reaper of the child for
+/// good.
+fn fork_and_relay(exec: bool) -> io::Result<()> {
     // SAFETY: fork(2) in a single-threaded child of the node.
     match unsafe { libc::fork() } {
         -1 => Err(io::Error::last_os_error()),
         0 => Ok(()),
-        pid => relay(pid),
+        pid if exec => exec_reaper(pid),
+        pid => reap(pid),
     }
 }
 
+/// The argument that makes this binary the reaper above an isolated shell (`orchestrator
+/// __isolation-reaper <pid>`); `main` checks for it before anything else runs.
+pub const REAPER_ARG: &CStr = c"__isolation-reaper";
+
+/// Exec this binary as the reaper of `child`: only async-signal-safe calls, the
+/// arguments built on the stack. Where the exec fails, reap in this process instead.
+fn exec_reaper(child: libc::pid_t) -> ! {
+    // The pid in decimal, NUL-terminated.
+    let mut digits = [0u8; 24];
+    let mut n = child.unsigned_abs();
+    let mut at = digits.len() - 1;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let argv = [
+        c"orchestrator".as_ptr(),
+        REAPER_ARG.as_ptr(),
+        digits[at..].as_ptr().cast(),
+        std::ptr::null(),
+    ];
+    let envp = [std::ptr::null()];
+    // SAFETY: execve(2) with NUL-terminated strings and null-terminated arrays.
+    unsafe { libc::execve(c"/proc/self/exe".as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    reap(child)
+}
+
+/// `main`'s check: this process is a reaper, of the returned pid.
+pub fn reaper_of(mut args: impl Iterator<Item = std::ffi::OsString>) -> Option<libc::pid_t> {
+    if args.nth(1)?.as_bytes() != REAPER_ARG.to_bytes() {
+        return None;
+    }
+    args.next()?.to_str()?.parse().ok()
+}
+
 /// A process above the shell: holds nothing of the node's (its copies of the output
-/// pipes and of `std`'s exec-status pipe are closed), reaps whatever child it gets (as
-/// PID 1, the orphans of the namespace), and when `child` ends, ends with its exit code
-/// (128 + N for death by signal N).
-fn relay(child: libc::pid_t) -> ! {
-    // SAFETY: close_range(2), waitpid(2), signal(2), kill(2), _exit(2): plain syscalls
-    // in a single-threaded child.
+/// pipes, and of `std`'s exec-status pipe where the exec failed, are closed), reaps
+/// whatever child it gets (as PID 1, the orphans of the namespace), and when `child`
+/// ends, ends with its exit code (128 + N for death by signal N).
+pub fn reap(child: libc::pid_t) -> ! {
+    // SAFETY: close_range(2), waitpid(2), _exit(2): plain syscalls, async-signal-safe
+    // where this runs in a forked child.
     unsafe {
         libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
         let mut status = 0;
@@ -228,8 +311,38 @@ fn relay(child: libc::pid_t) -> ! {
     }
 }
 
-/// Bring up `lo` in the attempt's own network namespace: a task may still talk to a
-/// server it starts itself.
+/// Network namespaces with only a loopback, one per tenant, made on first use and kept
+/// for the node's life.
+#[derive(Debug, Clone, Default)]
+pub struct Networks {
+    by_tenant: Arc<Mutex<HashMap<String, Arc<OwnedFd>>>>,
+}
+
+impl Networks {
+    /// `tenant`'s network namespace (made now if it has none yet).
+    pub fn for_tenant(&self, tenant: &str) -> io::Result<Arc<OwnedFd>> {
+        let mut by_tenant = self.by_tenant.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ns) = by_tenant.get(tenant) {
+            return Ok(ns.clone());
+        }
+        // unshare(CLONE_NEWNET) moves only the calling thread: a thread of its own makes
+        // the namespace, brings up its loopback and leaves it open behind a descriptor.
+        let ns = std::thread::spawn(|| -> io::Result<OwnedFd> {
+            // SAFETY: unshare(2) of this thread's network namespace.
+            check(unsafe { libc::unshare(libc::CLONE_NEWNET) })?;
+            loopback_up()?;
+            Ok(std::fs::File::open("/proc/thread-self/ns/net")?.into())
+        })
+        .join()
+        .map_err(|_| io::Error::other("the thread making a network namespace panicked"))??;
+        let ns = Arc::new(ns);
+        by_tenant.insert(tenant.to_string(), ns.clone());
+        Ok(ns)
+    }
+}
+
+/// Bring up `lo` in a new network namespace: a task may still talk to a server it
+/// starts itself.
 fn loopback_up() -> io::Result<()> {
     // SAFETY: socket(2), ioctl(2), close(2) with a zeroed, correctly typed request.
     unsafe {
@@ -293,11 +406,15 @@ fn check(rc: libc::c_int) -> io::Result<()> {
 /// as `uid`/`gid` and says why not when it cannot (no CAP_SYS_ADMIN, a kernel older
 /// than 5.12, namespaces disabled).
 pub fn probe(uid: u32, gid: u32, private_network: bool) -> io::Result<()> {
+    let network = match private_network {
+        true => Some(Networks::default().for_tenant("probe")?),
+        false => None,
+    };
     use std::os::unix::process::CommandExt;
     let dir = tempfile::Builder::new()
         .prefix("orchestrator-isolation-probe")
         .tempdir_in("/tmp")?;
-    let iso = Isolation::new(dir.path(), uid, gid, 1 << 20, private_network)?;
+    let iso = Isolation::new(dir.path(), uid, gid, 1 << 20, network)?;
     let mut command = std::process::Command::new("/bin/true");
     command
         .stdin(std::process::Stdio::null())
@@ -321,7 +438,7 @@ mod tests {
 
     #[test]
     fn a_working_dir_under_tmp_is_made_in_the_tmpfs_and_one_elsewhere_is_bound() {
-        let under = Isolation::new(Path::new("/tmp/w/run/t/1"), 1, 1, 0, true).unwrap();
+        let under = Isolation::new(Path::new("/tmp/w/run/t/1"), 1, 1, 0, None).unwrap();
         let chain: Vec<&str> = under
             .work_chain
             .iter()
@@ -336,27 +453,34 @@ mod tests {
             under.tmpfs_options.to_str().unwrap(),
             format!("size={DEFAULT_MAX_DISK_BYTES},mode=1777")
         );
-        let elsewhere = Isolation::new(Path::new("/srv/w/run/t/1"), 1, 1, 4096, false).unwrap();
+        let elsewhere = Isolation::new(Path::new("/srv/w/run/t/1"), 1, 1, 4096, None).unwrap();
         assert!(elsewhere.work_chain.is_empty() && elsewhere.bind_home);
         assert_eq!(
             elsewhere.tmpfs_options.to_str().unwrap(),
             "size=4096,mode=1777"
         );
-        let var = Isolation::new(Path::new("/var/tmp/w/1"), 1, 1, 0, true).unwrap();
+        let var = Isolation::new(Path::new("/var/tmp/w/1"), 1, 1, 0, None).unwrap();
         assert_eq!(var.work_chain.len(), 2, "{var:?}");
         // `/tmpfoo` is not under `/tmp`.
         assert!(
-            Isolation::new(Path::new("/tmpfoo/1"), 1, 1, 0, true)
+            Isolation::new(Path::new("/tmpfoo/1"), 1, 1, 0, None)
                 .unwrap()
                 .bind_home
         );
     }
 
-    /// Run `script` isolated as nobody; its exit status and output.
-    fn isolated(script: &str) -> (std::process::ExitStatus, String) {
+    /// Run `script` isolated as nobody in `network`; its exit status and output.
+    fn isolated(script: &str, network: &Arc<OwnedFd>) -> (std::process::ExitStatus, String) {
+        isolated_in(&tempfile::tempdir().unwrap(), script, network)
+    }
+
+    fn isolated_in(
+        dir: &tempfile::TempDir,
+        script: &str,
+        network: &Arc<OwnedFd>,
+    ) -> (std::process::ExitStatus, String) {
         use std::os::unix::process::CommandExt;
-        let dir = tempfile::tempdir().unwrap();
-        let iso = Isolation::new(dir.path(), 65534, 65534, 1 << 20, true).unwrap();
+        let iso = Isolation::new(dir.path(), 65534, 65534, 1 << 20, Some(network.clone())).unwrap();
         let mut c = std::process::Command::new("/bin/sh");
         c.arg("-c").arg(script);
         // SAFETY: async-signal-safe calls only.
@@ -380,19 +504,58 @@ mod tests {
             println!("skipped: namespaces and the user switch need root");
             return;
         }
-        probe(65534, 65534, true).expect("this machine can isolate");
-        let (status, out) = isolated("echo pid=$$ uid=$(id -u); exit 3");
+        let networks = Networks::default();
+        let net = networks.for_tenant("a").unwrap();
+        let (status, out) = isolated("echo pid=$$ uid=$(id -u); exit 3", &net);
         assert_eq!(status.code(), Some(3), "{out}");
         assert_eq!(out.trim(), "pid=2 uid=65534");
+        assert_eq!(
+            reaper_of(
+                ["x", "__isolation-reaper", "42"]
+                    .map(std::ffi::OsString::from)
+                    .into_iter()
+            ),
+            Some(42)
+        );
+        assert_eq!(
+            reaper_of(["x", "server"].map(std::ffi::OsString::from).into_iter()),
+            None
+        );
         // The shell is not its namespace's init: a signal it sends itself kills it.
-        let (status, out) = isolated("kill -TERM $$; echo survived");
+        let (status, out) = isolated("kill -TERM $$; echo survived", &net);
         assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{out}");
         assert!(!out.contains("survived"), "{out}");
         // What it leaves running dies with it: the node's wait does not hang on a
         // background process that holds the output pipe.
         let started = std::time::Instant::now();
-        let (status, _) = isolated("sleep 30 & exit 0");
+        let (status, _) = isolated("sleep 30 & exit 0", &net);
         assert!(status.success());
         assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        // One network namespace per tenant, made once, with its loopback up, and none
+        // of the node's interfaces.
+        assert!(Arc::ptr_eq(&net, &networks.for_tenant("a").unwrap()));
+        let other = networks.for_tenant("b").unwrap();
+        assert!(!Arc::ptr_eq(&net, &other));
+        let (_, out) = isolated("cat /proc/net/dev; cat /sys/class/net/lo/operstate", &other);
+        let interfaces: Vec<&str> = out
+            .lines()
+            .filter_map(|l| l.split_once(':').map(|(name, _)| name.trim()))
+            .collect();
+        assert_eq!(interfaces, ["lo"], "{out}");
+        // A working dir outside /tmp (the default, beside the data dir) is bound from
+        // the attempt's tmpfs: writable, private, and nothing reaches the node's disk.
+        let outside = tempfile::tempdir_in("/var/lib").unwrap();
+        let (status, out) = isolated_in(
+            &outside,
+            "echo x > f && pwd && ls -A /run | wc -l && touch /var/lib/x 2>&1",
+            &net,
+        );
+        assert!(status.code() == Some(1), "{out}");
+        assert!(
+            out.starts_with(&format!("{}\n0\n", outside.path().display())),
+            "{out}"
+        );
+        assert!(out.contains("Read-only file system"), "{out}");
+        assert!(!outside.path().join("f").exists());
     }
 }

@@ -425,7 +425,11 @@ async fn run_shell(
             error: "cancelled before it started".into(),
         };
     }
-    let mut child = match command.spawn() {
+    // Off the async workers: an isolated spawn forks, joins namespaces and mounts.
+    let spawned = tokio::task::spawn_blocking(move || command.spawn())
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             return AttemptResult::Failed {

@@ -102,6 +102,8 @@ pub struct ShellPolicy {
     /// Their network, unless their tenant has its own setting.
     pub network: ShellNetwork,
     pub tenant_networks: std::collections::BTreeMap<String, ShellNetwork>,
+    /// The tenants' network namespaces (`ShellNetwork::None`).
+    pub networks: isolation::Networks,
     /// Where attempts get their cgroups (set by the executor where it can create them).
     pub cgroups: Option<Cgroups>,
 }
@@ -136,6 +138,7 @@ impl ShellPolicy {
                 .iter()
                 .filter_map(|(t, s)| Some((t.clone(), s.shell_network?)))
                 .collect(),
+            networks: Default::default(),
             cgroups: None,
         }
     }
@@ -196,15 +199,11 @@ impl ShellPolicy {
         let Some((uid, gid)) = identity.filter(|_| self.isolation) else {
             return Ok(None);
         };
-        let network = self.tenant_networks.get(tenant).unwrap_or(&self.network);
-        Isolation::new(
-            work,
-            uid,
-            gid,
-            self.limits.disk_bytes,
-            *network == ShellNetwork::None,
-        )
-        .map(Some)
+        let network = match self.tenant_networks.get(tenant).unwrap_or(&self.network) {
+            ShellNetwork::None => Some(self.networks.for_tenant(tenant)?),
+            ShellNetwork::Host => None,
+        };
+        Isolation::new(work, uid, gid, self.limits.disk_bytes, network).map(Some)
     }
 }
 
@@ -392,6 +391,13 @@ pub fn in_child(limits: Limits, identity: Option<(u32, u32)>) -> std::io::Result
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // A session keyring of its own, not the node's (shared by every attempt,
+            // a channel between tenants). Where keyrings are not built in, none.
+            libc::syscall(
+                libc::SYS_keyctl,
+                libc::KEYCTL_JOIN_SESSION_KEYRING,
+                std::ptr::null::<libc::c_char>(),
+            );
         }
     }
     Ok(())
@@ -432,6 +438,7 @@ mod tests {
             isolation: false,
             network: ShellNetwork::None,
             tenant_networks: Default::default(),
+            networks: Default::default(),
             cgroups: None,
         }
     }

@@ -108,7 +108,12 @@ impl Cluster {
     /// Prepare (not start) `n` nodes; `env` adds `ORCHESTRATOR_*` settings to every node
     /// (an empty value takes away the harness's setting of that name).
     pub fn new(n: u64, env: &[(&str, &str)]) -> Cluster {
-        let tmp = tempfile::tempdir().expect("temp dir");
+        Cluster::new_in(&std::env::temp_dir(), n, env)
+    }
+
+    /// [`Cluster::new`] with the nodes' directories under `parent`.
+    pub fn new_in(parent: &std::path::Path, n: u64, env: &[(&str, &str)]) -> Cluster {
+        let tmp = tempfile::tempdir_in(parent).expect("temp dir");
         let tls = env.iter().any(|(k, _)| k.starts_with("ORCHESTRATOR_TLS__"));
         let block = host_block(tls);
         let nodes = (1..=n)
