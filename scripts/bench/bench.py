@@ -11,6 +11,8 @@ Workloads (each bounded in time; medians over repeats, every repeat's p99 shown)
   chain40sh  the same chain of shell `true` tasks
   fan40      1 -> 40 -> 1 noop
   backlog    chain40 beside thousands of queued runs that have nothing due
+  mixed      5 minutes of writes, reads, scheduled runs and shell tasks at once, with a
+             probe reading every 50 ms: any background stall shows as a slow probe read
   firelag    N DAGs firing every 5 s: fire lag (window end -> run created) and window end
              -> run done, leader RSS and CPU
   catchup    one DAG catches up a backlog of one-second windows while 20 others fire
@@ -302,6 +304,79 @@ def backlog_workload(b, args):
 
 
 # ---------------------------------------------------------------------------------------
+# Everything at once: the stalls a single workload does not show.
+
+def mixed_workload(b, args):
+    """`--mixed-seconds` of writes (POST /dags) and linearizable reads (GET /dags/{id}),
+    each closed-loop over a quarter of `--connections`, while `--mixed-dags` noop DAGs
+    and 10 shell DAGs (`sleep 0.5`) fire every 5 s. A probe reads one DAG every 50 ms
+    from each node in turn: a snapshot, compaction, purge or election that stalls the
+    node shows as a probe read over 100 ms (issue 10: none may)."""
+    seconds = args.mixed_seconds
+    for i in range(args.mixed_dags):
+        b.must("POST", 1 + i % 3, "/dags", {"dag_id": f"mx_{i}", "schedule": "*/5 * * * * *",
+                                            "tasks": [{"task_id": "a", "kind": "noop"}]})
+    for i in range(10):
+        b.must("POST", 1 + i % 3, "/dags", {"dag_id": f"mxs_{i}", "schedule": "*/5 * * * * *",
+                                            "tasks": [{"task_id": "a", "kind": "shell",
+                                                       "command": "sleep 0.5"}]})
+    for i in range(500):  # what the reads read (the `get` workload's ids)
+        b.must("POST", 1 + i % 3, "/dags", {"dag_id": f"g_{i}", "tasks": [{"task_id": "a", "kind": "noop"}]})
+    stop = threading.Event()
+    probes = []
+
+    def probe():
+        i = 0
+        while not stop.is_set():
+            i += 1
+            t = time.time()
+            s, _ = b.http("GET", 1 + i % 3, "/dags/mx_0", timeout=10)
+            probes.append(((time.time() - t) * 1000.0, s))
+            stop.wait(max(0.0, 0.05 - (time.time() - t)))
+
+    loads = {}
+
+    def load(kind):
+        loads[kind] = wrk(b, kind, seconds, max(3, args.connections // 4), f"{int(time.time()) % 100000}9")
+
+    t0 = now_ms()
+    threads = [threading.Thread(target=probe)] + [threading.Thread(target=load, args=(k,)) for k in ("dags", "get")]
+    for t in threads:
+        t.start()
+    for t in threads[1:]:
+        t.join()
+    stop.set()
+    threads[0].join()
+    t1 = now_ms()
+    time.sleep(6)  # the last windows' runs finish
+    leader = b.leader()
+    lag, shell = [], {"done": 0, "failed": 0, "other": 0}
+    for r in list_runs(b, leader, "run_type=scheduled"):
+        if not r["dag_id"].startswith("mx"):
+            continue
+        end = parse_ts(r["window"]["to"])
+        if not t0 <= end <= t1:
+            continue
+        lag.append(parse_ts(r["created_at"]) - end)
+        if r["dag_id"].startswith("mxs_"):
+            shell[r["state"] if r["state"] in ("done", "failed") else "other"] += 1
+    # Quiet again for the workloads after this one.
+    for i in range(args.mixed_dags):
+        b.must("POST", 1, f"/dags/mx_{i}/pause", {})
+    for i in range(10):
+        b.must("POST", 1, f"/dags/mxs_{i}/pause", {})
+    pct = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(len(xs) * p))] if xs else None
+    ms = [p for p, _ in probes]
+    return {"seconds": seconds, "dags": args.mixed_dags,
+            "writes": loads.get("dags"), "reads": loads.get("get"),
+            "probe_ms": {"n": len(ms), "p50": pct(ms, 0.5), "p99": pct(ms, 0.99), "max": max(ms) if ms else None,
+                         "over_100": sum(1 for x in ms if x > 100),
+                         "non_2xx": sum(1 for _, s in probes if s != 200)},
+            "fire_lag_ms": {"p50": pct(lag, 0.5), "p99": pct(lag, 0.99), "windows": len(lag)},
+            "shell_runs": shell}
+
+
+# ---------------------------------------------------------------------------------------
 # Scheduled DAGs: fire lag and window -> done.
 
 def proc_stats(pid):
@@ -475,13 +550,20 @@ def table(results, m):
                         f" 20 other DAGs' fire lag meanwhile {lag} | {o['windows']} windows of the others |")
         elif name == "failover":
             rows.append(f"| {label} | median {r['median_ms']:.0f} ms, max {r['max_ms']:.0f} ms | {r['all_ms']} |")
+        elif name == "mixed":
+            w, rd, p, f = r["writes"], r["reads"], r["probe_ms"], r["fire_lag_ms"]
+            rows.append(f"| {label}: {r['seconds']} s, {r['dags']}+10 shell DAGs /5 s | writes {w['rate']:,.0f}/s"
+                        f" (p99 {w['p99_ms']:.0f} ms), reads {rd['rate']:,.0f}/s (p99 {rd['p99_ms']:.0f} ms);"
+                        f" probe p50 {p['p50']:.0f} ms, p99 {p['p99']:.0f} ms, max {p['max']:.0f} ms,"
+                        f" {p['over_100']} of {p['n']} over 100 ms | fire lag p99 {f['p99'] or 0:.0f} ms of"
+                        f" {f['windows']} windows; shell runs {r['shell_runs']} |")
         else:
             rows.append(f"| {label} | {r['median_ms']:.0f} ms median | {r['all_ms']} |")
     return "\n".join(rows)
 
 
-WORKLOADS = ["dags", "backfill", "get", "chain40", "chain40sh", "fan40", "backlog", "firelag", "catchup",
-             "failover"]
+WORKLOADS = ["dags", "backfill", "get", "chain40", "chain40sh", "fan40", "backlog", "mixed", "firelag",
+             "catchup", "failover"]
 
 
 def main():
@@ -499,6 +581,8 @@ def main():
     ap.add_argument("--failover-trials", type=int, default=5)
     ap.add_argument("--catchup-windows", type=int, default=1000)
     ap.add_argument("--backlog", type=int, default=5000, help="runs queued in `backlog`")
+    ap.add_argument("--mixed-seconds", type=int, default=300)
+    ap.add_argument("--mixed-dags", type=int, default=100)
     ap.add_argument("--api-base", type=int, default=8280)
     ap.add_argument("--peer-base", type=int, default=9280)
     args = ap.parse_args()
@@ -506,6 +590,7 @@ def main():
         args.repeats, args.duration, args.connections = 1, 2, 12
         args.shape_repeats, args.fire_dags, args.fire_seconds, args.failover_trials = 1, 20, 12, 1
         args.backlog, args.catchup_windows = 100, 100
+        args.mixed_seconds, args.mixed_dags = 10, 10
     b = Bench(args)
     results = {}
     try:
@@ -524,6 +609,8 @@ def main():
                     results[name] = shape_workload(b, "fan40", fan(40), args)
                 elif name == "backlog":
                     results[name] = backlog_workload(b, args)
+                elif name == "mixed":
+                    results[name] = mixed_workload(b, args)
                 elif name == "firelag":
                     results[name] = firelag_workload(b, args)
                 elif name == "catchup":
@@ -542,7 +629,9 @@ def main():
     print(table(results, m))
     if args.json:
         print(json.dumps({"machine": m, "results": results}, indent=1))
-    failed = [n for n, r in results.items() if "error" in r or r.get("non_2xx")]
+    failed = [n for n, r in results.items()
+              if "error" in r or r.get("non_2xx")
+              or (n == "mixed" and (r["probe_ms"]["non_2xx"] or any(x and x.get("non_2xx") for x in (r["writes"], r["reads"]))))]
     if failed:
         print(f"bench: failed or answered non-2xx: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
