@@ -259,7 +259,8 @@ async fn isolated_shell_attempts_see_no_network_no_node_and_have_bounded_space()
          echo hello > /tmp/{marker} && echo tmp-ok; \
          head -c 8000000 /dev/zero 2>&1 > $HOME/big; echo disk-rc=$?; \
          echo PROCS=$(ls /proc | grep -c '^[0-9]'); grep NoNewPrivs /proc/self/status; \
-         echo INIT=$(tr '\\0' ' ' < /proc/1/cmdline); echo RUN=$(ls -A /run | wc -l); exit 0"
+         sleep 1.5; echo INIT=$(tr '\\0' ' ' < /proc/1/cmdline); \
+         echo RUN=$(ls -A /run | wc -l); exit 0"
     );
     for t in [&acme, &beta] {
         let (s, v) = c.post(1, "/dags", t, &shell_dag("look", &command)).await;
@@ -303,8 +304,8 @@ async fn isolated_shell_attempts_see_no_network_no_node_and_have_bounded_space()
     );
     assert!(log.contains("No space left on device"), "{log}");
     assert!(log.contains("NoNewPrivs:\t1"), "{log}");
-    // Above the shell, a reaper exec'd afresh (not a fork holding the node's memory);
-    // no host service's Unix socket (an empty /run).
+    // Above a shell that runs for over a second, a reaper exec'd afresh (not a fork
+    // holding the node's memory); no host service's Unix socket (an empty /run).
     assert!(
         log.contains("INIT=orchestrator __isolation-reaper 2"),
         "{log}"

@@ -26,12 +26,12 @@
 //! is PID 1 of the new PID namespace: it sets up the mounts and forks the shell (PID 2,
 //! which goes on to exec), then reaps orphans until the shell ends. The shell is not
 //! PID 1, so signals it sends itself (`kill $$`) work as anywhere else. The two
-//! processes above the shell each exec this binary as a reaper ([`REAPER_ARG`],
-//! [`reap`]): a fork of the node would otherwise keep the node's whole memory (its
-//! secrets included) shared copy-on-write for as long as the attempt runs, and make
-//! every page the node writes meanwhile a copy. The reaper closes every descriptor it
-//! holds (the node hears of the exec and sees output from the shell alone), waits, and
-//! ends as the shell did: its
+//! processes above the shell close every descriptor they hold (the node hears of the
+//! exec and sees output from the shell alone); if the shell has not ended within a
+//! second, each execs this binary as a reaper ([`REAPER_ARG`], [`reap`]): a fork of the
+//! node would otherwise keep the node's whole memory (its secrets included) shared
+//! copy-on-write for as long as the attempt runs, and make every page the node writes
+//! meanwhile a copy. The reaper waits and ends as the shell did: its
 //! exit code, or for a death by signal N exit code 128 + N, as shells report it (a
 //! namespace's init cannot die of a signal it sends itself).
 //! All three stay in the attempt's process group and cgroup: a kill of the group kills
@@ -250,9 +250,34 @@ fn fork_and_relay(exec: bool) -> io::Result<()> {
 /// __isolation-reaper <pid>`); `main` checks for it before anything else runs.
 pub const REAPER_ARG: &CStr = c"__isolation-reaper";
 
-/// Exec this binary as the reaper of `child`: only async-signal-safe calls, the
-/// arguments built on the stack. Where the exec fails, reap in this process instead.
+/// How long a process above the shell waits, still a fork of the node, for the shell to
+/// end before it execs the reaper: exec'ing this binary costs ~9 ms (twice per attempt),
+/// so a short attempt ends first and pays nothing, and a long one holds the node's
+/// memory for this long at most.
+const REAPER_EXEC_AFTER_MS: libc::c_int = 1000;
+
+/// Become the reaper of `child`: wait up to [`REAPER_EXEC_AFTER_MS`] for it in this
+/// process, then exec this binary as its reaper. Only async-signal-safe calls, the
+/// arguments built on the stack. Where the exec fails, reap in this process.
 fn exec_reaper(child: libc::pid_t) -> ! {
+    // SAFETY: close_range(2), pidfd_open(2), poll(2): plain syscalls.
+    unsafe {
+        // Nothing of the node's stays open here (the output pipes, std's exec-status
+        // pipe): the node hears of the exec, and sees output, from the shell alone.
+        libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, child, 0) as libc::c_int;
+        if pidfd >= 0 {
+            let mut ready = libc::pollfd {
+                fd: pidfd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            if libc::poll(&mut ready, 1, REAPER_EXEC_AFTER_MS) > 0 {
+                reap(child);
+            }
+            libc::close(pidfd);
+        }
+    }
     // The pid in decimal, NUL-terminated.
     let mut digits = [0u8; 24];
     let mut n = child.unsigned_abs();
