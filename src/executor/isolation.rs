@@ -102,6 +102,10 @@ impl Isolation {
         } else {
             disk_bytes
         };
+        // Where the working dir really is: a `..` or a symlink into /tmp must take the
+        // branch of the directory it lands in.
+        let resolved = std::fs::canonicalize(work);
+        let work = resolved.as_deref().unwrap_or(work);
         // Under a directory the tmpfs replaces, the working dir is made in the tmpfs.
         let mut work_chain = Vec::new();
         let replaced = std::iter::once(TMP).chain(SHARED.iter().map(|(_, target)| *target));
@@ -118,8 +122,12 @@ impl Isolation {
         }
         Ok(Isolation {
             network,
-            tmpfs_options: CString::new(format!("size={size},mode=1777"))
-                .map_err(|_| io::Error::other("tmpfs options"))?,
+            // Files as well as bytes: one inode per 4 KiB of space, at least 1,024.
+            tmpfs_options: CString::new(format!(
+                "size={size},nr_inodes={},mode=1777",
+                (size / 4096).max(1024)
+            ))
+            .map_err(|_| io::Error::other("tmpfs options"))?,
             bind_home: work_chain.is_empty(),
             work_chain,
             work: cstring(work)?,
@@ -476,16 +484,27 @@ mod tests {
         assert!(!under.bind_home);
         assert_eq!(
             under.tmpfs_options.to_str().unwrap(),
-            format!("size={DEFAULT_MAX_DISK_BYTES},mode=1777")
+            format!("size={DEFAULT_MAX_DISK_BYTES},nr_inodes=262144,mode=1777")
         );
         let elsewhere = Isolation::new(Path::new("/srv/w/run/t/1"), 1, 1, 4096, None).unwrap();
         assert!(elsewhere.work_chain.is_empty() && elsewhere.bind_home);
         assert_eq!(
             elsewhere.tmpfs_options.to_str().unwrap(),
-            "size=4096,mode=1777"
+            "size=4096,nr_inodes=1024,mode=1777"
         );
         let var = Isolation::new(Path::new("/var/tmp/w/1"), 1, 1, 0, None).unwrap();
         assert_eq!(var.work_chain.len(), 2, "{var:?}");
+        // A path that reaches /tmp through a symlink is judged where it lands.
+        let real = tempfile::tempdir_in("/tmp").unwrap();
+        let links = tempfile::tempdir().unwrap();
+        let link = links.path().join("work");
+        std::os::unix::fs::symlink(real.path(), &link).unwrap();
+        let through = Isolation::new(&link, 1, 1, 0, None).unwrap();
+        assert!(!through.bind_home, "{through:?}");
+        assert_eq!(
+            through.work.to_str().unwrap(),
+            real.path().canonicalize().unwrap().to_str().unwrap()
+        );
         // `/tmpfoo` is not under `/tmp`.
         assert!(
             Isolation::new(Path::new("/tmpfoo/1"), 1, 1, 0, None)

@@ -43,6 +43,8 @@ impl SnapshotFiles {
             .recursive(true)
             .mode(0o700)
             .create(&dir)?;
+        // The new directory's entry is durable before a snapshot in it is named current.
+        File::open(db_dir)?.sync_all()?;
         Ok(SnapshotFiles {
             dir,
             commit: Default::default(),
