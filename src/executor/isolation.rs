@@ -193,10 +193,7 @@ impl Isolation {
         )?;
         for (dir, target) in SHARED {
             mkdir(dir, 0o1777)?;
-            match mount(Some(dir), target, None, libc::MS_BIND, None) {
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                other => other?,
-            }
+            unless_missing(mount(Some(dir), target, None, libc::MS_BIND, None))?;
         }
         for dir in &self.work_chain {
             mkdir(dir, 0o711)?;
@@ -218,17 +215,13 @@ impl Isolation {
                 &[c"/run"]
             };
             for run in runs {
-                mount(
+                unless_missing(mount(
                     Some(c"tmpfs"),
                     run,
                     Some(c"tmpfs"),
                     libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
                     Some(c"size=4k,mode=755"),
-                )
-                .or_else(|e| match e.raw_os_error() {
-                    Some(libc::ENOENT) => Ok(()),
-                    _ => Err(e),
-                })?;
+                ))?;
             }
         }
         // A /proc of this PID namespace: the attempt's own processes only.
@@ -424,6 +417,14 @@ fn mkdir(dir: &CStr, mode: libc::mode_t) -> io::Result<()> {
             };
         }
         check(libc::chmod(dir.as_ptr(), mode))
+    }
+}
+
+/// A mount on a directory this system does not have is no mount, not a failure.
+fn unless_missing(r: io::Result<()>) -> io::Result<()> {
+    match r {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
     }
 }
 
