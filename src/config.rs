@@ -167,9 +167,11 @@ pub struct ExecutorConfig {
     /// A shell task without a `timeout` is killed after this long.
     pub shell_default_timeout_ms: u64,
     /// rlimits applied to each shell attempt (0 = leave the node's limit).
-    /// Processes of the attempt's user (RLIMIT_NPROC; counts all of that user's
-    /// processes and threads, so it is meant for a dedicated `shell_user`). Unset: 1024
-    /// for an attempt run as a `shell_user`, none for one run as the node's own user.
+    /// Processes (and threads) of the attempt: of its own PID namespace where it is
+    /// isolated on Linux 6.14+ and this is at least 299 (its `pid_max`), else of its
+    /// user (RLIMIT_NPROC, which counts all of that user's processes and threads, so it
+    /// is meant for a dedicated `shell_user`). Unset: 1024 for an attempt run as a
+    /// `shell_user`, none for one run as the node's own user.
     pub shell_max_processes: Option<u64>,
     /// Largest file an attempt may write (RLIMIT_FSIZE).
     pub shell_max_file_bytes: u64,

@@ -45,6 +45,42 @@ fn shell_dag(dag_id: &str, command: &str) -> Value {
     json!({"dag_id": dag_id, "tasks": [{"task_id": "t", "kind": "shell", "command": command}]})
 }
 
+/// Whether this kernel keeps `pid_max` per PID namespace (Linux 6.14+): an isolated
+/// attempt's process limit is then its own namespace's, else its user's RLIMIT_NPROC.
+fn per_namespace_pid_max() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split('.');
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: String = parts
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    (major, minor.parse().unwrap_or(0)) >= (6, 14)
+}
+
+/// What a shell prints to show its process limit (read by [`assert_process_limit`]).
+const SHOW_PROCESS_LIMIT: &str =
+    "echo PIDMAX=$(cat /proc/sys/kernel/pid_max); grep '^Max processes' /proc/self/limits";
+
+/// The isolated attempt whose log is `log` is bounded to `limit` processes: by its PID
+/// namespace where the kernel can (PIDs 1 to `limit` + 1, PID 1 its init), else by its
+/// user's RLIMIT_NPROC.
+fn assert_process_limit(log: &str, limit: u64) {
+    if per_namespace_pid_max() {
+        let pid_max = format!("PIDMAX={}\n", limit + 2);
+        assert!(log.contains(&pid_max), "want {pid_max}: {log}");
+    } else {
+        let nproc = log
+            .lines()
+            .find_map(|l| l.strip_prefix("Max processes"))
+            .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>());
+        let limit = limit.to_string();
+        assert_eq!(nproc, Some(vec![limit.as_str(), limit.as_str()]), "{log}");
+    }
+}
+
 /// Trigger a manual run of `dag_id` and wait for it to finish; returns its task's log.
 async fn run_and_log(c: &Cluster, t: &str, dag_id: &str) -> (Value, String) {
     let (s, v) = c
@@ -148,8 +184,10 @@ async fn each_tenant_s_shell_attempts_can_run_as_a_user_of_its_own() {
     // acme (the node-wide user) leaves a file in its working dir and runs on.
     let dag = shell_dag(
         "keep",
-        "id -u; echo acme-private > $HOME/mine; echo HOME=$HOME; \
-         grep '^Max processes' /proc/self/limits; sleep 120",
+        &format!(
+            "id -u; echo acme-private > $HOME/mine; echo HOME=$HOME; \
+             {SHOW_PROCESS_LIMIT}; sleep 120"
+        ),
     );
     let (s, v) = c.post(1, "/dags", &acme, &dag).await;
     assert_eq!(s, StatusCode::OK, "{v}");
@@ -169,11 +207,7 @@ async fn each_tenant_s_shell_attempts_can_run_as_a_user_of_its_own() {
     })
     .await;
     // Run as a user of its own with no process limit configured: a fork bomb is bounded.
-    let nproc = log
-        .lines()
-        .find_map(|l| l.strip_prefix("Max processes"))
-        .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>());
-    assert_eq!(nproc, Some(vec!["1024", "1024"]), "{log}");
+    assert_process_limit(&log, 1024);
     let uid = |log: &str| log.lines().next().unwrap_or_default().trim().to_string();
     let nobody = uid(&log);
     let home = log
@@ -258,7 +292,8 @@ async fn isolated_shell_attempts_see_no_network_no_node_and_have_bounded_space()
          echo ROFS; touch /usr/{marker} 2>&1; \
          echo hello > /tmp/{marker} && echo tmp-ok; \
          head -c 8000000 /dev/zero 2>&1 > $HOME/big; echo disk-rc=$?; \
-         echo PROCS=$(ls /proc | grep -c '^[0-9]'); grep NoNewPrivs /proc/self/status; \
+         echo PROCS=$(ls /proc | grep -c '^[0-9]'); grep -E 'NoNewPrivs|Seccomp:' /proc/self/status; \
+         echo USERNS; unshare -Ur id 2>&1; echo userns-rc=$?; \
          sleep 1.5; echo INIT=$(tr '\\0' ' ' < /proc/1/cmdline); \
          echo RUN=$(ls -A /run | wc -l); exit 0"
     );
@@ -304,6 +339,14 @@ async fn isolated_shell_attempts_see_no_network_no_node_and_have_bounded_space()
     );
     assert!(log.contains("No space left on device"), "{log}");
     assert!(log.contains("NoNewPrivs:\t1"), "{log}");
+    // Under the syscall filter: no user namespace (in which it would be root again).
+    assert!(log.contains("Seccomp:\t2"), "{log}");
+    assert!(log.contains("userns-rc=1"), "{log}");
+    assert!(
+        !log.contains("uid=0"),
+        "became root in a user namespace: {log}"
+    );
+    assert!(log.contains("Operation not permitted"), "{log}");
     // Above a shell that runs for over a second, a reaper exec'd afresh (not a fork
     // holding the node's memory); no host service's Unix socket (an empty /run).
     assert!(
@@ -373,7 +416,7 @@ async fn a_shell_task_sees_no_secrets_and_cannot_read_the_data_dir() {
         "echo ENV; env; echo CWD=$(pwd); echo UID=$(id -u); \
          echo NODE_ENVIRON; cat /proc/$PPID/environ | tr '\\0' '\\n'; \
          echo DATA; ls {data} 2>&1; cat {data}/*.secret 2>&1; \
-         echo LIMITS; cat /proc/self/limits; exit 0"
+         echo LIMITS; cat /proc/self/limits; {SHOW_PROCESS_LIMIT}; exit 0"
     );
     let (s, v) = c.post(1, "/dags", &t, &shell_dag("peek", &command)).await;
     assert_eq!(s, StatusCode::OK, "{v}");
@@ -427,7 +470,6 @@ async fn a_shell_task_sees_no_secrets_and_cannot_read_the_data_dir() {
         ("Max open files", "333"),
         ("Max file size", "12345678"),
         ("Max address space", "2147483648"),
-        ("Max processes", "777"),
     ] {
         let line = limits
             .lines()
@@ -436,6 +478,68 @@ async fn a_shell_task_sees_no_secrets_and_cannot_read_the_data_dir() {
         let fields: Vec<&str> = line[name.len()..].split_whitespace().collect();
         assert_eq!(&fields[..2], &[value, value], "{name}: {line}");
     }
+    assert_process_limit(&log, 777);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenant_s_fork_bomb_leaves_another_s_attempts_of_the_same_user_able_to_fork() {
+    if !per_namespace_pid_max() {
+        println!("skipped: a process limit per attempt needs Linux 6.14 or later");
+        return;
+    }
+    // Both tenants run as the node-wide shell_user.
+    let Some(c) =
+        up_with_shell_user(&[("ORCHESTRATOR_EXECUTOR__SHELL_MAX_PROCESSES", "300")]).await
+    else {
+        return;
+    };
+    let scopes = "orchestrator:read orchestrator:write orchestrator:shell";
+    let (acme, beta) = (c.token("acme", scopes), c.token("beta", scopes));
+    // acme starts sleeps until a fork fails, says how many, and holds them (`exec`
+    // needs no fork; the count is read with builtins).
+    let bomb = "(i=0; while [ $i -lt 1000 ]; do sleep 120 & i=$((i+1)); echo $i > n; done) \
+                2>/dev/null; read n < n; echo started=$n; exec sleep 120";
+    let (s, v) = c.post(1, "/dags", &acme, &shell_dag("bomb", bomb)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = trigger(&c, &acme, "bomb").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let bomb_run = v["run_id"].as_str().expect("run_id").to_string();
+    let log = wait_for(LONG, "acme's attempt to use up its processes", || async {
+        let path = format!("/runs/{bomb_run}/tasks/t/attempts/1/log");
+        let (s, log) = c.get(1, &path, &acme).await;
+        let log = log.as_str().unwrap_or_default().to_string();
+        (s == StatusCode::OK && log.contains("started=")).then_some(log)
+    })
+    .await;
+    // 300 processes for the attempt: its shell, the subshell and 298 sleeps.
+    assert!(log.contains("started=298\n"), "{log}");
+    // beta's attempt, as the same user, starts and forks all the same: the limit is
+    // acme's attempt's own, not a budget of the user that acme has spent.
+    let (s, v) = c
+        .post(
+            1,
+            "/dags",
+            &beta,
+            &shell_dag(
+                "fork",
+                "for i in 1 2 3 4 5 6 7 8; do sleep 0 & done; wait; echo forked",
+            ),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (run, log) = run_and_log(&c, &beta, "fork").await;
+    assert_eq!(run["state"], "done", "{run} {log}");
+    assert!(log.contains("forked"), "{log}");
+    let (s, v) = c
+        .post(1, &format!("/runs/{bomb_run}/cancel"), &acme, &json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    wait_for(LONG, "acme's run to end", || async {
+        let (s, v) = c.get(1, &format!("/runs/{bomb_run}"), &acme).await;
+        (s == StatusCode::OK && v["state"] == "cancelled").then_some(())
+    })
+    .await;
+    c.assert_no_panics();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

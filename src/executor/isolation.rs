@@ -45,6 +45,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use super::sandbox::Limits;
+
 /// The scratch space an attempt may fill when none is configured: 1 GiB.
 pub const DEFAULT_MAX_DISK_BYTES: u64 = 1 << 30;
 
@@ -65,6 +67,9 @@ pub struct Isolation {
     bind_home: bool,
     uid: u32,
     gid: u32,
+    /// What the attempt's PID namespace gets as its `pid_max` (its process limit plus
+    /// its init and one, as the kernel counts), where that bounds it.
+    pid_max: Option<CString>,
     /// Whether the processes above the shell exec this binary as [`reap`]ers (always,
     /// but in this module's unit tests, whose binary is the test harness).
     exec_reaper: bool,
@@ -88,19 +93,19 @@ fn cstring(p: &Path) -> io::Result<CString> {
 
 impl Isolation {
     /// The isolation of an attempt run as `uid`/`gid` in working dir `work` (absolute),
-    /// with at most `disk_bytes` of scratch space (0: [`DEFAULT_MAX_DISK_BYTES`]), in
+    /// with at most `limits.disk_bytes` of scratch space (0: [`DEFAULT_MAX_DISK_BYTES`])
+    /// and `limits.processes` in its PID namespace where the kernel can bound one, in
     /// network namespace `network` (None: the node's network).
     pub fn new(
         work: &Path,
         uid: u32,
         gid: u32,
-        disk_bytes: u64,
+        limits: &Limits,
         network: Option<Arc<OwnedFd>>,
     ) -> io::Result<Isolation> {
-        let size = if disk_bytes == 0 {
-            DEFAULT_MAX_DISK_BYTES
-        } else {
-            disk_bytes
+        let size = match limits.disk_bytes {
+            0 => DEFAULT_MAX_DISK_BYTES,
+            n => n,
         };
         // Where the working dir really is: a `..` or a symlink into /tmp must take the
         // branch of the directory it lands in.
@@ -133,9 +138,16 @@ impl Isolation {
             work: cstring(work)?,
             uid,
             gid,
+            pid_max: pid_max_for(limits.processes(true), per_namespace_pid_max())?,
             exec_reaper: !cfg!(test),
             var_run: std::fs::symlink_metadata("/var/run").is_ok_and(|m| m.is_dir()),
         })
+    }
+
+    /// Whether the attempt's process limit holds in its PID namespace, for it alone (not
+    /// shared, as RLIMIT_NPROC is, by every attempt of its user).
+    pub fn bounds_processes(&self) -> bool {
+        self.pid_max.is_some()
     }
 
     /// Enter the attempt's namespaces and mounts. Runs in the child between fork and
@@ -231,8 +243,81 @@ impl Isolation {
             Some(c"proc"),
             libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
             None,
-        )
+        )?;
+        match &self.pid_max {
+            Some(value) => write_file(c"/proc/sys/kernel/pid_max", value.as_bytes()),
+            None => Ok(()),
+        }
     }
+}
+
+/// The smallest `pid_max` the kernel takes (`RESERVED_PIDS` + 1).
+const PID_MAX_MIN: u64 = 301;
+
+/// The `pid_max` that bounds an attempt to `processes` (processes and threads, as
+/// RLIMIT_NPROC counts them): PIDs run from 1 to `pid_max` − 1, and PID 1 is the
+/// namespace's init. None where it cannot: no limit, a kernel without a `pid_max` per
+/// namespace, or a limit below what the kernel takes (RLIMIT_NPROC alone bounds those).
+fn pid_max_for(processes: u64, per_namespace: bool) -> io::Result<Option<CString>> {
+    let value = processes.saturating_add(2);
+    if processes == 0 || !per_namespace || value < PID_MAX_MIN {
+        return Ok(None);
+    }
+    CString::new(value.to_string())
+        .map(Some)
+        .map_err(|_| io::Error::other("pid_max"))
+}
+
+/// Whether this kernel keeps `pid_max` per PID namespace (Linux 6.14 and later). Before,
+/// the file is the machine's one limit, and writing it from an attempt's namespace would
+/// change it for the whole machine: never written there.
+fn per_namespace_pid_max() -> bool {
+    static KNOWN: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| kernel_release().is_some_and(|v| v >= (6, 14)));
+    *KNOWN
+}
+
+/// The running kernel's major and minor version, from uname(2).
+fn kernel_release() -> Option<(u32, u32)> {
+    // SAFETY: uname(2) fills the zeroed struct; its fields are NUL-terminated.
+    let release = unsafe {
+        let mut u: libc::utsname = std::mem::zeroed();
+        if libc::uname(&mut u) != 0 {
+            return None;
+        }
+        CStr::from_ptr(u.release.as_ptr())
+            .to_string_lossy()
+            .into_owned()
+    };
+    parse_release(&release)
+}
+
+/// `6.18.44-generic` → (6, 18).
+fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor: String = parts
+        .next()?
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    Some((major, minor.parse().ok()?))
+}
+
+/// Write `bytes` to the file at `path` (which exists). Async-signal-safe.
+fn write_file(path: &CStr, bytes: &[u8]) -> io::Result<()> {
+    // SAFETY: open(2), write(2), close(2) with a valid path and buffer.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        check(fd)?;
+        let written = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
+        let error = io::Error::last_os_error();
+        libc::close(fd);
+        if written != bytes.len() as isize {
+            return Err(error);
+        }
+    }
+    Ok(())
 }
 
 /// Fork; return in the child, and in the parent become the reaper of the child for
@@ -444,26 +529,16 @@ pub fn probe(uid: u32, gid: u32, private_network: bool) -> io::Result<()> {
         true => Some(Networks::default().for_tenant("probe")?),
         false => None,
     };
-    use std::os::unix::process::CommandExt;
     let dir = tempfile::Builder::new()
         .prefix("orchestrator-isolation-probe")
         .tempdir_in("/tmp")?;
-    let iso = Isolation::new(dir.path(), uid, gid, 1 << 20, network)?;
-    let mut command = std::process::Command::new("/bin/true");
-    command
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+    let limits = Limits {
+        disk_bytes: 1 << 20,
+        ..Limits::default()
+    };
+    let iso = Isolation::new(dir.path(), uid, gid, &limits, network)?;
     // SAFETY: `enter` makes only async-signal-safe calls.
-    unsafe {
-        command.pre_exec(move || iso.enter());
-    }
-    let status = command.status()?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(io::Error::other(format!("the probe ended with {status}")))
-    }
+    unsafe { super::sandbox::probe_with(move || iso.enter()) }
 }
 
 #[cfg(test)]
@@ -472,7 +547,8 @@ mod tests {
 
     #[test]
     fn a_working_dir_under_tmp_is_made_in_the_tmpfs_and_one_elsewhere_is_bound() {
-        let under = Isolation::new(Path::new("/tmp/w/run/t/1"), 1, 1, 0, None).unwrap();
+        let under =
+            Isolation::new(Path::new("/tmp/w/run/t/1"), 1, 1, &Limits::default(), None).unwrap();
         let chain: Vec<&str> = under
             .work_chain
             .iter()
@@ -487,20 +563,31 @@ mod tests {
             under.tmpfs_options.to_str().unwrap(),
             format!("size={DEFAULT_MAX_DISK_BYTES},nr_inodes=262144,mode=1777")
         );
-        let elsewhere = Isolation::new(Path::new("/srv/w/run/t/1"), 1, 1, 4096, None).unwrap();
+        let elsewhere = Isolation::new(
+            Path::new("/srv/w/run/t/1"),
+            1,
+            1,
+            &Limits {
+                disk_bytes: 4096,
+                ..Limits::default()
+            },
+            None,
+        )
+        .unwrap();
         assert!(elsewhere.work_chain.is_empty() && elsewhere.bind_home);
         assert_eq!(
             elsewhere.tmpfs_options.to_str().unwrap(),
             "size=4096,nr_inodes=1024,mode=1777"
         );
-        let var = Isolation::new(Path::new("/var/tmp/w/1"), 1, 1, 0, None).unwrap();
+        let var =
+            Isolation::new(Path::new("/var/tmp/w/1"), 1, 1, &Limits::default(), None).unwrap();
         assert_eq!(var.work_chain.len(), 2, "{var:?}");
         // A path that reaches /tmp through a symlink is judged where it lands.
         let real = tempfile::tempdir_in("/tmp").unwrap();
         let links = tempfile::tempdir().unwrap();
         let link = links.path().join("work");
         std::os::unix::fs::symlink(real.path(), &link).unwrap();
-        let through = Isolation::new(&link, 1, 1, 0, None).unwrap();
+        let through = Isolation::new(&link, 1, 1, &Limits::default(), None).unwrap();
         assert!(!through.bind_home, "{through:?}");
         assert_eq!(
             through.work.to_str().unwrap(),
@@ -508,7 +595,7 @@ mod tests {
         );
         // `/tmpfoo` is not under `/tmp`.
         assert!(
-            Isolation::new(Path::new("/tmpfoo/1"), 1, 1, 0, None)
+            Isolation::new(Path::new("/tmpfoo/1"), 1, 1, &Limits::default(), None)
                 .unwrap()
                 .bind_home
         );
@@ -516,23 +603,35 @@ mod tests {
 
     /// Run `script` isolated as nobody in `network`; its exit status and output.
     fn isolated(script: &str, network: &Arc<OwnedFd>) -> (std::process::ExitStatus, String) {
-        isolated_in(&tempfile::tempdir().unwrap(), script, network)
+        isolated_in(
+            &tempfile::tempdir().unwrap(),
+            script,
+            network,
+            Limits::default(),
+        )
     }
 
     fn isolated_in(
         dir: &tempfile::TempDir,
         script: &str,
         network: &Arc<OwnedFd>,
+        limits: Limits,
     ) -> (std::process::ExitStatus, String) {
         use std::os::unix::process::CommandExt;
-        let iso = Isolation::new(dir.path(), 65534, 65534, 1 << 20, Some(network.clone())).unwrap();
+        let limits = Limits {
+            disk_bytes: 1 << 20,
+            ..limits
+        };
+        let iso = Isolation::new(dir.path(), 65534, 65534, &limits, Some(network.clone())).unwrap();
+        let rlimits = limits.rlimits_beside(Some(&iso));
         let mut c = std::process::Command::new("/bin/sh");
         c.arg("-c").arg(script);
+        let filter = super::super::syscall_filter::get().unwrap();
         // SAFETY: async-signal-safe calls only.
         unsafe {
             c.pre_exec(move || {
                 iso.enter()?;
-                super::super::sandbox::in_child(Default::default(), Some((65534, 65534)))
+                super::super::sandbox::in_child(rlimits, Some((65534, 65534)), filter)
             });
         }
         let out = c.output().unwrap();
@@ -594,6 +693,7 @@ mod tests {
             &outside,
             "echo x > f && pwd && ls -A /run | wc -l && touch /var/lib/x 2>&1",
             &net,
+            Limits::default(),
         );
         assert!(status.code() == Some(1), "{out}");
         assert!(
@@ -602,5 +702,50 @@ mod tests {
         );
         assert!(out.contains("Read-only file system"), "{out}");
         assert!(!outside.path().join("f").exists());
+    }
+
+    #[test]
+    fn an_attempt_s_processes_are_bounded_in_its_own_pid_namespace() {
+        // SAFETY: geteuid(2) has no preconditions.
+        if unsafe { libc::geteuid() } != 0 || !per_namespace_pid_max() {
+            println!("skipped: needs root and Linux 6.14 or later");
+            return;
+        }
+        let net = Networks::default().for_tenant("a").unwrap();
+        let limits = Limits {
+            processes: Some(310),
+            ..Limits::default()
+        };
+        // RLIMIT_NPROC is left alone here (`rlimits_beside`): only the namespace bounds
+        // it. A subshell starts sleeps until a fork fails; the shell reads the count with
+        // builtins (it could not fork a `cat`).
+        let script = "(i=0; while [ $i -lt 400 ]; do sleep 30 & i=$((i+1)); echo $i > n; done) \
+                      2>/dev/null; read n < n; echo started=$n";
+        let (_, out) = isolated_in(&tempfile::tempdir().unwrap(), script, &net, limits);
+        let started: u64 = out
+            .trim()
+            .strip_prefix("started=")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{out}"));
+        // 310 PIDs for the attempt: its shell, the subshell and 308 sleeps.
+        assert_eq!(started, 308, "{out}");
+    }
+
+    #[test]
+    fn a_pid_max_is_set_only_where_the_kernel_keeps_one_per_namespace_and_takes_it() {
+        let value = |p, per_ns| {
+            pid_max_for(p, per_ns)
+                .unwrap()
+                .map(|c| c.into_string().unwrap())
+        };
+        assert_eq!(value(1024, true).as_deref(), Some("1026"));
+        assert_eq!(value(299, true).as_deref(), Some("301"));
+        assert_eq!(value(298, true), None, "below what the kernel takes");
+        assert_eq!(value(0, true), None, "no limit");
+        assert_eq!(value(1024, false), None, "the machine's own pid_max");
+        assert_eq!(parse_release("6.18.44-fc-v1300"), Some((6, 18)));
+        assert_eq!(parse_release("6.14-rc1"), Some((6, 14)));
+        assert_eq!(parse_release("5.10.0-31-amd64"), Some((5, 10)));
+        assert_eq!(parse_release("garbage"), None);
     }
 }

@@ -24,6 +24,7 @@ pub mod fencing;
 pub mod isolation;
 pub mod leftovers;
 pub mod sandbox;
+pub mod syscall_filter;
 
 use crate::state::command::AttemptResult;
 use crate::state::model::{Run, TaskKind, TaskSpec};
@@ -398,10 +399,20 @@ async fn run_shell(
         .kill_on_drop(true)
         .env_clear()
         .envs(sandbox::environment(vars, &work));
+    let filter = match syscall_filter::get() {
+        Ok(f) => f,
+        Err(e) => {
+            return AttemptResult::Failed {
+                exit_code: None,
+                error: e.to_string(),
+            }
+        }
+    };
     let limits = a.shell.limits;
     let cgroups = a.shell.cgroups.as_ref();
     let join =
         cgroups.map(|c| c.for_child(limits.processes(identity.is_some()), limits.memory_bytes));
+    let limits = limits.rlimits_beside(isolation.as_ref());
     // SAFETY: the closure only makes async-signal-safe syscalls (see `sandbox::in_child`,
     // `isolation::Isolation::enter` and `cgroup::ChildCgroup::join`), and joins its
     // cgroup and enters its namespaces while still the node's user.
@@ -415,7 +426,7 @@ async fn run_shell(
             if let Some(i) = &isolation {
                 i.enter()?;
             }
-            sandbox::in_child(limits, identity)
+            sandbox::in_child(limits, identity, filter)
         });
     }
     // Stopped (cancelled, lease lost) while being prepared: never start the process.

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::cgroup::Cgroups;
 use super::isolation::{self, Isolation};
+use super::syscall_filter::{self, SyscallFilter};
 use crate::config::{Config, ShellNetwork};
 
 /// The environment's `PATH` for an attempt; nothing of the node's own environment passes.
@@ -51,6 +52,12 @@ pub enum Error {
          (attempts then share the node's network and may write wherever their user can)"
     )]
     CannotIsolate { reason: String },
+    #[error(
+        "shell attempts run as executor.shell_user cannot be given their syscall filter on \
+         this node ({reason}): it needs Linux seccomp filters (CONFIG_SECCOMP_FILTER) on \
+         x86_64, aarch64 or riscv64"
+    )]
+    CannotFilter { reason: String },
 }
 
 /// Resource limits per attempt; 0 leaves the node's own limit.
@@ -82,6 +89,20 @@ impl Limits {
             Some(n) => n,
             None if as_other_user => DEFAULT_MAX_PROCESSES,
             None => 0,
+        }
+    }
+
+    /// The rlimits to set in the child of an attempt with `isolation`: all of these but
+    /// the process limit where its PID namespace holds that ([`Isolation::bounds_processes`]),
+    /// so that attempts of one user do not share one RLIMIT_NPROC budget (one tenant's
+    /// fork bomb would leave another tenant's attempts unable to fork).
+    pub fn rlimits_beside(self, isolation: Option<&Isolation>) -> Limits {
+        match isolation.is_some_and(Isolation::bounds_processes) {
+            true => Limits {
+                processes: Some(0),
+                ..self
+            },
+            false => self,
         }
     }
 }
@@ -161,6 +182,11 @@ impl ShellPolicy {
                 .any(|n| *n == ShellNetwork::None);
         for user in users {
             let identity = identity_of(user)?;
+            if identity.is_some() {
+                syscall_filter::probe().map_err(|e| Error::CannotFilter {
+                    reason: e.to_string(),
+                })?;
+            }
             if let (true, Some((uid, gid))) = (self.isolation, identity) {
                 isolation::probe(uid, gid, private_network).map_err(|e| Error::CannotIsolate {
                     reason: e.to_string(),
@@ -203,7 +229,7 @@ impl ShellPolicy {
             ShellNetwork::None => Some(self.networks.for_tenant(tenant)?),
             ShellNetwork::Host => None,
         };
-        Isolation::new(work, uid, gid, self.limits.disk_bytes, network).map(Some)
+        Isolation::new(work, uid, gid, &self.limits, network).map(Some)
     }
 }
 
@@ -344,6 +370,31 @@ fn lookup_user(name: &str) -> Option<(u32, u32)> {
     }
 }
 
+/// A start-time probe: run `/bin/true` with `setup` between fork and exec; Ok if it ran
+/// and succeeded, else why not.
+///
+/// # Safety
+/// `setup` runs in the forked child: async-signal-safe calls only.
+pub unsafe fn probe_with(
+    setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let mut command = std::process::Command::new("/bin/true");
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: the caller's promise.
+    unsafe { command.pre_exec(setup) };
+    let status = command.status()?;
+    match status.success() {
+        true => Ok(()),
+        false => Err(std::io::Error::other(format!(
+            "the probe ended with {status}"
+        ))),
+    }
+}
+
 /// Lower one rlimit to `value` (never above the current hard limit).
 /// Async-signal-safe: only getrlimit/setrlimit.
 fn lower(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result<()> {
@@ -372,8 +423,13 @@ fn lower(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result<()>
 
 /// Runs in the child after fork, before exec (and after [`Isolation::enter`]): rlimits,
 /// then drop to `identity` for good: no setuid program or file capability can raise the
-/// attempt's privileges again. Only async-signal-safe calls.
-pub fn in_child(limits: Limits, identity: Option<(u32, u32)>) -> std::io::Result<()> {
+/// attempt's privileges again, and the calls of [`syscall_filter`] are refused to it and
+/// everything it starts. Only async-signal-safe calls.
+pub fn in_child(
+    limits: Limits,
+    identity: Option<(u32, u32)>,
+    filter: &SyscallFilter,
+) -> std::io::Result<()> {
     lower(libc::RLIMIT_NPROC, limits.processes(identity.is_some()))?;
     lower(libc::RLIMIT_FSIZE, limits.file_bytes)?;
     lower(libc::RLIMIT_NOFILE, limits.open_files)?;
@@ -399,6 +455,8 @@ pub fn in_child(limits: Limits, identity: Option<(u32, u32)>) -> std::io::Result
                 std::ptr::null::<libc::c_char>(),
             );
         }
+        // Last: it refuses keyctl, which the line above needed.
+        filter.install()?;
     }
     Ok(())
 }
