@@ -202,6 +202,11 @@ pub struct ExecutorConfig {
     /// The scratch space of an isolated shell attempt (its working dir, `/tmp`,
     /// `/var/tmp` and `/dev/shm` together, a tmpfs); 0 means the 1 GiB default.
     pub shell_max_disk_bytes: u64,
+    /// Directories an isolated shell attempt sees empty (a read-only tmpfs over each):
+    /// the host's homes, mounts, logs and spools, whose world-readable files are no
+    /// task's business. One that is missing, is a symlink, or holds the attempt's
+    /// working dir is left as it is.
+    pub shell_hidden_paths: Vec<PathBuf>,
     /// Networks (CIDR) every tenant's `http` tasks and webhooks may reach although the
     /// egress policy refuses them by default (loopback, private, link-local, CGNAT, ULA,
     /// multicast and the cluster's own addresses). Default: none. Prefer granting a
@@ -303,6 +308,10 @@ impl Default for ExecutorConfig {
             shell_isolation: true,
             shell_network: ShellNetwork::None,
             shell_max_disk_bytes: crate::executor::isolation::DEFAULT_MAX_DISK_BYTES,
+            shell_hidden_paths: crate::executor::isolation::DEFAULT_HIDDEN_PATHS
+                .iter()
+                .map(PathBuf::from)
+                .collect(),
             http_allow: Vec::new(),
             webhook_secret: None,
             tenants: Default::default(),

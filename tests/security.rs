@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::{wait_for, Cluster, BASE};
@@ -270,8 +271,23 @@ async fn each_tenant_s_shell_attempts_can_run_as_a_user_of_its_own() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isolated_shell_attempts_see_no_network_no_node_and_have_bounded_space() {
+    // A directory of the host with a world-readable file, configured as hidden.
+    let host_dir = tempfile::Builder::new()
+        .prefix("orchestrator-hidden-")
+        .tempdir_in("/var/lib")
+        .expect("a dir under /var/lib");
+    std::fs::set_permissions(host_dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    std::fs::write(host_dir.path().join("notes"), "host-private\n").expect("write");
+    std::fs::set_permissions(
+        host_dir.path().join("notes"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .expect("chmod");
+    let hidden = format!(r#"["/home", "{}"]"#, host_dir.path().display());
     let Some(c) = up_with_shell_user(&[
         ("ORCHESTRATOR_EXECUTOR__SHELL_MAX_DISK_BYTES", "4000000"),
+        ("ORCHESTRATOR_EXECUTOR__SHELL_HIDDEN_PATHS", &hidden),
         // beta may use the node's network; acme (the default) may not.
         (
             "ORCHESTRATOR_EXECUTOR__TENANTS__BETA__SHELL_NETWORK",
@@ -294,8 +310,10 @@ async fn isolated_shell_attempts_see_no_network_no_node_and_have_bounded_space()
          head -c 8000000 /dev/zero 2>&1 > $HOME/big; echo disk-rc=$?; \
          echo PROCS=$(ls /proc | grep -c '^[0-9]'); grep -E 'NoNewPrivs|Seccomp:' /proc/self/status; \
          echo USERNS; unshare -Ur id 2>&1; echo userns-rc=$?; \
+         cat {notes} 2>&1; echo HOME_ENTRIES=$(ls -A /home | wc -l); \
          sleep 1.5; echo INIT=$(tr '\\0' ' ' < /proc/1/cmdline); \
-         echo RUN=$(ls -A /run | wc -l); exit 0"
+         echo RUN=$(ls -A /run | wc -l); exit 0",
+        notes = host_dir.path().join("notes").display()
     );
     for t in [&acme, &beta] {
         let (s, v) = c.post(1, "/dags", t, &shell_dag("look", &command)).await;
@@ -347,6 +365,9 @@ async fn isolated_shell_attempts_see_no_network_no_node_and_have_bounded_space()
         "became root in a user namespace: {log}"
     );
     assert!(log.contains("Operation not permitted"), "{log}");
+    // The hidden paths are empty to it: a world-readable file of the host's is not.
+    assert!(!log.contains("host-private"), "read a hidden file: {log}");
+    assert!(log.contains("HOME_ENTRIES=0\n"), "{log}");
     // Above a shell that runs for over a second, a reaper exec'd afresh (not a fork
     // holding the node's memory); no host service's Unix socket (an empty /run).
     assert!(
@@ -1385,7 +1406,6 @@ async fn run_to_end(c: &Cluster, t: &str, dag_id: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_data_dir_is_private_even_if_it_was_not() {
-    use std::os::unix::fs::PermissionsExt;
     let mut c = Cluster::new(1, &[]);
     // An older version left the data dir world-readable.
     let data = c.node(1).dir.join("data");

@@ -3,7 +3,8 @@
 //! unless the tenant may use the node's), the node's filesystem read-only and without
 //! setuid, one tmpfs of
 //! `executor.shell_max_disk_bytes` for everything it may write (`/tmp`, `/var/tmp`,
-//! `/dev/shm` and its working dir), and a `/proc` that shows its own processes only.
+//! `/dev/shm` and its working dir), the host's homes, logs and spools shown empty
+//! (`executor.shell_hidden_paths`), and a `/proc` that shows its own processes only.
 //!
 //! What that buys, beyond the user switch and rlimits of [`super::sandbox`]:
 //! - no network (no loopback services of the node, no peer port, no cloud metadata, no
@@ -47,6 +48,20 @@ use std::sync::{Arc, Mutex};
 
 use super::sandbox::Limits;
 
+/// What an isolated attempt sees empty unless configured otherwise
+/// (`executor.shell_hidden_paths`).
+pub const DEFAULT_HIDDEN_PATHS: &[&str] = &[
+    "/home",
+    "/root",
+    "/mnt",
+    "/media",
+    "/srv",
+    "/var/log",
+    "/var/mail",
+    "/var/spool",
+    "/var/backups",
+];
+
 /// The scratch space an attempt may fill when none is configured: 1 GiB.
 pub const DEFAULT_MAX_DISK_BYTES: u64 = 1 << 30;
 
@@ -75,6 +90,8 @@ pub struct Isolation {
     exec_reaper: bool,
     /// Whether `/var/run` is a directory of its own, not the usual link to `/run`.
     var_run: bool,
+    /// Directories to show empty ([`Isolation::hiding`]).
+    hidden: Vec<CString>,
 }
 
 const TMP: &CStr = c"/tmp";
@@ -141,7 +158,24 @@ impl Isolation {
             pid_max: pid_max_for(limits.processes(true), per_namespace_pid_max())?,
             exec_reaper: !cfg!(test),
             var_run: std::fs::symlink_metadata("/var/run").is_ok_and(|m| m.is_dir()),
+            hidden: Vec::new(),
         })
+    }
+
+    /// The same, with each of `paths` shown empty: those that are directories (not
+    /// symlinks, which a mount would follow) and do not hold the working dir (which
+    /// would vanish with them).
+    pub fn hiding(mut self, paths: &[std::path::PathBuf]) -> io::Result<Isolation> {
+        let work = Path::new(std::ffi::OsStr::from_bytes(self.work.as_bytes()));
+        for path in paths.iter().filter(|p| p.is_absolute()) {
+            let is_dir = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
+            // Where it lands, as the working dir is (a parent may be a symlink).
+            match std::fs::canonicalize(path) {
+                Ok(real) if is_dir && !work.starts_with(&real) => self.hidden.push(cstring(&real)?),
+                _ => {}
+            }
+        }
+        Ok(self)
     }
 
     /// Whether the attempt's process limit holds in its PID namespace, for it alone (not
@@ -227,14 +261,11 @@ impl Isolation {
                 &[c"/run"]
             };
             for run in runs {
-                unless_missing(mount(
-                    Some(c"tmpfs"),
-                    run,
-                    Some(c"tmpfs"),
-                    libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                    Some(c"size=4k,mode=755"),
-                ))?;
+                unless_missing(show_empty(run))?;
             }
+        }
+        for dir in &self.hidden {
+            unless_missing(show_empty(dir))?;
         }
         // A /proc of this PID namespace: the attempt's own processes only.
         mount(
@@ -506,6 +537,17 @@ fn mkdir(dir: &CStr, mode: libc::mode_t) -> io::Result<()> {
 }
 
 /// A mount on a directory this system does not have is no mount, not a failure.
+/// An empty, read-only directory over `dir` in this mount namespace.
+fn show_empty(dir: &CStr) -> io::Result<()> {
+    mount(
+        Some(c"tmpfs"),
+        dir,
+        Some(c"tmpfs"),
+        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some(c"size=4k,mode=755"),
+    )
+}
+
 fn unless_missing(r: io::Result<()>) -> io::Result<()> {
     match r {
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
@@ -729,6 +771,31 @@ mod tests {
             .unwrap_or_else(|| panic!("{out}"));
         // 310 PIDs for the attempt: its shell, the subshell and 308 sleeps.
         assert_eq!(started, 308, "{out}");
+    }
+
+    #[test]
+    fn only_directories_that_do_not_hold_the_working_dir_are_hidden() {
+        let host = tempfile::tempdir().unwrap();
+        let kept = host.path().join("kept");
+        let work = kept.join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        let hidden = host.path().join("hidden");
+        std::fs::create_dir(&hidden).unwrap();
+        let link = host.path().join("link");
+        std::os::unix::fs::symlink(&hidden, &link).unwrap();
+        let iso = Isolation::new(&work, 1, 1, &Limits::default(), None)
+            .unwrap()
+            .hiding(&[
+                kept.clone(),
+                hidden.clone(),
+                link,
+                host.path().join("missing"),
+                "relative".into(),
+            ])
+            .unwrap();
+        let names: Vec<&str> = iso.hidden.iter().map(|c| c.to_str().unwrap()).collect();
+        let hidden = std::fs::canonicalize(&hidden).unwrap();
+        assert_eq!(names, [hidden.to_str().unwrap()]);
     }
 
     #[test]

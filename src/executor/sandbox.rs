@@ -123,6 +123,8 @@ pub struct ShellPolicy {
     /// Their network, unless their tenant has its own setting.
     pub network: ShellNetwork,
     pub tenant_networks: std::collections::BTreeMap<String, ShellNetwork>,
+    /// What isolated attempts see empty (`executor.shell_hidden_paths`).
+    pub hidden_paths: Vec<PathBuf>,
     /// The tenants' network namespaces (`ShellNetwork::None`).
     pub networks: isolation::Networks,
     /// Where attempts get their cgroups (set by the executor where it can create them).
@@ -159,6 +161,7 @@ impl ShellPolicy {
                 .iter()
                 .filter_map(|(t, s)| Some((t.clone(), s.shell_network?)))
                 .collect(),
+            hidden_paths: e.shell_hidden_paths.clone(),
             networks: Default::default(),
             cgroups: None,
         }
@@ -229,7 +232,9 @@ impl ShellPolicy {
             ShellNetwork::None => Some(self.networks.for_tenant(tenant)?),
             ShellNetwork::Host => None,
         };
-        Isolation::new(work, uid, gid, &self.limits, network).map(Some)
+        Isolation::new(work, uid, gid, &self.limits, network)
+            .and_then(|i| i.hiding(&self.hidden_paths))
+            .map(Some)
     }
 }
 
@@ -496,6 +501,7 @@ mod tests {
             isolation: false,
             network: ShellNetwork::None,
             tenant_networks: Default::default(),
+            hidden_paths: Vec::new(),
             networks: Default::default(),
             cgroups: None,
         }
