@@ -82,8 +82,8 @@ pub struct Isolation {
     bind_home: bool,
     uid: u32,
     gid: u32,
-    /// What the attempt's PID namespace gets as its `pid_max` (its process limit plus
-    /// its init and one, as the kernel counts), where that bounds it.
+    /// What the attempt's PID namespace gets as its `pid_max` ([`pid_max_for`]), where
+    /// that bounds it.
     pid_max: Option<CString>,
     /// Whether the processes above the shell exec this binary as [`reap`]ers (always,
     /// but in this module's unit tests, whose binary is the test harness).
@@ -282,21 +282,34 @@ impl Isolation {
     }
 }
 
-/// The smallest `pid_max` the kernel takes (`RESERVED_PIDS` + 1).
-const PID_MAX_MIN: u64 = 301;
+/// PIDs below this are handed out only until the namespace's counter first passes it
+/// (the kernel's `RESERVED_PIDS`): after that, new PIDs come from `[300, pid_max)` alone.
+const RESERVED_PIDS: u64 = 300;
 
-/// The `pid_max` that bounds an attempt to `processes` (processes and threads, as
-/// RLIMIT_NPROC counts them): PIDs run from 1 to `pid_max` − 1, and PID 1 is the
-/// namespace's init. None where it cannot: no limit, a kernel without a `pid_max` per
-/// namespace, or a limit below what the kernel takes (RLIMIT_NPROC alone bounds those).
+/// The largest `pid_max` the kernel takes (`PID_MAX_LIMIT` on 64-bit).
+const PID_MAX_LIMIT: u64 = 4 << 20;
+
+/// The `pid_max` that gives an attempt at least `processes` processes (and threads, as
+/// RLIMIT_NPROC counts them) for its whole life and at most `processes` + 298: once its
+/// PID counter has passed 300 (after 300 processes, short-lived ones included), new
+/// PIDs come from `[300, pid_max)` only, so `processes` + 300; before, PIDs 2 to 299
+/// are free too. None where it cannot: no limit, a kernel without a `pid_max` per
+/// namespace, or one above what the kernel takes (RLIMIT_NPROC alone bounds those).
 fn pid_max_for(processes: u64, per_namespace: bool) -> io::Result<Option<CString>> {
-    let value = processes.saturating_add(2);
-    if processes == 0 || !per_namespace || value < PID_MAX_MIN {
+    let value = processes.saturating_add(RESERVED_PIDS);
+    if processes == 0 || !per_namespace || value > PID_MAX_LIMIT {
         return Ok(None);
     }
     CString::new(value.to_string())
         .map(Some)
         .map_err(|_| io::Error::other("pid_max"))
+}
+
+/// The most host PIDs an isolated attempt limited to `processes` can hold: what its
+/// namespace allows ([`pid_max_for`]: `processes` + 298) and the two processes above its
+/// shell (the namespace's init and its parent).
+pub fn most_pids(processes: u64) -> u64 {
+    processes.saturating_add(RESERVED_PIDS)
 }
 
 /// Whether this kernel keeps `pid_max` per PID namespace (Linux 6.14 and later). Before,
@@ -564,9 +577,9 @@ fn check(rc: libc::c_int) -> io::Result<()> {
 }
 
 /// Whether this node can isolate attempts: runs `/bin/true` through [`Isolation::enter`]
-/// as `uid`/`gid` and says why not when it cannot (no CAP_SYS_ADMIN, a kernel older
+/// as `uid`/`gid` under `limits` and says why not when it cannot (no CAP_SYS_ADMIN, a kernel older
 /// than 5.12, namespaces disabled).
-pub fn probe(uid: u32, gid: u32, private_network: bool) -> io::Result<()> {
+pub fn probe(uid: u32, gid: u32, limits: &Limits, private_network: bool) -> io::Result<()> {
     let network = match private_network {
         true => Some(Networks::default().for_tenant("probe")?),
         false => None,
@@ -576,7 +589,7 @@ pub fn probe(uid: u32, gid: u32, private_network: bool) -> io::Result<()> {
         .tempdir_in("/tmp")?;
     let limits = Limits {
         disk_bytes: 1 << 20,
-        ..Limits::default()
+        ..*limits
     };
     let iso = Isolation::new(dir.path(), uid, gid, &limits, network)?;
     // SAFETY: `enter` makes only async-signal-safe calls.
@@ -645,19 +658,18 @@ mod tests {
 
     /// Run `script` isolated as nobody in `network`; its exit status and output.
     fn isolated(script: &str, network: &Arc<OwnedFd>) -> (std::process::ExitStatus, String) {
-        isolated_in(
-            &tempfile::tempdir().unwrap(),
-            script,
-            network,
-            Limits::default(),
-        )
+        let dir = tempfile::tempdir().unwrap();
+        isolated_in(&dir, script, network, Limits::default(), Limits::default())
     }
 
+    /// Run `script` isolated as nobody in `dir`, under `limits` and, in the shell,
+    /// `rlimits`.
     fn isolated_in(
         dir: &tempfile::TempDir,
         script: &str,
         network: &Arc<OwnedFd>,
         limits: Limits,
+        rlimits: Limits,
     ) -> (std::process::ExitStatus, String) {
         use std::os::unix::process::CommandExt;
         let limits = Limits {
@@ -665,7 +677,6 @@ mod tests {
             ..limits
         };
         let iso = Isolation::new(dir.path(), 65534, 65534, &limits, Some(network.clone())).unwrap();
-        let rlimits = limits.rlimits_beside(Some(&iso));
         let mut c = std::process::Command::new("/bin/sh");
         c.arg("-c").arg(script);
         let filter = super::super::syscall_filter::get().unwrap();
@@ -673,7 +684,7 @@ mod tests {
         unsafe {
             c.pre_exec(move || {
                 iso.enter()?;
-                super::super::sandbox::in_child(rlimits, Some((65534, 65534)), filter)
+                super::super::sandbox::in_child(rlimits, Some((65534, 65534)), Some(filter))
             });
         }
         let out = c.output().unwrap();
@@ -736,6 +747,7 @@ mod tests {
             "echo x > f && pwd && ls -A /run | wc -l && touch /var/lib/x 2>&1",
             &net,
             Limits::default(),
+            Limits::default(),
         );
         assert!(status.code() == Some(1), "{out}");
         assert!(
@@ -758,19 +770,34 @@ mod tests {
             processes: Some(310),
             ..Limits::default()
         };
-        // RLIMIT_NPROC is left alone here (`rlimits_beside`): only the namespace bounds
-        // it. A subshell starts sleeps until a fork fails; the shell reads the count with
-        // builtins (it could not fork a `cat`).
-        let script = "(i=0; while [ $i -lt 400 ]; do sleep 30 & i=$((i+1)); echo $i > n; done) \
-                      2>/dev/null; read n < n; echo started=$n";
-        let (_, out) = isolated_in(&tempfile::tempdir().unwrap(), script, &net, limits);
-        let started: u64 = out
-            .trim()
-            .strip_prefix("started=")
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("{out}"));
-        // 310 PIDs for the attempt: its shell, the subshell and 308 sleeps.
-        assert_eq!(started, 308, "{out}");
+        // Only the namespace bounds it here (RLIMIT_NPROC left alone). The script first
+        // runs `churn` short-lived processes, then a subshell starts sleeps until a fork
+        // fails; the shell reads the count with builtins (it could not fork a `cat`).
+        let processes_after = |churn: u32| {
+            let script = format!(
+                "i=0; while [ $i -lt {churn} ]; do /bin/true; i=$((i+1)); done; \
+                 (i=0; while [ $i -lt 1000 ]; do sleep 30 & i=$((i+1)); echo $i > n; done) \
+                 2>/dev/null; read n < n; echo started=$n"
+            );
+            let rlimits = Limits {
+                processes: Some(0),
+                ..limits
+            };
+            let dir = tempfile::tempdir().unwrap();
+            let (_, out) = isolated_in(&dir, &script, &net, limits, rlimits);
+            let started: u64 = out
+                .trim()
+                .strip_prefix("started=")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{out}"));
+            // The attempt's processes: its shell, the subshell and the sleeps.
+            started + 2
+        };
+        // Fresh, PIDs 2-299 are free as well: at most 310 + 298.
+        assert_eq!(processes_after(0), 608);
+        // After 400 processes the counter has passed 300: still at least 310.
+        let churned = processes_after(400);
+        assert!((310..=608).contains(&churned), "{churned}");
     }
 
     #[test]
@@ -805,9 +832,10 @@ mod tests {
                 .unwrap()
                 .map(|c| c.into_string().unwrap())
         };
-        assert_eq!(value(1024, true).as_deref(), Some("1026"));
-        assert_eq!(value(299, true).as_deref(), Some("301"));
-        assert_eq!(value(298, true), None, "below what the kernel takes");
+        assert_eq!(value(1024, true).as_deref(), Some("1324"));
+        assert_eq!(value(1, true).as_deref(), Some("301"));
+        assert_eq!(value(4_194_004, true).as_deref(), Some("4194304"));
+        assert_eq!(value(4_194_005, true), None, "above what the kernel takes");
         assert_eq!(value(0, true), None, "no limit");
         assert_eq!(value(1024, false), None, "the machine's own pid_max");
         assert_eq!(parse_release("6.18.44-fc-v1300"), Some((6, 18)));

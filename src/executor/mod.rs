@@ -399,7 +399,8 @@ async fn run_shell(
         .kill_on_drop(true)
         .env_clear()
         .envs(sandbox::environment(vars, &work));
-    let filter = match syscall_filter::get() {
+    // Compiled before the fork (never in the child), for attempts of a shell user only.
+    let filter = match identity.map(|_| syscall_filter::get()).transpose() {
         Ok(f) => f,
         Err(e) => {
             return AttemptResult::Failed {
@@ -408,11 +409,11 @@ async fn run_shell(
             }
         }
     };
-    let limits = a.shell.limits;
+    let (pids_max, limits) = a
+        .shell
+        .process_limits(identity.is_some(), isolation.as_ref());
     let cgroups = a.shell.cgroups.as_ref();
-    let join =
-        cgroups.map(|c| c.for_child(limits.processes(identity.is_some()), limits.memory_bytes));
-    let limits = limits.rlimits_beside(isolation.as_ref());
+    let join = cgroups.map(|c| c.for_child(pids_max, limits.memory_bytes));
     // SAFETY: the closure only makes async-signal-safe syscalls (see `sandbox::in_child`,
     // `isolation::Isolation::enter` and `cgroup::ChildCgroup::join`), and joins its
     // cgroup and enters its namespaces while still the node's user.

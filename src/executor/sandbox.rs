@@ -73,8 +73,9 @@ pub struct Limits {
 }
 
 /// The process limit of an attempt run as a user of its own when none is configured:
-/// bounds a fork bomb far below the machine's limit, far above what a task of one slot
-/// starts.
+/// bounds a fork bomb far below the machine's limit (with the default 8 slots, a user's
+/// isolated attempts hold at most 8 × 1,324 PIDs together), far above what a task of
+/// one slot starts.
 pub const DEFAULT_MAX_PROCESSES: u64 = 1024;
 
 impl Limits {
@@ -89,20 +90,6 @@ impl Limits {
             Some(n) => n,
             None if as_other_user => DEFAULT_MAX_PROCESSES,
             None => 0,
-        }
-    }
-
-    /// The rlimits to set in the child of an attempt with `isolation`: all of these but
-    /// the process limit where its PID namespace holds that ([`Isolation::bounds_processes`]),
-    /// so that attempts of one user do not share one RLIMIT_NPROC budget (one tenant's
-    /// fork bomb would leave another tenant's attempts unable to fork).
-    pub fn rlimits_beside(self, isolation: Option<&Isolation>) -> Limits {
-        match isolation.is_some_and(Isolation::bounds_processes) {
-            true => Limits {
-                processes: Some(0),
-                ..self
-            },
-            false => self,
         }
     }
 }
@@ -123,6 +110,8 @@ pub struct ShellPolicy {
     /// Their network, unless their tenant has its own setting.
     pub network: ShellNetwork,
     pub tenant_networks: std::collections::BTreeMap<String, ShellNetwork>,
+    /// The node's executor slots: at most this many attempts at once.
+    pub slots: u32,
     /// What isolated attempts see empty (`executor.shell_hidden_paths`).
     pub hidden_paths: Vec<PathBuf>,
     /// The tenants' network namespaces (`ShellNetwork::None`).
@@ -161,6 +150,7 @@ impl ShellPolicy {
                 .iter()
                 .filter_map(|(t, s)| Some((t.clone(), s.shell_network?)))
                 .collect(),
+            slots: e.slots,
             hidden_paths: e.shell_hidden_paths.clone(),
             networks: Default::default(),
             cgroups: None,
@@ -191,8 +181,10 @@ impl ShellPolicy {
                 })?;
             }
             if let (true, Some((uid, gid))) = (self.isolation, identity) {
-                isolation::probe(uid, gid, private_network).map_err(|e| Error::CannotIsolate {
-                    reason: e.to_string(),
+                isolation::probe(uid, gid, &self.limits, private_network).map_err(|e| {
+                    Error::CannotIsolate {
+                        reason: e.to_string(),
+                    }
                 })?;
             }
             if let Err(e) = check_identity(identity, user, c) {
@@ -209,6 +201,32 @@ impl ShellPolicy {
             }
         }
         Ok(())
+    }
+
+    /// How an attempt run as another user (`as_other_user`) with `isolation` is held to
+    /// its process limit: its cgroup's `pids.max`, and the rlimits to set in its child.
+    ///
+    /// Where its PID namespace holds the limit ([`Isolation::bounds_processes`]), that
+    /// is the attempt's own, and RLIMIT_NPROC (which counts every process of the user,
+    /// so a budget one tenant's fork bomb could spend for the others' attempts of the
+    /// same user) is only a backstop for the user: every slot's attempt at its most
+    /// ([`isolation::most_pids`]), which no attempt held to its own limit reaches. The
+    /// cgroup counts the two processes above the shell too.
+    pub fn process_limits(
+        &self,
+        as_other_user: bool,
+        isolation: Option<&Isolation>,
+    ) -> (u64, Limits) {
+        let processes = self.limits.processes(as_other_user);
+        if !isolation.is_some_and(Isolation::bounds_processes) {
+            return (processes, self.limits);
+        }
+        let backstop = isolation::most_pids(processes).saturating_mul(u64::from(self.slots));
+        let rlimits = Limits {
+            processes: Some(backstop),
+            ..self.limits
+        };
+        (processes.saturating_add(2), rlimits)
     }
 
     /// The uid and gid to switch to for `tenant`'s attempts (its own user, else the
@@ -433,7 +451,7 @@ fn lower(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result<()>
 pub fn in_child(
     limits: Limits,
     identity: Option<(u32, u32)>,
-    filter: &SyscallFilter,
+    filter: Option<&SyscallFilter>,
 ) -> std::io::Result<()> {
     lower(libc::RLIMIT_NPROC, limits.processes(identity.is_some()))?;
     lower(libc::RLIMIT_FSIZE, limits.file_bytes)?;
@@ -460,8 +478,12 @@ pub fn in_child(
                 std::ptr::null::<libc::c_char>(),
             );
         }
-        // Last: it refuses keyctl, which the line above needed.
-        filter.install()?;
+        // Last: it refuses keyctl, which the line above needed. The caller passes one
+        // with every identity; none would leave the attempt unfiltered.
+        match filter {
+            Some(f) => f.install()?,
+            None => return Err(std::io::Error::other("no syscall filter for a shell user")),
+        }
     }
     Ok(())
 }
@@ -501,6 +523,7 @@ mod tests {
             isolation: false,
             network: ShellNetwork::None,
             tenant_networks: Default::default(),
+            slots: 8,
             hidden_paths: Vec::new(),
             networks: Default::default(),
             cgroups: None,
