@@ -476,10 +476,7 @@ async fn run_shell(
             Ok(s) if s.success() => AttemptResult::Success { exit_code: Some(0) },
             Ok(s) => AttemptResult::Failed {
                 exit_code: s.code(),
-                error: match s.code() {
-                    Some(c) => format!("exit code {c}"),
-                    None => "killed by a signal".into(),
-                },
+                error: exit_error(s),
             },
             Err(e) => AttemptResult::Failed { exit_code: None, error: format!("wait failed: {e}") },
         },
@@ -511,6 +508,48 @@ async fn run_shell(
                error = %e, "working dir not removed; the retention sweep will");
     }
     result
+}
+
+/// What a failed shell says of how it ended: its exit code, or the signal that killed
+/// it. An exit code 128 + N is what a shell reports for a child killed by signal N (and
+/// what an isolated attempt's reaper reports for its shell: a namespace's init cannot
+/// die of its own signal), so the signal is named beside it.
+fn exit_error(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => match c.checked_sub(128).and_then(signal_name) {
+            Some(name) => format!("exit code {c} (as after {name}, signal {})", c - 128),
+            None => format!("exit code {c}"),
+        },
+        (None, Some(n)) => match signal_name(n) {
+            Some(name) => format!("killed by {name} (signal {n})"),
+            None => format!("killed by signal {n}"),
+        },
+        (None, None) => format!("ended with {status}"),
+    }
+}
+
+/// The signals a task ends by, by number (the same on every Linux architecture we build
+/// for; the rest are named by number alone).
+fn signal_name(n: i32) -> Option<&'static str> {
+    Some(match n {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
+        libc::SIGSYS => "SIGSYS",
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
@@ -584,6 +623,22 @@ mod tests {
         let ran = attempt(true, 2).await;
         assert!(matches!(ran, AttemptResult::Success { .. }), "{ran:?}");
         assert!(marker.exists());
+    }
+
+    #[test]
+    fn a_failed_shell_names_its_exit_code_or_its_signal() {
+        use std::os::unix::process::ExitStatusExt;
+        // Raw wait statuses: an exit code in the second byte, a signal in the first.
+        let exited = |c: i32| exit_error(std::process::ExitStatus::from_raw(c << 8));
+        let killed = |n: i32| exit_error(std::process::ExitStatus::from_raw(n));
+        assert_eq!(exited(2), "exit code 2");
+        assert_eq!(exited(137), "exit code 137 (as after SIGKILL, signal 9)");
+        assert_eq!(exited(128), "exit code 128");
+        assert_eq!(killed(9), "killed by SIGKILL (signal 9)");
+        assert_eq!(
+            killed(libc::SIGUSR1),
+            format!("killed by signal {}", libc::SIGUSR1)
+        );
     }
 
     #[test]
