@@ -242,6 +242,7 @@ fn member(id: NodeId) -> Member {
     Member {
         api_addr: format!("127.0.0.1:{}", 8080 + id),
         peer_addr: format!("127.0.0.1:{}", 9080 + id),
+        disk: None,
     }
 }
 

@@ -13,6 +13,24 @@ use serde_json::{json, Value};
 
 const LONG: Duration = Duration::from_secs(60);
 
+/// `DELETE /cluster/members/{node}` through `via`, as an operator.
+async fn remove_member(c: &Cluster, via: u64, admin: &str, node: u64) {
+    let path = format!("{BASE}/cluster/members/{node}");
+    let (s, v, _) = c
+        .request(via, reqwest::Method::DELETE, &path, Some(admin), None, &[])
+        .await;
+    assert_eq!(s, StatusCode::OK, "remove node {node}: {v}");
+}
+
+/// `POST /cluster/members` of `node` at its addresses through `via`; the status after.
+async fn add_member(c: &Cluster, via: u64, admin: &str, node: u64) -> Value {
+    let add = json!({"node_id": node, "api_addr": c.api(node).trim_start_matches("http://"),
+                     "peer_addr": c.peer_addr(node)});
+    let (s, v) = c.post(via, "/cluster/members", admin, &add).await;
+    assert_eq!(s, StatusCode::OK, "add node {node}: {v}");
+    v
+}
+
 async fn put_dag(c: &Cluster, via: u64, token: &str, dag_id: &str) {
     let (s, v) = c.post(via, "/dags", token, &dag_body(dag_id)).await;
     assert_eq!(s, StatusCode::OK, "submit {dag_id} via node {via}: {v}");
@@ -217,22 +235,10 @@ async fn wiped_node_is_re_added_and_catches_up_through_a_snapshot() {
     println!("leader purged its log up to index {purged}");
 
     // Replace the dead node: remove it, wipe its disk, start it empty, add it back.
-    let (s, v, _) = c
-        .request(
-            leader,
-            reqwest::Method::DELETE,
-            &format!("{BASE}/cluster/members/3"),
-            Some(&admin),
-            None,
-            &[],
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "remove node 3: {v}");
+    remove_member(&c, leader, &admin, 3).await;
     std::fs::remove_dir_all(c.node(3).dir.join("data")).expect("wipe node 3");
     c.start(3);
-    let add = json!({"node_id": 3, "api_addr": c.api(3).trim_start_matches("http://"), "peer_addr": c.peer_addr(3)});
-    let (s, v) = c.post(leader, "/cluster/members", &admin, &add).await;
-    assert_eq!(s, StatusCode::OK, "add node 3: {v}");
+    let v = add_member(&c, leader, &admin, 3).await;
     assert!(
         v["voters"].as_array().expect("voters").contains(&json!(3)),
         "node 3 is a voter again: {v}"
@@ -247,6 +253,63 @@ async fn wiped_node_is_re_added_and_catches_up_through_a_snapshot() {
         let (s, _) = c.get(3, &format!("/runs/{run}"), &t).await;
         assert_eq!(s, StatusCode::OK, "node 3 serves {run}");
     }
+    c.assert_no_panics();
+}
+
+/// A node started again on a wiped data dir, without being removed first, must take no
+/// part in the cluster: with an empty log it granted votes (a stale node could win an
+/// election with it and lose an acknowledged write) and took the leader's log again (the
+/// leader's debug build panicked on the "log reversion"). It refuses the cluster's Raft
+/// calls (they name the disk the cluster knows it by) until an operator removes it and
+/// adds it again; then it catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_on_a_wiped_disk_takes_no_part_until_it_is_removed_and_added() {
+    let mut c = Cluster::new(3, &[]);
+    c.start_all();
+    let leader = c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    let t = c.token("acme", ALL_SCOPES);
+    let admin = c.admin_token();
+    put_dag(&c, leader, &t, "d").await;
+    let victim = (1..=3).find(|n| *n != leader).expect("a follower");
+    c.kill(victim);
+    std::fs::remove_dir_all(c.node(victim).dir.join("data")).expect("wipe");
+    c.start(victim);
+    wait_for(
+        LONG,
+        "the wiped node to refuse the cluster's Raft calls",
+        || async {
+            c.log(victim)
+                .contains("its data dir was wiped or replaced")
+                .then_some(())
+        },
+    )
+    .await;
+    // It took nothing: no log, no membership, not ready; the others go on without it.
+    let s = c.status(victim).await.expect("the wiped node's status");
+    assert_eq!(s["initialized"], false, "{s}");
+    assert!(s["last_log_index"].is_null(), "{s}");
+    for day in 1..=5 {
+        trigger(&c, leader, &t, "d", day)
+            .await
+            .expect("the majority writes");
+    }
+    let leader = c.wait_leader(LONG).await;
+    let ls = c.status(leader).await.expect("leader status");
+    assert!(
+        ls["voters"]
+            .as_array()
+            .expect("voters")
+            .contains(&json!(victim)),
+        "{ls}"
+    );
+    c.assert_no_panics();
+    // The runbook's way back: remove it, add it (the add learns its new disk).
+    remove_member(&c, leader, &admin, victim).await;
+    add_member(&c, leader, &admin, victim).await;
+    c.wait_converged(LONG).await;
+    let (s, v) = c.get(victim, "/dags/d", &t).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
     c.assert_no_panics();
 }
 

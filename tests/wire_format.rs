@@ -371,6 +371,7 @@ fn scenario(version: &str) -> Vec<Entry> {
     let member = |id: u64| Member {
         api_addr: format!("10.0.0.{id}:8080"),
         peer_addr: format!("10.0.0.{id}:9080"),
+        disk: None,
     };
     let mut log = vec![Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),

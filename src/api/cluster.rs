@@ -301,6 +301,8 @@ pub async fn add_member(
         member: Member {
             api_addr: m.api_addr,
             peer_addr: m.peer_addr,
+            // Learned from the node itself (its join probe), never from the caller.
+            disk: None,
         },
     };
     let status = st.node.change_membership_anywhere(op).await?;

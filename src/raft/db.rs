@@ -212,6 +212,22 @@ impl Db {
         Ok(out)
     }
 
+    /// This disk's identity: made once, at random, when the node's state is first
+    /// created here (and when a node that predates it first starts), kept with the Raft
+    /// state and gone with it. A node started on a wiped or replaced data dir has
+    /// another, which is how the cluster tells it from the node it knew.
+    pub fn disk_id(&self) -> Result<String, DbError> {
+        const KEY_DISK_ID: &[u8] = b"disk_id";
+        if let Some(id) = self.get(CF_RAFT_META, KEY_DISK_ID)? {
+            return Ok(String::from_utf8_lossy(&id).into_owned());
+        }
+        let id = hex::encode(rand::random::<[u8; 16]>());
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_RAFT_META)?, KEY_DISK_ID, id.as_bytes());
+        self.write(batch, true)?;
+        Ok(id)
+    }
+
     /// Write a batch, synced to disk when `sync` is set.
     pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), DbError> {
         let mut wo = rocksdb::WriteOptions::default();

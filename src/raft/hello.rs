@@ -37,6 +37,11 @@ pub struct Hello {
     pub protocol_supported: u32,
     /// HMAC-SHA256 (hex) of the nonce, `node_id` and `peer_addr` under the cluster secret.
     pub proof: String,
+    /// The disk it holds ([`super::db::Db::disk_id`]; absent from older binaries). Not
+    /// under the proof: it only has to tell this disk from another, and a node that
+    /// lied about it would refuse the cluster's calls, not be trusted more.
+    #[serde(default)]
+    pub disk: Option<String>,
 }
 
 /// Longest nonce a node signs (hex characters).
@@ -93,6 +98,7 @@ mod tests {
             initialized: false,
             protocol_supported: 8,
             proof: prove(secret, nonce, 4, "10.0.0.4:9090"),
+            disk: None,
         }
     }
 

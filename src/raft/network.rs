@@ -23,6 +23,8 @@ use super::types::{Member, NodeId, TypeConfig};
 pub const HEADER_SECRET: &str = "x-cluster-secret";
 pub const HEADER_TARGET: &str = "x-target-node";
 pub const HEADER_SOURCE: &str = "x-source-node";
+/// On Raft calls: the disk the caller knows the target by ([`super::types::Member::disk`]).
+pub const HEADER_TARGET_DISK: &str = "x-target-disk";
 
 /// Errors of a peer call made by the node itself (forwarding, read index, admin).
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +122,22 @@ impl PeerClients {
         body: &Req,
         timeout: Duration,
     ) -> Result<Resp, PeerError> {
-        self.post(target, peer_addr, path, body, timeout, true)
+        self.call_disk(target, peer_addr, None, path, body, timeout)
+            .await
+    }
+
+    /// As [`Self::call`], naming the disk the target is known by (Raft calls): a node
+    /// that holds another refuses.
+    pub async fn call_disk<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        target: NodeId,
+        peer_addr: &str,
+        disk: Option<&str>,
+        path: &str,
+        body: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, PeerError> {
+        self.post(target, peer_addr, disk, path, body, timeout, true)
             .await
     }
 
@@ -134,14 +151,16 @@ impl PeerClients {
         body: &Req,
         timeout: Duration,
     ) -> Result<Resp, PeerError> {
-        self.post(target, peer_addr, path, body, timeout, false)
+        self.post(target, peer_addr, None, path, body, timeout, false)
             .await
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn post<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         target: NodeId,
         peer_addr: &str,
+        disk: Option<&str>,
         path: &str,
         body: &Req,
         timeout: Duration,
@@ -152,6 +171,9 @@ impl PeerClients {
         let mut req = self.client(target).post(&url);
         if with_secret {
             req = req.header(HEADER_SECRET, &*self.secret);
+        }
+        if let Some(disk) = disk {
+            req = req.header(HEADER_TARGET_DISK, disk);
         }
         let resp = req
             .header(HEADER_TARGET, target.to_string())
@@ -187,6 +209,7 @@ impl PeerClients {
             reqwest::StatusCode::MISDIRECTED_REQUEST
                 | reqwest::StatusCode::UNAUTHORIZED
                 | reqwest::StatusCode::FORBIDDEN
+                | reqwest::StatusCode::CONFLICT
         ) {
             let text = resp.text().await.unwrap_or_default();
             return Err(PeerError::Refused {
@@ -221,6 +244,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
         PeerNetwork {
             target,
             peer_addr: node.peer_addr.clone(),
+            disk: node.disk.clone(),
             clients: self.clients.clone(),
         }
     }
@@ -230,6 +254,8 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 pub struct PeerNetwork {
     target: NodeId,
     peer_addr: String,
+    /// The disk the membership knows the target by.
+    disk: Option<String>,
     clients: PeerClients,
 }
 
@@ -247,7 +273,14 @@ impl PeerNetwork {
     {
         let res: Result<Result<Resp, RaftError<NodeId, E>>, PeerError> = self
             .clients
-            .call(self.target, &self.peer_addr, path, req, option.hard_ttl())
+            .call_disk(
+                self.target,
+                &self.peer_addr,
+                self.disk.as_deref(),
+                path,
+                req,
+                option.hard_ttl(),
+            )
             .await;
         match res {
             Ok(Ok(r)) => Ok(r),

@@ -105,6 +105,9 @@ pub struct Status {
     /// How far each voter's clock is ahead of this node's, as this node last measured.
     #[serde(default)]
     pub clock_offsets_ms: BTreeMap<NodeId, i64>,
+    /// The disk this node holds ([`super::db::Db::disk_id`]; absent from older binaries).
+    #[serde(default)]
+    pub disk: Option<String>,
 }
 
 fn protocol_v1() -> u32 {
@@ -115,6 +118,8 @@ fn protocol_v1() -> u32 {
 #[derive(Clone)]
 pub struct RaftNode {
     pub id: NodeId,
+    /// This node's disk ([`super::db::Db::disk_id`]).
+    pub disk: String,
     pub raft: Raft,
     pub db: Db,
     pub sm: StateMachineStore,
@@ -257,6 +262,9 @@ impl RaftNode {
                 .ok()
                 .map(|a| a.ip()),
         );
+        let disk = db
+            .disk_id()
+            .map_err(|e| Error::Stopped(format!("disk id: {e}")))?;
         let sm = StateMachineStore::new(db.clone())
             .map_err(|e| Error::Stopped(format!("state machine: {e}")))?;
         let raft = Raft::new(
@@ -285,6 +293,7 @@ impl RaftNode {
         };
         Ok(RaftNode {
             id: config.node_id,
+            disk,
             metrics_seen,
             read_rounds,
             forwarded_rounds,
@@ -303,6 +312,7 @@ impl RaftNode {
         Member {
             api_addr: self.config.api_addr.clone(),
             peer_addr: self.config.peer_addr.clone(),
+            disk: Some(self.disk.clone()),
         }
     }
 
@@ -328,6 +338,7 @@ impl RaftNode {
                 }
             }
             let mut all_fresh = true;
+            let mut disks = BTreeMap::new();
             for p in &self.config.peers {
                 let res: Result<Status, _> = self
                     .peers
@@ -343,7 +354,9 @@ impl RaftNode {
                         );
                         return;
                     }
-                    Ok(_) => {}
+                    Ok(s) => {
+                        disks.insert(p.id, s.disk);
+                    }
                     Err(e) => {
                         info!(node = self.id, peer = p.id, error = %e, "waiting for peer before forming the cluster");
                         all_fresh = false;
@@ -359,6 +372,7 @@ impl RaftNode {
                         Member {
                             api_addr: p.api_addr.clone(),
                             peer_addr: p.peer_addr.clone(),
+                            disk: disks.remove(&p.id).flatten(),
                         },
                     );
                 }
@@ -611,8 +625,10 @@ impl RaftNode {
             MembershipOp::Add { node_id, member } => {
                 let m = self.raft.metrics().borrow().clone();
                 let membership = m.membership_config.membership();
-                if let Some(existing) = membership.get_node(&node_id) {
-                    if *existing != member {
+                let member = if let Some(existing) = membership.get_node(&node_id) {
+                    if (&existing.api_addr, &existing.peer_addr)
+                        != (&member.api_addr, &member.peer_addr)
+                    {
                         return Err(to_err(format!(
                             "node {node_id} is already a member ({existing}); remove it before \
                              adding it at other addresses"
@@ -622,11 +638,14 @@ impl RaftNode {
                         // A retried add: it is done.
                         return Ok(self.status().await);
                     }
+                    existing.clone()
                 } else {
-                    self.check_new_member(node_id, &member)
+                    let disk = self
+                        .check_new_member(node_id, &member)
                         .await
                         .map_err(to_err)?;
-                }
+                    Member { disk, ..member }
+                };
                 // Not openraft's blocking add: it gives up after a moment and returns Ok
                 // either way (near the log's start), or waits with no bound (far from it).
                 let added = match self.raft.add_learner(node_id, member.clone(), false).await {
@@ -697,7 +716,12 @@ impl RaftNode {
     /// address, belongs to no cluster yet, and its binary applies the cluster's protocol.
     /// A typo in an address or an unstarted node is refused here instead of becoming a
     /// voter the quorum needs, and whoever listens at a wrong address learns nothing.
-    async fn check_new_member(&self, node_id: NodeId, member: &Member) -> Result<(), String> {
+    /// Answers the disk the node holds (None from a binary that predates it).
+    async fn check_new_member(
+        &self,
+        node_id: NodeId,
+        member: &Member,
+    ) -> Result<Option<String>, String> {
         let at = &member.peer_addr;
         let nonce = super::hello::nonce();
         let probe = super::hello::HelloRequest {
@@ -777,7 +801,7 @@ impl RaftNode {
                 s.protocol_supported
             ));
         }
-        Ok(())
+        Ok(s.disk)
     }
 
     /// Wait until the leader has replicated to learner `node` up to log `index`, for at
@@ -937,6 +961,7 @@ impl RaftNode {
             protocol_supported: self.protocol_offered(),
             wall_ms: Some(super::clock::wall_ms()),
             clock_offsets_ms: self.clock.offsets_ms(),
+            disk: Some(self.disk.clone()),
         }
     }
 

@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use super::network::{HEADER_SECRET, HEADER_TARGET};
+use super::network::{HEADER_SECRET, HEADER_TARGET, HEADER_TARGET_DISK};
 use super::node::{ForwardedWrites, LogRequest, MembershipOp, RaftNode};
 use crate::rate_limit::{RateLimiter, Report};
 use crate::state::Batch;
@@ -197,6 +197,33 @@ fn check_caller(st: &PeerState, headers: &HeaderMap) -> Result<(), Response> {
             format!("this is node {}, not {:?}", st.node.id, target),
         ));
     }
+    // Raft calls name the disk the cluster knows this node by: another one here (a wiped
+    // or replaced data dir) must not vote, nor take a log it acknowledged once and lost.
+    let disk = headers
+        .get(HEADER_TARGET_DISK)
+        .and_then(|v| v.to_str().ok());
+    if let Some(expected) = disk.filter(|d| *d != st.node.disk) {
+        if let Some(refused) = st.refusals.count() {
+            warn!(
+                node = st.node.id,
+                expected,
+                disk = %st.node.disk,
+                refused,
+                "Raft calls for the disk this node held before: its data dir was wiped or \
+                 replaced, so it takes no part until an operator removes node {} and adds \
+                 it again (logged once per 10 s)",
+                st.node.id
+            );
+        }
+        return Err(reject(
+            StatusCode::CONFLICT,
+            format!(
+                "node {} holds another disk than the one the cluster knows (its data dir was \
+                 wiped or replaced): remove node {} and add it again",
+                st.node.id, st.node.id
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -317,6 +344,7 @@ async fn hello(State(st): State<PeerState>, headers: HeaderMap, body: Bytes) -> 
         peer_addr,
         initialized,
         protocol_supported: st.node.protocol_offered(),
+        disk: Some(st.node.disk.clone()),
     })
 }
 

@@ -13,6 +13,12 @@ pub type NodeId = u64;
 pub struct Member {
     pub api_addr: String,
     pub peer_addr: String,
+    /// The identity of the disk the node held when it joined ([`super::db::Db::disk_id`]):
+    /// Raft calls carry it and a node whose disk is another (wiped, replaced) refuses
+    /// them, so it neither votes nor takes a log it once acknowledged and lost. Absent
+    /// for members that joined before it existed (not checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
 }
 
 impl std::fmt::Display for Member {
