@@ -99,12 +99,18 @@ pub async fn readyz(State(st): State<ApiState>) -> Response {
 pub(crate) fn is_ready(st: &ApiState, s: &crate::raft::node::Status) -> bool {
     let quorum =
         s.state != "leader" || st.node.quorum_acked_within_lease(s.millis_since_quorum_ack);
-    let caught_up = match (s.applied_index, s.committed_index) {
-        (_, None) => true,
+    s.initialized && s.leader.is_some() && caught_up(s.applied_index, s.committed_index) && quorum
+}
+
+/// Whether a node has applied what it knows to be committed. One that has applied
+/// nothing is not (a node being added, before its first entry: it answered ready with
+/// an empty state while it did not know a committed index yet).
+fn caught_up(applied: Option<u64>, committed: Option<u64>) -> bool {
+    match (applied, committed) {
+        (Some(_), None) => true,
         (Some(a), Some(c)) => a >= c,
-        (None, Some(_)) => false,
-    };
-    s.initialized && s.leader.is_some() && caught_up && quorum
+        (None, _) => false,
+    }
 }
 
 /// This node's executor.
@@ -396,4 +402,18 @@ pub async fn snapshot(
         log_size_bytes_after: st.node.db.log_size_bytes(),
     })
     .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::caught_up;
+
+    #[test]
+    fn a_node_that_applied_nothing_is_not_caught_up() {
+        assert!(!caught_up(None, None));
+        assert!(!caught_up(None, Some(3)));
+        assert!(!caught_up(Some(2), Some(3)));
+        assert!(caught_up(Some(3), Some(3)));
+        assert!(caught_up(Some(0), None));
+    }
 }
