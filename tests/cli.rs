@@ -71,6 +71,43 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
     p.display().to_string()
 }
 
+/// A file the API refuses (a shell task, without the shell scope) does not stop the
+/// others: each is applied and reported, and the command fails at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applying_a_dir_goes_on_past_a_refused_file_and_fails_at_the_end() {
+    let c = up().await;
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    let writer = c.token("acme", "orchestrator:read orchestrator:write");
+    let out = cli_at(&c.api(1), Some(&writer), &["dag", "apply", "-f", examples]).await;
+    assert_ne!(out.status.code(), Some(0), "{}", stdout(&out));
+    let text = stdout(&out);
+    // In file order: backfill.json, daily-etl.yaml (refused), fan-out.toml.
+    assert_eq!(text.matches(": created").count(), 2, "{text}");
+    assert!(text.contains("daily_etl: failed"), "{text}");
+    assert!(text.contains("orchestrator:shell"), "{text}");
+    let json_out = cli_at(
+        &c.api(1),
+        Some(&writer),
+        &["--output", "json", "dag", "apply", "-f", examples],
+    )
+    .await;
+    assert_ne!(json_out.status.code(), Some(0));
+    let results = json(&json_out);
+    let failed: Vec<&Value> = results
+        .as_array()
+        .expect("a list of results")
+        .iter()
+        .filter(|r| r["result"] == "failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{results}");
+    assert!(
+        failed[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("shell")),
+        "{results}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn applying_the_examples_dir_creates_then_is_unchanged_then_diffs_an_update() {
     let c = up().await;

@@ -156,7 +156,11 @@ async fn apply(client: &Client, format: Format, path: &Path, dry_run: bool) -> a
         .map(|p| load(p))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut results = Vec::new();
+    // One file refused (a shell task without the scope, a quota) does not stop the
+    // others; the command still fails, with the first refusal's error.
+    let mut first_failure: Option<anyhow::Error> = None;
     for local in locals {
+        let mut error = None;
         let dag_id = local.spec.dag_id.clone();
         let current = match client.get(&format!("/dags/{dag_id}"), &[]).await {
             Ok(v) => Some(v),
@@ -187,17 +191,24 @@ async fn apply(client: &Client, format: Format, path: &Path, dry_run: bool) -> a
                     "would update"
                 }
             }
-            (c, false) => {
-                let r = client.post("/dags", &local.body).await?;
-                version = r["version"].clone();
-                c
-            }
+            (c, false) => match client.post("/dags", &local.body).await {
+                Ok(r) => {
+                    version = r["version"].clone();
+                    c
+                }
+                Err(e) => {
+                    error = Some(format!("{e:#}"));
+                    first_failure.get_or_insert(e);
+                    "failed"
+                }
+            },
         };
         if format == Format::Table {
-            let version = match &version {
-                Value::Null => String::new(),
-                v if action.starts_with("would") => format!(" (current version {v})"),
-                v => format!(" (version {v})"),
+            let version = match (&error, &version) {
+                (Some(e), _) => format!(" ({e})"),
+                (None, Value::Null) => String::new(),
+                (None, v) if action.starts_with("would") => format!(" (current version {v})"),
+                (None, v) => format!(" (version {v})"),
             };
             println!(
                 "{} {}: {}{version}",
@@ -213,12 +224,16 @@ async fn apply(client: &Client, format: Format, path: &Path, dry_run: bool) -> a
             "result": action,
             "version": version,
             "diff": diff,
+            "error": error,
         }));
     }
     if format != Format::Table {
         output::emit(format, &Value::Array(results), |_| {})?;
     }
-    Ok(())
+    match first_failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// A unified diff of two definitions, each rendered as a YAML DAG file.
