@@ -70,6 +70,11 @@ enum Cmd {
         #[arg(long)]
         cgroup_parent: Option<std::path::PathBuf>,
     },
+    /// After restoring this stopped node's data dir from another node's archive (the whole
+    /// cluster from one backup, docs/runbook.md): take the disk identity the restored
+    /// membership records for this node, so the cluster accepts its calls again.
+    #[command(name = "restore-identity")]
+    RestoreIdentity(NodeFlags),
     /// Print a shell completion script, e.g. `orchestrator completions bash > ~/.local/share/bash-completion/completions/orchestrator`.
     Completions {
         #[arg(value_enum)]
@@ -251,6 +256,12 @@ fn main() -> ExitCode {
             Cmd::Cluster { command } => {
                 let client = cli::Client::new(&flags)?;
                 rt.block_on(cli::cluster::run(&client, flags.output, command))?
+            }
+            Cmd::RestoreIdentity(node) => {
+                let config = node.load()?;
+                let done =
+                    orchestrator::raft::node::restore_identity(&config.data_dir, config.node_id)?;
+                println!("{done}");
             }
             Cmd::FenceKeeper { .. } => {
                 unreachable!("the fence keeper is dispatched before the runtime starts")

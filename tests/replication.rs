@@ -31,6 +31,18 @@ async fn add_member(c: &Cluster, via: u64, admin: &str, node: u64) -> Value {
     v
 }
 
+/// A ready three-node cluster with DAG `d` of tenant acme: the cluster, its leader and
+/// acme's token.
+async fn three_nodes_with_dag_d() -> (Cluster, u64, String) {
+    let mut c = Cluster::new(3, &[]);
+    c.start_all();
+    let leader = c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    let t = c.token("acme", ALL_SCOPES);
+    put_dag(&c, leader, &t, "d").await;
+    (c, leader, t)
+}
+
 async fn put_dag(c: &Cluster, via: u64, token: &str, dag_id: &str) {
     let (s, v) = c.post(via, "/dags", token, &dag_body(dag_id)).await;
     assert_eq!(s, StatusCode::OK, "submit {dag_id} via node {via}: {v}");
@@ -104,12 +116,7 @@ async fn writes_through_any_node_are_read_on_all_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_sigkill_fails_over_and_the_node_catches_up_on_restart() {
-    let mut c = Cluster::new(3, &[]);
-    c.start_all();
-    let leader = c.wait_leader(LONG).await;
-    c.wait_ready(LONG).await;
-    let t = c.token("acme", ALL_SCOPES);
-    put_dag(&c, leader, &t, "d").await;
+    let (mut c, leader, t) = three_nodes_with_dag_d().await;
     let before = trigger(&c, leader, &t, "d", 1).await.expect("first run");
 
     c.kill(leader);
@@ -303,6 +310,27 @@ async fn a_node_back_on_a_wiped_disk_takes_no_part_until_it_is_removed_and_added
             .contains(&json!(victim)),
         "{ls}"
     );
+    // Nor does it vote: with the leader gone, the other follower and the wiped node elect
+    // no one for several election timeouts (1.6 s at most here); before, the wiped node's
+    // vote made a leader of the first to ask, whatever its log lacked.
+    let other = (1..=3)
+        .find(|n| *n != leader && *n != victim)
+        .expect("the other follower");
+    c.kill(leader);
+    let watch_until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < watch_until {
+        for n in [other, victim] {
+            let state = c.readyz(n).await.map(|r| r["state"].clone());
+            assert_ne!(
+                state,
+                Some(json!("leader")),
+                "node {n} leads with the wiped node's vote"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.start(leader);
+    let leader = c.wait_leader(LONG).await;
     c.assert_no_panics();
     // The runbook's way back: remove it, add it (the add learns its new disk).
     remove_member(&c, leader, &admin, victim).await;
@@ -313,14 +341,51 @@ async fn a_node_back_on_a_wiped_disk_takes_no_part_until_it_is_removed_and_added
     c.assert_no_panics();
 }
 
+/// The runbook's whole-cluster restore: node 1's data dir copied over every node, then
+/// `orchestrator restore-identity` on each. Without it the copies hold node 1's disk,
+/// which the membership does not know them by, and refuse the cluster's calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_restored_from_one_node_s_archive_runs_after_restore_identity() {
+    let (mut c, _, t) = three_nodes_with_dag_d().await;
+    c.wait_converged(LONG).await;
+    for n in 1..=3 {
+        c.terminate(n);
+    }
+    let archive = c.node(1).dir.join("data");
+    for n in [2, 3] {
+        let data = c.node(n).dir.join("data");
+        std::fs::remove_dir_all(&data).expect("clear the node's data dir");
+        let copied = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&archive)
+            .arg(&data)
+            .status()
+            .expect("cp");
+        assert!(copied.success());
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+            .args(["restore-identity", "--node-id", &n.to_string()])
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .expect("restore-identity");
+        let said = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{said}");
+        assert!(said.contains("now holds its member's disk"), "{said}");
+    }
+    c.start_all();
+    c.wait_leader(LONG).await;
+    c.wait_converged(LONG).await;
+    for n in 1..=3 {
+        let (s, v) = c.get(n, "/dags/d", &t).await;
+        assert_eq!(s, StatusCode::OK, "node {n}: {v}");
+    }
+    c.assert_no_panics();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_minority_does_not_stop_the_majority_and_converges_after() {
-    let mut c = Cluster::new(3, &[]);
-    c.start_all();
-    let leader = c.wait_leader(LONG).await;
-    c.wait_ready(LONG).await;
-    let t = c.token("acme", ALL_SCOPES);
-    put_dag(&c, leader, &t, "d").await;
+    let (c, leader, t) = three_nodes_with_dag_d().await;
     let follower = (1..=3).find(|n| *n != leader).expect("a follower");
     c.pause(follower);
     let other = (1..=3)

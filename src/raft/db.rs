@@ -17,6 +17,7 @@ pub const CF_LOG: &str = "raft_log";
 pub const CF_RAFT_META: &str = "raft_meta";
 pub const CF_SM_META: &str = "sm_meta";
 pub const CF_SNAPSHOT: &str = "snapshot";
+const KEY_DISK_ID: &[u8] = b"disk_id";
 
 /// Errors opening or reading the node's database.
 #[derive(Debug, thiserror::Error)]
@@ -217,15 +218,20 @@ impl Db {
     /// state and gone with it. A node started on a wiped or replaced data dir has
     /// another, which is how the cluster tells it from the node it knew.
     pub fn disk_id(&self) -> Result<String, DbError> {
-        const KEY_DISK_ID: &[u8] = b"disk_id";
         if let Some(id) = self.get(CF_RAFT_META, KEY_DISK_ID)? {
             return Ok(String::from_utf8_lossy(&id).into_owned());
         }
         let id = hex::encode(rand::random::<[u8; 16]>());
+        self.adopt_disk_id(&id)?;
+        Ok(id)
+    }
+
+    /// Make `id` this disk's identity (synced): a new one, or, restoring a cluster from
+    /// one node's archive, the one the membership records for the node it now serves.
+    pub fn adopt_disk_id(&self, id: &str) -> Result<(), DbError> {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_RAFT_META)?, KEY_DISK_ID, id.as_bytes());
-        self.write(batch, true)?;
-        Ok(id)
+        self.write(batch, true)
     }
 
     /// Write a batch, synced to disk when `sync` is set.

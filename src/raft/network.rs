@@ -285,14 +285,15 @@ impl PeerNetwork {
         match res {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
-            Err(e @ PeerError::Unreachable { .. }) => {
+            // A peer that refuses the call (another disk, another node, a wrong secret)
+            // will refuse the next one too: as unreachable, openraft backs off instead
+            // of resending at once in a loop (it backs off for `Unreachable` only).
+            Err(e @ (PeerError::Unreachable { .. } | PeerError::Refused { .. })) => {
                 Err(RPCError::Unreachable(Unreachable::new(&e)))
             }
-            Err(
-                e @ (PeerError::Failed { .. }
-                | PeerError::NoRoute { .. }
-                | PeerError::Refused { .. }),
-            ) => Err(RPCError::Network(NetworkError::new(&e))),
+            Err(e @ (PeerError::Failed { .. } | PeerError::NoRoute { .. })) => {
+                Err(RPCError::Network(NetworkError::new(&e)))
+            }
         }
     }
 }

@@ -138,6 +138,84 @@ pub struct RaftNode {
     forwarded_rounds: ReadRounds<Result<Option<u64>, Error>>,
 }
 
+/// Elections only while this node's own entry in the membership names this disk (or
+/// none): a node holding another member's data (a volume cloned or swapped) refuses the
+/// cluster's calls, hears no leader, and would otherwise campaign, counting its own vote
+/// from another disk's record. Follows the membership, so a node added anew (its entry
+/// naming its disk once the add arrives) campaigns again.
+fn guard_elections(raft: Raft, id: NodeId, disk: String) {
+    tokio::spawn(async move {
+        let mut metrics = raft.metrics();
+        let mut allowed = true;
+        loop {
+            let own = metrics
+                .borrow_and_update()
+                .membership_config
+                .membership()
+                .get_node(&id)
+                .and_then(|m| m.disk.clone());
+            let ok = own.as_deref().is_none_or(|d| d == disk);
+            if ok != allowed {
+                raft.runtime_config().elect(ok);
+                if ok {
+                    info!(
+                        node = id,
+                        "this node's disk is its member's again: it may campaign"
+                    );
+                } else {
+                    warn!(node = id, disk = %disk, member_disk = ?own,
+                          "this node holds another disk than its member's: it does not campaign \
+                           (remove it and add it again; after restoring the cluster from one \
+                           archive, run `orchestrator restore-identity` on each node)");
+                }
+                allowed = ok;
+            }
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// `orchestrator restore-identity`: run on a stopped node whose data dir was restored
+/// from another node's archive (the whole cluster restored from one backup). The node
+/// takes the disk identity its own member entry records, so the cluster accepts it.
+/// Answers what it did.
+pub fn restore_identity(data_dir: &std::path::Path, node: NodeId) -> Result<String, Error> {
+    let db = super::db::Db::open(&data_dir.join("db"))
+        .map_err(|e| Error::Stopped(format!("cannot open the database: {e}")))?;
+    let (_, membership) = StateMachineStore::read_applied(&db)
+        .map_err(|e| Error::Stopped(format!("cannot read the membership: {e}")))?;
+    let member = membership
+        .membership()
+        .get_node(&node)
+        .cloned()
+        .ok_or_else(|| {
+            Error::Stopped(format!(
+                "node {node} is not a member in this data dir's state: nothing to restore"
+            ))
+        })?;
+    let Some(recorded) = member.disk else {
+        return Ok(format!(
+            "node {node}'s member entry records no disk (it joined before disks were \
+             recorded): nothing to do"
+        ));
+    };
+    let current = db
+        .disk_id()
+        .map_err(|e| Error::Stopped(format!("cannot read the disk id: {e}")))?;
+    if current == recorded {
+        return Ok(format!(
+            "node {node} already holds its member's disk {recorded}"
+        ));
+    }
+    db.adopt_disk_id(&recorded)
+        .map_err(|e| Error::Stopped(format!("cannot write the disk id: {e}")))?;
+    Ok(format!(
+        "node {node} now holds its member's disk {recorded} (was {current})"
+    ))
+}
+
 /// One confirmation of leadership with a quorum: the read index a linearizable read may
 /// serve from once applied.
 async fn confirm_read_index(raft: Raft, leader_wait: Duration) -> Result<Option<u64>, Error> {
@@ -278,6 +356,7 @@ impl RaftNode {
         )
         .await
         .map_err(|e| Error::Stopped(e.to_string()))?;
+        guard_elections(raft.clone(), config.node_id, disk.clone());
         let metrics_seen =
             MetricsSeen::follow(&raft, Duration::from_millis(r.election_timeout_min_ms));
         let leader_wait = config.leader_wait();

@@ -33,6 +33,9 @@ struct PeerState {
     refusals: std::sync::Arc<Refusals>,
     /// Join probes answered, logged the same way.
     hellos: std::sync::Arc<Refusals>,
+    /// Raft calls for another disk, logged the same way (apart: their steady stream must
+    /// not hide a wrong secret's lines).
+    disk_refusals: std::sync::Arc<Refusals>,
 }
 
 const REFUSALS_LOGGED_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
@@ -73,6 +76,7 @@ pub fn router(
         forwarded,
         refusals: Default::default(),
         hellos: Default::default(),
+        disk_refusals: Default::default(),
         secret: secret.into(),
         limiter,
     };
@@ -203,7 +207,7 @@ fn check_caller(st: &PeerState, headers: &HeaderMap) -> Result<(), Response> {
         .get(HEADER_TARGET_DISK)
         .and_then(|v| v.to_str().ok());
     if let Some(expected) = disk.filter(|d| *d != st.node.disk) {
-        if let Some(refused) = st.refusals.count() {
+        if let Some(refused) = st.disk_refusals.count() {
             warn!(
                 node = st.node.id,
                 expected,

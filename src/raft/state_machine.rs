@@ -362,7 +362,8 @@ impl StateMachineStore {
             .map_err(|e| sm_read_err(std::io::Error::other(e.to_string())))?
     }
 
-    fn read_applied(db: &Db) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+    /// The last applied log id and membership stored in `db`.
+    pub fn read_applied(db: &Db) -> Result<(Option<LogId>, StoredMembership), StorageError> {
         let last: Option<LogId> = db
             .get_json(CF_SM_META, KEY_LAST_APPLIED)
             .map_err(sm_read_err)?;
