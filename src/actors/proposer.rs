@@ -13,9 +13,10 @@
 //!
 //! A fresh cluster's replicated protocol is version 1 until its leader raises it. A new
 //! leader whose cluster has never raised its protocol therefore raises it (to the newest
-//! its voters share) before it commits anything else, holding other writes for at most
-//! [`FIRST_RAISE_HOLD`]: a fresh cluster's first writes apply under that version, not
-//! under version 1's rules, unless a voter does not answer within the hold.
+//! its voters share) before it commits anything else, holding other writes until that
+//! raise ends: a fresh cluster's first writes apply under that version, not under
+//! version 1's rules, unless a voter does not answer (then the raise ends without
+//! proposing, and the writes go out at version 1).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -39,12 +40,6 @@ const MAX_BATCH: usize = 512;
 /// joined this queue (2,449-2,638/s, 0.5-0.7 s). Chains on a fresh cluster took the same
 /// time with one, two or three (docs/performance.md, optimisation 9).
 const MAX_IN_FLIGHT: usize = 1;
-
-/// How long a new leader of a cluster that has never raised its protocol holds other
-/// writes while it raises it (asking every voter, then one commit; milliseconds on a
-/// healthy cluster). A voter that does not answer makes the raise wait (it counts as
-/// version 1), so past this the writes go out at the protocol the cluster has.
-const FIRST_RAISE_HOLD: Duration = Duration::from_millis(500);
 
 /// Raise the replicated protocol to this binary's version once every voter supports it
 /// (a rolling upgrade finishes before any replica applies the new behaviour). Run by the
@@ -84,7 +79,8 @@ pub async fn raise_protocol(node: &RaftNode, proposer: &ProposerHandle, term: u6
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FirstRaise {
     /// Nothing to hold in this term: the protocol was raised before, or the raise ended
-    /// (committed or not), or the hold ran out.
+    /// (committed or not), or the hold ran out (`leader_wait`: a raise that outlived it
+    /// is stuck, and the writes held would fail their own deadlines).
     Settled { term: u64 },
     /// Raising since `since`: only the raise goes out.
     Raising { term: u64, since: Instant },
@@ -94,16 +90,23 @@ enum FirstRaise {
 /// (`None`: nothing yet this process) and, when that does not settle it, the protocol its
 /// cluster has applied (`None`: unreadable, so nothing is held). Returns the new standing
 /// and whether a raise must be started now.
+///
+/// The raise's end settles the hold (its asking of the voters is bounded by the RPC
+/// timeout, its commit by `leader_wait`), whatever the time: it held for a fixed 500 ms
+/// before, and a node starved of CPU took longer than that to commit a healthy raise, so
+/// its first writes applied under version 1's rules. `hold` only bounds a raise that
+/// never ends.
 fn first_raise(
     standing: Option<FirstRaise>,
     term: u64,
     now: Instant,
+    hold: Duration,
     applied: impl FnOnce() -> Option<u32>,
 ) -> (FirstRaise, bool) {
     match standing {
         Some(s @ FirstRaise::Settled { term: t }) if t == term => (s, false),
         Some(FirstRaise::Raising { term: t, since }) if t == term => {
-            if now.duration_since(since) < FIRST_RAISE_HOLD {
+            if now.duration_since(since) < hold {
                 (FirstRaise::Raising { term, since }, false)
             } else {
                 (FirstRaise::Settled { term }, false)
@@ -226,8 +229,9 @@ impl Proposer {
     /// Starts the term's first raise when the cluster has never raised its protocol.
     fn holding(&mut self, ctx: &mut Context<Self>, term: u64) -> bool {
         let node = self.node.clone();
+        let hold = node.leader_wait();
         // Nothing to raise to (`raft.max_protocol` holds the cluster) reads as settled.
-        let (standing, start) = first_raise(self.first_raise, term, Instant::now(), || {
+        let (standing, start) = first_raise(self.first_raise, term, Instant::now(), hold, || {
             node.applied_protocol()
                 .ok()
                 .filter(|p| node.protocol_offered() > *p)
@@ -236,7 +240,7 @@ impl Proposer {
         if start {
             // A check already in flight (the supervisor's) ends this hold just as well.
             self.check_protocol(ctx, term);
-            ctx.run_later(FIRST_RAISE_HOLD, |act, ctx| act.flush(ctx));
+            ctx.run_later(hold, |act, ctx| act.flush(ctx));
         }
         matches!(standing, FirstRaise::Raising { .. })
     }
@@ -670,32 +674,45 @@ mod tests {
         let t0 = Instant::now();
         let unread = || -> Option<u32> { panic!("the applied protocol is read once a term") };
         // Never raised: start the raise and hold.
-        let (raising, start) = first_raise(None, 3, t0, || Some(1));
+        let hold = Duration::from_secs(5);
+        let (raising, start) = first_raise(None, 3, t0, hold, || Some(1));
         assert_eq!(raising, FirstRaise::Raising { term: 3, since: t0 });
         assert!(start);
         // Within the hold: hold on, start nothing more.
         let ms = Duration::from_millis;
         assert_eq!(
-            first_raise(Some(raising), 3, t0 + ms(100), unread),
+            first_raise(Some(raising), 3, t0 + ms(100), hold, unread),
+            (raising, false)
+        );
+        // However slow the raise (a node starved of CPU), until it ends or the hold runs
+        // out.
+        assert_eq!(
+            first_raise(Some(raising), 3, t0 + ms(4_000), hold, unread),
             (raising, false)
         );
         // The hold runs out: writes go.
         let settled = FirstRaise::Settled { term: 3 };
         assert_eq!(
-            first_raise(Some(raising), 3, t0 + FIRST_RAISE_HOLD, unread),
+            first_raise(Some(raising), 3, t0 + hold, hold, unread),
             (settled, false)
         );
         assert_eq!(
-            first_raise(Some(settled), 3, t0 + ms(900), unread),
+            first_raise(Some(settled), 3, t0 + ms(900), hold, unread),
             (settled, false)
         );
         // A new term looks again: a raised cluster holds nothing, nor an unreadable one.
         let next = FirstRaise::Settled { term: 4 };
-        assert_eq!(first_raise(Some(settled), 4, t0, || Some(8)), (next, false));
-        assert_eq!(first_raise(Some(raising), 4, t0, || None), (next, false));
+        assert_eq!(
+            first_raise(Some(settled), 4, t0, hold, || Some(8)),
+            (next, false)
+        );
+        assert_eq!(
+            first_raise(Some(raising), 4, t0, hold, || None),
+            (next, false)
+        );
         // A new term of a cluster still at 1 (the last leader's raise never committed).
         assert_eq!(
-            first_raise(Some(settled), 5, t0, || Some(1)),
+            first_raise(Some(settled), 5, t0, hold, || Some(1)),
             (FirstRaise::Raising { term: 5, since: t0 }, true)
         );
     }
