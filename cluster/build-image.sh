@@ -29,6 +29,9 @@ trap 'rm -rf "$ctx"' EXIT
 root="$ctx/rootfs"
 mkdir -p "$root/bin" "$root/data" "$root/tmp" "$root/etc"
 cp "$ORCHESTRATOR_BIN" "$root/orchestrator"
+# On the PATH too: the commands a node prints (`orchestrator token …`) work as printed in
+# `docker exec`.
+ln -s /orchestrator "$root/bin/orchestrator"
 # Every shared library the binary needs, at the same path as on the host.
 for lib in $(ldd "$ORCHESTRATOR_BIN" | awk '/=>/ {print $3} /^[ \t]*\/lib/ {print $1}'); do
   mkdir -p "$root$(dirname "$lib")"
