@@ -122,22 +122,7 @@ impl PeerClients {
         body: &Req,
         timeout: Duration,
     ) -> Result<Resp, PeerError> {
-        self.call_disk(target, peer_addr, None, path, body, timeout)
-            .await
-    }
-
-    /// As [`Self::call`], naming the disk the target is known by (Raft calls): a node
-    /// that holds another refuses.
-    pub async fn call_disk<Req: Serialize, Resp: DeserializeOwned>(
-        &self,
-        target: NodeId,
-        peer_addr: &str,
-        disk: Option<&str>,
-        path: &str,
-        body: &Req,
-        timeout: Duration,
-    ) -> Result<Resp, PeerError> {
-        self.post(target, peer_addr, disk, path, body, timeout, true)
+        self.post(target, peer_addr, None, path, body, timeout, true)
             .await
     }
 
@@ -155,6 +140,8 @@ impl PeerClients {
             .await
     }
 
+    /// One peer call; `disk` (Raft calls) names the disk the target is known by, and a
+    /// node that holds another refuses.
     #[allow(clippy::too_many_arguments)]
     async fn post<Req: Serialize, Resp: DeserializeOwned>(
         &self,
@@ -273,13 +260,14 @@ impl PeerNetwork {
     {
         let res: Result<Result<Resp, RaftError<NodeId, E>>, PeerError> = self
             .clients
-            .call_disk(
+            .post(
                 self.target,
                 &self.peer_addr,
                 self.disk.as_deref(),
                 path,
                 req,
                 option.hard_ttl(),
+                true,
             )
             .await;
         match res {
