@@ -18,6 +18,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot read {setting} {path}")]
+    ReadSecret {
+        setting: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("config file {path} is not valid TOML: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid configuration: {0}")]
@@ -324,7 +331,8 @@ impl Default for ExecutorConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SchedulerConfig {
-    /// How often the leader looks for due windows.
+    /// How often the leader looks through every DAG for due windows (a new or edited
+    /// DAG, a quota freed). A window the scheduler already knows of wakes it at its end.
     pub tick_ms: u64,
     /// Without `catchup`, windows older than this after an outage are skipped (the
     /// latest due window always fires).
@@ -729,7 +737,8 @@ impl Config {
                     "{name} and {name}_file are both set; keep one"
                 )));
             }
-            let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            let text = std::fs::read_to_string(path).map_err(|source| Error::ReadSecret {
+                setting: format!("{name}_file"),
                 path: path.clone(),
                 source,
             })?;
@@ -1233,6 +1242,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("api_addr 'nope'"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_secret_file_is_named_as_the_setting_not_the_config_file() {
+        let flags = [(
+            "cluster_secret_file".to_string(),
+            "/nonexistent/cluster.secret".to_string(),
+        )];
+        let err = Config::load(None, vec![], &flags).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "cannot read cluster_secret_file /nonexistent/cluster.secret"
+        );
     }
 
     #[test]
