@@ -580,11 +580,16 @@ pub fn first_steps(config: &Config) -> String {
     let data_dir =
         std::path::absolute(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
     let mut out = format!(
-        "orchestrator node {} ready: API {scheme}://{api_addr} (peer {}), data in {}\n",
+        "orchestrator node {} listening: API {scheme}://{api_addr} (peer {}), data in {}\n",
         config.node_id,
         config.peer_addr,
         data_dir.display()
     );
+    // Listening is not ready: a node serves once it has a leader and has applied what
+    // is committed (a node waiting to be added never is), which only /readyz tells.
+    out.push_str(&format!(
+        "ready when {scheme}://{api_addr}/readyz answers 200 (`orchestrator cluster status` shows each node)\n"
+    ));
     out.push_str("use the CLI from another shell:\n");
     out.push_str(&format!(
         "  export ORCHESTRATOR_API={scheme}://{api_addr}\n"

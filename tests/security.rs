@@ -1457,7 +1457,7 @@ fn run_binary(
         if let Some(s) = child.try_wait().expect("wait") {
             break Some(s);
         }
-        let ready = std::fs::read_to_string(&out).is_ok_and(|o| o.contains("ready: API"));
+        let ready = std::fs::read_to_string(&out).is_ok_and(|o| o.contains("listening: API"));
         if ready || std::time::Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
@@ -1590,7 +1590,7 @@ fn shell_attempts_that_could_read_the_node_are_refused_at_start() {
     ] {
         let (status, out, err) = run_binary(&args, &env, Duration::from_secs(20));
         assert!(status.is_none(), "{env:?}: exited {status:?} {err}");
-        assert!(out.contains("ready: API"), "{env:?}: {out} {err}");
+        assert!(out.contains("listening: API"), "{env:?}: {out} {err}");
     }
     if me == "0" {
         // As root with a dedicated user, as the threat model asks.
@@ -1600,7 +1600,7 @@ fn shell_attempts_that_could_read_the_node_are_refused_at_start() {
             Duration::from_secs(20),
         );
         assert!(status.is_none(), "exited {status:?} {err}");
-        assert!(out.contains("ready: API"), "{out} {err}");
+        assert!(out.contains("listening: API"), "{out} {err}");
     }
 }
 
@@ -1651,7 +1651,7 @@ fn placeholder_secrets_are_refused_outside_dev_mode() {
         Duration::from_secs(15),
     );
     assert!(status.is_none(), "dev mode node exited: {status:?} {err}");
-    assert!(out.contains("ready: API"), "{out} {err}");
+    assert!(out.contains("listening: API"), "{out} {err}");
 
     // The compose example itself carries no secret: its configs read generated files,
     // and load without dev mode once those exist.
