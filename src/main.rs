@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use orchestrator::config::Config;
 
 #[derive(Parser)]
@@ -80,6 +80,34 @@ enum Cmd {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+/// The command line: [`Cli`], with the client flags (global, for `dag`, `run` and
+/// `cluster`) hidden from the commands that do not talk to an API, so their help does
+/// not offer them.
+fn cli_command() -> clap::Command {
+    let client_flags: Vec<clap::Arg> = cli::ClientFlags::augment_args(clap::Command::new("c"))
+        .get_arguments()
+        .cloned()
+        .collect();
+    let mut cmd = Cli::command();
+    let local: Vec<String> = cmd
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .filter(|n| !["dag", "run", "cluster"].contains(&n.as_str()))
+        .collect();
+    for name in local {
+        cmd = cmd.mut_subcommand(name, |sub| {
+            // clap gives a subcommand a global argument only when it has none of that
+            // id: a hidden local one of its own shadows it.
+            sub.args(
+                client_flags
+                    .iter()
+                    .map(|a| a.clone().global(false).hide(true)),
+            )
+        });
+    }
+    cmd
 }
 
 #[derive(Subcommand)]
@@ -186,7 +214,10 @@ fn main() -> ExitCode {
     let Cli {
         client: flags,
         command,
-    } = Cli::parse();
+    } = match Cli::from_arg_matches(&cli_command().get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let command = command.unwrap_or(Cmd::Server(NodeFlags::default()));
     if let Cmd::FenceKeeper { cgroup_parent } = command {
         // No runtime, no config: a loop on a pipe (orchestrator::executor::fencing).
@@ -269,7 +300,7 @@ fn main() -> ExitCode {
             Cmd::Completions { shell } => {
                 clap_complete::generate(
                     shell,
-                    &mut Cli::command(),
+                    &mut cli_command(),
                     "orchestrator",
                     &mut std::io::stdout(),
                 );

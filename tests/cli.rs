@@ -423,6 +423,31 @@ async fn usage_and_connection_errors_have_their_own_exit_codes() {
     assert_eq!(unknown.status.code(), Some(2));
 }
 
+/// The client flags belong to the client commands: the help of `token`, `server` and
+/// the others that talk to no API does not offer them.
+#[tokio::test]
+async fn help_offers_the_client_flags_only_on_client_commands() {
+    for (args, client) in [
+        (&["token", "--help"][..], false),
+        (&["server", "--help"], false),
+        (&["config", "print", "--help"], false),
+        (&["dag", "list", "--help"], true),
+        (&["run", "--help"], true),
+        (&["cluster", "status", "--help"], true),
+    ] {
+        let out = cli_at("http://127.0.0.1:1", None, args).await;
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        let help = stdout(&out);
+        for flag in ["--api", "--token", "--output", "--ca-file"] {
+            assert_eq!(
+                help.contains(&format!("{flag} <")),
+                client,
+                "{args:?} and {flag}:\n{help}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn completions_generate_for_each_shell() {
     for shell in ["bash", "zsh", "fish"] {
