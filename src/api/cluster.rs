@@ -74,8 +74,32 @@ to be committed; a leader also needs a quorum that answered within an election t
     ),
 )]
 pub async fn readyz(State(st): State<ApiState>) -> Response {
-    let s = st.node.status().await;
-    let ready = is_ready(&st, &s);
+    let mut s = st.node.status().await;
+    let mut committed = s.committed_index;
+    if let (Some(applied), Some(c)) = (s.applied_index, committed) {
+        if applied < c {
+            // Applying as it should, a node trails what it knows to be committed by the
+            // entries being applied (a follower under load, nearly always): ready if it
+            // reaches that index within APPLY_GRACE, not only if it happened to be idle
+            // at the instant of the probe.
+            // openraft's own figure, the one `status` reports (it moves just after
+            // apply returns).
+            let reached = st
+                .node
+                .raft
+                .wait(Some(APPLY_GRACE))
+                .applied_index_at_least(Some(c), "readyz")
+                .await
+                .is_ok();
+            s = st.node.status().await;
+            if reached {
+                committed = Some(c);
+            } else {
+                committed = s.committed_index;
+            }
+        }
+    }
+    let ready = is_ready_by(&st, &s, committed);
     let body = Readiness {
         ready,
         node_id: s.node_id,
@@ -97,10 +121,20 @@ pub async fn readyz(State(st): State<ApiState>) -> Response {
 /// comes from the one status: a leader that stepped down after `s` was taken must not
 /// pass as a leader (from `s`) that needs no quorum (from a later read).
 pub(crate) fn is_ready(st: &ApiState, s: &crate::raft::node::Status) -> bool {
+    is_ready_by(st, s, s.committed_index)
+}
+
+/// [`is_ready`], with the node caught up once it has applied `committed`.
+fn is_ready_by(st: &ApiState, s: &crate::raft::node::Status, committed: Option<u64>) -> bool {
     let quorum =
         s.state != "leader" || st.node.quorum_acked_within_lease(s.millis_since_quorum_ack);
-    s.initialized && s.leader.is_some() && caught_up(s.applied_index, s.committed_index) && quorum
+    s.initialized && s.leader.is_some() && caught_up(s.applied_index, committed) && quorum
 }
+
+/// How long `/readyz` waits for a node to apply what it knew to be committed when asked.
+/// A node that applies is there within milliseconds; one that is stuck or far behind is
+/// not, and answers 503 (a probe's timeout is usually a second or more).
+const APPLY_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Whether a node has applied what it knows to be committed. One that has applied
 /// nothing is not (a node being added, before its first entry: it answered ready with
