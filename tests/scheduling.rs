@@ -518,3 +518,59 @@ async fn a_40_task_chain_and_a_fan_complete_on_three_nodes() {
     }
     c.assert_no_panics();
 }
+
+/// A window fires when it ends, not at the scheduler's next tick: with a 5 s tick and a
+/// DAG due every second, each window's run is created well within a second of its end
+/// (before the scheduler woke at due times, windows fired in bursts up to 5 s late).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_fires_when_it_ends_not_at_the_next_tick() {
+    let mut c = Cluster::new(1, &[("ORCHESTRATOR_SCHEDULER__TICK_MS", "5000")]);
+    up(&mut c).await;
+    let t = c.token("acme", ALL_SCOPES);
+    submit(
+        &c,
+        &t,
+        json!({"dag_id": "tick", "schedule": "* * * * * *",
+               "tasks": [{"task_id": "a", "kind": "noop"}]}),
+    )
+    .await;
+    // The first pass (up to a tick after the submit) fires every window due since
+    // creation at once: those ended before the first run was created. The windows that
+    // end after it show whether the scheduler waits for its tick.
+    let later = wait_for(LONG, "8 windows after the first pass", || async {
+        let (s, v) = c
+            .get(1, "/runs?dag_id=tick&run_type=scheduled&limit=500", &t)
+            .await;
+        if s != StatusCode::OK {
+            return None;
+        }
+        let ms = |r: &Value, path: &[&str]| {
+            let text = path.iter().fold(r, |v, k| &v[*k]).as_str()?;
+            Some(
+                chrono::DateTime::parse_from_rfc3339(text)
+                    .ok()?
+                    .timestamp_millis(),
+            )
+        };
+        let runs: Vec<(i64, i64)> = v["runs"]
+            .as_array()?
+            .iter()
+            .map(|r| Some((ms(r, &["window", "to"])?, ms(r, &["created_at"])?)))
+            .collect::<Option<_>>()?;
+        let first_created = runs.iter().map(|&(_, created)| created).min()?;
+        let mut later: Vec<(i64, i64)> = runs
+            .into_iter()
+            .filter(|&(end, _)| end > first_created)
+            .map(|(end, created)| (end, created - end))
+            .collect();
+        later.sort();
+        (later.len() >= 8).then_some(later)
+    })
+    .await;
+    println!("FIGURE fire lag of the windows after the first pass (window end, ms): {later:?}");
+    assert!(
+        later.iter().all(|&(_, lag)| (0..1_000).contains(&lag)),
+        "a window fired a second or more after its end (or before it): {later:?}"
+    );
+    c.assert_no_panics();
+}

@@ -11,6 +11,11 @@
 //! (until its stored value changes) and the time before which it has nothing due (until
 //! this leader fires it; no one else moves its cursor in this term).
 //!
+//! Between ticks the scheduler also wakes at the next moment a window is due: a pass
+//! knows the earliest end of a window after the DAGs' cursors, and a DAG whose windows
+//! have all fired knows its next one. So a window fires when it ends, not up to a tick
+//! later; the tick only finds what changed (a new or edited DAG, a quota freed).
+//!
 //! A pass does not wait for what it proposes. Each DAG's due windows fire one after
 //! another in a task of their own, and later passes leave that DAG alone until its chain
 //! ends; so a DAG catching up a hundred windows delays no other DAG's next window.
@@ -50,6 +55,10 @@ pub struct Scheduler {
     gate: LeaderGate,
     /// A pass (the scan and the spawning of its chains) is running.
     busy: bool,
+    /// A wake came while a pass ran: run another as soon as it ends.
+    again: bool,
+    /// The wake at the next due window (cluster-clock ms), if one is set.
+    wake: Option<(Millis, SpawnHandle)>,
     stats: Arc<Stats>,
     memory: Arc<Mutex<Memory>>,
     /// The DAGs (by their `Dags` key) whose windows are being proposed.
@@ -131,6 +140,8 @@ impl Scheduler {
             config,
             gate: LeaderGate::new(),
             busy: false,
+            again: false,
+            wake: None,
             stats,
             memory: Arc::default(),
             in_flight: Arc::default(),
@@ -138,28 +149,68 @@ impl Scheduler {
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
-        if self.busy || !self.gate.leadership.serving {
+        if !self.gate.leadership.serving {
+            return;
+        }
+        if self.busy {
+            self.again = true;
             return;
         }
         self.busy = true;
-        let job = self.rt.spawn(fire_due(
-            self.node.clone(),
-            self.proposer.clone(),
-            self.gate.leadership.term,
-            self.config.clone(),
-            self.stats.clone(),
-            self.memory.clone(),
-            self.in_flight.clone(),
-        ));
+        let pass = Pass {
+            scheduler: ctx.address(),
+            node: self.node.clone(),
+            proposer: self.proposer.clone(),
+            term: self.gate.leadership.term,
+            config: self.config.clone(),
+            stats: self.stats.clone(),
+            memory: self.memory.clone(),
+            in_flight: self.in_flight.clone(),
+        };
+        let job = self.rt.spawn(fire_due(pass));
         ctx.spawn(
             async move {
-                if let Err(e) = job.await {
-                    warn!(error = %e, "scheduler pass panicked");
+                match job.await {
+                    Ok(next) => next,
+                    Err(e) => {
+                        warn!(error = %e, "scheduler pass panicked");
+                        None
+                    }
                 }
             }
             .into_actor(self)
-            .map(|_, act, _| act.busy = false),
+            .map(|next, act, ctx| {
+                act.busy = false;
+                if std::mem::take(&mut act.again) {
+                    act.tick(ctx);
+                } else if let Some(at) = next {
+                    act.wake_at(at, ctx);
+                }
+            }),
         );
+    }
+
+    /// Run a pass at `at` (cluster clock) if that comes before the next tick and before
+    /// the wake already set: one wake at a time, the earliest.
+    fn wake_at(&mut self, at: Millis, ctx: &mut Context<Self>) {
+        if self.wake.as_ref().is_some_and(|(set, _)| *set <= at) {
+            return;
+        }
+        // One millisecond late rather than early: a pass before the end finds nothing
+        // due. The cluster clock and this node's timer move together between calls.
+        let delay =
+            Duration::from_millis(u64::try_from(at - self.node.clock.now_ms()).unwrap_or(0) + 1);
+        if delay >= Duration::from_millis(self.config.tick_ms) {
+            return;
+        }
+        if let Some((_, w)) = self.wake.take() {
+            ctx.cancel_future(w);
+        }
+        let handle = ctx.run_later(delay, |act, ctx| {
+            act.wake = None;
+            act.tick(ctx);
+        });
+        self.wake = Some((at, handle));
     }
 }
 
@@ -181,9 +232,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// One pass: start proposing the due windows of every scheduled DAG that is not still
-/// proposing earlier ones.
-async fn fire_due(
+/// What a pass works with: the actor's shared parts and its term.
+struct Pass {
+    scheduler: Addr<Scheduler>,
     node: RaftNode,
     proposer: ProposerHandle,
     term: u64,
@@ -191,21 +242,36 @@ async fn fire_due(
     stats: Arc<Stats>,
     memory: Arc<Mutex<Memory>>,
     in_flight: Arc<Mutex<HashSet<Vec<u8>>>>,
-) {
+}
+
+/// One pass: start proposing the due windows of every scheduled DAG that is not still
+/// proposing earlier ones. Returns when (cluster clock) the next window of a DAG that
+/// is not proposing becomes due, if any is known.
+async fn fire_due(pass: Pass) -> Option<Millis> {
+    let Pass {
+        scheduler,
+        node,
+        proposer,
+        term,
+        config,
+        stats,
+        memory,
+        in_flight,
+    } = pass;
     // The voters' median clock: a leader whose own clock runs fast fires nothing early.
     if !node.clock_calibrated() {
-        return;
+        return None;
     }
     let now = node.clock.now_ms();
     let dags = match node.db.scan_prefix(Table::Dags, b"", None, usize::MAX) {
         Ok(d) => d,
         Err(e) => {
             warn!(error = %e, "scheduler cannot read dags");
-            return;
+            return None;
         }
     };
     let busy = lock(&in_flight).clone();
-    let fires = due_fires(&node, dags, &busy, now, term, &config, &memory);
+    let (fires, next_due) = due_fires(&node, dags, &busy, now, term, &config, &memory);
     // DAGs fire side by side; one DAG's windows fire one after another, and a window not
     // fired (a quota, an error) stops its DAG's later windows until a later pass. A later
     // window applied first would move the cursor past the earlier one, which would never
@@ -217,15 +283,45 @@ async fn fire_due(
             key: dag.key,
         };
         let (proposer, node, stats) = (proposer.clone(), node.clone(), stats.clone());
+        let (scheduler, memory) = (scheduler.clone(), memory.clone());
         tokio::spawn(async move {
-            let _guard = guard;
+            let mut last = None;
             for (window, req) in dag.windows {
                 if !fire_one(&proposer, &node, &stats, &dag.dag_id, window, req, term).await {
-                    break;
+                    // Retried at the next tick, not at once: a failing proposal must
+                    // not spin.
+                    return;
                 }
+                last = Some(window);
+            }
+            // Every window fired, so the cursor is at the last one's end (or past it):
+            // the DAG's next window is known without a pass reading it.
+            let next = last.and_then(|w| after_fired(&memory, &guard.key, term, w.end_ms));
+            drop(guard);
+            if let Some(at) = next {
+                scheduler.do_send(WakeAt(at));
             }
         });
     }
+    // The cluster clock moved while the pass ran; the wake is on this node's timer.
+    next_due
+}
+
+/// Record that a DAG fired every window up to the one ending at `end` in `term`: nothing
+/// is due before its next window's end, which is returned. (A cursor already past `end`
+/// only makes that earlier than the truth: a pass then reads the cursor and finds
+/// nothing due.)
+fn after_fired(memory: &Mutex<Memory>, key: &[u8], term: u64, end: Millis) -> Option<Millis> {
+    let mut memory = lock(memory);
+    if memory.term != term {
+        return None;
+    }
+    let known = memory.dags.get_mut(key)?;
+    let plan = known.plan.as_ref()?;
+    let next = next_due_ms(&plan.schedule, Some(end), plan.anchor, plan.end_date_ms)
+        .unwrap_or(Millis::MAX);
+    known.quiet_until = next;
+    (next < Millis::MAX).then_some(next)
 }
 
 /// Propose one window; whether it fired (or had fired before).
@@ -271,7 +367,8 @@ async fn fire_one(
     }
 }
 
-/// The `FireWindow` commands due at `now`, with what the scheduler remembers updated.
+/// The `FireWindow` commands due at `now`, with what the scheduler remembers updated,
+/// and the earliest time after `now` at which a DAG not proposing has a window due.
 fn due_fires(
     node: &RaftNode,
     dags: Vec<(Vec<u8>, Vec<u8>)>,
@@ -280,7 +377,7 @@ fn due_fires(
     term: u64,
     config: &SchedulerConfig,
     memory: &Mutex<Memory>,
-) -> Vec<DagFires> {
+) -> (Vec<DagFires>, Option<Millis>) {
     let mut fires = Vec::new();
     let mut memory = lock(memory);
     if memory.term != term {
@@ -391,7 +488,19 @@ fn due_fires(
         });
     }
     memory.dags.retain(|k, _| seen.contains(k));
-    fires
+    (fires, next_wake(&memory, now))
+}
+
+/// The earliest `quiet_until` after `now` of a DAG with something to fire. DAGs at or
+/// before `now` (proposing, or held back by a quota) wait for the tick: waking for them
+/// would spin.
+fn next_wake(memory: &Memory, now: Millis) -> Option<Millis> {
+    memory
+        .dags
+        .values()
+        .filter(|k| k.plan.is_some() && k.quiet_until > now && k.quiet_until < Millis::MAX)
+        .map(|k| k.quiet_until)
+        .min()
 }
 
 impl Actor for Scheduler {
@@ -403,8 +512,28 @@ impl Handler<Leadership> for Scheduler {
     fn handle(&mut self, msg: Leadership, ctx: &mut Context<Self>) {
         let every = Duration::from_millis(self.config.tick_ms);
         let node = self.node.id;
+        if msg != self.gate.leadership {
+            // A wake belongs to the term whose pass computed it.
+            if let Some((_, w)) = self.wake.take() {
+                ctx.cancel_future(w);
+            }
+        }
         self.gate
             .switch(msg, every, ctx, Self::tick, "scheduler", node);
+    }
+}
+
+/// Run a pass at this time (cluster clock), a DAG's next window.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct WakeAt(Millis);
+
+impl Handler<WakeAt> for Scheduler {
+    type Result = ();
+    fn handle(&mut self, WakeAt(at): WakeAt, ctx: &mut Context<Self>) {
+        if self.gate.leadership.serving {
+            self.wake_at(at, ctx);
+        }
     }
 }
 
@@ -439,5 +568,49 @@ impl SchedulerHandle {
     /// The leadership the actor last heard of (None if it has stopped).
     pub async fn leadership(&self) -> Option<Leadership> {
         self.addr.send(Query).await.ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn known(plan: bool, quiet_until: Millis) -> Known {
+        Known {
+            fingerprint: 0,
+            plan: plan.then(|| Plan {
+                tenant: "t".into(),
+                dag_id: "d".into(),
+                schedule: Schedule::parse("*/5 * * * * *", "UTC").expect("a valid cron"),
+                anchor: 0,
+                end_date_ms: None,
+                catchup: false,
+            }),
+            quiet_until,
+        }
+    }
+
+    #[test]
+    fn the_next_wake_is_the_earliest_future_window_of_a_dag_with_a_plan() {
+        let mut memory = Memory::default();
+        for (i, (plan, quiet)) in [
+            (true, 5_000),
+            (true, 2_500),
+            // Nothing to fire: never woken for.
+            (false, 1_500),
+            // Due now or overdue (proposing, or held back by a quota): the tick's.
+            (true, 1_000),
+            (true, 0),
+            // Never due again.
+            (true, Millis::MAX),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            memory.dags.insert(vec![i as u8], known(plan, quiet));
+        }
+        assert_eq!(next_wake(&memory, 1_000), Some(2_500));
+        assert_eq!(next_wake(&memory, 2_500), Some(5_000));
+        assert_eq!(next_wake(&memory, 5_000), None);
     }
 }
