@@ -6,10 +6,11 @@
 //! whatever leaders come and go; the replicated cursor means a new leader resumes where
 //! the old one stopped. Fire lag (commit time − window end) is measured.
 //!
-//! A pass costs a scan of the DAGs table and a hash of each value, not a decode and a
-//! cron parse of every DAG: within a term the scheduler remembers each DAG's parsed plan
-//! (until its stored value changes) and the time before which it has nothing due (until
-//! this leader fires it; no one else moves its cursor in this term).
+//! A pass costs a walk of what the scheduler remembers, not a decode and a cron parse of
+//! every DAG: within a term the scheduler remembers each DAG's parsed plan (until its
+//! stored value changes) and the time before which it has nothing due (until this leader
+//! fires it; no one else moves its cursor in this term). It scans the DAGs table (and
+//! hashes each value to find the changed ones) only after a DAG was written.
 //!
 //! Between ticks the scheduler also wakes at the next moment a window is due: a pass
 //! knows the earliest end of a window after the DAGs' cursors, and a DAG whose windows
@@ -117,6 +118,8 @@ struct DagFires {
 struct Memory {
     term: u64,
     dags: HashMap<Vec<u8>, Known>,
+    /// The DAGs version ([`Scan::version`]) of the scan `dags` was learnt from.
+    scanned: Option<u64>,
 }
 
 fn fingerprint(bytes: &[u8]) -> u64 {
@@ -263,15 +266,22 @@ async fn fire_due(pass: Pass) -> Option<Millis> {
         return None;
     }
     let now = node.clock.now_ms();
-    let dags = match node.db.scan_prefix(Table::Dags, b"", None, usize::MAX) {
-        Ok(d) => d,
-        Err(e) => {
-            warn!(error = %e, "scheduler cannot read dags");
-            return None;
+    // The table is read only when a DAG was written since the last scan (or in another
+    // term): a pass otherwise costs a walk of what the scheduler remembers.
+    let version = node.sm.dags_version();
+    let scan = if lock(&memory).current(term, version) {
+        None
+    } else {
+        match node.db.scan_prefix(Table::Dags, b"", None, usize::MAX) {
+            Ok(dags) => Some(Scan { version, dags }),
+            Err(e) => {
+                warn!(error = %e, "scheduler cannot read dags");
+                return None;
+            }
         }
     };
     let busy = lock(&in_flight).clone();
-    let (fires, next_due) = due_fires(&node, dags, &busy, now, term, &config, &memory);
+    let (fires, next_due) = due_fires(&node, scan, &busy, now, term, &config, &memory);
     // DAGs fire side by side; one DAG's windows fire one after another, and a window not
     // fired (a quota, an error) stops its DAG's later windows until a later pass. A later
     // window applied first would move the cursor past the earlier one, which would never
@@ -371,7 +381,7 @@ async fn fire_one(
 /// and the earliest time after `now` at which a DAG not proposing has a window due.
 fn due_fires(
     node: &RaftNode,
-    dags: Vec<(Vec<u8>, Vec<u8>)>,
+    scan: Option<Scan>,
     in_flight: &HashSet<Vec<u8>>,
     now: Millis,
     term: u64,
@@ -384,31 +394,16 @@ fn due_fires(
         // Another leader may have moved cursors since: learn everything again.
         *memory = Memory {
             term,
-            dags: HashMap::new(),
+            ..Memory::default()
         };
     }
-    let mut seen = std::collections::HashSet::with_capacity(dags.len());
-    for (k, v) in dags {
-        let fp = fingerprint(&v);
-        seen.insert(k.clone());
-        if in_flight.contains(&k) {
+    if let Some(scan) = scan {
+        memory.learn(scan);
+    }
+    for (k, known) in memory.dags.iter_mut() {
+        if in_flight.contains(k) {
             // Its cursor is still moving: decided again once its chain has ended.
             continue;
-        }
-        let known = memory.dags.entry(k).or_insert_with(|| Known {
-            fingerprint: !fp,
-            plan: None,
-            quiet_until: 0,
-        });
-        if known.fingerprint != fp {
-            *known = Known {
-                fingerprint: fp,
-                plan: serde_json::from_slice::<Dag>(&v)
-                    .ok()
-                    .as_ref()
-                    .and_then(Plan::of),
-                quiet_until: 0,
-            };
         }
         let Some(plan) = known.plan.as_ref() else {
             continue;
@@ -487,8 +482,50 @@ fn due_fires(
             windows,
         });
     }
-    memory.dags.retain(|k, _| seen.contains(k));
     (fires, next_wake(&memory, now))
+}
+
+/// The stored DAGs, read after [`StateMachineStore::dags_version`] returned `version`.
+///
+/// [`StateMachineStore::dags_version`]: crate::raft::state_machine::StateMachineStore::dags_version
+struct Scan {
+    version: u64,
+    dags: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Memory {
+    /// Whether what this memory learnt of the DAGs is still what is stored: the same
+    /// term, and no DAG written since the scan it learnt from.
+    fn current(&self, term: u64, dags_version: u64) -> bool {
+        self.term == term && self.scanned == Some(dags_version)
+    }
+
+    /// Take in a scan of every stored DAG: a DAG whose stored value changed is planned
+    /// again (and looked at afresh); one no longer stored is forgotten.
+    fn learn(&mut self, scan: Scan) {
+        let mut seen = HashSet::with_capacity(scan.dags.len());
+        for (k, v) in scan.dags {
+            let fp = fingerprint(&v);
+            seen.insert(k.clone());
+            let known = self.dags.entry(k).or_insert_with(|| Known {
+                fingerprint: !fp,
+                plan: None,
+                quiet_until: 0,
+            });
+            if known.fingerprint != fp {
+                *known = Known {
+                    fingerprint: fp,
+                    plan: serde_json::from_slice::<Dag>(&v)
+                        .ok()
+                        .as_ref()
+                        .and_then(Plan::of),
+                    quiet_until: 0,
+                };
+            }
+        }
+        self.dags.retain(|k, _| seen.contains(k));
+        self.scanned = Some(scan.version);
+    }
 }
 
 /// The earliest `quiet_until` after `now` of a DAG with something to fire. DAGs at or
@@ -612,5 +649,35 @@ mod tests {
         assert_eq!(next_wake(&memory, 1_000), Some(2_500));
         assert_eq!(next_wake(&memory, 2_500), Some(5_000));
         assert_eq!(next_wake(&memory, 5_000), None);
+    }
+
+    #[test]
+    fn memory_is_current_until_a_dag_is_written_and_learns_only_what_changed() {
+        let scan = |version, dags: &[(&str, &str)]| Scan {
+            version,
+            dags: dags
+                .iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect(),
+        };
+        let mut memory = Memory::default();
+        assert!(!memory.current(0, 0), "nothing learnt yet");
+        memory.learn(scan(7, &[("a", "1"), ("b", "1")]));
+        assert!(memory.current(0, 7));
+        assert!(!memory.current(0, 8), "a DAG was written since");
+        assert!(!memory.current(1, 7), "another term");
+        for k in memory.dags.values_mut() {
+            k.quiet_until = 99;
+        }
+        // `a` unchanged keeps what was known; `b` changed is looked at afresh; `c` new;
+        // a DAG no longer stored is forgotten.
+        memory.learn(scan(8, &[("a", "1"), ("b", "2"), ("c", "1")]));
+        let quiet = |k: &str| memory.dags.get(k.as_bytes()).map(|k| k.quiet_until);
+        assert_eq!(quiet("a"), Some(99));
+        assert_eq!(quiet("b"), Some(0));
+        assert_eq!(quiet("c"), Some(0));
+        memory.learn(scan(9, &[("c", "1")]));
+        assert_eq!(memory.dags.len(), 1);
+        assert!(memory.current(0, 9));
     }
 }

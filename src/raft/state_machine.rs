@@ -248,6 +248,9 @@ pub struct StateMachineStore {
     /// Only apply and a snapshot install use it (never at once: openraft calls the state
     /// machine one call at a time).
     due: Arc<Mutex<DueIndex>>,
+    /// Moves after every apply that wrote a DAG and every snapshot install, once the
+    /// write is in the database (see [`Self::dags_version`]).
+    dags_version: Arc<AtomicU64>,
 }
 
 /// What the state machine derives from all stored runs and DAGs and then keeps
@@ -279,7 +282,15 @@ impl StateMachineStore {
             census: Arc::new(Mutex::new(all.counts)),
             tenants: Arc::new(Mutex::new(all.tenants)),
             due: Arc::new(Mutex::new(all.due)),
+            dags_version: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// A number that changes whenever the stored DAGs may have changed. Read it before
+    /// reading the DAGs: if it is the same later, what was read is still what is stored
+    /// (the scheduler scans the table only then).
+    pub fn dags_version(&self) -> u64 {
+        self.dags_version.load(Ordering::Acquire)
     }
 
     /// Running tasks per tenant as the due index keeps them (the fair share reads them
@@ -378,6 +389,7 @@ impl StateMachineStore {
         census: &Mutex<Counts>,
         tenants: &Mutex<TenantCounts>,
         due: &Mutex<DueIndex>,
+        dags_version: &AtomicU64,
         entries: Vec<Entry>,
     ) -> Result<Vec<BatchResponse>, StorageError> {
         let mut due = lock(due);
@@ -430,6 +442,7 @@ impl StateMachineStore {
             .map(|(old, new)| Change::between(old.as_ref(), new.as_ref()))
             .collect();
         let mut batch = WriteBatch::default();
+        let dags_written = overlay.writes.keys().any(|(t, _)| *t == Table::Dags);
         for ((table, key), value) in overlay.writes {
             let cf = db.cf(table.name()).map_err(sm_write_err)?;
             match value {
@@ -447,6 +460,9 @@ impl StateMachineStore {
         // Not synced: if lost in a crash, last_applied is lost with it and openraft
         // re-applies from the (synced) log. Snapshots sync the WAL before they are taken.
         db.write(batch, false).map_err(sm_write_err)?;
+        if dags_written {
+            dags_version.fetch_add(1, Ordering::Release);
+        }
         if requests > 0 {
             metrics::histogram!(m::RAFT_APPLY_BATCH).record(requests as f64);
         }
@@ -605,8 +621,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let last = entries.last().map(|e| e.log_id.index);
         let (census, tenants, due) = (self.census.clone(), self.tenants.clone(), self.due.clone());
+        let dags_version = self.dags_version.clone();
         let out = self
-            .blocking(move |db| Self::apply_entries(db, &census, &tenants, &due, entries))
+            .blocking(move |db| {
+                Self::apply_entries(db, &census, &tenants, &due, &dags_version, entries)
+            })
             .await?;
         if let Some(idx) = last {
             self.applied_tx.send_replace(idx);
@@ -669,6 +688,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         })
         .await
         .map(|all| self.set_derived(all))?;
+        self.dags_version.fetch_add(1, Ordering::Release);
         metrics::counter!(m::RAFT_SNAPSHOTS, "kind" => "installed").increment(1);
         if let Some(idx) = idx {
             self.applied_tx.send_replace(idx);
