@@ -74,32 +74,7 @@ to be committed; a leader also needs a quorum that answered within an election t
     ),
 )]
 pub async fn readyz(State(st): State<ApiState>) -> Response {
-    let mut s = st.node.status().await;
-    let mut committed = s.committed_index;
-    if let (Some(applied), Some(c)) = (s.applied_index, committed) {
-        if applied < c {
-            // Applying as it should, a node trails what it knows to be committed by the
-            // entries being applied (a follower under load, nearly always): ready if it
-            // reaches that index within APPLY_GRACE, not only if it happened to be idle
-            // at the instant of the probe.
-            // openraft's own figure, the one `status` reports (it moves just after
-            // apply returns).
-            let reached = st
-                .node
-                .raft
-                .wait(Some(APPLY_GRACE))
-                .applied_index_at_least(Some(c), "readyz")
-                .await
-                .is_ok();
-            s = st.node.status().await;
-            if reached {
-                committed = Some(c);
-            } else {
-                committed = s.committed_index;
-            }
-        }
-    }
-    let ready = is_ready_by(&st, &s, committed);
+    let (s, ready) = readiness(&st).await;
     let body = Readiness {
         ready,
         node_id: s.node_id,
@@ -117,21 +92,53 @@ pub async fn readyz(State(st): State<ApiState>) -> Response {
     (code, Json(body)).into_response()
 }
 
-/// What `/readyz` decides from the node's status (also exported as a metric). Everything
-/// comes from the one status: a leader that stepped down after `s` was taken must not
-/// pass as a leader (from `s`) that needs no quorum (from a later read).
-pub(crate) fn is_ready(st: &ApiState, s: &crate::raft::node::Status) -> bool {
-    is_ready_by(st, s, s.committed_index)
+/// The node's status and whether it is ready (`/readyz`, and the `node_ready` metric).
+/// Ready: in a cluster, knowing a leader, caught up, and, as leader, heard from a
+/// quorum within its lease. Everything comes from one status: a leader that stepped
+/// down after it was taken must not pass as a leader (from it) that needs no quorum
+/// (from a later read).
+///
+/// Caught up: applying as it should, a node trails what it knows to be committed by the
+/// entries being applied (a follower under load, nearly always), so it is caught up if
+/// it reaches that index within [`APPLY_GRACE`], not only if it happened to be idle at
+/// the instant it was asked.
+pub(crate) async fn readiness(st: &ApiState) -> (crate::raft::node::Status, bool) {
+    let s = st.node.status().await;
+    let behind = match (s.applied_index, s.committed_index) {
+        (Some(applied), Some(committed)) if applied < committed => Some(committed),
+        _ => None,
+    };
+    let Some(committed) = behind else {
+        let ready = is_ready_by(st, &s, s.committed_index);
+        return (s, ready);
+    };
+    // openraft's own figure, the one the status reports (it moves just after apply
+    // returns).
+    let reached = st
+        .node
+        .raft
+        .wait(Some(APPLY_GRACE))
+        .applied_index_at_least(Some(committed), "readiness")
+        .await
+        .is_ok();
+    let s = st.node.status().await;
+    let target = if reached {
+        Some(committed)
+    } else {
+        s.committed_index
+    };
+    let ready = is_ready_by(st, &s, target);
+    (s, ready)
 }
 
-/// [`is_ready`], with the node caught up once it has applied `committed`.
+/// Ready from `s`, the node caught up once it has applied `committed`.
 fn is_ready_by(st: &ApiState, s: &crate::raft::node::Status, committed: Option<u64>) -> bool {
     let quorum =
         s.state != "leader" || st.node.quorum_acked_within_lease(s.millis_since_quorum_ack);
     s.initialized && s.leader.is_some() && caught_up(s.applied_index, committed) && quorum
 }
 
-/// How long `/readyz` waits for a node to apply what it knew to be committed when asked.
+/// How long a readiness check waits for a node to apply what it knew to be committed.
 /// A node that applies is there within milliseconds; one that is stuck or far behind is
 /// not, and answers 503 (a probe's timeout is usually a second or more).
 const APPLY_GRACE: std::time::Duration = std::time::Duration::from_millis(500);

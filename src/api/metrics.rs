@@ -52,7 +52,7 @@ pub(super) fn record_request(method: &Method, route: &str, status: u16, started:
     ),
 )]
 pub async fn metrics(State(st): State<ApiState>) -> Response {
-    let s = st.node.status().await;
+    let (s, ready) = super::cluster::readiness(&st).await;
     let opt = |v: Option<u64>| v.map_or(0.0, |x| x as f64);
     gauge!(m::RAFT_TERM).set(s.term as f64);
     gauge!(m::RAFT_IS_LEADER).set(if s.leader == Some(s.node_id) {
@@ -66,11 +66,7 @@ pub async fn metrics(State(st): State<ApiState>) -> Response {
     gauge!(m::RAFT_APPLIED_INDEX).set(opt(s.applied_index));
     gauge!(m::RAFT_SNAPSHOT_INDEX).set(opt(s.snapshot_index));
     gauge!(m::RAFT_LOG_SIZE).set(s.log_size_bytes as f64);
-    gauge!(m::NODE_READY).set(if super::cluster::is_ready(&st, &s) {
-        1.0
-    } else {
-        0.0
-    });
+    gauge!(m::NODE_READY).set(if ready { 1.0 } else { 0.0 });
     // Leader only (empty elsewhere; members are few). A series not set again (this node
     // stopped leading, the member was removed) leaves the scrape after 30 s.
     for (follower, lag) in &s.replication_lag {
