@@ -495,7 +495,14 @@ impl RaftNode {
                 // client_write would wait for a commit that cannot come: do not propose,
                 // wait for the quorum (or a new leader) until the deadline.
                 None
-            } else if m.state == ServerState::Leader && let_go_in != Some(m.current_term) {
+            } else if m.state != ServerState::Leader {
+                // Not the leader (as last seen): forward, never `client_write` here. This
+                // node may win an election between that look and the call, and the write
+                // would then be its term's first entry, past the hold for the term's first
+                // protocol raise (seen under load: a fresh cluster's first write applied
+                // under version 1's rules).
+                m.current_leader
+            } else if let_go_in != Some(m.current_term) {
                 return Err(Error::NotLeader {
                     leader: Some(self.id),
                 });
