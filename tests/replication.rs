@@ -899,3 +899,31 @@ async fn followers_that_keep_up_under_a_write_load_stay_ready() {
     );
     c.assert_no_panics();
 }
+
+/// The leader can be removed through itself: it leaves the voters, steps down, and the
+/// next leader drops it. Before, the leader went on to the second step itself, no longer
+/// leader, and panicked in openraft ("Only leader is allowed to call
+/// update_effective_membership()"), answering 400 `panicked`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_removed_through_itself_steps_down_and_the_others_go_on() {
+    let (c, leader, t) = three_nodes_with_dag_d().await;
+    let admin = c.admin_token();
+    remove_member(&c, leader, &admin, leader).await;
+    let others: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
+    let next = wait_for(LONG, "a leader among the others", || {
+        c.leader_among(&others)
+    })
+    .await;
+    let status = c.status(next).await.expect("status");
+    let members: Vec<u64> = status["members"]
+        .as_object()
+        .expect("members")
+        .keys()
+        .filter_map(|id| id.parse().ok())
+        .collect();
+    assert_eq!(members, others, "{status}");
+    trigger(&c, next, &t, "d", 1)
+        .await
+        .expect("the others write");
+    c.assert_no_panics();
+}

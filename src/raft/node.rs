@@ -778,12 +778,26 @@ impl RaftNode {
                 }
                 let mut rm = std::collections::BTreeSet::new();
                 rm.insert(node_id);
-                if let Err(e) = self
-                    .raft
-                    .change_membership(ChangeMembers::RemoveVoters(rm.clone()), false)
-                    .await
-                {
-                    return Err(not_leader(&e).unwrap_or_else(|| to_err(e.to_string())));
+                let voter = m
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .any(|v| v == node_id);
+                // Not retained as a learner: a voter leaves the membership in this step.
+                if voter {
+                    if let Err(e) = self
+                        .raft
+                        .change_membership(ChangeMembers::RemoveVoters(rm.clone()), false)
+                        .await
+                    {
+                        return Err(not_leader(&e).unwrap_or_else(|| to_err(e.to_string())));
+                    }
+                    if node_id == self.id {
+                        // The leader removed itself and has stepped down: only a leader
+                        // may change the membership (openraft asserts it), and there is
+                        // nothing left to change.
+                        return Ok(self.status().await);
+                    }
                 }
                 if let Err(e) = self
                     .raft
