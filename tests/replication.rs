@@ -922,6 +922,10 @@ async fn the_leader_removed_through_itself_steps_down_and_the_others_go_on() {
         .filter_map(|id| id.parse().ok())
         .collect();
     assert_eq!(members, others, "{status}");
+    // Out of the cluster, it serves nothing: not ready (before, it answered 200 from the
+    // leader it last knew).
+    let gone = c.readyz(leader).await.expect("the removed node answers");
+    assert_eq!(gone["ready"], false, "{gone}");
     trigger(&c, next, &t, "d", 1)
         .await
         .expect("the others write");

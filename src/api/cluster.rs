@@ -135,7 +135,27 @@ pub(crate) async fn readiness(st: &ApiState) -> (crate::raft::node::Status, bool
 fn is_ready_by(st: &ApiState, s: &crate::raft::node::Status, committed: Option<u64>) -> bool {
     let quorum =
         s.state != "leader" || st.node.quorum_acked_within_lease(s.millis_since_quorum_ack);
-    s.initialized && s.leader.is_some() && caught_up(s.applied_index, committed) && quorum
+    s.initialized
+        && s.leader.is_some()
+        && caught_up(s.applied_index, committed)
+        && quorum
+        && own_member(s.node_id, &s.members, s.disk.as_deref())
+}
+
+/// Whether this node is a member of the membership it applied, on the disk that member
+/// joined with. A removed node (it still names its last leader), or one whose disk the
+/// cluster refuses (a wiped or restored copy, until it is re-added or given its identity),
+/// serves nothing, however caught up it looks from what it holds.
+fn own_member(
+    node_id: crate::raft::NodeId,
+    members: &std::collections::BTreeMap<crate::raft::NodeId, crate::raft::types::Member>,
+    disk: Option<&str>,
+) -> bool {
+    members.get(&node_id).is_some_and(|m| {
+        m.disk
+            .as_deref()
+            .is_none_or(|d| disk.is_none_or(|own| own == d))
+    })
 }
 
 /// How long a readiness check waits for a node to apply what it knew to be committed.
@@ -447,7 +467,28 @@ pub async fn snapshot(
 
 #[cfg(test)]
 mod tests {
-    use super::caught_up;
+    use super::{caught_up, own_member};
+    use crate::raft::types::Member;
+
+    #[test]
+    fn a_removed_node_or_one_on_a_refused_disk_is_not_its_own_member() {
+        let member = |disk: Option<&str>| Member {
+            api_addr: "a".into(),
+            peer_addr: "p".into(),
+            disk: disk.map(String::from),
+        };
+        let members = [(1, member(Some("d1"))), (2, member(None))].into();
+        assert!(own_member(1, &members, Some("d1")));
+        assert!(
+            !own_member(1, &members, Some("other")),
+            "a wiped or copied disk"
+        );
+        assert!(
+            own_member(2, &members, Some("d2")),
+            "joined before disks: unchecked"
+        );
+        assert!(!own_member(3, &members, Some("d3")), "removed");
+    }
 
     #[test]
     fn a_node_that_applied_nothing_is_not_caught_up() {
