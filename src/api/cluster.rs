@@ -57,16 +57,17 @@ pub async fn healthz() -> Response {
     Json(Health { status: "ok" }).into_response()
 }
 
-/// Ready when this node knows a leader and has applied what it knows to be committed; a
-/// leader also needs a quorum that answered within an election timeout.
+/// Ready when this node is a member, knows a leader and has applied what it knows to be
+/// committed; a leader also needs a quorum that answered within an election timeout.
 #[utoipa::path(
     get,
     path = "/readyz",
     tag = "health",
     operation_id = "readyz",
     summary = "Readiness",
-    description = "Ready when this node is in a cluster, knows a leader and has applied what it knows \
-to be committed; a leader also needs a quorum that answered within an election timeout. No token.",
+    description = "Ready when this node is a member of its cluster (on the disk it joined with), knows a \
+leader and has applied what it knows to be committed (within half a second); a leader also needs a quorum \
+that answered within an election timeout. No token.",
     responses(
         (status = 200, description = "Ready.", body = Readiness, example = json!({"ready": true, "node_id": 1,
             "state": "leader", "leader": 1, "term": 3, "applied_index": 120, "committed_index": 120})),
