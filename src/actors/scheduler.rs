@@ -313,7 +313,6 @@ async fn fire_due(pass: Pass) -> Option<Millis> {
             }
         });
     }
-    // The cluster clock moved while the pass ran; the wake is on this node's timer.
     next_due
 }
 
