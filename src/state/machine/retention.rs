@@ -1,7 +1,9 @@
 //! The retention purge in apply: finished runs, request and idempotency records past
 //! their age. Runs are found by end time (`FinishedRuns`), and from protocol 10 records by
 //! their time index ([`keys::record_by_time`]), so a purge reads only what is due; from
-//! protocol 10 it also reads and removes at most [`PURGE_CHUNK`] of each kind.
+//! protocol 10 it also reads and removes at most [`PURGE_CHUNK`] of each kind. Records
+//! from before protocol 10 have no index entry and are found by a full scan, until none
+//! is left (from protocol 12) or a purge's cutoff has passed the raise.
 
 use super::*;
 
@@ -56,7 +58,7 @@ pub(super) fn purge(
         runs += 1;
     }
     if protocol < 10 {
-        let records = purge_unindexed_records(kv, records_before_ms, Millis::MAX, false)?;
+        let records = purge_unindexed_records(kv, records_before_ms, Millis::MAX, false)?.purged;
         return Ok(Outcome::Purged {
             runs,
             records,
@@ -85,11 +87,14 @@ pub(super) fn purge(
     // them: created up to the raise) until a purge's cutoff has passed the raise, after
     // which none is left. A record created at the raise's own time may be indexed (it
     // followed the raise in its batch): the scan may take it first, leaving its entry.
+    // From protocol 12 the scan also ends as soon as it finds no such record left (a
+    // cluster raised with none, as every fresh one is, scans once, not for a day).
     if let Some(indexed_from) = read_i64(kv, clock::RECORDS_INDEXED_FROM)? {
-        if records_before_ms > indexed_from {
+        let scan = purge_unindexed_records(kv, records_before_ms, indexed_from, true)?;
+        records += scan.purged;
+        if records_before_ms > indexed_from || (protocol >= 12 && scan.left == 0) {
             kv.delete(Table::Counters, clock::RECORDS_INDEXED_FROM.to_vec());
         }
-        records += purge_unindexed_records(kv, records_before_ms, indexed_from, true)?;
     }
     Ok(Outcome::Purged {
         runs,
@@ -106,6 +111,15 @@ fn created_ms(kv: &impl Kv, table: Table, key: &[u8]) -> Result<Option<Millis>, 
     })
 }
 
+/// What a scan for records without a time-index entry found.
+struct Scanned {
+    /// Records removed.
+    purged: u32,
+    /// Records created up to the scan's bound, not yet due, and without an index entry:
+    /// what a later scan would still look for.
+    left: u32,
+}
+
 /// Decode every record and delete those created before `before_ms` and at or before
 /// `up_to_ms` (what every purge did before protocol 10, with no upper bound). From
 /// protocol 10 (`indexed`) the time-index entries are skipped: they are not records.
@@ -114,28 +128,27 @@ fn purge_unindexed_records(
     before_ms: Millis,
     up_to_ms: Millis,
     indexed: bool,
-) -> Result<u32, KvError> {
-    let mut records = 0;
-    let due = |created: Millis| created < before_ms && created <= up_to_ms;
-    for (k, v) in kv.scan_prefix(Table::Requests, b"")? {
-        if indexed && k.first() == Some(&0) {
-            continue;
-        }
-        let r: RequestRecord = decode(Table::Requests, &v)?;
-        if due(r.created_ms) {
-            kv.delete(Table::Requests, k);
-            records += 1;
+) -> Result<Scanned, KvError> {
+    let mut scanned = Scanned { purged: 0, left: 0 };
+    for table in [Table::Requests, Table::Idempotency] {
+        for (k, v) in kv.scan_prefix(table, b"")? {
+            if indexed && k.first() == Some(&0) {
+                continue;
+            }
+            let created = match table {
+                Table::Requests => decode::<RequestRecord>(table, &v)?.created_ms,
+                _ => decode::<IdempotencyRecord>(table, &v)?.created_ms,
+            };
+            if created > up_to_ms {
+                continue;
+            }
+            if created < before_ms {
+                kv.delete(table, k);
+                scanned.purged += 1;
+            } else if kv.get(table, &keys::record_by_time(created, &k))?.is_none() {
+                scanned.left += 1;
+            }
         }
     }
-    for (k, v) in kv.scan_prefix(Table::Idempotency, b"")? {
-        if indexed && k.first() == Some(&0) {
-            continue;
-        }
-        let r: IdempotencyRecord = decode(Table::Idempotency, &v)?;
-        if due(r.created_ms) {
-            kv.delete(Table::Idempotency, k);
-            records += 1;
-        }
-    }
-    Ok(records)
+    Ok(scanned)
 }

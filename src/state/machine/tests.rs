@@ -2036,3 +2036,52 @@ fn from_protocol_11_a_shell_dag_needs_the_scope_in_apply_and_its_versions_carry_
     assert_eq!(stored(&kv, "new", 2).shell_grant, granted);
     assert!(stored(&kv, "new", 2).spec.paused);
 }
+
+#[test]
+fn from_protocol_12_the_scan_for_unindexed_records_ends_when_none_is_left() {
+    let counter = |kv: &MemKv| read_i64(kv, clock::RECORDS_INDEXED_FROM).unwrap();
+    for version in [11, 12] {
+        // Two records from before the raise, one older than the other.
+        let mut kv = at_protocol(9);
+        apply(&mut kv, &recorded_write("older", 100, None)).unwrap();
+        apply(&mut kv, &recorded_write("younger", 180, Some("k"))).unwrap();
+        let raise = Command::RaiseProtocol { term: 1, version };
+        apply(&mut kv, &req("raise", 200, raise)).unwrap();
+        apply(&mut kv, &recorded_write("indexed", 300, None)).unwrap();
+        let purged = |records| Outcome::Purged {
+            runs: 0,
+            records,
+            more: false,
+        };
+        // A cutoff between them: the older goes; the younger (two records) is still
+        // to be found by the scan.
+        let o = apply(&mut kv, &purge_records_before("g1", 400, 150)).unwrap();
+        assert_eq!(o.outcome, purged(1));
+        assert!(counter(&kv).is_some(), "{version}: the younger is left");
+        // Both gone, the cutoff still before the raise: from 12 the scan ends.
+        let o = apply(&mut kv, &purge_records_before("g2", 500, 190)).unwrap();
+        assert_eq!(o.outcome, purged(2));
+        assert_eq!(records_left(&kv), ["indexed"]);
+        assert_eq!(
+            counter(&kv).is_none(),
+            version >= 12,
+            "{version}: the scan ends once none is left"
+        );
+    }
+    // A fresh cluster (raised straight from 1, nothing stored): its first purge ends
+    // the scan, whatever its cutoff.
+    let mut kv = at_protocol(12);
+    apply(&mut kv, &recorded_write("w", 100, None)).unwrap();
+    assert!(counter(&kv).is_some());
+    let o = apply(&mut kv, &purge_records_before("g", 200, -1)).unwrap();
+    assert_eq!(
+        o.outcome,
+        Outcome::Purged {
+            runs: 0,
+            records: 0,
+            more: false
+        }
+    );
+    assert!(counter(&kv).is_none());
+    assert_eq!(records_left(&kv), ["w"]);
+}
