@@ -9,8 +9,10 @@
 //! A pass costs a walk of what the scheduler remembers, not a decode and a cron parse of
 //! every DAG: within a term the scheduler remembers each DAG's parsed plan (until its
 //! stored value changes) and the time before which it has nothing due (until this leader
-//! fires it; no one else moves its cursor in this term). It scans the DAGs table (and
-//! hashes each value to find the changed ones) only after a DAG was written.
+//! fires it; no one else moves its cursor in this term), and only the DAGs that have
+//! something to fire. A pass reads only the DAGs written since the last one (the state
+//! machine's [`crate::state::dag_changes`] log); it reads the whole table only at the start
+//! of a term, after a snapshot install, or when more DAGs were written than the log keeps.
 //!
 //! Between ticks the scheduler also wakes at the next moment a window is due: a pass
 //! knows the earliest end of a window after the DAGs' cursors, and a DAG whose windows
@@ -32,9 +34,11 @@ use tracing::{debug, info, warn};
 
 use super::{system_request, LeaderGate, Leadership, ProposerHandle};
 use crate::config::SchedulerConfig;
+use crate::raft::db::DbError;
 use crate::raft::RaftNode;
 use crate::schedule::{due_windows, next_due_ms, Policy, Schedule};
 use crate::state::command::Quota;
+use crate::state::dag_changes::DagsSince;
 use crate::state::machine::keys;
 use crate::state::model::{Dag, Millis, Window};
 use crate::state::{Command, Outcome, Request, Table};
@@ -66,12 +70,13 @@ pub struct Scheduler {
     in_flight: Arc<Mutex<HashSet<Vec<u8>>>>,
 }
 
-/// What the scheduler knows of one DAG, in the term it learnt it.
+/// What the scheduler knows of one DAG with something to fire, in the term it learnt it.
+/// (A DAG deleted, paused, unscheduled, or with a cron that does not parse is not
+/// remembered at all.)
 struct Known {
     /// A hash of the stored DAG this was computed from.
     fingerprint: u64,
-    /// `None`: nothing to fire (deleted, paused, unscheduled, or a cron that does not parse).
-    plan: Option<Plan>,
+    plan: Plan,
     /// Nothing is due before this (cluster-clock ms).
     quiet_until: Millis,
 }
@@ -118,8 +123,8 @@ struct DagFires {
 struct Memory {
     term: u64,
     dags: HashMap<Vec<u8>, Known>,
-    /// The DAGs version ([`Scan::version`]) of the scan `dags` was learnt from.
-    scanned: Option<u64>,
+    /// The change-log version ([`Read::version`]) `dags` was last brought up to.
+    seen: Option<u64>,
 }
 
 fn fingerprint(bytes: &[u8]) -> u64 {
@@ -266,22 +271,18 @@ async fn fire_due(pass: Pass) -> Option<Millis> {
         return None;
     }
     let now = node.clock.now_ms();
-    // The table is read only when a DAG was written since the last scan (or in another
-    // term): a pass otherwise costs a walk of what the scheduler remembers.
-    let version = node.sm.dags_version();
-    let scan = if lock(&memory).current(term, version) {
-        None
-    } else {
-        match node.db.scan_prefix(Table::Dags, b"", None, usize::MAX) {
-            Ok(dags) => Some(Scan { version, dags }),
-            Err(e) => {
-                warn!(error = %e, "scheduler cannot read dags");
-                return None;
-            }
+    // Only the DAGs written since the last pass are read (all of them in a new term): a
+    // pass otherwise costs a walk of what the scheduler remembers.
+    let seen = lock(&memory).seen_in(term);
+    let read = match read_changed(&node, seen) {
+        Ok(read) => read,
+        Err(e) => {
+            warn!(error = %e, "scheduler cannot read dags");
+            return None;
         }
     };
     let busy = lock(&in_flight).clone();
-    let (fires, next_due) = due_fires(&node, scan, &busy, now, term, &config, &memory);
+    let (fires, next_due) = due_fires(&node, read, &busy, now, term, &config, &memory);
     // DAGs fire side by side; one DAG's windows fire one after another, and a window not
     // fired (a quota, an error) stops its DAG's later windows until a later pass. A later
     // window applied first would move the cursor past the earlier one, which would never
@@ -326,7 +327,7 @@ fn after_fired(memory: &Mutex<Memory>, key: &[u8], term: u64, end: Millis) -> Op
         return None;
     }
     let known = memory.dags.get_mut(key)?;
-    let plan = known.plan.as_ref()?;
+    let plan = &known.plan;
     let next = next_due_ms(&plan.schedule, Some(end), plan.anchor, plan.end_date_ms)
         .unwrap_or(Millis::MAX);
     known.quiet_until = next;
@@ -380,7 +381,7 @@ async fn fire_one(
 /// and the earliest time after `now` at which a DAG not proposing has a window due.
 fn due_fires(
     node: &RaftNode,
-    scan: Option<Scan>,
+    read: Option<Read>,
     in_flight: &HashSet<Vec<u8>>,
     now: Millis,
     term: u64,
@@ -396,17 +397,15 @@ fn due_fires(
             ..Memory::default()
         };
     }
-    if let Some(scan) = scan {
-        memory.learn(scan);
+    if let Some(read) = read {
+        memory.learn(read);
     }
     for (k, known) in memory.dags.iter_mut() {
         if in_flight.contains(k) {
             // Its cursor is still moving: decided again once its chain has ended.
             continue;
         }
-        let Some(plan) = known.plan.as_ref() else {
-            continue;
-        };
+        let plan = &known.plan;
         if now < known.quiet_until {
             continue;
         }
@@ -484,46 +483,85 @@ fn due_fires(
     (fires, next_wake(&memory, now))
 }
 
-/// The stored DAGs, read after [`StateMachineStore::dags_version`] returned `version`.
-///
-/// [`StateMachineStore::dags_version`]: crate::raft::state_machine::StateMachineStore::dags_version
-struct Scan {
+/// The stored DAGs written after change-log version `seen` (every stored DAG if
+/// `None`, or if the log no longer reaches back to `seen`); `None` if none was.
+fn read_changed(node: &RaftNode, seen: Option<u64>) -> Result<Option<Read>, DbError> {
+    Ok(match node.sm.dags_since(seen) {
+        DagsSince::Unchanged => None,
+        DagsSince::All { version } => {
+            let dags = node.db.scan_prefix(Table::Dags, b"", None, usize::MAX)?;
+            Some(Read {
+                version,
+                whole: true,
+                dags: dags.into_iter().map(|(k, v)| (k, Some(v))).collect(),
+            })
+        }
+        DagsSince::Keys { version, keys } => {
+            let mut dags = Vec::with_capacity(keys.len());
+            for k in keys {
+                let v = node.db.get(Table::Dags.name(), &k)?;
+                dags.push((k, v));
+            }
+            Some(Read {
+                version,
+                whole: false,
+                dags,
+            })
+        }
+    })
+}
+
+/// Stored DAGs, read after the change log said `version`.
+struct Read {
     version: u64,
-    dags: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Every stored DAG (one not here is no longer stored), or only those written.
+    whole: bool,
+    /// Each key with its stored value (`None`: no longer stored).
+    dags: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl Memory {
-    /// Whether what this memory learnt of the DAGs is still what is stored: the same
-    /// term, and no DAG written since the scan it learnt from.
-    fn current(&self, term: u64, dags_version: u64) -> bool {
-        self.term == term && self.scanned == Some(dags_version)
+    /// The change-log version this memory was brought up to, if it is of `term`.
+    fn seen_in(&self, term: u64) -> Option<u64> {
+        self.seen.filter(|_| self.term == term)
     }
 
-    /// Take in a scan of every stored DAG: a DAG whose stored value changed is planned
-    /// again (and looked at afresh); one no longer stored is forgotten.
-    fn learn(&mut self, scan: Scan) {
-        let mut seen = HashSet::with_capacity(scan.dags.len());
-        for (k, v) in scan.dags {
+    /// Take in what was read: a DAG whose stored value changed is planned again (and
+    /// looked at afresh); one no longer stored, or with nothing to fire, is forgotten.
+    fn learn(&mut self, read: Read) {
+        // A whole read rebuilds the map: what it lacks is gone.
+        let mut before = if read.whole {
+            std::mem::take(&mut self.dags)
+        } else {
+            HashMap::new()
+        };
+        for (k, v) in read.dags {
+            let known = if read.whole {
+                before.remove(&k)
+            } else {
+                self.dags.remove(&k)
+            };
+            let Some(v) = v else {
+                continue;
+            };
             let fp = fingerprint(&v);
-            seen.insert(k.clone());
-            let known = self.dags.entry(k).or_insert_with(|| Known {
-                fingerprint: !fp,
-                plan: None,
-                quiet_until: 0,
-            });
-            if known.fingerprint != fp {
-                *known = Known {
-                    fingerprint: fp,
-                    plan: serde_json::from_slice::<Dag>(&v)
-                        .ok()
-                        .as_ref()
-                        .and_then(Plan::of),
-                    quiet_until: 0,
-                };
+            let known = match known {
+                Some(known) if known.fingerprint == fp => Some(known),
+                _ => serde_json::from_slice::<Dag>(&v)
+                    .ok()
+                    .as_ref()
+                    .and_then(Plan::of)
+                    .map(|plan| Known {
+                        fingerprint: fp,
+                        plan,
+                        quiet_until: 0,
+                    }),
+            };
+            if let Some(known) = known {
+                self.dags.insert(k, known);
             }
         }
-        self.dags.retain(|k, _| seen.contains(k));
-        self.scanned = Some(scan.version);
+        self.seen = Some(read.version);
     }
 }
 
@@ -534,7 +572,7 @@ fn next_wake(memory: &Memory, now: Millis) -> Option<Millis> {
     memory
         .dags
         .values()
-        .filter(|k| k.plan.is_some() && k.quiet_until > now && k.quiet_until < Millis::MAX)
+        .filter(|k| k.quiet_until > now && k.quiet_until < Millis::MAX)
         .map(|k| k.quiet_until)
         .min()
 }
@@ -611,72 +649,129 @@ impl SchedulerHandle {
 mod tests {
     use super::*;
 
-    fn known(plan: bool, quiet_until: Millis) -> Known {
-        Known {
-            fingerprint: 0,
-            plan: plan.then(|| Plan {
-                tenant: "t".into(),
-                dag_id: "d".into(),
-                schedule: Schedule::parse("*/5 * * * * *", "UTC").expect("a valid cron"),
-                anchor: 0,
-                end_date_ms: None,
-                catchup: false,
-            }),
-            quiet_until,
+    fn plan() -> Plan {
+        Plan {
+            tenant: "t".into(),
+            dag_id: "d".into(),
+            schedule: Schedule::parse("*/5 * * * * *", "UTC").expect("a valid cron"),
+            anchor: 0,
+            end_date_ms: None,
+            catchup: false,
         }
     }
 
     #[test]
     fn the_next_wake_is_the_earliest_future_window_of_a_dag_with_a_plan() {
         let mut memory = Memory::default();
-        for (i, (plan, quiet)) in [
-            (true, 5_000),
-            (true, 2_500),
-            // Nothing to fire: never woken for.
-            (false, 1_500),
+        for (i, quiet) in [
+            5_000,
+            2_500,
             // Due now or overdue (proposing, or held back by a quota): the tick's.
-            (true, 1_000),
-            (true, 0),
+            1_000,
+            0,
             // Never due again.
-            (true, Millis::MAX),
+            Millis::MAX,
         ]
         .into_iter()
         .enumerate()
         {
-            memory.dags.insert(vec![i as u8], known(plan, quiet));
+            let known = Known {
+                fingerprint: 0,
+                plan: plan(),
+                quiet_until: quiet,
+            };
+            memory.dags.insert(vec![i as u8], known);
         }
         assert_eq!(next_wake(&memory, 1_000), Some(2_500));
         assert_eq!(next_wake(&memory, 2_500), Some(5_000));
         assert_eq!(next_wake(&memory, 5_000), None);
     }
 
+    /// A stored DAG: scheduled every five seconds, or paused.
+    fn dag(id: &str, paused: bool) -> Vec<u8> {
+        let mut spec = crate::state::machine::tests::spec(id);
+        spec.schedule = Some("*/5 * * * * *".into());
+        spec.paused = paused;
+        let dag = Dag {
+            tenant: "t".into(),
+            version: 1,
+            spec,
+            created_ms: 0,
+            updated_ms: 0,
+            deleted: false,
+            created_by: None,
+            updated_by: None,
+        };
+        serde_json::to_vec(&dag).expect("a DAG encodes")
+    }
+
     #[test]
-    fn memory_is_current_until_a_dag_is_written_and_learns_only_what_changed() {
-        let scan = |version, dags: &[(&str, &str)]| Scan {
+    fn memory_learns_only_what_changed_and_keeps_only_dags_with_something_to_fire() {
+        let read = |version, whole, dags: Vec<(&str, Option<Vec<u8>>)>| Read {
             version,
+            whole,
             dags: dags
-                .iter()
-                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .into_iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v))
                 .collect(),
         };
         let mut memory = Memory::default();
-        assert!(!memory.current(0, 0), "nothing learnt yet");
-        memory.learn(scan(7, &[("a", "1"), ("b", "1")]));
-        assert!(memory.current(0, 7));
-        assert!(!memory.current(0, 8), "a DAG was written since");
-        assert!(!memory.current(1, 7), "another term");
+        assert_eq!(memory.seen_in(0), None, "nothing learnt yet");
+        memory.learn(read(
+            7,
+            true,
+            vec![
+                ("a", Some(dag("a", false))),
+                ("b", Some(dag("b", false))),
+                ("p", Some(dag("p", true))),
+            ],
+        ));
+        assert_eq!(memory.seen_in(0), Some(7));
+        assert_eq!(memory.seen_in(1), None, "another term");
+        let mut keys: Vec<_> = memory.dags.keys().cloned().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [b"a".to_vec(), b"b".to_vec()],
+            "the paused DAG is not kept"
+        );
         for k in memory.dags.values_mut() {
             k.quiet_until = 99;
         }
-        // `a` unchanged keeps what was known; `b` changed is looked at afresh; `c` new;
-        // a DAG no longer stored is forgotten.
-        memory.learn(scan(8, &[("a", "1"), ("b", "2"), ("c", "1")]));
-        let quiet = |k: &str| memory.dags.get(k.as_bytes()).map(|k| k.quiet_until);
-        assert_eq!(quiet("a"), Some(99));
-        assert_eq!(quiet("b"), Some(0));
-        assert_eq!(quiet("c"), Some(0));
-        memory.learn(scan(9, &[("c", "1")]));
+        // Only what was written: `a` written unchanged keeps what was known; `b` changed
+        // is looked at afresh; `c` is new; the paused `p` unpaused now has a plan; a DAG
+        // not read is left as it was.
+        memory.learn(read(
+            8,
+            false,
+            vec![
+                ("a", Some(dag("a", false))),
+                ("c", Some(dag("c", false))),
+                ("p", Some(dag("p", false))),
+            ],
+        ));
+        let quiet = |m: &Memory, k: &str| m.dags.get(k.as_bytes()).map(|k| k.quiet_until);
+        assert_eq!(quiet(&memory, "a"), Some(99));
+        assert_eq!(quiet(&memory, "b"), Some(99));
+        assert_eq!(quiet(&memory, "c"), Some(0));
+        assert_eq!(quiet(&memory, "p"), Some(0));
+        // Deleted, and paused: forgotten.
+        memory.learn(read(
+            9,
+            false,
+            vec![("a", None), ("b", Some(dag("b", true)))],
+        ));
+        assert_eq!(quiet(&memory, "a"), None);
+        assert_eq!(quiet(&memory, "b"), None);
+        // A whole read: what it lacks is gone, what is unchanged keeps what was known.
+        memory
+            .dags
+            .get_mut(b"c".as_slice())
+            .expect("c is known")
+            .quiet_until = 42;
+        memory.learn(read(10, true, vec![("c", Some(dag("c", false)))]));
         assert_eq!(memory.dags.len(), 1);
-        assert!(memory.current(0, 9));
+        assert_eq!(quiet(&memory, "c"), Some(42));
+        assert_eq!(memory.seen_in(0), Some(10));
     }
 }

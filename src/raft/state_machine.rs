@@ -23,6 +23,7 @@ use super::types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
 use crate::state::census::{self, Change, Counts, DagView, RunView, TenantCounts, Usage};
+use crate::state::dag_changes::{DagChanges, DagsSince};
 use crate::state::due::{DueIndex, Supervision};
 use crate::state::model::Millis;
 use crate::state::{apply_request, BatchResponse, Kv, KvError, Table};
@@ -248,9 +249,9 @@ pub struct StateMachineStore {
     /// Only apply and a snapshot install use it (never at once: openraft calls the state
     /// machine one call at a time).
     due: Arc<Mutex<DueIndex>>,
-    /// Moves after every apply that wrote a DAG and every snapshot install, once the
-    /// write is in the database (see [`Self::dags_version`]).
-    dags_version: Arc<AtomicU64>,
+    /// The DAGs each apply wrote, and a snapshot install, once the write is in the
+    /// database (see [`Self::dags_since`]).
+    dag_changes: Arc<Mutex<DagChanges>>,
 }
 
 /// What the state machine derives from all stored runs and DAGs and then keeps
@@ -282,15 +283,14 @@ impl StateMachineStore {
             census: Arc::new(Mutex::new(all.counts)),
             tenants: Arc::new(Mutex::new(all.tenants)),
             due: Arc::new(Mutex::new(all.due)),
-            dags_version: Arc::new(AtomicU64::new(0)),
+            dag_changes: Arc::new(Mutex::new(DagChanges::default())),
         })
     }
 
-    /// A number that changes whenever the stored DAGs may have changed. Read it before
-    /// reading the DAGs: if it is the same later, what was read is still what is stored
-    /// (the scheduler scans the table only then).
-    pub fn dags_version(&self) -> u64 {
-        self.dags_version.load(Ordering::Acquire)
+    /// Which stored DAGs changed after version `seen` of the change log (`None`: all
+    /// of them). Read them after this returns; the scheduler reads only those.
+    pub fn dags_since(&self, seen: Option<u64>) -> DagsSince {
+        lock(&self.dag_changes).since(seen)
     }
 
     /// Running tasks per tenant as the due index keeps them (the fair share reads them
@@ -389,7 +389,7 @@ impl StateMachineStore {
         census: &Mutex<Counts>,
         tenants: &Mutex<TenantCounts>,
         due: &Mutex<DueIndex>,
-        dags_version: &AtomicU64,
+        dag_changes: &Mutex<DagChanges>,
         entries: Vec<Entry>,
     ) -> Result<Vec<BatchResponse>, StorageError> {
         let mut due = lock(due);
@@ -442,7 +442,12 @@ impl StateMachineStore {
             .map(|(old, new)| Change::between(old.as_ref(), new.as_ref()))
             .collect();
         let mut batch = WriteBatch::default();
-        let dags_written = overlay.writes.keys().any(|(t, _)| *t == Table::Dags);
+        let dags_written: Vec<Vec<u8>> = overlay
+            .writes
+            .keys()
+            .filter(|(t, _)| *t == Table::Dags)
+            .map(|(_, k)| k.clone())
+            .collect();
         for ((table, key), value) in overlay.writes {
             let cf = db.cf(table.name()).map_err(sm_write_err)?;
             match value {
@@ -460,9 +465,7 @@ impl StateMachineStore {
         // Not synced: if lost in a crash, last_applied is lost with it and openraft
         // re-applies from the (synced) log. Snapshots sync the WAL before they are taken.
         db.write(batch, false).map_err(sm_write_err)?;
-        if dags_written {
-            dags_version.fetch_add(1, Ordering::Release);
-        }
+        lock(dag_changes).record(dags_written);
         if requests > 0 {
             metrics::histogram!(m::RAFT_APPLY_BATCH).record(requests as f64);
         }
@@ -621,10 +624,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let last = entries.last().map(|e| e.log_id.index);
         let (census, tenants, due) = (self.census.clone(), self.tenants.clone(), self.due.clone());
-        let dags_version = self.dags_version.clone();
+        let dag_changes = self.dag_changes.clone();
         let out = self
             .blocking(move |db| {
-                Self::apply_entries(db, &census, &tenants, &due, &dags_version, entries)
+                Self::apply_entries(db, &census, &tenants, &due, &dag_changes, entries)
             })
             .await?;
         if let Some(idx) = last {
@@ -688,7 +691,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         })
         .await
         .map(|all| self.set_derived(all))?;
-        self.dags_version.fetch_add(1, Ordering::Release);
+        lock(&self.dag_changes).all_changed();
         metrics::counter!(m::RAFT_SNAPSHOTS, "kind" => "installed").increment(1);
         if let Some(idx) = idx {
             self.applied_tx.send_replace(idx);
