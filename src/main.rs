@@ -225,7 +225,9 @@ fn main() -> ExitCode {
         let code = orchestrator::executor::fencing::serve_stdin(cgroups);
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
-    if !matches!(command, Cmd::Server(_)) {
+    if matches!(command, Cmd::Server(_)) {
+        orchestrator::server::limit_malloc_arenas();
+    } else {
         // A client command piped into `head` ends quietly when the pipe closes, as Unix
         // tools do, instead of panicking in println!. Rust ignores SIGPIPE for every
         // program; only the server needs that (a peer closing a socket is an error there).
