@@ -751,6 +751,104 @@ async fn idempotent_retry_on_another_node_after_a_leader_kill() {
     c.assert_no_panics();
 }
 
+/// A dry run (`POST /dags/{dag_id}/plan`) answers what `POST /dags` would do, makes its
+/// checks (shell scope, quota, version, validation) and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_answers_what_a_write_would_do_and_writes_nothing() {
+    let c = up(1, &[("ORCHESTRATOR_LIMITS__MAX_DAGS_PER_TENANT", "1")]).await;
+    let t = c.token("acme", "orchestrator:read orchestrator:write");
+    let other = c.token("globex", "orchestrator:read orchestrator:write");
+    let dag = |id: &str, owner: &str| json!({"dag_id": id, "owner": owner, "tasks": [{"task_id": "a", "kind": "noop"}]});
+    let (s, v) = c.post(1, "/dags/etl/plan", &t, &dag("etl", "a")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        v,
+        json!({"dag_id": "etl", "change": "created", "status": "active", "version": 1})
+    );
+    let (s, v) = c.get(1, "/dags/etl", &t).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "nothing written: {v}");
+    let (s, v) = c.post(1, "/dags", &t, &dag("etl", "a")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    for (body, change, version) in [
+        (dag("etl", "a"), "unchanged", 1),
+        (dag("etl", "b"), "updated", 2),
+    ] {
+        let (s, v) = c.post(1, "/dags/etl/plan", &t, &body).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["change"], change, "{v}");
+        assert_eq!(v["version"], version, "{v}");
+        assert_eq!(v["current_version"], 1, "{v}");
+    }
+    // The checks a write makes, with the write's answers.
+    let mut stale = dag("etl", "b");
+    stale["version"] = json!(7);
+    let shell =
+        json!({"dag_id": "sh", "tasks": [{"task_id": "a", "kind": "shell", "command": "true"}]});
+    for (path, body, status, code) in [
+        (
+            "/dags/etl/plan",
+            stale,
+            StatusCode::CONFLICT,
+            "version_conflict",
+        ),
+        // The tenant's one DAG is taken.
+        (
+            "/dags/new/plan",
+            dag("new", "a"),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        ("/dags/sh/plan", shell, StatusCode::FORBIDDEN, "forbidden"),
+        (
+            "/dags/other/plan",
+            dag("etl", "b"),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "/dags/etl/plan",
+            json!({"dag_id": "etl", "tasks": [{"task_id": "a", "kind": "noop", "depends_on": ["a"]}]}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+    ] {
+        let (s, v) = c.post(1, path, &t, &body).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (status, Some(code)),
+            "{path} {body}: {v}"
+        );
+    }
+    let (s, v) = c
+        .post(
+            1,
+            "/dags/etl/plan",
+            &c.token("acme", "orchestrator:read"),
+            &dag("etl", "c"),
+        )
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::FORBIDDEN,
+        "a dry run needs the write scope: {v}"
+    );
+    // Another tenant has no such DAG.
+    let (s, v) = c.post(1, "/dags/etl/plan", &other, &dag("etl", "b")).await;
+    assert_eq!(
+        (s, v["change"].as_str()),
+        (StatusCode::OK, Some("created")),
+        "{v}"
+    );
+    let (s, v) = c.get(1, "/dags/etl/versions", &t).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["versions"].as_array().map(Vec::len),
+        Some(1),
+        "still one version: {v}"
+    );
+    c.assert_no_panics();
+}
+
 /// Every stored definition of a DAG can be read back, newest first, a page at a time;
 /// another tenant sees none of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -867,6 +965,7 @@ fn endpoints() -> Vec<(Method, String)> {
         (Method::POST, format!("{BASE}/dags/x/pause")),
         (Method::POST, format!("{BASE}/runs/run_1/cancel")),
         (Method::POST, format!("{BASE}/cluster/members")),
+        (Method::POST, format!("{BASE}/dags/d/plan")),
     ]
 }
 
@@ -897,7 +996,7 @@ fn arbitrary_input_never_gets_a_5xx() {
     let inputs = (
         prop::collection::vec(any::<u8>(), 0..300),
         arb_json,
-        0usize..7,
+        0..endpoints().len(),
         any::<bool>(),
     );
     runner

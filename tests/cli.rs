@@ -225,7 +225,7 @@ async fn applying_the_examples_dir_creates_then_is_unchanged_then_diffs_an_updat
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dry_run_validates_locally_and_creates_nothing() {
+async fn a_dry_run_checks_on_the_server_and_creates_nothing() {
     let c = up().await;
     let tmp = tempfile::tempdir().expect("temp dir");
     let cyclic = write(
@@ -269,6 +269,51 @@ async fn a_dry_run_validates_locally_and_creates_nothing() {
     );
     let list = json(&cli(&c, &["dag", "list", "-o", "json"]).await);
     assert_eq!(list.as_array().map(Vec::len), Some(0));
+
+    // The server checks what a file cannot show: here a shell task without the shell
+    // scope. The other files would be created; nothing is.
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    let writer = c.token("acme", "orchestrator:read orchestrator:write");
+    let dry = cli_at(
+        &c.api(1),
+        Some(&writer),
+        &["dag", "apply", "--dry-run", "-f", examples],
+    )
+    .await;
+    assert_eq!(dry.status.code(), Some(3), "the refusal is the API's");
+    let text = stdout(&dry);
+    assert_eq!(text.matches(": would create").count(), 2, "{text}");
+    assert!(
+        text.contains("daily_etl: failed") && text.contains("orchestrator:shell"),
+        "{text}"
+    );
+    let list = json(&cli_at(&c.api(1), Some(&writer), &["dag", "list", "-o", "json"]).await);
+    assert_eq!(list.as_array().map(Vec::len), Some(0));
+
+    // Stored, then changed: "would update" with the diff, and the version stays.
+    assert_eq!(
+        cli(&c, &["dag", "apply", "-f", &ok]).await.status.code(),
+        Some(0)
+    );
+    let dry = cli(&c, &["dag", "apply", "--dry-run", "-f", &ok]).await;
+    assert!(stdout(&dry).contains("fine: unchanged"), "{}", stdout(&dry));
+    std::fs::write(
+        &ok,
+        r#"{"dag_id":"fine","tasks":[{"task_id":"a","kind":"noop"},{"task_id":"b","kind":"noop"}]}"#,
+    )
+    .expect("rewrite the DAG file");
+    let dry = cli(&c, &["-o", "json", "dag", "apply", "--dry-run", "-f", &ok]).await;
+    assert_eq!(dry.status.code(), Some(0));
+    let results = json(&dry);
+    assert_eq!(results[0]["result"], "would update", "{results}");
+    assert!(
+        results[0]["diff"].as_str().is_some_and(|d| d
+            .lines()
+            .any(|l| l.starts_with('+') && l.contains("task_id: b"))),
+        "{results}"
+    );
+    let get = json(&cli(&c, &["-o", "json", "dag", "get", "fine"]).await);
+    assert_eq!(get["version"], 1, "{get}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -210,6 +210,7 @@ fn routes() -> BTreeSet<(String, String)> {
         ("get", "/dags"),
         ("get", "/dags/{dag_id}"),
         ("delete", "/dags/{dag_id}"),
+        ("post", "/dags/{dag_id}/plan"),
         ("post", "/dags/{dag_id}/pause"),
         ("post", "/dags/{dag_id}/unpause"),
         ("get", "/dags/{dag_id}/versions"),

@@ -1,5 +1,5 @@
-//! DAG endpoints: submit (create or update), list, get, pause, unpause, delete, and the
-//! definition of every version.
+//! DAG endpoints: submit (create or update) and its dry run (plan), list, get, pause,
+//! unpause, delete, and the definition of every version.
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -13,12 +13,13 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
 use super::routes::{
-    act, commit, decode_cursor, fmt_ms, json_body, page_limit, stamp, with_replay, ApiState,
+    act, commit, decode_cursor, fmt_ms, json_body, page_limit, stamp, version_conflict,
+    with_replay, ApiState,
 };
 use crate::auth::{Access, Principal};
 use crate::dag::{self, DagInput};
 use crate::schedule::Schedule;
-use crate::state::machine::{keys, version_of_key};
+use crate::state::machine::{keys, put_decision, version_of_key, PutDecision};
 use crate::state::model::{Dag, DagSpec, Run, TaskKind};
 use crate::state::{Command, Outcome, Table};
 
@@ -217,36 +218,11 @@ pub async fn submit(
     headers: HeaderMap,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    p.require(Access::Write)?;
-    let raw = json_body(body)?;
-    let input: DagInput = serde_json::from_value(raw.clone())
-        .map_err(|e| ApiError::InvalidRequest(format!("invalid DAG: {e}")))?;
-    let spec = dag::validate(&input)?;
-    if spec
-        .tasks
-        .iter()
-        .any(|t| matches!(t.kind, TaskKind::Shell { .. }))
-    {
-        if !st.node.config().executor.shell_enabled {
-            return Err(ApiError::Forbidden(
-                "shell tasks are disabled on this cluster (executor.shell_enabled)".into(),
-            ));
-        }
-        p.require(Access::Shell)?;
-    }
-    check_limits(&st, &p.tenant, &spec)?;
-    let if_match = SubmitHeaders::read(&headers)?
-        .if_match
-        .map(|v| if_match_version(&v))
-        .transpose()?;
-    let expected_version = match (input.version, if_match) {
-        (Some(body), Some(header)) if body != header => {
-            return Err(ApiError::InvalidRequest(format!(
-                "version {body} in the body and If-Match {header} disagree; send one of them"
-            )))
-        }
-        (body, header) => body.or(header),
-    };
+    let Submission {
+        raw,
+        spec,
+        expected_version,
+    } = checked_submission(&st, &p, &headers, body)?;
     let paused = spec.paused;
     let cmd = Command::PutDag {
         tenant: p.tenant.clone(),
@@ -269,6 +245,158 @@ pub async fn submit(
         version: Some(version),
     };
     Ok(with_replay(Json(ack).into_response(), replayed))
+}
+
+/// A `POST /dags` body that passed every check before the commit.
+struct Submission {
+    raw: Value,
+    spec: DagSpec,
+    expected_version: Option<u64>,
+}
+
+/// The checks of a DAG write before its commit (a dry run makes the same): the write
+/// scope, a valid definition, the shell capability, the tenant's limits, and the version
+/// the write is based on.
+fn checked_submission(
+    st: &ApiState,
+    p: &Principal,
+    headers: &HeaderMap,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Submission, ApiError> {
+    p.require(Access::Write)?;
+    let raw = json_body(body)?;
+    let input: DagInput = serde_json::from_value(raw.clone())
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid DAG: {e}")))?;
+    let spec = dag::validate(&input)?;
+    if spec
+        .tasks
+        .iter()
+        .any(|t| matches!(t.kind, TaskKind::Shell { .. }))
+    {
+        if !st.node.config().executor.shell_enabled {
+            return Err(ApiError::Forbidden(
+                "shell tasks are disabled on this cluster (executor.shell_enabled)".into(),
+            ));
+        }
+        p.require(Access::Shell)?;
+    }
+    check_limits(st, &p.tenant, &spec)?;
+    let if_match = SubmitHeaders::read(headers)?
+        .if_match
+        .map(|v| if_match_version(&v))
+        .transpose()?;
+    let expected_version = match (input.version, if_match) {
+        (Some(body), Some(header)) if body != header => {
+            return Err(ApiError::InvalidRequest(format!(
+                "version {body} in the body and If-Match {header} disagree; send one of them"
+            )))
+        }
+        (body, header) => body.or(header),
+    };
+    Ok(Submission {
+        raw,
+        spec,
+        expected_version,
+    })
+}
+
+/// What a DAG write would do (see [`DagPlan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DagChange {
+    /// No live DAG has this id: version 1, or the next version of a deleted one.
+    Created,
+    /// A new version of the live DAG.
+    Updated,
+    /// The live DAG already has this definition: nothing would be written.
+    Unchanged,
+}
+
+/// The answer to a dry run of a DAG write.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"dag_id": "sales_gdp", "change": "updated", "status": "active", "version": 3, "current_version": 2}))]
+pub struct DagPlan {
+    #[schema(schema_with = super::schema::id)]
+    pub dag_id: String,
+    pub change: DagChange,
+    /// The DAG's status after the write.
+    pub status: DagStatus,
+    /// The DAG's version after the write.
+    pub version: u64,
+    /// The live DAG's version now (absent: no live DAG has this id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_version: Option<u64>,
+}
+
+/// `POST /dags/{dag_id}/plan`: a dry run of `POST /dags`.
+#[utoipa::path(
+    post,
+    path = "/dags/{dag_id}/plan",
+    tag = "dags",
+    operation_id = "plan_dag",
+    summary = "Dry-run a DAG write",
+    description = "Makes every check `POST /dags` makes (the same body, `If-Match` and scopes) against \
+the current state, and says what the write would do, without writing anything. The body's `dag_id` must \
+be the path's. A separate path rather than a flag on `POST /dags`, so that a server without it answers \
+404 or 405 instead of writing. The DAG quota is checked against this node's replica after a linearizable \
+read barrier; a write made afterwards may still be refused if other writes came between.",
+    params(DagPath, SubmitHeaders),
+    request_body(
+        content = DagInput,
+        description = "The DAG definition, as for `POST /dags`.",
+        example = json!({"dag_id": "sales_gdp", "schedule": "0 2 * * *", "owner": "team-data"}),
+    ),
+    responses(
+        (status = 200, description = "What the write would do; nothing was written.", body = DagPlan),
+        (status = 400, description = "What `POST /dags` would refuse with 400, or a body whose `dag_id` \
+is not the path's.", body = ErrorBody),
+        (status = 403, description = "What `POST /dags` would refuse with 403.", body = ErrorBody),
+        (status = 409, description = "`version_conflict`: the DAG is not at the version the write is based on.",
+            body = ErrorBody),
+    ),
+    security(("bearer" = ["orchestrator:write"]))
+)]
+pub async fn plan(
+    State(st): State<ApiState>,
+    Extension(p): Extension<Principal>,
+    headers: HeaderMap,
+    Path(DagPath { dag_id }): Path<DagPath>,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Json<DagPlan>, ApiError> {
+    p.require(Access::Write)?;
+    // The limits and the decision read this replica: make it as new as a write would see.
+    st.node.linearizable_barrier().await?;
+    let Submission {
+        spec,
+        expected_version,
+        ..
+    } = checked_submission(&st, &p, &headers, body)?;
+    if spec.dag_id != dag_id {
+        return Err(ApiError::InvalidRequest(format!(
+            "dag_id: '{}' in the body is not '{dag_id}' in the path",
+            spec.dag_id
+        )));
+    }
+    let existing = st
+        .node
+        .db
+        .get_json::<Dag>(Table::Dags.name(), &keys::dag(&p.tenant, &dag_id))?;
+    let decision = put_decision(existing.as_ref(), &spec, expected_version);
+    let change = match decision {
+        PutDecision::Conflict { expected, current } => {
+            return Err(version_conflict(expected, current))
+        }
+        PutDecision::Unchanged { .. } => DagChange::Unchanged,
+        PutDecision::Write { creates: true, .. } => DagChange::Created,
+        PutDecision::Write { .. } => DagChange::Updated,
+    };
+    Ok(Json(DagPlan {
+        dag_id,
+        change,
+        status: paused_status(spec.paused),
+        version: decision.version(),
+        current_version: existing.filter(|d| !d.deleted).map(|d| d.version),
+    }))
 }
 
 /// Per-tenant quotas (`limits.*`, with the tenant's overrides): tasks per DAG, the

@@ -66,6 +66,7 @@ fn table() -> (OpenApiRouter<ApiState>, OpenApiRouter<ApiState>) {
     let api = OpenApiRouter::new()
         .routes(routes!(dags::submit, dags::list))
         .routes(routes!(dags::get_one, dags::delete))
+        .routes(routes!(dags::plan))
         .routes(routes!(dags::pause))
         .routes(routes!(dags::unpause))
         .routes(routes!(dags::list_versions))
@@ -413,6 +414,13 @@ pub(super) fn stamp(
     }
 }
 
+/// The error of a write based on a version that is not the current one.
+pub(super) fn version_conflict(expected: u64, current: u64) -> ApiError {
+    ApiError::VersionConflict(format!(
+        "expected version {expected} but the current version is {current}"
+    ))
+}
+
 /// Commit and render: known failures become their API errors.
 pub(super) async fn commit(st: &ApiState, req: Request) -> Result<(Outcome, bool), ApiError> {
     // One DAG too many is a 400 (waiting does not help); one run too many a 429 (runs end).
@@ -421,9 +429,7 @@ pub(super) async fn commit(st: &ApiState, req: Request) -> Result<(Outcome, bool
     match resp.outcome {
         Outcome::NotFound { what } => Err(ApiError::NotFound(format!("{what} not found"))),
         Outcome::Forbidden { message } => Err(ApiError::Forbidden(message)),
-        Outcome::VersionConflict { expected, current } => Err(ApiError::VersionConflict(format!(
-            "expected version {expected} but the current version is {current}"
-        ))),
+        Outcome::VersionConflict { expected, current } => Err(version_conflict(expected, current)),
         Outcome::IdempotencyKeyReused { key } => Err(ApiError::IdempotencyKeyReused(key)),
         Outcome::InvalidState { message } => Err(ApiError::InvalidState(message)),
         Outcome::QuotaExceeded { message } if creates_dag => Err(ApiError::InvalidRequest(message)),

@@ -24,7 +24,8 @@ pub enum DagCmd {
         /// A DAG file or a directory of them.
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
-        /// Validate (and show the diff) without changing anything.
+        /// Check every file as a write would (on the server: scopes, limits, quotas,
+        /// versions) and show the diff, without changing anything.
         #[arg(long)]
         dry_run: bool,
     },
@@ -183,14 +184,17 @@ async fn apply(client: &Client, format: Format, path: &Path, dry_run: bool) -> a
             .map(|v| v["version"].clone())
             .unwrap_or(Value::Null);
         let action = match (change, dry_run) {
-            ("unchanged", _) => "unchanged",
-            (c, true) => {
-                if c == "created" {
-                    "would create"
-                } else {
-                    "would update"
+            // The server makes every check a write would (scopes, limits, quotas, the
+            // version) and says what it would do.
+            (_, true) => match plan(client, &dag_id, &local.body).await {
+                Ok(change) => change,
+                Err(e) => {
+                    error = Some(format!("{e:#}"));
+                    first_failure.get_or_insert(e);
+                    "failed"
                 }
-            }
+            },
+            ("unchanged", false) => "unchanged",
             (c, false) => match client.post("/dags", &local.body).await {
                 Ok(r) => {
                     version = r["version"].clone();
@@ -234,6 +238,36 @@ async fn apply(client: &Client, format: Format, path: &Path, dry_run: bool) -> a
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// What writing `body` would do, by the server's dry run: "would create", "would
+/// update" or "unchanged".
+async fn plan(client: &Client, dag_id: &str, body: &Value) -> anyhow::Result<&'static str> {
+    let answer = match client.post(&format!("/dags/{dag_id}/plan"), body).await {
+        Ok(answer) => answer,
+        // The dry run never answers 404 or 405 itself: the node predates it.
+        Err(e)
+            if matches!(
+                e.downcast_ref::<Failure>(),
+                Some(Failure::Api {
+                    status: 404 | 405,
+                    ..
+                })
+            ) =>
+        {
+            return Err(e.context(
+                "this node has no server-side dry run (POST /dags/{dag_id}/plan): upgrade it, \
+                 or point --api at an upgraded node",
+            ))
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(match answer["change"].as_str() {
+        Some("created") => "would create",
+        Some("updated") => "would update",
+        Some("unchanged") => "unchanged",
+        other => bail!("the dry run answered an unknown change {other:?}"),
+    })
 }
 
 /// A unified diff of two definitions, each rendered as a YAML DAG file.

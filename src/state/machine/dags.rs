@@ -18,11 +18,9 @@ pub(super) fn put_dag(
     let now = ctx.now;
     let key = keys::dag(tenant, &spec.dag_id);
     let existing = get_json::<Dag>(kv, Table::Dags, &key)?;
-    let current = existing.as_ref().map_or(0, |d| d.version);
-    if let Some(expected) = expected_version {
-        if expected != current {
-            return Ok(Outcome::VersionConflict { expected, current });
-        }
+    let decision = put_decision(existing.as_ref(), spec, expected_version);
+    if let PutDecision::Conflict { expected, current } = decision {
+        return Ok(Outcome::VersionConflict { expected, current });
     }
     // From protocol 11 apply, not only the API, holds the shell capability: a request
     // from a node that did not check it (or a caller that lost it) writes nothing.
@@ -32,16 +30,17 @@ pub(super) fn put_dag(
             message: "a DAG with a shell task needs the orchestrator:shell scope".into(),
         });
     }
-    if let Some(d) = &existing {
-        if !d.deleted && d.spec == *spec {
+    let version = match decision {
+        PutDecision::Write { version, .. } => version,
+        _ => {
             return Ok(Outcome::DagPut {
                 dag_id: spec.dag_id.clone(),
-                version: d.version,
+                version: decision.version(),
                 changed: false,
-            });
+            })
         }
-    }
-    if existing.as_ref().is_none_or(|d| d.deleted) {
+    };
+    if decision.creates() {
         if let Some(q) = &ctx.quota {
             let usage = kv.usage(tenant, &spec.dag_id)?;
             if let Err(e) = crate::quota::check_new_dag(usage, tenant, q) {
@@ -51,7 +50,6 @@ pub(super) fn put_dag(
             }
         }
     }
-    let version = current + 1;
     let dag = Dag {
         tenant: tenant.to_string(),
         version,
@@ -81,6 +79,54 @@ pub(super) fn put_dag(
         version,
         changed: true,
     })
+}
+
+/// What writing `spec` over the stored DAG `existing` does, if the write is allowed
+/// (the shell scope and the DAG quota are checked apart). Apply decides by it, and so
+/// does a dry run (`POST /dags/{dag_id}/plan`), which must answer what apply would do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutDecision {
+    /// The write names a version (`If-Match` or `version`) that is not the current one.
+    Conflict { expected: u64, current: u64 },
+    /// The live DAG already has this definition: nothing is written.
+    Unchanged { version: u64 },
+    /// A new version is stored; `creates` if no live DAG had this id (a new DAG, or a
+    /// deleted one created again: it counts against the tenant's DAG quota).
+    Write { version: u64, creates: bool },
+}
+
+impl PutDecision {
+    /// The DAG's version after the write (the current one if nothing is written).
+    pub fn version(self) -> u64 {
+        match self {
+            PutDecision::Conflict { current, .. } => current,
+            PutDecision::Unchanged { version } | PutDecision::Write { version, .. } => version,
+        }
+    }
+
+    /// Whether the write makes a live DAG where there was none.
+    pub fn creates(self) -> bool {
+        matches!(self, PutDecision::Write { creates: true, .. })
+    }
+}
+
+/// See [`PutDecision`].
+pub fn put_decision(
+    existing: Option<&Dag>,
+    spec: &DagSpec,
+    expected_version: Option<u64>,
+) -> PutDecision {
+    let current = existing.map_or(0, |d| d.version);
+    match (existing, expected_version) {
+        (_, Some(expected)) if expected != current => PutDecision::Conflict { expected, current },
+        (Some(d), _) if !d.deleted && d.spec == *spec => {
+            PutDecision::Unchanged { version: current }
+        }
+        (d, _) => PutDecision::Write {
+            version: current + 1,
+            creates: d.is_none_or(|d| d.deleted),
+        },
+    }
 }
 
 /// Store version `version` of a DAG, with the grant to run its shell tasks if it has

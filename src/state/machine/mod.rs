@@ -36,8 +36,8 @@ mod tables;
 #[cfg(test)]
 pub mod tests;
 
-pub use dags::version_of_key;
 use dags::*;
+pub use dags::{put_decision, version_of_key, PutDecision};
 pub use placement::DEFAULT_LEASE_MS;
 use placement::*;
 pub use retention::PURGE_CHUNK;
