@@ -82,19 +82,27 @@ enum Cmd {
     },
 }
 
+/// The subcommands that talk to an API and take the client flags.
+const CLIENT_COMMANDS: [&str; 3] = ["dag", "run", "cluster"];
+
+/// The client flags (`--api`, `--token`, `--output`, `--ca-file`), global as declared.
+fn client_flags() -> Vec<clap::Arg> {
+    cli::ClientFlags::augment_args(clap::Command::new("c"))
+        .get_arguments()
+        .cloned()
+        .collect()
+}
+
 /// The command line: [`Cli`], with the client flags (global, for `dag`, `run` and
 /// `cluster`) hidden from the commands that do not talk to an API, so their help does
 /// not offer them.
 fn cli_command() -> clap::Command {
-    let client_flags: Vec<clap::Arg> = cli::ClientFlags::augment_args(clap::Command::new("c"))
-        .get_arguments()
-        .cloned()
-        .collect();
+    let client_flags = client_flags();
     let mut cmd = Cli::command();
     let local: Vec<String> = cmd
         .get_subcommands()
         .map(|c| c.get_name().to_string())
-        .filter(|n| !["dag", "run", "cluster"].contains(&n.as_str()))
+        .filter(|n| !CLIENT_COMMANDS.contains(&n.as_str()))
         .collect();
     for name in local {
         cmd = cmd.mut_subcommand(name, |sub| {
@@ -106,6 +114,22 @@ fn cli_command() -> clap::Command {
                     .map(|a| a.clone().global(false).hide(true)),
             )
         });
+    }
+    cmd
+}
+
+/// The command line as completion scripts describe it: the client flags on the root
+/// (`orchestrator --api URL dag list`) and under the client commands, and nowhere else
+/// (the bash generator lists hidden arguments too, so the shadows of [`cli_command`]
+/// would be offered).
+fn completion_command() -> clap::Command {
+    let client_flags = client_flags();
+    let mut cmd = Cli::command();
+    for flag in &client_flags {
+        cmd = cmd.mut_arg(flag.get_id(), |a| a.global(false));
+    }
+    for name in CLIENT_COMMANDS {
+        cmd = cmd.mut_subcommand(name, |sub| sub.args(client_flags.iter().cloned()));
     }
     cmd
 }
@@ -302,7 +326,7 @@ fn main() -> ExitCode {
             Cmd::Completions { shell } => {
                 clap_complete::generate(
                     shell,
-                    &mut cli_command(),
+                    &mut completion_command(),
                     "orchestrator",
                     &mut std::io::stdout(),
                 );

@@ -503,6 +503,41 @@ async fn completions_generate_for_each_shell() {
             script.contains("orchestrator") && script.contains("apply"),
             "{shell}"
         );
+        if shell == "bash" {
+            // The options offered after `orchestrator SUBCOMMAND`: the client flags
+            // where they work, not where they are only there to be refused.
+            let opts = |section: &str| -> Vec<String> {
+                script
+                    .lines()
+                    .skip_while(|l| l.trim() != format!("{section})"))
+                    .find(|l| l.trim_start().starts_with("opts=\""))
+                    .unwrap_or_else(|| panic!("no {section} in the bash script"))
+                    .trim()
+                    .trim_start_matches("opts=\"")
+                    .trim_end_matches('"')
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect()
+            };
+            let offers = |section: &str, flag: &str| opts(section).iter().any(|o| o == flag);
+            for client in [
+                "orchestrator__subcmd__dag__subcmd__apply",
+                "orchestrator__subcmd__run__subcmd__list",
+                "orchestrator",
+            ] {
+                assert!(offers(client, "--api"), "{client}: {:?}", opts(client));
+            }
+            for local in [
+                "orchestrator__subcmd__token",
+                "orchestrator__subcmd__server",
+            ] {
+                assert!(
+                    !offers(local, "--api") && !offers(local, "--ca-file"),
+                    "{local}: {:?}",
+                    opts(local)
+                );
+            }
+        }
     }
     // Piped into a reader that stops early (`| head -1`): ends quietly, as Unix tools
     // do, not with a panic about a broken pipe.
