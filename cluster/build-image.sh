@@ -4,12 +4,21 @@
 # health check have /bin/sh and wget), on `FROM scratch`. The node runs as the
 # unprivileged user `orchestrator` (uid/gid 65532), which owns /data and /data-work
 # (attempts' working dirs) and nothing else.
+#   cluster/build-image.sh            # the debug build (the one the tests build: quick
+#                                     # after ./scripts/test.sh); for trying it out
+#   cluster/build-image.sh --release  # the optimised build, for anything beyond that
+#                                     # (the first one compiles RocksDB again, ~15-30 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
+case "${1:-}" in
+  "") profile=(); ORCHESTRATOR_BIN="$CARGO_TARGET_DIR/debug/orchestrator" ;;
+  --release) profile=(--release); ORCHESTRATOR_BIN="$CARGO_TARGET_DIR/release/orchestrator" ;;
+  *) echo "usage: $0 [--release]" >&2; exit 2 ;;
+esac
 scripts/prereqs.sh --build
 command -v busybox >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static >/dev/null; }
-cargo build --bin orchestrator
+cargo build "${profile[@]}" --bin orchestrator
 # The compose cluster's secrets: random, private, generated once (never a placeholder),
 # readable by the image's user only (they are mounted read-only at /run/secrets).
 NODE_UID=65532
