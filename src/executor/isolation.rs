@@ -4,7 +4,8 @@
 //! setuid, one tmpfs of
 //! `executor.shell_max_disk_bytes` for everything it may write (`/tmp`, `/var/tmp`,
 //! `/dev/shm` and its working dir), the host's homes, logs and spools shown empty
-//! (`executor.shell_hidden_paths`), and a `/proc` that shows its own processes only.
+//! (`executor.shell_hidden_paths`), a `/proc` that shows its own processes only, and a
+//! `/sys` without the cgroup tree (of its own network namespace when it has one).
 //!
 //! What that buys, beyond the user switch and rlimits of [`super::sandbox`]:
 //! - no network (no loopback services of the node, no peer port, no cloud metadata, no
@@ -266,6 +267,26 @@ impl Isolation {
         }
         for dir in &self.hidden {
             unless_missing(show_empty(dir))?;
+        }
+        // The node's /sys shows the cgroup tree (every attempt's cgroup and what its
+        // processes use, other tenants' included) and the node's network interfaces.
+        // With a network namespace of its own the attempt gets a sysfs of that namespace
+        // (its loopback only; no cgroup tree, which is a mount of its own), or an empty
+        // /sys where sysfs cannot be mounted; on the node's network the cgroup tree is
+        // shown empty.
+        if self.network.is_some() {
+            let sysfs = mount(
+                Some(c"sysfs"),
+                c"/sys",
+                Some(c"sysfs"),
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                None,
+            );
+            if sysfs.is_err() {
+                unless_missing(show_empty(c"/sys"))?;
+            }
+        } else {
+            unless_missing(show_empty(c"/sys/fs/cgroup"))?;
         }
         // A /proc of this PID namespace: the attempt's own processes only.
         mount(
@@ -739,6 +760,9 @@ mod tests {
             .filter_map(|l| l.split_once(':').map(|(name, _)| name.trim()))
             .collect();
         assert_eq!(interfaces, ["lo"], "{out}");
+        // Nor the node's /sys: its interfaces, or the cgroup tree of every attempt.
+        let (_, out) = isolated("ls /sys/class/net; ls -A /sys/fs/cgroup | wc -l", &other);
+        assert_eq!(out, "lo\n0\n");
         // A working dir outside /tmp (the default, beside the data dir) is bound from
         // the attempt's tmpfs: writable, private, and nothing reaches the node's disk.
         let outside = tempfile::tempdir_in("/var/lib").unwrap();
