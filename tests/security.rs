@@ -502,23 +502,46 @@ async fn a_shell_task_sees_no_secrets_and_cannot_read_the_data_dir() {
     assert_process_limit(&log, 777);
 }
 
+/// Two tenants' attempts run as one shell user: one spending its whole process limit
+/// leaves the other able to fork, its limit being its own (its PID namespace's where the
+/// kernel keeps one per namespace, else its cgroup's `pids.max`), not a budget of the
+/// user (RLIMIT_NPROC) that the first has spent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_tenant_s_fork_bomb_leaves_another_s_attempts_of_the_same_user_able_to_fork() {
     if !per_namespace_pid_max() {
-        println!("skipped: a process limit per attempt needs Linux 6.14 or later");
+        println!("skipped: a process limit per PID namespace needs Linux 6.14 or later");
         return;
     }
+    fork_bomb_beside_another_tenant(true, &[]).await;
+}
+
+/// The same without namespaces (`shell_isolation = false`): each attempt's cgroup holds
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_isolation_a_fork_bomb_is_held_by_its_cgroup_not_the_user_s_budget() {
+    fork_bomb_beside_another_tenant(
+        false,
+        &[("ORCHESTRATOR_EXECUTOR__SHELL_ISOLATION", "false")],
+    )
+    .await;
+}
+
+async fn fork_bomb_beside_another_tenant(isolated: bool, extra_env: &[(&str, &str)]) {
     // Both tenants run as the node-wide shell_user.
-    let Some(c) =
-        up_with_shell_user(&[("ORCHESTRATOR_EXECUTOR__SHELL_MAX_PROCESSES", "300")]).await
-    else {
+    let mut env = vec![("ORCHESTRATOR_EXECUTOR__SHELL_MAX_PROCESSES", "300")];
+    env.extend_from_slice(extra_env);
+    let Some(c) = up_with_shell_user(&env).await else {
         return;
     };
     let scopes = "orchestrator:read orchestrator:write orchestrator:shell";
     let (acme, beta) = (c.token("acme", scopes), c.token("beta", scopes));
     // acme starts sleeps until a fork fails, says how many, and holds them (`exec`
     // needs no fork; the count is read with builtins).
-    let bomb = "(i=0; while [ $i -lt 1000 ]; do sleep 120 & i=$((i+1)); echo $i > n; done) \
+    // Whether its cgroup (of the v2 hierarchy, alone or beside v1 ones) has pids.max.
+    let bomb = "cg=$(grep ^0:: /proc/self/cgroup | cut -d: -f3); \
+                for m in /sys/fs/cgroup /sys/fs/cgroup/unified; do \
+                  [ -e $m$cg/pids.max ] && echo cgroup=$cg pids.max=$(cat $m$cg/pids.max); done; \
+                (i=0; while [ $i -lt 1000 ]; do sleep 120 & i=$((i+1)); echo $i > n; done) \
                 2>/dev/null; read n < n; echo started=$n; exec sleep 120";
     let (s, v) = c.post(1, "/dags", &acme, &shell_dag("bomb", bomb)).await;
     assert_eq!(s, StatusCode::OK, "{v}");
@@ -532,6 +555,10 @@ async fn one_tenant_s_fork_bomb_leaves_another_s_attempts_of_the_same_user_able_
         (s == StatusCode::OK && log.contains("started=")).then_some(log)
     })
     .await;
+    if !isolated && !log.contains("pids.max=") {
+        println!("skipped: this node's attempts have no cgroup with pids.max: {log}");
+        return;
+    }
     // Its shell, the subshell and the sleeps: at least 300, at most 300 + 298 (PIDs 2-299
     // of a fresh namespace beside the 300 from 300 up; exactly 300 where a cgroup's
     // pids.max holds it too).
@@ -540,8 +567,9 @@ async fn one_tenant_s_fork_bomb_leaves_another_s_attempts_of_the_same_user_able_
         .find_map(|l| l.strip_prefix("started="))
         .and_then(|n| n.trim().parse::<u64>().ok())
         .map(|sleeps| sleeps + 2);
+    let most = if isolated { 598 } else { 300 };
     assert!(
-        processes.is_some_and(|p| (300..=598).contains(&p)),
+        processes.is_some_and(|p| (300..=most).contains(&p)),
         "{processes:?}: {log}"
     );
     // beta's attempt, as the same user, starts and forks all the same: the limit is

@@ -52,6 +52,21 @@ impl Cgroups {
         &self.parent
     }
 
+    /// Whether an attempt's cgroup holds its process count (`pids.max`).
+    pub fn bounds_processes(&self) -> bool {
+        self.pids
+    }
+
+    /// A parent whose attempts' cgroups have `pids.max` (`pids`), for tests of what
+    /// depends on it.
+    #[cfg(test)]
+    pub fn with_pids(parent: PathBuf, pids: bool) -> Cgroups {
+        Cgroups {
+            pids,
+            ..Cgroups::at(parent)
+        }
+    }
+
     /// Create (or reuse) this node's parent cgroup. `None`, said once in the log, where
     /// the node cannot.
     pub fn setup(data_dir: &Path) -> Option<Cgroups> {

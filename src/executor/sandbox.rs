@@ -206,27 +206,34 @@ impl ShellPolicy {
     /// How an attempt run as another user (`as_other_user`) with `isolation` is held to
     /// its process limit: its cgroup's `pids.max`, and the rlimits to set in its child.
     ///
-    /// Where its PID namespace holds the limit ([`Isolation::bounds_processes`]), that
-    /// is the attempt's own, and RLIMIT_NPROC (which counts every process of the user,
-    /// so a budget one tenant's fork bomb could spend for the others' attempts of the
-    /// same user) is only a backstop for the user: every slot's attempt at its most
-    /// ([`isolation::most_pids`]), which no attempt held to its own limit reaches. The
-    /// cgroup counts the two processes above the shell too.
+    /// Where something of the attempt's own holds the limit (its PID namespace,
+    /// [`Isolation::bounds_processes`], or its cgroup's `pids.max`), RLIMIT_NPROC (which
+    /// counts every process of the user, so a budget one tenant's fork bomb could spend
+    /// for the others' attempts of the same user) is only a backstop for the user:
+    /// every slot's attempt at its most, which no attempt held to its own limit
+    /// reaches. An isolated attempt's cgroup counts the two processes above the shell
+    /// too. (An attempt whose cgroup join failed runs under the backstop alone: it may
+    /// then spend the others' budget, as every attempt of a user could before.)
     pub fn process_limits(
         &self,
         as_other_user: bool,
         isolation: Option<&Isolation>,
     ) -> (u64, Limits) {
         let processes = self.limits.processes(as_other_user);
-        if !isolation.is_some_and(Isolation::bounds_processes) {
+        let above_shell = if isolation.is_some() { 2 } else { 0 };
+        let pids_max = processes.saturating_add(above_shell);
+        let most = if isolation.is_some_and(Isolation::bounds_processes) {
+            isolation::most_pids(processes)
+        } else if as_other_user && self.cgroups.as_ref().is_some_and(Cgroups::bounds_processes) {
+            pids_max
+        } else {
             return (processes, self.limits);
-        }
-        let backstop = isolation::most_pids(processes).saturating_mul(u64::from(self.slots));
+        };
         let rlimits = Limits {
-            processes: Some(backstop),
+            processes: Some(most.saturating_mul(u64::from(self.slots))),
             ..self.limits
         };
-        (processes.saturating_add(2), rlimits)
+        (pids_max, rlimits)
     }
 
     /// The uid and gid to switch to for `tenant`'s attempts (its own user, else the
@@ -543,6 +550,23 @@ mod tests {
             "{}",
             root.display()
         );
+    }
+
+    #[test]
+    fn a_cgroup_that_holds_an_attempt_s_processes_makes_the_user_s_rlimit_a_backstop() {
+        let mut p = policy(Some("nobody"));
+        p.limits.processes = Some(300);
+        // No cgroup of its own (or one without pids.max): RLIMIT_NPROC is the limit.
+        for cgroups in [None, Some(Cgroups::with_pids("/x".into(), false))] {
+            p.cgroups = cgroups;
+            let (pids_max, rlimits) = p.process_limits(true, None);
+            assert_eq!((pids_max, rlimits.processes), (300, Some(300)));
+        }
+        // pids.max holds each attempt: the user's budget covers every slot at its most,
+        // so one attempt spending its own leaves the others theirs.
+        p.cgroups = Some(Cgroups::with_pids("/x".into(), true));
+        let (pids_max, rlimits) = p.process_limits(true, None);
+        assert_eq!((pids_max, rlimits.processes), (300, Some(300 * 8)));
     }
 
     #[test]
