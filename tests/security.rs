@@ -111,6 +111,55 @@ async fn run_and_log(c: &Cluster, t: &str, dag_id: &str) -> (Value, String) {
     (v, log)
 }
 
+/// The executor reads the grant from the replicated version it runs, not from what the
+/// API checked: a shell version stored without one (here taken out of a stopped node's
+/// RocksDB, as damage or a bug elsewhere could leave it) runs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shell_version_without_its_grant_in_storage_runs_nothing() {
+    use orchestrator::raft::db::Db;
+    use orchestrator::state::machine::{keys, Table};
+    use orchestrator::state::model::StoredVersion;
+
+    let Some(mut c) = up_with_shell_user(&[]).await else {
+        return;
+    };
+    let t = c.token(
+        "acme",
+        "orchestrator:read orchestrator:write orchestrator:shell",
+    );
+    let (s, v) = c.post(1, "/dags", &t, &shell_dag("g", "echo RAN")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (run, log) = run_and_log(&c, &t, "g").await;
+    assert_eq!(run["state"], "done", "with its grant it runs: {run} {log}");
+    assert!(log.contains("RAN"), "{log}");
+    c.terminate(1);
+    {
+        let db = Db::open(&c.node(1).dir.join("data").join("db")).expect("open the node's db");
+        let cf = Table::DagVersions.name();
+        let key = keys::dag_version("acme", "g", 1);
+        let stored: StoredVersion = db
+            .get_json(cf, &key)
+            .expect("read the version")
+            .expect("version 1 is stored");
+        assert!(stored.shell_grant.is_some(), "apply recorded the grant");
+        let bare = serde_json::to_vec(&stored.spec).expect("encode the spec");
+        db.raw()
+            .put_cf(db.cf(cf).expect("the versions table"), &key, bare)
+            .expect("store the version without its grant");
+    }
+    c.start(1);
+    c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    let (run, log) = run_and_log(&c, &t, "g").await;
+    assert_eq!(run["state"], "failed", "{run} {log}");
+    assert!(!log.contains("RAN"), "the command ran: {log}");
+    let error = run["task_details"]["t"]["attempts"][0]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.contains("records no grant"), "{run} {log}");
+    c.assert_no_panics();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shell_tasks_need_the_shell_scope_and_an_enabled_node() {
     let c = up(1, &[]).await;
