@@ -100,11 +100,14 @@ struct Browser {
 }
 
 impl Browser {
-    async fn open(driver: &Chromedriver, shots: PathBuf) -> Browser {
+    async fn open(driver: &Chromedriver, shots: PathBuf, host_rules: &str) -> Browser {
         let mut chrome = json!({
             "args": [
                 "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--no-proxy-server", "--no-first-run", "--window-size=1280,1000",
+                // Names that are not localhost for this machine's nodes (as a deployment
+                // has): pages may behave differently for localhost.
+                format!("--host-resolver-rules={host_rules}"),
             ]
         });
         if let Ok(bin) = std::env::var("ORCHESTRATOR_TEST_CHROMIUM") {
@@ -288,7 +291,12 @@ async fn the_web_ui_in_a_real_browser() {
     let driver = Chromedriver::start().await;
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots");
     println!("screenshots go to {}", shots.display());
-    let b = Browser::open(&driver, shots).await;
+    // nodeN.test is node N.
+    let rules = (1..=3)
+        .map(|id| format!("MAP node{id}.test {}", c.node(id).host))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let b = Browser::open(&driver, shots, &rules).await;
 
     // A token the node refuses: a clear message, and no session kept.
     b.goto(&ui).await;
@@ -526,6 +534,38 @@ async fn the_web_ui_in_a_real_browser() {
         "{page}"
     );
     b.screenshot("09-cluster.png").await;
+
+    // The API docs render under the page's policy, and nothing in them calls out (the
+    // validator badge would, from any host but localhost).
+    let n = c.node(leader);
+    b.goto(&format!("http://node{leader}.test:{}/docs", n.api_port))
+        .await;
+    b.until(
+        LONG,
+        "the operations listed",
+        "return document.querySelectorAll('.opblock').length > 10",
+    )
+    .await;
+    assert_eq!(
+        b.js("return [...document.querySelectorAll('img, script, link')].map((e) => e.src || e.href || '').filter((u) => u && !u.startsWith(location.origin) && !u.startsWith('data:'))")
+            .await,
+        json!([]),
+    );
+    b.screenshot("10-api-docs.png").await;
+    b.goto(&format!("{leader_ui}#/cluster")).await;
+    b.find("#members").await;
+
+    // A member that dies shows as unreachable, not healthy: the leader says when each
+    // member last answered it.
+    let dead = (1..=3).find(|id| *id != leader).expect("a follower");
+    c.kill(dead);
+    b.until(
+        LONG,
+        "the killed member shown unreachable",
+        &format!("return document.querySelector('#members tr[data-node-id=\"{dead}\"] [data-health]')?.dataset.health === 'unreachable'"),
+    )
+    .await;
+    b.screenshot("11-cluster-member-down.png").await;
 
     // What the list endpoints gained for the UI: a DAG's next window and newest run, and
     // each listed run's task states (the grid needs no request per run).

@@ -919,6 +919,10 @@
       const isLeader = s.state === 'leader';
       const members = Object.entries(s.members || {}).map(([id, m]) => ({ id: Number(id), m }));
       const lag = s.replication_lag || {};
+      // When each other member last answered this node (absent from older nodes): a
+      // leader hears every member at each heartbeat, any node its voters every 2 s.
+      const answered = s.peer_answered_ms_ago;
+      const silent = (id, ms) => answered !== undefined && !(answered[id] <= ms);
       const rows = members.map(({ id, m }) => {
         const role = id === s.leader ? 'leader' : (s.voters || []).includes(id) ? 'voter' : (s.learners || []).includes(id) ? 'learner' : 'member';
         let lagText = '—';
@@ -928,7 +932,8 @@
           if (id === s.node_id) {
             lagText = '0';
             health = (s.millis_since_quorum_ack !== null && s.millis_since_quorum_ack !== undefined && s.millis_since_quorum_ack < 5000) ? 'healthy' : 'no quorum';
-          } else if (l === null || l === undefined) {
+          } else if (l === null || l === undefined || silent(id, 3000)) {
+            if (l !== null && l !== undefined) lagText = String(l) + ' entries';
             health = 'unreachable';
           } else {
             lagText = String(l) + ' entries';
@@ -936,8 +941,10 @@
           }
         } else if (id === s.node_id) {
           health = s.leader !== null && s.leader !== undefined ? 'healthy' : 'no leader';
+        } else if (answered !== undefined && (s.voters || []).includes(id)) {
+          health = silent(id, 5000) ? 'unreachable' : 'reachable';
         }
-        const cls = health === 'healthy' ? 'state-done' : health === 'unknown' ? 'state-pending' : health === 'lagging' ? 'state-retrying' : 'state-failed';
+        const cls = (health === 'healthy' || health === 'reachable') ? 'state-done' : health === 'unknown' ? 'state-pending' : health === 'lagging' ? 'state-retrying' : 'state-failed';
         return el('tr', { 'data-node-id': id },
           el('td', {}, el('strong', { text: 'node ' + id }), id === s.node_id ? el('span', { class: 'muted', text: ' (this node)' }) : null),
           el('td', {}, el('span', { class: 'badge ' + (role === 'leader' ? 'state-running' : 'state-pending'), text: role })),
@@ -965,7 +972,7 @@
         el('div', { class: 'table-wrap' }, el('table', { id: 'members' },
           el('thead', {}, el('tr', {}, ['Node', 'Role', 'API address', 'Peer address', 'Replication lag', 'Health'].map((h) => el('th', { text: h })))),
           el('tbody', {}, rows))));
-      return JSON.stringify([s.leader, s.term, s.replication_lag, s.members, s.applied_index]);
+      return JSON.stringify([s.leader, s.term, s.replication_lag, s.members, s.applied_index, rows.map((r) => r.textContent)]);
     }, { interval: 2000, idle: 10000, onError: (e) => showError(errors, e) });
   }
 

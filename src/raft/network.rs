@@ -63,6 +63,8 @@ pub struct PeerClients {
     /// Outgoing peer connections leave from this address (the node's peer address),
     /// so a partition can be drawn between specific nodes.
     local_ip: Option<std::net::IpAddr>,
+    /// When each peer last answered a call with success.
+    answered: Arc<Mutex<HashMap<NodeId, std::time::Instant>>>,
 }
 
 impl PeerClients {
@@ -80,7 +82,25 @@ impl PeerClients {
             clients: Arc::new(Mutex::new(HashMap::new())),
             tls,
             local_ip: local_ip.filter(|ip| !ip.is_unspecified()),
+            answered: Arc::default(),
         }
+    }
+
+    /// How many milliseconds ago each peer last answered one of this node's calls with
+    /// success (Raft calls while it leads, clock samples of the voters every
+    /// [`super::clock::SAMPLE_EVERY`] always). A peer never heard from is absent.
+    pub fn answered_ms_ago(&self) -> std::collections::BTreeMap<NodeId, u64> {
+        let answered = self
+            .answered
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        answered
+            .iter()
+            .map(|(id, at)| {
+                let ms = u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX);
+                (*id, ms)
+            })
+            .collect()
     }
 
     fn client(&self, target: NodeId) -> reqwest::Client {
@@ -211,10 +231,15 @@ impl PeerClients {
                 message: format!("{status}: {text}"),
             });
         }
-        resp.json().await.map_err(|e| PeerError::Failed {
+        let answer = resp.json().await.map_err(|e| PeerError::Failed {
             target,
             message: format!("bad response body: {e}"),
-        })
+        })?;
+        self.answered
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(target, std::time::Instant::now());
+        Ok(answer)
     }
 }
 

@@ -108,6 +108,11 @@ pub struct Status {
     /// The disk this node holds ([`super::db::Db::disk_id`]; absent from older binaries).
     #[serde(default)]
     pub disk: Option<String>,
+    /// How many milliseconds ago each other member last answered this node over the
+    /// peer port: every heartbeat while it leads, every clock sample (voters, every two
+    /// seconds) otherwise. A member never heard from since this node started is absent.
+    #[serde(default)]
+    pub peer_answered_ms_ago: BTreeMap<NodeId, u64>,
 }
 
 fn protocol_v1() -> u32 {
@@ -1062,6 +1067,12 @@ impl RaftNode {
             wall_ms: Some(super::clock::wall_ms()),
             clock_offsets_ms: self.clock.offsets_ms(),
             disk: Some(self.disk.clone()),
+            peer_answered_ms_ago: self
+                .peers
+                .answered_ms_ago()
+                .into_iter()
+                .filter(|(id, _)| m.membership_config.membership().get_node(id).is_some())
+                .collect(),
         }
     }
 
