@@ -176,10 +176,11 @@ pub struct ExecutorConfig {
     /// rlimits applied to each shell attempt (0 = leave the node's limit).
     /// Processes (and threads) of the attempt: of its own PID namespace where it is
     /// isolated on Linux 6.14+ (its `pid_max`, this + 300: at least this many, at most
-    /// 298 more; RLIMIT_NPROC then only a backstop of `slots` × that for the user), else
-    /// of its user (RLIMIT_NPROC, which counts all of that user's processes and threads,
-    /// so it is meant for a dedicated `shell_user`). Unset: 1024 for an attempt run as a
-    /// `shell_user`, none for one run as the node's own user.
+    /// 298 more), and of its own cgroup where the node's cgroup delegates `pids`
+    /// (`pids.max`); only where neither holds it, of its user (RLIMIT_NPROC, which counts
+    /// all of that user's processes and threads on the host, so it is meant for a
+    /// dedicated `shell_user`). Unset: 1024 for an attempt run as a `shell_user`, none
+    /// for one run as the node's own user.
     pub shell_max_processes: Option<u64>,
     /// Largest file an attempt may write (RLIMIT_FSIZE).
     pub shell_max_file_bytes: u64,

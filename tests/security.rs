@@ -575,6 +575,95 @@ async fn without_isolation_a_fork_bomb_is_held_by_its_cgroup_not_the_user_s_budg
     .await;
 }
 
+/// Three nodes on one host, one shell user (the README's local cluster as root): one
+/// tenant's attempts on every node, each at its own process limit, leave another
+/// tenant's attempt able to fork. RLIMIT_NPROC counts the user's processes on the whole
+/// host, so a per-node budget of it (what an attempt held by its namespace got before)
+/// was reached by the three nodes' attempts together (an attack run found it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_sharing_a_host_and_a_shell_user_share_no_process_budget() {
+    if !per_namespace_pid_max() {
+        println!("skipped: a process limit per PID namespace needs Linux 6.14 or later");
+        return;
+    }
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipped: switching users needs root");
+        return;
+    }
+    let env = [
+        ("ORCHESTRATOR_DEV_MODE", ""),
+        ("ORCHESTRATOR_EXECUTOR__SHELL_USER", "nobody"),
+        ("ORCHESTRATOR_EXECUTOR__SHELL_MAX_PROCESSES", "20"),
+    ];
+    let mut c = Cluster::new_in(std::path::Path::new("/var/lib"), 3, &env);
+    c.start_all();
+    c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    let scopes = "orchestrator:read orchestrator:write orchestrator:shell";
+    let (alpha, beta) = (c.token("alpha", scopes), c.token("beta", scopes));
+    // Twelve attempts, spread over the nodes' slots, each starting sleeps until a fork
+    // fails (at most 20 + 298 processes in its namespace): together more than one
+    // node's old budget of 8 slots x 320.
+    let bomb = "(i=0; while [ $i -lt 400 ]; do sleep 60 & i=$((i+1)); echo $i > n; done) \
+                2>/dev/null; read n < n; echo started=$n; exec sleep 60";
+    let tasks: Vec<Value> = (0..12)
+        .map(|i| json!({"task_id": format!("t{i}"), "kind": "shell", "command": bomb}))
+        .collect();
+    let dag = json!({"dag_id": "bombs", "tasks": tasks});
+    let (s, v) = c.post(1, "/dags", &alpha, &dag).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = trigger(&c, &alpha, "bombs").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let bombs = v["run_id"].as_str().expect("run_id").to_string();
+    let started = wait_for(
+        LONG,
+        "alpha's twelve attempts to fork all they may",
+        || async {
+            let mut total = 0u64;
+            for i in 0..12 {
+                let path = format!("/runs/{bombs}/tasks/t{i}/attempts/1/log");
+                let (s, log) = c.get(1, &path, &alpha).await;
+                let n = log
+                    .as_str()
+                    .filter(|_| s == StatusCode::OK)?
+                    .lines()
+                    .find_map(|l| l.strip_prefix("started="))?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()?;
+                total += n;
+            }
+            Some(total)
+        },
+    )
+    .await;
+    assert!(
+        started > 8 * 320,
+        "alpha's attempts started {started} processes"
+    );
+    let (s, v) = c
+        .post(
+            1,
+            "/dags",
+            &beta,
+            &shell_dag(
+                "fork",
+                "for i in 1 2 3 4 5 6 7 8; do sleep 0 & done; wait; echo forked",
+            ),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (run, log) = run_and_log(&c, &beta, "fork").await;
+    assert_eq!(run["state"], "done", "{run} {log}");
+    assert!(log.contains("forked"), "{log}");
+    let (s, v) = c
+        .post(1, &format!("/runs/{bombs}/cancel"), &alpha, &json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    c.assert_no_panics();
+}
+
 async fn fork_bomb_beside_another_tenant(isolated: bool, extra_env: &[(&str, &str)]) {
     // Both tenants run as the node-wide shell_user.
     let mut env = vec![("ORCHESTRATOR_EXECUTOR__SHELL_MAX_PROCESSES", "300")];

@@ -52,21 +52,6 @@ impl Cgroups {
         &self.parent
     }
 
-    /// Whether an attempt's cgroup holds its process count (`pids.max`).
-    pub fn bounds_processes(&self) -> bool {
-        self.pids
-    }
-
-    /// A parent whose attempts' cgroups have `pids.max` (`pids`), for tests of what
-    /// depends on it.
-    #[cfg(test)]
-    pub fn with_pids(parent: PathBuf, pids: bool) -> Cgroups {
-        Cgroups {
-            pids,
-            ..Cgroups::at(parent)
-        }
-    }
-
     /// Create (or reuse) this node's parent cgroup. `None`, said once in the log, where
     /// the node cannot.
     pub fn setup(data_dir: &Path) -> Option<Cgroups> {
@@ -352,6 +337,11 @@ fn write_file(path: &PathBuf0, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 impl ChildCgroup {
+    /// Whether the cgroup it joins holds its processes (`pids.max` is set).
+    pub fn holds_processes(&self) -> bool {
+        self.pids_max > 0
+    }
+
     /// In the child, after fork and before exec (and before it drops to the attempt's
     /// user): create `pg<own pid>`, set its limits, and move into it. Only
     /// async-signal-safe calls, no allocation.

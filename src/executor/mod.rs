@@ -409,11 +409,11 @@ async fn run_shell(
             }
         }
     };
-    let (pids_max, limits) = a
+    let processes = a
         .shell
         .process_limits(identity.is_some(), isolation.as_ref());
     let cgroups = a.shell.cgroups.as_ref();
-    let join = cgroups.map(|c| c.for_child(pids_max, limits.memory_bytes));
+    let join = cgroups.map(|c| c.for_child(processes.pids_max, a.shell.limits.memory_bytes));
     // SAFETY: the closure only makes async-signal-safe syscalls (see `sandbox::in_child`,
     // `isolation::Isolation::enter` and `cgroup::ChildCgroup::join`), and joins its
     // cgroup and enters its namespaces while still the node's user.
@@ -421,13 +421,13 @@ async fn run_shell(
     // parent says so below).
     unsafe {
         command.pre_exec(move || {
-            if let Some(j) = &join {
-                let _ = j.join();
-            }
+            let cgroup_bound = join
+                .as_ref()
+                .is_some_and(|j| j.join().is_ok() && j.holds_processes());
             if let Some(i) = &isolation {
                 i.enter()?;
             }
-            sandbox::in_child(limits, identity, filter)
+            sandbox::in_child(processes.rlimits(cgroup_bound), identity, filter)
         });
     }
     // Stopped (cancelled, lease lost) while being prepared: never start the process.

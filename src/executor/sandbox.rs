@@ -204,36 +204,21 @@ impl ShellPolicy {
     }
 
     /// How an attempt run as another user (`as_other_user`) with `isolation` is held to
-    /// its process limit: its cgroup's `pids.max`, and the rlimits to set in its child.
-    ///
-    /// Where something of the attempt's own holds the limit (its PID namespace,
-    /// [`Isolation::bounds_processes`], or its cgroup's `pids.max`), RLIMIT_NPROC (which
-    /// counts every process of the user, so a budget one tenant's fork bomb could spend
-    /// for the others' attempts of the same user) is only a backstop for the user:
-    /// every slot's attempt at its most, which no attempt held to its own limit
-    /// reaches. An isolated attempt's cgroup counts the two processes above the shell
-    /// too. (An attempt whose cgroup join failed runs under the backstop alone: it may
-    /// then spend the others' budget, as every attempt of a user could before.)
+    /// its process limit: what its cgroup's `pids.max` is (where it gets one), and how
+    /// its child sets RLIMIT_NPROC ([`ProcessLimits::rlimits`]).
     pub fn process_limits(
         &self,
         as_other_user: bool,
         isolation: Option<&Isolation>,
-    ) -> (u64, Limits) {
+    ) -> ProcessLimits {
         let processes = self.limits.processes(as_other_user);
+        // An isolated attempt's cgroup counts the two processes above the shell too.
         let above_shell = if isolation.is_some() { 2 } else { 0 };
-        let pids_max = processes.saturating_add(above_shell);
-        let most = if isolation.is_some_and(Isolation::bounds_processes) {
-            isolation::most_pids(processes)
-        } else if as_other_user && self.cgroups.as_ref().is_some_and(Cgroups::bounds_processes) {
-            pids_max
-        } else {
-            return (processes, self.limits);
-        };
-        let rlimits = Limits {
-            processes: Some(most.saturating_mul(u64::from(self.slots))),
-            ..self.limits
-        };
-        (pids_max, rlimits)
+        ProcessLimits {
+            pids_max: processes.saturating_add(above_shell),
+            limits: self.limits,
+            namespace_bound: isolation.is_some_and(Isolation::bounds_processes),
+        }
     }
 
     /// The uid and gid to switch to for `tenant`'s attempts (its own user, else the
@@ -260,6 +245,37 @@ impl ShellPolicy {
         Isolation::new(work, uid, gid, &self.limits, network)
             .and_then(|i| i.hiding(&self.hidden_paths))
             .map(Some)
+    }
+}
+
+/// An attempt's process limit (see [`ShellPolicy::process_limits`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessLimits {
+    /// Its cgroup's `pids.max`, where it has one with the `pids` controller.
+    pub pids_max: u64,
+    /// The rlimits otherwise.
+    limits: Limits,
+    /// Whether its PID namespace holds it ([`Isolation::bounds_processes`]).
+    namespace_bound: bool,
+}
+
+impl ProcessLimits {
+    /// The rlimits its child sets, once it knows whether it joined a cgroup that holds
+    /// its processes (`cgroup_bound`). RLIMIT_NPROC counts every process of the user, on
+    /// the whole host: as the limit of one attempt it is a budget that one tenant's fork
+    /// bomb spends for every other attempt of the same user, and, with several nodes on
+    /// one host, of every node. So where something of the attempt's own holds it (its
+    /// PID namespace, or its cgroup's `pids.max`) RLIMIT_NPROC is left as the node's;
+    /// only an attempt that nothing else holds gets it as its limit.
+    pub fn rlimits(&self, cgroup_bound: bool) -> Limits {
+        if self.namespace_bound || cgroup_bound {
+            Limits {
+                processes: Some(u64::MAX),
+                ..self.limits
+            }
+        } else {
+            self.limits
+        }
     }
 }
 
@@ -553,20 +569,23 @@ mod tests {
     }
 
     #[test]
-    fn a_cgroup_that_holds_an_attempt_s_processes_makes_the_user_s_rlimit_a_backstop() {
+    fn rlimit_nproc_holds_an_attempt_only_where_nothing_of_its_own_does() {
         let mut p = policy(Some("nobody"));
         p.limits.processes = Some(300);
-        // No cgroup of its own (or one without pids.max): RLIMIT_NPROC is the limit.
-        for cgroups in [None, Some(Cgroups::with_pids("/x".into(), false))] {
-            p.cgroups = cgroups;
-            let (pids_max, rlimits) = p.process_limits(true, None);
-            assert_eq!((pids_max, rlimits.processes), (300, Some(300)));
-        }
-        // pids.max holds each attempt: the user's budget covers every slot at its most,
-        // so one attempt spending its own leaves the others theirs.
-        p.cgroups = Some(Cgroups::with_pids("/x".into(), true));
-        let (pids_max, rlimits) = p.process_limits(true, None);
-        assert_eq!((pids_max, rlimits.processes), (300, Some(300 * 8)));
+        let limits = p.process_limits(true, None);
+        assert_eq!(limits.pids_max, 300);
+        // Nothing of its own (no namespace bound, no cgroup joined with pids.max): the
+        // user's RLIMIT_NPROC is its limit.
+        assert_eq!(limits.rlimits(false).processes, Some(300));
+        // Its cgroup holds it: RLIMIT_NPROC is left as the node's (`lower` keeps the
+        // inherited limit for u64::MAX), so it is no budget another attempt spends.
+        assert_eq!(limits.rlimits(true).processes, Some(u64::MAX));
+        let bound = ProcessLimits {
+            namespace_bound: true,
+            ..limits
+        };
+        assert_eq!(bound.rlimits(false).processes, Some(u64::MAX));
+        assert_eq!(bound.rlimits(false).open_files, p.limits.open_files);
     }
 
     #[test]
