@@ -689,7 +689,7 @@ impl Config {
             })?;
             let file_tree: toml::Value = toml::from_str(&text).map_err(|e| Error::Parse {
                 path: path.to_path_buf(),
-                message: e.to_string(),
+                message: toml_error_without_text(&text, &e),
             })?;
             merge(&mut tree, file_tree);
         }
@@ -1120,6 +1120,17 @@ fn read_or_create_secret(path: &Path) -> Result<String, Error> {
     Ok(secret)
 }
 
+/// Where and what a TOML error is, without the line it quotes: the line may hold a
+/// secret (`hs256_secret = "..."`), and the message goes to the node's log.
+fn toml_error_without_text(text: &str, e: &toml::de::Error) -> String {
+    let Some(before) = e.span().and_then(|span| text.get(..span.start)) else {
+        return e.message().trim().to_string();
+    };
+    let line = before.matches('\n').count() + 1;
+    let column = before.chars().rev().take_while(|c| *c != '\n').count() + 1;
+    format!("line {line}, column {column}: {}", e.message().trim())
+}
+
 fn merge(base: &mut toml::Value, over: toml::Value) {
     match (base, over) {
         (toml::Value::Table(b), toml::Value::Table(o)) => {
@@ -1201,6 +1212,26 @@ fn set_path(tree: &mut toml::Value, dotted: &str, raw: &str) -> Result<(), Error
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_that_does_not_parse_is_reported_by_place_without_its_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        let secret = "do-not-print-0123456789abcdef0123456789";
+        std::fs::write(
+            &file,
+            format!("node_id = 2\n[executor]\nwebhook_secret = \"{secret}\"\nwebhook_secret = \"{secret}\"\n"),
+        )
+        .unwrap();
+        let e = Config::load(Some(&file), Vec::new(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains(secret), "{e}");
+        assert!(
+            e.contains("line 4, column 1") && e.contains("duplicate key"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn layers_apply_in_order() {
