@@ -35,6 +35,11 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "no signing secret in {dir}: no node has started with this data dir (pass the \
+         --data-dir or --config of the node the token is for, or set auth.hs256_secret_file)"
+    )]
+    NoSigningSecret { dir: PathBuf },
 }
 
 /// Another member of the cluster.
@@ -1017,6 +1022,26 @@ impl Config {
         Ok(s)
     }
 
+    /// The HS256 secret this configuration's node verifies tokens with, to mint one
+    /// (`orchestrator token`). Unlike [`Self::resolve_hs256_secret`] it never creates
+    /// one: a token signed with a secret no node holds is refused by every node.
+    pub fn existing_hs256_secret(&self) -> Result<String, Error> {
+        if let Some(s) = &self.auth.hs256_secret {
+            return Ok(s.clone());
+        }
+        let path = self.data_dir.join("dev-jwt.secret");
+        match std::fs::read_to_string(&path) {
+            Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+            Ok(_) => Err(Error::NoSigningSecret {
+                dir: self.data_dir.clone(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::NoSigningSecret {
+                dir: self.data_dir.clone(),
+            }),
+            Err(source) => Err(Error::Io { path, source }),
+        }
+    }
+
     /// The effective config as TOML with secrets redacted.
     pub fn redacted_toml(&self) -> String {
         let mut c = self.clone();
@@ -1231,6 +1256,26 @@ mod tests {
             e.contains("line 4, column 1") && e.contains("duplicate key"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_token_is_signed_only_with_a_secret_a_node_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("no-node-here");
+        let mut c = Config {
+            data_dir: data.clone(),
+            ..Config::default()
+        };
+        let e = c.existing_hs256_secret().unwrap_err().to_string();
+        assert!(
+            e.contains("no signing secret") && e.contains("--data-dir"),
+            "{e}"
+        );
+        assert!(!data.exists(), "nothing is created");
+        // What a node creates at its start, the token command then reads.
+        let made = c.resolve_hs256_secret().unwrap();
+        c.auth.hs256_secret = None;
+        assert_eq!(c.existing_hs256_secret().unwrap(), made);
     }
 
     #[test]

@@ -282,8 +282,8 @@ fn main() -> ExitCode {
                 subject,
                 ttl,
             } => {
-                let mut config = node.load()?;
-                let secret = config.resolve_hs256_secret()?;
+                let config = node.load()?;
+                let secret = config.existing_hs256_secret()?;
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .context("clock before 1970")?
