@@ -241,6 +241,24 @@ async fn a_dry_run_checks_on_the_server_and_creates_nothing() {
         "{err}"
     );
 
+    // Two files of one DAG in a directory: refused before anything is sent.
+    let twice = tempfile::tempdir().expect("temp dir");
+    for name in ["a.json", "b.json"] {
+        write(
+            twice.path(),
+            name,
+            r#"{"dag_id":"twice","tasks":[{"task_id":"a","kind":"noop"}]}"#,
+        );
+    }
+    let dir = twice.path().display().to_string();
+    let bad = cli(&c, &["dag", "apply", "-f", &dir]).await;
+    assert_eq!(bad.status.code(), Some(1));
+    let err = stderr(&bad);
+    assert!(
+        err.contains("a.json") && err.contains("b.json") && err.contains("both define DAG 'twice'"),
+        "{err}"
+    );
+
     let typo = write(
         tmp.path(),
         "typo.toml",

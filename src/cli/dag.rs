@@ -156,6 +156,18 @@ async fn apply(client: &Client, format: Format, path: &Path, dry_run: bool) -> a
         .iter()
         .map(|p| load(p))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // Two files of one DAG would each apply over the other, every time.
+    let mut seen: std::collections::BTreeMap<&str, &Path> = Default::default();
+    for local in &locals {
+        if let Some(first) = seen.insert(&local.spec.dag_id, &local.path) {
+            bail!(
+                "{} and {} both define DAG '{}': keep one",
+                first.display(),
+                local.path.display(),
+                local.spec.dag_id
+            );
+        }
+    }
     let mut results = Vec::new();
     // One file refused (a shell task without the scope, a quota) does not stop the
     // others; the command still fails, with the first refusal's error.
