@@ -626,6 +626,10 @@ pub struct Config {
     pub admission: AdmissionConfig,
     pub limits: LimitsConfig,
     pub tls: TlsConfig,
+    /// The file this configuration was read from, if any (not a setting: what the start
+    /// banner tells `orchestrator token` to read).
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -663,6 +667,7 @@ impl Default for Config {
             admission: AdmissionConfig::default(),
             limits: LimitsConfig::default(),
             tls: TlsConfig::default(),
+            file: None,
         }
     }
 }
@@ -717,6 +722,7 @@ impl Config {
         let mut config: Config = tree
             .try_into()
             .map_err(|e: toml::de::Error| Error::Invalid(e.message().to_string()))?;
+        config.file = file.map(|f| std::path::absolute(f).unwrap_or_else(|_| f.to_path_buf()));
         config.read_secret_files()?;
         config.validate()?;
         Ok(config)

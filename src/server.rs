@@ -623,9 +623,27 @@ pub fn first_steps(config: &Config) -> String {
         let ca = std::path::absolute(ca).unwrap_or_else(|_| ca.clone());
         out.push_str(&format!("  export ORCHESTRATOR_CA_FILE={}\n", ca.display()));
     }
-    // `orchestrator token` signs with the secret this node checks: from the same file
-    // when the node reads one, else the one generated in its data dir. Issuer and
-    // audience, when set, go along (they are not secrets).
+    // `orchestrator token` signs with the secret this node checks: read from the same
+    // configuration file when the node read one (whatever it sets: an inline secret, a
+    // secret file, the data dir, issuer and audience), else from the same secret file,
+    // else the one generated in its data dir. Issuer and audience, when set, go along
+    // (they are not secrets). The tenant is an operator tenant, so that `cluster status`
+    // answers.
+    let operator = config
+        .auth
+        .operator_tenants
+        .first()
+        .map_or("ops", String::as_str);
+    let scope =
+        "--scope \"orchestrator:read orchestrator:write orchestrator:admin orchestrator:shell\"";
+    if let Some(file) = &config.file {
+        out.push_str(&format!(
+            "  export ORCHESTRATOR_TOKEN=$(orchestrator token --config {} --tenant {operator} {scope})\n",
+            file.display()
+        ));
+        out.push_str("  orchestrator cluster status\n");
+        return out;
+    }
     let mut settings = String::new();
     for (name, value) in [
         ("ORCHESTRATOR_AUTH__ISSUER", config.auth.issuer.as_deref()),
@@ -650,7 +668,7 @@ pub fn first_steps(config: &Config) -> String {
         None => format!("--data-dir {} ", data_dir.display()),
     };
     out.push_str(&format!(
-        "  export ORCHESTRATOR_TOKEN=$({settings}orchestrator token {source}--tenant ops --scope \"orchestrator:read orchestrator:write orchestrator:admin orchestrator:shell\")\n"
+        "  export ORCHESTRATOR_TOKEN=$({settings}orchestrator token {source}--tenant {operator} {scope})\n"
     ));
     out.push_str("  orchestrator cluster status\n");
     out
@@ -678,6 +696,16 @@ mod tests {
                  orchestrator token --tenant ops"
             ),
             "{from_file}"
+        );
+        // Read from a file: the token command reads the same file, for an operator.
+        c.file = Some(std::path::PathBuf::from("/etc/orchestrator/node.toml"));
+        c.auth.operator_tenants = vec!["platform".into()];
+        let configured = first_steps(&c);
+        assert!(
+            configured.contains(
+                "$(orchestrator token --config /etc/orchestrator/node.toml --tenant platform --scope"
+            ),
+            "{configured}"
         );
     }
 }

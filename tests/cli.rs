@@ -580,18 +580,62 @@ async fn completions_generate_for_each_shell() {
 /// another shell in another directory, with `orchestrator` on the PATH.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_commands_the_server_prints_work_when_pasted() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let [api_port, peer_port] = common::free_ports("127.0.0.1");
+    let args = [
+        "server".to_string(),
+        "--data-dir".into(),
+        "orchestrator-data".into(),
+        "--api-addr".into(),
+        format!("127.0.0.1:{api_port}"),
+        "--peer-addr".into(),
+        format!("127.0.0.1:{peer_port}"),
+    ];
+    paste_the_banner(
+        tmp.path(),
+        &args,
+        "export ORCHESTRATOR_TOKEN=$(orchestrator token --data-dir /",
+    )
+    .await;
+}
+
+/// The same for a node started from a configuration file that sets its signing secret
+/// inline and names another operator tenant (the token command reads the same file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commands_a_configured_server_prints_work_when_pasted() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let [api_port, peer_port] = common::free_ports("127.0.0.1");
+    let secret = "5e1f".repeat(16);
+    write(
+        tmp.path(),
+        "node.toml",
+        &format!(
+            "data_dir = \"orchestrator-data\"\napi_addr = \"127.0.0.1:{api_port}\"\n\
+             peer_addr = \"127.0.0.1:{peer_port}\"\n[auth]\nhs256_secret = \"{secret}\"\n\
+             operator_tenants = [\"platform\"]\n"
+        ),
+    );
+    let args = ["server".to_string(), "--config".into(), "node.toml".into()];
+    paste_the_banner(
+        tmp.path(),
+        &args,
+        "export ORCHESTRATOR_TOKEN=$(orchestrator token --config /",
+    )
+    .await;
+}
+
+/// Start `orchestrator ARGS` in `dir`, paste the commands its banner prints into bash in
+/// another directory (with `orchestrator` on the PATH), and check they work: the token
+/// line starts with `token_line` and `cluster status` shows a leader.
+async fn paste_the_banner(dir: &Path, args: &[String], token_line: &str) {
     use tokio::io::{AsyncBufReadExt, BufReader};
 
-    let tmp = tempfile::tempdir().expect("temp dir");
     let elsewhere = tempfile::tempdir().expect("another dir");
     let bin = Path::new(env!("CARGO_BIN_EXE_orchestrator"));
-    let [api_port, peer_port] = common::free_ports("127.0.0.1");
     let mut server = tokio::process::Command::new(bin);
     server
-        .current_dir(tmp.path())
-        .args(["server", "--data-dir", "orchestrator-data"])
-        .args(["--api-addr", &format!("127.0.0.1:{api_port}")])
-        .args(["--peer-addr", &format!("127.0.0.1:{peer_port}")])
+        .current_dir(dir)
+        .args(args)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -616,9 +660,10 @@ async fn the_commands_the_server_prints_work_when_pasted() {
     .await
     .expect("the server printed its commands in time");
     assert!(printed, "the server printed: {pasted:?}");
-    assert!(pasted
-        .iter()
-        .any(|l| l.starts_with("export ORCHESTRATOR_TOKEN=$(orchestrator token --data-dir /")));
+    assert!(
+        pasted.iter().any(|l| l.starts_with(token_line)),
+        "{pasted:?}"
+    );
 
     let path = format!(
         "{}:{}",
