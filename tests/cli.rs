@@ -334,6 +334,78 @@ async fn a_dry_run_checks_on_the_server_and_creates_nothing() {
     assert_eq!(get["version"], 1, "{get}");
 }
 
+/// `run watch` polls on through its node restarting, and ends with the run's outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_polls_on_through_its_node_restarting() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut c = Cluster::new(
+        1,
+        &[("ORCHESTRATOR_EXECUTOR__HTTP_ALLOW", "[\"127.0.0.0/8\"]")],
+    );
+    c.start_all();
+    c.wait_leader(LONG).await;
+    c.wait_ready(LONG).await;
+    // An http task to a listener that answers after 3 s: the run outlives the restart.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a listener");
+    let port = listener.local_addr().expect("its address").port();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                let _ = sock
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let slow = write(
+        tmp.path(),
+        "slow.json",
+        &format!(
+            r#"{{"dag_id":"slow","tasks":[{{"task_id":"a","kind":"http","url":"http://127.0.0.1:{port}/"}}]}}"#
+        ),
+    );
+    assert_eq!(
+        cli(&c, &["dag", "apply", "-f", &slow]).await.status.code(),
+        Some(0)
+    );
+    let run = json(&cli(&c, &["-o", "json", "run", "trigger", "slow"]).await);
+    let run_id = run["run_id"].as_str().expect("run_id").to_string();
+    let mut watch = tokio::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"));
+    watch
+        .args(["run", "watch", &run_id])
+        .env("ORCHESTRATOR_API", c.api(1))
+        .env("ORCHESTRATOR_TOKEN", c.admin_token())
+        .env("NO_COLOR", "1")
+        .env_remove("ORCHESTRATOR_OUTPUT")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let watch = watch.spawn().expect("run watch");
+    // Down while the run goes on, long enough for the watch (a poll every 0.5 s) to meet
+    // the closed port more than once, then back.
+    c.terminate(1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.start(1);
+    let out = tokio::time::timeout(LONG, watch.wait_with_output())
+        .await
+        .expect("the watch ended in time")
+        .expect("the watch ran");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(stdout(&out).contains("done"), "{}", stdout(&out));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trigger_wait_and_watch_exit_with_the_runs_outcome() {
     let c = up().await;

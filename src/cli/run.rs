@@ -14,6 +14,50 @@ use super::output::{self, text, Format};
 
 const POLL: Duration = Duration::from_millis(500);
 
+/// How long `run watch` (and `run trigger --wait`) polls on through a node that does not
+/// answer (restarting, no leader yet) before it gives up.
+const OUTAGE_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Whether a failed poll may succeed later: the node is unreachable or has no leader
+/// (503), or a proxy in front of it says so (502, 504).
+fn passing(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<Failure>(),
+        Some(Failure::Connect { .. })
+            | Some(Failure::Api {
+                status: 502..=504,
+                ..
+            })
+    )
+}
+
+/// GET `path`, polling on through a passing outage for up to [`OUTAGE_PATIENCE`] (said
+/// on the progress bar).
+async fn get_through_outages(
+    client: &Client,
+    path: &str,
+    bar: &ProgressBar,
+) -> anyhow::Result<Value> {
+    let mut outage: Option<std::time::Instant> = None;
+    loop {
+        match client.get(path, &[]).await {
+            Ok(v) => return Ok(v),
+            Err(e) if passing(&e) => {
+                let since = *outage.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= OUTAGE_PATIENCE {
+                    return Err(e.context(format!(
+                        "gave up after {} s without an answer",
+                        OUTAGE_PATIENCE.as_secs()
+                    )));
+                }
+                bar.set_message(format!("no answer, retrying: {e:#}"));
+                tokio::time::sleep(POLL).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum RunCmd {
     /// Start a manual run now, or a backfill over [--from, --to).
@@ -268,7 +312,7 @@ async fn watch(client: &Client, format: Format, run_id: &str) -> anyhow::Result<
         bar.enable_steady_tick(Duration::from_millis(200));
     }
     let run = loop {
-        let r = client.get(&path, &[]).await?;
+        let r = get_through_outages(client, &path, &bar).await?;
         let tasks = r["tasks"].as_object().cloned().unwrap_or_default();
         bar.set_length(tasks.len() as u64);
         let mut ended = 0;
