@@ -108,11 +108,54 @@ pub fn normalise(expr: &str) -> Result<String, String> {
             ))
         }
     };
+    for (field, name, min, max) in [
+        (seconds, "second", 0, 59),
+        (rest[0], "minute", 0, 59),
+        (rest[1], "hour", 0, 23),
+        (rest[2], "day of month", 1, 31),
+        (rest[3], "month", 1, 12),
+    ] {
+        check_range(field, name, min, max).map_err(|e| format!("schedule '{expr}': {e}"))?;
+    }
     let dow = normalise_dow(rest[4])?;
     Ok(format!(
         "{seconds} {} {} {} {} {dow}",
         rest[0], rest[1], rest[2], rest[3]
     ))
+}
+
+/// Check the numbers of one cron field (`*`, `?`, names, lists, ranges, steps) against
+/// its range, with a message in the user's terms (the cron crate's says "must be less
+/// than 59" of a 61, and shows its own 6-field form of the expression).
+fn check_range(field: &str, name: &str, min: u32, max: u32) -> Result<(), String> {
+    for item in field.split(',') {
+        let (range, step) = match item.split_once('/') {
+            Some((r, s)) => (r, Some(s)),
+            None => (item, None),
+        };
+        if let Some(step) = step {
+            if !matches!(step.parse::<u32>(), Ok(n) if n > 0) {
+                return Err(format!(
+                    "{name} step '{step}' is not a whole number above 0"
+                ));
+            }
+        }
+        let ends = match range.split_once('-') {
+            Some((a, b)) => vec![a, b],
+            None => vec![range],
+        };
+        for end in ends {
+            if end == "*" || end == "?" || end.chars().all(|c| c.is_ascii_alphabetic()) {
+                continue;
+            }
+            match end.parse::<u32>() {
+                Ok(n) if (min..=max).contains(&n) => {}
+                Ok(n) => return Err(format!("{name} {n} is out of range {min}-{max}")),
+                Err(_) => return Err(format!("{name} '{end}' is not a number {min}-{max}")),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Parse an IANA timezone name.
@@ -246,6 +289,34 @@ pub fn next_due_ms(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_number_out_of_its_field_s_range_is_named_in_the_user_s_terms() {
+        for (expr, want) in [
+            ("61 * * * *", "minute 61 is out of range 0-59"),
+            ("0 24 * * *", "hour 24 is out of range 0-23"),
+            ("0 0 32 * *", "day of month 32 is out of range 1-31"),
+            ("0 0 0 * *", "day of month 0 is out of range 1-31"),
+            ("0 0 * 13 *", "month 13 is out of range 1-12"),
+            ("60 0 0 * * *", "second 60 is out of range 0-59"),
+            ("1-70 * * * *", "minute 70 is out of range 0-59"),
+            (
+                "*/0 * * * *",
+                "minute step '0' is not a whole number above 0",
+            ),
+        ] {
+            let e = Schedule::parse(expr, "UTC").err().unwrap_or_default();
+            assert!(e.contains(want) && e.contains(expr), "{expr}: {e}");
+        }
+        for ok in [
+            "59 23 31 12 *",
+            "*/15 0-23 1,15 JAN-DEC MON-FRI",
+            "0 0 * * 7",
+            "@daily",
+        ] {
+            assert!(Schedule::parse(ok, "UTC").is_ok(), "{ok}");
+        }
+    }
 
     #[test]
     fn five_fields_and_macros_normalise() {
