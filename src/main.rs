@@ -75,7 +75,7 @@ enum Cmd {
     /// membership records for this node, so the cluster accepts its calls again.
     #[command(name = "restore-identity")]
     RestoreIdentity(NodeFlags),
-    /// Print a shell completion script, e.g. `orchestrator completions bash > ~/.local/share/bash-completion/completions/orchestrator`.
+    /// Print a shell completion script, e.g. `mkdir -p ~/.local/share/bash-completion/completions && orchestrator completions bash > ~/.local/share/bash-completion/completions/orchestrator`.
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,

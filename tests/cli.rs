@@ -287,6 +287,9 @@ async fn a_dry_run_checks_on_the_server_and_creates_nothing() {
     );
     let list = json(&cli(&c, &["dag", "list", "-o", "json"]).await);
     assert_eq!(list.as_array().map(Vec::len), Some(0));
+    // In a table, an empty list says so.
+    let table = stdout(&cli(&c, &["dag", "list"]).await);
+    assert_eq!(table.trim(), "no DAGs");
 
     // The server checks what a file cannot show: here a shell task without the shell
     // scope. The other files would be created; nothing is.

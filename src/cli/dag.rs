@@ -330,7 +330,7 @@ async fn all_pages(client: &Client, path: &str, field: &str) -> anyhow::Result<V
 
 async fn list(client: &Client, format: Format) -> anyhow::Result<()> {
     let dags = all_pages(client, "/dags", "dags").await?;
-    output::emit(format, &Value::Array(dags), |v| {
+    output::emit_list(format, &Value::Array(dags), "no DAGs", |v| {
         let mut t = output::table(&[
             "DAG",
             "STATUS",
@@ -384,7 +384,7 @@ async fn versions(
         });
     }
     let all = all_pages(client, &format!("/dags/{dag_id}/versions"), "versions").await?;
-    output::emit(format, &Value::Array(all), |v| {
+    output::emit_list(format, &Value::Array(all), "no versions", |v| {
         let mut t = output::table(&["VERSION", "PAUSED", "SCHEDULE", "TASKS", "OWNER"]);
         for d in v.as_array().into_iter().flatten() {
             let def = &d["definition"];

@@ -26,6 +26,22 @@ pub fn emit(format: Format, value: &Value, table: impl FnOnce(&Value)) -> anyhow
     Ok(())
 }
 
+/// As [`emit`] for a list: in a table, `none` (e.g. "no DAGs") instead of an empty table.
+pub fn emit_list(
+    format: Format,
+    value: &Value,
+    none: &str,
+    table: impl FnOnce(&Value),
+) -> anyhow::Result<()> {
+    emit(format, value, |v| {
+        if v.as_array().is_none_or(Vec::is_empty) {
+            println!("{none}");
+        } else {
+            table(v)
+        }
+    })
+}
+
 /// A table with a header row, aligned, without colour codes when not on a TTY.
 pub fn table(header: &[&str]) -> Table {
     let mut t = Table::new();

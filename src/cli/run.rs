@@ -199,7 +199,7 @@ async fn list(
     if let (Some(d), true) = (&dag, runs.as_array().is_some_and(Vec::is_empty)) {
         client.get(&format!("/dags/{d}"), &[]).await?;
     }
-    output::emit(format, &runs, |runs| {
+    output::emit_list(format, &runs, "no runs", |runs| {
         let mut t = output::table(&["RUN", "DAG", "STATE", "TYPE", "WINDOW", "CREATED", "ENDED"]);
         for r in runs.as_array().into_iter().flatten() {
             t.add_row(vec![
