@@ -27,20 +27,17 @@ pub const TIMED_SIGNATURE_HEADER: &str = "X-Orchestrator-Signature-Timed";
 pub enum Error {
     #[error("not an http(s) URL with a host")]
     BadUrl(String),
-    #[error("cannot resolve {host}: {source}")]
-    Resolve {
-        host: String,
-        #[source]
-        source: std::io::Error,
-    },
-    /// Which address was refused is not said: the message reaches the tenant (the attempt's
-    /// log), and would map the internal names it can resolve.
+    /// One message whether the name does not resolve or resolves to a refused address,
+    /// and which address is not said: the message reaches the tenant (the attempt's log),
+    /// and would otherwise map the internal names the node can resolve (its hosts file,
+    /// an internal DNS). The node's log says which (debug).
     #[error(
-        "{host} resolves to an address the egress policy refuses; an operator can open it \
-         with executor.http_allow (every tenant) or, unless it is one of the cluster's own \
+        "{host} does not resolve to an address the egress policy allows (it does not \
+         resolve here, or to a refused address); an operator can open an address with \
+         executor.http_allow (every tenant) or, unless it is one of the cluster's own \
          addresses, executor.tenants.<tenant>.http_allow (one tenant)"
     )]
-    Refused { host: String, addr: IpAddr },
+    NotAllowed { host: String },
     #[error("cannot build an HTTP client: {0}")]
     Client(String),
 }
@@ -148,23 +145,19 @@ impl Egress {
             Some(ip) => vec![SocketAddr::new(ip, port)],
             None => tokio::net::lookup_host((host.as_str(), port))
                 .await
-                .map_err(|source| Error::Resolve {
-                    host: host.clone(),
-                    source,
+                .map_err(|e| {
+                    tracing::debug!(host = %host, error = %e, "egress: cannot resolve");
+                    Error::NotAllowed { host: host.clone() }
                 })?
                 .collect(),
         };
         let Some(first) = addrs.first().copied() else {
-            return Err(Error::Resolve {
-                host,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
-            });
+            tracing::debug!(host = %host, "egress: the name resolves to no address");
+            return Err(Error::NotAllowed { host });
         };
         if let Some(bad) = addrs.iter().find(|a| !self.permits(tenant, a.ip())) {
-            return Err(Error::Refused {
-                host,
-                addr: bad.ip(),
-            });
+            tracing::debug!(host = %host, addr = %bad.ip(), "egress: address refused");
+            return Err(Error::NotAllowed { host });
         }
         let mut builder = reqwest::Client::builder()
             .no_proxy()
@@ -465,8 +458,28 @@ mod tests {
                 .client_for("t", url, Duration::from_secs(1))
                 .await
                 .unwrap_err();
-            assert!(matches!(err, Error::Refused { .. }), "{url}: {err}");
+            assert!(matches!(err, Error::NotAllowed { .. }), "{url}: {err}");
         }
+        // A name that does not resolve is said the same way as a refused one: a tenant
+        // cannot map the names the node resolves.
+        let refused = e
+            .client_for("t", "http://localhost:1/", Duration::from_secs(1))
+            .await
+            .unwrap_err()
+            .to_string();
+        let unknown = e
+            .client_for(
+                "t",
+                "http://no-such-name.invalid:1/",
+                Duration::from_secs(1),
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            refused.replace("localhost", "HOST"),
+            unknown.replace("no-such-name.invalid", "HOST")
+        );
         assert!(matches!(
             e.client_for("t", "file:///etc/passwd", Duration::from_secs(1))
                 .await
