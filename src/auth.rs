@@ -344,6 +344,15 @@ impl Verifier {
     fn verify(&self, token: &str) -> Result<Principal, Error> {
         let header =
             decode_header(token).map_err(|e| Error::Invalid(format!("malformed token: {e}")))?;
+        if names_critical_extensions(token) {
+            // RFC 7515 4.1.11: a token whose header lists extensions the recipient must
+            // understand is refused by one that understands none.
+            return Err(Error::Invalid(
+                "the token's header lists critical extensions (crit), which this server \
+                 does not support"
+                    .into(),
+            ));
+        }
         if !self.allowed.contains(&header.alg) {
             return Err(Error::Invalid(format!(
                 "algorithm {:?} is not accepted",
@@ -461,6 +470,21 @@ pub fn mint(secret: &str, t: &TokenRequest<'_>, now_secs: u64) -> Result<String,
         &EncodingKey::from_secret(secret.as_bytes()),
     )
     .map_err(|e| Error::Mint(e.to_string()))
+}
+
+/// Whether a token's header has a `crit` parameter (jsonwebtoken's header type drops it).
+fn names_critical_extensions(token: &str) -> bool {
+    use base64::Engine;
+    let Some(header) = token.split('.').next() else {
+        return false;
+    };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header.trim_end_matches('='))
+        .ok()
+        .and_then(|bytes| {
+            serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&bytes).ok()
+        })
+        .is_some_and(|h| h.contains_key("crit"))
 }
 
 #[cfg(test)]

@@ -486,8 +486,19 @@ async fn jwt_attack_matrix() {
         &EncodingKey::from_secret(&fixture("rs256_public.pem")),
         claims(json!({})),
     );
+    // A header listing critical extensions (RFC 7515 4.1.11), validly signed.
+    let crit = {
+        let signed = format!(
+            "{}.{}",
+            b64(&json!({"alg": "RS256", "typ": "JWT", "crit": ["exp"]})),
+            b64(&claims(json!({})))
+        );
+        let sig = jsonwebtoken::crypto::sign(signed.as_bytes(), &rs, Algorithm::RS256).unwrap();
+        format!("{signed}.{sig}")
+    };
     let attacks = [
         ("alg none", none),
+        ("critical header extensions", crit),
         ("HS256 signed with the RSA public key", hs_confusion),
         (
             "expired",
