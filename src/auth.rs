@@ -146,15 +146,33 @@ fn family(a: Algorithm) -> u8 {
 }
 
 fn keys_from_jwks(set: &JwkSet, allowed: &[Algorithm]) -> Vec<Key> {
+    use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve};
     set.keys
         .iter()
         .filter_map(|jwk| {
+            // A symmetric key never comes from a JWKS: it would be a secret published.
+            if matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) {
+                return None;
+            }
             let key = DecodingKey::from_jwk(jwk).ok()?;
+            // `alg` is optional (RFC 7517): without it, the algorithm the key's type
+            // and curve imply, if allowed.
+            let implied = match &jwk.algorithm {
+                AlgorithmParameters::RSA(_) => Some(Algorithm::RS256),
+                AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
+                    EllipticCurve::P256 => Some(Algorithm::ES256),
+                    EllipticCurve::P384 => Some(Algorithm::ES384),
+                    _ => None,
+                },
+                AlgorithmParameters::OctetKeyPair(_) => Some(Algorithm::EdDSA),
+                AlgorithmParameters::OctetKey(_) => None,
+            };
             let alg = jwk
                 .common
                 .key_algorithm
                 .and_then(|a| a.to_string().parse::<Algorithm>().ok())
-                .or_else(|| allowed.iter().copied().find(|a| family(*a) != 0))?;
+                .or(implied)
+                .filter(|a| family(*a) != 0 && allowed.contains(a))?;
             Some(Key {
                 kid: jwk.common.key_id.clone(),
                 alg,
@@ -163,6 +181,9 @@ fn keys_from_jwks(set: &JwkSet, allowed: &[Algorithm]) -> Vec<Key> {
         })
         .collect()
 }
+
+/// The most a JWKS answer may be (a key set is a few kilobytes).
+pub const JWKS_MAX_BYTES: usize = 1 << 20;
 
 /// Verifies tokens with the configured keys.
 #[derive(Clone)]
@@ -279,8 +300,11 @@ impl Verifier {
             audience: c.audience.clone(),
             jwks_url: c.jwks_url.clone(),
             last_fetch: Arc::new(RwLock::new(None)),
+            // No redirects: the https-or-loopback check holds for the configured URL
+            // only, and a redirect could hand the keys to anyone on the way.
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .map_err(|e| Error::Config(e.to_string()))?,
         };
@@ -298,16 +322,27 @@ impl Verifier {
             }
             *last = Some(Instant::now());
         }
-        let set: JwkSet = self
+        let fail = |e: String| Error::Config(format!("jwks {url}: {e}"));
+        let mut resp = self
             .http
             .get(url)
             .send()
             .await
-            .and_then(|r| r.error_for_status())
-            .map_err(|e| Error::Config(format!("jwks {url}: {e}")))?
-            .json()
-            .await
-            .map_err(|e| Error::Config(format!("jwks {url}: {e}")))?;
+            .map_err(|e| fail(e.to_string()))?;
+        if !resp.status().is_success() {
+            // A redirect too: it is not followed.
+            return Err(fail(format!("answered {}", resp.status())));
+        }
+        // Read at most JWKS_MAX_BYTES: a key set is a few kilobytes, and an endpoint
+        // that sends more must not cost the node its memory.
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| fail(e.to_string()))? {
+            if body.len() + chunk.len() > JWKS_MAX_BYTES {
+                return Err(fail(format!("answer larger than {JWKS_MAX_BYTES} bytes")));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let set: JwkSet = serde_json::from_slice(&body).map_err(|e| fail(e.to_string()))?;
         let fresh = keys_from_jwks(&set, &self.allowed);
         if let Ok(mut keys) = self.keys.write() {
             // JWKS keys carry a kid; keep the configured ones that do not.
@@ -490,6 +525,34 @@ fn names_critical_extensions(token: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_jwk_without_alg_gets_the_algorithm_its_key_type_implies_and_no_symmetric_key_is_taken() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/jwks.json");
+        let mut set: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).expect("the fixture")).expect("JSON");
+        let rsa = set["keys"][0].as_object_mut().expect("a key");
+        rsa.remove("alg");
+        set["keys"]
+            .as_array_mut()
+            .expect("keys")
+            .push(serde_json::json!({"kty": "oct", "kid": "shared", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LTAx"}));
+        let set: JwkSet = serde_json::from_value(set).expect("a JWKS");
+        let algs = |allowed: &[Algorithm]| -> Vec<(Option<String>, Algorithm)> {
+            keys_from_jwks(&set, allowed)
+                .into_iter()
+                .map(|k| (k.kid, k.alg))
+                .collect()
+        };
+        // The RSA key is RS256 when that is allowed, and no key otherwise (it was bound
+        // to the first allowed algorithm, ES256, whatever its type); the symmetric key
+        // never.
+        assert_eq!(
+            algs(&[Algorithm::ES256, Algorithm::RS256, Algorithm::HS256]),
+            [(Some("test-rs-1".into()), Algorithm::RS256)]
+        );
+        assert!(algs(&[Algorithm::ES256, Algorithm::HS256]).is_empty());
+    }
 
     fn now() -> u64 {
         std::time::SystemTime::now()

@@ -1088,6 +1088,64 @@ async fn tls_on_the_api_and_between_peers() {
     c.assert_no_panics();
 }
 
+/// A JWKS answer that redirects (even to the same server), or is larger than a key set
+/// can be, gives no keys: a redirect could hand the keys to anyone on its way (the
+/// https-or-loopback check holds for the configured URL only), and an unbounded body
+/// the node's memory to the endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_answers_that_redirect_or_are_too_large_give_no_keys() {
+    let jwks: Value = serde_json::from_slice(&fixture("jwks.json")).unwrap();
+    let mut padded = jwks.clone();
+    padded["padding"] = json!("x".repeat(2 << 20));
+    let app = axum::Router::new()
+        .route(
+            "/keys.json",
+            axum::routing::get(move || {
+                let j = jwks.clone();
+                async move { axum::Json(j) }
+            }),
+        )
+        .route(
+            "/moved.json",
+            axum::routing::get(|| async { axum::response::Redirect::temporary("/keys.json") }),
+        )
+        .route(
+            "/huge.json",
+            axum::routing::get(move || {
+                let j = padded.clone();
+                async move { axum::Json(j) }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let rs = EncodingKey::from_rsa_pem(&fixture("rs256_private.pem")).unwrap();
+    let claims = json!({"sub":"u","tenant":"acme","scope":"orchestrator:read","exp":now()+600,"aud":"orchestrator"});
+    let mut h = Header::new(Algorithm::RS256);
+    h.kid = Some("test-rs-1".into());
+    let token = encode(&h, &claims, &rs).unwrap();
+    let path = format!("{BASE}/runs/run_1");
+    for (file, answer) in [
+        ("keys.json", StatusCode::NOT_FOUND),
+        ("moved.json", StatusCode::UNAUTHORIZED),
+        ("huge.json", StatusCode::UNAUTHORIZED),
+    ] {
+        let url = format!("{base}/{file}");
+        let c = up(
+            1,
+            &[
+                ("ORCHESTRATOR_AUTH__ALGORITHMS", r#"["RS256"]"#),
+                ("ORCHESTRATOR_AUTH__JWKS_URL", &url),
+                ("ORCHESTRATOR_AUTH__AUDIENCE", "orchestrator"),
+            ],
+        )
+        .await;
+        let (s, v, _) = raw(&c, 1, Method::GET, &path, Some(&token), None).await;
+        assert_eq!(s, answer, "{file}: {v}");
+        c.assert_no_panics();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwks_url_is_fetched_and_kid_honoured() {
     let jwks: Value = serde_json::from_slice(&fixture("jwks.json")).unwrap();
