@@ -721,7 +721,7 @@ impl Config {
         }
         let mut config: Config = tree
             .try_into()
-            .map_err(|e: toml::de::Error| Error::Invalid(e.message().to_string()))?;
+            .map_err(|e: toml::de::Error| Error::Invalid(without_values(e.message())))?;
         config.file = file.map(|f| std::path::absolute(f).unwrap_or_else(|_| f.to_path_buf()));
         config.read_secret_files()?;
         config.validate()?;
@@ -1162,6 +1162,39 @@ fn toml_error_without_text(text: &str, e: &toml::de::Error) -> String {
     format!("line {line}, column {column}: {}", e.message().trim())
 }
 
+/// A settings error with every quoted value (serde quotes them in backticks, as in
+/// "invalid type: integer `9182...`, expected a string") left out: the value may be a
+/// secret written without quotes, and the message goes to the node's log. Field names
+/// in the message stay (serde quotes those too, so a backticked word that is a known
+/// setting name is kept).
+fn without_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut parts = message.split('`');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    let mut inside = true;
+    for part in parts {
+        if inside {
+            let name_like = part.starts_with(|c: char| c.is_ascii_lowercase())
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.');
+            if name_like {
+                out.push('`');
+                out.push_str(part);
+                out.push('`');
+            } else {
+                out.push_str("(value not shown)");
+            }
+        } else {
+            out.push_str(part);
+        }
+        inside = !inside;
+    }
+    out
+}
+
 fn merge(base: &mut toml::Value, over: toml::Value) {
     match (base, over) {
         (toml::Value::Table(b), toml::Value::Table(o)) => {
@@ -1282,6 +1315,34 @@ mod tests {
         let made = c.resolve_hs256_secret().unwrap();
         c.auth.hs256_secret = None;
         assert_eq!(c.existing_hs256_secret().unwrap(), made);
+    }
+
+    #[test]
+    fn a_setting_of_the_wrong_type_is_reported_without_its_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[auth]\nhs256_secret = 9182736455463728\n").unwrap();
+        let e = Config::load(Some(&file), Vec::new(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("9182736455463728"), "{e}");
+        assert!(
+            e.contains("invalid type") && e.contains("expected a string"),
+            "{e}"
+        );
+        // A word that is a value, not a name, goes too; names stay.
+        assert_eq!(
+            without_values("unknown field `hs256_secrt`, expected one of `issuer`, `audience`"),
+            "unknown field `hs256_secrt`, expected one of `issuer`, `audience`"
+        );
+        assert_eq!(
+            without_values("invalid type: string `Sup3r-Secret!`, expected u64"),
+            "invalid type: string (value not shown), expected u64"
+        );
+        assert_eq!(
+            without_values("invalid type: floating point `1234.5678`, expected a string"),
+            "invalid type: floating point (value not shown), expected a string"
+        );
     }
 
     #[test]
