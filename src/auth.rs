@@ -129,6 +129,8 @@ struct Key {
     kid: Option<String>,
     alg: Algorithm,
     key: DecodingKey,
+    /// From the JWKS URL: replaced by each fetch (the configured keys stay).
+    fetched: bool,
 }
 
 fn family(a: Algorithm) -> u8 {
@@ -145,7 +147,7 @@ fn family(a: Algorithm) -> u8 {
     }
 }
 
-fn keys_from_jwks(set: &JwkSet, allowed: &[Algorithm]) -> Vec<Key> {
+fn keys_from_jwks(set: &JwkSet, allowed: &[Algorithm], fetched: bool) -> Vec<Key> {
     use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve};
     set.keys
         .iter()
@@ -177,6 +179,7 @@ fn keys_from_jwks(set: &JwkSet, allowed: &[Algorithm]) -> Vec<Key> {
                 kid: jwk.common.key_id.clone(),
                 alg,
                 key,
+                fetched,
             })
         })
         .collect()
@@ -206,6 +209,7 @@ impl Verifier {
                 kid: None,
                 alg: Algorithm::HS256,
                 key: DecodingKey::from_secret(secret.as_bytes()),
+                fetched: false,
             }])),
             issuer: issuer.map(str::to_string),
             audience: audience.map(str::to_string),
@@ -264,6 +268,7 @@ impl Verifier {
                 kid: None,
                 alg: Algorithm::HS256,
                 key: DecodingKey::from_secret(hs256_secret.as_bytes()),
+                fetched: false,
             });
         }
         let read = |path: &std::path::Path| {
@@ -277,6 +282,7 @@ impl Verifier {
                 kid: None,
                 alg: Algorithm::RS256,
                 key,
+                fetched: false,
             });
         }
         if let Some(p) = &c.es256_public_key {
@@ -286,12 +292,13 @@ impl Verifier {
                 kid: None,
                 alg: Algorithm::ES256,
                 key,
+                fetched: false,
             });
         }
         if let Some(p) = &c.jwks_file {
             let set: JwkSet = serde_json::from_slice(&read(p)?)
                 .map_err(|e| Error::Config(format!("auth.jwks_file: {e}")))?;
-            keys.extend(keys_from_jwks(&set, &allowed));
+            keys.extend(keys_from_jwks(&set, &allowed, false));
         }
         let v = Verifier {
             allowed,
@@ -343,10 +350,11 @@ impl Verifier {
             body.extend_from_slice(&chunk);
         }
         let set: JwkSet = serde_json::from_slice(&body).map_err(|e| fail(e.to_string()))?;
-        let fresh = keys_from_jwks(&set, &self.allowed);
+        let fresh = keys_from_jwks(&set, &self.allowed, true);
         if let Ok(mut keys) = self.keys.write() {
-            // JWKS keys carry a kid; keep the configured ones that do not.
-            keys.retain(|k| k.kid.is_none());
+            // The fetch replaces what the last one gave, kid or not (a key the identity
+            // provider dropped is revoked); the configured keys stay.
+            keys.retain(|k| !k.fetched);
             keys.extend(fresh);
         }
         Ok(())
@@ -384,7 +392,7 @@ impl Verifier {
             // understand is refused by one that understands none.
             return Err(Error::Invalid(
                 "the token's header lists critical extensions (crit), which this server \
-                 does not support"
+                 does not support, or is not strict JSON"
                     .into(),
             ));
         }
@@ -507,11 +515,14 @@ pub fn mint(secret: &str, t: &TokenRequest<'_>, now_secs: u64) -> Result<String,
     .map_err(|e| Error::Mint(e.to_string()))
 }
 
-/// Whether a token's header has a `crit` parameter (jsonwebtoken's header type drops it).
+/// Whether a token's header has a `crit` parameter (jsonwebtoken's header type drops
+/// it), or cannot be read strictly enough to tell: fails closed. (jsonwebtoken skips
+/// unknown fields more loosely than a parse into values: a number out of range, a lone
+/// surrogate or deep nesting in another field would otherwise hide a `crit`.)
 fn names_critical_extensions(token: &str) -> bool {
     use base64::Engine;
     let Some(header) = token.split('.').next() else {
-        return false;
+        return true;
     };
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(header.trim_end_matches('='))
@@ -519,7 +530,7 @@ fn names_critical_extensions(token: &str) -> bool {
         .and_then(|bytes| {
             serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&bytes).ok()
         })
-        .is_some_and(|h| h.contains_key("crit"))
+        .is_none_or(|h| h.contains_key("crit"))
 }
 
 #[cfg(test)]
@@ -539,7 +550,7 @@ mod tests {
             .push(serde_json::json!({"kty": "oct", "kid": "shared", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LTAx"}));
         let set: JwkSet = serde_json::from_value(set).expect("a JWKS");
         let algs = |allowed: &[Algorithm]| -> Vec<(Option<String>, Algorithm)> {
-            keys_from_jwks(&set, allowed)
+            keys_from_jwks(&set, allowed, true)
                 .into_iter()
                 .map(|k| (k.kid, k.alg))
                 .collect()

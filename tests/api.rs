@@ -496,9 +496,28 @@ async fn jwt_attack_matrix() {
         let sig = jsonwebtoken::crypto::sign(signed.as_bytes(), &rs, Algorithm::RS256).unwrap();
         format!("{signed}.{sig}")
     };
+    // The same with a field a strict JSON parse refuses but jsonwebtoken skips: the
+    // check fails closed.
+    let crit_hidden = {
+        let header = r#"{"alg":"RS256","typ":"JWT","crit":["exp"],"z":1e400}"#;
+        let signed = format!(
+            "{}.{}",
+            {
+                use base64::Engine;
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(header)
+            },
+            b64(&claims(json!({})))
+        );
+        let sig = jsonwebtoken::crypto::sign(signed.as_bytes(), &rs, Algorithm::RS256).unwrap();
+        format!("{signed}.{sig}")
+    };
     let attacks = [
         ("alg none", none),
         ("critical header extensions", crit),
+        (
+            "critical header extensions behind a loose field",
+            crit_hidden,
+        ),
         ("HS256 signed with the RSA public key", hs_confusion),
         (
             "expired",
@@ -1085,6 +1104,62 @@ async fn tls_on_the_api_and_between_peers() {
         plain.map(|r| !r.status().is_success()).unwrap_or(true),
         "plain HTTP must not work"
     );
+    c.assert_no_panics();
+}
+
+/// A key the JWKS URL stops publishing is dropped at the next fetch, with or without a
+/// kid (a kid-less key survived every fetch, and a copy was added each time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_the_jwks_url_drops_is_revoked() {
+    let mut jwks: Value = serde_json::from_slice(&fixture("jwks.json")).unwrap();
+    jwks["keys"][0].as_object_mut().unwrap().remove("kid");
+    let published = std::sync::Arc::new(std::sync::Mutex::new(jwks));
+    let served = published.clone();
+    let app = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            let j = served.lock().unwrap().clone();
+            async move { axum::Json(j) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let c = up(
+        1,
+        &[
+            ("ORCHESTRATOR_AUTH__ALGORITHMS", r#"["RS256"]"#),
+            ("ORCHESTRATOR_AUTH__JWKS_URL", &url),
+            ("ORCHESTRATOR_AUTH__AUDIENCE", "orchestrator"),
+        ],
+    )
+    .await;
+    let rs = EncodingKey::from_rsa_pem(&fixture("rs256_private.pem")).unwrap();
+    let claims = json!({"sub":"u","tenant":"acme","scope":"orchestrator:read","exp":now()+600,"aud":"orchestrator"});
+    let token = |kid: Option<&str>| {
+        let mut h = Header::new(Algorithm::RS256);
+        h.kid = kid.map(str::to_string);
+        encode(&h, &claims, &rs).unwrap()
+    };
+    let path = format!("{BASE}/runs/run_1");
+    let (s, v, _) = raw(&c, 1, Method::GET, &path, Some(&token(None)), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "the kid-less key verifies: {v}");
+    published.lock().unwrap()["keys"] = json!([]);
+    // A token naming an unknown kid makes the node fetch again (at most every 10 s).
+    wait_for(LONG, "the dropped key to be refused", || async {
+        let _ = raw(
+            &c,
+            1,
+            Method::GET,
+            &path,
+            Some(&token(Some("rotated"))),
+            None,
+        )
+        .await;
+        let (s, _, _) = raw(&c, 1, Method::GET, &path, Some(&token(None)), None).await;
+        (s == StatusCode::UNAUTHORIZED).then_some(())
+    })
+    .await;
     c.assert_no_panics();
 }
 
