@@ -1168,6 +1168,17 @@ fn toml_error_without_text(text: &str, e: &toml::de::Error) -> String {
 /// in the message stay (serde quotes those too, so a backticked word that is a known
 /// setting name is kept).
 fn without_values(message: &str) -> String {
+    // A string value is quoted in double quotes ("invalid type: string \"...\""),
+    // never a setting's name: every such quote goes.
+    let mut unquoted = String::with_capacity(message.len());
+    for (i, part) in message.split('"').enumerate() {
+        unquoted.push_str(if i % 2 == 1 {
+            "(value not shown)"
+        } else {
+            part
+        });
+    }
+    let message = unquoted.as_str();
     let mut out = String::with_capacity(message.len());
     let mut parts = message.split('`');
     if let Some(first) = parts.next() {
@@ -1343,6 +1354,18 @@ mod tests {
             without_values("invalid type: floating point `1234.5678`, expected a string"),
             "invalid type: floating point (value not shown), expected a string"
         );
+        // A secret under a key that takes no string (ORCHESTRATOR_AUTH=<secret>).
+        let e = Config::load(
+            None,
+            vec![(
+                "ORCHESTRATOR_AUTH".to_string(),
+                "leak-me-0123456789".to_string(),
+            )],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains("leak-me"), "{e}");
     }
 
     #[test]
