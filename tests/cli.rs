@@ -349,7 +349,8 @@ async fn watch_polls_on_through_its_node_restarting() {
     c.start_all();
     c.wait_leader(LONG).await;
     c.wait_ready(LONG).await;
-    // An http task to a listener that answers after 3 s: the run outlives the restart.
+    // An http task to a listener that answers after 3 s (a slow service, not a wait of the
+    // test's): the run outlives the restart.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("a listener");
@@ -390,10 +391,30 @@ async fn watch_polls_on_through_its_node_restarting() {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let watch = watch.spawn().expect("run watch");
-    // Down while the run goes on, long enough for the watch (a poll every 0.5 s) to meet
-    // the closed port more than once, then back.
+    // Down while the run goes on: a stand-in on the node's API port answers the watch's
+    // polls 503, as a node without a leader does, until it has met two of them; then
+    // the node starts again.
     c.terminate(1);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let addr = c.api(1).trim_start_matches("http://").to_string();
+    let stand_in = tokio::net::TcpListener::bind(&addr)
+        .await
+        .expect("the stopped node's port");
+    for _ in 0..2 {
+        let (mut sock, _) = tokio::time::timeout(LONG, stand_in.accept())
+            .await
+            .expect("the watch polled in time")
+            .expect("accept");
+        let mut buf = [0u8; 4096];
+        let _ = sock.read(&mut buf).await;
+        let body = r#"{"error":"unavailable","message":"no leader"}"#;
+        let answer = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        sock.write_all(answer.as_bytes()).await.expect("answer 503");
+    }
+    drop(stand_in);
     c.start(1);
     let out = tokio::time::timeout(LONG, watch.wait_with_output())
         .await
