@@ -1107,6 +1107,28 @@ async fn tls_on_the_api_and_between_peers() {
     c.assert_no_panics();
 }
 
+/// Serve `app` on a loopback port of its own; its base URL.
+async fn serve(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    base
+}
+
+/// A node taking RS256 tokens for the audience `orchestrator`, its keys from `jwks_url`.
+async fn up_with_jwks(jwks_url: &str) -> Cluster {
+    up(
+        1,
+        &[
+            ("ORCHESTRATOR_AUTH__ALGORITHMS", r#"["RS256"]"#),
+            ("ORCHESTRATOR_AUTH__JWKS_URL", jwks_url),
+            // A JWKS setup needs an audience (the node refuses to start without one).
+            ("ORCHESTRATOR_AUTH__AUDIENCE", "orchestrator"),
+        ],
+    )
+    .await
+}
+
 /// A key the JWKS URL stops publishing is dropped at the next fetch, with or without a
 /// kid (a kid-less key survived every fetch, and a copy was added each time).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1122,18 +1144,8 @@ async fn a_key_the_jwks_url_drops_is_revoked() {
             async move { axum::Json(j) }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let c = up(
-        1,
-        &[
-            ("ORCHESTRATOR_AUTH__ALGORITHMS", r#"["RS256"]"#),
-            ("ORCHESTRATOR_AUTH__JWKS_URL", &url),
-            ("ORCHESTRATOR_AUTH__AUDIENCE", "orchestrator"),
-        ],
-    )
-    .await;
+    let url = format!("{}/jwks.json", serve(app).await);
+    let c = up_with_jwks(&url).await;
     let rs = EncodingKey::from_rsa_pem(&fixture("rs256_private.pem")).unwrap();
     let claims = json!({"sub":"u","tenant":"acme","scope":"orchestrator:read","exp":now()+600,"aud":"orchestrator"});
     let token = |kid: Option<&str>| {
@@ -1191,9 +1203,7 @@ async fn jwks_answers_that_redirect_or_are_too_large_give_no_keys() {
                 async move { axum::Json(j) }
             }),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let base = serve(app).await;
     let rs = EncodingKey::from_rsa_pem(&fixture("rs256_private.pem")).unwrap();
     let claims = json!({"sub":"u","tenant":"acme","scope":"orchestrator:read","exp":now()+600,"aud":"orchestrator"});
     let mut h = Header::new(Algorithm::RS256);
@@ -1206,15 +1216,7 @@ async fn jwks_answers_that_redirect_or_are_too_large_give_no_keys() {
         ("huge.json", StatusCode::UNAUTHORIZED),
     ] {
         let url = format!("{base}/{file}");
-        let c = up(
-            1,
-            &[
-                ("ORCHESTRATOR_AUTH__ALGORITHMS", r#"["RS256"]"#),
-                ("ORCHESTRATOR_AUTH__JWKS_URL", &url),
-                ("ORCHESTRATOR_AUTH__AUDIENCE", "orchestrator"),
-            ],
-        )
-        .await;
+        let c = up_with_jwks(&url).await;
         let (s, v, _) = raw(&c, 1, Method::GET, &path, Some(&token), None).await;
         assert_eq!(s, answer, "{file}: {v}");
         c.assert_no_panics();
@@ -1231,19 +1233,8 @@ async fn jwks_url_is_fetched_and_kid_honoured() {
             async move { axum::Json(j) }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let c = up(
-        1,
-        &[
-            ("ORCHESTRATOR_AUTH__ALGORITHMS", r#"["RS256"]"#),
-            ("ORCHESTRATOR_AUTH__JWKS_URL", &url),
-            // A JWKS setup needs an audience (the node refuses to start without one).
-            ("ORCHESTRATOR_AUTH__AUDIENCE", "orchestrator"),
-        ],
-    )
-    .await;
+    let url = format!("{}/jwks.json", serve(app).await);
+    let c = up_with_jwks(&url).await;
     let rs = EncodingKey::from_rsa_pem(&fixture("rs256_private.pem")).unwrap();
     // `aud` as an array holding the audience.
     let claims = json!({"sub":"u","tenant":"acme","scope":"orchestrator:read","exp":now()+600,"aud":["another-service","orchestrator"]});

@@ -642,26 +642,25 @@ async fn nodes_sharing_a_host_and_a_shell_user_share_no_process_budget() {
         started > 8 * 320,
         "alpha's attempts started {started} processes"
     );
-    let (s, v) = c
-        .post(
-            1,
-            "/dags",
-            &beta,
-            &shell_dag(
-                "fork",
-                "for i in 1 2 3 4 5 6 7 8; do sleep 0 & done; wait; echo forked",
-            ),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    let (run, log) = run_and_log(&c, &beta, "fork").await;
-    assert_eq!(run["state"], "done", "{run} {log}");
-    assert!(log.contains("forked"), "{log}");
+    assert_a_shell_task_forks(&c, &beta).await;
     let (s, v) = c
         .post(1, &format!("/runs/{bombs}/cancel"), &alpha, &json!({}))
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     c.assert_no_panics();
+}
+
+/// A shell task of the tenant `token` is for starts eight processes and ends done.
+async fn assert_a_shell_task_forks(c: &Cluster, token: &str) {
+    let forks = shell_dag(
+        "fork",
+        "for i in 1 2 3 4 5 6 7 8; do sleep 0 & done; wait; echo forked",
+    );
+    let (s, v) = c.post(1, "/dags", token, &forks).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (run, log) = run_and_log(c, token, "fork").await;
+    assert_eq!(run["state"], "done", "{run} {log}");
+    assert!(log.contains("forked"), "{log}");
 }
 
 async fn fork_bomb_beside_another_tenant(isolated: bool, extra_env: &[(&str, &str)]) {
@@ -712,21 +711,7 @@ async fn fork_bomb_beside_another_tenant(isolated: bool, extra_env: &[(&str, &st
     );
     // beta's attempt, as the same user, starts and forks all the same: the limit is
     // acme's attempt's own, not a budget of the user that acme has spent.
-    let (s, v) = c
-        .post(
-            1,
-            "/dags",
-            &beta,
-            &shell_dag(
-                "fork",
-                "for i in 1 2 3 4 5 6 7 8; do sleep 0 & done; wait; echo forked",
-            ),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    let (run, log) = run_and_log(&c, &beta, "fork").await;
-    assert_eq!(run["state"], "done", "{run} {log}");
-    assert!(log.contains("forked"), "{log}");
+    assert_a_shell_task_forks(&c, &beta).await;
     let (s, v) = c
         .post(1, &format!("/runs/{bomb_run}/cancel"), &acme, &json!({}))
         .await;
